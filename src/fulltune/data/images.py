@@ -1,0 +1,191 @@
+"""Image classification data from class folders (train/ val/ test/ each holding one folder per class), with
+train-time augmentation done in PIL + torch (no torchvision) and seeded per example, and `prepare-images`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, UnidentifiedImageError
+
+from fulltune.config import AugmentationConfig
+from fulltune.data.text import DataError, hash_fraction
+from fulltune.models import ImageSpec
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _readable(path: Path) -> bool:
+    """Cheap check (header only) that PIL can open the file."""
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - touching size parses the header
+        return True
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class ImageFolder:
+    root: Path
+    classes: list[str]
+    samples: list[tuple[Path, int]]
+    skipped: list[Path]
+
+
+def scan_split(root: Path, classes: list[str] | None = None) -> ImageFolder:
+    """List images under root/<class>/. With `classes` (the train classes), a class train lacks is an error."""
+    if not root.is_dir():
+        raise DataError(f"image folder '{root}' does not exist")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise DataError(f"image folder '{root}' has no class folders (expected {root}/<class>/<image>)")
+    if classes is not None:
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise DataError(
+                f"image folder '{root}': class '{unknown[0]}' is not among the train classes ({', '.join(classes)})"
+            )
+    vocab = classes if classes is not None else found
+    samples: list[tuple[Path, int]] = []
+    skipped: list[Path] = []
+    for name in found:
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        good = [p for p in files if _readable(p)]
+        skipped.extend(p for p in files if p not in set(good))
+        if not good:
+            raise DataError(f"class folder '{root / name}' has no readable images")
+        samples.extend((p, vocab.index(name)) for p in good)
+    for p in skipped:
+        warnings.warn(f"skipping unreadable image '{p}'", stacklevel=2)
+    return ImageFolder(root, vocab, samples, skipped)
+
+
+def load_rgb(path: Path, target: int) -> Image.Image:
+    try:
+        im = Image.open(path)
+        # JPEG can decode at a reduced scale directly: far cheaper for multi-megapixel photos.
+        im.draft("RGB", (target * 2, target * 2))
+        return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"image '{path}' cannot be decoded ({err})") from None
+
+
+def _resize_short(im: Image.Image, size: int) -> Image.Image:
+    w, h = im.size
+    scale = size / min(w, h)
+    return im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+
+
+def _center_crop(im: Image.Image, size: int) -> Image.Image:
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _random_resized_crop(im: Image.Image, size: int, scale: tuple[float, float], rng: random.Random) -> Image.Image:
+    w, h = im.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return im.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+    return _center_crop(_resize_short(im, size), size)
+
+
+def to_tensor(im: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    """HWC uint8 -> CHW float, normalised with the model's mean/std. Shape (3, size, size)."""
+    arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    return (arr - mean) / std
+
+
+def eval_transform(im: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    return to_tensor(_center_crop(_resize_short(im, spec.size), spec.size), spec)
+
+
+def train_transform(im: Image.Image, spec: ImageSpec, aug: AugmentationConfig, rng: random.Random) -> torch.Tensor:
+    if aug.rotation > 0:
+        im = im.rotate(rng.uniform(-aug.rotation, aug.rotation), resample=Image.BILINEAR)
+    if aug.random_resized_crop:
+        im = _random_resized_crop(im, spec.size, aug.crop_scale, rng)
+    else:
+        im = _center_crop(_resize_short(im, spec.size), spec.size)
+    if aug.horizontal_flip and rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    if aug.color_jitter > 0:
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            im = enhancer(im).enhance(rng.uniform(1 - aug.color_jitter, 1 + aug.color_jitter))
+    return to_tensor(im, spec)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are fetched by (index, seed) in training (the seed drives augmentation) and by index in evaluation."""
+
+    def __init__(self, folder: ImageFolder, spec: ImageSpec, aug: AugmentationConfig | None) -> None:
+        self.folder = folder
+        self.spec = spec
+        self.aug = aug
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.folder.samples[index]
+        im = load_rgb(path, self.spec.size)
+        if self.aug is not None and seed is not None:
+            pixels = train_transform(im, self.spec, self.aug, random.Random(seed))
+        else:
+            pixels = eval_transform(im, self.spec)
+        return {"pixel_values": pixels, "labels": label}
+
+
+def collate_images(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "labels": torch.tensor([it["labels"] for it in items], dtype=torch.long),
+    }
+
+
+def prepare_images(src: str | Path, out: str | Path, split: tuple[float, float, float], seed: int = 42) -> dict[str, int]:
+    """Copy SRC/<class>/* into OUT/{train,val,test}/<class>/, reproducibly (a seeded shuffle per class)."""
+    src, out = Path(src), Path(out)
+    if abs(sum(split) - 1.0) > 1e-6 or any(s < 0 for s in split):
+        raise DataError(f"--split {split}: expected three non-negative fractions that add up to 1, e.g. 0.8,0.1,0.1")
+    folder = scan_split(src)
+    counts = {"train": 0, "val": 0, "test": 0}
+    for c, name in enumerate(folder.classes):
+        files = sorted(p for p, label in folder.samples if label == c)
+        # Seeded by class name and seed so adding a class never reshuffles the others.
+        random.Random(f"{seed}:{name}").shuffle(files)
+        n_train = round(len(files) * split[0])
+        n_val = round(len(files) * split[1])
+        parts = {"train": files[:n_train], "val": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
+        for part, paths in parts.items():
+            dest = out / part / name
+            dest.mkdir(parents=True, exist_ok=True)
+            for p in paths:
+                shutil.copy2(p, dest / p.name)
+            counts[part] += len(paths)
+    return counts
+
+
+def holdout_images(folder: ImageFolder, fraction: float) -> tuple[ImageFolder, ImageFolder]:
+    """Validation images carved from train by a hash of the file name (stable across runs)."""
+    keep = [hash_fraction(p.name) >= fraction for p, _ in folder.samples]
+    train = [s for s, k in zip(folder.samples, keep, strict=True) if k]
+    val = [s for s, k in zip(folder.samples, keep, strict=True) if not k]
+    return ImageFolder(folder.root, folder.classes, train, []), ImageFolder(folder.root, folder.classes, val, [])

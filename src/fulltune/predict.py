@@ -1,0 +1,80 @@
+"""`fulltune predict`: top-k labels with probabilities for images or texts, or generated text for causal LMs,
+from an exported checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fulltune.data import images as img
+from fulltune.data.text import DataError
+from fulltune.models import ModelBundle
+
+
+def _image_inputs(bundle: ModelBundle, paths: list[Path]) -> torch.Tensor:
+    return torch.stack([img.eval_transform(img.load_rgb(p, bundle.image_spec.size), bundle.image_spec) for p in paths])
+
+
+def image_paths(target: str) -> list[Path]:
+    p = Path(target)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in img.IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"folder '{p}' has no images")
+        return files
+    if not p.is_file():
+        raise DataError(f"image '{p}' does not exist")
+    return [p]
+
+
+def text_inputs(text: str | None, file: str | None) -> list[str]:
+    if text is not None:
+        return [text]
+    if file is None:
+        raise DataError("give --text, --file, --image or --prompt")
+    p = Path(file)
+    if not p.is_file():
+        raise DataError(f"file '{p}' does not exist")
+    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"file '{p}' is empty")
+    return lines
+
+
+@torch.no_grad()
+def classify(bundle: ModelBundle, inputs: list[Any], top_k: int, batch_size: int = 32) -> list[list[tuple[str, float]]]:
+    """Top-k (label, probability) for each input (image paths or texts)."""
+    model, device = bundle.model, next(bundle.model.parameters()).device
+    id2label = bundle.model.config.id2label
+    k = min(top_k, len(id2label))
+    results = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        if bundle.task == "image_classification":
+            logits = model(pixel_values=_image_inputs(bundle, chunk).to(device)).logits
+        else:
+            enc = bundle.tokenizer(chunk, truncation=True, max_length=512, padding=True, return_tensors="pt").to(device)
+            logits = model(**enc).logits
+        probs = logits.float().softmax(-1)
+        top = probs.topk(k, dim=-1)
+        for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            results.append([(id2label[i], v) for i, v in zip(indices, values, strict=True)])
+    return results
+
+
+@torch.no_grad()
+def generate(bundle: ModelBundle, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0) -> str:
+    """Greedy decoding at temperature 0, else sampling with temperature and nucleus top_p."""
+    model, tok = bundle.model, bundle.tokenizer
+    device = next(model.parameters()).device
+    enc = tok(prompt, return_tensors="pt").to(device)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id or tok.eos_token_id}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False)
+    out = model.generate(**enc, **kwargs, use_cache=True)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

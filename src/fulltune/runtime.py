@@ -1,0 +1,125 @@
+"""Device, precision, seeding, RNG state and distributed-rank helpers: everything about *where* a run executes.
+
+Precision is decided here once (one autocast context, a grad scaler only for fp16), so the loop never branches on
+dtypes itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import resource
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"hardware.device is '{name}' but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has bf16 matrix units (AVX512-BF16 or AMX); bf16 autocast is slower than fp32 elsewhere."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return sys.platform == "darwin"
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class Precision:
+    """The precision a run uses: the autocast dtype (None: plain fp32) and whether fp16 loss scaling is on."""
+
+    name: str
+    dtype: torch.dtype | None
+    device_type: str
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+
+def resolve_precision(mode: str, device: torch.device) -> Precision:
+    """auto -> bf16 where the hardware has it (CUDA with bf16, CPU with bf16 units), else fp32."""
+    if mode == "auto":
+        if device.type == "cuda":
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            mode = "bf16" if cpu_has_fast_bf16() else "no"
+    if mode == "fp16" and device.type != "cuda":
+        raise RuntimeError("hardware.mixed_precision=fp16 needs CUDA; use bf16 or no on CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mode]
+    return Precision(name=mode if dtype is not None else "fp32", dtype=dtype, device_type=device.type)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (dropout draws from torch's global one)."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: allocated bytes on CUDA, peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

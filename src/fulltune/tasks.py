@@ -1,0 +1,198 @@
+"""Tasks as small records of functions: how to read the data, build datasets, compute the loss and count the
+examples (or tokens) a loss is averaged over. No class hierarchy: the trainer picks a record from TASKS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fulltune.config import Config, ConfigError
+from fulltune.data import images as img
+from fulltune.data import lm
+from fulltune.data import text as txt
+from fulltune.data.text import DataError
+
+
+@dataclass
+class TaskData:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset | None
+    test: torch.utils.data.Dataset | None
+    collate: Callable
+    labels: list[str] | None = None
+    lengths: list[int] | None = None
+    with_seeds: bool = False
+    num_workers: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def infer_task(cfg: Config) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    d = cfg.data
+    if d.data_dir and (Path(d.data_dir) / "train").is_dir():
+        return "image_classification"
+    files = [f for f in (d.train_file, d.val_file, d.test_file) if f]
+    if files and all(Path(f).suffix.lower() == ".txt" for f in files):
+        return "causal_lm"
+    return "text_classification"
+
+
+# ---------------------------------------------------------------- reading labels (before the model exists)
+
+def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
+    """Label vocabulary from the train split, and whatever was read so it is not read twice."""
+    if task == "image_classification":
+        if not cfg.data.data_dir:
+            raise ConfigError("image_classification needs data.data_dir (or --data_dir) with train/<class>/ folders")
+        train = img.scan_split(Path(cfg.data.data_dir) / "train")
+        labels = train.classes
+        raw: Any = train
+    elif task == "text_classification":
+        files = txt.split_files(cfg.data)
+        if files["train"] is None:
+            raise DataError(
+                f"no training table: expected train.csv/.tsv/.jsonl in '{cfg.data.data_dir}' or data.train_file"
+            )
+        examples = txt.read_examples(files["train"], cfg.data)
+        labels = txt.label_vocabulary(examples.labels)
+        raw = (files, examples)
+    else:
+        return None, None
+    if cfg.data.num_classes is not None and cfg.data.num_classes != len(labels):
+        raise DataError(f"data.num_classes={cfg.data.num_classes} but the training data has {len(labels)} classes")
+    if len(labels) < 2:
+        raise DataError(f"the training data has {len(labels)} class; classification needs at least 2")
+    return labels, raw
+
+
+# ---------------------------------------------------------------- datasets (after the model and tokenizer exist)
+
+def _workers(cfg: Config, default: int) -> int:
+    return default if cfg.data.num_workers < 0 else cfg.data.num_workers
+
+
+def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.ImageFolder) -> TaskData:
+    root = Path(cfg.data.data_dir)
+    val = img.scan_split(root / "val", labels) if (root / "val").is_dir() else None
+    test = img.scan_split(root / "test", labels) if (root / "test").is_dir() else None
+    info = {"skipped_images": [str(p) for p in train.skipped]}
+    if val is None and cfg.data.val_fraction > 0:
+        train, val = img.holdout_images(train, cfg.data.val_fraction)
+        info["val_source"] = f"{cfg.data.val_fraction:.0%} of train (by file-name hash)"
+    spec = bundle.image_spec
+    return TaskData(
+        train=img.ImageDataset(train, spec, cfg.data.augmentation),
+        val=img.ImageDataset(val, spec, None) if val else None,
+        test=img.ImageDataset(test, spec, None) if test else None,
+        collate=img.collate_images,
+        labels=labels,
+        with_seeds=True,
+        num_workers=_workers(cfg, 2),
+        info=info,
+    )
+
+
+def _tokenized(examples: txt.TextExamples, vocab: list[str], tokenizer: Any, max_length: int) -> txt.TokenizedDataset:
+    return txt.TokenizedDataset(txt.tokenize(tokenizer, examples.texts, max_length), txt.label_ids(examples, vocab))
+
+
+def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> TaskData:
+    files, train = raw
+    d = cfg.data
+    val = txt.read_examples(files["val"], d) if files["val"] else None
+    test = txt.read_examples(files["test"], d) if files["test"] else None
+    info: dict[str, Any] = {}
+    if val is None and d.val_fraction > 0:
+        train, val = txt.holdout_split(train, d.val_fraction)
+        info["val_source"] = f"{d.val_fraction:.0%} of train (by text hash)"
+    train = txt.cap(train, d.max_samples, cfg.training.seed)
+    if val is not None:
+        val = txt.cap(val, d.max_eval_samples, cfg.training.seed)
+    tok = bundle.tokenizer
+    train_ds = _tokenized(train, labels, tok, d.max_length)
+    return TaskData(
+        train=train_ds,
+        val=_tokenized(val, labels, tok, d.max_length) if val else None,
+        test=_tokenized(test, labels, tok, d.max_length) if test else None,
+        collate=txt.PadCollator(tok.pad_token_id),
+        labels=labels,
+        lengths=train_ds.lengths,
+        num_workers=_workers(cfg, 0),
+        info=info,
+    )
+
+
+def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
+    d = cfg.data
+    files = {s: getattr(d, f"{s}_file") for s in ("train", "val", "test")}
+    if d.data_dir and not files["train"]:
+        for split in ("train", "val", "test"):
+            for stem in txt.SPLIT_NAMES[split]:
+                for ext in (".txt", ".jsonl"):
+                    p = Path(d.data_dir) / f"{stem}{ext}"
+                    if files[split] is None and p.is_file():
+                        files[split] = str(p)
+    if not files["train"]:
+        raise DataError("causal_lm needs data.train_file (a .txt or .jsonl file) or a data_dir with train.txt")
+    for split, f in files.items():
+        if f and not Path(f).is_file():
+            raise DataError(f"data.{split}_file '{f}' does not exist")
+    cache = Path(cfg.output_dir) / "cache"
+    train = lm.load_blocks(Path(files["train"]), d, bundle.tokenizer, cache, d.max_samples)
+    if d.max_samples is not None and len(train) > d.max_samples:
+        train = lm.BlockDataset(train.input_ids[: d.max_samples], train.labels[: d.max_samples])
+    val = lm.load_blocks(Path(files["val"]), d, bundle.tokenizer, cache) if files["val"] else None
+    if val is not None and d.max_eval_samples is not None:
+        val = lm.BlockDataset(val.input_ids[: d.max_eval_samples], val.labels[: d.max_eval_samples])
+    test = lm.load_blocks(Path(files["test"]), d, bundle.tokenizer, cache) if files["test"] else None
+    return TaskData(train=train, val=val, test=test, collate=lm.collate_blocks, num_workers=_workers(cfg, 0))
+
+
+# ---------------------------------------------------------------- losses: (sum of losses, what was counted)
+
+def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the batch and its logits (batch, num_classes)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum", label_smoothing=label_smoothing)
+    return loss, logits
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the labelled tokens (labels -100 are skipped)."""
+    logits = model(input_ids=batch["input_ids"]).logits  # (batch, seq, vocab)
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = batch["labels"][:, 1:].reshape(-1)
+    loss = F.cross_entropy(shift_logits, shift_labels, reduction="sum", ignore_index=lm.IGNORE, label_smoothing=label_smoothing)
+    return loss, logits
+
+
+def count_examples(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["labels"].shape[0])
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != lm.IGNORE).sum())
+
+
+@dataclass(frozen=True)
+class Task:
+    build_data: Callable
+    loss: Callable
+    count: Callable
+    default_metric: str
+    higher_is_better: bool
+
+
+TASKS: dict[str, Task] = {
+    "image_classification": Task(build_image_data, classification_loss, count_examples, "accuracy", True),
+    "text_classification": Task(build_text_data, classification_loss, count_examples, "accuracy", True),
+    "causal_lm": Task(build_lm_data, lm_loss, count_tokens, "perplexity", False),
+}

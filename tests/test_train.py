@@ -1,0 +1,168 @@
+"""The training loop on tiny random models: it learns, accumulation is exact, resume is bit-identical, a crash
+mid-save loses nothing, and the export loads with plain transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_BERT, TINY_CLIP, TINY_VIT, base_overrides
+from safetensors.torch import load_file
+
+from fulltune import checkpoint as ckpt
+from fulltune.config import load_config
+from fulltune.tasks import TASKS
+from fulltune.train import setup, train
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if atol == 0.0:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("tiny,kind", [(TINY_BERT, "text"), (TINY_CLIP, "image"), (TINY_VIT, "image")])
+def test_overfits_eight_samples(tmp_path, text_data, image_data, tiny, kind):
+    data = text_data if kind == "text" else image_data
+    cfg = load_config(None, base_overrides(
+        tmp_path / "run", tiny, data__data_dir=str(data), data__text_column="sentence", data__max_samples=8,
+        model__dropout=0.0, data__batch_size=8, training__base_learning_rate=3e-3, training__warmup_ratio=0.0,
+        training__lr_scheduler="constant", data__augmentation={"random_resized_crop": False, "horizontal_flip": False},
+        data__num_workers=0))
+    run = setup(cfg)
+    task = TASKS[run.task_name]
+    train_set = run.data.train
+    if kind == "image":  # 8 of the 12 training images
+        train_set.folder.samples = train_set.folder.samples[:4] + train_set.folder.samples[-4:]
+    batch = run.data.collate([train_set[i] for i in range(8)])
+    run.model.train()
+    for _ in range(150):
+        loss, _ = task.loss(run.model, batch, 0.0)
+        (loss / 8).backward()
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+    with torch.no_grad():
+        final = float(task.loss(run.model, batch, 0.0)[0]) / 8
+    assert final < 0.05, final
+
+
+def _text_cfg(out, text_data, **extra):
+    return load_config(None, base_overrides(
+        out, TINY_BERT, data__data_dir=str(text_data), data__text_column="sentence", **extra))
+
+
+def test_accumulation_2x2_equals_batch_of_4(tmp_path, text_data):
+    common = dict(model__dropout=0.0, data__group_by_length=False, training__max_steps=3, training__num_epochs=1,
+                  checkpoint__save_best=False, training__max_grad_norm=1.0)
+    train(_text_cfg(tmp_path / "a", text_data, data__batch_size=2, training__gradient_accumulation_steps=2, **common))
+    train(_text_cfg(tmp_path / "b", text_data, data__batch_size=4, training__gradient_accumulation_steps=1, **common))
+    a = ckpt.list_checkpoints(tmp_path / "a")[-1]
+    b = ckpt.list_checkpoints(tmp_path / "b")[-1]
+    assert json.loads((a / "training_state/trainer_state.json").read_text())["optimizer_step"] == 3
+    assert_same_weights(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_resume_mid_epoch_is_bit_identical(tmp_path, text_data, image_data, kind):
+    if kind == "text":
+        def make(out):
+            return _text_cfg(out, text_data, data__batch_size=4, training__num_epochs=2,
+                             checkpoint__save_every_steps=3, checkpoint__keep_last=0)
+    else:
+        def make(out):
+            return load_config(None, base_overrides(
+                out, TINY_CLIP, data__data_dir=str(image_data), data__batch_size=4, training__num_epochs=2,
+                checkpoint__save_every_steps=2, checkpoint__keep_last=0, data__num_workers=1,
+                data__augmentation={"color_jitter": 0.3, "rotation": 10}))
+    full = make(tmp_path / "full")
+    train(full)
+    # Step 3 (text: 8 batches of 4 per epoch) and step 2 (images: 3 batches per epoch) are mid-epoch.
+    step = 3 if kind == "text" else 2
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / f"checkpoint-step-{step}", resumed_dir / f"checkpoint-step-{step}")
+    state = json.loads((resumed_dir / f"checkpoint-step-{step}/training_state/trainer_state.json").read_text())
+    assert 0 < state["batches_done"] < (8 if kind == "text" else 3)
+    train(make(resumed_dir), resume="auto")
+    assert_same_weights(tmp_path / "full" / "checkpoint-epoch-2", resumed_dir / "checkpoint-epoch-2")
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, text_data, monkeypatch):
+    cfg = _text_cfg(tmp_path / "run", text_data, data__batch_size=8, training__num_epochs=2, checkpoint__keep_last=0)
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def flaky_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if "optimizer.pt" in str(f) and calls["n"] > 2:  # the second checkpoint dies while writing its state
+            real_save(obj, f, *args, **kwargs)
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError, match="simulated"):
+        train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    out = tmp_path / "run"
+    assert (out / "checkpoint-epoch-1").is_dir()
+    assert not (out / "checkpoint-epoch-2").exists()
+    assert not list(out.glob(".checkpoint-*"))  # no half-written folder left behind
+    # The surviving checkpoint resumes and the run finishes.
+    summary = train(_text_cfg(out, text_data, data__batch_size=8, training__num_epochs=2, checkpoint__keep_last=0), resume="auto")
+    assert summary["optimizer_steps"] == 8
+
+
+PLAIN_LOAD = """
+import sys, json, torch
+sys.modules['fulltune'] = None  # prove fulltune is not needed
+import transformers as tf
+path, kind = sys.argv[1], sys.argv[2]
+if kind == 'text':
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(path)
+    logits = model(**tok(['a good film'], return_tensors='pt')).logits
+else:
+    from PIL import Image
+    proc = tf.AutoImageProcessor.from_pretrained(path)
+    model = tf.AutoModelForImageClassification.from_pretrained(path)
+    logits = model(**proc(Image.new('RGB', (50, 40), (200, 60, 40)), return_tensors='pt')).logits
+print(json.dumps({'shape': list(logits.shape), 'labels': model.config.id2label}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_export_loads_with_plain_transformers(tmp_path, text_data, image_data, kind):
+    if kind == "text":
+        cfg = _text_cfg(tmp_path / "run", text_data, data__batch_size=16, training__num_epochs=1)
+    else:
+        cfg = load_config(None, base_overrides(tmp_path / "run", TINY_CLIP, data__data_dir=str(image_data),
+                                               data__batch_size=6, training__num_epochs=1, data__num_workers=0))
+    train(cfg)
+    out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "run" / "best"), kind],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [1, 2]
+    expected = {"0": "0", "1": "1"} if kind == "text" else {"0": "ants", "1": "bees"}
+    assert result["labels"] == expected
+
+
+def test_vit_trains_one_epoch(tmp_path, image_data):
+    cfg = load_config(None, base_overrides(tmp_path / "run", TINY_VIT, data__data_dir=str(image_data),
+                                           data__batch_size=4, training__num_epochs=1, data__num_workers=0))
+    summary = train(cfg)
+    assert summary["optimizer_steps"] == 3
+    assert summary["test"]["examples"] == 4
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
