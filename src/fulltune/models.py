@@ -148,6 +148,11 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
     cls = _auto_class(task, config)
     if path is None:
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    elif task == "causal_lm" and _is_pruned(path):
+        from fulltune.prune import load_pruned
+
+        # Pruned folders have per-layer widths that a plain from_pretrained cannot build.
+        model = load_pruned(path)
     else:
         import transformers
 
@@ -169,6 +174,12 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
     else:
         bundle.image_spec = image_spec_for(model.config, path, cfg.data.image_size)
     return bundle
+
+
+def _is_pruned(path: str) -> bool:
+    from fulltune.prune import is_pruned_folder
+
+    return Path(path).is_dir() and is_pruned_folder(path)
 
 
 def load_tokenizer(cfg: Config, model_path: str | None) -> Any:

@@ -70,6 +70,8 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     t = cfg.training
+    # Check --resume before any slow work, so a wrong path fails at once.
+    point = ckpt.find_resume_point(resume, Path(cfg.output_dir)) if resume else None
     seed_everything(t.seed)
     task_name = infer_task(cfg)
     task = TASKS[task_name]
@@ -108,13 +110,10 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     if t.max_steps is not None:
         total = min(total, t.max_steps) if t.num_epochs else t.max_steps
     state = ckpt.TrainState(total_steps=total)
-    if resume:
-        point = ckpt.find_resume_point(resume, Path(cfg.output_dir))
-        if point is not None:
-            # Trainable flags of the resumed epoch must be set before the optimizer state is matched to params.
-            state = ckpt.load_checkpoint(point, model, optimizer, scaler)
-            state.total_steps = total
-            print(f"resumed from {point} at optimizer step {state.optimizer_step} (epoch {state.epoch}, batch {state.batches_done})")
+    if point is not None:
+        state = ckpt.load_checkpoint(point, model, optimizer, scaler)
+        state.total_steps = total
+        print(f"resumed from {point} at optimizer step {state.optimizer_step} (epoch {state.epoch}, batch {state.batches_done})")
     return Run(cfg, task_name, bundle, model, data, plan, optimizer, scaler, sampler, device, precision, state, steps_per_epoch, batches_per_epoch)
 
 
