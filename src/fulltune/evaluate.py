@@ -197,4 +197,5 @@ def evaluate_checkpoint(
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision)
     write_classification_report(metrics, labels, out)
     metrics["output_dir"] = str(out)
+    metrics["labels"] = labels
     return metrics

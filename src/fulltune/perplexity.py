@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fulltune.data.lm import line_chunks
+
 
 @dataclass(frozen=True)
 class Window:
@@ -160,23 +162,10 @@ def perplexity(
 
 
 def _iter_text_chunks(path: str | Path, chunk_chars: int) -> Iterator[str]:
-    """Yield runs of whole lines of about ``chunk_chars`` characters.
-
-    A chunk is only closed right before a line that starts with a non-whitespace character, so runs of blank lines
-    or indentation (which byte-level BPE merges into one token) are never split between two chunks.
-    """
-    buf: list[str] = []
-    size = 0
-    # newline=None: universal newlines, "\r\n" and "\r" arrive as "\n"
+    """Runs of whole lines of about ``chunk_chars`` characters, read lazily (see `fulltune.data.lm.line_chunks`)."""
+    # newline=None: universal newlines, "\r\n" and "\r" arrive as "\n" (as in training's read_text)
     with open(path, encoding="utf-8", newline=None) as f:
-        for line in f:
-            if size >= chunk_chars and line[:1] and not line[:1].isspace():
-                yield "".join(buf)
-                buf, size = [], 0
-            buf.append(line)
-            size += len(line)
-    if buf:
-        yield "".join(buf)
+        yield from line_chunks(f, chunk_chars)
 
 
 def tokenize_text_file(

@@ -130,29 +130,32 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> Ta
 
 
 def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
+    """Packed blocks of data.seq_len tokens; data.max_samples / max_eval_samples cap the number of blocks."""
     d = cfg.data
-    files = {s: getattr(d, f"{s}_file") for s in ("train", "val", "test")}
-    if d.data_dir and not files["train"]:
-        for split in ("train", "val", "test"):
-            for stem in txt.SPLIT_NAMES[split]:
-                for ext in (".txt", ".jsonl"):
-                    p = Path(d.data_dir) / f"{stem}{ext}"
-                    if files[split] is None and p.is_file():
-                        files[split] = str(p)
+    files: dict[str, str | None] = {}
+    for split in ("train", "val", "test"):
+        files[split] = getattr(d, f"{split}_file")
+        if files[split] is None and d.data_dir:
+            found = [Path(d.data_dir) / f"{stem}{ext}" for stem in txt.SPLIT_NAMES[split] for ext in (".txt", ".jsonl")]
+            files[split] = next((str(p) for p in found if p.is_file()), None)
     if not files["train"]:
         raise DataError("causal_lm needs data.train_file (a .txt or .jsonl file) or a data_dir with train.txt")
     for split, f in files.items():
         if f and not Path(f).is_file():
             raise DataError(f"data.{split}_file '{f}' does not exist")
     cache = Path(cfg.output_dir) / "cache"
-    train = lm.load_blocks(Path(files["train"]), d, bundle.tokenizer, cache, d.max_samples)
-    if d.max_samples is not None and len(train) > d.max_samples:
-        train = lm.BlockDataset(train.input_ids[: d.max_samples], train.labels[: d.max_samples])
-    val = lm.load_blocks(Path(files["val"]), d, bundle.tokenizer, cache) if files["val"] else None
-    if val is not None and d.max_eval_samples is not None:
-        val = lm.BlockDataset(val.input_ids[: d.max_eval_samples], val.labels[: d.max_eval_samples])
-    test = lm.load_blocks(Path(files["test"]), d, bundle.tokenizer, cache) if files["test"] else None
-    return TaskData(train=train, val=val, test=test, collate=lm.collate_blocks, num_workers=_workers(cfg, 0))
+
+    def blocks(split: str, cap: int | None) -> lm.BlockDataset | None:
+        f = files[split]
+        return lm.load_blocks(Path(f), d, bundle.tokenizer, cache, cap) if f else None
+
+    return TaskData(
+        train=blocks("train", d.max_samples),
+        val=blocks("val", d.max_eval_samples),
+        test=blocks("test", None),
+        collate=lm.collate_blocks,
+        num_workers=_workers(cfg, 0),
+    )
 
 
 # ---------------------------------------------------------------- losses: (sum of losses, what was counted)
@@ -167,7 +170,8 @@ def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the labelled tokens (labels -100 are skipped)."""
-    logits = model(input_ids=batch["input_ids"]).logits  # (batch, seq, vocab)
+    # use_cache=False: no key/value cache is built in training (a pruned folder's config may still ask for one).
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (batch, seq, vocab)
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shift_labels = batch["labels"][:, 1:].reshape(-1)
     loss = F.cross_entropy(shift_logits, shift_labels, reduction="sum", ignore_index=lm.IGNORE, label_smoothing=label_smoothing)

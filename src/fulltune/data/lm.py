@@ -1,11 +1,15 @@
 """Causal LM data: plain text or JSONL (`text`, or `prompt`/`response` with the loss on the response only),
 tokenised once and cached on disk, packed into fixed `seq_len` blocks.
+
+Labels sit under their own token (labels[i] is token i or IGNORE); the loss shifts them, so the first label of a
+block is never a target.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +19,11 @@ from fulltune.config import DataConfig
 from fulltune.data.text import DataError
 
 IGNORE = -100
+_CHUNK_CHARS = 200_000
 
 
-def _records(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
-    """(text, None) for plain text and `text` records; (prompt, response) for prompt/response records."""
+def read_records(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
+    """(text, None) for a plain text file and for `text` records; (prompt, response) for prompt/response records."""
     if path.suffix.lower() not in (".jsonl", ".json"):
         text = path.read_text(encoding="utf-8")
         if not text.strip():
@@ -32,6 +37,9 @@ def _records(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from None
+        # `in` on a JSON string would be a substring test: insist on objects.
+        if not isinstance(row, dict):
+            raise DataError(f"'{path}' line {lineno}: expected a JSON object per line")
         if cfg.response_column in row:
             out.append((str(row.get(cfg.prompt_column, "")), str(row[cfg.response_column])))
         elif cfg.text_column in row:
@@ -39,55 +47,98 @@ def _records(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
         else:
             raise DataError(
                 f"'{path}' line {lineno}: expected a '{cfg.text_column}' field or "
-                f"'{cfg.prompt_column}'/'{cfg.response_column}' fields; found {', '.join(row)}"
+                f"'{cfg.prompt_column}'/'{cfg.response_column}' fields; found {', '.join(row) or 'none'}"
             )
     if not out:
         raise DataError(f"'{path}' is empty")
     return out
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    # Long plain-text files are tokenised in chunks of lines so no single call holds the whole file's encoding.
-    if len(text) < 200_000:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    lines = text.splitlines(keepends=True)
-    ids: list[int] = []
-    for start in range(0, len(lines), 2000):
-        ids.extend(tokenizer("".join(lines[start : start + 2000]), add_special_tokens=False)["input_ids"])
-    return ids
+def line_chunks(lines: Iterable[str], chunk_chars: int) -> Iterator[str]:
+    """Join `lines` (with their line ends) into runs of about `chunk_chars` characters.
+
+    A run is only closed right before a line that starts with a non-whitespace character, so runs of blank lines
+    or indentation (which byte-level BPE merges into one token) are never split: tokenising the runs one by one
+    gives the ids of tokenising the whole text at once.
+    """
+    buf: list[str] = []
+    size = 0
+    for line in lines:
+        if size >= chunk_chars and line[:1] and not line[:1].isspace():
+            yield "".join(buf)
+            buf, size = [], 0
+        buf.append(line)
+        size += len(line)
+    if buf:
+        yield "".join(buf)
 
 
-def tokenize_records(records: list[tuple[str, str | None]], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """One token stream and its labels: prompt tokens get IGNORE labels; each record ends with EOS if known."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    labels: list[int] = []
+def _encode(tokenizer: Any, text: str) -> Iterator[list[int]]:
+    """Token ids of `text`, in runs of lines so that no single call holds a whole file's encoding."""
+    for chunk in line_chunks(text.splitlines(keepends=True), _CHUNK_CHARS):
+        yield tokenizer(chunk, add_special_tokens=False)["input_ids"]
+
+
+def framing_tokens(tokenizer: Any) -> tuple[int | None, int | None]:
+    """(bos, eos) put around each record: EOS if the tokenizer has one; BOS only if it differs from EOS (GPT-2
+    uses one token for both, and doubling it would teach the model a pattern it never sees at inference)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return (bos if bos is not None and bos != eos else None), eos
+
+
+def tokenize_records(
+    records: list[tuple[str, str | None]], tokenizer: Any, max_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 1-D token stream and its labels: each record is [BOS] text [EOS]; BOS and prompt tokens get IGNORE.
+
+    Stops early once `max_tokens` are there (a capped training set need not tokenise the whole file).
+    """
+    bos, eos = framing_tokens(tokenizer)
+    ids: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    total = 0
+
+    def add(toks: list[int], target: bool) -> None:
+        nonlocal total
+        t = torch.tensor(toks, dtype=torch.long)
+        ids.append(t)
+        labels.append(t if target else torch.full_like(t, IGNORE))
+        total += len(toks)
+
     for first, response in records:
-        if response is None:
-            toks = _encode(tokenizer, first)
-            ids.extend(toks)
-            labels.extend(toks)
+        if max_tokens is not None and total >= max_tokens:
+            break
+        if bos is not None:
+            add([bos], False)
+        if response is not None:
+            # Prompt and response are encoded apart so the boundary (where the loss starts) is exact.
+            for toks in _encode(tokenizer, first):
+                add(toks, False)
+            for toks in _encode(tokenizer, response):
+                add(toks, True)
         else:
-            p, r = _encode(tokenizer, first), _encode(tokenizer, response)
-            ids.extend(p + r)
-            labels.extend([IGNORE] * len(p) + r)
+            for toks in _encode(tokenizer, first):
+                add(toks, True)
+                if max_tokens is not None and total >= max_tokens:
+                    break
         if eos is not None:
-            ids.append(eos)
-            labels.append(eos)
-    return ids, labels
+            add([eos], True)
+    if not ids:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(ids), torch.cat(labels)
 
 
-def pack(ids: list[int], labels: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(ids: torch.Tensor, labels: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut the stream into (num_blocks, seq_len) blocks; the ragged tail is dropped."""
-    n = len(ids) // seq_len
+    n = ids.numel() // seq_len
     if n == 0:
-        raise DataError(f"the text has {len(ids)} tokens, fewer than one block of data.seq_len={seq_len}")
-    x = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    y = torch.tensor(labels[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    return x, y
+        raise DataError(f"the text has {ids.numel()} tokens, fewer than one block of data.seq_len={seq_len}")
+    return ids[: n * seq_len].view(n, seq_len).clone(), labels[: n * seq_len].view(n, seq_len).clone()
 
 
 class BlockDataset(torch.utils.data.Dataset):
+    """Packed blocks: input_ids and labels, both (num_blocks, seq_len)."""
+
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
         self.input_ids = input_ids
         self.labels = labels
@@ -106,20 +157,31 @@ def collate_blocks(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     }
 
 
-def load_blocks(path: Path, cfg: DataConfig, tokenizer: Any, cache_dir: Path | None, max_records: int | None = None) -> BlockDataset:
-    """Tokenise and pack `path`, reusing a cache keyed by file content, tokenizer and seq_len."""
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    # The full serialised tokenizer where there is one: two tokenizers sharing a name (or none) must not share a cache.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return hashlib.sha1(backend.to_str().encode()).hexdigest()
+    return f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+
+
+def load_blocks(
+    path: Path, cfg: DataConfig, tokenizer: Any, cache_dir: Path | None, max_blocks: int | None = None
+) -> BlockDataset:
+    """Tokenise and pack `path` (at most the first `max_blocks` blocks), reusing a cache keyed by the file's bytes,
+    the tokenizer, seq_len, the cap and the JSON field names."""
     key = hashlib.sha1()
     key.update(path.read_bytes())
-    key.update(f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}:{cfg.seq_len}:{max_records}".encode())
+    key.update(f"{_tokenizer_fingerprint(tokenizer)}:{framing_tokens(tokenizer)}:{cfg.seq_len}:{max_blocks}".encode())
     key.update(f"{cfg.text_column}:{cfg.prompt_column}:{cfg.response_column}".encode())
     cache = cache_dir / f"lm-{key.hexdigest()[:16]}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         blob = torch.load(cache)
         return BlockDataset(blob["input_ids"], blob["labels"])
-    records = _records(path, cfg)
-    if max_records is not None and len(records) > 1:
-        records = records[:max_records]
-    x, y = pack(*tokenize_records(records, tokenizer), cfg.seq_len)
+    max_tokens = None if max_blocks is None else max_blocks * cfg.seq_len
+    x, y = pack(*tokenize_records(read_records(path, cfg), tokenizer, max_tokens), cfg.seq_len)
+    if max_blocks is not None:
+        x, y = x[:max_blocks], y[:max_blocks]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
