@@ -83,10 +83,17 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dict[str, Any]) -> None:
-    """Write a save_pretrained folder: LoRA adapters merged into a plain model, the adapter alone under adapter/."""
+def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dict[str, Any],
+                 model_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a save_pretrained folder: LoRA adapters merged into a plain model, the adapter alone under adapter/.
+
+    `model_state` is the full state dict gathered from a sharded (FSDP) model; one ordinary folder whatever the
+    world size.
+    """
     model = unwrap(model)
-    if is_peft(model):
+    if model_state is not None:
+        model.save_pretrained(str(out_dir), state_dict=model_state)
+    elif is_peft(model):
         model.save_pretrained(str(out_dir / "adapter"))
         plain = copy.deepcopy(model).merge_and_unload()
         plain.save_pretrained(str(out_dir))
@@ -114,15 +121,23 @@ def save_checkpoint(
     state: TrainState,
     cfg: Config,
     meta: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    param_names: list[str] | None = None,
 ) -> None:
+    """Write one checkpoint; `optimizer=None` writes an export only (best/). Rank 0 only; under FSDP the caller
+    gathers `model_state` / `optimizer_state` (keyed by parameter name) on every rank first."""
     with atomic_dir(path) as tmp:
-        export_model(model, bundle, tmp, meta)
+        export_model(model, bundle, tmp, meta, model_state)
         save_config(cfg, tmp / "config.yaml")
         if optimizer is None:
             return  # best/: an export, not a resume point
         sd = tmp / STATE_DIR
         sd.mkdir()
-        torch.save(optimizer.state_dict(), sd / "optimizer.pt")
+        if optimizer_state is not None:
+            torch.save({"format": "by_name", "state": optimizer_state}, sd / "optimizer.pt")
+        else:
+            torch.save({"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}, sd / "optimizer.pt")
         torch.save({"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}, sd / "rng.pt")
         if is_peft(unwrap(model)):
             # The merged export cannot be un-merged: keep the adapter-side tensors exactly as they train.
@@ -134,13 +149,18 @@ def is_checkpoint(path: Path) -> bool:
     return (Path(path) / STATE_DIR / "trainer_state.json").is_file()
 
 
-def _load_weights(model: nn.Module, folder: Path) -> None:
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"checkpoint '{folder}' has no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    return state
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
+    state = _read_weights(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not any(m.endswith(t) for t in tied)]
@@ -155,15 +175,27 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     path = Path(path)
     if not is_checkpoint(path):
         raise ConfigError(f"'{path}' is not a fulltune checkpoint (no {STATE_DIR}/trainer_state.json)")
+    from fulltune import distributed as ddist
+
     sd = path / STATE_DIR
     base = unwrap(model)
-    if is_peft(base):
+    blob = torch.load(sd / "optimizer.pt", map_location="cpu", weights_only=False)
+    if ddist.is_fsdp(base):
+        if blob["format"] != "by_name":
+            raise ConfigError(f"checkpoint '{path}' was not written by an FSDP run; resume it with parallel ddp or none")
+        ddist.load_full_model_state(base, _read_weights(path))
+        ddist.load_full_optimizer_state(base, optimizer, blob["state"])
+    elif is_peft(base):
         missing, unexpected = base.load_state_dict(load_file(str(sd / "trainable.safetensors")), strict=False)
         if unexpected:
             raise ConfigError(f"checkpoint '{path}': adapter tensors do not fit this model ({unexpected[:5]})")
     else:
         _load_weights(base, path)
-    optimizer.load_state_dict(torch.load(sd / "optimizer.pt", map_location="cpu", weights_only=False))
+    if not ddist.is_fsdp(base):
+        if blob["format"] == "by_name":  # written by an FSDP run: map names onto this optimizer
+            ddist.load_full_optimizer_state(base, optimizer, blob["state"])
+        else:
+            optimizer.load_state_dict(blob["state"])
     blob = torch.load(sd / "rng.pt", weights_only=False)
     if scaler is not None and blob.get("scaler") is not None:
         scaler.load_state_dict(blob["scaler"])

@@ -52,7 +52,17 @@ def load_cli_config(args: argparse.Namespace):  # noqa: ANN201 - returns fulltun
 def cmd_train(args: argparse.Namespace) -> int:
     from fulltune.train import train
 
-    cfg = load_cli_config(args)
+    cfg = load_cli_config(args)  # validate here, before any process is started
+    if args.nproc and args.nproc > 0:
+        from fulltune.distributed import launch
+
+        argv = list(args.argv)
+        i = argv.index("--nproc") if "--nproc" in argv else None
+        if i is not None:
+            del argv[i : i + 2]
+        else:
+            argv = [a for a in argv if not a.startswith("--nproc=")]
+        return launch(args.nproc, argv)
     train(cfg, resume=args.resume)
     return 0
 
@@ -124,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model from a YAML config plus overrides")
     _add_train_args(p)
     p.add_argument("--resume", help="'auto' (newest checkpoint in output_dir), a run folder, or a checkpoint folder")
+    p.add_argument("--nproc", type=int, help="run N data-parallel processes on this node (torchrun shortcut)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data split or file")
@@ -169,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     from fulltune.config import ConfigError
     from fulltune.data.text import DataError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     import transformers
 
@@ -180,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(args.func(args) or 0)
     except (ConfigError, DataError, TrainingError) as err:
-        print(f"fulltune: error: {err}", file=sys.stderr)
+        from fulltune.runtime import rank, world_size
+
+        where = f"[rank {rank()}] " if world_size() > 1 else ""
+        print(f"fulltune: error: {where}{err}", file=sys.stderr, flush=True)
         return 2 if isinstance(err, ConfigError) else 1
     except KeyboardInterrupt:
         print("fulltune: interrupted; resume with --resume auto", file=sys.stderr)

@@ -15,7 +15,8 @@ import torch
 from fulltune.config import TrainingConfig
 
 
-def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: torch.device, lean: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: torch.device, lean: bool = False,
+                    fused: bool = True) -> torch.optim.Optimizer:
     # Our bookkeeping keys ("names") are not optimizer hyper-parameters; keep them but out of the way.
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if lean:
@@ -23,7 +24,8 @@ def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: tor
 
         return BF16AdamW(clean, lr=t.base_learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     params = [p for g in clean for p in g["params"]]
-    fused = t.fused_optimizer and device.type in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in params)
+    # Fused AdamW runs one kernel over all tensors (CPU and CUDA); sharded DTensors (FSDP) take the foreach path.
+    fused = fused and t.fused_optimizer and device.type in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW(
         clean,
         lr=t.base_learning_rate,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fulltune import checkpoint as ckpt
+from fulltune import distributed as ddist
 from fulltune.config import Config, save_config
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.evaluate import classification_metrics, lm_metrics
@@ -25,6 +26,7 @@ from fulltune.models import build_model, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from fulltune.report import RunLogger
 from fulltune.runtime import (
+    barrier,
     is_main,
     peak_memory_bytes,
     rank,
@@ -58,6 +60,7 @@ class Run:
     state: ckpt.TrainState
     steps_per_epoch: int
     batches_per_epoch: int
+    param_names: list[str]
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -66,6 +69,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def setup(cfg: Config, resume: str | None = None) -> Run:
     device = resolve_device(cfg.hardware.device)
+    distributed = ddist.init_distributed(cfg, device)
+    ddist.check_supported(cfg)
     precision = resolve_precision(cfg.hardware.mixed_precision, device)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
@@ -88,8 +93,16 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     model.to(device)
     data = task.build_data(cfg, bundle, labels, raw)
     plan = plan_method(model, cfg)
+    # Under torchrun without a parallel mode, plain DDP is the sensible default.
+    parallel = (t.parallel if t.parallel != "none" else "ddp") if distributed else "none"
+    if parallel == "fsdp":
+        # FSDP2 replaces parameters by sharded DTensors: shard first, then hand them to the optimizer.
+        model = ddist.wrap_model(model, cfg, device, plan.lmap.block_prefixes, precision)
     groups = param_groups(model, plan, cfg)
-    optimizer = build_optimizer(groups, t, device, lean=lean)
+    optimizer = build_optimizer(groups, t, device, lean=lean, fused=parallel != "fsdp")
+    if parallel == "ddp":
+        apply_trainable(model, plan.trainable_at(0))  # DDP all-reduces what requires grad at construction
+        model = ddist.wrap_model(model, cfg, device, plan.lmap.block_prefixes, precision)
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
     sampler = ResumableBatchSampler(
         len(data.train),
@@ -114,7 +127,9 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
         state = ckpt.load_checkpoint(point, model, optimizer, scaler)
         state.total_steps = total
         print(f"resumed from {point} at optimizer step {state.optimizer_step} (epoch {state.epoch}, batch {state.batches_done})")
-    return Run(cfg, task_name, bundle, model, data, plan, optimizer, scaler, sampler, device, precision, state, steps_per_epoch, batches_per_epoch)
+    param_names = [n for g in groups for n in g["names"]]
+    return Run(cfg, task_name, bundle, model, data, plan, optimizer, scaler, sampler, device, precision, state,
+               steps_per_epoch, batches_per_epoch, param_names)
 
 
 def make_loader(run: Run, dataset: Any, batch_sampler: Any = None, batch_size: int | None = None) -> torch.utils.data.DataLoader:
@@ -163,6 +178,9 @@ def _meta(run: Run, extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def _sync_context(model: nn.Module, last_micro: bool) -> contextlib.AbstractContextManager:
     """No gradient all-reduce on accumulation micro-steps (DDP/FSDP)."""
+    if ddist.is_fsdp(model):
+        model.set_requires_gradient_sync(last_micro)
+        return contextlib.nullcontext()
     if not last_micro and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
@@ -209,7 +227,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         nonlocal pending
         if not pending:
             return
-        values = torch.stack([v for _, v in pending]).tolist()
+        values = ddist.mean_over_ranks(torch.stack([v for _, v in pending])).tolist()
         for (step, _), v in zip(pending, values, strict=True):
             if not math.isfinite(v):
                 where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written before it"
@@ -220,9 +238,14 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     def save(path: Path) -> None:
         nonlocal last_good
         check_finite()
+        # Under FSDP, gathering full states is a collective: every rank joins, rank 0 writes.
+        full_model = ddist.full_model_state(model)
+        full_optim = ddist.full_optimizer_state(model, optimizer) if full_model is not None else None
         if is_main():
-            ckpt.save_checkpoint(path, model, run.bundle, optimizer, run.scaler, state, cfg, _meta(run))
+            ckpt.save_checkpoint(path, model, run.bundle, optimizer, run.scaler, state, cfg, _meta(run),
+                                 model_state=full_model, optimizer_state=full_optim, param_names=run.param_names)
             ckpt.prune_checkpoints(out, cfg.checkpoint.keep_last)
+        barrier()
         last_good = path
 
     def evaluate_and_track() -> bool:
@@ -238,8 +261,10 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         if improved:
             state.best_metric, state.best_step = value, state.optimizer_step
             state.evals_without_improvement = 0
+            full_model = ddist.full_model_state(model) if cfg.checkpoint.save_best else None
             if cfg.checkpoint.save_best and is_main():
-                ckpt.save_checkpoint(out / "best", model, run.bundle, None, None, state, cfg, _meta(run, {"val_metrics": _brief(metrics)}))
+                ckpt.save_checkpoint(out / "best", model, run.bundle, None, None, state, cfg,
+                                     _meta(run, {"val_metrics": _brief(metrics)}), model_state=full_model)
         else:
             state.evals_without_improvement += 1
         epoch_no = state.epoch if state.batches_done == 0 else state.epoch + 1  # 1-based: the epoch just trained
@@ -251,7 +276,11 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         if state.optimizer_step >= state.total_steps or stop:
             break
         state.epoch = epoch
-        apply_trainable(model, run.plan.trainable_at(epoch))
+        trainable = run.plan.trainable_at(epoch)
+        if trainable != {n for n, p in ckpt.unwrap(model).named_parameters() if p.requires_grad}:
+            apply_trainable(ckpt.unwrap(model), trainable)
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                model = run.model = ddist.rewrap_ddp(model, run.device)
         run.sampler.set_epoch(epoch, state.batches_done)
         batches = iter(loader)
         while state.batches_done < run.batches_per_epoch and state.optimizer_step < state.total_steps:
@@ -324,7 +353,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         "last_checkpoint": str(last_good) if last_good else None,
     }
     summary.update(log.summary())
-    if run.data.test is not None:
+    barrier()
+    if run.data.test is not None and is_main():
         # Test metrics come from best/ (chosen on validation) when there is one, else from the final weights.
         test_model, source = model, "final"
         if run.data.val is not None and (out / "best").is_dir():
