@@ -40,6 +40,9 @@ class TrainState:
     micro_step: int = 0
     total_steps: int = 0
     samples_seen: int = 0
+    micro_batch_size: int = 0
+    """Micro-batch size and world size when saved: a resume on another world size converts batches_done."""
+    world_size: int = 1
     best_metric: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0

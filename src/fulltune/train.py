@@ -122,14 +122,27 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     total = steps_per_epoch * t.num_epochs
     if t.max_steps is not None:
         total = min(total, t.max_steps) if t.num_epochs else t.max_steps
-    state = ckpt.TrainState(total_steps=total)
+    state = ckpt.TrainState(total_steps=total, micro_batch_size=cfg.data.batch_size, world_size=world_size())
     if point is not None:
         state = ckpt.load_checkpoint(point, model, optimizer, scaler)
         state.total_steps = total
+        state.batches_done = _convert_position(state, cfg.data.batch_size, world_size(), point)
         print(f"resumed from {point} at optimizer step {state.optimizer_step} (epoch {state.epoch}, batch {state.batches_done})")
     param_names = [n for g in groups for n in g["names"]]
     return Run(cfg, task_name, bundle, model, data, plan, optimizer, scaler, sampler, device, precision, state,
                steps_per_epoch, batches_per_epoch, param_names)
+
+
+def _convert_position(state: ckpt.TrainState, micro: int, world: int, point: Path) -> int:
+    """Batches already done this epoch, in this run's batch size and world size (the global batch must match)."""
+    saved_micro, saved_world = state.micro_batch_size or micro, state.world_size or 1
+    if saved_micro * saved_world != micro * world:
+        raise TrainingError(
+            f"checkpoint '{point}' was written with a global batch of {saved_micro} x {saved_world} processes; "
+            f"this run has {micro} x {world}: set data.batch_size so that the global batch is the same"
+        )
+    state.micro_batch_size, state.world_size = micro, world
+    return state.batches_done
 
 
 def make_loader(run: Run, dataset: Any, batch_sampler: Any = None, batch_size: int | None = None) -> torch.utils.data.DataLoader:
@@ -354,12 +367,15 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     }
     summary.update(log.summary())
     barrier()
-    if run.data.test is not None and is_main():
-        # Test metrics come from best/ (chosen on validation) when there is one, else from the final weights.
-        test_model, source = model, "final"
+    if run.data.test is not None:
+        # Test metrics come from best/ (chosen on validation) when there is one, else from the final weights
+        # (on every rank then: a sharded model's forward is collective).
         if run.data.val is not None and (out / "best").is_dir():
-            test_model, source = load_exported(out / "best", run.device).model, "best"
-        summary["test"] = _brief(evaluate_split(run, run.data.test, test_model)) | {"weights": source}
+            if is_main():
+                best = load_exported(out / "best", run.device).model
+                summary["test"] = _brief(evaluate_split(run, run.data.test, best)) | {"weights": "best"}
+        else:
+            summary["test"] = _brief(evaluate_split(run, run.data.test)) | {"weights": "final"}
     if is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: " + json.dumps({k: summary[k] for k in ("optimizer_steps", "best_val")} | ({"test": summary["test"]} if "test" in summary else {})))

@@ -19,8 +19,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Yields lists of dataset indices (or (index, seed) pairs with `with_seeds`) for one epoch.
 
-    Call `set_epoch(epoch, skip_batches)` before iterating. With `world_size` > 1 each rank takes every
-    world_size-th batch of the same global order, trimmed so that all ranks see the same number of batches.
+    Call `set_epoch(epoch, skip_batches)` before iterating. With `world_size` > 1 each rank takes its slice of
+    every global batch (batch_size x world_size examples), so all ranks see the same number of batches.
     """
 
     def __init__(
@@ -52,7 +52,9 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         self.skip_batches = skip_batches
 
     def global_batches(self, epoch: int) -> list[list[int]]:
-        n, bs = self.num_examples, self.batch_size
+        """Batches of batch_size x world_size examples: the same list whatever the world size, so a run can
+        resume on another number of processes with the same global batches."""
+        n, bs = self.num_examples, self.batch_size * self.world_size
         if not self.shuffle:
             order = list(range(n))
             return [order[i : i + bs] for i in range(0, n, bs)]
@@ -73,15 +75,19 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         return [batches[i] for i in perm]
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's slice of each global batch; with several ranks a short last global batch is dropped so
+        every rank sees the same number of batches."""
         batches = self.global_batches(epoch)
-        if self.world_size > 1:
-            per_rank = len(batches) // self.world_size
-            batches = batches[self.rank : per_rank * self.world_size : self.world_size]
-        return batches
+        if self.world_size == 1:
+            return batches
+        bs = self.batch_size
+        full = [b for b in batches if len(b) == bs * self.world_size]
+        return [b[self.rank * bs : (self.rank + 1) * bs] for b in full]
 
     def __len__(self) -> int:
-        full = -(-self.num_examples // self.batch_size)
-        return full // self.world_size if self.world_size > 1 else full
+        if self.world_size == 1:
+            return -(-self.num_examples // self.batch_size)
+        return self.num_examples // (self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[list]:
         for batch in self.batches(self.epoch)[self.skip_batches :]:

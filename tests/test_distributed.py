@@ -1,0 +1,108 @@
+"""Data parallelism on CPU with 2 processes (gloo, tiny BERT): DDP and FSDP give the weights of one process with
+the same global batch, checkpoints resume on another world size, and a failing rank stops every rank."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_BERT, write_images
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def run_fulltune(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "fulltune", *args]
+    else:
+        cmd = [sys.executable, "-m", "fulltune", *args]
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FULLTUNE_DIST_TIMEOUT": "60"}
+    import os
+
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+
+
+def text_train_args(data: Path, out: Path, batch: int, *extra: str) -> list[str]:
+    return ["train", "--data_dir", str(data), "--output_dir", str(out), "data.text_column=sentence",
+            f"model.tiny_config={json.dumps(TINY_BERT)}", "logging.progress_bar=false", "logging.tensorboard=false",
+            "hardware.mixed_precision=no", "model.dropout=0.0", "training.seed=0", f"data.batch_size={batch}",
+            "logging.log_every_steps=1", "checkpoint.keep_last=0", "checkpoint.save_best=false", *extra]
+
+
+def last_weights(out: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / name / "model.safetensors"))
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and r.get("split") != "val"}
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, text_data, parallel):
+    steps = ["training.max_steps=3", "training.num_epochs=1"]
+    ok(run_fulltune(text_train_args(text_data, tmp_path / "one", 8, *steps)))
+    ok(run_fulltune(text_train_args(text_data, tmp_path / "two", 4, *steps, f"training.parallel={parallel}"), nproc=2))
+    one, two = last_weights(tmp_path / "one", "checkpoint-step-3"), last_weights(tmp_path / "two", "checkpoint-step-3")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0, msg=k)
+    # Logged losses are global means, the same as the single process's.
+    l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
+    for step in (1, 2, 3):
+        assert abs(l1[step] - l2[step]) < 1e-5
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resume_on_another_world_size(tmp_path, text_data, parallel):
+    steps = ["training.max_steps=4", "training.num_epochs=1", "checkpoint.save_every_steps=2",
+             f"training.parallel={parallel}"]
+    ok(run_fulltune(text_train_args(text_data, tmp_path / "full", 4, *steps), nproc=2))
+    reference = losses(tmp_path / "full")
+    for nproc, batch in ((1, 8), (2, 4)):
+        out = tmp_path / f"resumed{nproc}"
+        out.mkdir()
+        shutil.copytree(tmp_path / "full" / "checkpoint-step-2", out / "checkpoint-step-2")
+        ok(run_fulltune(text_train_args(text_data, out, batch, *steps) + ["--resume", "auto"], nproc=nproc))
+        resumed = losses(out)
+        for step in (3, 4):
+            assert abs(resumed[step] - reference[step]) < 1e-5, (nproc, step, resumed, reference)
+        a, b = last_weights(tmp_path / "full", "checkpoint-step-4"), last_weights(out, "checkpoint-step-4")
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_failing_rank_stops_all_ranks(tmp_path):
+    """A corrupt image (valid header, broken data) in one rank's shard: every rank exits, with a clear error."""
+    from conftest import TINY_CLIP
+
+    root = tmp_path / "img"
+    write_images(root / "train", 8, 0)
+    import numpy as np
+    from PIL import Image
+
+    victim = root / "train" / "bees" / "broken.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(victim, "JPEG")
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # truncated JPEG: the header parses, decoding fails
+    start = time.monotonic()
+    proc = run_fulltune(["train", "--data_dir", str(root), "--output_dir", str(tmp_path / "out"),
+                         f"model.tiny_config={json.dumps(TINY_CLIP)}", "logging.progress_bar=false",
+                         "data.batch_size=2", "data.num_workers=0", "training.num_epochs=1", "training.parallel=ddp"],
+                        nproc=2, timeout=240)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 200
+    assert "cannot be decoded" in proc.stderr and victim.name in proc.stderr
