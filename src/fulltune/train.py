@@ -233,6 +233,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     pending: list[tuple[int, torch.Tensor]] = []  # (optimizer step, loss of that step) since the last log
     last_good = None
     tic, samples_at_tic = time.perf_counter(), state.samples_seen
+    # Time spent outside optimisation (evaluation, checkpoints) is subtracted for the training throughput.
+    loop_start, samples_at_start, side_time = time.perf_counter(), state.samples_seen, 0.0
     stop = False
 
     def check_finite() -> None:
@@ -249,8 +251,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         pending = []
 
     def save(path: Path) -> None:
-        nonlocal last_good
+        nonlocal last_good, side_time
         check_finite()
+        began = time.perf_counter()
         # Under FSDP, gathering full states is a collective: every rank joins, rank 0 writes.
         full_model = ddist.full_model_state(model)
         full_optim = ddist.full_optimizer_state(model, optimizer) if full_model is not None else None
@@ -260,12 +263,15 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             ckpt.prune_checkpoints(out, cfg.checkpoint.keep_last)
         barrier()
         last_good = path
+        side_time += time.perf_counter() - began
 
     def evaluate_and_track() -> bool:
         """Validation metrics, best/ and early stopping; True when training should stop."""
+        nonlocal side_time
         if run.data.val is None:
             return False
         check_finite()
+        began = time.perf_counter()
         metrics = evaluate_split(run, run.data.val)
         value = metrics[metric_name]
         improved = state.best_metric is None or (
@@ -283,6 +289,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         epoch_no = state.epoch if state.batches_done == 0 else state.epoch + 1  # 1-based: the epoch just trained
         state.history.append({"step": state.optimizer_step, "epoch": epoch_no, **_brief(metrics)})
         log.eval(state.optimizer_step, epoch_no, metrics, metric_name, improved)
+        side_time += time.perf_counter() - began
         return t.early_stopping.enabled and state.evals_without_improvement >= t.early_stopping.patience
 
     for epoch in range(state.epoch, t.num_epochs):
@@ -366,6 +373,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         "last_checkpoint": str(last_good) if last_good else None,
     }
     summary.update(log.summary())
+    train_time = max(time.perf_counter() - loop_start - side_time, 1e-9)
+    summary["train_time_s"] = train_time
+    summary["train_samples_per_s"] = (state.samples_seen - samples_at_start) / train_time
     barrier()
     if run.data.test is not None:
         # Test metrics come from best/ (chosen on validation) when there is one, else from the final weights
