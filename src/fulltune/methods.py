@@ -16,53 +16,78 @@ from torch import nn
 from fulltune.config import Config, ConfigError, UnfreezeStep
 from fulltune.models import LayerMap, layer_map, strip_peft_prefix
 
-# LoRA target modules per family: attention and MLP projections.
-LORA_TARGETS: dict[str, list[str]] = {
-    "clip": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "vit": ["query", "key", "value", "dense"],
-    "bert": ["query", "key", "value", "dense"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
-HEAD_MODULES = ("classifier", "pre_classifier", "score")
+HEAD_ALIASES = ("classifier", "head")
 
 
-def lora_targets(model: nn.Module) -> list[str]:
-    model_type = getattr(model.config, "model_type", "")
-    for family, targets in LORA_TARGETS.items():
-        if family in model_type:
-            return targets
-    if model_type in ("roberta", "electra", "deberta", "distilbert", "deit", "dinov2", "beit"):
-        return LORA_TARGETS["bert" if model_type != "distilbert" else "bert"]
-    if model_type in ("qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3"):
-        return LORA_TARGETS["llama"]
-    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    raise ConfigError(
-        f"no default LoRA targets for model type '{model_type}'; set method.lora.target_modules "
-        f"(linear layers in this model: {', '.join(linear_names)})"
-    )
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward, with torch's non-reentrant checkpoint.
+
+    Non-reentrant checkpointing gives gradients to parameters inside a block whether or not the block's input
+    requires grad, so LoRA needs no `enable_input_require_grads`. transformers installs that hook on text models
+    anyway; we remove it, because it makes the embedding output require grad and so runs backward through every
+    frozen block below the trainable ones (a linear probe would pay for a full backward).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+        model.disable_input_require_grads()
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+
+def lora_targets(model: nn.Module, lmap: LayerMap | None = None) -> list[str]:
+    """Default LoRA targets: the leaf names of every linear layer inside the blocks.
+
+    Per family that is the attention and MLP projections (CLIP/ViT: q/k/v/out|o_proj, fc1, fc2; BERT: query, key,
+    value, dense; Llama: q/k/v/o_proj, gate/up/down_proj). Reading them off the model keeps working when
+    transformers renames modules (ViT's query/key/value became q_proj/k_proj/v_proj in v5).
+    """
+    lmap = lmap or layer_map(model)
+    prefixes = lmap.block_prefixes
+    targets = sorted({
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name.startswith(p + ".") for p in prefixes)
+    })
+    if not targets:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"no linear layers found inside the blocks of this {getattr(model.config, 'model_type', '?')} model; "
+            f"set method.lora.target_modules (linear layers in this model: {', '.join(linear) or 'none'})"
+        )
+    return targets
 
 
 def wrap_lora(model: nn.Module, cfg: Config, task: str) -> nn.Module:
-    """Wrap with peft LoRA adapters; the classification head trains fully (modules_to_save)."""
+    """Wrap with peft LoRA adapters; a classification head trains fully (modules_to_save), an LM head stays."""
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.method.lora
-    heads = [name for name in HEAD_MODULES if hasattr(model, name)] if task != "causal_lm" else []
+    lmap = layer_map(model)
+    # Head modules by their top-level name ('classifier', 'score'; DistilBERT also 'pre_classifier').
+    heads = sorted({n.split(".", 1)[0] for n in lmap.head}) if task != "causal_lm" else []
     peft_cfg = LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
-        target_modules=lc.target_modules or lora_targets(model),
+        target_modules=lc.target_modules or lora_targets(model, lmap),
         modules_to_save=heads or None,
         bias="none",
     )
-    return get_peft_model(model, peft_cfg)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:  # peft checks its config here: "Target modules {...} not found in the base model"
+        raise ConfigError(f"method.lora.target_modules={peft_cfg.target_modules}: {str(err).splitlines()[0]}") from None
 
+
+# ---------------------------------------------------------------------------------------------------------- plan
 
 @dataclass
 class Plan:
-    """Which parameters the method may ever train, and which train at a given epoch."""
+    """Which parameters the method may ever train (`eligible`), and which train at a given epoch."""
 
     lmap: LayerMap
     eligible: set[str]
@@ -74,46 +99,46 @@ class Plan:
         names: set[str] = set()
         for step in self.schedule:
             if step.epoch <= epoch:
-                names |= self._resolve(step.layers)
+                names |= self.resolve(step.layers)
         return names & self.eligible
 
-    def _resolve(self, layers: list[str]) -> set[str]:
+    def resolve(self, layers: list[str]) -> set[str]:
+        """Parameter names that schedule entries select: 'all', 'classifier'/'head', or module prefixes."""
         out: set[str] = set()
         for layer in layers:
             if layer == "all":
-                out |= self.eligible
-            elif layer in ("classifier", "head") and self.lmap.head:
+                out |= set(self.lmap.layer_of)
+            elif layer in HEAD_ALIASES and self.lmap.head:
                 out |= self.lmap.head
             else:
-                out |= {n for n in self.lmap.layer_of if _prefix_match(strip_peft_prefix(n), layer)}
+                out |= {n for n in self.lmap.layer_of if _is_under(strip_peft_prefix(n), layer)}
         return out
 
 
-def _prefix_match(name: str, prefix: str) -> bool:
+def _is_under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
 def layer_names(lmap: LayerMap) -> list[str]:
-    """The names a user may put in an unfreeze schedule."""
-    return ["classifier", "all"] + lmap.block_prefixes
+    """The names a user may put in an unfreeze schedule, bottom to top."""
+    return ["classifier", "all"] + lmap.names()
 
 
 def _auto_schedule(lmap: LayerMap, every: int) -> list[UnfreezeStep]:
-    """Head first, then one more block from the top every `every` epochs, then everything."""
+    """ULMFiT-style: the head first, then one more block from the top every `every` epochs (the top block
+    together with what sits above it: final norm, pooler), and the embeddings last."""
     steps = [UnfreezeStep(epoch=0, layers=["classifier"])]
     for k, prefix in enumerate(reversed(lmap.block_prefixes), start=1):
-        steps.append(UnfreezeStep(epoch=k * every, layers=[prefix]))
-    steps.append(UnfreezeStep(epoch=(len(lmap.block_prefixes) + 1) * every, layers=["all"]))
+        steps.append(UnfreezeStep(epoch=k * every, layers=[prefix] + (lmap.top_prefixes if k == 1 else [])))
+    steps.append(UnfreezeStep(epoch=(lmap.num_layers + 1) * every, layers=["all"]))
     return steps
 
 
-def plan_method(model: nn.Module, cfg: Config) -> Plan:
-    """Decide the eligible set from method.name and the schedule from training.progressive_unfreezing."""
-    lmap = layer_map(model)
-    names = [n for n, _ in model.named_parameters()]
+def _eligible(model: nn.Module, cfg: Config, lmap: LayerMap) -> set[str]:
     method = cfg.method
+    names = [n for n, _ in model.named_parameters()]
     if method.name == "lora":
-        # peft has already frozen the base; eligible = what it left trainable (adapters + head copies).
+        # peft has already frozen the base: eligible is what it left trainable (adapters and head copies).
         eligible = {n for n, p in model.named_parameters() if p.requires_grad}
     elif method.name == "linear_probe":
         eligible = set(lmap.head)
@@ -121,10 +146,10 @@ def plan_method(model: nn.Module, cfg: Config) -> Plan:
             raise ConfigError("method.name=linear_probe: this model has no classification head to train")
     elif method.name == "partial":
         k = method.trainable_layers
-        bottom = lmap.num_layers - k
-        eligible = {n for n in names if lmap.layer_of[n] > bottom}
         if k > lmap.num_layers:
             raise ConfigError(f"method.trainable_layers={k} but the model has only {lmap.num_layers} blocks")
+        # Blocks L-K+1..L, what sits above them (layer L+1) and the head (also mapped to L+1).
+        eligible = {n for n in names if lmap.layer_of[n] > lmap.num_layers - k}
     else:
         eligible = set(names)
     if method.freeze:
@@ -133,19 +158,39 @@ def plan_method(model: nn.Module, cfg: Config) -> Plan:
         except re.error as err:
             raise ConfigError(f"method.freeze: bad regex ({err})") from None
         eligible = {n for n in eligible if not any(p.search(strip_peft_prefix(n)) for p in patterns)}
+    if not eligible:
+        raise ConfigError(f"method.name={method.name} with method.freeze={method.freeze} leaves nothing to train")
+    return eligible
+
+
+def plan_method(model: nn.Module, cfg: Config) -> Plan:
+    """The eligible set from method.name (and method.freeze), the schedule from training.progressive_unfreezing."""
+    lmap = layer_map(model)
+    eligible = _eligible(model, cfg, lmap)
     pu = cfg.training.progressive_unfreezing
-    schedule: list[UnfreezeStep] = []
-    if pu.enabled:
-        schedule = pu.unfreeze_schedule or _auto_schedule(lmap, pu.auto or 1)
-        plan = Plan(lmap, eligible, [])
-        for step in schedule:
-            for layer in step.layers:
-                if not plan._resolve([layer]):
-                    raise ConfigError(
-                        f"training.progressive_unfreezing: layer '{layer}' matches no parameter; "
-                        f"layer names of this model: {', '.join(layer_names(lmap))}"
-                    )
-    return Plan(lmap, eligible, schedule)
+    if not pu.enabled:
+        return Plan(lmap, eligible, [])
+    schedule = pu.unfreeze_schedule or _auto_schedule(lmap, pu.auto or 1)
+    plan = Plan(lmap, eligible, schedule)
+    for step in schedule:
+        for layer in step.layers:
+            selected = plan.resolve([layer])
+            if not selected:
+                raise ConfigError(
+                    f"training.progressive_unfreezing: layer '{layer}' (epoch {step.epoch}) matches no parameter; "
+                    f"layer names of this model: {', '.join(layer_names(lmap))}"
+                )
+            if not selected & eligible:
+                raise ConfigError(
+                    f"training.progressive_unfreezing: layer '{layer}' (epoch {step.epoch}) holds no parameter that "
+                    f"method.name={cfg.method.name} trains"
+                )
+    if not plan.trainable_at(0):
+        raise ConfigError(
+            "training.progressive_unfreezing: nothing trains in epoch 0; the schedule needs an entry with epoch: 0 "
+            "(e.g. {epoch: 0, layers: [classifier]})"
+        )
+    return plan
 
 
 def apply_trainable(model: nn.Module, names: set[str]) -> None:
@@ -153,40 +198,65 @@ def apply_trainable(model: nn.Module, names: set[str]) -> None:
         p.requires_grad_(n in names)
 
 
-def param_groups(model: nn.Module, plan: Plan, cfg: Config) -> list[dict[str, Any]]:
-    """Optimizer groups over every eligible parameter, keyed by (LR scale, weight decay on/off).
+# ---------------------------------------------------------------------------------------------------------- groups
 
-    Each group carries `lr_scale`; schedules multiply it, never overwrite it. Weight decay applies to matrices
-    only: biases, norm weights and other 1-D parameters get none.
+def _group_label(layers: set[int], has_head: bool, num_layers: int) -> str:
+    """'embeddings', 'block3', 'block6+top', 'blocks1-6', 'body', 'head', 'all' ... from the layer indices held."""
+    blocks = sorted(i for i in layers if 1 <= i <= num_layers)
+    if layers == set(range(num_layers + 2)):
+        return "all" if has_head else "body"
+    parts = ["embeddings"] if 0 in layers else []
+    if blocks:
+        contiguous = blocks == list(range(blocks[0], blocks[-1] + 1))
+        parts.append(f"block{blocks[0]}" if len(blocks) == 1 else
+                     f"blocks{blocks[0]}-{blocks[-1]}" if contiguous else "blocks" + ",".join(map(str, blocks)))
+    if num_layers + 1 in layers:
+        parts.append("top")
+    if has_head:
+        parts.append("head")
+    return "+".join(parts)
+
+
+def param_groups(model: nn.Module, plan: Plan, cfg: Config) -> list[dict[str, Any]]:
+    """Optimizer groups over every eligible parameter, one per (LR scale, weight decay on/off), bottom to top.
+
+    Each group carries `lr_scale` (block i of L: decay ** (L - i); head: head_lr_mult); schedules multiply it,
+    never overwrite it. Weight decay applies to matrices only: biases, norm weights and learned vectors (CLIP's
+    class embedding, ViT's cls token) get none.
     """
     t = cfg.training
     decay = t.layerwise_lr.decay_rate if t.layerwise_lr.enabled else 1.0
+    lmap = plan.lmap
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if name not in plan.eligible:
             continue
-        scale = plan.lmap.scale(name, decay, t.head_lr_mult)
-        decayed = p.ndim >= 2
-        key = (round(scale, 12), decayed)
-        if key not in groups:
-            layer = plan.lmap.layer_of[name]
-            label = "head" if name in plan.lmap.head else f"layer{layer}"
-            groups[key] = {
-                "params": [],
-                "names": [],
-                "lr_scale": scale,
-                "weight_decay": t.weight_decay if decayed else 0.0,
-                "name": f"{label}{'' if decayed else '_no_decay'}",
-            }
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    # Order from the bottom of the network to the top so logs read naturally.
-    return sorted(groups.values(), key=lambda g: (g["lr_scale"], g["name"]))
+        scale = lmap.scale(name, decay, t.head_lr_mult)
+        # Matrices decay; vectors do not, whatever their padding dims: ViT's cls token is (1, 1, hidden).
+        decayed = sum(d > 1 for d in p.shape) >= 2
+        group = groups.setdefault((round(scale, 12), decayed), {
+            "params": [], "names": [], "lr_scale": scale, "weight_decay": t.weight_decay if decayed else 0.0,
+            "_layers": set(), "_head": False,
+        })
+        group["params"].append(p)
+        group["names"].append(name)
+        if name in lmap.head:
+            group["_head"] = True
+        else:
+            group["_layers"].add(lmap.layer_of[name])
+    ordered = []
+    for (_, decayed), g in groups.items():
+        layers, has_head = g.pop("_layers"), g.pop("_head")
+        g["name"] = _group_label(layers, has_head, lmap.num_layers) + ("" if decayed else "_no_decay")
+        # Bottom to top by the lowest layer held (a head-only group last), decayed before not.
+        ordered.append(((min(layers) if layers else lmap.num_layers + 2, not decayed), g))
+    return [g for _, g in sorted(ordered, key=lambda pair: pair[0])]
 
 
 def describe_groups(groups: list[dict[str, Any]], base_lr: float) -> str:
-    lines = [f"{'group':<22}{'tensors':>8}{'params':>12}{'lr':>12}{'wd':>8}"]
+    lines = [f"{'group':<26}{'tensors':>8}{'params':>12}{'lr':>12}{'wd':>8}"]
     for g in groups:
         n = sum(p.numel() for p in g["params"])
-        lines.append(f"{g['name']:<22}{len(g['params']):>8}{n:>12,}{base_lr * g['lr_scale']:>12.3g}{g['weight_decay']:>8.3g}")
+        lr = base_lr * g["lr_scale"]
+        lines.append(f"{g['name']:<26}{len(g['params']):>8}{n:>12,}{lr:>12.3g}{g['weight_decay']:>8.3g}")
     return "\n".join(lines)

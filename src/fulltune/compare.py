@@ -1,0 +1,360 @@
+"""`fulltune compare`: one config trained under several methods with the same data, seed and budget, each as a
+normal run folder (<output_dir>/<method>/) in its own process, so that peak memory and wall time are per method.
+Writes comparison.md, comparison.json and comparison.png beside them.
+
+A method that fails is reported as failed with its one-line error; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fulltune.config import Config, ConfigError, load_config, save_config, to_dict
+
+METHODS = ("linear_probe", "partial", "lora", "full")
+# Learning rate of each method as a multiple of training.base_learning_rate (read as full fine-tuning's LR).
+# LoRA's update starts at zero and is rank-limited: about ten times full's rate is the usual choice. A linear probe
+# trains only a new head on frozen features, which are often small (MiniLM's pooler outputs average |x| ~ 0.05):
+# AdamW moves each weight by about the LR per step, so at 10x the head barely leaves its initialisation in a few
+# epochs (measured: majority-class accuracy on the docstring demo at 1e-3; 1e-2 trains). `partial` trains
+# pretrained top blocks like full does and keeps full's rate.
+DEFAULT_LR_MULT = {"full": 1.0, "partial": 1.0, "lora": 10.0, "linear_probe": 100.0}
+# Flags that stand for config keys, as in `fulltune train`.
+FLAG_KEYS = {"data_dir": "data.data_dir", "train_file": "data.train_file", "val_file": "data.val_file",
+             "test_file": "data.test_file", "model": "model.name_or_path", "task": "task"}
+
+
+def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `fulltune compare` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "compare", help="train one config under several methods (same data, seed, budget) and tabulate them",
+        description="Each method runs `fulltune train` in its own process into <output_dir>/<method>/; the table "
+                    "goes to <output_dir>/comparison.{md,json,png}. Exit status 1 when a method failed.",
+    )
+    p.add_argument("--config", help="YAML config shared by every method")
+    p.add_argument("--output_dir", help="folder of the comparison (default: the config's output_dir)")
+    for flag, key in FLAG_KEYS.items():
+        p.add_argument(f"--{flag}", help=f"sets {key}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument(
+        "--lr_per_method", default="",
+        help="e.g. lora=1e-3,linear_probe=x20 (absolute, or xN times training.base_learning_rate); default: "
+             + ", ".join(f"{m} x{v:g}" for m, v in DEFAULT_LR_MULT.items()),
+    )
+    p.add_argument("--skip_done", action="store_true",
+                   help="reuse a method's finished run (summary.json) when its config is unchanged")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every method, e.g. training.num_epochs=2")
+    p.set_defaults(func=cmd_compare)
+    return p
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods '{text}': unknown {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(METHODS)}")
+    return methods
+
+
+def learning_rates(text: str, methods: list[str], base_lr: float) -> dict[str, float]:
+    """Per-method LR: the defaults (multiples of base_lr), then `method=LR` or `method=xN` entries of `text`."""
+    lrs = {m: base_lr * DEFAULT_LR_MULT[m] for m in methods}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        method, _, value = item.partition("=")
+        method = method.strip()
+        if method not in METHODS:
+            raise ConfigError(f"--lr_per_method '{item}': unknown method '{method}'; choose from {', '.join(METHODS)}")
+        value = value.strip()
+        relative = value.startswith("x")
+        try:
+            number = float(value[1:] if relative else value) * (base_lr if relative else 1.0)
+        except ValueError:
+            raise ConfigError(f"--lr_per_method '{item}': expected method=LR or method=xN, e.g. lora=1e-3") from None
+        if not number > 0:
+            raise ConfigError(f"--lr_per_method '{item}': the learning rate must be > 0")
+        if method in lrs:
+            lrs[method] = number
+    return lrs
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAG_KEYS.items()
+             if getattr(args, flag, None) is not None]
+    return flags + list(args.overrides or [])  # explicit key=value overrides win over flags
+
+
+def method_config(args: argparse.Namespace, root: Path, method: str, lr: float) -> Config:
+    """The shared config with only what differs between methods changed: name, learning rate, run folder."""
+    return load_config(args.config, _overrides(args) + [
+        f"method.name={method}",
+        f"training.base_learning_rate={lr!r}",
+        f"output_dir={json.dumps(str(root / method))}",
+        "logging.progress_bar=false",  # the child writes to a log file, where a live bar is noise
+    ])
+
+
+# ------------------------------------------------------------------------------------------------- one method
+
+def _wait(proc: subprocess.Popen) -> int | None:
+    """Wait for the child; return its own peak RSS in bytes (os.wait4 reports per child, unlike RUSAGE_CHILDREN,
+    which is the maximum over every child waited for so far)."""
+    if not hasattr(os, "wait4"):
+        proc.wait()
+        return None
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except KeyboardInterrupt:
+        proc.wait()  # the child got the same SIGINT; let it finish its own clean-up first
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
+def _error_line(log: Path) -> str:
+    """The child's one-line error: `fulltune: error: ...`, else the last line (a traceback's exception)."""
+    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("fulltune: error:"):
+            return line.removeprefix("fulltune: error:").strip()
+    return lines[-1][:300] if lines else "no output"
+
+
+def folder_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under `path`, leaving out the top-level subfolders named in `skip`."""
+    total = 0
+    for f in path.rglob("*"):
+        if f.is_file() and f.relative_to(path).parts[0] not in skip:
+            total += f.stat().st_size
+    return total
+
+
+def _reusable(run_dir: Path, cfg: Config) -> bool:
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return (run_dir / "summary.json").is_file() and saved == to_dict(cfg)
+
+
+def run_method(cfg: Config, skip_done: bool = False) -> dict[str, Any]:
+    """Train `cfg` in a fresh `python -m fulltune train` process; return its row of the comparison."""
+    run_dir = Path(cfg.output_dir)
+    row: dict[str, Any] = {"method": cfg.method.name, "learning_rate": cfg.training.base_learning_rate,
+                           "run_dir": str(run_dir), "status": "ok", "error": None, "peak_rss_bytes": None}
+    if skip_done and _reusable(run_dir, cfg):
+        row["reused"] = True
+        return row | _from_summary(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / "config.yaml").is_file():
+            return row | {"status": "failed", "error": f"{run_dir} exists and is not a fulltune run folder"}
+        shutil.rmtree(run_dir)  # a fresh run: stale checkpoints or metrics.jsonl lines would mix into this one
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log = run_dir / "compare.log"
+    cmd = [sys.executable, "-m", "fulltune", "train", "--config", str(run_dir / "config.yaml")]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        row["peak_rss_bytes"] = _wait(proc)
+    row["process_wall_time_s"] = time.perf_counter() - start
+    if proc.returncode != 0:
+        return row | {"status": "failed", "error": _error_line(log)}
+    if not (run_dir / "summary.json").is_file():
+        return row | {"status": "failed", "error": "the run ended without writing summary.json"}
+    return row | _from_summary(run_dir)
+
+
+def _from_summary(run_dir: Path) -> dict[str, Any]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metric = next(k for k in summary["best_val"] if k != "step")
+    export = run_dir / "best" if (run_dir / "best").is_dir() else Path(summary.get("last_checkpoint") or run_dir)
+    adapter = export / "adapter"
+    total = summary["total_parameters"]
+    return {
+        "metric": metric,
+        "val": summary["best_val"][metric],
+        "test": (summary.get("test") or {}).get(metric),
+        "test_weights": (summary.get("test") or {}).get("weights"),  # 'best' (picked on val) or 'final'
+        "trainable_parameters": summary["trainable_parameters"],
+        "total_parameters": total,
+        "trainable_percent": 100.0 * summary["trainable_parameters"] / total if total else None,
+        "peak_memory_bytes": summary.get("peak_memory_bytes"),
+        "wall_time_s": summary.get("wall_time_s"),
+        # Optimisation-only throughput (evaluation and saving excluded) where train.py reports it.
+        "samples_per_s": summary.get("train_samples_per_s") or summary.get("samples_per_s_median"),
+        "optimizer_steps": summary.get("optimizer_steps"),
+        "export_dir": str(export),
+        # The export a user ships: weights, config, tokenizer or image processor (not the resume state).
+        "exported_bytes": folder_bytes(export, skip=("training_state", "adapter")),
+        "adapter_bytes": folder_bytes(adapter) if adapter.is_dir() else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- the report
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "—"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
+    mfmt = ".2f" if metric in ("perplexity", "loss") else ".4f"
+    lines = [
+        "# fulltune compare",
+        "",
+        f"Model `{settings['model']}`, data `{settings['data']}`; {settings['budget']}, global batch "
+        f"{settings['global_batch']}, {settings['length']}, seed {settings['seed']}, precision "
+        f"{settings['precision']}, device {settings['device']}. Each method ran in its own process.",
+        "",
+        f"| method | lr | val {metric} | test {metric} | trainable params | trainable % | peak memory | wall time "
+        "| samples/s | export size | adapter size |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | {r['learning_rate']:.2g} | failed |  |  |  |  |  |  |  |  |")
+            continue
+        cells = [
+            r["method"], f"{r['learning_rate']:.2g}", _num(r["val"], mfmt), _num(r["test"], mfmt),
+            f"{r['trainable_parameters']:,}", _num(r["trainable_percent"], ".2f") + "%", _size(r["peak_memory_bytes"]),
+            _num(r["wall_time_s"], ".0f") + " s", _num(r["samples_per_s"], ".1f"), _size(r["exported_bytes"]),
+            _size(r["adapter_bytes"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed:", ""]
+        lines += [f"- {r['method']}: {r['error']} (log: {r['run_dir']}/compare.log)" for r in failed]
+    lines += [
+        "",
+        f"Val is the best validation {metric} of the run; test is measured on the weights of that best "
+        "checkpoint (on the final weights where there is no validation set). Peak memory is "
+        + ("allocated GPU memory. " if settings["device"].startswith("cuda") else "the process's peak resident set "
+           "(model, data and training state together). ")
+        + "Wall time is the training loop with its evaluations, without process start-up and model loading. "
+        "samples/s counts training steps only (evaluation and checkpoint time excluded). Export size is the "
+        "folder that plain transformers loads (weights, config, tokenizer); LoRA's is merged, its adapter alone is "
+        "the last column.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _short(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    ok = [r["status"] == "ok" for r in rows]
+    metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
+
+    def values(key: str, scale: float = 1.0) -> list[float]:
+        return [(r.get(key) or 0.0) / scale if good else 0.0 for r, good in zip(rows, ok, strict=True)]
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    x = range(len(rows))
+    ax = axes[0][0]
+    for offset, split in ((-0.2, "val"), (0.2, "test")):
+        bars = ax.bar([i + offset for i in x], values(split), width=0.4, label=split)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set_title(metric)
+    ax.legend(loc="lower right")
+    panels = [
+        (axes[0][1], "trainable_percent", 1.0, "trainable parameters (%)", True),
+        (axes[1][0], "peak_memory_bytes", 2**20, "peak memory (MiB)", False),
+        (axes[1][1], "wall_time_s", 1.0, "wall time (s)", False),
+    ]
+    for ax, key, scale, title, log in panels:
+        ax.bar_label(ax.bar(list(x), values(key, scale), color="tab:gray"), fmt=_short, fontsize=8)
+        ax.set_title(title)
+        if log and any(v > 0 for v in values(key)):
+            ax.set_yscale("log")
+    for ax in axes.flat:
+        ax.set_xticks(list(x), names)
+        for i, good in enumerate(ok):
+            if not good:  # x in data units, y in axes units: visible on log axes too
+                ax.text(i, 0.05, "failed", transform=ax.get_xaxis_transform(), ha="center", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _settings(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[str, Any]:
+    from fulltune.runtime import resolve_device, resolve_precision
+
+    d, t = cfg.data, cfg.training
+    device = resolve_device(cfg.hardware.device)
+    data = d.data_dir or d.train_file or "?"
+    return {
+        "model": "tiny_config" if cfg.model.tiny_config else cfg.model.name_or_path,
+        "data": data + (f" (first {d.max_samples} train examples)" if d.max_samples else ""),
+        "budget": f"{t.num_epochs} epoch{'s' if t.num_epochs != 1 else ''}"
+                  + (f", at most {t.max_steps} steps" if t.max_steps else ""),
+        "global_batch": d.batch_size * t.gradient_accumulation_steps,
+        "length": f"max_length {d.max_length}" if cfg.task != "causal_lm" else f"seq_len {d.seq_len}",
+        "seed": t.seed,
+        "precision": resolve_precision(cfg.hardware.mixed_precision, device).name,
+        "device": str(device) + (f" ({os.cpu_count()} CPU cores)" if device.type == "cpu" else ""),
+        "methods": methods,
+        "learning_rates": lrs,
+        "python": platform.python_version(),
+    }
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.methods)
+    base = load_config(args.config, _overrides(args))  # a bad config fails here, before any run starts
+    root = Path(args.output_dir or base.output_dir)
+    lrs = learning_rates(args.lr_per_method, methods, base.training.base_learning_rate)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, method in enumerate(methods, start=1):
+        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {root / method / 'compare.log'}", flush=True)
+        try:
+            row = run_method(method_config(args, root, method, lrs[method]), args.skip_done)
+        except ConfigError as err:  # a config only this method rejects; the others still run
+            row = {"method": method, "learning_rate": lrs[method], "run_dir": str(root / method),
+                   "status": "failed", "error": str(err)}
+        rows.append(row)
+        if row["status"] == "ok":
+            print(f"    {row['metric']}: val {_num(row['val'], '.4f')}, test {_num(row['test'], '.4f')}, "
+                  f"wall {_num(row['wall_time_s'], '.0f')} s", flush=True)
+        else:
+            print(f"    failed: {row['error']}", flush=True)
+    settings = _settings(base, methods, lrs)
+    (root / "comparison.json").write_text(json.dumps({"settings": settings, "runs": rows}, indent=2))
+    table = markdown(rows, settings)
+    (root / "comparison.md").write_text(table, encoding="utf-8")
+    plot(rows, root / "comparison.png")
+    print(table + f"written: {root}/comparison.md, comparison.json, comparison.png")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
