@@ -268,3 +268,17 @@ def test_bad_config():
         PruneConfig(importance="random")
     with pytest.raises(ValueError):
         PruneConfig(layer_ratios="owl")
+
+
+def test_load_pruned_takes_an_edited_config(tmp_path):
+    from transformers import AutoConfig
+
+    model = make("llama")
+    prune_model(model, PruneConfig(pruning_ratio=0.5, importance="magnitude"))
+    out = save_pruned(model, None, tmp_path / "pruned")
+    config = AutoConfig.from_pretrained(out)
+    config.attention_dropout, config.use_cache = 0.25, False  # what fulltune's build_model sets before loading
+    loaded = load_pruned(out, config=config)
+    assert loaded.config.attention_dropout == 0.25 and loaded.config.use_cache is False
+    assert loaded.model.layers[0].self_attn.attention_dropout == 0.25
+    assert shape_tuples(loaded) == shape_tuples(model)

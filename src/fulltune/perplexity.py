@@ -185,7 +185,7 @@ def tokenize_text_file(
     if add_bos and bos is not None:
         pieces.append(torch.tensor([bos], dtype=torch.long))
     for text in _iter_text_chunks(path, chunk_chars):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no max-length warning
         pieces.append(torch.tensor(ids, dtype=torch.long))
     if not pieces:
         return torch.zeros(0, dtype=torch.long)

@@ -70,7 +70,9 @@ def generate(bundle: ModelBundle, prompt: str, max_new_tokens: int = 64, tempera
     """Greedy decoding at temperature 0, else sampling with temperature and nucleus top_p."""
     model, tok = bundle.model, bundle.tokenizer
     device = next(model.parameters()).device
-    enc = tok(prompt, return_tensors="pt").to(device)
+    full = tok(prompt, return_tensors="pt")
+    # Only what generate() takes: BERT-style tokenizers add token_type_ids, which causal LMs reject.
+    enc = {k: full[k].to(device) for k in ("input_ids", "attention_mask") if k in full}
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id or tok.eos_token_id}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)

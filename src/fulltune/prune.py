@@ -429,17 +429,21 @@ def _meta_linear_resize(lin: nn.Linear, out_features: int, in_features: int) -> 
 
 
 def load_pruned(
-    path: str | Path, torch_dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    torch_dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    config: Any | None = None,
 ) -> nn.Module:
     """Rebuild a model saved by `save_pruned`: skeleton on the meta device, reshape each layer, load the weights.
 
     ``torch_dtype`` None (or "auto") keeps the stored dtype; a dtype (or its name) casts the floating weights as they
-    are loaded. Never materialises the unpruned model, so peak memory is that of the pruned one.
+    are loaded. ``config``: the folder's config already loaded and edited (dropout, use_cache); default: read it.
+    Never materialises the unpruned model, so peak memory is that of the pruned one.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path) if config is None else config
     shapes = getattr(config, SHAPES_KEY, None)
     if shapes is None:
         raise ValueError(f"{path}/config.json has no {SHAPES_KEY!r}: not saved by save_pruned")

@@ -38,6 +38,8 @@ def infer_task(cfg: Config) -> str:
     d = cfg.data
     if d.data_dir and (Path(d.data_dir) / "train").is_dir():
         return "image_classification"
+    if d.data_dir and not d.train_file and (Path(d.data_dir) / "train.txt").is_file():
+        return "causal_lm"
     files = [f for f in (d.train_file, d.val_file, d.test_file) if f]
     if files and all(Path(f).suffix.lower() == ".txt" for f in files):
         return "causal_lm"
@@ -130,7 +132,7 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> Ta
 
 
 def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
-    """Packed blocks of data.seq_len tokens; data.max_samples / max_eval_samples cap the number of blocks."""
+    """Packed blocks of data.seq_len tokens; data.max_samples / max_eval_samples keep that many blocks (seeded)."""
     d = cfg.data
     files: dict[str, str | None] = {}
     for split in ("train", "val", "test"):
@@ -147,7 +149,7 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
 
     def blocks(split: str, cap: int | None) -> lm.BlockDataset | None:
         f = files[split]
-        return lm.load_blocks(Path(f), d, bundle.tokenizer, cache, cap) if f else None
+        return lm.load_blocks(Path(f), d, bundle.tokenizer, cache, cap, cfg.training.seed) if f else None
 
     return TaskData(
         train=blocks("train", d.max_samples),

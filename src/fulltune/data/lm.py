@@ -76,7 +76,8 @@ def line_chunks(lines: Iterable[str], chunk_chars: int) -> Iterator[str]:
 def _encode(tokenizer: Any, text: str) -> Iterator[list[int]]:
     """Token ids of `text`, in runs of lines so that no single call holds a whole file's encoding."""
     for chunk in line_chunks(text.splitlines(keepends=True), _CHUNK_CHARS):
-        yield tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        # verbose=False: the "longer than the model's maximum length" warning does not apply, blocks are cut later
+        yield tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def framing_tokens(tokenizer: Any) -> tuple[int | None, int | None]:
@@ -86,28 +87,18 @@ def framing_tokens(tokenizer: Any) -> tuple[int | None, int | None]:
     return (bos if bos is not None and bos != eos else None), eos
 
 
-def tokenize_records(
-    records: list[tuple[str, str | None]], tokenizer: Any, max_tokens: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One 1-D token stream and its labels: each record is [BOS] text [EOS]; BOS and prompt tokens get IGNORE.
-
-    Stops early once `max_tokens` are there (a capped training set need not tokenise the whole file).
-    """
+def tokenize_records(records: list[tuple[str, str | None]], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 1-D token stream and its labels: each record is [BOS] text [EOS]; BOS and prompt tokens get IGNORE."""
     bos, eos = framing_tokens(tokenizer)
     ids: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    total = 0
 
     def add(toks: list[int], target: bool) -> None:
-        nonlocal total
         t = torch.tensor(toks, dtype=torch.long)
         ids.append(t)
         labels.append(t if target else torch.full_like(t, IGNORE))
-        total += len(toks)
 
     for first, response in records:
-        if max_tokens is not None and total >= max_tokens:
-            break
         if bos is not None:
             add([bos], False)
         if response is not None:
@@ -119,8 +110,6 @@ def tokenize_records(
         else:
             for toks in _encode(tokenizer, first):
                 add(toks, True)
-                if max_tokens is not None and total >= max_tokens:
-                    break
         if eos is not None:
             add([eos], True)
     if not ids:
@@ -133,7 +122,7 @@ def pack(ids: torch.Tensor, labels: torch.Tensor, seq_len: int) -> tuple[torch.T
     n = ids.numel() // seq_len
     if n == 0:
         raise DataError(f"the text has {ids.numel()} tokens, fewer than one block of data.seq_len={seq_len}")
-    return ids[: n * seq_len].view(n, seq_len).clone(), labels[: n * seq_len].view(n, seq_len).clone()
+    return ids[: n * seq_len].view(n, seq_len), labels[: n * seq_len].view(n, seq_len)
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -166,25 +155,27 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def load_blocks(
-    path: Path, cfg: DataConfig, tokenizer: Any, cache_dir: Path | None, max_blocks: int | None = None
+    path: Path, cfg: DataConfig, tokenizer: Any, cache_dir: Path | None, max_blocks: int | None = None, seed: int = 0
 ) -> BlockDataset:
-    """Tokenise and pack `path` (at most the first `max_blocks` blocks), reusing a cache keyed by the file's bytes,
-    the tokenizer, seq_len, the cap and the JSON field names."""
+    """Tokenise and pack `path`, reusing a cache keyed by the file's bytes, the tokenizer, seq_len, the cap and the
+    JSON field names. `max_blocks` keeps that many blocks drawn (by `seed`) from the whole file, in file order: the
+    first N blocks would all come from the file's beginning (one chapter, one play, one topic)."""
     key = hashlib.sha1()
     key.update(path.read_bytes())
-    key.update(f"{_tokenizer_fingerprint(tokenizer)}:{framing_tokens(tokenizer)}:{cfg.seq_len}:{max_blocks}".encode())
+    key.update(f"{_tokenizer_fingerprint(tokenizer)}:{framing_tokens(tokenizer)}:{cfg.seq_len}".encode())
+    key.update(f"{max_blocks}:{seed if max_blocks is not None else ''}".encode())
     key.update(f"{cfg.text_column}:{cfg.prompt_column}:{cfg.response_column}".encode())
     cache = cache_dir / f"lm-{key.hexdigest()[:16]}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         blob = torch.load(cache)
         return BlockDataset(blob["input_ids"], blob["labels"])
-    max_tokens = None if max_blocks is None else max_blocks * cfg.seq_len
-    x, y = pack(*tokenize_records(read_records(path, cfg), tokenizer, max_tokens), cfg.seq_len)
-    if max_blocks is not None:
-        x, y = x[:max_blocks], y[:max_blocks]
+    x, y = pack(*tokenize_records(read_records(path, cfg), tokenizer), cfg.seq_len)
+    if max_blocks is not None and max_blocks < len(x):
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_blocks].sort().values
+        x, y = x[keep], y[keep]  # (max_blocks, seq_len); indexing copies, so the cache holds only these
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save({"input_ids": x, "labels": y}, tmp)
+        torch.save({"input_ids": x.contiguous(), "labels": y.contiguous()}, tmp)
         tmp.replace(cache)
     return BlockDataset(x, y)

@@ -1,0 +1,261 @@
+"""`fulltune prune`: structured pruning of a Llama-family decoder, perplexity before and after, and recovery
+training through fulltune's own trainer; the flags of the seed pruning script (`--base_model`, `--finetune_*`,
+...) keep working.
+
+Output folder: pruned/ (a folder fulltune loads again), recovery/ (the training run), prune_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fulltune.config import Config, ConfigError, load_config, parse_override
+
+RESULTS_FILE = "prune_results.json"
+EVAL_BATCH_SIZE = 8  # windows per forward pass; `fulltune evaluate` uses the same by default
+
+# --finetune_* flag -> (config key, default of the seed script). The defaults apply only without --config: a
+# config file replaces them, and a flag typed on the command line (or a key=value override) wins over both.
+FINETUNE_FLAGS: dict[str, tuple[str, Any]] = {
+    "finetune_method": ("method.name", "full"),
+    "finetune_lr": ("training.base_learning_rate", 1e-5),
+    "finetune_epochs": ("training.num_epochs", 1),
+    "finetune_samples": ("data.max_samples", 500),
+    "finetune_batch_size": ("data.batch_size", 1),
+    "finetune_seq_len": ("data.seq_len", 512),
+    "finetune_grad_accum": ("training.gradient_accumulation_steps", 4),
+    "finetune_max_grad_norm": ("training.max_grad_norm", 1.0),
+    "finetune_weight_decay": ("training.weight_decay", 0.01),
+    "finetune_warmup_steps": ("training.warmup_steps", 0),
+}
+# The seed script's schedule: linear warmup, then linear decay.
+SCRIPT_DEFAULTS: dict[str, Any] = {"training.lr_scheduler": "linear"}
+
+
+def add_prune_parser(subparsers: Any) -> None:
+    """Register `prune` on an argparse subparsers object; `args.func(args)` then runs it."""
+    p = subparsers.add_parser(
+        "prune",
+        help="structured pruning of a Llama-family decoder, then optional recovery fine-tuning",
+        description="Prune KV groups (and MLP channels with --prune_mlp) of a Llama/Qwen2/Mistral causal LM, "
+        "report perplexity, and recover with fulltune's trainer (--finetune).",
+    )
+    p.add_argument("--base_model", required=True, help="model folder or hub id (a pruned folder prunes further)")
+    p.add_argument("--save_ckpt_log_name", default="pruned", help="run name; the output folder is outputs/NAME")
+    p.add_argument("--output_dir", help="output folder (overrides outputs/<save_ckpt_log_name>)")
+    p.add_argument("--pruning_ratio", type=float, default=0.25, help="fraction of KV groups / MLP channels removed")
+    p.add_argument("--prune_mlp", action="store_true", help="also prune MLP channels (attention is always pruned)")
+    p.add_argument("--importance", choices=("taylor", "magnitude"), default="taylor", help="importance criterion")
+    p.add_argument("--layer_ratios", choices=("uniform", "importance"), default="uniform",
+                   help="same ratio in every layer, or more in less important layers (same mean)")
+    p.add_argument("--layer_start", type=int, default=0, help="first layer to prune")
+    p.add_argument("--layer_end", type=int, help="layer after the last one to prune (default: the last layer)")
+    p.add_argument("--importance_samples", type=int, default=16, help="calibration blocks for taylor importance")
+    p.add_argument("--importance_seq_len", type=int, default=128, help="tokens per calibration block")
+    p.add_argument("--data_file", help="text or JSONL file for calibration and recovery training")
+    p.add_argument("--eval_file", help="text file for perplexity (--test_after_prune, --finetune)")
+    p.add_argument("--save_model", action="store_true", help="write the pruned model to OUTPUT/pruned")
+    p.add_argument("--test_after_prune", action="store_true", help="report perplexity before and after pruning")
+    p.add_argument("--finetune", action="store_true", help="recovery training after pruning (saves pruned/ too)")
+    p.add_argument("--config", help="fulltune YAML whose options the recovery run uses")
+    for flag, (key, default) in FINETUNE_FLAGS.items():
+        kind: Any = {str: str, int: int, float: float}[type(default)]
+        extra = {"choices": ("full", "lora")} if flag == "finetune_method" else {}
+        p.add_argument(f"--{flag}", type=kind, help=f"sets {key} (default {default}, or the --config value)", **extra)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recovery run")
+    p.set_defaults(func=cmd_prune)
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    return Path(args.output_dir) if args.output_dir else Path("outputs") / args.save_ckpt_log_name
+
+
+def recovery_config(args: argparse.Namespace, pruned_dir: Path) -> Config:
+    """The recovery run: seed defaults (or --config), then the flags typed, then key=value, then what must hold."""
+    values: dict[str, Any] = {} if args.config else dict(SCRIPT_DEFAULTS)
+    for flag, (key, default) in FINETUNE_FLAGS.items():
+        typed = getattr(args, flag)
+        if typed is not None:
+            values[key] = typed
+        elif not args.config:
+            values[key] = default
+    values.update(parse_override(o) for o in args.overrides or [])
+    values.update({
+        "task": "causal_lm",
+        "model.name_or_path": str(pruned_dir),
+        "model.tiny_config": None,
+        "model.tokenizer": None,
+        "data.train_file": args.data_file,
+        "output_dir": str(output_dir(args) / "recovery"),
+    })
+    return load_config(args.config, values)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from fulltune.data.text import DataError
+
+    if not 0.0 <= args.pruning_ratio < 1.0:
+        raise ConfigError(f"--pruning_ratio {args.pruning_ratio}: expected a fraction in [0, 1)")
+    if args.layer_start < 0 or (args.layer_end is not None and args.layer_end <= args.layer_start):
+        raise ConfigError(f"--layer_start {args.layer_start} / --layer_end {args.layer_end}: expected 0 <= start < end")
+    if args.importance_samples < 1 or args.importance_seq_len < 2:
+        raise ConfigError("--importance_samples must be >= 1 and --importance_seq_len >= 2")
+    if args.data_file is None and (args.finetune or args.importance == "taylor"):
+        need = "--finetune" if args.finetune else "--importance taylor"
+        raise ConfigError(f"{need} needs --data_file (calibration and training text, .txt or .jsonl)")
+    if args.eval_file is None and (args.finetune or args.test_after_prune):
+        need = "--finetune" if args.finetune else "--test_after_prune"
+        raise ConfigError(f"{need} needs --eval_file (a text file to measure perplexity on)")
+    for flag in ("data_file", "eval_file"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise DataError(f"--{flag} '{path}' does not exist")
+
+
+def _load_base(path: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fulltune.models import resolve_model_path
+    from fulltune.prune import is_pruned_folder, load_pruned
+
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"--base_model '{path}': no such folder")
+    name = resolve_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if Path(name).is_dir() and is_pruned_folder(name):
+            model = load_pruned(name, torch_dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except OSError as err:
+        raise ConfigError(f"--base_model '{path}': cannot load a causal LM ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _perplexity(model: torch.nn.Module, ids: torch.Tensor, block: int, device: torch.device, precision: Any) -> dict:
+    from fulltune.data.text import DataError
+    from fulltune.perplexity import perplexity
+
+    if ids.numel() < 2:
+        raise DataError(f"--eval_file: {ids.numel()} token(s), too short to measure perplexity")
+    out = perplexity(model, ids, block_size=block, batch_size=EVAL_BATCH_SIZE, device=device,
+                     autocast_ctx=precision.autocast)
+    print(f"  perplexity {out['perplexity']:.4f} over {out['tokens']:,} tokens")
+    return out
+
+
+def _recovered_folder(summary: dict[str, Any]) -> Path:
+    """best/ (chosen on a validation file, if the run had one), else the run's last checkpoint."""
+    best = Path(summary["output_dir"]) / "best"
+    if best.is_dir():
+        return best
+    if not summary.get("last_checkpoint"):
+        raise ConfigError("the recovery run wrote no checkpoint (checkpoint.save_every_epochs=0?); nothing to evaluate")
+    return Path(summary["last_checkpoint"])
+
+
+def format_results(rows: list[dict[str, Any]]) -> str:
+    lines = [f"  {'model':<10}{'parameters':>14}{'perplexity':>13}{'tokens':>11}"]
+    for r in rows:
+        ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") is not None else "-"
+        tokens = f"{r['tokens']:,}" if r.get("tokens") is not None else "-"
+        lines.append(f"  {r['model']:<10}{r['parameters']:>14,}{ppl:>13}{tokens:>11}")
+    return "\n".join(lines)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from fulltune.data import lm
+    from fulltune.models import load_exported
+    from fulltune.perplexity import tokenize_text_file
+    from fulltune.prune import PruneConfig, count_parameters, prune_model, save_pruned
+    from fulltune.runtime import resolve_device, resolve_precision, seed_everything
+
+    _check_args(args)
+    out = output_dir(args)
+    pruned_dir = out / "pruned"
+    cfg = recovery_config(args, pruned_dir)  # validated before any slow step
+    device = resolve_device(cfg.hardware.device)
+    precision = resolve_precision(cfg.hardware.mixed_precision, device)
+    block = cfg.data.seq_len  # all three perplexities, and `fulltune evaluate` on the recovered run, use it
+    seed_everything(cfg.training.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+
+    tic = time.perf_counter()
+    model, tokenizer = _load_base(args.base_model, device)
+    eval_ids = tokenize_text_file(args.eval_file, tokenizer) if args.eval_file else None
+    if eval_ids is not None:
+        print(f"original model ({args.base_model}):")
+        rows.append({"model": "original", "parameters": count_parameters(model),
+                     **_perplexity(model, eval_ids, block, device, precision)})
+        timings["eval_original_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    calibration = None
+    if args.importance == "taylor":
+        data_cfg = dataclasses.replace(cfg.data, seq_len=args.importance_seq_len)
+        calibration = lm.load_blocks(Path(args.data_file), data_cfg, tokenizer, out / "cache",
+                                     args.importance_samples, cfg.training.seed).input_ids  # (n, seq_len)
+    prune_cfg = PruneConfig(
+        pruning_ratio=args.pruning_ratio, importance=args.importance, prune_mlp=args.prune_mlp,
+        layer_start=args.layer_start, layer_end=args.layer_end, layer_ratios=args.layer_ratios,
+        calibration_block_size=args.importance_seq_len, num_calibration_samples=args.importance_samples,
+    )
+    try:
+        report = prune_model(model, prune_cfg, calibration)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--base_model '{args.base_model}': cannot prune it ({err})") from None
+    timings["prune_s"] = time.perf_counter() - tic
+    print(f"pruned: {report['params_before']:,} -> {report['params_after']:,} parameters "
+          f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)")
+    if eval_ids is not None:
+        tic = time.perf_counter()
+        rows.append({"model": "pruned", "parameters": report["params_after"],
+                     **_perplexity(model, eval_ids, block, device, precision)})
+        timings["eval_pruned_s"] = time.perf_counter() - tic
+    if args.save_model or args.finetune:
+        save_pruned(model, tokenizer, pruned_dir, report)
+        print(f"pruned model written to {pruned_dir}")
+
+    recovered = None
+    if args.finetune:
+        from fulltune.train import train
+
+        del model  # the run loads its own copy from pruned/
+        gc.collect()
+        tic = time.perf_counter()
+        summary = train(cfg)
+        timings["recovery_train_s"] = time.perf_counter() - tic
+        recovered = _recovered_folder(summary)
+        bundle = load_exported(recovered, device)
+        print(f"recovered model ({recovered}):")
+        tic = time.perf_counter()
+        rows.append({"model": "recovered", "parameters": count_parameters(bundle.model),
+                     **_perplexity(bundle.model, eval_ids, block, device, precision)})
+        timings["eval_recovered_s"] = time.perf_counter() - tic
+
+    results = {
+        "base_model": args.base_model,
+        "eval_file": args.eval_file,
+        "block_size": block,
+        "results": rows,
+        "pruned_model": str(pruned_dir) if pruned_dir.is_dir() else None,
+        "recovered_model": str(recovered) if recovered else None,
+        "prune": {k: report[k] for k in ("params_before", "params_after", "config", "layer_range")},
+        "layers": report["layers"],
+        "timings_s": timings,
+    }
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    if rows:
+        print(format_results(rows))
+    print(f"written: {out / RESULTS_FILE}")
+    return 0

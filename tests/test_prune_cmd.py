@@ -1,0 +1,163 @@
+"""`fulltune prune` on a tiny saved Llama: seed-script flags, perplexity before / after / recovered, the pruned and
+the recovered folders reload, and errors name the flag."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_causal_lm import make_bpe_tokenizer, write_corpus
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fulltune import cli
+from fulltune.config import ConfigError
+from fulltune.data.text import DataError
+from fulltune.evaluate import evaluate_checkpoint
+from fulltune.models import load_exported
+from fulltune.prune import get_layer_shapes, is_pruned_folder, load_pruned
+from fulltune.prune_cmd import RESULTS_FILE, add_prune_parser, recovery_config
+
+QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "hardware.mixed_precision=no"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fulltune")
+    add_prune_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["prune", *argv])
+
+
+def run(argv: list[str]) -> int:
+    args = parse(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prune")
+    train, valid = write_corpus(root / "train.txt", 300, 0), write_corpus(root / "valid.txt", 40, 1)
+    base = root / "base"
+    make_bpe_tokenizer(train.read_text(), base)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, bos_token_id=0, eos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(base)
+    return {"train": train, "valid": valid, "base": base}
+
+
+def common(files: dict[str, Path], out: Path) -> list[str]:
+    return ["--base_model", str(files["base"]), "--output_dir", str(out), "--data_file", str(files["train"]),
+            "--eval_file", str(files["valid"])]
+
+
+def test_prune_test_after_prune_and_finetune(files, tmp_path):
+    out = tmp_path / "out"
+    argv = common(files, out) + [
+        "--save_ckpt_log_name", "tiny", "--pruning_ratio", "0.5", "--prune_mlp", "--save_model", "--test_after_prune",
+        "--importance_samples", "4", "--importance_seq_len", "32", "--finetune", "--finetune_method", "full",
+        "--finetune_lr", "3e-3", "--finetune_epochs", "2", "--finetune_samples", "24", "--finetune_batch_size", "4",
+        "--finetune_seq_len", "32", "--finetune_grad_accum", "1", "--finetune_max_grad_norm", "1.0",
+        "--finetune_weight_decay", "0.0", "--finetune_warmup_steps", "2", *QUIET,
+    ]
+    assert run(argv) == 0
+    results = json.loads((out / RESULTS_FILE).read_text())
+    rows = {r["model"]: r for r in results["results"]}
+    assert list(rows) == ["original", "pruned", "recovered"]
+    assert rows["original"]["parameters"] > rows["pruned"]["parameters"] == rows["recovered"]["parameters"]
+    assert rows["original"]["tokens"] == rows["pruned"]["tokens"] == rows["recovered"]["tokens"] > 0
+    assert results["block_size"] == 32
+    # a random model: recovery training on the text must beat both by far
+    assert rows["recovered"]["perplexity"] < 0.5 * min(rows["original"]["perplexity"], rows["pruned"]["perplexity"])
+
+    pruned = out / "pruned"
+    assert is_pruned_folder(pruned)
+    shapes = [(s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"])
+              for s in get_layer_shapes(load_pruned(pruned))]
+    assert shapes == [(2, 1, 64)] * 2
+    # The recovery run's export is itself a pruned folder: it reloads, and `fulltune evaluate` agrees with the table.
+    recovered = Path(results["recovered_model"])
+    assert recovered.parent == out / "recovery" and is_pruned_folder(recovered)
+    assert get_layer_shapes(load_exported(recovered).model) == get_layer_shapes(load_pruned(pruned))
+    metrics = evaluate_checkpoint(recovered, file=str(files["valid"]), output_dir=tmp_path / "eval")
+    assert metrics["tokens"] == rows["recovered"]["tokens"]
+    assert metrics["perplexity"] == pytest.approx(rows["recovered"]["perplexity"], rel=1e-6)
+
+
+def test_lora_recovery_and_magnitude_importance(files, tmp_path):
+    out = tmp_path / "out"
+    argv = common(files, out) + [
+        "--pruning_ratio", "0.25", "--prune_mlp", "--importance", "magnitude", "--layer_start", "1", "--finetune",
+        "--finetune_method", "lora", "--finetune_lr", "1e-3", "--finetune_samples", "8", "--finetune_seq_len", "32",
+        "--finetune_batch_size", "4", *QUIET,
+    ]
+    assert run(argv) == 0
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert [r["model"] for r in results["results"]] == ["original", "pruned", "recovered"]
+    assert [r["pruned"] for r in results["layers"]] == [False, True]
+    # LoRA is merged into the export, which keeps the pruned layout
+    merged = load_exported(results["recovered_model"]).model
+    assert [s["intermediate_size"] for s in get_layer_shapes(merged)] == [128, 96]
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_flags_config_and_overrides_build_the_recovery_run(files, tmp_path):
+    seed = parse(["--base_model", "m", "--finetune"])
+    cfg = recovery_config(seed, tmp_path / "pruned")
+    # the seed script's defaults
+    assert (cfg.method.name, cfg.training.base_learning_rate, cfg.training.num_epochs, cfg.data.max_samples) == (
+        "full", 1e-5, 1, 500)
+    assert (cfg.data.batch_size, cfg.data.seq_len, cfg.training.gradient_accumulation_steps) == (1, 512, 4)
+    assert (cfg.training.max_grad_norm, cfg.training.weight_decay, cfg.training.warmup_steps) == (1.0, 0.01, 0)
+    assert cfg.training.lr_scheduler == "linear"
+    assert cfg.output_dir == str(Path("outputs") / "pruned" / "recovery")
+    assert cfg.task == "causal_lm" and cfg.model.name_or_path == str(tmp_path / "pruned")
+
+    yaml_file = tmp_path / "recover.yaml"
+    yaml_file.write_text("model:\n  name_or_path: ignored\ntraining:\n  learning_rate: 2.0e-4\n  epochs: 3\n"
+                         "data:\n  seq_len: 64\n")
+    args = parse(["--base_model", "m", "--config", str(yaml_file), "--finetune_epochs", "5", "--output_dir",
+                  str(tmp_path / "o"), "--data_file", "d.txt", "training.seed=7", "data.seq_len=128"])
+    cfg = recovery_config(args, tmp_path / "o" / "pruned")
+    assert cfg.training.base_learning_rate == 2e-4  # from the YAML, not the seed default
+    assert cfg.training.num_epochs == 5  # a typed flag wins over the YAML
+    assert cfg.data.seq_len == 128 and cfg.training.seed == 7  # key=value wins over both
+    assert cfg.training.lr_scheduler == "cosine" and cfg.data.max_samples is None  # no seed defaults with --config
+    assert cfg.model.name_or_path == str(tmp_path / "o" / "pruned") and cfg.data.train_file == "d.txt"
+    assert cfg.output_dir == str(tmp_path / "o" / "recovery")
+
+
+def test_errors_name_the_flag(files, tmp_path):
+    out = ["--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ConfigError, match="--data_file"):
+        run(["--base_model", str(files["base"]), *out])  # taylor importance needs calibration text
+    with pytest.raises(ConfigError, match="--eval_file"):
+        run(["--base_model", str(files["base"]), "--importance", "magnitude", "--test_after_prune", *out])
+    with pytest.raises(DataError, match="--eval_file 'nope.txt'"):
+        run(["--base_model", str(files["base"]), "--importance", "magnitude", "--test_after_prune",
+             "--eval_file", "nope.txt", *out])
+    with pytest.raises(ConfigError, match="--pruning_ratio"):
+        run(["--base_model", str(files["base"]), "--importance", "magnitude", "--pruning_ratio", "1.5", *out])
+    with pytest.raises(ConfigError, match="--base_model './missing'"):
+        run(["--base_model", "./missing", "--importance", "magnitude", *out])
+    with pytest.raises(ConfigError, match="unknown config key 'training.lr_rate'"):
+        run(["--base_model", str(files["base"]), "--importance", "magnitude", "training.lr_rate=1", *out])
+    gpt2 = tmp_path / "gpt2"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(gpt2)
+    for f in files["base"].glob("tokenizer*"):
+        (gpt2 / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ConfigError, match="not a Llama-family decoder"):
+        run(["--base_model", str(gpt2), "--importance", "magnitude", *out])
+
+
+def test_cli_has_prune():
+    if not hasattr(cli, "build_parser"):
+        pytest.skip("no fulltune.cli.build_parser")
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if "prune" not in sub.choices:
+        pytest.skip("`fulltune prune` is not wired into cli.py yet (add_prune_parser(sub))")
+    args = cli.build_parser().parse_args(["prune", "--base_model", "m", "--pruning_ratio", "0.3"])
+    assert args.func.__name__ == "cmd_prune" and args.pruning_ratio == 0.3
