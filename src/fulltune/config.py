@@ -203,7 +203,14 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     memory: Literal["standard", "lean"] = "standard"
-    """lean: bf16 weights, Kahan-compensated bf16 AdamW fused into backward, gradient checkpointing."""
+    """lean: bf16 weights, a bf16 AdamW with fp32-quality updates fused into backward, gradient checkpointing."""
+    lean_state_dtype: Literal["bf16", "mixed", "fp32"] = "bf16"
+    """lean: dtype of the AdamW moments (mixed: exp_avg bf16, exp_avg_sq fp32)."""
+    lean_rounding: Literal["stochastic", "kahan", "nearest"] = "stochastic"
+    """lean: how updates go back into bf16 weights (kahan keeps a 2-byte compensation buffer per weight)."""
+    lean_fused_step: bool = True
+    """lean: update each tensor in backward and free its gradient at once (needs accumulation 1, one process;
+    max_grad_norm then clips each tensor's gradient norm, not the global one)."""
     compile: bool = False
     """torch.compile the model."""
     parallel: Literal["none", "ddp", "fsdp"] = "none"

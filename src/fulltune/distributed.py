@@ -46,6 +46,8 @@ def check_supported(cfg: Config) -> None:
         raise ConfigError("training.memory=lean with training.parallel=fsdp is not supported (use ddp, or standard memory)")
     if t.parallel == "fsdp" and cfg.method.name == "lora":
         raise ConfigError("method.name=lora with training.parallel=fsdp is not supported yet (use ddp: LoRA states are small)")
+    if t.memory == "lean" and cfg.hardware.mixed_precision == "fp16":
+        raise ConfigError("training.memory=lean keeps weights in bf16: use hardware.mixed_precision=bf16 or auto, not fp16")
     if t.parallel != "none" and t.compile:
         raise ConfigError("training.compile with training.parallel is not supported yet")
 

@@ -21,7 +21,14 @@ from fulltune import distributed as ddist
 from fulltune.config import Config, save_config
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.evaluate import classification_metrics, lm_metrics
-from fulltune.methods import apply_trainable, describe_groups, param_groups, plan_method, wrap_lora
+from fulltune.methods import (
+    apply_trainable,
+    describe_groups,
+    enable_gradient_checkpointing,
+    param_groups,
+    plan_method,
+    wrap_lora,
+)
 from fulltune.models import build_model, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from fulltune.report import RunLogger
@@ -61,6 +68,8 @@ class Run:
     steps_per_epoch: int
     batches_per_epoch: int
     param_names: list[str]
+    fused: Any = None
+    """lean mode's FusedStepHandle when the optimizer step runs inside backward, else None."""
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -85,7 +94,7 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     model = bundle.model
     lean = t.memory == "lean"
     if t.gradient_checkpointing or lean:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     if cfg.method.name == "lora":
         model = wrap_lora(model, cfg, task_name)
     if lean:
@@ -129,8 +138,35 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
         state.batches_done = _convert_position(state, cfg.data.batch_size, world_size(), point)
         print(f"resumed from {point} at optimizer step {state.optimizer_step} (epoch {state.epoch}, batch {state.batches_done})")
     param_names = [n for g in groups for n in g["names"]]
-    return Run(cfg, task_name, bundle, model, data, plan, optimizer, scaler, sampler, device, precision, state,
-               steps_per_epoch, batches_per_epoch, param_names)
+    run = Run(cfg, task_name, bundle, model, data, plan, optimizer, scaler, sampler, device, precision, state,
+              steps_per_epoch, batches_per_epoch, param_names)
+    if lean and t.lean_fused_step and parallel == "none" and t.gradient_accumulation_steps == 1:
+        attach_fused(run)
+    if t.compile:
+        run.model = torch.compile(run.model)
+    return run
+
+
+def attach_fused(run: Run) -> None:
+    """(Re)hook lean mode's in-backward optimizer step onto the parameters that train now."""
+    from fulltune.lean import attach_fused_step
+
+    if run.fused is not None:
+        run.fused.remove()
+    # Global-norm clipping needs every gradient before the first update: clip each tensor's norm instead.
+    run.fused = attach_fused_step(ckpt.unwrap(run.model), run.optimizer, per_param_max_norm=run.cfg.training.max_grad_norm)
+
+
+def _lean_note(run: Run) -> str:
+    t = run.cfg.training
+    if t.memory != "lean":
+        return ""
+    how = f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, gradient checkpointing"
+    if run.fused is not None:
+        clip = f"; max_grad_norm {t.max_grad_norm} clips each tensor's gradient" if t.max_grad_norm else ""
+        return f"memory lean: {how}, optimizer step fused into backward{clip}\n"
+    why = "gradient accumulation" if t.gradient_accumulation_steps > 1 else "data parallelism" if world_size() > 1 else "lean_fused_step=false"
+    return f"memory lean: {how}; optimizer step after backward ({why} needs whole gradients)\n"
 
 
 def _convert_position(state: ckpt.TrainState, micro: int, world: int, point: Path) -> int:
@@ -199,6 +235,22 @@ def _sync_context(model: nn.Module, last_micro: bool) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
+def _optimizer_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Clip the global gradient norm (unscaled first under fp16), step, and free the gradients."""
+    t = run.cfg.training
+    if t.max_grad_norm is not None:
+        if run.scaler:
+            run.scaler.unscale_(optimizer)
+        grads = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm, foreach=True)
+    if run.scaler:
+        run.scaler.step(optimizer)
+        run.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train as configured; return a summary (final validation/test metrics, timings, paths)."""
     out = Path(cfg.output_dir)
@@ -221,6 +273,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation {t.gradient_accumulation_steps}"
         f" x world size {world_size()} | {run.steps_per_epoch} optimizer steps per epoch, {state.total_steps} in all\n"
         f"parameters that train: {trainable_all:,} of {total_params:,} ({100 * trainable_all / total_params:.2f}%)\n"
+        + _lean_note(run)
         + describe_groups(optimizer.param_groups, t.base_learning_rate)
     )
     for skipped in run.data.info.get("skipped_images", []):
@@ -243,6 +296,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         if not pending:
             return
         values = ddist.mean_over_ranks(torch.stack([v for _, v in pending])).tolist()
+        if run.fused is not None and run.fused.nonfinite() and all(math.isfinite(v) for v in values):
+            values[-1] = math.nan  # a NaN/inf gradient already went into the weights: report it like a NaN loss
         for (step, _), v in zip(pending, values, strict=True):
             if not math.isfinite(v):
                 where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written before it"
@@ -301,6 +356,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             apply_trainable(ckpt.unwrap(model), trainable)
             if isinstance(model, torch.nn.parallel.DistributedDataParallel):
                 model = run.model = ddist.rewrap_ddp(model, run.device)
+            if run.fused is not None:
+                attach_fused(run)
         run.sampler.set_epoch(epoch, state.batches_done)
         batches = iter(loader)
         while state.batches_done < run.batches_per_epoch and state.optimizer_step < state.total_steps:
@@ -318,16 +375,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                     loss = loss_sum / count
                 (run.scaler.scale(loss) if run.scaler else loss).backward()
                 step_loss += loss.detach()
-            if t.max_grad_norm is not None:
-                if run.scaler:
-                    run.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], t.max_grad_norm, foreach=True)
-            if run.scaler:
-                run.scaler.step(optimizer)
-                run.scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if run.fused is None:  # (fused lean mode updated every tensor, and freed its gradient, in backward)
+                _optimizer_step(run, model, optimizer)
             state.optimizer_step += 1
             state.batches_done += n
             state.micro_step += n

@@ -1,0 +1,225 @@
+"""Peak memory per trainable parameter: standard full fine-tuning (fp32 weights, torch AdamW(fused=True), normal
+backward) against lean mode (bf16 weights, BF16AdamW, optimizer step fused into backward, gradient checkpointing)
+on a parameter-dominated job: a ~110M-parameter Llama with batch 2 x 16 tokens, so activations are negligible.
+Two cheaper BF16AdamW settings run too (see MODES), and every mode trains the same steps from the same weights.
+
+Each mode runs in a fresh subprocess; its peak is `ru_maxrss` at the end minus `ru_maxrss` once torch and
+transformers are imported and a tiny model of the same kind has trained two steps (so lazily loaded code is
+not counted), divided by the trainable parameter count. glibc is told to serve every allocation over
+64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes, not allocator leftovers. The
+"held" column counts bytes exactly (weights + gradients + optimizer state) right after the last backward.
+s/step is not a speed benchmark: one thread, and every fresh mmap-served buffer page-faults.
+
+    .venv/bin/python bench/lean_memory.py            # ~3-5 minutes on 2 busy CPU cores
+    .venv/bin/python bench/lean_memory.py --steps 4 --layers 4   # quicker, smaller model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+MODES = {
+    "standard": "fp32 weights, torch AdamW(fused=True), normal backward",
+    "lean": "bf16 weights, BF16AdamW (Kahan, exp_avg bf16 / exp_avg_sq fp32), fused step, checkpointing",
+    "lean-bf16-states": "lean with BF16AdamW(state_dtype='bf16'): exp_avg_sq bf16 too (8 bytes/param held)",
+    "lean-stochastic": "lean with BF16AdamW(state_dtype='bf16', rounding='stochastic'): no Kahan buffer (6 bytes)",
+}
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def llama_config(vocab: int, hidden: int, intermediate: int, layers: int) -> Any:
+    from transformers import LlamaConfig
+
+    heads = max(1, hidden // 64)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+
+
+def build(mode: str, cfg: Any, lr: float) -> tuple[Any, Any, Any]:
+    """The model, optimizer and (lean) fused-step handle of one mode, with deterministic initial weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from fulltune.lean import BF16AdamW, attach_fused_step
+
+    lean = mode.startswith("lean")
+    model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16 if lean else torch.float32)
+    with torch.no_grad():  # the same initial values in both modes (bf16 = fp32 rounded), made chunk by chunk
+        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            gen = torch.Generator().manual_seed(1000 + i)
+            for chunk in p.view(-1).split(1 << 20):
+                chunk.copy_(torch.randn(chunk.shape, generator=gen).mul_(0.02))
+    model.train()
+    if not lean:
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True), None
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers releases before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    state_dtype = "mixed" if mode == "lean" else "bf16"
+    rounding = "stochastic" if mode == "lean-stochastic" else "kahan"
+    opt = BF16AdamW(model.parameters(), lr=lr, weight_decay=0.01, state_dtype=state_dtype, rounding=rounding)
+    return model, opt, attach_fused_step(model, opt)
+
+
+def train(
+    model: Any, opt: Any, handle: Any, batches: list, steps: int, on_last_backward: Callable[[], None] | None = None
+) -> list[float]:
+    losses = []
+    for step in range(steps):
+        ids = batches[step % len(batches)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()  # lean: every parameter is updated inside this call
+        losses.append(loss.item())
+        if on_last_backward is not None and step == steps - 1:
+            on_last_backward()
+        if handle is None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return losses
+
+
+def held_bytes(model: Any, opt: Any) -> int:
+    """Exact bytes of weights + gradients + optimizer state tensors alive now."""
+    import torch
+
+    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    # warm up on a tiny model of the same kind (lazy imports, kernels, thread pools) before reading the baseline
+    tiny = build(args.mode, llama_config(64, 64, 64, 1), lr=1e-4)
+    train(*tiny, [torch.randint(0, 64, (1, 4))], steps=2)
+    del tiny
+    g = torch.Generator().manual_seed(0)
+    # a few fixed batches, cycled: the model can memorise them, so the loss moves and the comparison means something
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.n_batches)]
+    baseline = maxrss_bytes()
+
+    model, opt, handle = build(
+        args.mode, llama_config(args.vocab, args.hidden, args.intermediate, args.layers), args.lr
+    )
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    held = []  # standard: grads + state present after backward; lean: grads already consumed
+    start = time.perf_counter()
+    losses = train(model, opt, handle, batches, args.steps, lambda: held.append(held_bytes(model, opt)))
+    step_s = (time.perf_counter() - start) / args.steps
+    peak = maxrss_bytes()
+    with torch.no_grad():
+        final = sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
+    if handle is not None:
+        assert handle.step_count == args.steps and not handle.nonfinite()
+    return {
+        "mode": args.mode,
+        "params": n_params,
+        "baseline": baseline,
+        "peak": peak,
+        "held": held[0],
+        "losses": losses,
+        "final_loss": final,
+        "step_s": step_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--n-batches", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=16000)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    # one thread by default: on a shared 2-core box, two OpenMP threads fighting other jobs made elementwise
+    # ops 100x slower; memory, the point here, does not depend on it
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        args.mode = args.worker
+        print(json.dumps(worker(args)))
+        return
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    keys = ("steps", "n_batches", "batch", "seq", "vocab", "hidden", "intermediate", "layers", "lr", "threads")
+    passthrough = [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    results = {}
+    for mode in args.modes.split(","):
+        t0 = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", mode, *passthrough],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"# {mode}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    n = next(iter(results.values()))["params"]
+    print(
+        f"\n{n / 1e6:.1f}M trainable parameters, batch {args.batch} x {args.seq} tokens, {args.steps} steps, "
+        f"lr {args.lr}\n"
+    )
+    print(
+        "| mode | peak RSS delta, bytes/param | held after backward, bytes/param | loss step 1 | "
+        f"loss step {args.steps} | eval loss after | s/step |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        print(
+            f"| {mode} | {(r['peak'] - r['baseline']) / r['params']:.2f} | {r['held'] / r['params']:.2f} | "
+            f"{r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {r['final_loss']:.4f} | {r['step_s']:.2f} |"
+        )
+    if "standard" in results:
+        std = results["standard"]
+        std_bpp = (std["peak"] - std["baseline"]) / std["params"]
+        print()
+        for mode, r in results.items():
+            if mode == "standard":
+                continue
+            bpp = (r["peak"] - r["baseline"]) / r["params"]
+            rel = r["final_loss"] / std["final_loss"] - 1
+            print(
+                f"- {mode}: {bpp / std_bpp:.2f}x standard's peak bytes/param (target <= 0.5); eval loss "
+                f"{rel:+.2%} vs standard (target within 2%)"
+            )
+
+
+if __name__ == "__main__":
+    main()

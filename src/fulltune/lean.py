@@ -1,0 +1,476 @@
+"""Lean full fine-tuning memory mode (`training.memory: lean`): bf16 weights updated by an AdamW that keeps
+fp32-quality updates (Kahan compensation or stochastic rounding), the optimizer step fused into backward so
+gradients are freed one tensor at a time, and an optional CUDA-only bitsandbytes 8-bit AdamW.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BF16AdamW",
+    "FusedStepHandle",
+    "attach_fused_step",
+    "build_lean_optimizer",
+    "lean_bytes_per_param",
+]
+
+_ROUNDINGS = ("kahan", "stochastic", "nearest")
+# state_dtype -> (exp_avg dtype, exp_avg_sq dtype) for low-precision parameters.
+_STATE_DTYPES = {
+    "mixed": (torch.bfloat16, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp32": (torch.float32, torch.float32),
+}
+_MASK64 = (1 << 64) - 1
+
+
+def lean_bytes_per_param(state_dtype: str = "mixed", rounding: str = "kahan") -> int:
+    """Persistent bytes per bf16 parameter held by BF16AdamW: weight + exp_avg + exp_avg_sq + compensation.
+
+    Gradients are not included: with `attach_fused_step` only the tensors in flight hold one (2 bytes each).
+    """
+    m_dtype, v_dtype = _STATE_DTYPES[state_dtype]
+    comp = 2 if rounding == "kahan" else 0
+    return 2 + m_dtype.itemsize + v_dtype.itemsize + comp
+
+
+def _mix_seed(*values: int) -> int:
+    # splitmix64-style mixing: a stateless per-(seed, parameter, step) stream, so stochastic rounding needs no
+    # saved RNG state for a bit-identical resume and does not depend on the order parameters are updated in.
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def _copy_stochastic_(dst: Tensor, src: Tensor, noise: Tensor) -> None:
+    """Write fp32 `src` into bf16 `dst`, rounding up or down with probability proportional to the distance.
+
+    bf16 is the top half of an fp32 bit pattern: adding `noise` (int32, uniform in [0, 2**16)) to the low 16 bits
+    and truncating them rounds away from zero with probability (dropped fraction), so the rounding is unbiased.
+    """
+    bits = noise.add_(src.view(torch.int32)).bitwise_and_(-65536)
+    dst.copy_(bits.view(torch.float32))  # exact: the low 16 bits are zero
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW for bf16 parameters whose updates keep fp32 quality without an fp32 master copy.
+
+    Each parameter is updated on its own, in chunks of `chunk_size` elements: upcast weight/grad/moments to
+    fp32, do the AdamW math, downcast. So no fp32 copy of all weights (or of one big tensor) exists at once;
+    the temporaries are about 28 bytes per chunk element. Default (None): 2**20 on CPU, where that memory
+    shows, 2**24 on accelerators, where each chunk costs ~30 kernel launches.
+    With fp32 parameters the step is op-for-op `torch.optim.AdamW(foreach=False)` (states always fp32).
+
+    `rounding` (how the fp32 result goes back into the bf16 weight):
+      - "kahan" (default): a bf16 compensation buffer per parameter holds what rounding dropped from the last
+        update (target - stored); it is added to the next update, so updates far below one bf16 ulp (e.g.
+        lr 1e-5 on weights near 1.0, where the ulp is 2**-8) accumulate instead of vanishing.
+      - "stochastic": the weight itself is rounded up or down at random, unbiased; no extra buffer, right in
+        expectation but noisier per element.
+      - "nearest": plain bf16 AdamW, everything rounded to nearest; for comparison only, it loses updates
+        smaller than half an ulp.
+    Except under "nearest", every bf16 buffer the optimizer writes (exp_avg, a bf16 exp_avg_sq, the
+    compensation) is stored with stochastic rounding. Rounded to nearest, a value that changes by less than
+    half an ulp per step never changes: with a steady gradient bf16 exp_avg stalls 2-4% short of it
+    (0.1 * gap < 2**-9 * m), and the compensation's own error keeps one sign (constant gradient, lr 1e-5,
+    weights at 1.0: 12% of 3000 steps' movement lost; stochastically: 4e-5). The random bits come from a
+    generator seeded with (group["seed"], parameter index, step), so a resumed run is bit-identical.
+
+    `state_dtype` (moments of bf16 parameters; fp32 parameters always keep fp32 moments):
+      - "mixed" (default): exp_avg bf16, exp_avg_sq fp32. Unbiased bf16 rounding adds noise that the EMA
+        averages over 1 / (1 - beta): about 0.5% of exp_avg with beta1 = 0.9, but about 3% of exp_avg_sq
+        with beta2 = 0.999 (and rounded to nearest, exp_avg_sq can never decay: 0.1% per step is under half
+        an ulp). So the second moment, which sets every step size, stays fp32.
+      - "bf16": both bf16, 2 bytes less. On a small MLP regression (1500 steps, lr 1e-4 and 1e-5) it ended
+        as close to fp32 AdamW as "mixed" (loss within 0.1%); exp_avg_sq rounded to nearest instead ended
+        1-2% worse with up to 3x the weight drift.
+      - "fp32": both fp32.
+
+    Persistent bytes per bf16 parameter (weight + exp_avg + exp_avg_sq + compensation), see
+    `lean_bytes_per_param`; torch AdamW on fp32 weights holds 4 + 4 + 4 = 12, plus a 4-byte gradient:
+
+        ============  ======  ==========  ==========
+        state_dtype   kahan   stochastic  nearest
+        ============  ======  ==========  ==========
+        mixed         10      8           8
+        bf16          8       6           6
+        fp32          12      10          10
+        ============  ======  ==========  ==========
+
+    Gradients add 2 bytes per parameter with `step()`; with `attach_fused_step` only the tensors whose
+    update is in flight hold one.
+
+    Per-group keys: `lr`, `betas`, `eps`, `weight_decay` (decoupled, as AdamW: w -= lr * wd * w),
+    `state_dtype`, `rounding`, `seed`. Any other key (e.g. `lr_scale`, which the scheduler folds into `lr`)
+    is carried along and ignored. `state_dict()`/`load_state_dict()` give bit-identical resumes.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        state_dtype: str = "mixed",
+        rounding: str = "kahan",
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self._param_index: dict[int, int] = {}
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["rounding"] not in _ROUNDINGS:
+            raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {group['rounding']!r}")
+        if group["state_dtype"] not in _STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {tuple(_STATE_DTYPES)}, got {group['state_dtype']!r}")
+        for p in group["params"]:
+            if p.dtype not in (torch.bfloat16, torch.float32):
+                raise TypeError(f"BF16AdamW handles bf16 and fp32 parameters, got {p.dtype}")
+            # stable index (the one state_dict uses) seeds stochastic rounding independently of update order
+            self._param_index[id(p)] = len(self._param_index)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to its parameter's dtype on load; our fp32 exp_avg_sq of a
+        # bf16 weight must stay fp32 (else the resume is not bit-identical), so restore the saved dtypes.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, Tensor) and self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, group)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict[str, Any] | None = None) -> None:
+        """Apply one AdamW update to `p` from `p.grad` (used by `step()` and by the fused-backward hooks).
+
+        Reads the group's current `lr` (a scheduler may have changed it since the last step).
+        """
+        grad = p.grad
+        if grad is None:
+            return
+        if grad.is_sparse:
+            raise RuntimeError("BF16AdamW does not support sparse gradients")
+        group = self._group_of(p) if group is None else group
+        state = self.state[p]
+        low_precision = p.dtype == torch.bfloat16
+        if not state:
+            m_dtype, v_dtype = _STATE_DTYPES[group["state_dtype"]] if low_precision else (p.dtype, p.dtype)
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=v_dtype)
+            if low_precision and group["rounding"] == "kahan":
+                state["kahan_comp"] = torch.zeros_like(p)
+        state["step"] += 1
+        step = state["step"]
+
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        step_size = lr / (1 - beta1**step)
+        bc2_sqrt = (1 - beta2**step) ** 0.5
+        rounding = group["rounding"] if low_precision else "fp32"
+        exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
+        needs_rng = low_precision and rounding != "nearest"
+        gen = None
+        if needs_rng:
+            gen = torch.Generator(device=p.device)
+            gen.manual_seed(_mix_seed(group["seed"], self._param_index[id(p)], step))
+
+        hp = dict(lr=lr, wd=wd, eps=eps, beta1=beta1, beta2=beta2, step_size=step_size, bc2_sqrt=bc2_sqrt)
+        tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
+        size = self.chunk_size or (1 << 20 if p.device.type == "cpu" else 1 << 24)
+        if size < p.numel() and all(t.is_contiguous() for t in tensors):
+            # chunking bounds the fp32 temporaries to a few chunk-sized buffers even for a huge embedding
+            chunks = zip(*(t.view(-1).split(size) for t in tensors), strict=True)
+        else:
+            chunks = [tensors]
+        for chunk in chunks:
+            p_c, g_c, m_c, v_c, *c_c = chunk
+            _adamw_chunk(p_c, g_c, m_c, v_c, c_c[0] if c_c else None, hp, rounding, gen)
+
+
+def _adamw_chunk(
+    p: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    comp: Tensor | None,
+    hp: dict[str, float],
+    rounding: str,
+    gen: torch.Generator | None,
+) -> None:
+    """One AdamW update of (a chunk of) one parameter, all math in fp32, results stored in place."""
+    lr, wd, eps, beta1, beta2 = hp["lr"], hp["wd"], hp["eps"], hp["beta1"], hp["beta2"]
+    step_size, bc2_sqrt = hp["step_size"], hp["bc2_sqrt"]
+    # One draw of 31 random bits per element serves every bf16 buffer written below (random numbers cost more
+    # than the rest of the update on CPU): each store takes its own 16-bit window, uniform on its own, which is
+    # all unbiased rounding needs.
+    rand = None
+    if gen is not None:
+        rand = torch.randint(0, 1 << 31, p.shape, dtype=torch.int32, device=p.device, generator=gen)
+
+    def store(dst: Tensor, src: Tensor, shift: int) -> None:  # fp32 -> bf16 buffer, unbiased unless "nearest"
+        if rand is None:
+            dst.copy_(src)
+        else:
+            _copy_stochastic_(dst, src, (rand >> shift).bitwise_and_(0xFFFF))
+
+    g = grad.float()  # aliases grad when already fp32: only read below
+    m = exp_avg.float()  # aliases the state when it is fp32, so the in-place update is the state update
+    m.lerp_(g, 1 - beta1)
+    if m is not exp_avg:
+        store(exp_avg, m, 0)
+    v = exp_avg_sq.float()
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if v is not exp_avg_sq:
+        store(exp_avg_sq, v, 7)
+    del g
+    denom = v.sqrt_() if v is not exp_avg_sq else v.sqrt()
+    denom.div_(bc2_sqrt).add_(eps)
+
+    if rounding == "fp32":  # same ops, same order as torch.optim.AdamW's single-tensor path
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        p.addcdiv_(m, denom, value=-step_size)
+        return
+
+    target = p.float()
+    delta = m.div_(denom) if m is not exp_avg else m.div(denom)
+    del denom
+    delta.mul_(-step_size)
+    if wd != 0:
+        delta.add_(target, alpha=-lr * wd)  # decoupled weight decay: lr * wd * w, as in AdamW
+    if comp is not None:
+        delta.add_(comp)  # re-apply what rounding dropped from the previous update
+    target.add_(delta)  # the fp32 weight that full-precision AdamW would hold now
+    if rounding == "stochastic":
+        store(p, target, 15)
+    else:
+        p.copy_(target)  # Kahan rounds the weight to nearest: the compensation keeps the rest
+    if comp is not None:
+        store(comp, target.sub_(p), 15)  # residual target - stored is exact in fp32
+
+
+class FusedStepHandle:
+    """Result of `attach_fused_step`: hook handles plus counters the training loop reads.
+
+    step_count: backward passes that applied at least one update (the loop's "optimizer steps").
+    param_updates: per-parameter updates applied so far.
+    found_nonfinite: per device, a bool tensor set (without host sync) when any gradient had a NaN/inf;
+        sticky until `reset_nonfinite()`. The affected tensors are already updated when it is read, so a set
+        flag means the weights are poisoned: stop or reload a checkpoint. `nonfinite()` reads it (one sync).
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: Any, *, per_param_max_norm: float | None, check_finite: bool
+    ) -> None:
+        self.step_count = 0
+        self.param_updates = 0
+        self.found_nonfinite: dict[torch.device, Tensor] = {}
+        self._optimizer = optimizer
+        self._max_norm = per_param_max_norm
+        self._check_finite = check_finite
+        self._hooks: list[Any] = []
+        self._group_index: dict[int, int] = {}
+        self._seen: set[int] = set()
+        self._graph_task: int | None = None
+        self._model_ref = weakref.ref(model)
+
+    def _hook(self, p: Tensor) -> None:
+        task_id = getattr(torch._C, "_current_graph_task_id", lambda: None)()
+        if self._graph_task is None:
+            self._graph_task = task_id if task_id is not None else -1
+            # runs once when this backward finishes: count the step, re-arm the per-backward guards
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        elif task_id is not None and task_id != self._graph_task:
+            self._reset()  # the end-of-backward callback will not run once this raises
+            raise RuntimeError(
+                "fused optimizer step saw a nested backward (reentrant gradient checkpointing?): enable "
+                "checkpointing with use_reentrant=False (transformers' default) to use attach_fused_step"
+            )
+        if id(p) in self._seen:
+            self._reset()
+            raise RuntimeError(
+                "a parameter's gradient was accumulated twice in one backward (reentrant checkpointing?); "
+                "its first update used a partial gradient"
+            )
+        self._seen.add(id(p))
+        grad = p.grad
+        if self._check_finite:
+            flag = self.found_nonfinite.get(p.device)
+            if flag is None:
+                flag = self.found_nonfinite[p.device] = torch.zeros((), dtype=torch.bool, device=p.device)
+            # a sum is NaN/inf iff some element is (or it overflows, itself a red flag); no n-byte mask needed
+            flag.logical_or_(~torch.isfinite(grad.sum(dtype=torch.float32)))
+        if self._max_norm is not None:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            grad.mul_(torch.clamp(self._max_norm / (norm + 1e-6), max=1.0))
+        # look the group up by index every time: load_state_dict replaces the group dicts
+        self._optimizer.step_param(p, self._optimizer.param_groups[self._group_index[id(p)]])
+        p.grad = None  # the point of fusing: this gradient's memory is free before the next one is computed
+        self.param_updates += 1
+
+    def _reset(self) -> None:
+        self._seen.clear()
+        self._graph_task = None
+
+    def _end_backward(self) -> None:
+        self.step_count += 1
+        # the fused updates are this optimizer's step: tell torch LR schedulers (which otherwise warn that
+        # scheduler.step() ran before optimizer.step()); optimizer step hooks do not fire in fused mode
+        self._optimizer._opt_called = True
+        self._reset()
+
+    def nonfinite(self) -> bool:
+        """True if any gradient since the last reset had a NaN/inf (syncs with the device once)."""
+        return any(bool(flag) for flag in self.found_nonfinite.values())
+
+    def reset_nonfinite(self) -> None:
+        for flag in self.found_nonfinite.values():
+            flag.zero_()
+
+    def remove(self) -> None:
+        """Detach every hook; afterwards backward leaves `.grad` as usual and `optimizer.step()` works again."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        model = self._model_ref()
+        if model is not None and getattr(model, "_fulltune_fused_step", None) is self:
+            del model._fulltune_fused_step
+
+
+def attach_fused_step(
+    model: nn.Module,
+    optimizer: Any,
+    *,
+    accumulation_steps: int = 1,
+    max_grad_norm: float | None = None,
+    per_param_max_norm: float | None = None,
+    check_finite: bool = True,
+) -> FusedStepHandle:
+    """Fuse the optimizer step into backward: each parameter is updated, and its `.grad` freed, as soon as
+    its gradient is final (`Tensor.register_post_accumulate_grad_hook`), so all gradients never coexist.
+
+    The loop then does `loss.backward()` only: no `optimizer.step()`, no `zero_grad()`; the scheduler may
+    keep calling `scheduler.step()` after each backward (hooks read the group's current `lr`).
+
+    - Only parameters with `requires_grad=True` get a hook; frozen ones are untouched. Every trainable
+      parameter must belong to `optimizer` (its gradient would otherwise never be freed).
+    - `optimizer` must offer `step_param(p, group)` (`BF16AdamW` does; bitsandbytes' 8-bit AdamW does not).
+    - Gradient accumulation is impossible: a gradient is consumed and freed at the end of every backward.
+      `accumulation_steps > 1` raises ValueError (use a larger batch, or the normal step path).
+    - Global-norm clipping is impossible: the norm needs every gradient before the first update. Passing
+      `max_grad_norm` raises ValueError. The documented substitute is `per_param_max_norm`: each tensor's
+      gradient is scaled so that its own L2 norm is <= the value (clips less than a global norm would).
+    - Gradient checkpointing must be non-reentrant (transformers' default); a nested backward raises.
+    - `check_finite` keeps a NaN/inf flag per device, see `FusedStepHandle`.
+    - Attach after freezing and after `add_param_group`: hooks cover the trainable parameters of that moment.
+      Optimizer step hooks never fire (there is no `step()` call); `handle.step_count` counts the steps.
+    """
+    if accumulation_steps != 1:
+        raise ValueError(
+            f"fused optimizer step cannot accumulate gradients (accumulation_steps={accumulation_steps}): each "
+            "gradient is applied and freed during its own backward. Use accumulation_steps=1 with a larger "
+            "batch, or turn the fused step off."
+        )
+    if max_grad_norm is not None:
+        raise ValueError(
+            "global-norm gradient clipping needs all gradients before any update, which the fused step never "
+            "has; pass per_param_max_norm (per-tensor clipping) instead, or turn the fused step off"
+        )
+    if per_param_max_norm is not None and per_param_max_norm <= 0:
+        raise ValueError(f"per_param_max_norm must be > 0, got {per_param_max_norm}")
+    if not callable(getattr(optimizer, "step_param", None)):
+        raise TypeError(f"{type(optimizer).__name__} has no step_param(p, group); use BF16AdamW for a fused step")
+    existing = getattr(model, "_fulltune_fused_step", None)
+    if existing is not None:
+        raise RuntimeError("this model already has a fused optimizer step attached; remove() it first")
+
+    handle = FusedStepHandle(model, optimizer, per_param_max_norm=per_param_max_norm, check_finite=check_finite)
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            handle._group_index[id(p)] = i
+    orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in handle._group_index]
+    if orphans:
+        raise ValueError(f"trainable parameters missing from the optimizer: {orphans[:5]}")
+    for p in model.parameters():  # named_parameters dedups tied weights, so one hook per tensor
+        if p.requires_grad:
+            handle._hooks.append(p.register_post_accumulate_grad_hook(handle._hook))
+    model._fulltune_fused_step = handle
+    return handle
+
+
+def build_lean_optimizer(
+    params_or_groups: Iterable[Tensor] | Iterable[dict[str, Any]], kind: str = "bf16_adamw", **kw: Any
+) -> torch.optim.Optimizer:
+    """Build the optimizer for lean mode.
+
+    kind="bf16_adamw": `BF16AdamW(params_or_groups, **kw)` (any device, fused step supported).
+    kind="adamw8bit": bitsandbytes `AdamW8bit` (8-bit block-quantized moments, 2 bytes of state per
+        parameter), CUDA only and imported lazily; `**kw` go to it unchanged. It has no per-parameter step,
+        so it runs with the normal `step()` path, not `attach_fused_step`.
+    """
+    if kind == "bf16_adamw":
+        return BF16AdamW(params_or_groups, **kw)
+    if kind == "adamw8bit":
+        params_or_groups = list(params_or_groups)
+        if not torch.cuda.is_available():
+            raise RuntimeError("kind='adamw8bit' needs CUDA (bitsandbytes 8-bit optimizers); use 'bf16_adamw'")
+        tensors = [t for x in params_or_groups for t in (x["params"] if isinstance(x, dict) else [x])]
+        if any(t.device.type != "cuda" for t in tensors):
+            raise RuntimeError("kind='adamw8bit' needs every parameter on a CUDA device; move the model first")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise RuntimeError(
+                "kind='adamw8bit' needs bitsandbytes: pip install bitsandbytes (or use kind='bf16_adamw')"
+            ) from e
+        return bnb.optim.AdamW8bit(params_or_groups, **kw)
+    raise ValueError(f"unknown lean optimizer kind {kind!r}; expected 'bf16_adamw' or 'adamw8bit'")
