@@ -173,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
+
+    from fulltune.compare import add_compare_parser
+    from fulltune.plan import add_plan_parser
+    from fulltune.prune_cmd import add_prune_parser
+
+    add_compare_parser(sub)
+    add_plan_parser(sub)
+    add_prune_parser(sub)
     return parser
 
 
