@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import base_overrides
 
 from fulltune import plan
@@ -130,3 +131,18 @@ def test_cli_json_and_table(tmp_path: Path, text_data: Path, capsys: pytest.Capt
         run_cli(["plan", "--config", str(cfg_path), "--memory_budget", "plenty"], capsys)
     with pytest.raises(ConfigError, match="--methods"):
         run_cli(["plan", "--config", str(cfg_path), "--methods", "full,qlora", "--no_dry_run"], capsys)
+
+
+def test_onednn_term_follows_the_kernels(tmp_path: Path) -> None:
+    """oneDNN's first use (code + JIT kernels, ~10 MiB of a CPU dry run) is counted where CPU steps run it: BERT's exact
+    GELU, CLIP's patch convolution; not Llama (SiLU, no convolution), nor on CUDA."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    for family, expected in (("bert", True), ("clip", True), ("llama", False)):
+        cfg, task, labels = family_config(tmp_path, family, "lora")
+        facts = plan.inspect_model(cfg, task, labels)
+        assert plan.uses_onednn(facts, plan.dtypes_for(cfg, "cpu")) is expected, family
+        assert not plan.uses_onednn(facts, plan.dtypes_for(cfg, "cuda"))
+        cpu, cuda = plan.estimate(cfg, task, facts, "cpu"), plan.estimate(cfg, task, facts, "cuda")
+        extra = plan.RUNTIME_BYTES["cpu"] + plan.ONEDNN_BYTES * expected - plan.RUNTIME_BYTES["cuda"]
+        assert cpu.peak - cuda.peak == pytest.approx(cpu.activations - cuda.activations + extra)

@@ -27,9 +27,13 @@ from fulltune.config import Config, ConfigError, config_from_dict, load_config, 
 
 METHODS = ("full", "partial", "lora", "linear_probe")
 FIT_FRACTION = 0.9  # leave 10% of the budget to fragmentation, the CUDA context, data loading
-# Kernel workspaces, library buffers and JIT-compiled kernels (oneDNN, OpenMP; cuBLAS on CUDA) that a process's first
-# training steps allocate and keep: 8-12 MiB in dry runs of small models on CPU, ~10 MiB more with bf16 on CPU.
-RUNTIME_BYTES = 10 * 2**20
+# What a process's first training steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers.
+# CPU: the code of each kernel run for the first time (RSS counts library pages as they are executed; a dry run's
+# forked process maps them anew), heap slack and autograd records: 6-7 MiB in dry runs of small models.
+RUNTIME_BYTES = {"cuda": 10 * 2**20, "cpu": 6 * 2**20}
+# oneDNN's first use on CPU (convolutions, exact GELU, bf16 matmuls): its code and JIT-compiled kernels, 9-14 MiB in
+# a dry run's forked process (about half that in a process that has not forked), whichever primitive comes first.
+ONEDNN_BYTES = 10 * 2**20
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
@@ -181,6 +185,13 @@ def dtypes_for(cfg: Config, device_type: str) -> Dtypes:
     return Dtypes(2 if low or lean else 4, 2 if lean else 4, low and not lean, device_type == "cuda")
 
 
+def uses_onednn(f: Facts, d: Dtypes) -> bool:
+    """Whether the steps run oneDNN kernels: on CPU, PyTorch hands convolutions (image models' patch embedding),
+    exact GELU (hidden_act 'gelu'; not its tanh approximations, quick_gelu or SiLU) and bf16 matmuls to oneDNN."""
+    return not d.cuda and torch.backends.mkldnn.is_available() and (
+        f.pixels > 0 or f.activation == "gelu" or d.compute == 2)
+
+
 def _math_attention(f: Facts, d: Dtypes) -> bool:
     """sdpa leaves its fused kernels for the math one (S x S probabilities) on CPU when attention dropout is on."""
     return f.eager_attention or (not d.cuda and f.attn_dropout > 0)
@@ -302,7 +313,7 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     flowing = (f.layers - max(f.first_layer, 1) + 1) / f.layers if f.first_layer <= f.layers else 0.0
     # 1 forward + input gradients where gradient flows + weight gradients where weights train (+ recomputation).
     passes = 1 + flowing * (1 + (cfg.method.name in ("full", "partial")) + (t.gradient_checkpointing or lean))
-    runtime = RUNTIME_BYTES * (2 if d.compute == 2 and not d.cuda else 1)
+    runtime = RUNTIME_BYTES["cuda" if d.cuda else "cpu"] + ONEDNN_BYTES * uses_onednn(f, d)
     return Estimate(cfg.method.name, cfg.data.batch_size, f.trainable, f.total, f.weight_bytes, grads,
                     f.trainable * optimizer, activations, f.weight_bytes + f.trainable * optimizer + both + runtime,
                     passes, note=note)
@@ -661,9 +672,9 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"{m['method']:<13}{m['trainable']:>12,}{cells}{'yes' if m['fits'] else 'no':>6}"
                      f"{m['forward_passes']:>5.1f}{step:>8}")
     rec = r["recommendation"]
-    lines += ["", "estimate = weights + optimizer + max(activations, grads) (both when accumulating) + 10-20 MiB of "
-              f"kernel workspaces; measured = 2-step dry run on random inputs ({r['measured_how']}); fwd = compute "
-              "per step in forward passes", *sorted({m["note"] for m in r["methods"] if m.get("note")}), "",
+    lines += ["", "estimate = weights + optimizer + max(activations, grads) (both when accumulating) + 6-16 MiB of "
+              f"library code and buffers; measured = 2-step dry run on random inputs ({r['measured_how']}); fwd = "
+              "compute per step in forward passes", *sorted({m["note"] for m in r["methods"] if m.get("note")}), "",
               "recommendation: " + (f"method.name={rec['method']} data.batch_size={rec['micro_batch']} "
                                     f"training.gradient_accumulation_steps={rec['accumulation']}"
                                     + (" training.gradient_checkpointing=true" if rec["gradient_checkpointing"]
