@@ -26,11 +26,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+# mode -> (BF16AdamW state_dtype, rounding, description); "lean" is what `training.memory: lean` does by default.
 MODES = {
-    "standard": "fp32 weights, torch AdamW(fused=True), normal backward",
-    "lean": "bf16 weights, BF16AdamW (Kahan, exp_avg bf16 / exp_avg_sq fp32), fused step, checkpointing",
-    "lean-bf16-states": "lean with BF16AdamW(state_dtype='bf16'): exp_avg_sq bf16 too (8 bytes/param held)",
-    "lean-stochastic": "lean with BF16AdamW(state_dtype='bf16', rounding='stochastic'): no Kahan buffer (6 bytes)",
+    "standard": (None, None, "fp32 weights, torch AdamW(fused=True), normal backward"),
+    "lean": ("bf16", "stochastic", "bf16 weights, BF16AdamW (bf16 moments, stochastic rounding), fused step, "
+             "checkpointing: the trainer's default lean mode (6 bytes/param held)"),
+    "lean-bf16-kahan": ("bf16", "kahan", "lean with Kahan compensation instead of stochastic rounding (8 bytes)"),
+    "lean-mixed-kahan": ("mixed", "kahan", "lean with exp_avg_sq fp32 and Kahan compensation (10 bytes)"),
 }
 
 
@@ -80,8 +82,7 @@ def build(mode: str, cfg: Any, lr: float) -> tuple[Any, Any, Any]:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # transformers releases before the rename
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    state_dtype = "mixed" if mode == "lean" else "bf16"
-    rounding = "stochastic" if mode == "lean-stochastic" else "kahan"
+    state_dtype, rounding, _ = MODES[mode]
     opt = BF16AdamW(model.parameters(), lr=lr, weight_decay=0.01, state_dtype=state_dtype, rounding=rounding)
     return model, opt, attach_fused_step(model, opt)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,7 @@ def load_blocks(
         x, y = x[keep], y[keep]  # (max_blocks, seq_len); indexing copies, so the cache holds only these
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # ranks writing the same cache must not share a temp file
         torch.save({"input_ids": x.contiguous(), "labels": y.contiguous()}, tmp)
         tmp.replace(cache)
     return BlockDataset(x, y)
