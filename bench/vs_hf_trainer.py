@@ -6,6 +6,8 @@ memory is per line), several repeats; medians and the ratio fulltune / Trainer a
 
   trainer_default  Trainer with its defaults (dynamic padding via DataCollatorWithPadding)
   trainer_best     Trainer with its best equivalent flags (bf16, adamw_torch_fused, group_by_length sampling)
+  trainer_best_fp32  the same without bf16: on a CPU without bf16 units (AVX2 only) bf16 autocast is emulated and
+                   about 10x slower, so there this is Trainer's real best
   fulltune         fulltune with its defaults
 
 Throughput is training samples per second of the optimisation loop (tokenisation, model loading and the dev
@@ -30,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
-LINES = ("trainer_default", "trainer_best", "fulltune")
+LINES = ("trainer_default", "trainer_best", "trainer_best_fp32", "fulltune")
 
 
 def read_tsv(path: Path, limit: int | None = None) -> tuple[list[str], list[int]]:
@@ -44,7 +46,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_trainer(best: bool, seed: int, rows: int, workdir: Path) -> dict:
+def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = True) -> dict:
     import torch
     from transformers import (
         AutoModelForSequenceClassification,
@@ -64,7 +66,7 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path) -> dict:
     train_set = [{**{k: enc[k][i] for k in enc}, "labels": labels[i]} for i in range(len(texts))]
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    extra = {"bf16": True, "optim": "adamw_torch_fused", "train_sampling_strategy": "group_by_length"} if best else {}
+    extra = {"bf16": bf16, "optim": "adamw_torch_fused", "train_sampling_strategy": "group_by_length"} if best else {}
     args = TrainingArguments(
         output_dir=str(workdir), per_device_train_batch_size=32, learning_rate=1e-4, num_train_epochs=1,
         seed=seed, report_to=[], save_strategy="no", logging_steps=1000, use_cpu=True, dataloader_num_workers=0,
@@ -76,7 +78,7 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path) -> dict:
     train_time = time.perf_counter() - start
     model.eval()
     correct = 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=best):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=best and bf16):
         for i in range(0, len(dev_texts), 64):
             batch = tok(dev_texts[i : i + 64], truncation=True, max_length=64, padding=True, return_tensors="pt")
             pred = model(**batch).logits.argmax(-1)
@@ -110,7 +112,10 @@ def one(line: str, seed: int, rows: int) -> None:
     """Run one line in this process and print its result as JSON on the last line."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        result = run_fulltune(seed, rows, work) if line == "fulltune" else run_trainer(line == "trainer_best", seed, rows, work)
+        if line == "fulltune":
+            result = run_fulltune(seed, rows, work)
+        else:
+            result = run_trainer(line.startswith("trainer_best"), seed, rows, work, bf16=line == "trainer_best")
     result.update({"line": line, "seed": seed, "peak_rss_mb": peak_rss_mb()})
     print(json.dumps(result), flush=True)
 
