@@ -340,3 +340,13 @@ def test_lean_with_accumulation_steps_after_backward(tmp_path, text_data) -> Non
     run = setup(_lean_cfg(tmp_path / "acc", text_data, training__memory="lean",
                           training__gradient_accumulation_steps=2))
     assert run.fused is None and isinstance(run.optimizer, BF16AdamW)
+
+
+def test_adamw8bit_without_cuda_is_a_config_error(tmp_path, text_data) -> None:
+    from fulltune.config import ConfigError
+    from fulltune.train import setup
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(ConfigError, match="lean_optimizer=adamw8bit.*CUDA"):
+        setup(_lean_cfg(tmp_path / "bnb", text_data, training__memory="lean", training__lean_optimizer="adamw8bit"))

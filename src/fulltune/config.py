@@ -208,6 +208,8 @@ class TrainingConfig:
     """lean: dtype of the AdamW moments (mixed: exp_avg bf16, exp_avg_sq fp32)."""
     lean_rounding: Literal["stochastic", "kahan", "nearest"] = "stochastic"
     """lean: how updates go back into bf16 weights (kahan keeps a 2-byte compensation buffer per weight)."""
+    lean_optimizer: Literal["bf16_adamw", "adamw8bit"] = "bf16_adamw"
+    """lean: the optimizer (adamw8bit: bitsandbytes' 8-bit AdamW, CUDA only, stepped after backward)."""
     lean_fused_step: bool = True
     """lean: update each tensor in backward and free its gradient at once (needs accumulation 1, one process;
     max_grad_norm then clips each tensor's gradient norm, not the global one)."""

@@ -19,6 +19,15 @@ def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: tor
                     fused: bool = True) -> torch.optim.Optimizer:
     # Our bookkeeping keys ("names") are not optimizer hyper-parameters; keep them but out of the way.
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if lean and t.lean_optimizer == "adamw8bit":
+        from fulltune.config import ConfigError
+        from fulltune.lean import build_lean_optimizer
+
+        try:
+            return build_lean_optimizer(clean, kind="adamw8bit", lr=t.base_learning_rate,
+                                        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        except RuntimeError as err:
+            raise ConfigError(f"training.lean_optimizer=adamw8bit: {err}") from err
     if lean:
         from fulltune.lean import BF16AdamW
 

@@ -140,7 +140,8 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     param_names = [n for g in groups for n in g["names"]]
     run = Run(cfg, task_name, bundle, model, data, plan, optimizer, scaler, sampler, device, precision, state,
               steps_per_epoch, batches_per_epoch, param_names)
-    if lean and t.lean_fused_step and parallel == "none" and t.gradient_accumulation_steps == 1:
+    fusable = callable(getattr(optimizer, "step_param", None))  # BF16AdamW; bitsandbytes' 8-bit AdamW is not
+    if lean and fusable and t.lean_fused_step and parallel == "none" and t.gradient_accumulation_steps == 1:
         attach_fused(run)
     if t.compile:
         run.model = torch.compile(run.model)
@@ -161,12 +162,18 @@ def _lean_note(run: Run) -> str:
     t = run.cfg.training
     if t.memory != "lean":
         return ""
-    how = f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, gradient checkpointing"
+    how = (f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, gradient checkpointing"
+           if t.lean_optimizer == "bf16_adamw" else "bf16 weights, bitsandbytes 8-bit AdamW, gradient checkpointing")
     if run.fused is not None:
         clip = f"; max_grad_norm {t.max_grad_norm} clips each tensor's gradient" if t.max_grad_norm else ""
         return f"memory lean: {how}, optimizer step fused into backward{clip}\n"
-    why = "gradient accumulation" if t.gradient_accumulation_steps > 1 else "data parallelism" if world_size() > 1 else "lean_fused_step=false"
-    return f"memory lean: {how}; optimizer step after backward ({why} needs whole gradients)\n"
+    if t.lean_optimizer == "adamw8bit":
+        why = "the 8-bit optimizer has no per-tensor step"
+    elif t.gradient_accumulation_steps > 1 or world_size() > 1:
+        why = "gradient accumulation and data parallelism need whole gradients"
+    else:
+        why = "training.lean_fused_step=false"
+    return f"memory lean: {how}; optimizer step after backward ({why})\n"
 
 
 def _convert_position(state: ckpt.TrainState, micro: int, world: int, point: Path) -> int:
