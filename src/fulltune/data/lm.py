@@ -8,7 +8,6 @@ block is never a target.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from fulltune.config import DataConfig
-from fulltune.data.text import DataError
+from fulltune.data.text import DataError, jsonl_objects
 
 IGNORE = -100
 _CHUNK_CHARS = 200_000
@@ -31,16 +30,7 @@ def read_records(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
             raise DataError(f"'{path}' is empty")
         return [(text, None)]
     out: list[tuple[str, str | None]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from None
-        # `in` on a JSON string would be a substring test: insist on objects.
-        if not isinstance(row, dict):
-            raise DataError(f"'{path}' line {lineno}: expected a JSON object per line")
+    for lineno, row in jsonl_objects(path, path.read_text(encoding="utf-8")):
         if cfg.response_column in row:
             out.append((str(row.get(cfg.prompt_column, "")), str(row[cfg.response_column])))
         elif cfg.text_column in row:

@@ -61,6 +61,23 @@ def _format_of(path: Path, fmt: str) -> str:
         raise DataError(f"'{path}': cannot tell the format from the extension; set data.format") from None
 
 
+def jsonl_objects(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL text; anything but a JSON object is an error."""
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from None
+        # `in` on a JSON string would be a substring test: insist on objects.
+        if not isinstance(row, dict):
+            raise DataError(f"'{path}' line {lineno}: expected a JSON object per line")
+        out.append((lineno, row))
+    return out
+
+
 def read_table(path: str | Path, fmt: str = "auto") -> tuple[list[dict[str, Any]], list[str]]:
     """Rows (dicts) and the column names of a CSV/TSV/JSONL file."""
     path = Path(path)
@@ -69,17 +86,7 @@ def read_table(path: str | Path, fmt: str = "auto") -> tuple[list[dict[str, Any]
     if not text.strip():
         raise DataError(f"'{path}' is empty")
     if fmt == "jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"'{path}' line {lineno}: expected a JSON object per line")
-            rows.append(row)
+        rows = [row for _, row in jsonl_objects(path, text)]
         columns = sorted({k for r in rows for k in r})
         return rows, columns
     # TSV files of the GLUE kind have stray quote characters; they are never quoted, so read them literally.
