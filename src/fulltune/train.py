@@ -34,6 +34,7 @@ from fulltune.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from fulltune.report import RunLogger
 from fulltune.runtime import (
     barrier,
+    cpu_has_fast_bf16,
     is_main,
     peak_memory_bytes,
     rank,
@@ -164,6 +165,8 @@ def _lean_note(run: Run) -> str:
         return ""
     how = (f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, gradient checkpointing"
            if t.lean_optimizer == "bf16_adamw" else "bf16 weights, bitsandbytes 8-bit AdamW, gradient checkpointing")
+    if run.device.type == "cpu" and not cpu_has_fast_bf16():
+        how += " (this CPU has no bf16 units: bf16 matmuls are emulated and several times slower than fp32)"
     if run.fused is not None:
         clip = f"; max_grad_norm {t.max_grad_norm} clips each tensor's gradient" if t.max_grad_norm else ""
         return f"memory lean: {how}, optimizer step fused into backward{clip}\n"
