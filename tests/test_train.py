@@ -166,3 +166,11 @@ def test_vit_trains_one_epoch(tmp_path, image_data):
     assert summary["optimizer_steps"] == 3
     assert summary["test"]["examples"] == 4
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_compile_switch_trains_like_eager(tmp_path, text_data):
+    """training.compile=true (torch.compile, inductor on CPU) checkpoints the plain model and matches eager."""
+    common = dict(model__dropout=0.0, data__batch_size=4, training__num_epochs=1, checkpoint__save_best=False)
+    train(_text_cfg(tmp_path / "eager", text_data, **common))
+    train(_text_cfg(tmp_path / "compiled", text_data, training__compile=True, **common))
+    assert_same_weights(tmp_path / "eager/checkpoint-epoch-1", tmp_path / "compiled/checkpoint-epoch-1", atol=1e-5)
