@@ -60,6 +60,7 @@ def main() -> int:
                 for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
                     phases[k].append(v)
         med = {k: statistics.median(v) for k, v in phases.items()}
+        print(f"mean step {1000 * statistics.mean(phases['total']):.1f} ms over {len(phases['total'])} steps")
         print(f"precision {run.precision.name}, {torch.get_num_threads()} threads, median over {len(phases['total'])} steps:")
         for k, v in med.items():
             print(f"  {k:<10} {1000 * v:8.1f} ms  {100 * v / med['total']:5.1f}%")
