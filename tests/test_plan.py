@@ -30,6 +30,10 @@ FAMILIES = {
         "num_key_value_heads": 2, "intermediate_size": 384, "vocab_size": 2000, "max_position_embeddings": 256}),
 }
 LABELS = ["ants", "bees", "wasps"]
+# What a process's first oneDNN calls (exact GELU, the patch convolution) map and build varies by about +-8 MiB from
+# one process to the next (seen: the same BERT linear probe measured 31, 36 and 47 MiB in three runs). Below ~80 MiB
+# that alone is over 15%, so small peaks are held to 12 MiB instead; Llama (no oneDNN) stays within 3% every time.
+NOISE_BYTES = 12 * 2**20
 
 
 def family_config(tmp_path: Path, family: str, method: str, **extra: object):
@@ -54,10 +58,10 @@ def test_estimates_within_15_percent_of_dry_runs(tmp_path: Path) -> None:
         ratio = est.peak / result["measured"]
         rows.append(f"{family:6} {method:13} estimate {plan.human(est.peak):>11} measured "
                     f"{plan.human(result['measured']):>11} ratio {ratio:.3f}")
-        if abs(ratio - 1) > 0.15:
+        if abs(est.peak - result["measured"]) > max(0.15 * result["measured"], NOISE_BYTES):
             bad.append(rows[-1])
     print("\n".join(rows))
-    assert not bad, "estimates off by more than 15%:\n" + "\n".join(bad)
+    assert not bad, "estimates off by more than 15% (or 12 MiB):\n" + "\n".join(bad)
 
 
 def test_counts_match_the_real_model(tmp_path: Path) -> None:
