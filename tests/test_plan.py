@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import base_overrides
 
 from fulltune import plan
@@ -30,10 +29,6 @@ FAMILIES = {
         "num_key_value_heads": 2, "intermediate_size": 384, "vocab_size": 2000, "max_position_embeddings": 256}),
 }
 LABELS = ["ants", "bees", "wasps"]
-# What a process's first oneDNN calls (exact GELU, the patch convolution) map and build varies by about +-8 MiB from
-# one process to the next (seen: the same BERT linear probe measured 31, 36 and 47 MiB in three runs). Below ~80 MiB
-# that alone is over 15%, so small peaks are held to 12 MiB instead; Llama (no oneDNN) stays within 3% every time.
-NOISE_BYTES = 12 * 2**20
 
 
 def family_config(tmp_path: Path, family: str, method: str, **extra: object):
@@ -51,17 +46,20 @@ def test_estimates_within_15_percent_of_dry_runs(tmp_path: Path) -> None:
             facts = plan.inspect_model(cfg, task, labels)
             estimates.append((family, method, plan.estimate(cfg, task, facts, "cpu")))
             jobs.append((cfg, task, labels, facts, "cpu"))
-    results = plan.dry_runs(jobs)  # one process forked per job from a single server: one import for all twelve
+    jobs.append(jobs[3])  # BERT's linear probe again: the measurement must repeat, the kernels' code kept out of it
+    results = plan.dry_runs(jobs)  # one process forked per job from a single server: one import for all of them
+    again = results.pop()
+    assert abs(again["measured"] - results[3]["measured"]) < 2**20, (again, results[3])
     rows, bad = [], []
     for (family, method, est), result in zip(estimates, results, strict=True):
         assert "error" not in result, f"{family} {method}: {result}"
         ratio = est.peak / result["measured"]
         rows.append(f"{family:6} {method:13} estimate {plan.human(est.peak):>11} measured "
                     f"{plan.human(result['measured']):>11} ratio {ratio:.3f}")
-        if abs(est.peak - result["measured"]) > max(0.15 * result["measured"], NOISE_BYTES):
+        if abs(ratio - 1) > 0.15:
             bad.append(rows[-1])
     print("\n".join(rows))
-    assert not bad, "estimates off by more than 15% (or 12 MiB):\n" + "\n".join(bad)
+    assert not bad, "estimates off by more than 15%:\n" + "\n".join(bad)
 
 
 def test_counts_match_the_real_model(tmp_path: Path) -> None:
@@ -119,8 +117,8 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> str:
 def test_cli_json_and_table(tmp_path: Path, text_data: Path, capsys: pytest.CaptureFixture) -> None:
     cfg_path = tmp_path / "plan.yaml"
     cfg_path.write_text(json.dumps(base_overrides(tmp_path / "run", FAMILIES["bert"][3]) | {"data.batch_size": 8}))
-    common = ["plan", "--config", str(cfg_path), "--memory_budget", "4GiB", "--no_dry_run", "task=text_classification",
-              f"data.data_dir={text_data}", "data.text_column=sentence"]
+    common = ["plan", "--config", str(cfg_path), "--memory_budget", "4GiB", "--no_dry_run", "--task", "text_classification",
+              "--data_dir", str(text_data), "data.text_column=sentence"]
     report = json.loads(run_cli(common + ["--json"], capsys))
     assert report["examples"] == 32 and report["budget"] == 4 * 2**30
     assert [m["method"] for m in report["methods"]] == list(plan.METHODS)
@@ -135,18 +133,3 @@ def test_cli_json_and_table(tmp_path: Path, text_data: Path, capsys: pytest.Capt
         run_cli(["plan", "--config", str(cfg_path), "--memory_budget", "plenty"], capsys)
     with pytest.raises(ConfigError, match="--methods"):
         run_cli(["plan", "--config", str(cfg_path), "--methods", "full,qlora", "--no_dry_run"], capsys)
-
-
-def test_onednn_term_follows_the_kernels(tmp_path: Path) -> None:
-    """oneDNN's first use (code + JIT kernels, ~10 MiB of a CPU dry run) is counted where CPU steps run it: BERT's exact
-    GELU, CLIP's patch convolution; not Llama (SiLU, no convolution), nor on CUDA."""
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this PyTorch build has no oneDNN")
-    for family, expected in (("bert", True), ("clip", True), ("llama", False)):
-        cfg, task, labels = family_config(tmp_path, family, "lora")
-        facts = plan.inspect_model(cfg, task, labels)
-        assert plan.uses_onednn(facts, plan.dtypes_for(cfg, "cpu")) is expected, family
-        assert not plan.uses_onednn(facts, plan.dtypes_for(cfg, "cuda"))
-        cpu, cuda = plan.estimate(cfg, task, facts, "cpu"), plan.estimate(cfg, task, facts, "cuda")
-        extra = plan.RUNTIME_BYTES["cpu"] + plan.ONEDNN_BYTES * expected - plan.RUNTIME_BYTES["cuda"]
-        assert cpu.peak - cuda.peak == pytest.approx(cpu.activations - cuda.activations + extra)

@@ -28,25 +28,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.base_learning_rate=1e-5")
 
 
-def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    mapping = {
-        "data_dir": "data.data_dir", "output_dir": "output_dir", "train_file": "data.train_file",
-        "val_file": "data.val_file", "test_file": "data.test_file", "model": "model.name_or_path",
-        "task": "task", "method": "method.name",
-    }
-    out = []
-    for attr, key in mapping.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out.append(f"{key}={json.dumps(value)}")
-    return out
-
-
 def load_cli_config(args: argparse.Namespace):  # noqa: ANN201 - returns fulltune.config.Config
-    from fulltune.config import load_config
+    from fulltune.config import flag_overrides, load_config
 
     # Flags come first so that explicit key=value overrides win over them.
-    return load_config(args.config, _flag_overrides(args) + list(args.overrides or []))
+    return load_config(args.config, flag_overrides(args) + list(args.overrides or []))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

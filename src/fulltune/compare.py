@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from fulltune.config import Config, ConfigError, load_config, save_config, to_dict
+from fulltune.config import FLAG_KEYS, Config, ConfigError, flag_overrides, load_config, save_config, to_dict
 
 METHODS = ("linear_probe", "partial", "lora", "full")
 # Learning rate of each method as a multiple of training.base_learning_rate (read as full fine-tuning's LR).
@@ -31,8 +31,7 @@ METHODS = ("linear_probe", "partial", "lora", "full")
 # pretrained top blocks like full does and keeps full's rate.
 DEFAULT_LR_MULT = {"full": 1.0, "partial": 1.0, "lora": 10.0, "linear_probe": 100.0}
 # Flags that stand for config keys, as in `fulltune train`.
-FLAG_KEYS = {"data_dir": "data.data_dir", "train_file": "data.train_file", "val_file": "data.val_file",
-             "test_file": "data.test_file", "model": "model.name_or_path", "task": "task"}
+DATA_FLAGS = ("data_dir", "train_file", "val_file", "test_file", "model", "task")  # --output_dir is the comparison's
 
 
 def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,8 +43,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML config shared by every method")
     p.add_argument("--output_dir", help="folder of the comparison (default: the config's output_dir)")
-    for flag, key in FLAG_KEYS.items():
-        p.add_argument(f"--{flag}", help=f"sets {key}")
+    for flag in DATA_FLAGS:
+        p.add_argument(f"--{flag}", help=f"sets {FLAG_KEYS[flag]}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument(
         "--lr_per_method", default="",
@@ -90,9 +89,7 @@ def learning_rates(text: str, methods: list[str], base_lr: float) -> dict[str, f
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAG_KEYS.items()
-             if getattr(args, flag, None) is not None]
-    return flags + list(args.overrides or [])  # explicit key=value overrides win over flags
+    return flag_overrides(args, DATA_FLAGS) + list(args.overrides or [])  # explicit key=value overrides win over flags
 
 
 def method_config(args: argparse.Namespace, root: Path, method: str, lr: float) -> Config:

@@ -23,17 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fulltune.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from fulltune.config import FLAG_KEYS, Config, ConfigError, config_from_dict, flag_overrides, load_config, to_dict
 
 METHODS = ("full", "partial", "lora", "linear_probe")
 FIT_FRACTION = 0.9  # leave 10% of the budget to fragmentation, the CUDA context, data loading
-# What a process's first training steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers.
-# CPU: the code of each kernel run for the first time (RSS counts library pages as they are executed; a dry run's
-# forked process maps them anew), heap slack and autograd records: 6-7 MiB in dry runs of small models.
-RUNTIME_BYTES = {"cuda": 10 * 2**20, "cpu": 6 * 2**20}
-# oneDNN's first use on CPU (convolutions, exact GELU, bf16 matmuls): its code and JIT-compiled kernels, 9-14 MiB in
-# a dry run's forked process (about half that in a process that has not forked), whichever primitive comes first.
-ONEDNN_BYTES = 10 * 2**20
+# What the steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers. CPU: heap slack and
+# autograd records (1-3 MiB in dry runs of small models). Not counted, on either: the process itself (Python, the
+# imported libraries and the code pages of the kernels it runs; on CPU about 0.4 GiB with PyTorch and transformers loaded).
+RUNTIME_BYTES = {"cuda": 10 * 2**20, "cpu": 2 * 2**20}
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
@@ -185,13 +182,6 @@ def dtypes_for(cfg: Config, device_type: str) -> Dtypes:
     return Dtypes(2 if low or lean else 4, 2 if lean else 4, low and not lean, device_type == "cuda")
 
 
-def uses_onednn(f: Facts, d: Dtypes) -> bool:
-    """Whether the steps run oneDNN kernels: on CPU, PyTorch hands convolutions (image models' patch embedding),
-    exact GELU (hidden_act 'gelu'; not its tanh approximations, quick_gelu or SiLU) and bf16 matmuls to oneDNN."""
-    return not d.cuda and torch.backends.mkldnn.is_available() and (
-        f.pixels > 0 or f.activation == "gelu" or d.compute == 2)
-
-
 def _math_attention(f: Facts, d: Dtypes) -> bool:
     """sdpa leaves its fused kernels for the math one (S x S probabilities) on CPU when attention dropout is on."""
     return f.eager_attention or (not d.cuda and f.attn_dropout > 0)
@@ -264,9 +254,11 @@ def activation_bytes(f: Facts, cfg: Config, task: str, micro_batch: int, d: Dtyp
     recompute = full_block + tokens * 4 * f.heads * S * _math_attention(f, d) if checkpointed else 0
     transient = max(top_transient, block_transient + recompute)
     # A frozen block's forward keeps nothing but has a working set (before any activation is kept): the residual
-    # stream, then q/k/v with the scores and probabilities, or the MLP's intermediates (quick_gelu, SwiGLU: four).
+    # stream (the block's input, its normalised copy, its output), then q/k/v with the scores and probabilities, or
+    # the MLP's intermediates: the activation's input and output; three for quick_gelu and SwiGLU, whose temporaries
+    # are freed as soon as the next one exists.
     scores = 3 * 4 * f.heads * S if _math_attention(f, d) else 0
-    working = tokens * (2 * 4 * h + max(4 * h * d.compute + scores, (4 if composite else 2) * f.intermediate * d.compute))
+    working = tokens * (3 * 4 * h + max(4 * h * d.compute + scores, (3 if composite else 2) * f.intermediate * d.compute))
     return max(kept + transient, working if flowing < f.layers else 0)
 
 
@@ -313,7 +305,7 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     flowing = (f.layers - max(f.first_layer, 1) + 1) / f.layers if f.first_layer <= f.layers else 0.0
     # 1 forward + input gradients where gradient flows + weight gradients where weights train (+ recomputation).
     passes = 1 + flowing * (1 + (cfg.method.name in ("full", "partial")) + (t.gradient_checkpointing or lean))
-    runtime = RUNTIME_BYTES["cuda" if d.cuda else "cpu"] + ONEDNN_BYTES * uses_onednn(f, d)
+    runtime = RUNTIME_BYTES["cuda" if d.cuda else "cpu"]
     return Estimate(cfg.method.name, cfg.data.batch_size, f.trainable, f.total, f.weight_bytes, grads,
                     f.trainable * optimizer, activations, f.weight_bytes + f.trainable * optimizer + both + runtime,
                     passes, note=note)
@@ -364,7 +356,8 @@ def dry_run(cfg: Config, task: str, labels: list[str] | None, facts: Facts, devi
             steps: int = 2) -> dict[str, Any]:
     """Peak memory of `steps` optimizer steps of the configured training on random inputs, built and stepped as
     train.py does. CUDA: torch.cuda.max_memory_allocated. CPU: the peak RSS during the steps over the RSS after
-    building model and optimizer, plus the weights' bytes (part of that baseline, so counted, not measured)."""
+    building model and optimizer and a one-sample forward and backward, plus the weights' bytes (part of that
+    baseline, so counted, not measured)."""
     from fulltune.methods import param_groups
     from fulltune.optim import build_optimizer
     from fulltune.runtime import resolve_precision, seed_everything
@@ -390,6 +383,12 @@ def dry_run(cfg: Config, task: str, labels: list[str] | None, facts: Facts, devi
     weights = sum(x.numel() * x.element_size() for x in tensors)
     micro_steps = min(t.gradient_accumulation_steps, 2)  # a third micro-batch adds no memory
     model.train()
+    # A forward and backward of one sample, gradients dropped, before the baseline: the kernels' code pages (which a
+    # forked process faults in anew, more or fewer by CPU: oneDNN's JIT kernels differ between AVX2 and AVX-512) and
+    # one-off caches are then outside the measurement, which keeps what the steps' tensors add.
+    with precision.autocast():
+        TASKS[task].loss(model, {k: v[:1] for k, v in batch.items()}, t.label_smoothing)[0].backward()
+    optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -420,7 +419,8 @@ def dry_run(cfg: Config, task: str, labels: list[str] | None, facts: Facts, devi
     if device.type == "cuda":
         return {"measured": torch.cuda.max_memory_allocated(device), "step_seconds": seconds[-1],
                 "how": "torch.cuda.max_memory_allocated"}
-    how = "CPU: peak RSS over the RSS after building, + the weights" if reset else "CPU: peak RSS of the process"
+    how = ("CPU: peak RSS over the RSS after building and a one-sample warm-up, + the weights" if reset
+           else "CPU: peak RSS of the process")
     return {"measured": _rss()[1] - base + weights, "step_seconds": seconds[-1], "how": how}
 
 
@@ -672,9 +672,9 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"{m['method']:<13}{m['trainable']:>12,}{cells}{'yes' if m['fits'] else 'no':>6}"
                      f"{m['forward_passes']:>5.1f}{step:>8}")
     rec = r["recommendation"]
-    lines += ["", "estimate = weights + optimizer + max(activations, grads) (both when accumulating) + 6-16 MiB of "
-              f"library code and buffers; measured = 2-step dry run on random inputs ({r['measured_how']}); fwd = "
-              "compute per step in forward passes", *sorted({m["note"] for m in r["methods"] if m.get("note")}), "",
+    lines += ["", "estimate = weights + optimizer + max(activations, grads) (both when accumulating) + a few MiB of "
+              f"buffers; measured = 2-step dry run on random inputs ({r['measured_how']}); neither counts the process "
+              "itself (Python and the libraries: ~0.4 GiB on CPU); fwd = compute per step in forward passes", *sorted({m["note"] for m in r["methods"] if m.get("note")}), "",
               "recommendation: " + (f"method.name={rec['method']} data.batch_size={rec['micro_batch']} "
                                     f"training.gradient_accumulation_steps={rec['accumulation']}"
                                     + (" training.gradient_checkpointing=true" if rec["gradient_checkpointing"]
@@ -686,6 +686,8 @@ def format_report(r: dict[str, Any]) -> str:
 def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="estimate memory per method, check it with a dry run, recommend one")
     p.add_argument("--config", help="YAML config file")
+    for flag in ("data_dir", "train_file", "val_file", "model", "task"):  # as for `fulltune train`
+        p.add_argument(f"--{flag}", help=f"sets {FLAG_KEYS[flag]}")
     p.add_argument("--memory_budget", help="memory to fit in, e.g. 24GB or 16GiB (default: the device's free memory)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="plan for this device (sets hardware.device)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
@@ -697,8 +699,8 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, list(args.overrides or []) + ([f"hardware.device={args.device}"] if args.device
-                                                                 else []))
+    device = [f"hardware.device={args.device}"] if args.device else []
+    cfg = load_config(args.config, flag_overrides(args) + list(args.overrides or []) + device)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if not methods or any(m not in METHODS for m in methods):
         raise ConfigError(f"--methods '{args.methods}': expected a comma-separated subset of {', '.join(METHODS)}")
