@@ -29,7 +29,7 @@ METHODS = ("full", "partial", "lora", "linear_probe")
 FIT_FRACTION = 0.9  # leave 10% of the budget to fragmentation, the CUDA context, data loading
 # What the steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers. CPU: heap slack and
 # autograd records (1-3 MiB in dry runs of small models). Not counted, on either: the process itself (Python, the
-# imported libraries and the code pages of the kernels it runs; on CPU about 0.4 GiB with PyTorch and transformers loaded).
+# imported libraries and the code pages of the kernels it runs; on CPU about 0.4 GiB with PyTorch and transformers).
 RUNTIME_BYTES = {"cuda": 10 * 2**20, "cpu": 2 * 2**20}
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -258,7 +258,8 @@ def activation_bytes(f: Facts, cfg: Config, task: str, micro_batch: int, d: Dtyp
     # the MLP's intermediates: the activation's input and output; three for quick_gelu and SwiGLU, whose temporaries
     # are freed as soon as the next one exists.
     scores = 3 * 4 * f.heads * S if _math_attention(f, d) else 0
-    working = tokens * (3 * 4 * h + max(4 * h * d.compute + scores, (3 if composite else 2) * f.intermediate * d.compute))
+    mlp = (3 if composite else 2) * f.intermediate * d.compute
+    working = tokens * (3 * 4 * h + max(4 * h * d.compute + scores, mlp))
     return max(kept + transient, working if flowing < f.layers else 0)
 
 
@@ -674,7 +675,8 @@ def format_report(r: dict[str, Any]) -> str:
     rec = r["recommendation"]
     lines += ["", "estimate = weights + optimizer + max(activations, grads) (both when accumulating) + a few MiB of "
               f"buffers; measured = 2-step dry run on random inputs ({r['measured_how']}); neither counts the process "
-              "itself (Python and the libraries: ~0.4 GiB on CPU); fwd = compute per step in forward passes", *sorted({m["note"] for m in r["methods"] if m.get("note")}), "",
+              "itself (Python and the libraries: ~0.4 GiB on CPU); fwd = compute per step in forward passes",
+              *sorted({m["note"] for m in r["methods"] if m.get("note")}), "",
               "recommendation: " + (f"method.name={rec['method']} data.batch_size={rec['micro_batch']} "
                                     f"training.gradient_accumulation_steps={rec['accumulation']}"
                                     + (" training.gradient_checkpointing=true" if rec["gradient_checkpointing"]
