@@ -1,7 +1,9 @@
 """Where one training step of the `make bench` job goes: data, forward, backward, clipping, optimizer step, and the
 share of the step that the AdamW update of the word-embedding matrix takes (timed alone on the same tensors).
 
-    .venv/bin/python bench/profile_step.py [--steps 30] [--precision auto|bf16|no]
+    .venv/bin/python bench/profile_step.py [--steps 30] [--precision auto|bf16|no] [--method full|lora|...]
+                                          [--set key=value ...]
+                                          [--ops 15]   (also the top operators by self CPU time, torch.profiler)
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--method", default="full", help="method.name: full, partial, lora, linear_probe")
+    ap.add_argument("--set", nargs="*", default=[], help="more config overrides, e.g. method.lora.dropout=0")
+    ap.add_argument("--ops", type=int, default=0, help="print this many top operators of 5 profiled steps")
     args = ap.parse_args()
     if not SST2.is_dir():
         print(f"skipped: {SST2} is not present")
@@ -37,6 +42,7 @@ def main() -> int:
             "task": "text_classification", "output_dir": str(Path(tmp) / "run"), "data.train_file": str(train_file),
             "data.text_column": "sentence", "data.max_length": 64, "data.batch_size": 32,
             "training.base_learning_rate": 1e-4, "training.num_epochs": 1, "hardware.mixed_precision": args.precision,
+            "method.name": args.method, **dict(o.split("=", 1) for o in args.set),
         })
         run = setup(cfg)
         task = TASKS[run.task_name]
@@ -59,6 +65,17 @@ def main() -> int:
             if step >= 3:  # skip warm-up
                 for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
                     phases[k].append(v)
+        if args.ops:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    batch = _to_device(next(it), run.device)
+                    with run.precision.autocast():
+                        loss_sum, _ = task.loss(run.model, batch, 0.0)
+                    (loss_sum / task.count(batch)).backward()
+                    _optimizer_step(run, run.model, run.optimizer)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
         med = {k: statistics.median(v) for k, v in phases.items()}
         print(f"mean step {1000 * statistics.mean(phases['total']):.1f} ms over {len(phases['total'])} steps")
         print(f"precision {run.precision.name}, {torch.get_num_threads()} threads, median over {len(phases['total'])} steps:")
