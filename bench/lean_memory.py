@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -34,10 +33,6 @@ MODES = {
     "lean-bf16-kahan": ("bf16", "kahan", "lean with Kahan compensation instead of stochastic rounding (8 bytes)"),
     "lean-mixed-kahan": ("mixed", "kahan", "lean with exp_avg_sq fp32 and Kahan compensation (10 bytes)"),
 }
-
-
-def maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def llama_config(vocab: int, hidden: int, intermediate: int, layers: int) -> Any:
@@ -63,6 +58,7 @@ def build(mode: str, cfg: Any, lr: float) -> tuple[Any, Any, Any]:
     from transformers import LlamaForCausalLM
 
     from fulltune.lean import BF16AdamW, attach_fused_step
+    from fulltune.methods import enable_gradient_checkpointing
 
     lean = mode.startswith("lean")
     model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16 if lean else torch.float32)
@@ -77,11 +73,7 @@ def build(mode: str, cfg: Any, lr: float) -> tuple[Any, Any, Any]:
     model.train()
     if not lean:
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True), None
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:  # transformers releases before the rename
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)  # as the trainer does in lean mode
     state_dtype, rounding, _ = MODES[mode]
     opt = BF16AdamW(model.parameters(), lr=lr, weight_decay=0.01, state_dtype=state_dtype, rounding=rounding)
     return model, opt, attach_fused_step(model, opt)
@@ -115,6 +107,8 @@ def held_bytes(model: Any, opt: Any) -> int:
 
 def worker(args: argparse.Namespace) -> dict:
     import torch
+
+    from fulltune.runtime import maxrss_bytes
 
     torch.set_num_threads(args.threads)
     # warm up on a tiny model of the same kind (lazy imports, kernels, thread pools) before reading the baseline

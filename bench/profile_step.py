@@ -32,7 +32,9 @@ def main() -> int:
         return 0
     from fulltune.config import load_config
     from fulltune.tasks import TASKS
-    from fulltune.train import _optimizer_step, _to_device, make_loader, setup
+    from fulltune.optim import optimizer_step
+    from fulltune.runtime import to_device
+    from fulltune.train import setup
 
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.tsv"
@@ -46,13 +48,13 @@ def main() -> int:
         })
         run = setup(cfg)
         task = TASKS[run.task_name]
-        loader = make_loader(run, run.data.train, batch_sampler=run.sampler)
+        loader = run.make_loader(run.data.train, batch_sampler=run.sampler)
         run.model.train()
         phases: dict[str, list[float]] = {k: [] for k in ("data", "forward", "backward", "clip+step", "total")}
         it = iter(loader)
         for step in range(min(args.steps, len(run.sampler))):
             t0 = time.perf_counter()
-            batch = _to_device(next(it), run.device)
+            batch = to_device(next(it), run.device)
             t1 = time.perf_counter()
             with run.precision.autocast():
                 loss_sum, _ = task.loss(run.model, batch, 0.0)
@@ -60,7 +62,7 @@ def main() -> int:
             t2 = time.perf_counter()
             loss.backward()
             t3 = time.perf_counter()
-            _optimizer_step(run, run.model, run.optimizer)
+            optimizer_step(run.model, run.optimizer, run.scaler, cfg.training.max_grad_norm)
             t4 = time.perf_counter()
             if step >= 3:  # skip warm-up
                 for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
@@ -70,11 +72,11 @@ def main() -> int:
 
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(5):
-                    batch = _to_device(next(it), run.device)
+                    batch = to_device(next(it), run.device)
                     with run.precision.autocast():
                         loss_sum, _ = task.loss(run.model, batch, 0.0)
                     (loss_sum / task.count(batch)).backward()
-                    _optimizer_step(run, run.model, run.optimizer)
+                    optimizer_step(run.model, run.optimizer, run.scaler, cfg.training.max_grad_norm)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
         med = {k: statistics.median(v) for k, v in phases.items()}
         print(f"mean step {1000 * statistics.mean(phases['total']):.1f} ms over {len(phases['total'])} steps")

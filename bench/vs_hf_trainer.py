@@ -22,7 +22,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,9 @@ def read_tsv(path: Path, limit: int | None = None) -> tuple[list[str], list[int]
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from fulltune.runtime import maxrss_bytes
+
+    return maxrss_bytes() / 2**20
 
 
 def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = True) -> dict:

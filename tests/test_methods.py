@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from fulltune import train as train_module
 from fulltune.config import ConfigError, load_config
-from fulltune.methods import enable_gradient_checkpointing, plan_method, wrap_lora
+from fulltune.methods import enable_gradient_checkpointing, plan_trainable, wrap_lora
 from fulltune.models import build_model, layer_map
 from fulltune.optim import lr_factor
 from fulltune.train import setup, train
@@ -94,7 +94,7 @@ def test_bad_unfreeze_layer_lists_the_valid_names():
                                                        {"epoch": 1, "layers": ["bert.encoder.layers.1"]}]}
     cfg = load_config(None, {"training.progressive_unfreezing": schedule})
     with pytest.raises(ConfigError) as err:
-        plan_method(model, cfg)
+        plan_trainable(model, cfg)
     message = str(err.value)
     assert "'bert.encoder.layers.1'" in message
     for name in ("classifier", "all", "bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1",
@@ -104,13 +104,13 @@ def test_bad_unfreeze_layer_lists_the_valid_names():
     late = load_config(None, {"training.progressive_unfreezing": {"enabled": True, "unfreeze_schedule": [
         {"epoch": 1, "layers": ["all"]}]}})
     with pytest.raises(ConfigError, match="epoch 0"):
-        plan_method(model, late)
+        plan_trainable(model, late)
 
 
 def test_auto_schedule_unfreezes_from_the_top():
     model, _ = _model(TINY_BERT, "text_classification")
     cfg = load_config(None, {"training.progressive_unfreezing": {"enabled": True, "auto": 2}})
-    plan = plan_method(model, cfg)
+    plan = plan_trainable(model, cfg)
     every = set(plan.lmap.layer_of)
     assert plan.trainable_at(0) == plan.trainable_at(1) == plan.lmap.head
     assert {plan.lmap.layer_of[n] for n in plan.trainable_at(2)} == {2, 3}  # top block, pooler and head
@@ -139,17 +139,17 @@ def test_layer_decay_lr_of_every_group_at_every_step(tmp_path, text_data, monkey
                     training__layerwise_lr={"enabled": True, "decay_rate": decay}, training__weight_decay=0.05,
                     checkpoint__save_every_epochs=0, checkpoint__save_best=False)
     runs, seen = [], []
-    real_setup, real_set_lr = train_module.setup, train_module.set_lr
+    real_setup, real_set_lr = train_module.Trainer.setup, train_module.set_lr
 
-    def spy_setup(*args, **kwargs):
-        runs.append(real_setup(*args, **kwargs))
+    def spy_setup(self):
+        runs.append(real_setup(self))
         return runs[-1]
 
     def spy_set_lr(optimizer, lr, factor):
         real_set_lr(optimizer, lr, factor)
         seen.append({id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]})
 
-    monkeypatch.setattr(train_module, "setup", spy_setup)
+    monkeypatch.setattr(train_module.Trainer, "setup", spy_setup)
     monkeypatch.setattr(train_module, "set_lr", spy_set_lr)
     train(cfg)
     names = {id(p): n for n, p in runs[0].model.named_parameters()}

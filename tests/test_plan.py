@@ -13,7 +13,7 @@ from conftest import base_overrides
 
 from fulltune import plan
 from fulltune.config import ConfigError, load_config
-from fulltune.methods import plan_method, wrap_lora
+from fulltune.methods import plan_trainable, wrap_lora
 from fulltune.models import build_model
 
 # Small enough for a loaded 2-core machine, big enough that activations (not fixed overheads) dominate the peak.
@@ -68,7 +68,7 @@ def test_counts_match_the_real_model(tmp_path: Path) -> None:
         counts = plan.inspect_model(cfg, task, labels)
         model = build_model(cfg, task, labels).model
         model = wrap_lora(model, cfg, task) if method == "lora" else model
-        eligible = plan_method(model, cfg).eligible
+        eligible = plan_trainable(model, cfg).eligible
         params = dict(model.named_parameters())
         assert counts.trainable == sum(params[n].numel() for n in eligible)
         assert counts.total == sum(p.numel() for p in params.values())

@@ -22,7 +22,7 @@ from transformers import (  # noqa: E402
 from fulltune.prune import (  # noqa: E402
     PruneConfig,
     allocate_layer_ratios,
-    count_parameters,
+    parameter_count,
     get_layer_shapes,
     is_pruned_folder,
     load_pruned,
@@ -83,7 +83,7 @@ def shape_tuples(model):
 )
 def test_half_pruning_layout_forward_generate_and_count(arch, qkv_bias, tied):
     model = make(arch, tie_word_embeddings=tied)
-    assert count_parameters(model) == expected_params([(HEADS, KV_HEADS, INTER)] * LAYERS, qkv_bias, tied)
+    assert parameter_count(model) == expected_params([(HEADS, KV_HEADS, INTER)] * LAYERS, qkv_bias, tied)
     report = prune_model(model, PruneConfig(pruning_ratio=0.5, importance="taylor"), calib())
 
     pruned = [(HEADS // 2, KV_HEADS // 2, INTER // 2)] * LAYERS
@@ -98,7 +98,7 @@ def test_half_pruning_layout_forward_generate_and_count(arch, qkv_bias, tied):
         if qkv_bias:
             assert attn.q_proj.bias.shape == (n_q * HEAD_DIM,) and attn.k_proj.bias.shape == (n_kv * HEAD_DIM,)
     assert report["params_before"] == expected_params([(HEADS, KV_HEADS, INTER)] * LAYERS, qkv_bias, tied)
-    assert report["params_after"] == count_parameters(model) == expected_params(pruned, qkv_bias, tied)
+    assert report["params_after"] == parameter_count(model) == expected_params(pruned, qkv_bias, tied)
     assert [
         (r["num_attention_heads"], r["num_key_value_heads"], r["intermediate_size"]) for r in report["layers"]
     ] == pruned
@@ -173,7 +173,7 @@ def test_save_load_identical(tmp_path, arch):
     loaded = load_pruned(out)
     assert type(loaded) is type(model)
     assert shape_tuples(loaded) == shape_tuples(model)
-    assert count_parameters(loaded) == count_parameters(model)
+    assert parameter_count(loaded) == parameter_count(model)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, logits)
     gen_kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -198,12 +198,12 @@ def test_ratio_zero_is_identity(importance):
     x = inputs()
     with torch.no_grad():
         before = model(x).logits
-    n_before = count_parameters(model)
+    n_before = parameter_count(model)
     flags = [p.requires_grad for p in model.parameters()]
     report = prune_model(model, PruneConfig(pruning_ratio=0.0, importance=importance), calib())
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
-    assert count_parameters(model) == n_before == report["params_after"] == report["params_before"]
+    assert parameter_count(model) == n_before == report["params_after"] == report["params_before"]
     assert [p.requires_grad for p in model.parameters()] == flags
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fulltune.config import Config, ConfigError, save_config, to_dict
+from fulltune.config import Config, save_config, to_dict
+from fulltune.errors import ConfigError, TrainingError
 from fulltune.models import ModelBundle, save_image_processor
-from fulltune.runtime import rng_state, set_rng_state
+from fulltune.runtime import rng_state, set_rng_state, unwrap
 
 STATE_DIR = "training_state"
 RUN_META = "fulltune_run.json"
@@ -37,7 +38,6 @@ class TrainState:
     batches_done: int = 0
     """Micro-batches of the current epoch already consumed (a resume skips them)."""
     optimizer_step: int = 0
-    micro_step: int = 0
     total_steps: int = 0
     samples_seen: int = 0
     micro_batch_size: int = 0
@@ -47,17 +47,6 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -135,17 +124,17 @@ def save_checkpoint(
         save_config(cfg, tmp / "config.yaml")
         if optimizer is None:
             return  # best/: an export, not a resume point
-        sd = tmp / STATE_DIR
-        sd.mkdir()
+        state_dir = tmp / STATE_DIR
+        state_dir.mkdir()
         if optimizer_state is not None:
-            torch.save({"format": "by_name", "state": optimizer_state}, sd / "optimizer.pt")
+            torch.save({"format": "by_name", "state": optimizer_state}, state_dir / "optimizer.pt")
         else:
-            torch.save({"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}, sd / "optimizer.pt")
-        torch.save({"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}, sd / "rng.pt")
+            torch.save({"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}, state_dir / "optimizer.pt")
+        torch.save({"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}, state_dir / "rng.pt")
         if is_peft(unwrap(model)):
             # The merged export cannot be un-merged: keep the adapter-side tensors exactly as they train.
-            save_file(_trainable_state(model, optimizer), str(sd / "trainable.safetensors"))
-        (sd / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+            save_file(_trainable_state(model, optimizer), str(state_dir / "trainable.safetensors"))
+        (state_dir / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -180,16 +169,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise ConfigError(f"'{path}' is not a fulltune checkpoint (no {STATE_DIR}/trainer_state.json)")
     from fulltune import distributed as ddist
 
-    sd = path / STATE_DIR
+    state_dir = path / STATE_DIR
     base = unwrap(model)
-    blob = torch.load(sd / "optimizer.pt", map_location="cpu", weights_only=False)
+    blob = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False)
     if ddist.is_fsdp(base):
         if blob["format"] != "by_name":
             raise ConfigError(f"checkpoint '{path}' was not written by an FSDP run; resume it with parallel ddp or none")
         ddist.load_full_model_state(base, _read_weights(path))
         ddist.load_full_optimizer_state(base, optimizer, blob["state"])
     elif is_peft(base):
-        missing, unexpected = base.load_state_dict(load_file(str(sd / "trainable.safetensors")), strict=False)
+        missing, unexpected = base.load_state_dict(load_file(str(state_dir / "trainable.safetensors")), strict=False)
         if unexpected:
             raise ConfigError(f"checkpoint '{path}': adapter tensors do not fit this model ({unexpected[:5]})")
     else:
@@ -199,11 +188,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             ddist.load_full_optimizer_state(base, optimizer, blob["state"])
         else:
             optimizer.load_state_dict(blob["state"])
-    blob = torch.load(sd / "rng.pt", weights_only=False)
+    blob = torch.load(state_dir / "rng.pt", weights_only=False)
     if scaler is not None and blob.get("scaler") is not None:
         scaler.load_state_dict(blob["scaler"])
     set_rng_state(blob["rng"])
-    return TrainState(**json.loads((sd / "trainer_state.json").read_text()))
+    return read_train_state(state_dir / "trainer_state.json")
+
+
+def read_train_state(path: Path) -> TrainState:
+    """The counters of trainer_state.json; keys this version no longer keeps (micro_step) are ignored."""
+    saved = json.loads(Path(path).read_text())
+    known = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in saved.items() if k in known})
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -232,7 +228,8 @@ def find_resume_point(resume: str, output_dir: Path) -> Path | None:
     raise ConfigError(f"--resume '{resume}': not a checkpoint folder, nor a run folder holding checkpoints")
 
 
-def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
+def delete_old_checkpoints(output_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` resumable checkpoints of a run folder (0: keep all)."""
     if keep_last <= 0:
         return
     for old in list_checkpoints(output_dir)[:-keep_last]:
@@ -243,3 +240,15 @@ def run_meta(task: str, labels: list[str] | None, cfg: Config, extra: dict[str, 
     meta = {"task": task, "labels": labels, "method": cfg.method.name, "fulltune_config": to_dict(cfg)}
     meta.update(extra or {})
     return meta
+
+
+def convert_position(state: TrainState, micro: int, world: int, point: Path) -> int:
+    """Batches already done this epoch, in this run's batch size and world size (the global batch must match)."""
+    saved_micro, saved_world = state.micro_batch_size or micro, state.world_size or 1
+    if saved_micro * saved_world != micro * world:
+        raise TrainingError(
+            f"checkpoint '{point}' was written with a global batch of {saved_micro} x {saved_world} processes; "
+            f"this run has {micro} x {world}: set data.batch_size so that the global batch is the same"
+        )
+    state.micro_batch_size, state.world_size = micro, world
+    return state.batches_done

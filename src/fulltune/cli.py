@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from fulltune.config import ConfigError
-    from fulltune.data.text import DataError
+    from fulltune.errors import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

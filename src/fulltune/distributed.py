@@ -7,6 +7,7 @@ the sampler shard the data by rank.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
@@ -136,3 +137,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "fulltune", *argv]
     print("launching: " + " ".join(cmd[2:]), flush=True)
     return subprocess.call(cmd)
+
+
+def sync_context(model: nn.Module, last_micro: bool) -> contextlib.AbstractContextManager:
+    """No gradient all-reduce on accumulation micro-steps (DDP/FSDP)."""
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(last_micro)
+        return contextlib.nullcontext()
+    if not last_micro and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()

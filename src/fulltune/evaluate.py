@@ -1,86 +1,18 @@
-"""Metrics over a data loader, streamed (memory does not grow with the data set): top-1/top-5, per-class
-accuracy, macro-F1 and the confusion matrix for classifiers; token-level loss and perplexity for causal LMs.
-Also `fulltune evaluate` over an exported checkpoint.
+"""`fulltune evaluate`: the metrics of an exported checkpoint on a data split or file, written as metrics.json,
+confusion_matrix.csv and confusion_matrix.png, and a short table for the terminal. The metrics themselves are
+computed in `fulltune.metrics`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from fulltune.runtime import Precision
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def classification_metrics(
-    model: nn.Module, loader: Any, num_classes: int, device: torch.device, precision: Precision
-) -> dict[str, Any]:
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    top5 = torch.zeros((), dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    k = min(5, num_classes)
-    for batch in loader:
-        batch = _to(batch, device)
-        labels = batch.pop("labels")
-        with precision.autocast():
-            logits = model(**batch).logits.float()  # (batch, num_classes)
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
-        pred = logits.argmax(-1)
-        confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-        top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum()
-    return summarize_confusion(confusion.cpu(), int(top5), float(loss_sum))
-
-
-def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: float) -> dict[str, Any]:
-    """Metrics from a confusion matrix (rows: true class, columns: predicted class)."""
-    total = int(confusion.sum())
-    correct = int(confusion.diag().sum())
-    support = confusion.sum(1).double()
-    predicted = confusion.sum(0).double()
-    tp = confusion.diag().double()
-    per_class = torch.where(support > 0, tp / support.clamp(min=1), torch.full_like(tp, float("nan")))
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
-    present = support > 0
-    return {
-        "accuracy": correct / max(total, 1),
-        "top5_accuracy": top5_correct / max(total, 1),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "loss": loss_sum / max(total, 1),
-        "examples": total,
-        "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
-        "confusion_matrix": confusion.tolist(),
-    }
-
-
-@torch.no_grad()
-def lm_metrics(model: nn.Module, loader: Any, device: torch.device, precision: Precision) -> dict[str, Any]:
-    """Mean next-token NLL over all labelled tokens of the packed blocks, and its exp (perplexity)."""
-    from fulltune.tasks import lm_loss
-
-    model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = 0
-    for batch in loader:
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
-        batch = _to(batch, device)
-        with precision.autocast():
-            loss, _ = lm_loss(model, batch, 0.0)
-        nll += loss.double()
-    mean = float(nll) / max(tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens}
+from fulltune.metrics import classification_metrics
 
 
 def write_classification_report(metrics: dict[str, Any], labels: list[str], out_dir: Path) -> None:
@@ -153,7 +85,7 @@ def evaluate_checkpoint(
     from fulltune.config import config_from_dict
     from fulltune.data import images as img
     from fulltune.data import text as txt
-    from fulltune.data.text import DataError
+    from fulltune.errors import DataError
     from fulltune.models import load_exported
     from fulltune.runtime import resolve_device, resolve_precision
 

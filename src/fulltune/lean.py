@@ -474,3 +474,28 @@ def build_lean_optimizer(
             ) from e
         return bnb.optim.AdamW8bit(params_or_groups, **kw)
     raise ValueError(f"unknown lean optimizer kind {kind!r}; expected 'bf16_adamw' or 'adamw8bit'")
+
+
+def describe_lean_mode(t: Any, device: torch.device, fused: bool) -> str:
+    """The log line that says how lean mode runs here (`t`: the TrainingConfig), or '' outside lean mode."""
+    if t.memory != "lean":
+        return ""
+    if t.lean_optimizer == "bf16_adamw":
+        how = (f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, "
+               "gradient checkpointing")
+    else:
+        how = "bf16 weights, bitsandbytes 8-bit AdamW, gradient checkpointing"
+    from fulltune.runtime import cpu_has_fast_bf16, world_size
+
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        how += " (this CPU has no bf16 units: bf16 matmuls are emulated and several times slower than fp32)"
+    if fused:
+        clip = f"; max_grad_norm {t.max_grad_norm} clips each tensor's gradient" if t.max_grad_norm else ""
+        return f"memory lean: {how}, optimizer step fused into backward{clip}\n"
+    if t.lean_optimizer == "adamw8bit":
+        why = "the 8-bit optimizer has no per-tensor step"
+    elif t.gradient_accumulation_steps > 1 or world_size() > 1:
+        why = "gradient accumulation and data parallelism need whole gradients"
+    else:
+        why = "training.lean_fused_step=false"
+    return f"memory lean: {how}; optimizer step after backward ({why})\n"

@@ -11,11 +11,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from fulltune.config import Config, ConfigError, UnfreezeStep
-from fulltune.models import LayerMap, layer_map, strip_peft_prefix
+from fulltune.config import Config, UnfreezeStep
+from fulltune.errors import ConfigError
+from fulltune.models import LayerMap, ModelBundle, build_model, is_under, layer_map, strip_peft_prefix
 
+METHODS = ("full", "partial", "lora", "linear_probe")
+"""The values of method.name, from most to fewest trainable parameters (LoRA's adapters aside)."""
 HEAD_ALIASES = ("classifier", "head")
 
 
@@ -86,7 +90,7 @@ def wrap_lora(model: nn.Module, cfg: Config, task: str) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------- plan
 
 @dataclass
-class Plan:
+class TrainablePlan:
     """Which parameters the method may ever train (`eligible`), and which train at a given epoch."""
 
     lmap: LayerMap
@@ -111,12 +115,8 @@ class Plan:
             elif layer in HEAD_ALIASES and self.lmap.head:
                 out |= self.lmap.head
             else:
-                out |= {n for n in self.lmap.layer_of if _is_under(strip_peft_prefix(n), layer)}
+                out |= {n for n in self.lmap.layer_of if is_under(strip_peft_prefix(n), layer)}
         return out
-
-
-def _is_under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def layer_names(lmap: LayerMap) -> list[str]:
@@ -163,15 +163,15 @@ def _eligible(model: nn.Module, cfg: Config, lmap: LayerMap) -> set[str]:
     return eligible
 
 
-def plan_method(model: nn.Module, cfg: Config) -> Plan:
+def plan_trainable(model: nn.Module, cfg: Config) -> TrainablePlan:
     """The eligible set from method.name (and method.freeze), the schedule from training.progressive_unfreezing."""
     lmap = layer_map(model)
     eligible = _eligible(model, cfg, lmap)
     pu = cfg.training.progressive_unfreezing
     if not pu.enabled:
-        return Plan(lmap, eligible, [])
+        return TrainablePlan(lmap, eligible, [])
     schedule = pu.unfreeze_schedule or _auto_schedule(lmap, pu.auto or 1)
-    plan = Plan(lmap, eligible, schedule)
+    plan = TrainablePlan(lmap, eligible, schedule)
     for step in schedule:
         for layer in step.layers:
             selected = plan.resolve([layer])
@@ -217,7 +217,7 @@ def _group_label(layers: set[int], has_head: bool, num_layers: int) -> str:
     return "+".join(parts)
 
 
-def param_groups(model: nn.Module, plan: Plan, cfg: Config) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, plan: TrainablePlan, cfg: Config) -> list[dict[str, Any]]:
     """Optimizer groups over every eligible parameter, one per (LR scale, weight decay on/off), bottom to top.
 
     Each group carries `lr_scale` (block i of L: decay ** (L - i); head: head_lr_mult); schedules multiply it,
@@ -260,3 +260,28 @@ def describe_groups(groups: list[dict[str, Any]], base_lr: float) -> str:
         lr = base_lr * g["lr_scale"]
         lines.append(f"{g['name']:<26}{len(g['params']):>8}{n:>12,}{lr:>12.3g}{g['weight_decay']:>8.3g}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- preparation
+
+def prepare_model(
+    cfg: Config, task: str, labels: list[str] | None, device: torch.device
+) -> tuple[ModelBundle, nn.Module, TrainablePlan]:
+    """The model as training uses it: built, with gradient checkpointing (always in lean mode), LoRA adapters,
+    lean mode's bf16 weights, on `device` (left where it is on the meta device), and the plan of what trains.
+
+    The trainer, the memory planner's dry run and the benchmarks all call this, so they measure the same model.
+    Returns (bundle, model, plan); `model` is `bundle.model` or its peft wrapper.
+    """
+    bundle = build_model(cfg, task, labels)
+    model = bundle.model
+    lean = cfg.training.memory == "lean"
+    if cfg.training.gradient_checkpointing or lean:
+        enable_gradient_checkpointing(model)
+    if cfg.method.name == "lora":
+        model = wrap_lora(model, cfg, task)
+    if lean:
+        model.to(torch.bfloat16)
+    if device.type != "meta":
+        model.to(device)
+    return bundle, model, plan_trainable(model, cfg)

@@ -314,7 +314,8 @@ def _block_index(match: re.Match) -> int:
     return int(next(g for g in match.groups() if g is not None))
 
 
-def _is_under(name: str, prefix: str) -> bool:
+def is_under(name: str, prefix: str) -> bool:
+    """True when `name` is `prefix` itself or a parameter/module below it ('a.b' is under 'a', 'ab' is not)."""
     return name == prefix or name.startswith(prefix + ".")
 
 
@@ -326,12 +327,12 @@ def _module_prefixes(keys: dict[str, int], wanted: int) -> list[str]:
     """
     found: list[str] = []
     for name, key in keys.items():
-        if key != wanted or any(_is_under(name, p) for p in found):
+        if key != wanted or any(is_under(name, p) for p in found):
             continue
         parts = name.split(".")
         for k in range(1, len(parts) + 1):
             prefix = ".".join(parts[:k])
-            if all(v == wanted for n, v in keys.items() if _is_under(n, prefix)):
+            if all(v == wanted for n, v in keys.items() if is_under(n, prefix)):
                 found.append(prefix)
                 break
     return found

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from fulltune.config import TrainingConfig
 
@@ -20,7 +21,7 @@ def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: tor
     # Our bookkeeping keys ("names") are not optimizer hyper-parameters; keep them but out of the way.
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if lean and t.lean_optimizer == "adamw8bit":
-        from fulltune.config import ConfigError
+        from fulltune.errors import ConfigError
         from fulltune.lean import build_lean_optimizer
 
         try:
@@ -43,6 +44,29 @@ def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: tor
         eps=t.adam_epsilon,
         fused=fused or None,
     )
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any = None, max_grad_norm: float | None = None
+) -> torch.Tensor | None:
+    """One update after backward: unscale (fp16), clip the global gradient norm, step, free the gradients.
+
+    Returns the gradient norm before clipping as a 0-d tensor (no host sync), or None when nothing clips.
+    The trainer, the memory planner's dry run and the benchmarks all step through here.
+    """
+    norm = None
+    if max_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grads = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm, foreach=True)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def warmup_steps(t: TrainingConfig, total_steps: int) -> int:

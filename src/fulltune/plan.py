@@ -497,7 +497,8 @@ def count_examples(cfg: Config, task: str) -> tuple[int | None, list[str] | None
     """(training examples, class names, where the count came from) from file listings and the training table only;
     (None, None, why) when the data is not there."""
     from fulltune.data.images import IMAGE_EXTENSIONS
-    from fulltune.data.text import DataError, cap, label_vocabulary, read_examples, split_files
+    from fulltune.data.text import cap, label_vocabulary, read_examples, split_files
+    from fulltune.errors import DataError
 
     d = cfg.data
     try:

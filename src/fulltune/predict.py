@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fulltune.data import images as img
-from fulltune.data.text import DataError
+from fulltune.errors import DataError
 from fulltune.models import ModelBundle
 
 

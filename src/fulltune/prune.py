@@ -102,7 +102,7 @@ def get_layer_shapes(model: nn.Module) -> list[dict[str, int]]:
     return shapes
 
 
-def count_parameters(model: nn.Module) -> int:
+def parameter_count(model: nn.Module) -> int:
     """Number of parameters, tied tensors counted once (``parameters()`` already de-duplicates)."""
     return sum(p.numel() for p in model.parameters())
 
@@ -295,7 +295,7 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calibration_ids: torch.Tenso
     if not 0 <= start <= end:
         raise ValueError(f"bad layer range [{start}, {end}) for {n_layers} layers")
     pruned = list(range(start, end))
-    params_before = count_parameters(model)
+    params_before = parameter_count(model)
     active = cfg.pruning_ratio > 0.0 and bool(pruned) and (cfg.prune_attention or cfg.prune_mlp)
 
     attn_scores: dict[int, torch.Tensor] = {}
@@ -367,7 +367,7 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calibration_ids: torch.Tenso
     ]
     return {
         "params_before": params_before,
-        "params_after": count_parameters(model),
+        "params_after": parameter_count(model),
         "config": asdict(cfg),
         "layer_range": [start, end],
         "layers": per_layer,

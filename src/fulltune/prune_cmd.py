@@ -100,7 +100,7 @@ def recovery_config(args: argparse.Namespace, pruned_dir: Path) -> Config:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from fulltune.data.text import DataError
+    from fulltune.errors import DataError
 
     if not 0.0 <= args.pruning_ratio < 1.0:
         raise ConfigError(f"--pruning_ratio {args.pruning_ratio}: expected a fraction in [0, 1)")
@@ -141,7 +141,7 @@ def _load_base(path: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
 
 
 def _perplexity(model: torch.nn.Module, ids: torch.Tensor, block: int, device: torch.device, precision: Any) -> dict:
-    from fulltune.data.text import DataError
+    from fulltune.errors import DataError
     from fulltune.perplexity import perplexity
 
     if ids.numel() < 2:
@@ -175,7 +175,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from fulltune.data import lm
     from fulltune.models import load_exported
     from fulltune.perplexity import tokenize_text_file
-    from fulltune.prune import PruneConfig, count_parameters, prune_model, save_pruned
+    from fulltune.prune import PruneConfig, parameter_count, prune_model, save_pruned
     from fulltune.runtime import resolve_device, resolve_precision, seed_everything
 
     _check_args(args)
@@ -195,7 +195,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     eval_ids = tokenize_text_file(args.eval_file, tokenizer) if args.eval_file else None
     if eval_ids is not None:
         print(f"original model ({args.base_model}):")
-        rows.append({"model": "original", "parameters": count_parameters(model),
+        rows.append({"model": "original", "parameters": parameter_count(model),
                      **_perplexity(model, eval_ids, block, device, precision)})
         timings["eval_original_s"] = time.perf_counter() - tic
 
@@ -239,7 +239,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         bundle = load_exported(recovered, device)
         print(f"recovered model ({recovered}):")
         tic = time.perf_counter()
-        rows.append({"model": "recovered", "parameters": count_parameters(bundle.model),
+        rows.append({"model": "recovered", "parameters": parameter_count(bundle.model),
                      **_perplexity(bundle.model, eval_ids, block, device, precision)})
         timings["eval_recovered_s"] = time.perf_counter() - tic
 

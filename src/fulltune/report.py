@@ -5,9 +5,12 @@ Only rank 0 writes (a disabled logger does nothing), so the training loop never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +125,39 @@ class RunLogger:
         if self.jsonl:
             self.jsonl.close()
             self.logfile.close()
+
+
+@dataclass
+class Throughput:
+    """Training throughput: samples per second of optimisation, with evaluation and checkpoint time left out."""
+
+    samples_at_start: int
+    start: float = field(default_factory=time.perf_counter)
+    side_seconds: float = 0.0
+    """Time spent outside optimisation (evaluation, checkpoints)."""
+    window_start: float = field(default_factory=time.perf_counter)
+    window_samples: int = 0
+
+    def __post_init__(self) -> None:
+        self.window_samples = self.samples_at_start
+
+    def window_rate(self, samples_seen: int) -> float:
+        """Samples per second since the previous call (the log window), and start a new window."""
+        now = time.perf_counter()
+        rate = (samples_seen - self.window_samples) / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_samples = now, samples_seen
+        return rate
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Time inside this block is not training time."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.side_seconds += time.perf_counter() - began
+
+    def totals(self, samples_seen: int) -> tuple[float, float]:
+        """(training seconds, training samples per second) since the start."""
+        seconds = max(time.perf_counter() - self.start - self.side_seconds, 1e-9)
+        return seconds, (samples_seen - self.samples_at_start) / seconds

@@ -96,12 +96,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def maxrss_bytes(usage: Any = None) -> int:
+    """`ru_maxrss` of a `resource.getrusage` result (this process's by default) in bytes: macOS reports bytes,
+    Linux KiB."""
+    usage = usage if usage is not None else resource.getrusage(resource.RUSAGE_SELF)
+    return int(usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory so far: allocated bytes on CUDA, peak resident set size of the process on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    return maxrss_bytes()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a batch's tensors to `device` (asynchronously where the source is pinned); other values stay."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def is_distributed() -> bool:

@@ -16,7 +16,7 @@ from fulltune.config import Config, ConfigError
 from fulltune.data import images as img
 from fulltune.data import lm
 from fulltune.data import text as txt
-from fulltune.data.text import DataError
+from fulltune.errors import DataError
 
 
 @dataclass
@@ -202,3 +202,29 @@ TASKS: dict[str, Task] = {
     "text_classification": Task(build_text_data, classification_loss, count_examples, "accuracy", True),
     "causal_lm": Task(build_lm_data, lm_loss, count_tokens, "perplexity", False),
 }
+
+
+def validation_metric(cfg: Config, task: Task) -> tuple[str, bool]:
+    """The validation metric that picks best/ and drives early stopping, and whether higher is better."""
+    name = cfg.training.metric
+    if name == "auto":
+        return task.default_metric, task.higher_is_better
+    return name, name not in ("loss", "perplexity")
+
+
+def data_loader(data: TaskData, dataset: Any, device: torch.device, seed: int, batch_sampler: Any = None,
+                batch_size: int | None = None) -> torch.utils.data.DataLoader:
+    """A loader over `dataset` with the task's collate and workers: by `batch_sampler` (training) or in order."""
+    kwargs: dict[str, Any] = dict(
+        collate_fn=data.collate,
+        num_workers=data.num_workers,
+        pin_memory=device.type == "cuda",
+        # A private generator: worker seeding must not draw from the global RNG that dropout uses.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if data.num_workers > 0:
+        kwargs["prefetch_factor"] = 4
+        kwargs["persistent_workers"] = False
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)

@@ -17,7 +17,8 @@ import torch
 from PIL import Image, ImageEnhance, UnidentifiedImageError
 
 from fulltune.config import AugmentationConfig
-from fulltune.data.text import DataError, hash_fraction
+from fulltune.data.text import hash_fraction
+from fulltune.errors import DataError
 from fulltune.models import ImageSpec
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

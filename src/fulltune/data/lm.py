@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from fulltune.config import DataConfig
-from fulltune.data.text import DataError, jsonl_objects
+from fulltune.data.text import jsonl_objects
+from fulltune.errors import DataError
 
 IGNORE = -100
 _CHUNK_CHARS = 200_000

@@ -17,10 +17,7 @@ from typing import Any
 import torch
 
 from fulltune.config import DataConfig
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, row or folder and what was expected."""
+from fulltune.errors import DataError
 
 
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}

@@ -1,0 +1,24 @@
+"""The errors a user can cause. The command line turns each into one line `fulltune: error: ...` and a non-zero
+exit; any other exception is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class FulltuneError(Exception):
+    """Base of every expected failure; the message names the file, row or key and what was expected."""
+
+    exit_code = 1
+
+
+class ConfigError(FulltuneError, ValueError):
+    """A bad config key, value, flag or file: the message names it and says what was expected."""
+
+    exit_code = 2
+
+
+class DataError(FulltuneError, ValueError):
+    """Bad or missing data: the message names the file (and row) and what was expected."""
+
+
+class TrainingError(FulltuneError, RuntimeError):
+    """Training cannot go on (a NaN loss, say); the message says where and which checkpoint is the last good one."""
