@@ -31,9 +31,9 @@ def main() -> int:
         print(f"skipped: {SST2} is not present")
         return 0
     from fulltune.config import load_config
-    from fulltune.tasks import TASKS
     from fulltune.optim import optimizer_step
     from fulltune.runtime import to_device
+    from fulltune.tasks import TASKS
     from fulltune.train import setup
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -76,8 +76,8 @@ def pretrain(train_file: Path, tokenizer: Path, out: Path) -> Path:
 
 def control(base: Path, train_file: Path, out: Path) -> Path:
     """The unpruned model given exactly the recovery run's training."""
+    from fulltune.cli.prune import FINETUNE_FLAGS, SCRIPT_DEFAULTS
     from fulltune.config import load_config
-    from fulltune.prune_cmd import FINETUNE_FLAGS, SCRIPT_DEFAULTS
     from fulltune.train import train
 
     values = {FINETUNE_FLAGS[flag][0]: v for flag, v in RECOVERY.items()}
@@ -102,7 +102,7 @@ def main() -> int:
         return 0
     import transformers
 
-    from fulltune.prune_cmd import add_prune_parser
+    from fulltune.cli import build_parser
 
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.output_dir)
@@ -118,8 +118,7 @@ def main() -> int:
     times["pretrain"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    prune_parser = argparse.ArgumentParser(prog="fulltune")
-    add_prune_parser(prune_parser.add_subparsers(dest="command"))
+    prune_parser = build_parser()
     argv = ["prune", "--base_model", str(base), "--output_dir", str(out / "prune"), "--pruning_ratio", "0.25",
             "--prune_mlp", "--importance", "taylor", "--importance_samples", "16", "--data_file", str(train_file),
             "--eval_file", str(heldout), "--test_after_prune", "--save_model", "--finetune"]

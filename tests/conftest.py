@@ -91,6 +91,22 @@ def base_overrides(out: Path, tiny: dict, **extra: object) -> dict:
     return cfg
 
 
+def parse_cli(*argv: str):  # -> argparse.Namespace
+    """The namespace `fulltune ARGV...` parses to (the real parser, every command registered)."""
+    from fulltune.cli import build_parser
+
+    args = build_parser().parse_args(list(argv))
+    args.argv = list(argv)
+    return args
+
+
+def call_cli(*argv: str) -> int:
+    """Run `fulltune ARGV...` in this process and return what the command returned; errors raise as they would
+    before the CLI turns them into one line (use `fulltune.cli.main` to test that line)."""
+    args = parse_cli(*argv)
+    return int(args.func(args) or 0)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -7,16 +7,14 @@ import json
 
 import pytest
 import yaml
-from conftest import TINY_BERT
+from conftest import TINY_BERT, parse_cli
 
-from fulltune.compare import add_compare_parser, learning_rates, parse_methods
-from fulltune.config import ConfigError
+from fulltune.compare import learning_rates, parse_methods
+from fulltune.errors import ConfigError
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fulltune")
-    add_compare_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["compare", *argv])
+    return parse_cli("compare", *argv)
 
 
 def test_compare_reports_a_failing_method_and_runs_the_other(tmp_path, text_data):

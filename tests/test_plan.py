@@ -4,17 +4,19 @@ rules and fits the budget; bad command-line values are one-line config errors.""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
-from conftest import base_overrides
+from conftest import base_overrides, call_cli
 
-from fulltune import plan
-from fulltune.config import ConfigError, load_config
-from fulltune.methods import plan_trainable, wrap_lora
+from fulltune import planning as plan
+from fulltune.config import load_config
+from fulltune.errors import ConfigError
+from fulltune.methods import METHODS, plan_trainable, wrap_lora
 from fulltune.models import build_model
+from fulltune.planning.dryrun import dry_runs
+from fulltune.units import human_bytes, parse_memory
 
 # Small enough for a loaded 2-core machine, big enough that activations (not fixed overheads) dominate the peak.
 FAMILIES = {
@@ -41,21 +43,21 @@ def family_config(tmp_path: Path, family: str, method: str, **extra: object):
 def test_estimates_within_15_percent_of_dry_runs(tmp_path: Path) -> None:
     jobs, estimates = [], []
     for family in FAMILIES:
-        for method in plan.METHODS:
+        for method in METHODS:
             cfg, task, labels = family_config(tmp_path, family, method)
             facts = plan.inspect_model(cfg, task, labels)
             estimates.append((family, method, plan.estimate(cfg, task, facts, "cpu")))
             jobs.append((cfg, task, labels, facts, "cpu"))
     jobs.append(jobs[3])  # BERT's linear probe again: the measurement must repeat, the kernels' code kept out of it
-    results = plan.dry_runs(jobs)  # one process forked per job from a single server: one import for all of them
+    results = dry_runs(jobs)  # one process forked per job from a single server: one import for all of them
     again = results.pop()
     assert abs(again["measured"] - results[3]["measured"]) < 2**20, (again, results[3])
     rows, bad = [], []
     for (family, method, est), result in zip(estimates, results, strict=True):
         assert "error" not in result, f"{family} {method}: {result}"
         ratio = est.peak / result["measured"]
-        rows.append(f"{family:6} {method:13} estimate {plan.human(est.peak):>11} measured "
-                    f"{plan.human(result['measured']):>11} ratio {ratio:.3f}")
+        rows.append(f"{family:6} {method:13} estimate {human_bytes(est.peak):>11} measured "
+                    f"{human_bytes(result['measured']):>11} ratio {ratio:.3f}")
         if abs(ratio - 1) > 0.15:
             bad.append(rows[-1])
     print("\n".join(rows))
@@ -76,22 +78,22 @@ def test_counts_match_the_real_model(tmp_path: Path) -> None:
 
 
 def test_parse_memory() -> None:
-    assert plan.parse_memory("24GB") == 24 * 10**9
-    assert plan.parse_memory("16GiB") == 16 * 2**30
-    assert plan.parse_memory("512mb") == 512 * 10**6
-    assert plan.parse_memory("1.5g") == int(1.5 * 2**30)
-    assert plan.parse_memory("4096") == 4096
+    assert parse_memory("24GB") == 24 * 10**9
+    assert parse_memory("16GiB") == 16 * 2**30
+    assert parse_memory("512mb") == 512 * 10**6
+    assert parse_memory("1.5g") == int(1.5 * 2**30)
+    assert parse_memory("4096") == 4096
     for bad in ("lots", "12 parsecs", "", "-3GB"):
         with pytest.raises(ConfigError, match="--memory_budget"):
-            plan.parse_memory(bad)
+            parse_memory(bad)
 
 
 def test_recommendation_follows_data_size_and_budget(tmp_path: Path) -> None:
     cfg, task, labels = family_config(tmp_path, "bert", "full")
     results = {}
-    for method in plan.METHODS:
-        facts = plan.inspect_model(plan._with(cfg, method), task, labels)
-        results[method] = plan.estimate(plan._with(cfg, method), task, facts, "cpu"), facts
+    for method in METHODS:
+        facts = plan.inspect_model(plan.with_method(cfg, method), task, labels)
+        results[method] = plan.estimate(plan.with_method(cfg, method), task, facts, "cpu"), facts
     full_peak = results["full"][0].peak
     roomy = int(4 * full_peak)
     assert plan.recommend(cfg, task, results, roomy, 500, "cpu").method == "lora"
@@ -107,10 +109,7 @@ def test_recommendation_follows_data_size_and_budget(tmp_path: Path) -> None:
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    parser = argparse.ArgumentParser()
-    plan.add_plan_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert call_cli(*argv) == 0
     return capsys.readouterr().out
 
 
@@ -121,7 +120,7 @@ def test_cli_json_and_table(tmp_path: Path, text_data: Path, capsys: pytest.Capt
               "--data_dir", str(text_data), "data.text_column=sentence"]
     report = json.loads(run_cli(common + ["--json"], capsys))
     assert report["examples"] == 32 and report["budget"] == 4 * 2**30
-    assert [m["method"] for m in report["methods"]] == list(plan.METHODS)
+    assert [m["method"] for m in report["methods"]] == list(METHODS)
     assert all(m["fits"] and m["measured"] is None for m in report["methods"])
     assert report["recommendation"]["method"] == "lora"  # 32 examples: under ~1k
     table = run_cli(common + ["--methods", "full,lora"], capsys)

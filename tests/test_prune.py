@@ -22,10 +22,10 @@ from transformers import (  # noqa: E402
 from fulltune.prune import (  # noqa: E402
     PruneConfig,
     allocate_layer_ratios,
-    parameter_count,
     get_layer_shapes,
     is_pruned_folder,
     load_pruned,
+    parameter_count,
     prune_model,
     save_pruned,
 )

@@ -9,29 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import call_cli, parse_cli
 from test_causal_lm import make_bpe_tokenizer, write_corpus
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fulltune import cli
-from fulltune.config import ConfigError
-from fulltune.data.text import DataError
+from fulltune.cli.prune import RESULTS_FILE, recovery_config
+from fulltune.errors import ConfigError, DataError
 from fulltune.evaluate import evaluate_checkpoint
 from fulltune.models import load_exported
 from fulltune.prune import get_layer_shapes, is_pruned_folder, load_pruned
-from fulltune.prune_cmd import RESULTS_FILE, add_prune_parser, recovery_config
 
 QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "hardware.mixed_precision=no"]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fulltune")
-    add_prune_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["prune", *argv])
+    return parse_cli("prune", *argv)
 
 
 def run(argv: list[str]) -> int:
-    args = parse(argv)
-    return args.func(args)
+    return call_cli("prune", *argv)
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +150,5 @@ def test_errors_name_the_flag(files, tmp_path):
 
 
 def test_cli_has_prune():
-    if not hasattr(cli, "build_parser"):
-        pytest.skip("no fulltune.cli.build_parser")
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if "prune" not in sub.choices:
-        pytest.skip("`fulltune prune` is not wired into cli.py yet (add_prune_parser(sub))")
-    args = cli.build_parser().parse_args(["prune", "--base_model", "m", "--pruning_ratio", "0.3"])
-    assert args.func.__name__ == "cmd_prune" and args.pruning_ratio == 0.3
+    args = parse(["--base_model", "m", "--pruning_ratio", "0.3"])
+    assert args.func.__module__ == "fulltune.cli.prune" and args.pruning_ratio == 0.3

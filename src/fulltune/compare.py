@@ -7,7 +7,6 @@ A method that fails is reported as failed with its one-line error; the others st
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -20,9 +19,12 @@ from typing import Any
 
 import yaml
 
-from fulltune.config import FLAG_KEYS, Config, ConfigError, flag_overrides, load_config, save_config, to_dict
+from fulltune.config import Config, load_config, save_config, to_dict
+from fulltune.errors import ConfigError
+from fulltune.methods import METHODS
+from fulltune.runtime import maxrss_bytes
+from fulltune.units import human_bytes
 
-METHODS = ("linear_probe", "partial", "lora", "full")
 # Learning rate of each method as a multiple of training.base_learning_rate (read as full fine-tuning's LR).
 # LoRA's update starts at zero and is rank-limited: about ten times full's rate is the usual choice. A linear probe
 # trains only a new head on frozen features, which are often small (MiniLM's pooler outputs average |x| ~ 0.05):
@@ -30,32 +32,6 @@ METHODS = ("linear_probe", "partial", "lora", "full")
 # epochs (measured: majority-class accuracy on the docstring demo at 1e-3; 1e-2 trains). `partial` trains
 # pretrained top blocks like full does and keeps full's rate.
 DEFAULT_LR_MULT = {"full": 1.0, "partial": 1.0, "lora": 10.0, "linear_probe": 100.0}
-# Flags that stand for config keys, as in `fulltune train`.
-DATA_FLAGS = ("data_dir", "train_file", "val_file", "test_file", "model", "task")  # --output_dir is the comparison's
-
-
-def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `fulltune compare` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "compare", help="train one config under several methods (same data, seed, budget) and tabulate them",
-        description="Each method runs `fulltune train` in its own process into <output_dir>/<method>/; the table "
-                    "goes to <output_dir>/comparison.{md,json,png}. Exit status 1 when a method failed.",
-    )
-    p.add_argument("--config", help="YAML config shared by every method")
-    p.add_argument("--output_dir", help="folder of the comparison (default: the config's output_dir)")
-    for flag in DATA_FLAGS:
-        p.add_argument(f"--{flag}", help=f"sets {FLAG_KEYS[flag]}")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument(
-        "--lr_per_method", default="",
-        help="e.g. lora=1e-3,linear_probe=x20 (absolute, or xN times training.base_learning_rate); default: "
-             + ", ".join(f"{m} x{v:g}" for m, v in DEFAULT_LR_MULT.items()),
-    )
-    p.add_argument("--skip_done", action="store_true",
-                   help="reuse a method's finished run (summary.json) when its config is unchanged")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for every method, e.g. training.num_epochs=2")
-    p.set_defaults(func=cmd_compare)
-    return p
 
 
 def parse_methods(text: str) -> list[str]:
@@ -88,13 +64,9 @@ def learning_rates(text: str, methods: list[str], base_lr: float) -> dict[str, f
     return lrs
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    return flag_overrides(args, DATA_FLAGS) + list(args.overrides or [])  # explicit key=value overrides win over flags
-
-
-def method_config(args: argparse.Namespace, root: Path, method: str, lr: float) -> Config:
+def method_config(config: str | None, overrides: list[str], root: Path, method: str, lr: float) -> Config:
     """The shared config with only what differs between methods changed: name, learning rate, run folder."""
-    return load_config(args.config, _overrides(args) + [
+    return load_config(config, overrides + [
         f"method.name={method}",
         f"training.base_learning_rate={lr!r}",
         f"output_dir={json.dumps(str(root / method))}",
@@ -116,7 +88,7 @@ def _wait(proc: subprocess.Popen) -> int | None:
         proc.wait()  # the child got the same SIGINT; let it finish its own clean-up first
         raise
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    return maxrss_bytes(usage)
 
 
 def _error_line(log: Path) -> str:
@@ -202,16 +174,8 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- the report
 
-def _size(n: float | None) -> str:
-    if n is None:
-        return "—"
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            break
-    return f"{n:.1f} {unit}"
+def _human(n: float | None) -> str:
+    return human_bytes(n, digits=1, missing="—")
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -238,9 +202,9 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
             continue
         cells = [
             r["method"], f"{r['learning_rate']:.2g}", _num(r["val"], mfmt), _num(r["test"], mfmt),
-            f"{r['trainable_parameters']:,}", _num(r["trainable_percent"], ".2f") + "%", _size(r["peak_memory_bytes"]),
-            _num(r["wall_time_s"], ".0f") + " s", _num(r["samples_per_s"], ".1f"), _size(r["exported_bytes"]),
-            _size(r["adapter_bytes"]),
+            f"{r['trainable_parameters']:,}", _num(r["trainable_percent"], ".2f") + "%", _human(r["peak_memory_bytes"]),
+            _num(r["wall_time_s"], ".0f") + " s", _num(r["samples_per_s"], ".1f"), _human(r["exported_bytes"]),
+            _human(r["adapter_bytes"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] != "ok"]
@@ -306,7 +270,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _settings(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[str, Any]:
+def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[str, Any]:
     from fulltune.runtime import resolve_device, resolve_precision
 
     d, t = cfg.data, cfg.training
@@ -328,17 +292,16 @@ def _settings(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[st
     }
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    methods = parse_methods(args.methods)
-    base = load_config(args.config, _overrides(args))  # a bad config fails here, before any run starts
-    root = Path(args.output_dir or base.output_dir)
-    lrs = learning_rates(args.lr_per_method, methods, base.training.base_learning_rate)
-    root.mkdir(parents=True, exist_ok=True)
+# ------------------------------------------------------------------------------------------------- all methods
+
+def run_all(config: str | None, overrides: list[str], root: Path, methods: list[str], lrs: dict[str, float],
+            skip_done: bool = False) -> list[dict[str, Any]]:
+    """Train every method in turn (each in its own process and run folder); a failing one is reported as failed."""
     rows = []
     for i, method in enumerate(methods, start=1):
         print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {root / method / 'compare.log'}", flush=True)
         try:
-            row = run_method(method_config(args, root, method, lrs[method]), args.skip_done)
+            row = run_method(method_config(config, overrides, root, method, lrs[method]), skip_done)
         except ConfigError as err:  # a config only this method rejects; the others still run
             row = {"method": method, "learning_rate": lrs[method], "run_dir": str(root / method),
                    "status": "failed", "error": str(err)}
@@ -348,10 +311,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   f"wall {_num(row['wall_time_s'], '.0f')} s", flush=True)
         else:
             print(f"    failed: {row['error']}", flush=True)
-    settings = _settings(base, methods, lrs)
+    return rows
+
+
+def write_comparison(root: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """comparison.json, comparison.md and comparison.png in `root`; returns the markdown table."""
     (root / "comparison.json").write_text(json.dumps({"settings": settings, "runs": rows}, indent=2))
     table = markdown(rows, settings)
     (root / "comparison.md").write_text(table, encoding="utf-8")
     plot(rows, root / "comparison.png")
-    print(table + f"written: {root}/comparison.md, comparison.json, comparison.png")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return table

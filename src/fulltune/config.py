@@ -493,20 +493,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-# Command-line flags that set a config key, shared by `train`, `compare` and `plan`.
-FLAG_KEYS = {"data_dir": "data.data_dir", "output_dir": "output_dir", "train_file": "data.train_file",
-             "val_file": "data.val_file", "test_file": "data.test_file", "model": "model.name_or_path",
-             "task": "task", "method": "method.name"}
-
-
-def flag_overrides(args: Any, flags: typing.Iterable[str] = FLAG_KEYS) -> list[str]:
-    """`key=value` overrides for the given flags that were set on the command line (JSON-quoted values)."""
-    import json
-
-    return [f"{FLAG_KEYS[flag]}={json.dumps(getattr(args, flag))}" for flag in flags
-            if getattr(args, flag, None) is not None]
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Load a YAML config (or the defaults), apply dotted overrides, validate everything."""
     raw: dict[str, Any] = {}

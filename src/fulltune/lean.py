@@ -447,6 +447,14 @@ def attach_fused_step(
     return handle
 
 
+def fuses_step(t: Any, optimizer: Any, parallel: str = "none") -> bool:
+    """Whether training fuses the optimizer step into backward (`t`: the TrainingConfig): in lean mode, with an
+    optimizer that steps one tensor at a time, no gradient accumulation and one process (the trainer and the
+    memory planner both ask here)."""
+    return (t.memory == "lean" and t.lean_fused_step and callable(getattr(optimizer, "step_param", None))
+            and parallel == "none" and t.gradient_accumulation_steps == 1)
+
+
 def build_lean_optimizer(
     params_or_groups: Iterable[Tensor] | Iterable[dict[str, Any]], kind: str = "bf16_adamw", **kw: Any
 ) -> torch.optim.Optimizer:

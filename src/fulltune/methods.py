@@ -18,8 +18,8 @@ from fulltune.config import Config, UnfreezeStep
 from fulltune.errors import ConfigError
 from fulltune.models import LayerMap, ModelBundle, build_model, is_under, layer_map, strip_peft_prefix
 
-METHODS = ("full", "partial", "lora", "linear_probe")
-"""The values of method.name, from most to fewest trainable parameters (LoRA's adapters aside)."""
+METHODS = ("linear_probe", "partial", "lora", "full")
+"""The values of method.name, cheapest first (the order `compare` runs them in)."""
 HEAD_ALIASES = ("classifier", "head")
 
 

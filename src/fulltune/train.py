@@ -20,7 +20,7 @@ from fulltune import distributed as ddist
 from fulltune.config import Config, save_config
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.errors import TrainingError
-from fulltune.lean import describe_lean_mode
+from fulltune.lean import describe_lean_mode, fuses_step
 from fulltune.methods import TrainablePlan, apply_trainable, describe_groups, param_groups, prepare_model
 from fulltune.metrics import classification_metrics, lm_metrics, scalar_metrics
 from fulltune.models import ModelBundle, count_parameters, load_exported
@@ -167,9 +167,7 @@ class Trainer:
     def _setup_step(self) -> None:
         """Lean mode fuses the optimizer step into backward where it can; `training.compile` compiles the model."""
         t = self.cfg.training
-        fusable = callable(getattr(self.optimizer, "step_param", None))  # BF16AdamW; bitsandbytes' AdamW is not
-        one_process = self.parallel == "none" and t.gradient_accumulation_steps == 1
-        if t.memory == "lean" and fusable and t.lean_fused_step and one_process:
+        if fuses_step(t, self.optimizer, self.parallel):
             self._attach_fused()
         if t.compile:
             self.model = torch.compile(self.model)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from fulltune.config import Config, ConfigError, load_config, parse_override
+from fulltune.config import Config, load_config, parse_override
+from fulltune.errors import ConfigError
 
 RESULTS_FILE = "prune_results.json"
 EVAL_BATCH_SIZE = 8  # windows per forward pass; `fulltune evaluate` uses the same by default
@@ -40,7 +41,7 @@ FINETUNE_FLAGS: dict[str, tuple[str, Any]] = {
 SCRIPT_DEFAULTS: dict[str, Any] = {"training.lr_scheduler": "linear"}
 
 
-def add_prune_parser(subparsers: Any) -> None:
+def register(subparsers: Any) -> None:
     """Register `prune` on an argparse subparsers object; `args.func(args)` then runs it."""
     p = subparsers.add_parser(
         "prune",
@@ -71,7 +72,7 @@ def add_prune_parser(subparsers: Any) -> None:
         extra = {"choices": ("full", "lora")} if flag == "finetune_method" else {}
         p.add_argument(f"--{flag}", type=kind, help=f"sets {key} (default {default}, or the --config value)", **extra)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recovery run")
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=run)
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -171,7 +172,7 @@ def format_results(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from fulltune.data import lm
     from fulltune.models import load_exported
     from fulltune.perplexity import tokenize_text_file

@@ -19,7 +19,6 @@ import torch
 from fulltune.config import DataConfig
 from fulltune.errors import DataError
 
-
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation", "dev"), "test": ("test",)}
 

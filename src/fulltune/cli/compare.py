@@ -1,0 +1,49 @@
+"""`fulltune compare`: train one config under several methods (same data, seed and budget), each in its own
+process and run folder, and tabulate them (the runs and tables are `fulltune.compare`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fulltune.cli.flags import add_config_flags, flag_overrides
+from fulltune.compare import DEFAULT_LR_MULT, learning_rates, parse_methods, run_all, settings_of, write_comparison
+from fulltune.config import load_config
+from fulltune.methods import METHODS
+
+# Flags that stand for config keys, as in `fulltune train`; --output_dir is the comparison's own.
+DATA_FLAGS = ("data_dir", "train_file", "val_file", "test_file", "model", "task")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "compare", help="train one config under several methods (same data, seed, budget) and tabulate them",
+        description="Each method runs `fulltune train` in its own process into <output_dir>/<method>/; the table "
+                    "goes to <output_dir>/comparison.{md,json,png}. Exit status 1 when a method failed.",
+    )
+    add_config_flags(p, DATA_FLAGS, overrides=False)
+    p.add_argument("--output_dir", help="folder of the comparison (default: the config's output_dir)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument(
+        "--lr_per_method", default="",
+        help="e.g. lora=1e-3,linear_probe=x20 (absolute, or xN times training.base_learning_rate); default: "
+             + ", ".join(f"{m} x{v:g}" for m, v in DEFAULT_LR_MULT.items()),
+    )
+    p.add_argument("--skip_done", action="store_true",
+                   help="reuse a method's finished run (summary.json) when its config is unchanged")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every method, e.g. training.num_epochs=2")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.methods)
+    overrides = flag_overrides(args, DATA_FLAGS) + list(args.overrides or [])  # key=value wins over flags
+    base = load_config(args.config, overrides)  # a bad config fails here, before any run starts
+    root = Path(args.output_dir or base.output_dir)
+    lrs = learning_rates(args.lr_per_method, methods, base.training.base_learning_rate)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = run_all(args.config, overrides, root, methods, lrs, args.skip_done)
+    table = write_comparison(root, settings_of(base, methods, lrs), rows)
+    print(table + f"written: {root}/comparison.md, comparison.json, comparison.png")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -1,0 +1,35 @@
+"""`fulltune evaluate`: metrics of an exported checkpoint on a split of a data folder, or on one file."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a data split or file")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or export folder (e.g. RUN/best)")
+    p.add_argument("--data_dir", help="data folder holding the split")
+    p.add_argument("--split", default="test", help="split name in --data_dir")
+    p.add_argument("--file", help="a table (classifiers) or text file (perplexity) instead of data_dir/split")
+    p.add_argument("--output_dir", help="where metrics.json and the confusion matrix go")
+    p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass")
+    p.add_argument("--block_size", type=int, help="perplexity: tokens per window (default: the run's seq_len)")
+    p.add_argument("--stride", type=int, help="perplexity: sliding-window stride (default: non-overlapping blocks)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fulltune.evaluate import evaluate_checkpoint, format_table
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint, data_dir=args.data_dir, split=args.split, output_dir=args.output_dir, file=args.file,
+        batch_size=args.batch_size, device=args.device, block_size=args.block_size, stride=args.stride,
+    )
+    labels = metrics.get("labels") or None
+    print(f"evaluation of {args.checkpoint} on {args.file or args.split}:")
+    print(format_table(metrics, labels))
+    if "output_dir" in metrics:
+        print(f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png")
+    return 0

@@ -1,0 +1,52 @@
+"""`fulltune predict`: top-k labels for images or texts, one JSON line per input; generated text for causal LMs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from fulltune.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("predict", help="top-k labels for images or texts, or generated text")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or export folder (e.g. RUN/best)")
+    p.add_argument("--image", help="an image file or a folder of images")
+    p.add_argument("--text", help="one text to classify")
+    p.add_argument("--file", help="a file with one text (or prompt) per line")
+    p.add_argument("--prompt", help="causal LM: the prompt to continue")
+    p.add_argument("--top_k", type=int, default=5, help="labels per input")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="causal LM: tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="causal LM: 0 is greedy decoding")
+    p.add_argument("--top_p", type=float, default=1.0, help="causal LM: nucleus sampling mass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=run)
+
+
+def _print(row: dict[str, Any]) -> None:
+    print(json.dumps(row, ensure_ascii=False))
+
+
+def run(args: argparse.Namespace) -> int:
+    from fulltune.models import load_exported
+    from fulltune.predict import classify, generate, image_paths, text_inputs
+    from fulltune.runtime import resolve_device
+
+    bundle = load_exported(args.checkpoint, resolve_device(args.device))
+    if bundle.task == "causal_lm":
+        for prompt in text_inputs(args.prompt or args.text, args.file):
+            text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
+            _print({"prompt": prompt, "generated": text})
+        return 0
+    if bundle.task == "image_classification":
+        if not args.image:
+            raise ConfigError("this checkpoint classifies images: give --image PATH (file or folder)")
+        inputs: list = image_paths(args.image)
+        shown = [str(p) for p in inputs]
+    else:
+        inputs = text_inputs(args.text, args.file)
+        shown = inputs
+    for name, top in zip(shown, classify(bundle, inputs, args.top_k), strict=True):
+        _print({"input": name, "top_k": [{"label": lb, "probability": round(p, 4)} for lb, p in top]})
+    return 0

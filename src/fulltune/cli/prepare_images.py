@@ -1,0 +1,31 @@
+"""`fulltune prepare-images`: copy SRC/<class>/* into train/ val/ test/ reproducibly (seeded per class)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fulltune.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("prepare-images", help="split a folder of class folders into train/val/test")
+    p.add_argument("src_dir", help="folder of class folders")
+    p.add_argument("--output_dir", required=True, help="where train/ val/ test/ are written")
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions")
+    p.add_argument("--seed", type=int, default=42, help="seed of the per-class shuffle")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fulltune.data.images import prepare_images
+
+    try:
+        split = tuple(float(x) for x in args.split.split(","))
+    except ValueError:
+        split = ()
+    if len(split) != 3:
+        raise ConfigError(f"--split '{args.split}': expected three fractions, e.g. 0.8,0.1,0.1")
+    counts = prepare_images(args.src_dir, args.output_dir, split, seed=args.seed)  # type: ignore[arg-type]
+    print(f"wrote {args.output_dir}: " + ", ".join(f"{k} {v} images" for k, v in counts.items()))
+    return 0

@@ -1,0 +1,168 @@
+"""The analytic estimate of one method's peak memory: weights + optimizer state + max(activations, gradients),
+with activations tallied per block from the tensors autograd keeps (BERT-, CLIP- and Llama-style blocks).
+
+Backward frees activations as it fills in gradients, so the two add up only when gradients accumulate over
+micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fulltune.config import Config
+from fulltune.planning.facts import Facts
+
+# What the steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers. CPU: heap slack and
+# autograd records (1-3 MiB in dry runs of small models). Not counted, on either: the process itself (Python, the
+# imported libraries and the code pages of the kernels it runs; on CPU about 0.4 GiB with PyTorch and transformers).
+RUNTIME_BYTES = {"cuda": 10 * 2**20, "cpu": 2 * 2**20}
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    compute: int  # bytes of linear layers' activations: 2 under bf16/fp16 autocast or lean, else 4
+    residual: int  # the residual stream (and norms' inputs): fp32 unless lean's bf16 weights
+    casts: bool  # autocast over fp32 weights: each linear keeps its own low-precision copy of input and weight
+    cuda: bool
+
+
+def dtypes_for(cfg: Config, device_type: str) -> Dtypes:
+    from fulltune.runtime import cpu_has_fast_bf16
+
+    lean, mode = cfg.training.memory == "lean", cfg.hardware.mixed_precision
+    if mode == "auto":  # as runtime.resolve_precision decides, without asking a GPU that may not be here
+        mode = "bf16" if device_type == "cuda" or cpu_has_fast_bf16() else "no"
+    low = mode != "no"
+    return Dtypes(2 if low or lean else 4, 2 if lean else 4, low and not lean, device_type == "cuda")
+
+
+def _math_attention(f: Facts, d: Dtypes) -> bool:
+    """sdpa leaves its fused kernels for the math one (S x S probabilities) on CPU when attention dropout is on."""
+    return f.eager_attention or (not d.cuda and f.attn_dropout > 0)
+
+
+def block_bytes(f: Facts, d: Dtypes, lora_dropout: float = 0.0) -> tuple[float, float]:
+    """Activation bytes per token that one block keeps for backward, and the share of its MLP half. Tallied from
+    the tensors autograd saves in BERT-, CLIP- and Llama-style blocks (torch.autograd.graph.saved_tensors_hooks)."""
+    h, i, a, S = f.hidden, f.intermediate, f.heads, f.tokens
+    kv = h * f.kv_heads // a
+    math_attention = _math_attention(f, d)
+    # LayerNorm: input + mean/rstd; Llama's RMSNorm: input, rstd, and the fp32 normalised copy if its weight trains.
+    norm = (4 if d.casts else d.residual) * h + (4 + (0 if f.lora_rank else 4 * h) if f.rms_norm else 8)
+    if math_attention:  # q, k, v (fp32 on CPU even under autocast), probabilities, dropout mask, dropped ones
+        attention = (4 if d.casts and not d.cuda else d.compute) * (h + 2 * kv) + 4 * a * S * (
+            3 if f.attn_dropout > 0 else 1)
+    else:  # fused kernel: q, k, v, output and a log-sum-exp per head
+        attention = d.compute * (2 * h + 2 * kv) + 4 * a
+    dropout = h * (1 if d.cuda else d.compute) if f.hidden_dropout > 0 else 0  # CPU masks have the data's dtype
+    act = {"quick_gelu": 2}.get(f.activation, 3 if f.gated else 1) * i * d.compute
+    halves = [norm + attention + dropout, norm + dropout + act]
+    # Linear layers sharing an input: (features, consumers, bytes of the input as produced; 0 = kept already).
+    norm_out = 4 if d.casts else d.residual
+    groups = [(h, 3, norm_out), (h, 1, (4 if d.casts and not d.cuda else d.compute) if math_attention else 0),
+              (h, 2 if f.gated else 1, norm_out), (i, 1, d.compute)]
+    for k, (features, consumers, produced) in enumerate(groups):
+        if f.lora_rank:
+            # Frozen base layer: no input kept. Adapter, run in its own (fp32) dtype by peft: the dropout mask and
+            # the input of lora_A (a low-precision copy under autocast), and lora_A's output.
+            x = d.residual
+            lora_in = 2 if d.casts else x
+            per = (x + lora_in) * features if lora_dropout > 0 else (lora_in * features if d.casts else 0)
+            shared = 0 if lora_dropout > 0 or d.casts else produced * features
+            halves[k // 2] += consumers * (per + f.lora_rank * d.compute) + shared
+        elif produced:  # autocast casts an fp32 input once per consumer
+            halves[k // 2] += features * (2 * consumers if d.casts and produced == 4 else produced)
+    return halves[0] + halves[1], halves[1]
+
+
+def activation_bytes(f: Facts, cfg: Config, task: str, micro_batch: int, d: Dtypes) -> float:
+    """Peak activation bytes: those kept for backward plus the largest transient on top of them."""
+    h, S, tokens = f.hidden, f.tokens, micro_batch * f.tokens
+    # Blocks below the first trainable one keep nothing: no gradient flows through them.
+    flowing = f.layers - max(f.first_layer, 1) + 1 if f.first_layer <= f.layers else 0
+    per_token, mlp_half = block_bytes(f, d, cfg.method.lora.dropout)
+    full_block = tokens * per_token + (2 * f.block_linear_params if d.casts else 0)  # + autocast's weight copies
+    # Checkpointing keeps each block's input only and recomputes one block at a time during backward.
+    checkpointed = flowing and (cfg.training.gradient_checkpointing or cfg.training.memory == "lean")
+    kept = flowing * tokens * h * d.residual if checkpointed else flowing * full_block
+    kept += micro_batch * h * 8  # the classifier's input and dropout mask
+    norm = 4 * h + (4 + 4 * h if f.rms_norm else 8)
+    top_transient = 0.0
+    if task == "causal_lm":
+        # Final norm, lm_head input, the logits (the loop holds them) and the log-softmax output; backward starts
+        # with the gradients of the log-softmax output and input: two more fp32 copies of the logits.
+        kept += tokens * (norm + h * d.compute + f.vocab * (d.compute + 4))
+        top_transient = tokens * 8 * f.vocab
+    elif flowing and f.family in ("bert", "generic"):
+        kept += tokens * d.residual * h  # the pooler's first-token slice keeps the whole last hidden state alive
+    if f.first_layer == 0:  # trainable embeddings: their norm, dropout mask, ids; or the patch convolution's input
+        kept += tokens * (2 * norm if f.pixels else norm + (h * d.compute if f.hidden_dropout else 0) + 16)
+        kept += micro_batch * f.pixels * (2 if d.casts else d.residual)
+    # The top block's backward: gradients of the hidden states (fp32), of composite activations (quick_gelu, SwiGLU:
+    # two intermediates), then of the fp32 attention probabilities, by when the MLP half's tensors are freed.
+    composite = 0 if f.activation.startswith("gelu") and not f.gated else 2 * f.intermediate * d.compute
+    scores = 8 * f.heads * S - mlp_half if _math_attention(f, d) else 0
+    block_transient = tokens * (2 * 4 * h + max(scores, composite)) if flowing else 0
+    # The logits' gradients are freed before the blocks' backward (and recomputation) begins. A recomputed block
+    # also holds its raw attention scores for a moment.
+    recompute = full_block + tokens * 4 * f.heads * S * _math_attention(f, d) if checkpointed else 0
+    transient = max(top_transient, block_transient + recompute)
+    # A frozen block's forward keeps nothing but has a working set (before any activation is kept): the residual
+    # stream (the block's input, its normalised copy, its output), then q/k/v with the scores and probabilities, or
+    # the MLP's intermediates: the activation's input and output; three for quick_gelu and SwiGLU, whose temporaries
+    # are freed as soon as the next one exists.
+    scores = 3 * 4 * f.heads * S if _math_attention(f, d) else 0
+    mlp = (3 if composite else 2) * f.intermediate * d.compute
+    working = tokens * (3 * 4 * h + max(4 * h * d.compute + scores, mlp))
+    return max(kept + transient, working if flowing < f.layers else 0)
+
+
+@dataclass
+class Estimate:
+    method: str
+    micro_batch: int
+    trainable: int
+    total: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    peak: float
+    forward_passes: float  # compute per optimizer step, in forward passes
+    measured: float | None = None
+    step_seconds: float | None = None
+    fits: bool | None = None
+    note: str = ""
+
+    @property
+    def best(self) -> float:
+        return self.measured if self.measured is not None else self.peak
+
+
+def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
+    """Peak memory of cfg.method.name at cfg.data.batch_size: weights + optimizer + max(activations, gradients)."""
+    t, lean, note, d = cfg.training, cfg.training.memory == "lean", "", dtypes_for(cfg, device_type)
+    optimizer = 8.0  # AdamW: exp_avg and exp_avg_sq in fp32
+    grads = f.trainable * 4.0
+    if lean:
+        from fulltune.lean import lean_bytes_per_param
+
+        if t.lean_optimizer == "adamw8bit":  # bitsandbytes: two 8-bit moments, stepped after backward
+            optimizer, fused = 2.0, False
+        else:  # BF16AdamW with the trainer's own state dtype and rounding; minus the bf16 weight itself
+            optimizer = float(lean_bytes_per_param(t.lean_state_dtype, t.lean_rounding) - 2)
+            fused = t.lean_fused_step and t.gradient_accumulation_steps == 1  # as lean.fuses_step decides
+        # Fused into backward (the trainer's default), a tensor's bf16 gradient is freed as soon as it is applied:
+        # about one is alive at a time. Otherwise every bf16 gradient is held until the step. BF16AdamW works on
+        # chunks of 2**20 elements with ~5 fp32 temporaries.
+        grads = 2.0 * (f.largest_trainable if fused else f.trainable) + 20 * min(f.largest_trainable, 2**20)
+    activations = activation_bytes(f, cfg, task, cfg.data.batch_size, d)
+    # From the second micro-batch on, accumulated gradients sit under a whole forward and backward.
+    both = activations + grads if t.gradient_accumulation_steps > 1 else max(activations, grads)
+    flowing = (f.layers - max(f.first_layer, 1) + 1) / f.layers if f.first_layer <= f.layers else 0.0
+    # 1 forward + input gradients where gradient flows + weight gradients where weights train (+ recomputation).
+    passes = 1 + flowing * (1 + (cfg.method.name in ("full", "partial")) + (t.gradient_checkpointing or lean))
+    runtime = RUNTIME_BYTES["cuda" if d.cuda else "cpu"]
+    return Estimate(cfg.method.name, cfg.data.batch_size, f.trainable, f.total, f.weight_bytes, grads,
+                    f.trainable * optimizer, activations, f.weight_bytes + f.trainable * optimizer + both + runtime,
+                    passes, note=note)

@@ -1,0 +1,149 @@
+"""The advice: estimate every method, measure those that fit with a dry run, and recommend the first method of
+the users' decision rules that fits the memory budget, at the largest micro-batch that fits."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fulltune.config import Config
+from fulltune.errors import ConfigError
+from fulltune.methods import METHODS
+from fulltune.planning.dryrun import dry_runs
+from fulltune.planning.estimate import Estimate, dtypes_for, estimate
+from fulltune.planning.facts import Facts, count_examples, inspect_model
+from fulltune.units import human_bytes as human
+
+FIT_FRACTION = 0.9  # leave 10% of the budget to fragmentation, the CUDA context, data loading
+
+
+@dataclass
+class Recommendation:
+    method: str | None
+    micro_batch: int
+    accumulation: int
+    gradient_checkpointing: bool
+    peak: float
+    reasons: list[str]
+
+
+def with_method(cfg: Config, method: str, micro_batch: int | None = None, accumulation: int | None = None,
+          checkpointing: bool | None = None) -> Config:
+    t = cfg.training
+    training = replace(t, gradient_accumulation_steps=accumulation or t.gradient_accumulation_steps,
+                       gradient_checkpointing=t.gradient_checkpointing if checkpointing is None else checkpointing)
+    return replace(cfg, method=replace(cfg.method, name=method), training=training,
+                   data=replace(cfg.data, batch_size=micro_batch or cfg.data.batch_size))
+
+
+def _order(n: int | None, full_fits: bool) -> tuple[list[str], str]:
+    """The users' decision rules: under ~1k examples LoRA; 1k-10k LoRA or full; 10k+ and memory to spare full."""
+    every, small = ["full", "lora", "partial", "linear_probe"], ["lora", "partial", "linear_probe"]
+    if n is None:
+        return every, "training set size unknown: choosing by memory alone"
+    if n < 1000:
+        return small, f"{n:,} training examples (under ~1k): LoRA, whose few parameters overfit a small set less"
+    if n < 10_000:
+        return (every if full_fits else small), (f"{n:,} training examples (1k-10k): LoRA or full; full "
+                                                 + ("fits as configured, so full" if full_fits else
+                                                    "does not fit as configured, so LoRA"))
+    return every, f"{n:,} training examples (10k+): enough for full fine-tuning to beat LoRA where memory allows"
+
+
+def recommend(cfg: Config, task: str, results: dict[str, tuple[Estimate, Facts]], budget: int, n: int | None,
+              device_type: str) -> Recommendation:
+    """The first method of the decision rules that fits, at the largest micro-batch that fits (halving from the
+    configured one), accumulating to the configured global batch; checkpointing only if nothing fits without."""
+    limit, global_batch = FIT_FRACTION * budget, cfg.data.batch_size * cfg.training.gradient_accumulation_steps
+    order, why = _order(n, "full" in results and results["full"][0].best <= limit)
+    sizes = sorted({cfg.data.batch_size} | {2**k for k in range(16) if 2**k < cfg.data.batch_size}, reverse=True)
+    for method in [m for m in order if m in results]:
+        est, facts = results[method]
+        ratio = est.measured / est.peak if est.measured else 1.0  # a dry run corrects other micro-batches too
+        for checkpointing in sorted({cfg.training.gradient_checkpointing, True}):
+            for m in sizes:
+                accumulation = math.ceil(global_batch / m)
+                peak = estimate(with_method(cfg, method, m, accumulation, checkpointing), task, facts, device_type).peak
+                if peak * ratio > limit:
+                    continue
+                skipped = [x for x in order[: order.index(method)] if x in results]
+                speeds = ", ".join(f"{k} {e.forward_passes:.1f}" for k, (e, _) in results.items())
+                return Recommendation(method, m, accumulation, checkpointing, peak * ratio, [
+                    why, f"memory: {method} at micro-batch {m} x accumulation {accumulation} peaks at "
+                    f"~{human(peak * ratio)}, {peak * ratio / budget:.0%} of the {human(budget)} budget"
+                    + (" with gradient checkpointing" if checkpointing else ""),
+                    *([f"{', '.join(skipped)} would not fit even at micro-batch 1 with checkpointing"] if skipped else []),
+                    f"speed, in forward passes per step: {speeds}" + ("; checkpointing adds one" if checkpointing else "")])
+    return Recommendation(None, 0, 0, True, 0.0, [why, f"nothing fits {human(budget)}, even at micro-batch 1 with "
+                                                       "checkpointing: try training.memory=lean, shorter inputs or "
+                                                       "a smaller model"])
+
+
+def available_memory(device_type: str) -> int | None:
+    """Free memory now: CUDA's free bytes, or the kernel's MemAvailable."""
+    if device_type == "cuda":
+        return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def plan(cfg: Config, budget: int | None = None, methods: tuple[str, ...] = METHODS, calibrate: bool = True,
+         log: Any = None) -> dict[str, Any]:
+    """Estimate every method for `cfg`, measure those that fit, recommend one: the report `cmd_plan` prints."""
+    from fulltune.tasks import infer_task
+
+    device_type = "cuda" if cfg.hardware.device.startswith("cuda") or (
+        cfg.hardware.device == "auto" and torch.cuda.is_available()) else "cpu"
+    calibrate = calibrate and (device_type == "cpu" or torch.cuda.is_available())  # no GPU here: estimates only
+    free = available_memory(device_type)
+    budget_source = "--memory_budget" if budget else f"free {device_type} memory now"
+    budget = budget or free or 0
+    if budget <= 0:
+        raise ConfigError("cannot tell this device's free memory; give --memory_budget, e.g. --memory_budget 24GB")
+    task = infer_task(cfg)
+    n, labels, source = count_examples(cfg, task)
+    if labels is None and task != "causal_lm":
+        labels = [f"class{i}" for i in range(cfg.data.num_classes or 2)]
+    results: dict[str, tuple[Estimate, Facts]] = {}
+    errors = []
+    for method in methods:
+        try:
+            facts = inspect_model(with_method(cfg, method), task, labels)
+        except ConfigError as err:  # e.g. linear_probe of a model without a head
+            errors.append({"method": method, "error": str(err)})
+            continue
+        results[method] = estimate(with_method(cfg, method), task, facts, device_type), facts
+    if not results:
+        raise ConfigError("no method can be planned: " + "; ".join(dict.fromkeys(e["error"] for e in errors)))
+    # Measure only what may fit: the rest is known not to, and might not fit this machine either.
+    todo = [m for m, (e, _) in results.items() if calibrate and e.peak <= min(budget, free or budget)]
+    if todo and log:
+        log(f"dry runs of {', '.join(todo)}: 2 optimizer steps each at micro-batch {cfg.data.batch_size} ...")
+    device = device_type if cfg.hardware.device == "auto" else cfg.hardware.device
+    measured = dry_runs([(with_method(cfg, m), task, labels, results[m][1], device) for m in todo]) if todo else []
+    how = next((r["how"] for r in measured if "how" in r), "not run")
+    for method, (est, _) in results.items():
+        result = measured[todo.index(method)] if method in todo else {"error": "no dry run: over budget or free memory"}
+        if "error" in result:
+            est.note = f"{method}: {result['error']}" if calibrate else ""
+        else:
+            est.measured, est.step_seconds = result["measured"], result["step_seconds"]
+        est.fits = est.best <= FIT_FRACTION * budget
+    d = dtypes_for(cfg, device_type)
+    return {
+        "model": "tiny_config" if cfg.model.tiny_config is not None else cfg.model.name_or_path, "task": task,
+        "device": device_type, "precision": "lean bf16" if cfg.training.memory == "lean" else
+        "bf16/fp16 autocast" if d.casts else "fp32", "micro_batch": cfg.data.batch_size,
+        "tokens": next(iter(results.values()))[1].tokens, "accumulation": cfg.training.gradient_accumulation_steps,
+        "examples": n, "examples_source": source, "budget": budget, "budget_source": budget_source,
+        "measured_how": how, "methods": [asdict(e) for e, _ in results.values()] + errors,
+        "recommendation": asdict(recommend(cfg, task, results, budget, n, device_type)),
+    }
