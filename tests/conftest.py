@@ -30,8 +30,32 @@ TINY_VIT = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522, "max_position_embeddings": 256}
 
+# Pruning needs more heads than KV groups to remove: 8 query heads in 2 KV groups, 4 layers.
+TINY_LLAMA_GQA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                  "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 128}
+TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522, "max_position_embeddings": 256}
+TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 30522, "n_positions": 256}
+
 POSITIVE = ["a good and great film", "wonderful acting all round", "i loved it", "a real delight", "an excellent story"]
 NEGATIVE = ["a bad and boring film", "terrible acting all round", "i hated it", "a real mess", "an awful story"]
+
+
+def config_kwargs(tiny: dict, **overrides: object) -> dict:
+    """A TINY_* dict as keyword arguments of its transformers config class (model_type dropped)."""
+    return {k: v for k, v in tiny.items() if k != "model_type"} | overrides
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: skipped, saying so, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def write_text_split(path: Path, n: int, seed: int, header: str = "sentence\tlabel") -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NEGATIVE, POSITIVE, TINY_LLAMA, base_overrides
+from conftest import NEGATIVE, POSITIVE, TINY_GPT2, TINY_LLAMA, TINY_QWEN2, base_overrides, config_kwargs
 from test_train import assert_same_weights
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -25,10 +25,6 @@ from fulltune.models import load_exported
 from fulltune.perplexity import perplexity, tokenize_text_file
 from fulltune.tasks import count_tokens, lm_loss
 from fulltune.train import setup, train
-
-TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522, "max_position_embeddings": 256}
-TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 30522, "n_positions": 256}
 
 BOS, EOS = 1, 2
 
@@ -75,8 +71,7 @@ def test_response_only_loss_mask_positions(tmp_path):
     assert data.labels.tolist() == [[-100, -100, -100, *ids("cd"), EOS, -100, -100, *ids("yz"), EOS]]
     # The loss is the cross-entropy of exactly those targets, each predicted from the position before it.
     torch.manual_seed(0)
-    tiny = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
-    model = LlamaForCausalLM(LlamaConfig(**tiny | {"vocab_size": 300})).eval()
+    model = LlamaForCausalLM(LlamaConfig(**config_kwargs(TINY_LLAMA, vocab_size=300))).eval()
     batch = lm.collate_blocks([data[0]])
     loss, logits = lm_loss(model, batch, 0.0)
     targets = [j for j, y in enumerate(batch["labels"][0].tolist()) if y != -100]

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_LLAMA, config_kwargs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,14 +23,7 @@ BLOCK = 32
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
+    cfg = LlamaConfig(**config_kwargs(TINY_LLAMA, vocab_size=100))
     return LlamaForCausalLM(cfg).eval()
 
 

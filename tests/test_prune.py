@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_LLAMA_GQA, config_kwargs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,17 +31,11 @@ from fulltune.prune import (  # noqa: E402
     save_pruned,
 )
 
-HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = 64, 4, 8, 2, 128, 128
+TINY = config_kwargs(TINY_LLAMA_GQA)
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = (TINY[k] for k in (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"))
 HEAD_DIM = HIDDEN // HEADS
 GROUP = HEADS // KV_HEADS
-TINY = dict(
-    hidden_size=HIDDEN,
-    intermediate_size=INTER,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=HEADS,
-    num_key_value_heads=KV_HEADS,
-    vocab_size=VOCAB,
-)
 
 
 def make(arch: str = "llama", seed: int = 0, **overrides):

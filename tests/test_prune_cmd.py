@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import call_cli, parse_cli
+from conftest import TINY_LLAMA, call_cli, config_kwargs, parse_cli
 from test_causal_lm import make_bpe_tokenizer, write_corpus
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -37,8 +37,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     base = root / "base"
     make_bpe_tokenizer(train.read_text(), base)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, bos_token_id=0, eos_token_id=1)
+    config = LlamaConfig(**config_kwargs(TINY_LLAMA, hidden_size=64, intermediate_size=128, vocab_size=300,
+                                         bos_token_id=0, eos_token_id=1))
     LlamaForCausalLM(config).save_pretrained(base)
     return {"train": train, "valid": valid, "base": base}
 

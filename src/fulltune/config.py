@@ -387,6 +387,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """bool, int, float or str from YAML's loose scalars ('1e-5', 'true', 3.0 for an int)."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -1,0 +1,33 @@
+"""The atomic folder writer on its own: a finished write replaces the old folder in one rename, a failed write
+leaves the old folder as it was and no temporary folder behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fulltune.checkpoint import atomic_dir
+
+
+def test_replaces_the_old_folder_whole(tmp_path: Path) -> None:
+    final = tmp_path / "best"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with atomic_dir(final) as tmp:
+        assert tmp != final and tmp.parent == final.parent
+        (tmp / "new.txt").write_text("new")
+        assert (final / "old.txt").is_file()  # the old folder is intact while the new one is written
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_failed_write_keeps_the_old_folder(tmp_path: Path) -> None:
+    final = tmp_path / "checkpoint-epoch-1"
+    final.mkdir()
+    (final / "weights").write_text("good")
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("killed mid-save")
+    assert (final / "weights").read_text() == "good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-epoch-1"]
