@@ -143,22 +143,25 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     """Peak memory of cfg.method.name at cfg.data.batch_size: weights + optimizer + max(activations, gradients)."""
     t, lean, note, d = cfg.training, cfg.training.memory == "lean", "", dtypes_for(cfg, device_type)
     optimizer = 8.0  # AdamW: exp_avg and exp_avg_sq in fp32
-    grads = f.trainable * 4.0
+    grads, fused = f.trainable * 4.0, False
     if lean:
         from fulltune.lean import lean_bytes_per_param
 
         if t.lean_optimizer == "adamw8bit":  # bitsandbytes: two 8-bit moments, stepped after backward
-            optimizer, fused = 2.0, False
+            optimizer = 2.0
         else:  # BF16AdamW with the trainer's own state dtype and rounding; minus the bf16 weight itself
             optimizer = float(lean_bytes_per_param(t.lean_state_dtype, t.lean_rounding) - 2)
             fused = t.lean_fused_step and t.gradient_accumulation_steps == 1  # as lean.fuses_step decides
-        # Fused into backward (the trainer's default), a tensor's bf16 gradient is freed as soon as it is applied:
-        # about one is alive at a time. Otherwise every bf16 gradient is held until the step. BF16AdamW works on
-        # chunks of 2**20 elements with ~5 fp32 temporaries.
-        grads = 2.0 * (f.largest_trainable if fused else f.trainable) + 20 * min(f.largest_trainable, 2**20)
+        # BF16AdamW steps each tensor in chunks of up to 2**20 elements, with ~28 bytes of fp32 temporaries per
+        # element. Fused into backward (the trainer's default), a tensor's bf16 gradient is applied and freed as soon
+        # as it is final: about one is alive at a time, but on top of the activations still held for the rest of
+        # backward. Otherwise every bf16 gradient is held until the step after backward.
+        step = 28 * min(f.largest_trainable, 2**20)
+        grads = 2.0 * (f.largest_trainable if fused else f.trainable) + step
     activations = activation_bytes(f, cfg, task, cfg.data.batch_size, d)
-    # From the second micro-batch on, accumulated gradients sit under a whole forward and backward.
-    both = activations + grads if t.gradient_accumulation_steps > 1 else max(activations, grads)
+    # From the second micro-batch on, accumulated gradients sit under a whole forward and backward; a fused step
+    # runs inside backward.
+    both = activations + grads if t.gradient_accumulation_steps > 1 or fused else max(activations, grads)
     flowing = (f.layers - max(f.first_layer, 1) + 1) / f.layers if f.first_layer <= f.layers else 0.0
     # 1 forward + input gradients where gradient flows + weight gradients where weights train (+ recomputation).
     passes = 1 + flowing * (1 + (cfg.method.name in ("full", "partial")) + (t.gradient_checkpointing or lean))
