@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             argv = [a for a in argv if not a.startswith("--nproc=")]
         return launch(args.nproc, argv)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--resume", help="'auto' (newest checkpoint in output_dir), a run folder, or a checkpoint folder")
     p.add_argument("--nproc", type=int, help="run N data-parallel processes on this node (torchrun shortcut)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir (its checkpoints too)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data split or file")

@@ -261,9 +261,10 @@ def _optimizer_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer
     optimizer.zero_grad(set_to_none=True)
 
 
-def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train as configured; return a summary (final validation/test metrics, timings, paths)."""
     out = Path(cfg.output_dir)
+    ckpt.claim_output_dir(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     run = setup(cfg, resume)
     t, state, model, optimizer = cfg.training, run.state, run.model, run.optimizer
