@@ -468,6 +468,7 @@ def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
         doomed = old.parent / f".{old.name}.del-{os.getpid()}"
         old.rename(doomed)
         fsync_dir(old.parent)
+        _kill_point("deleting-old")
         shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -172,10 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fulltune.config import ConfigError
-    from fulltune.data.text import DataError
+    from fulltune.errors_cli import run_command, split_debug
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.argv = argv
     warnings.filterwarnings("ignore", message=".*torchvision.*")
@@ -183,19 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Our own progress bar and log lines say what happens; transformers' per-shard bars only add noise.
     transformers.utils.logging.disable_progress_bar()
-    try:
-        from fulltune.train import TrainingError
-
-        return int(args.func(args) or 0)
-    except (ConfigError, DataError, TrainingError) as err:
-        from fulltune.runtime import rank, world_size
-
-        where = f"[rank {rank()}] " if world_size() > 1 else ""
-        print(f"fulltune: error: {where}{err}", file=sys.stderr, flush=True)
-        return 2 if isinstance(err, ConfigError) else 1
-    except KeyboardInterrupt:
-        print("fulltune: interrupted; resume with --resume auto", file=sys.stderr)
-        return 130
+    return run_command(args.func, args, debug)
 
 
 if __name__ == "__main__":

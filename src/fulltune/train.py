@@ -34,6 +34,7 @@ from fulltune.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from fulltune.report import RunLogger
 from fulltune.runtime import (
     barrier,
+    check_hardware,
     cpu_has_fast_bf16,
     is_main,
     peak_memory_bytes,
@@ -264,6 +265,7 @@ def _optimizer_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train as configured; return a summary (final validation/test metrics, timings, paths)."""
     out = Path(cfg.output_dir)
+    check_hardware(cfg)
     ckpt.claim_output_dir(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     run = setup(cfg, resume)
@@ -399,10 +401,13 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
                 now = time.perf_counter()
                 log.scalars(state.optimizer_step, optimizer, (state.samples_seen - samples_at_tic) / max(now - tic, 1e-9), peak_memory_bytes(run.device))
                 tic, samples_at_tic = now, state.samples_seen
-            if cfg.checkpoint.save_every_steps and state.optimizer_step % cfg.checkpoint.save_every_steps == 0:
-                save(out / f"checkpoint-step-{state.optimizer_step}")
+            # Evaluate before saving: the checkpoint then holds this step's evaluation (best metric, patience), so a
+            # resume from it never skips an evaluation, and best/ comes out the same as without the interruption.
             if t.eval_every_steps and state.optimizer_step % t.eval_every_steps == 0 and evaluate_and_track():
                 stop = True
+            if cfg.checkpoint.save_every_steps and state.optimizer_step % cfg.checkpoint.save_every_steps == 0:
+                save(out / f"checkpoint-step-{state.optimizer_step}")
+            if stop:
                 break
         if state.batches_done >= run.batches_per_epoch:
             state.epoch, state.batches_done = epoch + 1, 0

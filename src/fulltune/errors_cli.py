@@ -1,0 +1,76 @@
+"""How the command line ends a failed command: one line `fulltune: error: ...` and a non-zero exit for every failure
+a user can cause (bad config, data, checkpoint, or environment: permissions, a full disk, a path that is a file),
+a traceback only for bugs, or for anything when `--debug` / FULLTUNE_DEBUG=1 is given.
+
+Exit codes: 2 for a bad config or checkpoint (ConfigError), 1 for data, training and environment errors, 130 for
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from typing import Any
+
+# OS errors that the user's environment causes (and can fix), not fulltune's code.
+USER_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "already exists",
+    errno.ENOENT: "no such file or folder",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EMFILE: "too many open files",
+}
+
+
+def split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Take `--debug` out of argv wherever it stands (before or after the command); FULLTUNE_DEBUG=1 also counts."""
+    debug = "--debug" in argv or os.environ.get("FULLTUNE_DEBUG", "") not in ("", "0")
+    return [a for a in argv if a != "--debug"], debug
+
+
+def user_error(err: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) when `err` is a failure the user caused; None for a bug (which keeps its traceback)."""
+    from fulltune.config import ConfigError
+    from fulltune.data.text import DataError
+    from fulltune.safestate import StateFileError
+    from fulltune.train import TrainingError
+
+    if isinstance(err, ConfigError):
+        return str(err), 2
+    if isinstance(err, (DataError, TrainingError, StateFileError)):
+        return str(err), 1
+    if isinstance(err, OSError) and err.errno in USER_ERRNOS:
+        what = err.strerror or USER_ERRNOS[err.errno]
+        paths = [p for p in (err.filename, err.filename2) if p is not None]
+        where = ": " + " -> ".join(f"'{os.fsdecode(p)}'" for p in paths) if paths else ""
+        return f"{what}{where}", 1
+    if isinstance(err, MemoryError):
+        return "out of memory (reduce data.batch_size, or try training.memory=lean)", 1
+    return None
+
+
+def run_command(func: Any, args: Any, debug: bool = False) -> int:
+    """Run one command; turn a user-caused failure into one `fulltune: error:` line on stderr."""
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("fulltune: interrupted; resume with --resume auto", file=sys.stderr)
+        return 130
+    except Exception as err:
+        known = user_error(err)
+        if known is None or debug:
+            raise
+        from fulltune.runtime import rank, world_size
+
+        message, code = known
+        where = f"[rank {rank()}] " if world_size() > 1 else ""
+        line = " ".join(f"{where}{message}".split("\n"))  # one line, whatever the message holds
+        print(f"fulltune: error: {line}", file=sys.stderr, flush=True)
+        return code
