@@ -337,6 +337,11 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def _load_weights(model: nn.Module, folder: Path) -> None:
     state = _read_weights(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if (missing or unexpected) and hasattr(model, "from_pretrained"):
+        # transformers saves some families (ViT in v5) under their legacy parameter names: let it map them back.
+        loaded = type(model).from_pretrained(str(folder), config=model.config, use_safetensors=True)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        del loaded
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not any(m.endswith(t) for t in tied)]
     if unexpected or missing:

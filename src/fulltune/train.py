@@ -361,7 +361,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
         return t.early_stopping.enabled and state.evals_without_improvement >= t.early_stopping.patience
 
     for epoch in range(state.epoch, t.num_epochs):
-        if state.optimizer_step >= state.total_steps or stop:
+        # A resume from the last step of an epoch still finishes that epoch (its evaluation and checkpoint).
+        if (state.optimizer_step >= state.total_steps and state.batches_done == 0) or stop:
             break
         state.epoch = epoch
         trainable = run.plan.trainable_at(epoch)
