@@ -101,7 +101,8 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
         split = ()
     if len(split) != 3:
         raise SystemExit(f"fulltune: error: --split '{args.split}': expected three fractions, e.g. 0.8,0.1,0.1")
-    counts = prepare_images(args.src_dir, args.output_dir, split, seed=args.seed)  # type: ignore[arg-type]
+    counts = prepare_images(args.src_dir, args.output_dir, split, seed=args.seed,  # type: ignore[arg-type]
+                            overwrite=args.overwrite, num_classes=args.num_classes)
     print(f"wrote {args.output_dir}: " + ", ".join(f"{k} {v} images" for k, v in counts.items()))
     return 0
 
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--split", default="0.8,0.1,0.1")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--overwrite", action="store_true", help="replace the train/val/test folders of a non-empty output")
+    p.add_argument("--num_classes", type=int, help="keep only the first N classes (sorted by name)")
     p.set_defaults(func=cmd_prepare_images)
 
     p = sub.add_parser("demo", help="the embedded default: MiniLM fully fine-tuned on stdlib docstrings")

@@ -56,6 +56,8 @@ class DataConfig:
     """Causal LM JSONL: optional prompt field (no loss on it)."""
     response_column: str = "response"
     """Causal LM JSONL: optional response field (the loss is on it only)."""
+    encoding: str = "utf-8"
+    """Text encoding of the data tables (a UTF-8 byte-order mark is dropped); e.g. latin-1 or cp1252."""
     batch_size: int = 16
     """Micro-batch size per device (per optimizer step: batch_size x gradient_accumulation_steps x world size)."""
     eval_batch_size: int | None = None
@@ -628,6 +630,12 @@ def check_ranges(cfg: Config) -> None:
         bad_float = isinstance(value, float) and not math.isfinite(value)
         if bad_float or not ok(value):
             raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {allowed}")
+    import codecs
+
+    try:
+        codecs.lookup(cfg.data.encoding)
+    except LookupError:
+        raise ConfigError(f"config key 'data.encoding': unknown encoding {cfg.data.encoding!r}") from None
     metric = cfg.training.metric
     known = METRICS.get(cfg.task) or tuple(dict.fromkeys(m for ms in METRICS.values() for m in ms))
     if metric != "auto" and metric not in known:
