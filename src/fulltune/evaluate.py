@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,8 @@ def evaluate_checkpoint(
         if not data_dir:
             raise DataError("image evaluation needs --data_dir with <split>/<class>/ folders")
         folder = img.scan_split(_split_folder(Path(data_dir), split), labels)
+        for skipped in folder.skipped:
+            print(f"skipped unreadable image: {skipped}", file=sys.stderr)
         dataset: Any = img.ImageDataset(folder, bundle.image_spec, None)
         collate: Any = img.collate_images
         workers = 2
@@ -224,4 +227,6 @@ def evaluate_checkpoint(
     write_classification_report(metrics, labels, out)
     metrics["output_dir"] = str(out)
     metrics["labels"] = labels
+    if bundle.task == "image_classification":
+        metrics["skipped_images"] = len(folder.skipped)
     return metrics

@@ -4,6 +4,7 @@ from an exported checkpoint.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,17 @@ def image_paths(target: str) -> list[Path]:
     p = Path(target)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in img.IMAGE_EXTENSIONS)
-        if not files:
-            raise DataError(f"folder '{p}' has no images")
-        return files
+        good = [f for f in files if img._readable(f)]
+        for f in files:
+            if f not in set(good):
+                print(f"skipped unreadable image: {f}", file=sys.stderr)
+        if not good:
+            raise DataError(f"folder '{p}' has no readable images" if files else f"folder '{p}' has no images")
+        return good
     if not p.is_file():
         raise DataError(f"image '{p}' does not exist")
+    if not img._readable(p):
+        raise DataError(f"image '{p}' cannot be decoded (damaged, truncated, or over PIL's pixel limit)")
     return [p]
 
 
