@@ -276,7 +276,7 @@ def verify_checkpoint(path: Path, resumable: bool = True) -> None:
     for legacy in LEGACY_PICKLES:
         if (state_dir / legacy).exists() and not (state_dir / "optimizer.json").exists():
             raise DamagedCheckpoint(
-                f"checkpoint '{path}': {STATE_DIR}/{legacy} is a pickle (written by fulltune before 0.5, or planted); "
+                f"checkpoint '{path}': {STATE_DIR}/{legacy} is a pickle (written by an older fulltune, or planted); "
                 "it is never loaded, because unpickling can run code"
             )
     mpath = path / MANIFEST
