@@ -111,7 +111,7 @@ def test_token_cache_is_reused_and_keyed(tmp_path):
     again = lm.load_blocks(f, DataConfig(seq_len=8), tok, tmp_path / "cache")
     assert tok.calls == calls and torch.equal(first.input_ids, again.input_ids)
     lm.load_blocks(f, DataConfig(seq_len=16), tok, tmp_path / "cache")  # another seq_len: tokenised again
-    assert tok.calls > calls and len(list((tmp_path / "cache").glob("lm-*.pt"))) == 2
+    assert tok.calls > calls and len(list((tmp_path / "cache").glob("lm-*.safetensors"))) == 2
 
 
 @pytest.mark.parametrize("line,message", [

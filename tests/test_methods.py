@@ -22,6 +22,7 @@ from fulltune.config import ConfigError, load_config
 from fulltune.methods import enable_gradient_checkpointing, plan_trainable, wrap_lora
 from fulltune.models import build_model, layer_map
 from fulltune.optim import lr_factor
+from fulltune.safestate import load_state
 from fulltune.train import setup, train
 
 BERT_LAYERS = 2  # TINY_BERT's blocks
@@ -271,7 +272,7 @@ def test_unfreeze_schedule_resumes_bit_identical(tmp_path, text_data):
 
 def _optimizer_state(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Per-parameter AdamW state of a checkpoint, keyed by parameter name."""
-    blob = torch.load(folder / "training_state" / "optimizer.pt", weights_only=False)
+    blob = load_state(folder / "training_state", "optimizer")
     names = blob["param_names"]  # in the optimizer's order, which is what the state's indices count
     return {names[i]: s for i, s in blob["state"]["state"].items()}
 

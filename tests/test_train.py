@@ -15,6 +15,7 @@ from conftest import TINY_BERT, TINY_CLIP, TINY_VIT, base_overrides
 from safetensors.torch import load_file
 
 from fulltune import checkpoint as ckpt
+from fulltune import safestate
 from fulltune.config import load_config
 from fulltune.tasks import TASKS
 from fulltune.train import setup, train
@@ -103,19 +104,19 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, text_data, image_data, kind
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, text_data, monkeypatch):
     cfg = _text_cfg(tmp_path / "run", text_data, data__batch_size=8, training__num_epochs=2, checkpoint__keep_last=0)
     calls = {"n": 0}
-    real_save = torch.save
+    real_save = safestate.save_file
 
-    def flaky_save(obj, f, *args, **kwargs):
+    def flaky_save(tensors, f, *args, **kwargs):
         calls["n"] += 1
-        if "optimizer.pt" in str(f) and calls["n"] > 2:  # the second checkpoint dies while writing its state
-            real_save(obj, f, *args, **kwargs)
+        if "optimizer" in str(f) and calls["n"] > 2:  # the second checkpoint dies while writing its state
+            real_save(tensors, f, *args, **kwargs)
             raise OSError("disk full (simulated)")
-        return real_save(obj, f, *args, **kwargs)
+        return real_save(tensors, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", flaky_save)
+    monkeypatch.setattr(safestate, "save_file", flaky_save)
     with pytest.raises(OSError, match="simulated"):
         train(cfg)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(safestate, "save_file", real_save)
     out = tmp_path / "run"
     assert (out / "checkpoint-epoch-1").is_dir()
     assert not (out / "checkpoint-epoch-2").exists()

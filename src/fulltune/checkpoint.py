@@ -11,23 +11,38 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from fulltune.config import Config, save_config, to_dict
 from fulltune.errors import ConfigError, TrainingError
 from fulltune.models import ModelBundle, save_image_processor
 from fulltune.runtime import rng_state, set_rng_state, unwrap
+from fulltune.safestate import (
+    StateFileError,
+    check_tensors_header,
+    file_digest,
+    fsync_file,
+    load_state,
+    load_tensors,
+    read_json,
+    save_state,
+)
 
 STATE_DIR = "training_state"
 RUN_META = "fulltune_run.json"
+MANIFEST = "fulltune_manifest.json"
+"""Every file of a checkpoint or export with its size and SHA-256; written last, checked on load."""
+LEGACY_PICKLES = ("optimizer.pt", "rng.pt")
 
 
 @dataclass
@@ -55,24 +70,110 @@ def is_peft(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+    """Yield a temporary folder beside `final`; on success it replaces `final` by renames.
+
+    Everything in the temporary folder is fsynced before the first rename. A kill between the two renames leaves
+    `.NAME.old-PID` and no `NAME`: `recover_run_dir` (run at every start) renames it back, so a kill at any
+    instant leaves the old or the new folder whole.
+    """
     final = Path(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _kill_point("before-rename")
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
+        _kill_point("between-renames")
     tmp.rename(final)
+    fsync_dir(final.parent)
+    _kill_point("after-rename")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _kill_point(name: str) -> None:
+    """Test hook: FULLTUNE_KILL_AT=NAME:N kills this process with SIGKILL the N-th time it passes `name`."""
+    spec = os.environ.get("FULLTUNE_KILL_AT")
+    if not spec:
+        return
+    want, _, count = spec.partition(":")
+    if want != name:
+        return
+    _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
+    if _KILL_COUNTS[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_KILL_COUNTS: dict[str, int] = {}
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a platform without directory handles (Windows)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (files first), so a rename never publishes unwritten data."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))
+
+
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_run_dir(output_dir: Path, log: Any = print) -> list[str]:
+    """Finish what a killed save left: a `.NAME.old-PID` whose `NAME` is missing is renamed back (the kill came
+    between the two renames); every other temporary folder is removed. Returns the actions, each also logged."""
+    out = Path(output_dir)
+    actions: list[str] = []
+    if not out.is_dir():
+        return actions
+    for entry in sorted(out.iterdir()):
+        m = _STALE.match(entry.name)
+        if m is None or not entry.is_dir() or _alive(int(m["pid"])):
+            continue
+        final = out / m["name"]
+        if m["kind"] == "old" and not final.exists():
+            entry.rename(final)
+            fsync_dir(out)
+            actions.append(f"restored {final} from {entry.name} (a save was interrupted between its renames)")
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            actions.append(f"removed {entry} (left by an interrupted save)")
+    for action in actions:
+        log(action)
+    return actions
 
 
 def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dict[str, Any],
@@ -118,23 +219,91 @@ def save_checkpoint(
     param_names: list[str] | None = None,
 ) -> None:
     """Write one checkpoint; `optimizer=None` writes an export only (best/). Rank 0 only; under FSDP the caller
-    gathers `model_state` / `optimizer_state` (keyed by parameter name) on every rank first."""
+    gathers `model_state` / `optimizer_state` (keyed by parameter name) on every rank first.
+
+    No pickle: the optimizer and RNG states are safetensors + JSON (see safestate.py), and a manifest of every
+    file's size and SHA-256 is written last, so a load can tell a complete checkpoint from a damaged one."""
     with atomic_dir(path) as tmp:
         export_model(model, bundle, tmp, meta, model_state)
         save_config(cfg, tmp / "config.yaml")
-        if optimizer is None:
-            return  # best/: an export, not a resume point
-        state_dir = tmp / STATE_DIR
-        state_dir.mkdir()
-        if optimizer_state is not None:
-            torch.save({"format": "by_name", "state": optimizer_state}, state_dir / "optimizer.pt")
-        else:
-            torch.save({"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}, state_dir / "optimizer.pt")
-        torch.save({"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}, state_dir / "rng.pt")
-        if is_peft(unwrap(model)):
-            # The merged export cannot be un-merged: keep the adapter-side tensors exactly as they train.
-            save_file(_trainable_state(model, optimizer), str(state_dir / "trainable.safetensors"))
-        (state_dir / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        if optimizer is not None:
+            state_dir = tmp / STATE_DIR
+            state_dir.mkdir()
+            if optimizer_state is not None:
+                blob = {"format": "by_name", "state": optimizer_state}
+            else:
+                blob = {"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}
+            save_state(blob, state_dir, "optimizer")
+            _kill_point("inside-save")
+            save_state({"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}, state_dir, "rng")
+            if is_peft(unwrap(model)):
+                # The merged export cannot be un-merged: keep the adapter-side tensors exactly as they train.
+                save_file(_trainable_state(model, optimizer), str(state_dir / "trainable.safetensors"))
+            (state_dir / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        write_manifest(tmp)
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"format": 1, "files": {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size,
+                                                                           "sha256": file_digest(p)} for p in files}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint that is incomplete, damaged or unsafe to load; the message names the folder and the file."""
+
+
+_VERIFIED: dict[Path, int] = {}
+
+
+def verify_checkpoint(path: Path, resumable: bool = True) -> None:
+    """Check a checkpoint (or an export when `resumable=False`) against its manifest: every file present with its
+    size and SHA-256, readable safetensors headers, and, for a resume point, the complete training state."""
+    path = Path(path)
+    state_dir = path / STATE_DIR
+    for legacy in LEGACY_PICKLES:
+        if (state_dir / legacy).exists() and not (state_dir / "optimizer.json").exists():
+            raise DamagedCheckpoint(
+                f"checkpoint '{path}': {STATE_DIR}/{legacy} is a pickle (written by an older fulltune, or planted); "
+                "it is never loaded, because unpickling can run code"
+            )
+    mpath = path / MANIFEST
+    try:
+        stamp = mpath.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: {MANIFEST} is missing") from None
+    if _VERIFIED.get(path.resolve()) == stamp:
+        return
+    try:
+        manifest = read_json(mpath)
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except (StateFileError, KeyError, TypeError, AssertionError):
+        raise DamagedCheckpoint(f"checkpoint '{path}': {MANIFEST} is damaged") from None
+    required = ["config.json", RUN_META]
+    if resumable:
+        required += [f"{STATE_DIR}/{n}" for n in ("trainer_state.json", "optimizer.json", "rng.json")]
+    for name in required:
+        if name not in files:
+            raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: {name} is not in its manifest")
+    if not any(n.endswith(".safetensors") and "/" not in n for n in files):
+        raise DamagedCheckpoint(f"checkpoint '{path}' has no .safetensors weights")
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: '{f}' is missing")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: '{f}' has {size} bytes, {info.get('bytes')} were written")
+        if file_digest(f) != info.get("sha256"):
+            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: '{f}' does not match its SHA-256 in {MANIFEST}")
+        if name.endswith(".safetensors"):
+            try:
+                check_tensors_header(f)
+            except StateFileError as err:
+                raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+    _VERIFIED[path.resolve()] = stamp
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -147,13 +316,21 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"checkpoint '{folder}' has no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_tensors(f))
+        except StateFileError as err:
+            raise DamagedCheckpoint(f"checkpoint '{folder}': {err}") from None
     return state
 
 
 def _load_weights(model: nn.Module, folder: Path) -> None:
     state = _read_weights(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if (missing or unexpected) and hasattr(model, "from_pretrained"):
+        # transformers saves some families (ViT in v5) under their legacy parameter names: let it map them back.
+        loaded = type(model).from_pretrained(str(folder), config=model.config, use_safetensors=True)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        del loaded
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not any(m.endswith(t) for t in tied)]
     if unexpected or missing:
@@ -162,84 +339,180 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
         )
 
 
+def _read_state(state_dir: Path, name: str, path: Path) -> Any:
+    try:
+        return load_state(state_dir, name)
+    except StateFileError as err:
+        raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+
+
+def read_train_state(path: Path) -> TrainState:
+    f = Path(path) / STATE_DIR / "trainer_state.json"
+    try:
+        saved = read_json(f)
+        known = {field.name for field in fields(TrainState)}  # counters this version no longer keeps are ignored
+        return TrainState(**{k: v for k, v in saved.items() if k in known})
+    except StateFileError as err:
+        raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+    except (TypeError, AttributeError):
+        raise DamagedCheckpoint(f"checkpoint '{path}': '{f}' does not hold fulltune's training counters") from None
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> TrainState:
-    """Restore weights, optimizer, scaler and RNG states in place; return the counters."""
+    """Restore weights, optimizer, scaler and RNG states in place; return the counters. Nothing is unpickled."""
     path = Path(path)
     if not is_checkpoint(path):
         raise ConfigError(f"'{path}' is not a fulltune checkpoint (no {STATE_DIR}/trainer_state.json)")
+    verify_checkpoint(path)
     from fulltune import distributed as ddist
 
     state_dir = path / STATE_DIR
     base = unwrap(model)
-    blob = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False)
+    blob = _read_state(state_dir, "optimizer", path)
+    if not isinstance(blob, dict) or blob.get("format") not in ("by_name", "by_index") or "state" not in blob:
+        raise DamagedCheckpoint(f"checkpoint '{path}': '{state_dir / 'optimizer.json'}' does not hold an optimizer state")
+    rng = _read_state(state_dir, "rng", path)
+    if not isinstance(rng, dict) or "rng" not in rng:
+        raise DamagedCheckpoint(f"checkpoint '{path}': '{state_dir / 'rng.json'}' does not hold RNG states")
+    train_state = read_train_state(path)
     if ddist.is_fsdp(base):
         if blob["format"] != "by_name":
             raise ConfigError(f"checkpoint '{path}' was not written by an FSDP run; resume it with parallel ddp or none")
         ddist.load_full_model_state(base, _read_weights(path))
         ddist.load_full_optimizer_state(base, optimizer, blob["state"])
     elif is_peft(base):
-        missing, unexpected = base.load_state_dict(load_file(str(state_dir / "trainable.safetensors")), strict=False)
+        try:
+            adapter = load_tensors(state_dir / "trainable.safetensors")
+        except StateFileError as err:
+            raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+        missing, unexpected = base.load_state_dict(adapter, strict=False)
         if unexpected:
             raise ConfigError(f"checkpoint '{path}': adapter tensors do not fit this model ({unexpected[:5]})")
     else:
         _load_weights(base, path)
-    if not ddist.is_fsdp(base):
-        if blob["format"] == "by_name":  # written by an FSDP run: map names onto this optimizer
-            ddist.load_full_optimizer_state(base, optimizer, blob["state"])
-        else:
-            optimizer.load_state_dict(blob["state"])
-    blob = torch.load(state_dir / "rng.pt", weights_only=False)
-    if scaler is not None and blob.get("scaler") is not None:
-        scaler.load_state_dict(blob["scaler"])
-    set_rng_state(blob["rng"])
-    return read_train_state(state_dir / "trainer_state.json")
+    try:
+        if not ddist.is_fsdp(base):
+            if blob["format"] == "by_name":  # written by an FSDP run: map names onto this optimizer
+                ddist.load_full_optimizer_state(base, optimizer, blob["state"])
+            else:
+                optimizer.load_state_dict(blob["state"])
+        if scaler is not None and rng.get("scaler") is not None:
+            scaler.load_state_dict(rng["scaler"])
+        set_rng_state(rng["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"checkpoint '{path}': its optimizer or RNG state does not fit this run ({err})") from None
+    return train_state
 
 
-def read_train_state(path: Path) -> TrainState:
-    """The counters of trainer_state.json; keys this version no longer keeps (micro_step) are ignored."""
-    saved = json.loads(Path(path).read_text())
-    known = {f.name for f in fields(TrainState)}
-    return TrainState(**{k: v for k, v in saved.items() if k in known})
+def _step_of(p: Path) -> int:
+    try:
+        return int(read_json(p / STATE_DIR / "trainer_state.json")["optimizer_step"])
+    except (StateFileError, KeyError, TypeError, ValueError):
+        m = re.fullmatch(r"checkpoint-step-(\d+)", p.name)
+        return int(m[1]) if m else -1
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Resumable checkpoints in a run folder, oldest first (by optimizer step)."""
+    """Resumable checkpoints in a run folder, oldest first (by optimizer step); temporary folders never count."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and is_checkpoint(p)]
+    return sorted(found, key=lambda p: (_step_of(p), p.stat().st_mtime))
 
-    def step(p: Path) -> int:
-        return json.loads((p / STATE_DIR / "trainer_state.json").read_text())["optimizer_step"]
 
-    return sorted(found, key=lambda p: (step(p), p.stat().st_mtime))
+def _newest_good(found: list[Path]) -> Path | None:
+    for p in reversed(found):
+        try:
+            verify_checkpoint(p)
+            read_train_state(p)
+        except DamagedCheckpoint as err:
+            print(f"warning: skipping damaged checkpoint {p}: {err}", flush=True)
+            continue
+        return p
+    return None
 
 
 def find_resume_point(resume: str, output_dir: Path) -> Path | None:
-    """`--resume auto`: newest checkpoint in output_dir (None if there is none); a run folder: its newest; or a
-    checkpoint folder itself."""
+    """`--resume auto`: newest good checkpoint in output_dir (None if there is none; damaged ones are skipped with a
+    warning); a run folder: its newest good one; or a checkpoint folder itself (verified: damage is an error)."""
     if resume == "auto":
+        recover_run_dir(output_dir)
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        point = _newest_good(found)
+        if point is None and found:
+            raise DamagedCheckpoint(f"--resume auto: every checkpoint in '{output_dir}' is damaged (see the warnings)")
+        return point
     p = Path(resume)
     if is_checkpoint(p):
+        verify_checkpoint(p)
+        read_train_state(p)
         return p
     if p.is_dir():
         found = list_checkpoints(p)
         if found:
-            return found[-1]
+            point = _newest_good(found)
+            if point is None:
+                raise DamagedCheckpoint(f"--resume '{resume}': every checkpoint in it is damaged (see the warnings)")
+            return point
     raise ConfigError(f"--resume '{resume}': not a checkpoint folder, nor a run folder holding checkpoints")
 
 
 def delete_old_checkpoints(output_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` resumable checkpoints of a run folder (0: keep all)."""
+    """Delete all but the newest `keep_last` checkpoints. Each is first renamed to a temporary name, so a kill
+    during the deletion never leaves a half-deleted folder that looks like a checkpoint."""
     if keep_last <= 0:
         return
     for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.parent / f".{old.name}.del-{os.getpid()}"
+        old.rename(doomed)
+        fsync_dir(old.parent)
+        _kill_point("deleting-old")
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def run_meta(task: str, labels: list[str] | None, cfg: Config, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     meta = {"task": task, "labels": labels, "method": cfg.method.name, "fulltune_config": to_dict(cfg)}
     meta.update(extra or {})
     return meta
+
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "train.log", "labels.json", "config.yaml", "best", "tensorboard")
+"""What `train` writes into a run folder (besides checkpoint-*): the files that make a folder another run's."""
+
+
+def _run_files(out: Path) -> list[Path]:
+    found = [p for p in sorted(out.glob("checkpoint-*")) if p.is_dir()]
+    return found + [out / n for n in RUN_FILES if (out / n).exists() and n != "config.yaml"]
+
+
+def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool = False, log: Any = print) -> None:
+    """Make `output_dir` this run's own, before anything is written: clean what a killed save left (logged); a
+    fresh run into a folder that holds another run's checkpoints, best/, metrics or summary is an error naming the
+    choices, unless `overwrite`, which removes those files (and only those: fulltune's own)."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir '{out}' is a file, not a folder")
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not out.is_dir():
+        return
+    if main:
+        recover_run_dir(out, log)
+    if resume is not None:
+        return
+    others = _run_files(out)
+    if not others:
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in others[:4]) + (", ..." if len(others) > 4 else "")
+        raise ConfigError(
+            f"output_dir '{out}' holds another run ({names}): continue it with --resume auto, choose a new "
+            "--output_dir, or pass --overwrite to delete that run's files"
+        )
+    if main:
+        for p in others + [out / "config.yaml"]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        log(f"--overwrite: removed the previous run's files from {out}")
 
 
 def convert_position(state: TrainState, micro: int, world: int, point: Path) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -126,9 +125,10 @@ def run_method(cfg: Config, skip_done: bool = False) -> dict[str, Any]:
         row["reused"] = True
         return row | _from_summary(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / "config.yaml").is_file():
-            return row | {"status": "failed", "error": f"{run_dir} exists and is not a fulltune run folder"}
-        shutil.rmtree(run_dir)  # a fresh run: stale checkpoints or metrics.jsonl lines would mix into this one
+        # Never delete a folder this invocation did not create: it may hold a finished run and its checkpoints.
+        what = "an earlier run" if (run_dir / "config.yaml").is_file() else "files that are not a fulltune run"
+        return row | {"status": "failed", "error": f"'{run_dir}' already holds {what} (left untouched): give compare "
+                      "a new --output_dir, pass --skip_done to reuse finished runs, or remove the folder yourself"}
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")
     log = run_dir / "compare.log"

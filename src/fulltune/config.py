@@ -54,6 +54,8 @@ class DataConfig:
     """Causal LM JSONL: optional prompt field (no loss on it)."""
     response_column: str = "response"
     """Causal LM JSONL: optional response field (the loss is on it only)."""
+    encoding: str = "utf-8"
+    """Text encoding of the data tables (a UTF-8 byte-order mark is dropped); e.g. latin-1 or cp1252."""
     batch_size: int = 16
     """Micro-batch size per device (per optimizer step: batch_size x gradient_accumulation_steps x world size)."""
     eval_batch_size: int | None = None
@@ -500,6 +502,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(f"config file '{p}' does not exist")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file '{p}': not UTF-8 text (byte {err.start}); is it a YAML file?") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -541,9 +545,84 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_ranges(cfg)
     pu = t.progressive_unfreezing
     if pu.enabled and not pu.unfreeze_schedule and not pu.auto:
         raise ConfigError("training.progressive_unfreezing is enabled but has neither unfreeze_schedule nor auto: N")
+
+
+METRICS = {
+    "text_classification": ("accuracy", "top5_accuracy", "macro_f1", "loss"),
+    "image_classification": ("accuracy", "top5_accuracy", "macro_f1", "loss"),
+    "causal_lm": ("loss", "perplexity"),
+}
+"""Validation metrics each task reports (what training.metric may name)."""
+
+_ANY = object()
+
+
+def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
+    """(key, value, predicate, what is allowed) for every numeric key with a range; None values are defaults."""
+    t, d, h, c, a = cfg.training, cfg.data, cfg.hardware, cfg.checkpoint, cfg.data.augmentation
+    ge = lambda n: (lambda v: v >= n, f">= {n}")  # noqa: E731
+    optional_ge = lambda n: (lambda v: v is None or v >= n, f">= {n} (or null)")  # noqa: E731
+    unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+    return [
+        ("logging.log_every_steps", cfg.logging.log_every_steps, *ge(1)),
+        ("data.eval_batch_size", d.eval_batch_size, *optional_ge(1)),
+        ("data.max_samples", d.max_samples, *optional_ge(1)),
+        ("data.max_eval_samples", d.max_eval_samples, lambda v: v is None or v >= 1,
+         ">= 1 (an empty validation set cannot pick best/; for no validation at all give no validation split and "
+         "set data.val_fraction=0)"),
+        ("data.image_size", d.image_size, *optional_ge(1)),
+        ("data.num_workers", d.num_workers, *ge(-1)),
+        ("data.num_classes", d.num_classes, *optional_ge(2)),
+        ("data.augmentation.color_jitter", a.color_jitter, *ge(0)),
+        ("data.augmentation.rotation", a.rotation, lambda v: 0 <= v <= 180, "in [0, 180]"),
+        ("data.augmentation.crop_scale", a.crop_scale, lambda v: 0 < v[0] <= v[1] <= 1, "two fractions 0 < a <= b <= 1"),
+        ("hardware.num_threads", h.num_threads, *optional_ge(1)),
+        ("training.adam_beta1", t.adam_beta1, *unit),
+        ("training.adam_beta2", t.adam_beta2, *unit),
+        ("training.adam_epsilon", t.adam_epsilon, lambda v: v > 0, "> 0"),
+        ("training.max_steps", t.max_steps, *optional_ge(1)),
+        ("training.num_epochs", t.num_epochs, *ge(0)),
+        ("training.weight_decay", t.weight_decay, *ge(0)),
+        ("training.warmup_steps", t.warmup_steps, *optional_ge(0)),
+        ("training.min_lr_ratio", t.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("training.head_lr_mult", t.head_lr_mult, lambda v: v > 0, "> 0"),
+        ("training.eval_every_steps", t.eval_every_steps, *optional_ge(1)),
+        ("training.early_stopping.min_delta", t.early_stopping.min_delta, *ge(0)),
+        ("training.early_stopping.patience", t.early_stopping.patience, *ge(1)),
+        ("training.progressive_unfreezing.auto", t.progressive_unfreezing.auto, *optional_ge(1)),
+        ("checkpoint.save_every_epochs", c.save_every_epochs, *ge(0)),
+        ("checkpoint.save_every_steps", c.save_every_steps, *optional_ge(1)),
+        ("checkpoint.keep_last", c.keep_last, *ge(0)),
+        ("method.lora.r", cfg.method.lora.r, *ge(1)),
+        ("method.lora.alpha", cfg.method.lora.alpha, lambda v: v > 0, "> 0"),
+        ("method.lora.dropout", cfg.method.lora.dropout, *unit),
+    ]
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every numeric value in its range, the metric known to the task: one error naming key, value and range."""
+    import math
+
+    for key, value, ok, allowed in _ranges(cfg):
+        bad_float = isinstance(value, float) and not math.isfinite(value)
+        if bad_float or not ok(value):
+            raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {allowed}")
+    import codecs
+
+    try:
+        codecs.lookup(cfg.data.encoding)
+    except LookupError:
+        raise ConfigError(f"config key 'data.encoding': unknown encoding {cfg.data.encoding!r}") from None
+    metric = cfg.training.metric
+    known = METRICS.get(cfg.task) or tuple(dict.fromkeys(m for ms in METRICS.values() for m in ms))
+    if metric != "auto" and metric not in known:
+        where = f"task {cfg.task}" if cfg.task in METRICS else "any task"
+        raise ConfigError(f"config key 'training.metric': '{metric}' is not a metric of {where}; choose auto, "
+                          + ", ".join(known))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -22,3 +22,7 @@ class DataError(FulltuneError, ValueError):
 
 class TrainingError(FulltuneError, RuntimeError):
     """Training cannot go on (a NaN loss, say); the message says where and which checkpoint is the last good one."""
+
+
+class StateFileError(DataError):
+    """A state file is missing, truncated, or not what fulltune wrote; the message names the file."""

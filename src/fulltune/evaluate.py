@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,29 @@ def format_table(metrics: dict[str, Any], labels: list[str] | None = None) -> st
     return "\n".join(lines)
 
 
+def _canonical_split(split: str, file: str | None) -> str:
+    """train / val / test; dev, valid and validation name val. Any other name is an error (unless --file)."""
+    from fulltune.config import ConfigError
+    from fulltune.data.text import SPLIT_NAMES
+
+    for name, aliases in SPLIT_NAMES.items():
+        if split in aliases:
+            return name
+    if file:
+        return split  # only names the output folder
+    choices = ", ".join(a for aliases in SPLIT_NAMES.values() for a in aliases)
+    raise ConfigError(f"--split '{split}': not a split name; choose from {choices} (or give --file)")
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    from fulltune.data.text import SPLIT_NAMES
+
+    for name in SPLIT_NAMES.get(split, (split,)):
+        if (root / name).is_dir():
+            return root / name
+    return root / split
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data_dir: str | None = None,
@@ -82,13 +106,16 @@ def evaluate_checkpoint(
     stride: int | None = None,
 ) -> dict[str, Any]:
     """`fulltune evaluate`: metrics of an exported checkpoint on a split of a data folder (or one file)."""
-    from fulltune.config import config_from_dict
+    from fulltune.config import ConfigError, config_from_dict
     from fulltune.data import images as img
     from fulltune.data import text as txt
     from fulltune.errors import DataError
     from fulltune.models import load_exported
     from fulltune.runtime import resolve_device, resolve_precision
 
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
+    split = _canonical_split(split, file)
     dev = resolve_device(device)
     bundle = load_exported(checkpoint, dev)
     cfg = config_from_dict(bundle.extra["fulltune_config"])
@@ -112,7 +139,9 @@ def evaluate_checkpoint(
     if bundle.task == "image_classification":
         if not data_dir:
             raise DataError("image evaluation needs --data_dir with <split>/<class>/ folders")
-        folder = img.scan_split(Path(data_dir) / split, labels)
+        folder = img.scan_split(_split_folder(Path(data_dir), split), labels)
+        for skipped in folder.skipped:
+            print(f"skipped unreadable image: {skipped}", file=sys.stderr)
         dataset: Any = img.ImageDataset(folder, bundle.image_spec, None)
         collate: Any = img.collate_images
         workers = 2
@@ -130,4 +159,6 @@ def evaluate_checkpoint(
     write_classification_report(metrics, labels, out)
     metrics["output_dir"] = str(out)
     metrics["labels"] = labels
+    if bundle.task == "image_classification":
+        metrics["skipped_images"] = len(folder.skipped)
     return metrics

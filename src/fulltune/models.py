@@ -387,19 +387,30 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu") -> Model
         raise ConfigError(
             f"checkpoint '{path}' is not a fulltune checkpoint (expected config.json and fulltune_run.json in it)"
         )
-    meta = json.loads(meta_path.read_text())
-    task = meta["task"]
+    from fulltune.checkpoint import MANIFEST, verify_checkpoint
+
+    if (path / MANIFEST).is_file():  # written by this fulltune: every file checked against its size and SHA-256
+        verify_checkpoint(path, resumable=False)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        task = meta["task"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"checkpoint '{path}': '{meta_path}' is damaged (not fulltune's run record)") from None
+    if task not in ("causal_lm", "image_classification", "text_classification"):
+        raise ConfigError(f"checkpoint '{path}': '{meta_path}' names an unknown task {task!r}")
+    # Weights from safetensors only: a pickled pytorch_model.bin beside them is never read.
+    safe = {"use_safetensors": True}
     if task == "causal_lm":
         from fulltune import prune
 
         if prune.is_pruned_folder(path):
             model = prune.load_pruned(path)
         else:
-            model = tf.AutoModelForCausalLM.from_pretrained(str(path))
+            model = tf.AutoModelForCausalLM.from_pretrained(str(path), **safe)
     elif task == "image_classification":
-        model = tf.AutoModelForImageClassification.from_pretrained(str(path))
+        model = tf.AutoModelForImageClassification.from_pretrained(str(path), **safe)
     else:
-        model = tf.AutoModelForSequenceClassification.from_pretrained(str(path))
+        model = tf.AutoModelForSequenceClassification.from_pretrained(str(path), **safe)
     model = model.float().to(device).eval()
     bundle = ModelBundle(model=model, task=task, source=str(path), extra=meta)
     if task == "image_classification":

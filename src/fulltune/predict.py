@@ -4,6 +4,7 @@ from an exported checkpoint.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,17 @@ def image_paths(target: str) -> list[Path]:
     p = Path(target)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in img.IMAGE_EXTENSIONS)
-        if not files:
-            raise DataError(f"folder '{p}' has no images")
-        return files
+        good = [f for f in files if img._readable(f)]
+        for f in files:
+            if f not in set(good):
+                print(f"skipped unreadable image: {f}", file=sys.stderr)
+        if not good:
+            raise DataError(f"folder '{p}' has no readable images" if files else f"folder '{p}' has no images")
+        return good
     if not p.is_file():
         raise DataError(f"image '{p}' does not exist")
+    if not img._readable(p):
+        raise DataError(f"image '{p}' cannot be decoded (damaged, truncated, or over PIL's pixel limit)")
     return [p]
 
 
@@ -38,7 +45,12 @@ def text_inputs(text: str | None, file: str | None) -> list[str]:
     p = Path(file)
     if not p.is_file():
         raise DataError(f"file '{p}' does not exist")
-    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raw = p.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"file '{p}' is not UTF-8 text (byte offset {err.start}); convert it to UTF-8") from None
+    lines = [line.strip() for line in content.splitlines() if line.strip()]
     if not lines:
         raise DataError(f"file '{p}' is empty")
     return lines
@@ -47,6 +59,8 @@ def text_inputs(text: str | None, file: str | None) -> list[str]:
 @torch.no_grad()
 def classify(bundle: ModelBundle, inputs: list[Any], top_k: int, batch_size: int = 32) -> list[list[tuple[str, float]]]:
     """Top-k (label, probability) for each input (image paths or texts)."""
+    if top_k < 1:
+        raise DataError(f"--top_k must be >= 1, got {top_k}")
     model, device = bundle.model, next(bundle.model.parameters()).device
     id2label = bundle.model.config.id2label
     k = min(top_k, len(id2label))

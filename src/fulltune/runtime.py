@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fulltune.config import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -26,8 +28,13 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("cuda", local)
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"hardware.device is '{name}' but CUDA is not available on this machine")
+        raise ConfigError(f"hardware.device is '{name}' but CUDA is not available on this machine; use auto or cpu")
     return torch.device(name)
+
+
+def check_hardware(cfg: Any) -> None:
+    """The configured device and precision exist on this machine: a one-line error before anything is written."""
+    resolve_precision(cfg.hardware.mixed_precision, resolve_device(cfg.hardware.device))
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -65,7 +72,7 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
         else:
             mode = "bf16" if cpu_has_fast_bf16() else "no"
     if mode == "fp16" and device.type != "cuda":
-        raise RuntimeError("hardware.mixed_precision=fp16 needs CUDA; use bf16 or no on CPU")
+        raise ConfigError("hardware.mixed_precision=fp16 (training.fp16) needs CUDA; use bf16 or no on this machine")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mode]
     return Precision(name=mode if dtype is not None else "fp32", dtype=dtype, device_type=device.type)
 

@@ -84,7 +84,7 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.Ima
     root = Path(cfg.data.data_dir)
     val = img.scan_split(root / "val", labels) if (root / "val").is_dir() else None
     test = img.scan_split(root / "test", labels) if (root / "test").is_dir() else None
-    info = {"skipped_images": [str(p) for p in train.skipped]}
+    info = {"skipped_images": [str(p) for f in (train, val, test) if f is not None for p in f.skipped]}
     if val is None and cfg.data.val_fraction > 0:
         train, val = img.holdout_images(train, cfg.data.val_fraction)
         info["val_source"] = f"{cfg.data.val_fraction:.0%} of train (by file-name hash)"

@@ -29,6 +29,7 @@ from fulltune.report import RunLogger, Throughput
 from fulltune.runtime import (
     Precision,
     barrier,
+    check_hardware,
     is_main,
     peak_memory_bytes,
     rank,
@@ -69,9 +70,10 @@ class Trainer:
     state: ckpt.TrainState
     log: RunLogger
 
-    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
         self.out = Path(cfg.output_dir)
         self.fused: Any = None
         """lean mode's FusedStepHandle when the optimizer step runs inside backward, else None."""
@@ -186,12 +188,15 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Train as configured; return the summary (also written to summary.json)."""
+        check_hardware(self.cfg)
+        ckpt.claim_output_dir(self.out, self.resume, self.overwrite)  # one run per folder
         self.out.mkdir(parents=True, exist_ok=True)
         self.setup()
         self._start()
         stop = False
         for epoch in range(self.state.epoch, self.cfg.training.num_epochs):
-            if stop or self.state.optimizer_step >= self.state.total_steps:
+            # A resume from the last step of an epoch still finishes that epoch (its evaluation and checkpoint).
+            if stop or (self.state.optimizer_step >= self.state.total_steps and self.state.batches_done == 0):
                 break
             stop = self._train_epoch(epoch)
             stop = self._end_epoch(epoch, stop)
@@ -290,10 +295,13 @@ class Trainer:
             self._check_finite()
             rate = self.throughput.window_rate(s.samples_seen)
             self.log.scalars(step, self.optimizer, rate, peak_memory_bytes(self.device))
+        # Evaluate before saving: the checkpoint then holds this step's evaluation (best metric, patience), so a
+        # resume from it never skips an evaluation, and best/ comes out the same as without the interruption.
+        every = cfg.training.eval_every_steps
+        stop = bool(every and step % every == 0 and self.evaluate())
         if cfg.checkpoint.save_every_steps and step % cfg.checkpoint.save_every_steps == 0:
             self.save(self.out / f"checkpoint-step-{step}")
-        every = cfg.training.eval_every_steps
-        return bool(every and step % every == 0 and self.evaluate())
+        return stop
 
     def _end_epoch(self, epoch: int, stop: bool) -> bool:
         """Close the epoch: evaluate (unless evaluating by steps) and write the epoch's checkpoint."""
@@ -453,6 +461,7 @@ def setup(cfg: Config, resume: str | None = None) -> Trainer:
     return Trainer(cfg, resume).setup()
 
 
-def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
-    """Train as configured; return a summary (best validation and test metrics, timings, paths)."""
-    return Trainer(cfg, resume).train()
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train as configured; return a summary (best validation and test metrics, timings, paths). A folder holding
+    another run is refused unless `resume` continues it or `overwrite` replaces it."""
+    return Trainer(cfg, resume, overwrite).train()

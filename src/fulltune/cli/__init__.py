@@ -1,18 +1,23 @@
 """`fulltune` command line: one module per command, each with `register(subparsers)` and `run(args)`; this module
 builds the parser and dispatches.
 
-Every expected failure (bad config, bad data, a NaN loss) ends in one line `fulltune: error: ...` and a non-zero
-exit status; tracebacks are for bugs.
+Every failure a user can cause (bad config, data, checkpoint, or environment: permissions, a full disk, a path that
+is a file) ends in one line `fulltune: error: ...` and a non-zero exit: 2 for a bad config or checkpoint
+(ConfigError), 1 for data, training and environment errors, 130 for Ctrl-C. A traceback only for bugs, or for
+anything with `--debug` / FULLTUNE_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
+from typing import Any
 
 from fulltune.cli import compare, demo, evaluate, plan, predict, prepare_images, prune, train
+from fulltune.errors import FulltuneError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -28,10 +33,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fulltune.errors import ConfigError, FulltuneError
+# OS errors that the user's environment causes (and can fix), not fulltune's code.
+USER_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "already exists",
+    errno.ENOENT: "no such file or folder",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EMFILE: "too many open files",
+}
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+
+def split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Take `--debug` out of argv wherever it stands (before or after the command); FULLTUNE_DEBUG=1 also counts."""
+    debug = "--debug" in argv or os.environ.get("FULLTUNE_DEBUG", "") not in ("", "0")
+    return [a for a in argv if a != "--debug"], debug
+
+
+def user_error(err: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) when `err` is a failure the user caused; None for a bug (which keeps its traceback)."""
+    if isinstance(err, FulltuneError):
+        return str(err), err.exit_code
+    if isinstance(err, OSError) and err.errno in USER_ERRNOS:
+        what = err.strerror or USER_ERRNOS[err.errno]
+        paths = [p for p in (err.filename, err.filename2) if p is not None]
+        where = ": " + " -> ".join(f"'{os.fsdecode(p)}'" for p in paths) if paths else ""
+        return f"{what}{where}", 1
+    if isinstance(err, MemoryError):
+        return "out of memory (reduce data.batch_size, or try training.memory=lean)", 1
+    return None
+
+
+def run_command(func: Any, args: Any, debug: bool = False) -> int:
+    """Run one command; turn a user-caused failure into one `fulltune: error:` line on stderr."""
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("fulltune: interrupted; resume with --resume auto", file=sys.stderr)
+        return 130
+    except Exception as err:
+        known = user_error(err)
+        if known is None or debug:
+            raise
+        from fulltune.runtime import rank, world_size
+
+        message, code = known
+        where = f"[rank {rank()}] " if world_size() > 1 else ""
+        line = " ".join(f"{where}{message}".split("\n"))  # one line, whatever the message holds
+        print(f"fulltune: error: {line}", file=sys.stderr, flush=True)
+        return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.argv = argv
     warnings.filterwarnings("ignore", message=".*torchvision.*")
@@ -39,17 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Our own progress bar and log lines say what happens; transformers' per-shard bars only add noise.
     transformers.utils.logging.disable_progress_bar()
-    try:
-        return int(args.func(args) or 0)
-    except FulltuneError as err:
-        from fulltune.runtime import rank, world_size
-
-        where = f"[rank {rank()}] " if world_size() > 1 else ""
-        print(f"fulltune: error: {where}{err}", file=sys.stderr, flush=True)
-        return 2 if isinstance(err, ConfigError) else 1
-    except KeyboardInterrupt:
-        print("fulltune: interrupted; resume with --resume auto", file=sys.stderr)
-        return 130
+    return run_command(args.func, args, debug)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ def register(subparsers: Any) -> None:
     add_config_flags(p)
     p.add_argument("--resume", help="'auto' (newest checkpoint in output_dir), a run folder, or a checkpoint folder")
     p.add_argument("--nproc", type=int, help="run N data-parallel processes on this node (torchrun shortcut)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir (its checkpoints too)")
     p.set_defaults(func=run)
 
 
@@ -32,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
         return launch(args.nproc, _without_nproc(list(args.argv)))
     from fulltune.train import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0

@@ -24,13 +24,30 @@ from fulltune.models import ImageSpec
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def _readable(path: Path) -> bool:
-    """Cheap check (header only) that PIL can open the file."""
-    try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018 - touching size parses the header
+def _complete(path: Path, fmt: str | None) -> bool:
+    """A JPEG ends with its end-of-image marker and a PNG with its IEND chunk: a cheap test for truncated files
+    (reads the last bytes only)."""
+    if fmt not in ("JPEG", "PNG"):
         return True
-    except (UnidentifiedImageError, OSError, ValueError):
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 1024))
+        tail = f.read().rstrip(b"\x00")  # some cameras pad JPEGs with zeros after the marker
+    return tail.endswith(b"\xff\xd9") if fmt == "JPEG" else tail.endswith(b"IEND\xaeB`\x82")
+
+
+def _readable(path: Path) -> bool:
+    """Cheap check that PIL can decode the file: a parsed header of a sane size (no decompression bomb), and a JPEG
+    or PNG that is not truncated. What still fails to decode later is replaced in training (see ImageDataset)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.size  # noqa: B018 - touching size parses the header
+                fmt = im.format
+        return _complete(path, fmt)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         return False
 
 
@@ -76,7 +93,7 @@ def load_rgb(path: Path, target: int) -> Image.Image:
         # JPEG can decode at a reduced scale directly: far cheaper for multi-megapixel photos.
         im.draft("RGB", (target * 2, target * 2))
         return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"image '{path}' cannot be decoded ({err})") from None
 
 
@@ -146,7 +163,21 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Any) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.folder.samples[index]
-        im = load_rgb(path, self.spec.size)
+        try:
+            im = load_rgb(path, self.spec.size)
+        except DataError as err:
+            # Damage the header check could not see: one bad file never ends a run. The next decodable image
+            # stands in (the same one every time, so a resumed run sees exactly what the first one saw).
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+            for step in range(1, len(self.folder.samples)):
+                path, label = self.folder.samples[(index + step) % len(self.folder.samples)]
+                try:
+                    im = load_rgb(path, self.spec.size)
+                    break
+                except DataError:
+                    continue
+            else:
+                raise
         if self.aug is not None and seed is not None:
             pixels = train_transform(im, self.spec, self.aug, random.Random(seed))
         else:
@@ -161,25 +192,76 @@ def collate_images(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     }
 
 
-def prepare_images(src: str | Path, out: str | Path, split: tuple[float, float, float], seed: int = 42) -> dict[str, int]:
-    """Copy SRC/<class>/* into OUT/{train,val,test}/<class>/, reproducibly (a seeded shuffle per class)."""
+def _flat_name(rel: Path, taken: set[str]) -> str:
+    """A file name for `rel` (a path inside a class folder) that no other file of the class has: nested folders
+    become part of the name (a/b/x.jpg -> a__b__x.jpg), and a clash still left gets a counter."""
+    name = "__".join(rel.parts)
+    stem, suffix, n = Path(name).stem, Path(name).suffix, 1
+    while name.lower() in taken:
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    taken.add(name.lower())
+    return name
+
+
+def _split_sizes(n: int, split: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Train/val/test counts of a class of n images; a split with a non-zero fraction gets at least one image when the
+    class has one to spare for each such split."""
+    n_val, n_test = round(n * split[1]), round(n * split[2])
+    wanted = sum(1 for f in split if f > 0)
+    if n >= wanted:
+        n_val = max(n_val, 1) if split[1] > 0 else 0
+        n_test = max(n_test, 1) if split[2] > 0 else 0
+    n_train = n - n_val - n_test
+    if split[0] > 0 and n_train < 1 and n >= 1:
+        n_train = 1
+        n_test = max(0, n - n_train - n_val)
+        n_val = n - n_train - n_test
+    return n_train, n_val, n_test
+
+
+def prepare_images(src: str | Path, out: str | Path, split: tuple[float, float, float], seed: int = 42,
+                   overwrite: bool = False, num_classes: int | None = None) -> dict[str, int]:
+    """Copy SRC/<class>/** into OUT/{train,val,test}/<class>/, reproducibly (a seeded shuffle per class).
+
+    Every readable image is kept (files of nested folders get their folder names in theirs, so none overwrites
+    another); each image lands in exactly one split; no empty class folder is written. An output folder that already
+    holds files is refused unless `overwrite`, which first removes its train/, val/ and test/ folders.
+    `num_classes`: keep only the first N classes (sorted by name)."""
     src, out = Path(src), Path(out)
     if abs(sum(split) - 1.0) > 1e-6 or any(s < 0 for s in split):
         raise DataError(f"--split {split}: expected three non-negative fractions that add up to 1, e.g. 0.8,0.1,0.1")
+    if num_classes is not None and num_classes < 1:
+        raise DataError(f"--num_classes must be >= 1, got {num_classes}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--output_dir '{out}' is a file, not a folder")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise DataError(f"--output_dir '{out}' is inside the source folder '{src}'; choose a folder outside it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise DataError(f"--output_dir '{out}' is not empty: choose a new folder, or pass --overwrite to replace "
+                            "its train/, val/ and test/ folders")
+        for part in ("train", "val", "test"):
+            shutil.rmtree(out / part, ignore_errors=True)
     folder = scan_split(src)
-    counts = {"train": 0, "val": 0, "test": 0}
-    for c, name in enumerate(folder.classes):
+    classes = folder.classes[:num_classes] if num_classes is not None else folder.classes
+    if num_classes is not None and num_classes > len(folder.classes):
+        raise DataError(f"--num_classes {num_classes}: '{src}' has only {len(folder.classes)} classes")
+    counts = {"train": 0, "val": 0, "test": 0, "skipped_unreadable": len(folder.skipped)}
+    for c, name in enumerate(classes):
         files = sorted(p for p, label in folder.samples if label == c)
         # Seeded by class name and seed so adding a class never reshuffles the others.
         random.Random(f"{seed}:{name}").shuffle(files)
-        n_train = round(len(files) * split[0])
-        n_val = round(len(files) * split[1])
+        n_train, n_val, _ = _split_sizes(len(files), split)
         parts = {"train": files[:n_train], "val": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
+        taken: set[str] = set()
         for part, paths in parts.items():
+            if not paths:
+                continue  # never an empty class folder: train would reject it
             dest = out / part / name
             dest.mkdir(parents=True, exist_ok=True)
             for p in paths:
-                shutil.copy2(p, dest / p.name)
+                shutil.copy2(p, dest / _flat_name(p.relative_to(src / name), taken))
             counts[part] += len(paths)
     return counts
 

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from fulltune.config import DataConfig
 from fulltune.data.text import jsonl_objects
 from fulltune.errors import DataError
+from fulltune.safestate import StateFileError, load_tensors
 
 IGNORE = -100
 _CHUNK_CHARS = 200_000
@@ -157,10 +159,14 @@ def load_blocks(
     key.update(f"{_tokenizer_fingerprint(tokenizer)}:{framing_tokens(tokenizer)}:{cfg.seq_len}".encode())
     key.update(f"{max_blocks}:{seed if max_blocks is not None else ''}".encode())
     key.update(f"{cfg.text_column}:{cfg.prompt_column}:{cfg.response_column}".encode())
-    cache = cache_dir / f"lm-{key.hexdigest()[:16]}.pt" if cache_dir else None
+    # safetensors, never a pickle: a cache folder can be shared or planted, and loading it must not run code
+    cache = cache_dir / f"lm-{key.hexdigest()[:16]}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
-        blob = torch.load(cache)
-        return BlockDataset(blob["input_ids"], blob["labels"])
+        try:
+            blob = load_tensors(cache)
+            return BlockDataset(blob["input_ids"], blob["labels"])
+        except (StateFileError, KeyError):
+            pass  # a damaged cache is rebuilt below
     x, y = pack(*tokenize_records(read_records(path, cfg), tokenizer), cfg.seq_len)
     if max_blocks is not None and max_blocks < len(x):
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_blocks].sort().values
@@ -168,6 +174,6 @@ def load_blocks(
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # ranks writing the same cache must not share a temp file
-        torch.save({"input_ids": x.contiguous(), "labels": y.contiguous()}, tmp)
+        save_file({"input_ids": x.contiguous(), "labels": y.contiguous()}, str(tmp))
         tmp.replace(cache)
     return BlockDataset(x, y)

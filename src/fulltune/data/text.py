@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,10 +59,28 @@ def _format_of(path: Path, fmt: str) -> str:
         raise DataError(f"'{path}': cannot tell the format from the extension; set data.format") from None
 
 
+def read_text_file(path: Path, encoding: str = "utf-8") -> str:
+    """A whole text file; a byte that is not `encoding` is an error naming the file and its byte offset. A UTF-8
+    byte-order mark is dropped."""
+    raw = Path(path).read_bytes()
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"'{path}': byte offset {err.start} is not valid {encoding} ({err.reason}); convert the file to UTF-8 "
+            "or set data.encoding (e.g. data.encoding=latin-1)"
+        ) from None
+
+
 def jsonl_objects(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSONL text; anything but a JSON object is an error."""
+    """(line number, object) for each non-blank line of a JSONL text; anything but a JSON object is an error.
+
+    Lines end at \\n only (\\r\\n too): U+2028, U+0085 or a form feed inside a JSON string are text, not ends of lines.
+    """
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -74,22 +94,53 @@ def jsonl_objects(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-def read_table(path: str | Path, fmt: str = "auto") -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows (dicts) and the column names of a CSV/TSV/JSONL file."""
+def _csv_records(path: Path, text: str, delimiter: str, quoting: int) -> tuple[list[list[str]], list[int]]:
+    """Records of a CSV/TSV text and the file line each starts on (a quoted field may span lines)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    records, lines, start = [], [], 1
+    for record in reader:
+        if record and any(field != "" for field in record):
+            records.append(record)
+            lines.append(start)
+        start = reader.line_num + 1
+    return records, lines
+
+
+def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (dicts) and the column names of a CSV/TSV/JSONL file; each row carries its file line under `_line`.
+
+    CSV and TSV go through the csv module: a quoted field keeps its tabs, commas, quotes and line breaks, and any
+    Unicode (U+2028, U+0085, form feeds) is text. TSV files of the GLUE kind are never quoted and hold stray quote
+    characters: a TSV that does not parse as quoted (a quote in the middle of a field) is read literally. A row with
+    more or fewer fields than the header is an error naming the line and both counts.
+    """
     path = Path(path)
     fmt = _format_of(path, fmt)
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text_file(path, encoding)
     if not text.strip():
         raise DataError(f"'{path}' is empty")
     if fmt == "jsonl":
-        rows = [row for _, row in jsonl_objects(path, text)]
-        columns = sorted({k for r in rows for k in r})
+        rows = [row | {"_line": lineno} for lineno, row in jsonl_objects(path, text)]
+        columns = sorted({k for r in rows for k in r if k != "_line"})
         return rows, columns
-    # TSV files of the GLUE kind have stray quote characters; they are never quoted, so read them literally.
-    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
-    rows = list(reader)
-    columns = list(reader.fieldnames or [])
+    delimiter = "\t" if fmt == "tsv" else ","
+    try:
+        records, lines = _csv_records(path, text, delimiter, csv.QUOTE_MINIMAL)
+    except csv.Error as err:
+        if fmt != "tsv":
+            raise DataError(f"'{path}': not a valid CSV file ({err})") from None
+        records, lines = _csv_records(path, text, delimiter, csv.QUOTE_NONE)
+    if not records:
+        raise DataError(f"'{path}' is empty")
+    columns = records[0]
+    rows = []
+    for record, line in zip(records[1:], lines[1:], strict=True):
+        if len(record) != len(columns):
+            raise DataError(
+                f"'{path}' row {len(rows) + 1} (line {line}): {len(record)} fields, but the header has "
+                f"{len(columns)} ({', '.join(columns)})" + (" (a tab inside an unquoted text?)" if fmt == "tsv" else "")
+            )
+        rows.append(dict(zip(columns, record, strict=True)) | {"_line": line})
     if not rows:
         raise DataError(f"'{path}' has a header but no rows")
     return rows, columns
@@ -100,33 +151,73 @@ class TextExamples:
     texts: list[str]
     labels: list[str]
     source: str
+    lines: list[int] | None = None
+    """File line of each example (for error messages); None when examples were derived (split, capped)."""
+
+    def where(self, i: int) -> str:
+        """'row R (line L)' of example i."""
+        line = f" (line {self.lines[i]})" if self.lines is not None else ""
+        return f"row {i + 1}{line}"
+
+
+def json_label(value: Any, path: Path, line: int, column: str) -> str:
+    """One rule for JSON label values: strings as written; numbers by value (1, 1.0 and "1" are one class, "1");
+    booleans as "true"/"false"; null, lists and objects are errors."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise DataError(f"'{path}' line {line}: label {value} in field '{column}' is not a number")
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str):
+        return value.strip()
+    kind = "null" if value is None else type(value).__name__
+    raise DataError(f"'{path}' line {line}: label in field '{column}' is {kind}; expected a string or a number")
 
 
 def read_examples(path: Path, cfg: DataConfig, need_labels: bool = True) -> TextExamples:
-    rows, columns = read_table(path, cfg.format)
+    rows, columns = read_table(path, cfg.format, cfg.encoding)
     for col in [cfg.text_column] + ([cfg.label_column] if need_labels else []):
         if col not in columns:
             key = "data.text_column" if col == cfg.text_column else "data.label_column"
             raise DataError(f"'{path}': no column '{col}' ({key}); the file has columns: {', '.join(columns)}")
-    texts, labels = [], []
-    # Row numbers are 1-based data rows; in CSV/TSV the header is line 1, so data row r is on line r + 1.
+    texts, labels, lines = [], [], []
+    kinds: dict[str, int] = {}  # JSON label kind -> first line holding it: booleans and numbers must not mix
+    # Row numbers are 1-based data rows; the line is where the row starts in the file.
     for r, row in enumerate(rows, start=1):
+        line = row["_line"]
+        where = f"'{path}' row {r} (line {line})"
         text = row.get(cfg.text_column)
-        if text is None or (isinstance(text, str) and not text.strip()):
-            raise DataError(f"'{path}' row {r}: empty text in column '{cfg.text_column}'")
-        texts.append(str(text).strip())
+        if not isinstance(text, str) and text is not None:
+            raise DataError(f"{where}: the text in '{cfg.text_column}' is a {type(text).__name__}, not a string")
+        if text is None or not text.strip():
+            raise DataError(f"{where}: empty text in column '{cfg.text_column}'")
+        texts.append(text)  # as written: the tokenizer decides what whitespace means
+        lines.append(line)
         if need_labels:
-            label = row.get(cfg.label_column)
-            if label is None or str(label).strip() == "":
-                raise DataError(f"'{path}' row {r}: empty label in column '{cfg.label_column}'")
-            labels.append(str(label).strip())
-    return TextExamples(texts, labels, str(path))
+            raw = row.get(cfg.label_column)
+            if isinstance(raw, (bool, int, float)) or (raw is not None and not isinstance(raw, str)):
+                kind = "boolean" if isinstance(raw, bool) else "number"
+                kinds.setdefault(kind, line)
+                if len(kinds) > 1:
+                    raise DataError(f"{where}: label {json.dumps(raw)} mixes booleans and numbers in "
+                                    f"'{cfg.label_column}' (line {kinds['boolean']} has a boolean, line "
+                                    f"{kinds['number']} a number); write the labels one way")
+                label = json_label(raw, path, line, cfg.label_column)
+            else:
+                label = "" if raw is None else raw.strip()
+            if label == "":
+                raise DataError(f"{where}: empty label in column '{cfg.label_column}'")
+            labels.append(label)
+    return TextExamples(texts, labels, str(path), lines)
 
 
 def label_vocabulary(labels: list[str]) -> list[str]:
-    """Sorted label names; numerically when every label is an integer (so '10' comes after '9')."""
+    """Sorted label names; numerically when every label is an ASCII integer (so '10' comes after '9')."""
     unique = set(labels)
-    if all(lbl.lstrip("-").isdigit() for lbl in unique):
+    if all(re.fullmatch(r"-?[0-9]+", lbl) for lbl in unique):
         return sorted(unique, key=int)
     return sorted(unique)
 
@@ -134,10 +225,11 @@ def label_vocabulary(labels: list[str]) -> list[str]:
 def label_ids(examples: TextExamples, vocab: list[str]) -> list[int]:
     index = {name: i for i, name in enumerate(vocab)}
     ids = []
-    for r, lbl in enumerate(examples.labels, start=1):
+    for i, lbl in enumerate(examples.labels):
         if lbl not in index:
             raise DataError(
-                f"'{examples.source}' row {r}: label '{lbl}' is not among the train labels ({', '.join(vocab)})"
+                f"'{examples.source}' {examples.where(i)}: label '{lbl}' is not among the train labels "
+                f"({', '.join(vocab)})"
             )
         ids.append(index[lbl])
     return ids
@@ -153,8 +245,10 @@ def holdout_split(examples: TextExamples, fraction: float) -> tuple[TextExamples
     keep = [hash_fraction(t) >= fraction for t in examples.texts]
 
     def pick(want: bool) -> TextExamples:
-        rows = [(t, lb) for t, lb, k in zip(examples.texts, examples.labels, keep, strict=True) if k == want]
-        return TextExamples([t for t, _ in rows], [lb for _, lb in rows], examples.source)
+        idx = [i for i, k in enumerate(keep) if k == want]
+        lines = [examples.lines[i] for i in idx] if examples.lines is not None else None
+        return TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx], examples.source,
+                            lines)
 
     train, val = pick(True), pick(False)
     return train, val
@@ -166,7 +260,8 @@ def cap(examples: TextExamples, n: int | None, seed: int) -> TextExamples:
     order = list(range(len(examples.texts)))
     random.Random(seed).shuffle(order)
     keep = sorted(order[:n])
-    return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep], examples.source)
+    lines = [examples.lines[i] for i in keep] if examples.lines is not None else None
+    return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep], examples.source, lines)
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

@@ -1,0 +1,339 @@
+"""The bad-input suite: every failure a user can cause (config, data, images, checkpoints, environment, command
+flags) ends in exactly one `fulltune: error:` line naming the key, file or row, a non-zero exit, no traceback, and
+leaves the checkpoints of an existing run untouched. All in-process through `fulltune.cli.main`."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_BERT, base_overrides, write_images, write_text_split
+
+from fulltune import checkpoint as ckpt
+from fulltune.cli import main, user_error
+
+
+def _overrides(out: Path, data: Path, **extra) -> list[str]:
+    values = base_overrides(out, TINY_BERT, data__data_dir=str(data), data__text_column="sentence",
+                            data__batch_size=8, **extra)
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A text data folder and one finished run with checkpoints and best/, shared by every case."""
+    root = tmp_path_factory.mktemp("suite")
+    data = root / "text"
+    data.mkdir()
+    write_text_split(data / "train.tsv", 32, 0)
+    write_text_split(data / "val.tsv", 8, 1)
+    write_text_split(data / "test.tsv", 8, 2)
+    run = root / "run"
+    assert main(["train", *_overrides(run, data, training__num_epochs=1, checkpoint__save_every_steps=2,
+                                      checkpoint__keep_last=0)]) == 0
+    return {"root": root, "data": data, "run": run, "ckpt": ckpt.list_checkpoints(run)[-1], "best": run / "best"}
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and "eval-" not in str(p)}
+
+
+def _copy_ckpt(world: dict[str, Path], tmp: Path, name: str = "best") -> Path:
+    src = world["best"] if name == "best" else world["ckpt"]
+    dst = tmp / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _table(tmp: Path, name: str, content: str | bytes) -> Path:
+    d = tmp / "data"
+    d.mkdir(exist_ok=True)
+    f = d / name
+    f.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return d
+
+
+HEADER = "sentence\tlabel\n"
+GOOD_ROWS = "".join(f"a good film {i}\t{i % 2}\n" for i in range(8))
+
+
+def _train(world, tmp, *overrides: str) -> list[str]:
+    return ["train", *_overrides(tmp / "out", world["data"]), *overrides]
+
+
+def _train_on(tmp, data: Path, *overrides: str) -> list[str]:
+    return ["train", *_overrides(tmp / "out", data), *overrides]
+
+
+def _resume_damaged(damage: Callable[[Path], None]) -> Callable:
+    def make(world, tmp):
+        c = _copy_ckpt(world, tmp, "ckpt")
+        damage(c)
+        return ["train", "--resume", str(c), *_overrides(tmp / "out", world["data"])]
+    return make
+
+
+def _write(rel: str, content: bytes) -> Callable[[Path], None]:
+    return lambda c: (c / rel).write_bytes(content)
+
+
+def _truncate(rel: str) -> Callable[[Path], None]:
+    return lambda c: (c / rel).write_bytes((c / rel).read_bytes()[: (c / rel).stat().st_size // 2])
+
+
+def _delete(rel: str) -> Callable[[Path], None]:
+    return lambda c: (c / rel).unlink()
+
+
+def _legacy(c: Path) -> None:
+    for f in (c / "training_state").glob("optimizer.*"):
+        f.unlink()
+    (c / "training_state" / "optimizer.pt").write_bytes(b"\x80\x04pickle")
+
+
+def _evaluate_damaged(damage: Callable[[Path], None]) -> Callable:
+    def make(world, tmp):
+        c = _copy_ckpt(world, tmp)
+        damage(c)
+        return ["evaluate", "--checkpoint", str(c), "--data_dir", str(world["data"])]
+    return make
+
+
+def _predict_file(content: bytes) -> Callable:
+    def make(world, tmp):
+        f = tmp / "inputs.txt"
+        f.write_bytes(content)
+        return ["predict", "--checkpoint", str(world["best"]), "--file", str(f)]
+    return make
+
+
+def _images(tmp: Path, damage: Callable[[Path], None]) -> Path:
+    root = tmp / "img"
+    write_images(root / "train", 3, 0)
+    for p in (root / "train" / "bees").iterdir():
+        damage(p)
+    return root
+
+
+def _binary_yaml(world, tmp):
+    f = tmp / "config.yaml"
+    f.write_bytes(bytes(range(256)) * 4)
+    return ["train", "--config", str(f), "--data_dir", str(world["data"]), "--output_dir", str(tmp / "out")]
+
+
+def _file_as_output(world, tmp):
+    (tmp / "afile").write_text("x")
+    return ["train", *_overrides(tmp / "afile", world["data"])]
+
+
+def _under_a_file(world, tmp):
+    (tmp / "afile").write_text("x")
+    return ["train", *_overrides(tmp / "afile" / "run", world["data"])]
+
+
+def _prepare_nonempty(world, tmp):
+    write_images(tmp / "src", 4, 0)
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("mine")
+    return ["prepare-images", str(tmp / "src"), "--output_dir", str(tmp / "out")]
+
+
+def _prepare_too_many_classes(world, tmp):
+    write_images(tmp / "src", 4, 0)
+    return ["prepare-images", str(tmp / "src"), "--output_dir", str(tmp / "out"), "--num_classes", "5"]
+
+
+def _other_run(world, tmp):
+    shutil.copytree(world["ckpt"], tmp / "out" / world["ckpt"].name)
+    return ["train", *_overrides(tmp / "out", world["data"])]
+
+
+def _tiny_images_run(root: Path, tmp: Path) -> list[str]:
+    from conftest import TINY_VIT
+
+    values = base_overrides(tmp / "out", TINY_VIT, data__data_dir=str(root), data__num_workers=0)
+    return ["train", *[f"{k}={json.dumps(v)}" for k, v in values.items()]]
+
+
+CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
+    # ---- config values (checked at load, before any folder is made)
+    "log_every_steps=0": (lambda w, t: _train(w, t, "logging.log_every_steps=0"), 2, ("logging.log_every_steps", "0")),
+    "eval_batch_size=-1": (lambda w, t: _train(w, t, "data.eval_batch_size=-1"), 2, ("data.eval_batch_size", "-1")),
+    "metric=f1": (lambda w, t: _train(w, t, "training.metric=f1"), 2, ("training.metric", "f1", "macro_f1")),
+    "num_threads=-1": (lambda w, t: _train(w, t, "hardware.num_threads=-1"), 2, ("hardware.num_threads",)),
+    "adam_beta1=2": (lambda w, t: _train(w, t, "training.adam_beta1=2"), 2, ("training.adam_beta1", "[0, 1)")),
+    "adam_beta2=1": (lambda w, t: _train(w, t, "training.adam_beta2=1"), 2, ("training.adam_beta2",)),
+    "adam_epsilon=-1": (lambda w, t: _train(w, t, "training.adam_epsilon=-1"), 2, ("training.adam_epsilon", "> 0")),
+    "max_steps=-5": (lambda w, t: _train(w, t, "training.max_steps=-5"), 2, ("training.max_steps", "-5")),
+    "max_samples=-1": (lambda w, t: _train(w, t, "data.max_samples=-1"), 2, ("data.max_samples",)),
+    "weight_decay<0": (lambda w, t: _train(w, t, "training.weight_decay=-0.1"), 2, ("training.weight_decay",)),
+    "warmup_steps<0": (lambda w, t: _train(w, t, "training.warmup_steps=-1"), 2, ("training.warmup_steps",)),
+    "min_delta<0": (lambda w, t: _train(w, t, "training.early_stopping.min_delta=-1"), 2, ("min_delta",)),
+    "min_lr_ratio=5": (lambda w, t: _train(w, t, "training.min_lr_ratio=5"), 2, ("training.min_lr_ratio", "[0, 1]")),
+    "max_eval_samples=0": (lambda w, t: _train(w, t, "data.max_eval_samples=0"), 2, ("data.max_eval_samples",)),
+    "keep_last=-1": (lambda w, t: _train(w, t, "checkpoint.keep_last=-1"), 2, ("checkpoint.keep_last",)),
+    "lora.r=0": (lambda w, t: _train(w, t, "method.lora.r=0"), 2, ("method.lora.r",)),
+    "rotation=400": (lambda w, t: _train(w, t, "data.augmentation.rotation=400"), 2, ("rotation",)),
+    "learning_rate=nan": (lambda w, t: _train(w, t, "training.base_learning_rate=nan"), 2, ("base_learning_rate",)),
+    "encoding=nope": (lambda w, t: _train(w, t, "data.encoding=nope"), 2, ("data.encoding", "nope")),
+    "num_epochs=many": (lambda w, t: _train(w, t, "training.num_epochs=many"), 2, ("training.num_epochs",)),
+    "unknown key": (lambda w, t: _train(w, t, "training.learning_rat=1"), 2, ("training.learning_rat",)),
+    "binary yaml": (_binary_yaml, 2, ("config.yaml",)),
+    "missing config": (lambda w, t: ["train", "--config", str(t / "nope.yaml")], 2, ("nope.yaml", "does not exist")),
+    # ---- data tables
+    "ragged tsv": (lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER + GOOD_ROWS + "a\tfilm\t1\n")), 1,
+                   ("train.tsv", "row 9", "line 10", "3 fields", "header has 2")),
+    "ragged csv": (lambda w, t: _train_on(t, _table(t, "train.csv", "sentence,label\nok,1\nbad,1,2\n")), 1,
+                   ("train.csv", "row 2", "line 3", "3 fields")),
+    "unterminated quote": (lambda w, t: _train_on(t, _table(t, "train.csv", 'sentence,label\n"open,1\n')), 1,
+                           ("train.csv",)),
+    "latin-1 bytes": (lambda w, t: _train_on(t, _table(t, "train.tsv", (HEADER + "caf\xe9 ok\t1\n").encode("latin-1"))),
+                      1, ("train.tsv", "byte offset 18", "data.encoding")),
+    "jsonl bool+number labels": (
+        lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": 1}\n'
+                                                           '{"sentence": "b", "label": true}\n')),
+        1, ("train.jsonl", "line 2", "booleans and numbers")),
+    "jsonl null label": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": null}\n')),
+                         1, ("train.jsonl", "line 1", "null")),
+    "jsonl list label": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": [1]}\n')),
+                         1, ("train.jsonl", "line 1", "list")),
+    "jsonl not an object": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": 1}\n[1]\n')),
+                            1, ("train.jsonl", "line 2", "JSON object")),
+    "jsonl bad json": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a",\n')), 1,
+                       ("train.jsonl", "line 1", "not valid JSON")),
+    "jsonl text is a number": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": 5, "label": 1}\n')),
+                               1, ("train.jsonl", "row 1", "int")),
+    "empty label": (lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER + "good\t1\nfine\t\n")), 1,
+                    ("train.tsv", "row 2", "line 3", "empty label")),
+    "empty text": (lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER + "good\t1\n \t0\n")), 1,
+                   ("train.tsv", "row 2", "empty text")),
+    "header only": (lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER)), 1, ("train.tsv", "no rows")),
+    "missing column": (lambda w, t: _train(w, t, "data.label_column=sentiment"), 1, ("sentiment", "data.label_column")),
+    "missing data folder": (lambda w, t: _train_on(t, t / "nope"), 1, ("nope", "does not exist")),
+    # ---- images
+    "only truncated jpegs": (
+        lambda w, t: _tiny_images_run(_images(t, lambda p: p.write_bytes(p.read_bytes()[:200])), t), 1,
+        ("bees", "no readable images")),
+    "only zero-byte images": (lambda w, t: _tiny_images_run(_images(t, lambda p: p.write_bytes(b"")), t), 1,
+                              ("bees", "no readable images")),
+    "prepare-images into a non-empty folder": (_prepare_nonempty, 1, ("not empty", "--overwrite")),
+    "prepare-images --num_classes 5": (_prepare_too_many_classes, 1, ("--num_classes 5", "only 2 classes")),
+    # ---- checkpoints
+    "truncated model.safetensors": (_resume_damaged(_truncate("model.safetensors")), 2, ("model.safetensors",)),
+    "garbage optimizer state": (_resume_damaged(_write("training_state/optimizer.json", b"\x00garbage")), 2,
+                                ("optimizer.json",)),
+    "garbage optimizer tensors": (_resume_damaged(_write("training_state/optimizer.safetensors", b"garbage")), 2,
+                                  ("optimizer.safetensors",)),
+    "missing rng file": (_resume_damaged(_delete("training_state/rng.json")), 2, ("rng.json", "missing")),
+    "garbage trainer_state.json": (_resume_damaged(_write("training_state/trainer_state.json", b"{oops")), 2,
+                                   ("trainer_state.json",)),
+    "garbage fulltune_run.json (resume)": (_resume_damaged(_write("fulltune_run.json", b"\xff\xfe")), 2,
+                                           ("fulltune_run.json",)),
+    "missing manifest": (_resume_damaged(_delete(ckpt.MANIFEST)), 2, (ckpt.MANIFEST, "missing")),
+    "legacy pickled optimizer.pt": (_resume_damaged(_legacy), 2, ("optimizer.pt", "pickle")),
+    "resume a folder that is no checkpoint": (lambda w, t: _train(w, t, "--resume", str(t)), 2, ("--resume",)),
+    "evaluate a truncated best/": (_evaluate_damaged(_truncate("model.safetensors")), 2, ("model.safetensors",)),
+    "evaluate a garbage fulltune_run.json": (_evaluate_damaged(_write("fulltune_run.json", b"[1, 2")), 2,
+                                             ("fulltune_run.json",)),
+    "evaluate no checkpoint": (lambda w, t: ["evaluate", "--checkpoint", str(t / "nope")], 2, ("nope",)),
+    # ---- command flags and environment
+    "evaluate --split nope": (lambda w, t: ["evaluate", "--checkpoint", str(w["best"]), "--data_dir", str(w["data"]),
+                                            "--split", "nope"], 2, ("--split 'nope'", "dev")),
+    "evaluate --batch_size 0": (lambda w, t: ["evaluate", "--checkpoint", str(w["best"]), "--data_dir",
+                                              str(w["data"]), "--batch_size", "0"], 2, ("--batch_size",)),
+    "predict --top_k -1": (lambda w, t: ["predict", "--checkpoint", str(w["best"]), "--text", "hi", "--top_k", "-1"],
+                           1, ("--top_k",)),
+    "predict --file not UTF-8": (_predict_file(b"caf\xe9\n"), 1, ("inputs.txt", "byte offset 3")),
+    "predict --file empty": (_predict_file(b"\n\n"), 1, ("inputs.txt", "empty")),
+    "predict missing file": (lambda w, t: ["predict", "--checkpoint", str(w["best"]), "--file", str(t / "x.txt")],
+                             1, ("x.txt", "does not exist")),
+    "output_dir is a file": (_file_as_output, 2, ("afile", "is a file")),
+    "output_dir under a file": (_under_a_file, 1, ("afile",)),
+    "output_dir not permitted": (lambda w, t: _train(w, t, f"output_dir={json.dumps('/sys/fulltune-test-run')}"), 1,
+                                 ("/sys/fulltune-test-run",)),
+    "another run's folder": (_other_run, 2, ("--resume auto", "--output_dir", "--overwrite")),
+}
+if not torch.cuda.is_available():
+    CASES["training.fp16 without CUDA"] = (lambda w, t: _train(w, t, "training.fp16=true"), 2, ("fp16", "CUDA"))
+    CASES["device cuda without CUDA"] = (lambda w, t: _train(w, t, "hardware.device=cuda"), 2, ("cuda", "CUDA"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, world, tmp_path, capsys):
+    make, code, needles = CASES[name]
+    argv = make(world, tmp_path)
+    before = _fingerprint(world["run"])
+    capsys.readouterr()
+    got = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("fulltune: error:")]
+    assert got == code, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert _fingerprint(world["run"]) == before  # the existing run's checkpoints are untouched
+    if name.startswith(("log_every", "binary yaml", "adam", "metric")):
+        assert not (tmp_path / "out").exists()  # config errors come before any folder is made
+
+
+def test_debug_shows_the_traceback(world, tmp_path):
+    with pytest.raises(Exception, match="log_every_steps"):
+        main(["--debug", *_train(world, tmp_path, "logging.log_every_steps=0")])
+
+
+def test_environment_errors_are_one_line():
+    """ENOSPC, EACCES, EROFS, ENOTDIR, EEXIST as the OS raises them: one message naming the path."""
+    for code in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        err = OSError(code, os.strerror(code), "/data/run/checkpoint-step-4/model.safetensors")
+        message, exit_code = user_error(err)
+        assert exit_code == 1 and os.strerror(code) in message and "checkpoint-step-4/model.safetensors" in message
+    assert user_error(KeyError("x")) is None  # a bug keeps its traceback
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output(world, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(_train(world, tmp_path, f"output_dir={json.dumps(str(ro / 'run'))}")) == 1
+        assert "permission denied" in capsys.readouterr().err.lower()
+    finally:
+        ro.chmod(0o700)
+
+
+def test_bad_images_are_skipped_and_counted_in_train_evaluate_predict(tmp_path, capsys):
+    """A truncated JPEG, a zero-byte file and a decompression bomb among good images: train, evaluate and predict
+    each skip them and say so; nothing dies."""
+    from PIL import Image
+
+    root = tmp_path / "img"
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        write_images(root / split, n, 0)
+        d = root / split / "ants"
+        good = next(d.glob("*.jpeg"))
+        (d / "truncated.jpeg").write_bytes(good.read_bytes()[:-300])
+        (d / "empty.png").write_bytes(b"")
+        Image.new("1", (30000, 30000)).save(d / "bomb.png", optimize=True)
+    args = _tiny_images_run(root, tmp_path)
+    assert main([*args, "training.num_epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped unreadable image") >= 3 and "bomb.png" in out and "truncated.jpeg" in out
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "out" / "best"), "--data_dir", str(root)]) == 0
+    assert main(["predict", "--checkpoint", str(tmp_path / "out" / "best"), "--image", str(root / "test")]) == 0
+    printed = capsys.readouterr()
+    assert "bomb.png" in printed.err and "truncated.jpeg" in printed.err
+    assert len([ln for ln in printed.out.splitlines() if ln.startswith('{"input"')]) == 4
+
+
+def test_case_count():
+    assert len(CASES) >= 50
