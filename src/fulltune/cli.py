@@ -64,7 +64,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"evaluation of {args.checkpoint} on {args.file or args.split}:")
     print(format_table(metrics, labels))
     if "output_dir" in metrics:
-        print(f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png")
+        print(f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png, predictions.jsonl")
     return 0
 
 

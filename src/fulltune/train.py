@@ -31,7 +31,7 @@ from fulltune.methods import (
 )
 from fulltune.models import build_model, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, set_lr, warmup_steps
-from fulltune.report import RunLogger
+from fulltune.report import RunLogger, done_line
 from fulltune.runtime import (
     barrier,
     cpu_has_fast_bf16,
@@ -137,7 +137,6 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
         state = ckpt.load_checkpoint(point, model, optimizer, scaler)
         state.total_steps = total
         state.batches_done = _convert_position(state, cfg.data.batch_size, world_size(), point)
-        print(f"resumed from {point} at optimizer step {state.optimizer_step} (epoch {state.epoch}, batch {state.batches_done})")
     param_names = [n for g in groups for n in g["names"]]
     run = Run(cfg, task_name, bundle, model, data, plan, optimizer, scaler, sampler, device, precision, state,
               steps_per_epoch, batches_per_epoch, param_names)
@@ -245,20 +244,23 @@ def _sync_context(model: nn.Module, last_micro: bool) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
-def _optimizer_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Clip the global gradient norm (unscaled first under fp16), step, and free the gradients."""
+def _optimizer_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """Clip the global gradient norm (unscaled first under fp16), step, and free the gradients.
+    Returns the norm before clipping (a device tensor: no host sync here), or None without clipping."""
     t = run.cfg.training
+    norm = None
     if t.max_grad_norm is not None:
         if run.scaler:
             run.scaler.unscale_(optimizer)
         grads = [p for p in model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm, foreach=True)
     if run.scaler:
         run.scaler.step(optimizer)
         run.scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
@@ -270,6 +272,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     task = TASKS[run.task_name]
     metric_name, higher = _metric_name(run)
     log = RunLogger(cfg, out, enabled=is_main())
+    log.started(run, resume)
     if is_main():
         save_config(cfg, out / "config.yaml")
         (out / "labels.json").write_text(json.dumps(run.data.labels))
@@ -299,6 +302,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     # Time spent outside optimisation (evaluation, checkpoints) is subtracted for the training throughput.
     loop_start, samples_at_start, side_time = time.perf_counter(), state.samples_seen, 0.0
     stop = False
+    grad_norm = None
 
     def check_finite() -> None:
         """One host sync: flush the losses since the last check; stop at the first non-finite one."""
@@ -386,7 +390,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                 (run.scaler.scale(loss) if run.scaler else loss).backward()
                 step_loss += loss.detach()
             if run.fused is None:  # (fused lean mode updated every tensor, and freed its gradient, in backward)
-                _optimizer_step(run, model, optimizer)
+                grad_norm = _optimizer_step(run, model, optimizer)
             state.optimizer_step += 1
             state.batches_done += n
             state.micro_step += n
@@ -396,7 +400,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             if state.optimizer_step % cfg.logging.log_every_steps == 0:
                 check_finite()
                 now = time.perf_counter()
-                log.scalars(state.optimizer_step, optimizer, (state.samples_seen - samples_at_tic) / max(now - tic, 1e-9), peak_memory_bytes(run.device))
+                log.scalars(state.optimizer_step, optimizer, (state.samples_seen - samples_at_tic) / max(now - tic, 1e-9), peak_memory_bytes(run.device),
+                            grad_norm=None if grad_norm is None else float(grad_norm))
                 tic, samples_at_tic = now, state.samples_seen
             if cfg.checkpoint.save_every_steps and state.optimizer_step % cfg.checkpoint.save_every_steps == 0:
                 save(out / f"checkpoint-step-{state.optimizer_step}")
@@ -442,12 +447,16 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         if run.data.val is not None and (out / "best").is_dir():
             if is_main():
                 best = load_exported(out / "best", run.device).model
-                summary["test"] = _brief(evaluate_split(run, run.data.test, best)) | {"weights": "best"}
+                test_metrics = evaluate_split(run, run.data.test, best)
+                summary["test"] = _brief(test_metrics) | {"weights": "best"}
         else:
-            summary["test"] = _brief(evaluate_split(run, run.data.test)) | {"weights": "final"}
+            test_metrics = evaluate_split(run, run.data.test)
+            summary["test"] = _brief(test_metrics) | {"weights": "final"}
+        if "test" in summary:
+            log.split_metrics("test", test_metrics, weights=summary["test"]["weights"])
     if is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("done: " + json.dumps({k: summary[k] for k in ("optimizer_steps", "best_val")} | ({"test": summary["test"]} if "test" in summary else {})))
+    log.info(done_line(summary))
     log.close()
     return summary
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from fulltune.config import AugmentationConfig
 from fulltune.data.text import DataError, hash_fraction
@@ -69,12 +69,14 @@ def scan_split(root: Path, classes: list[str] | None = None) -> ImageFolder:
     return ImageFolder(root, vocab, samples, skipped)
 
 
-def load_rgb(path: Path, target: int) -> Image.Image:
+def load_rgb(path: Path, target: int, draft: bool = True) -> Image.Image:
+    """An RGB image upright per its EXIF orientation. draft=True (training only) lets JPEG decode at a reduced
+    scale, far cheaper for multi-megapixel photos; evaluation and prediction decode in full, as transformers does."""
     try:
         im = Image.open(path)
-        # JPEG can decode at a reduced scale directly: far cheaper for multi-megapixel photos.
-        im.draft("RGB", (target * 2, target * 2))
-        return im.convert("RGB")
+        if draft:
+            im.draft("RGB", (target * 2, target * 2))
+        return ImageOps.exif_transpose(im).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"image '{path}' cannot be decoded ({err})") from None
 
@@ -113,6 +115,9 @@ def to_tensor(im: Image.Image, spec: ImageSpec) -> torch.Tensor:
 
 
 def eval_transform(im: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    """(3, size, size) pixel values; with the model's image processor, exactly what the exported folder gives."""
+    if spec.processor is not None:
+        return torch.as_tensor(np.asarray(spec.processor(im, return_tensors="np")["pixel_values"][0]))
     return to_tensor(_center_crop(_resize_short(im, spec.size), spec.size), spec)
 
 
@@ -145,8 +150,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Any) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.folder.samples[index]
-        im = load_rgb(path, self.spec.size)
-        if self.aug is not None and seed is not None:
+        train = self.aug is not None and seed is not None
+        im = load_rgb(path, self.spec.size, draft=train)
+        if train:
             pixels = train_transform(im, self.spec, self.aug, random.Random(seed))
         else:
             pixels = eval_transform(im, self.spec)
