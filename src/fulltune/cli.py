@@ -163,10 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fulltune.compare import add_compare_parser
     from fulltune.plan import add_plan_parser
     from fulltune.prune_cmd import add_prune_parser
+    from fulltune.report_html import add_report_parser
 
     add_compare_parser(sub)
     add_plan_parser(sub)
     add_prune_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

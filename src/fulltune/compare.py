@@ -329,6 +329,8 @@ def _settings(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[st
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from fulltune.report_html import build_comparison
+
     methods = parse_methods(args.methods)
     base = load_config(args.config, _overrides(args))  # a bad config fails here, before any run starts
     root = Path(args.output_dir or base.output_dir)
@@ -353,5 +355,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = markdown(rows, settings)
     (root / "comparison.md").write_text(table, encoding="utf-8")
     plot(rows, root / "comparison.png")
-    print(table + f"written: {root}/comparison.md, comparison.json, comparison.png")
+    build_comparison(root, rows, settings)
+    print(table + f"written: {root}/comparison.md, comparison.json, comparison.png, comparison.html")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

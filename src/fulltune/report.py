@@ -96,7 +96,9 @@ class RunLogger:
             "event": "resume" if resumed else "start",
             "resumed_from": resume if resumed else None,
             "optimizer_step": state.optimizer_step, "epoch": state.epoch, "total_steps": state.total_steps,
-            "note": note, "task": run.task_name, "model": cfg.model.name_or_path, "method": cfg.method.name,
+            "note": note, "task": run.task_name, "method": cfg.method.name,
+            "model": (f"tiny random-init {cfg.model.tiny_config.get('model_type', '')} config" if cfg.model.tiny_config
+                      else cfg.model.name_or_path),
             "metric": metric, "data_sizes": sizes, "num_classes": len(self.labels) if self.labels else None,
             "precision": run.precision.name, "device": str(run.device), "world_size": state.world_size,
             "global_batch": cfg.data.batch_size * cfg.training.gradient_accumulation_steps * (state.world_size or 1),

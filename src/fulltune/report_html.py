@@ -310,8 +310,9 @@ def _confusion_section(rec: dict[str, Any], title: str) -> str:
     matrix, labels = rec["confusion_matrix"], rec.get("labels") or [str(i) for i in range(len(rec["confusion_matrix"]))]
     n = len(labels)
     norm = normalise_rows(matrix)
-    where = f"step {rec['step']}" if rec.get("step") is not None else ""
-    parts = [f"<h2>{_e(title)}</h2><p class='muted'>{_e(rec.get('split', ''))} {where}, "
+    where = f" at step {rec['step']}" if rec.get("step") is not None else ""
+    weights = f" ({rec['weights']} weights)" if rec.get("weights") else ""
+    parts = [f"<h2>{_e(title)}</h2><p class='muted'>{_e(rec.get('split', ''))}{where}{weights}: "
              f"{fmt(rec.get('examples'))} examples, accuracy {fmt(rec.get('accuracy'))}, "
              f"macro-F1 {fmt(rec.get('macro_f1'))}. Rows: true class; columns: predicted class.</p>"]
     png = base64.b64encode(heatmap_png(norm)).decode()
