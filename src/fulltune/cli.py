@@ -36,9 +36,11 @@ def load_cli_config(args: argparse.Namespace):  # noqa: ANN201 - returns fulltun
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fulltune.cli_util import require_training_data
     from fulltune.train import train
 
     cfg = load_cli_config(args)  # validate here, before any process is started
+    require_training_data(cfg)
     if args.nproc and args.nproc > 0:
         from fulltune.distributed import launch
 
@@ -151,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-images", help="split a folder of class folders into train/val/test")
     p.add_argument("src_dir")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--split", default="0.8,0.1,0.1")
+    p.add_argument("--fractions", "--split", dest="split", default="0.8,0.1,0.1",
+                   help="train,val,test fractions (--split is the old name)")
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_prepare_images)
 
@@ -160,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
 
+    from fulltune.cli_util import add_config_parser, finish_parser
     from fulltune.compare import add_compare_parser
     from fulltune.plan import add_plan_parser
     from fulltune.prune_cmd import add_prune_parser
@@ -169,15 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_prune_parser(sub)
     add_report_parser(sub)
-    return parser
+    add_config_parser(sub)
+    return finish_parser(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fulltune.cli_util import normalize_argv
     from fulltune.config import ConfigError
     from fulltune.data.text import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        argv = normalize_argv(argv, parser)
+    except ConfigError as err:
+        parser.error(str(err))
+    args = parser.parse_args(argv)
     args.argv = argv
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     import transformers

@@ -58,7 +58,7 @@ class RunLogger:
 
     def _log_line(self, message: str) -> None:
         """train.log only: every line stamped with the UTC time."""
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         self.logfile.write("".join(f"{stamp} {line}\n" for line in message.splitlines() or [""]))
         self.logfile.flush()
 
@@ -92,7 +92,7 @@ class RunLogger:
 
             metric = TASKS[run.task_name].default_metric
         event = {
-            "time": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             "event": "resume" if resumed else "start",
             "resumed_from": resume if resumed else None,
             "optimizer_step": state.optimizer_step, "epoch": state.epoch, "total_steps": state.total_steps,
