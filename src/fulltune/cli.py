@@ -109,8 +109,11 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fulltune.demo import run_demo
+    from fulltune.demo import build_demo_data, run_demo
 
+    if args.data_only:
+        build_demo_data(args.output_dir)
+        return 0
     run_demo(args.output_dir, extra_overrides=args.overrides)
     return 0
 
@@ -160,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: MiniLM fully fine-tuned on stdlib docstrings")
     p.add_argument("--output_dir", default="outputs/demo")
+    p.add_argument("--data_only", action="store_true", help="only build the docstring data set in OUTPUT_DIR/data")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
 
