@@ -1,7 +1,7 @@
 """The README's commands work as written: every ```bash block is run, in order, in a fresh copy of the repository's
 tracked files with `../shared` beside it, with `fulltune` on PATH. A block whose first line is the marker
 `# long: not run by tests/test_readme.py` is left out (installation, the 10-minute demo); a block that uses
-`../shared/data` is skipped when that folder is absent."""
+`../shared/data` is skipped when that folder is absent (FULLTUNE_SHARED names another folder to use as ../shared)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def clone(tmp_path_factory) -> Path:
             dest = root / "fulltune" / name.decode()
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest)
-    shared = REPO.parent / "shared"
+    # ../shared beside the repository (FULLTUNE_SHARED points elsewhere, e.g. from a git worktree)
+    shared = Path(os.environ.get("FULLTUNE_SHARED", REPO.parent / "shared"))
     if shared.is_dir():
         (root / "shared").symlink_to(shared)
     bin_dir = root / "bin"

@@ -33,6 +33,9 @@ FLAG_HELP = {
     "top_p": "causal LM: nucleus sampling threshold (with --temperature > 0)",
     "seed": "seed of the shuffle",
     "overrides": "dotted key=value config overrides, e.g. training.base_learning_rate=1e-5",
+    "evaluate.output_dir": "where the results go (default: <run>/eval/<checkpoint name>-<split or file stem>)",
+    "prepare-images.output_dir": "the data folder to create (train/ val/ test/ inside)",
+    "demo.output_dir": "where the data set and the run go",
 }
 
 
@@ -60,11 +63,12 @@ def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from fulltune import __version__
 
     parser.add_argument("--version", action="version", version=f"fulltune {__version__}")
-    for p in [parser, *_subparsers(parser).values()]:
+    for name, p in [("", parser), *_subparsers(parser).items()]:
         p.formatter_class = HelpFormatter
         for action in p._actions:
-            if not action.help and action.dest in FLAG_HELP:
-                action.help = FLAG_HELP[action.dest]
+            text = FLAG_HELP.get(f"{name}.{action.dest}") or FLAG_HELP.get(action.dest)
+            if not action.help and text:
+                action.help = text
             elif not action.help and action.option_strings:
                 action.help = action.dest.replace("_", " ")
     return parser

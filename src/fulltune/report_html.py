@@ -212,7 +212,7 @@ def plot_confusion_png(matrix: list[list[int]], labels: list[str], path: Path, t
 
     n = len(labels)
     side = min(max(4.0, 0.32 * n + 2), 24.0)
-    font = max(3.0, min(9.0, 300 / max(n, 1)))
+    font = max(5.0, min(9.0, 300 / max(n, 1)))
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side + 0.8), squeeze=False)
     norm = normalise_rows(matrix)
     for ax, data, name in ((axes[0][0], matrix, "counts"), (axes[0][1], norm, "row-normalised (recall per class)")):
