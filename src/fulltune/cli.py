@@ -184,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from fulltune.cli_util import normalize_argv
     from fulltune.config import ConfigError
-    from fulltune.data.text import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -194,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     args = parser.parse_args(argv)
     args.argv = argv
+    from fulltune.data.text import DataError  # (imports torch: not needed for --help, --version or config)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     import transformers
 
