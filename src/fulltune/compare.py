@@ -315,9 +315,12 @@ def run_all(config: str | None, overrides: list[str], root: Path, methods: list[
 
 
 def write_comparison(root: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """comparison.json, comparison.md and comparison.png in `root`; returns the markdown table."""
+    """comparison.json, .md, .png and .html in `root`; returns the markdown table."""
     (root / "comparison.json").write_text(json.dumps({"settings": settings, "runs": rows}, indent=2))
     table = markdown(rows, settings)
     (root / "comparison.md").write_text(table, encoding="utf-8")
     plot(rows, root / "comparison.png")
+    from fulltune.report_html import build_comparison
+
+    build_comparison(root, rows, settings)
     return table

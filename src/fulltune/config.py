@@ -1,8 +1,8 @@
 """Typed run configuration: one dataclass per section, YAML loading, dotted `key=value` overrides, validation.
 
 Defaults live here and nowhere else. Unknown keys and wrong types are errors that name the key and the valid
-choices. Key names of the seed documents (`data.batch_size`, `training.base_learning_rate`, ...) load as written;
-other spellings users bring from those documents are accepted as aliases (see ALIASES).
+choices. Other common spellings (HF Trainer's flat names such as `learning_rate`, `eval_steps`, `max_train_samples`)
+are accepted as aliases (see ALIASES). `fulltune config` prints every key with its default and description.
 """
 
 from __future__ import annotations
@@ -333,7 +333,57 @@ ALIASES: dict[str, str] = {
     "lora.target_modules": "method.lora.target_modules",
     "method.lora.lora_alpha": "method.lora.alpha",
     "method.lora.lora_dropout": "method.lora.dropout",
+    # Hugging Face Trainer's flat argument names (TrainingArguments and the run_* example scripts).
+    "learning_rate": "training.base_learning_rate",
+    "num_train_epochs": "training.num_epochs",
+    "max_steps": "training.max_steps",
+    "per_device_train_batch_size": "data.batch_size",
+    "per_device_eval_batch_size": "data.eval_batch_size",
+    "training.per_device_eval_batch_size": "data.eval_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "weight_decay": "training.weight_decay",
+    "adam_epsilon": "training.adam_epsilon",
+    "max_grad_norm": "training.max_grad_norm",
+    "lr_scheduler_type": "training.lr_scheduler",
+    "warmup_ratio": "training.warmup_ratio",
+    "warmup_steps": "training.warmup_steps",
+    "label_smoothing_factor": "training.label_smoothing",
+    "training.label_smoothing_factor": "training.label_smoothing",
+    "metric_for_best_model": "training.metric",
+    "training.metric_for_best_model": "training.metric",
+    "eval_steps": "training.eval_every_steps",
+    "training.eval_steps": "training.eval_every_steps",
+    "early_stopping_patience": "training.early_stopping.patience",
+    "gradient_checkpointing": "training.gradient_checkpointing",
+    "logging_steps": "logging.log_every_steps",
+    "save_steps": "checkpoint.save_every_steps",
+    "save_total_limit": "checkpoint.keep_last",
+    "fp16": "hardware.mixed_precision",
+    "bf16": "hardware.mixed_precision",
+    "max_train_samples": "data.max_samples",
+    "data.max_train_samples": "data.max_samples",
+    "max_eval_samples": "data.max_eval_samples",
+    "max_seq_length": "data.max_length",
+    "dataloader_num_workers": "data.num_workers",
+    "train_file": "data.train_file",
+    "validation_file": "data.val_file",
+    "data.validation_file": "data.val_file",
+    "test_file": "data.test_file",
+    "model_name_or_path": "model.name_or_path",
+    "label_column_name": "data.label_column",
+    "text_column_name": "data.text_column",
+    "optim": "training.fused_optimizer",
+    "training.optim": "training.fused_optimizer",
 }
+# HF Trainer's `optim` values that mean an AdamW fulltune has (fulltune trains with AdamW only).
+OPTIM_VALUES = {"adamw_torch_fused": True, "adamw_torch": False, "adamw_hf": False}
+
+
+def _optim_value(value: Any) -> bool:
+    if value not in OPTIM_VALUES:
+        raise ConfigError(f"optim '{value}': fulltune trains with AdamW; expected one of {', '.join(OPTIM_VALUES)} "
+                          "(8-bit AdamW: training.memory=lean training.lean_optimizer=adamw8bit)")
+    return OPTIM_VALUES[value]
 
 
 def _type_name(tp: Any) -> str:
@@ -474,6 +524,8 @@ def _canonical_tree(raw: dict[str, Any]) -> dict[str, Any]:
         leaf = dotted.rsplit(".", 1)[-1]
         if target == "hardware.mixed_precision" and leaf in ("fp16", "bf16") and isinstance(value, bool):
             value = leaf if value else "no"
+        if leaf == "optim":
+            value = _optim_value(value)
         _set_dotted(tree, target, value)
     return tree
 
@@ -519,6 +571,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         target = ALIASES.get(key, key)
         if target == "hardware.mixed_precision" and key.rsplit(".", 1)[-1] in ("fp16", "bf16") and isinstance(value, bool):
             value = key.rsplit(".", 1)[-1] if value else "no"
+        if key.rsplit(".", 1)[-1] == "optim":
+            value = _optim_value(value)
         _set_dotted(tree, target, value)
     cfg = _build(Config, tree)
     validate(cfg)

@@ -31,6 +31,15 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
+def build_demo_data(output_dir: str | Path = "outputs/demo") -> Path:
+    """Only the docstring data set (seconds): OUTPUT/data/{train,val,test}.jsonl, to train other configs on."""
+    out = Path(output_dir) / "data"
+    files = build_docstring_dataset(out)
+    counts = {split: sum(1 for _ in open(p, encoding="utf-8")) for split, p in files.items()}
+    print(f"docstring data set: {counts['train']} train / {counts['val']} val / {counts['test']} test  ({out})")
+    return out
+
+
 def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str] | None = None) -> dict[str, Any]:
     from fulltune.evaluate import evaluate_checkpoint, format_table
     from fulltune.models import load_exported
@@ -48,7 +57,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str]
     cfg = load_config(None, overrides)
     summary = train(cfg)
     best = out / "run" / "best"
-    metrics = evaluate_checkpoint(best, data_dir=str(out / "data"), split="test", output_dir=out / "eval-test")
+    metrics = evaluate_checkpoint(best, data_dir=str(out / "data"), split="test", output_dir=out / "run" / "eval" / "best-test")
     labels = json.loads((best / "fulltune_run.json").read_text())["labels"]
     print(f"\ntest metrics of {best} ({metrics['examples']} docstrings):")
     print(format_table(metrics, labels))
@@ -60,5 +69,6 @@ def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str]
         first_line = row["text"].splitlines()[0][:70]
         print(f"  [{row['label']:>15}] {first_line!r:74} -> {guess}")
     minutes = (time.perf_counter() - start) / 60
-    print(f"\ndemo done in {minutes:.1f} min; run folder {out / 'run'}, test report {out / 'eval-test'}")
+    print(f"\ndemo done in {minutes:.1f} min; run folder {out / 'run'} (open report.html), "
+          f"test evaluation {out / 'run' / 'eval' / 'best-test'}")
     return {"summary": summary, "test": metrics, "minutes": minutes}

@@ -19,7 +19,7 @@ from fulltune.metrics import classification_metrics
 def write_classification_report(metrics: dict[str, Any], labels: list[str], out_dir: Path) -> None:
     """metrics.json, confusion_matrix.csv and confusion_matrix.png in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    named = dict(metrics)
+    named = {k: v for k, v in metrics.items() if k not in ("targets", "predictions", "top_k")}
     named["labels"] = labels
     named["per_class_accuracy"] = dict(zip(labels, metrics["per_class_accuracy"], strict=True))
     (out_dir / "metrics.json").write_text(json.dumps(named, indent=2))
@@ -28,31 +28,14 @@ def write_classification_report(metrics: dict[str, Any], labels: list[str], out_
         w.writerow(["true\\predicted", *labels])
         for name, row in zip(labels, metrics["confusion_matrix"], strict=True):
             w.writerow([name, *row])
-    plot_confusion(metrics["confusion_matrix"], labels, out_dir / "confusion_matrix.png")
+    plot_confusion(metrics["confusion_matrix"], labels, out_dir / "confusion_matrix.png",
+                   f"confusion matrix: {out_dir.name} ({metrics['examples']} examples)")
 
 
-def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path) -> None:
-    import matplotlib
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str = "confusion matrix") -> None:
+    from fulltune.report_html import plot_confusion_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(labels)
-    size = min(2 + 0.5 * n, 20)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 30:
-        peak = max(max(r) for r in matrix) or 1
-        for i, row in enumerate(matrix):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > peak / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_confusion_png(matrix, labels, path, title)
 
 
 def format_table(metrics: dict[str, Any], labels: list[str] | None = None) -> str:
@@ -94,6 +77,22 @@ def _split_folder(root: Path, split: str) -> Path:
     return root / split
 
 
+def default_output_dir(checkpoint: str | Path, split: str, file: str | None) -> Path:
+    """<run>/eval/<checkpoint name>-<split or file stem>: beside the checkpoint, never inside it (an export is
+    replaced when best/ improves, and is what gets shipped)."""
+    ckpt = Path(checkpoint).resolve()
+    return ckpt.parent / "eval" / f"{ckpt.name}-{Path(file).stem if file else split}"
+
+
+def write_predictions(path: Path, inputs: list[str], metrics: dict[str, Any], labels: list[str]) -> None:
+    """predictions.jsonl: one row per example (input text or image path, gold label, top-k labels with probability)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for x, gold, pred, top in zip(inputs, metrics["targets"], metrics["predictions"], metrics["top_k"], strict=True):
+            row = {"input": x, "label": labels[gold], "predicted": labels[pred], "correct": gold == pred,
+                   "top_k": [{"label": labels[i], "probability": round(p, 6)} for i, p in top]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data_dir: str | None = None,
@@ -121,11 +120,12 @@ def evaluate_checkpoint(
     cfg = config_from_dict(bundle.extra["fulltune_config"])
     precision = resolve_precision(cfg.hardware.mixed_precision, dev)
     labels = bundle.extra.get("labels")
-    out = Path(output_dir) if output_dir else Path(checkpoint) / f"eval-{split}"
+    out = Path(output_dir) if output_dir else default_output_dir(checkpoint, split, file)
     if bundle.task == "causal_lm":
         from fulltune.perplexity import perplexity, tokenize_text_file
 
-        path = file or (str(Path(data_dir) / f"{split}.txt") if data_dir else None)
+        found = [Path(data_dir) / f"{stem}.txt" for stem in txt.SPLIT_NAMES[split]] if data_dir else []
+        path = file or next((str(f) for f in found if f.is_file()), str(found[0]) if found else None)
         if path is None or not Path(path).is_file():
             raise DataError(f"perplexity needs a text file: --file PATH (got {path})")
         ids = tokenize_text_file(path, bundle.tokenizer)
@@ -145,18 +145,21 @@ def evaluate_checkpoint(
         dataset: Any = img.ImageDataset(folder, bundle.image_spec, None)
         collate: Any = img.collate_images
         workers = 2
+        inputs = [str(path) for path, _ in folder.samples]
     else:
         path = Path(file) if file else (txt.find_split_file(data_dir, split) if data_dir else None)
         if path is None or not path.is_file():
             raise DataError(f"no {split} table in '{data_dir}' (expected {split}.csv/.tsv/.jsonl) and no --file")
         examples = txt.read_examples(path, cfg.data)
+        inputs = list(examples.texts)
         ids = txt.tokenize(bundle.tokenizer, examples.texts, cfg.data.max_length)
         dataset = txt.TokenizedDataset(ids, txt.label_ids(examples, labels))
         collate = txt.PadCollator(bundle.tokenizer.pad_token_id)
         workers = 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
-    metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision)
+    metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
     write_classification_report(metrics, labels, out)
+    write_predictions(out / "predictions.jsonl", inputs, metrics, labels)
     metrics["output_dir"] = str(out)
     metrics["labels"] = labels
     if bundle.task == "image_classification":

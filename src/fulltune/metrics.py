@@ -16,13 +16,16 @@ from fulltune.runtime import Precision, to_device
 
 @torch.no_grad()
 def classification_metrics(
-    model: nn.Module, loader: Any, num_classes: int, device: torch.device, precision: Precision
+    model: nn.Module, loader: Any, num_classes: int, device: torch.device, precision: Precision, top_k: int = 0
 ) -> dict[str, Any]:
+    """Streamed metrics, plus each example's gold and predicted class ("targets", "predictions"); with top_k > 0
+    also each example's top-k class ids and probabilities ("top_k")."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     k = min(5, num_classes)
+    targets, predictions, tops = [], [], []
     for batch in loader:
         batch = to_device(batch, device)
         labels = batch.pop("labels")
@@ -32,11 +35,25 @@ def classification_metrics(
         pred = logits.argmax(-1)
         confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
         top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum()
-    return summarize_confusion(confusion.cpu(), int(top5), float(loss_sum))
+        targets.append(labels)
+        predictions.append(pred)  # (batch,) ints stay on the device: one copy to the host at the end
+        if top_k > 0:
+            tops.append(logits.softmax(-1).topk(min(top_k, num_classes), dim=-1))
+    metrics = summarize_confusion(confusion.cpu(), int(top5), float(loss_sum))
+    metrics["targets"] = torch.cat(targets).tolist() if targets else []
+    metrics["predictions"] = torch.cat(predictions).tolist() if predictions else []
+    if top_k > 0:
+        metrics["top_k"] = [list(zip(i, v, strict=True)) for t in tops
+                            for i, v in zip(t.indices.tolist(), t.values.tolist(), strict=True)]
+    return metrics
 
 
 def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: float) -> dict[str, Any]:
-    """Metrics from a confusion matrix (rows: true class, columns: predicted class)."""
+    """Metrics from a confusion matrix (rows: true class, columns: predicted class).
+
+    macro_f1 follows scikit-learn's `f1_score(average="macro")`: the mean over the classes that occur among the
+    labels or the predictions (a class predicted but absent from the labels counts, with F1 0). Top-5 accuracy is
+    only reported where there are more than five classes (else it is always 1)."""
     total = int(confusion.sum())
     correct = int(confusion.diag().sum())
     support = confusion.sum(1).double()
@@ -46,16 +63,18 @@ def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: fl
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
     recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
-    present = support > 0
-    return {
-        "accuracy": correct / max(total, 1),
-        "top5_accuracy": top5_correct / max(total, 1),
+    present = (support > 0) | (predicted > 0)
+    metrics: dict[str, Any] = {"accuracy": correct / max(total, 1)}
+    if confusion.shape[0] > 5:
+        metrics["top5_accuracy"] = top5_correct / max(total, 1)
+    metrics.update({
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "loss": loss_sum / max(total, 1),
         "examples": total,
         "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
         "confusion_matrix": confusion.tolist(),
-    }
+    })
+    return metrics
 
 
 @torch.no_grad()

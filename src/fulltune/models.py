@@ -55,6 +55,8 @@ class ImageSpec:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    processor: Any = field(default=None, repr=False, compare=False)
+    """The transformers image processor that evaluation and prediction use (the one the export saves)."""
 
 
 @dataclass
@@ -175,6 +177,7 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
             model.config.pad_token_id = bundle.tokenizer.pad_token_id
     else:
         bundle.image_spec = image_spec_for(model.config, path, cfg.data.image_size)
+        bundle.image_spec.processor = make_image_processor(bundle.image_spec, model.config)
     return bundle
 
 
@@ -223,6 +226,11 @@ def image_spec_for(config: Any, path: str | None, size: int | None) -> ImageSpec
 
 def save_image_processor(spec: ImageSpec, config: Any, out_dir: str | Path) -> None:
     """Write a preprocessor_config.json that transformers' own image processors read."""
+    make_image_processor(spec, config).save_pretrained(str(out_dir))
+
+
+def make_image_processor(spec: ImageSpec, config: Any) -> Any:
+    """The transformers image processor for this spec: what the export saves, and what evaluation runs."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
@@ -237,7 +245,7 @@ def save_image_processor(spec: ImageSpec, config: Any, out_dir: str | Path) -> N
         proc = ViTImageProcessorPil(
             size={"height": spec.size, "width": spec.size}, image_mean=list(spec.mean), image_std=list(spec.std)
         )
-    proc.save_pretrained(str(out_dir))
+    return proc
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,6 +423,8 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu") -> Model
     bundle = ModelBundle(model=model, task=task, source=str(path), extra=meta)
     if task == "image_classification":
         bundle.image_spec = image_spec_for(model.config, str(path), None)
+        # Preprocess exactly as the folder's own processor does (what transformers' pipeline loads).
+        bundle.image_spec.processor = tf.AutoImageProcessor.from_pretrained(str(path))
     else:
         bundle.tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
     return bundle

@@ -16,7 +16,7 @@ from fulltune.models import ModelBundle
 
 
 def _image_inputs(bundle: ModelBundle, paths: list[Path]) -> torch.Tensor:
-    return torch.stack([img.eval_transform(img.load_rgb(p, bundle.image_spec.size), bundle.image_spec) for p in paths])
+    return torch.stack([img.eval_transform(img.load_rgb(p, bundle.image_spec.size, draft=False), bundle.image_spec) for p in paths])
 
 
 def image_paths(target: str) -> list[Path]:
@@ -56,6 +56,11 @@ def text_inputs(text: str | None, file: str | None) -> list[str]:
     return lines
 
 
+def max_length(bundle: ModelBundle) -> int:
+    """The run's data.max_length (from the export's fulltune_run.json): inputs are cut where training cut them."""
+    return int(((bundle.extra.get("fulltune_config") or {}).get("data") or {}).get("max_length") or 512)
+
+
 @torch.no_grad()
 def classify(bundle: ModelBundle, inputs: list[Any], top_k: int, batch_size: int = 32) -> list[list[tuple[str, float]]]:
     """Top-k (label, probability) for each input (image paths or texts)."""
@@ -70,7 +75,8 @@ def classify(bundle: ModelBundle, inputs: list[Any], top_k: int, batch_size: int
         if bundle.task == "image_classification":
             logits = model(pixel_values=_image_inputs(bundle, chunk).to(device)).logits
         else:
-            enc = bundle.tokenizer(chunk, truncation=True, max_length=512, padding=True, return_tensors="pt").to(device)
+            enc = bundle.tokenizer(chunk, truncation=True, max_length=max_length(bundle), padding=True,
+                                   return_tensors="pt").to(device)
             logits = model(**enc).logits
         probs = logits.float().softmax(-1)
         top = probs.topk(k, dim=-1)

@@ -1,4 +1,5 @@
-"""What a run tells the outside: metrics.jsonl, TensorBoard scalars, a live progress bar and a plain log.
+"""What a run tells the outside: metrics.jsonl, TensorBoard scalars, a live progress bar, a timestamped train.log,
+run_history.jsonl (every start and resume) and report.html (rebuilt at every evaluation, see report_html).
 
 Only rank 0 writes (a disabled logger does nothing), so the training loop never branches on rank to log.
 """
@@ -6,6 +7,7 @@ Only rank 0 writes (a disabled logger does nothing), so the training loop never 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import sys
 import time
@@ -31,6 +33,9 @@ class RunLogger:
         self.throughputs: list[float] = []
         self.last_loss: float | None = None
         self.last_lr: float | None = None
+        self.epoch = 0
+        self.labels: list[str] | None = None
+        self.describe: dict[str, Any] = {}  # split -> function(example index) -> a short text of that input
         if not enabled:
             return
         self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
@@ -52,8 +57,81 @@ class RunLogger:
             self.bar.write(message)
         else:
             print(message, flush=True)
-        self.logfile.write(message + "\n")
+        self._log_line(message)
+
+    def _log_line(self, message: str) -> None:
+        """train.log only: every line stamped with the UTC time."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        self.logfile.write("".join(f"{stamp} {line}\n" for line in message.splitlines() or [""]))
         self.logfile.flush()
+
+    def started(self, run: Any, resume: str | None = None) -> None:
+        """Record a start or a resume (from where, at which step; a changed schedule is said) in train.log,
+        run_history.jsonl and the report; remember how to show example inputs of each split."""
+        from fulltune.report_html import read_jsonl
+
+        data = getattr(run, "data", None)
+        self.labels = getattr(data, "labels", None)
+        tokenizer = getattr(run.bundle, "tokenizer", None)
+        for split in ("val", "test"):
+            ds = getattr(data, split, None)
+            if ds is not None:
+                self.describe[split] = _describer(ds, tokenizer)
+        if not self.enabled:
+            return
+        state, cfg = run.state, self.cfg
+        previous = read_jsonl(self.out / "run_history.jsonl")
+        resumed = state.optimizer_step > 0 or state.epoch > 0
+        note = ""
+        if resumed and previous and previous[-1].get("total_steps") not in (None, state.total_steps):
+            note = (f"the schedule changed: {previous[-1]['total_steps']} -> {state.total_steps} optimizer steps in all; "
+                    f"the {cfg.training.lr_scheduler} learning-rate schedule is recomputed over the new total from "
+                    f"step {state.optimizer_step} on")
+        trainable, total = _count(run.model)
+        sizes = {s: len(getattr(data, s)) for s in ("train", "val", "test") if getattr(data, s, None) is not None}
+        metric = cfg.training.metric
+        if metric == "auto":
+            from fulltune.tasks import TASKS
+
+            metric = TASKS[run.task_name].default_metric
+        event = {
+            "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+            "event": "resume" if resumed else "start",
+            "resumed_from": resume if resumed else None,
+            "optimizer_step": state.optimizer_step, "epoch": state.epoch, "total_steps": state.total_steps,
+            "note": note, "task": run.task_name, "method": cfg.method.name,
+            "model": (f"tiny random-init {cfg.model.tiny_config.get('model_type', '')} config" if cfg.model.tiny_config
+                      else cfg.model.name_or_path),
+            "metric": metric, "data_sizes": sizes, "num_classes": len(self.labels) if self.labels else None,
+            "precision": run.precision.name, "device": str(run.device), "world_size": state.world_size,
+            "global_batch": cfg.data.batch_size * cfg.training.gradient_accumulation_steps * (state.world_size or 1),
+            "trainable_parameters": trainable, "total_parameters": total,
+        }
+        with open(self.out / "run_history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+        if resumed:
+            self.info(f"resumed from {resume} at optimizer step {state.optimizer_step} of {state.total_steps} "
+                      f"(epoch {state.epoch}, batch {state.batches_done})" + (f"; {note}" if note else ""))
+        else:
+            self.info(f"started: {state.total_steps} optimizer steps planned, output in {self.out}")
+        self._rebuild()
+
+    def _rebuild(self, with_png: bool = False) -> None:
+        from fulltune.report_html import build_report
+
+        try:
+            build_report(self.out, with_png=with_png)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # a report must never stop training
+            self._log_line(f"report.html not written: {err}")
+
+    def split_metrics(self, name: str, metrics: dict[str, Any], split: str | None = None, **extra: Any) -> None:
+        """Keep what the report shows of an evaluation (report/<name>.json: confusion matrix, confused examples)."""
+        if not self.enabled:
+            return
+        from fulltune.report_html import write_eval_record
+
+        split = split or name
+        write_eval_record(self.out, name, metrics, self.labels, self.describe.get(split), split=split, **extra)
 
     def start_progress(self, total: int, initial: int) -> None:
         if not (self.enabled and self.cfg.logging.progress_bar):
@@ -64,6 +142,7 @@ class RunLogger:
                         mininterval=0.5)
 
     def advance(self, epoch: int, state: Any) -> None:
+        self.epoch = epoch
         if self.bar is None:
             return
         self.bar.update(1)
@@ -77,19 +156,27 @@ class RunLogger:
             for i, v in enumerate(values):
                 self.writer.add_scalar("train/loss", v, step - len(values) + 1 + i)
 
-    def scalars(self, step: int, optimizer: torch.optim.Optimizer, samples_per_s: float, peak_bytes: int) -> None:
+    def scalars(self, step: int, optimizer: torch.optim.Optimizer, samples_per_s: float, peak_bytes: int,
+                grad_norm: float | None = None, epoch: int | None = None) -> None:
         if not self.enabled:
             return
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
         top_lr = max(lrs.values()) if lrs else 0.0
         self.last_lr = top_lr
         self.throughputs.append(samples_per_s)
-        row = {"step": step, "loss": self.last_loss, "lr": top_lr, "samples_per_s": samples_per_s,
-               "peak_memory_mb": peak_bytes / 2**20, "time_s": time.perf_counter() - self.start}
+        epoch = self.epoch + 1 if epoch is None else epoch  # 1-based: the epoch in progress
+        row = {"step": step, "split": "train", "epoch": epoch, "loss": self.last_loss, "lr": top_lr, "lrs": lrs,
+               "grad_norm": grad_norm, "samples_per_s": samples_per_s, "peak_memory_mb": peak_bytes / 2**20,
+               "time_s": time.perf_counter() - self.start}
         self._record(row)
+        norm = f" | grad norm {grad_norm:.3g}" if grad_norm is not None else ""
+        self._log_line(f"step {step} epoch {epoch}: loss {self.last_loss:.4g} | lr {top_lr:.3g}{norm} | "
+                       f"{samples_per_s:.1f} samples/s | peak memory {peak_bytes / 2**20:,.0f} MiB")
         if self.writer:
             for name, lr in lrs.items():
                 self.writer.add_scalar(f"lr/{name}", lr, step)
+            if grad_norm is not None:
+                self.writer.add_scalar("train/grad_norm", grad_norm, step)
             self.writer.add_scalar("perf/samples_per_s", samples_per_s, step)
             self.writer.add_scalar("perf/peak_memory_mb", peak_bytes / 2**20, step)
         if self.bar is not None:
@@ -105,6 +192,10 @@ class RunLogger:
                 self.writer.add_scalar(f"val/{k}", v, step)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in brief.items() if isinstance(v, float))
         self.info(f"[val] step {step} epoch {epoch}: {shown}{'  (best so far)' if improved else ''}")
+        self.split_metrics("val_latest", metrics, split="val", step=step, epoch=epoch)
+        if improved:
+            self.split_metrics("val_best", metrics, split="val", step=step, epoch=epoch)
+        self._rebuild()
 
     def close_progress(self) -> None:
         if self.bar is not None:
@@ -120,6 +211,8 @@ class RunLogger:
 
     def close(self) -> None:
         self.close_progress()
+        if self.enabled:
+            self._rebuild(with_png=True)
         if self.writer:
             self.writer.close()
         if self.jsonl:
@@ -161,3 +254,30 @@ class Throughput:
         """(training seconds, training samples per second) since the start."""
         seconds = max(time.perf_counter() - self.start - self.side_seconds, 1e-9)
         return seconds, (samples_seen - self.samples_at_start) / seconds
+def _count(model: Any) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+def _describer(dataset: Any, tokenizer: Any) -> Any:
+    """index -> a short text of that example's input: the image path, or the decoded text (first 200 characters)."""
+    folder = getattr(dataset, "folder", None)
+    if folder is not None:
+        return lambda i: str(folder.samples[i][0])
+    ids = getattr(dataset, "input_ids", None)
+    if ids is not None and tokenizer is not None:
+        return lambda i: tokenizer.decode(ids[i], skip_special_tokens=True)[:200]
+    return lambda i: f"example {i}"
+def done_line(summary: dict[str, Any]) -> str:
+    """The last log line, rounded for people (summary.json keeps full precision)."""
+    from fulltune.report_html import fmt
+    best = summary.get("best_val") or {}
+    metric = next((k for k in best if k != "step"), None)
+    parts = [f"done: {summary.get('optimizer_steps')} optimizer steps"]
+    if metric and best.get(metric) is not None:
+        parts.append(f"best val {metric} {fmt(best[metric])} at step {best.get('step')}")
+    test = summary.get("test") or {}
+    shown = ", ".join(f"{k} {fmt(v)}" for k, v in test.items() if isinstance(v, float))
+    if shown:
+        parts.append(f"test ({test.get('weights')} weights): {shown}")
+    if summary.get("wall_time_s") is not None:
+        parts.append(f"{summary['wall_time_s']:.1f} s")
+    return " | ".join(parts) + f" | report: {Path(summary.get('output_dir', '.')) / 'report.html'}"

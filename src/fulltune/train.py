@@ -25,7 +25,7 @@ from fulltune.methods import TrainablePlan, apply_trainable, describe_groups, pa
 from fulltune.metrics import classification_metrics, lm_metrics, scalar_metrics
 from fulltune.models import ModelBundle, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, optimizer_step, set_lr, warmup_steps
-from fulltune.report import RunLogger, Throughput
+from fulltune.report import RunLogger, Throughput, done_line
 from fulltune.runtime import (
     Precision,
     barrier,
@@ -163,8 +163,6 @@ class Trainer:
         self.state = ckpt.load_checkpoint(point, self.model, self.optimizer, self.scaler)
         self.state.total_steps = total
         self.state.batches_done = ckpt.convert_position(self.state, cfg.data.batch_size, world_size(), point)
-        s = self.state
-        print(f"resumed from {point} at optimizer step {s.optimizer_step} (epoch {s.epoch}, batch {s.batches_done})")
 
     def _setup_step(self) -> None:
         """Lean mode fuses the optimizer step into backward where it can; `training.compile` compiles the model."""
@@ -211,6 +209,7 @@ class Trainer:
         cfg, t, s = self.cfg, self.cfg.training, self.state
         self.metric_name, self.higher_is_better = validation_metric(cfg, self.task)
         self.log = RunLogger(cfg, self.out, enabled=is_main())
+        self.log.started(self, self.resume)  # train.log, run_history.jsonl and the report say where this run starts
         if is_main():
             save_config(cfg, self.out / "config.yaml")
             (self.out / "labels.json").write_text(json.dumps(self.data.labels))
@@ -294,7 +293,8 @@ class Trainer:
         if step % cfg.logging.log_every_steps == 0:
             self._check_finite()
             rate = self.throughput.window_rate(s.samples_seen)
-            self.log.scalars(step, self.optimizer, rate, peak_memory_bytes(self.device))
+            norm = None if self.last_grad_norm is None else float(self.last_grad_norm)
+            self.log.scalars(step, self.optimizer, rate, peak_memory_bytes(self.device), grad_norm=norm)
         # Evaluate before saving: the checkpoint then holds this step's evaluation (best metric, patience), so a
         # resume from it never skips an evaluation, and best/ comes out the same as without the interruption.
         every = cfg.training.eval_every_steps
@@ -439,8 +439,7 @@ class Trainer:
             summary["test"] = test
         if is_main():
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        shown = {k: summary[k] for k in ("optimizer_steps", "best_val")} | ({"test": test} if test else {})
-        self.log.info("done: " + json.dumps(shown))
+        self.log.info(done_line(summary))
         return summary
 
     def _test_metrics(self) -> dict[str, Any] | None:
@@ -452,8 +451,11 @@ class Trainer:
             if not is_main():
                 return None
             best = load_exported(self.out / "best", self.device).model
-            return scalar_metrics(self.evaluate_split(self.data.test, best)) | {"weights": "best"}
-        return scalar_metrics(self.evaluate_split(self.data.test)) | {"weights": "final"}
+            weights, metrics = "best", self.evaluate_split(self.data.test, best)
+        else:
+            weights, metrics = "final", self.evaluate_split(self.data.test)
+        self.log.split_metrics("test", metrics, weights=weights)
+        return scalar_metrics(metrics) | {"weights": weights}
 
 
 def setup(cfg: Config, resume: str | None = None) -> Trainer:

@@ -16,12 +16,14 @@ import sys
 import warnings
 from typing import Any
 
-from fulltune.cli import compare, demo, evaluate, plan, predict, prepare_images, prune, train
-from fulltune.errors import FulltuneError
+from fulltune.cli import compare, demo, evaluate, plan, predict, prepare_images, prune, report, train
+from fulltune.cli import config as config_command
+from fulltune.cli.options import finish_parser, normalize_argv
+from fulltune.errors import ConfigError, FulltuneError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-COMMANDS = (train, evaluate, predict, prepare_images, demo, compare, plan, prune)
+COMMANDS = (train, evaluate, predict, prepare_images, demo, compare, plan, prune, report, config_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
-    return parser
+    return finish_parser(parser)  # --version, defaults in every --help
 
 
 # OS errors that the user's environment causes (and can fix), not fulltune's code.
@@ -91,7 +93,12 @@ def run_command(func: Any, args: Any, debug: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        argv = normalize_argv(argv, parser)  # --output-dir, --learning_rate 1e-5, ...
+    except ConfigError as err:
+        parser.error(str(err))
+    args = parser.parse_args(argv)
     args.argv = argv
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     import transformers

@@ -45,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     rows = run_all(args.config, overrides, root, methods, lrs, args.skip_done)
     table = write_comparison(root, settings_of(base, methods, lrs), rows)
-    print(table + f"written: {root}/comparison.md, comparison.json, comparison.png")
+    print(table + f"written: {root}/comparison.md, comparison.json, comparison.png, comparison.html")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

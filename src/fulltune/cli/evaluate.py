@@ -10,9 +10,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a data split or file")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or export folder (e.g. RUN/best)")
     p.add_argument("--data_dir", help="data folder holding the split")
-    p.add_argument("--split", default="test", help="split name in --data_dir")
+    p.add_argument("--split", default="test", help="split to evaluate: dev, val, validation, test or train")
     p.add_argument("--file", help="a table (classifiers) or text file (perplexity) instead of data_dir/split")
-    p.add_argument("--output_dir", help="where metrics.json and the confusion matrix go")
+    p.add_argument("--output_dir", help="where the results go (default: <run>/eval/<checkpoint name>-<split or file stem>)")
     p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass")
     p.add_argument("--block_size", type=int, help="perplexity: tokens per window (default: the run's seq_len)")
     p.add_argument("--stride", type=int, help="perplexity: sliding-window stride (default: non-overlapping blocks)")
@@ -31,5 +31,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluation of {args.checkpoint} on {args.file or args.split}:")
     print(format_table(metrics, labels))
     if "output_dir" in metrics:
-        print(f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png")
+        print(f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png, predictions.jsonl")
     return 0

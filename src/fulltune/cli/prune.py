@@ -49,7 +49,8 @@ def register(subparsers: Any) -> None:
         description="Prune KV groups (and MLP channels with --prune_mlp) of a Llama/Qwen2/Mistral causal LM, "
         "report perplexity, and recover with fulltune's trainer (--finetune).",
     )
-    p.add_argument("--base_model", required=True, help="model folder or hub id (a pruned folder prunes further)")
+    p.add_argument("--model", "--base_model", dest="base_model", required=True,
+                   help="model folder or hub id (a pruned folder prunes further)")
     p.add_argument("--save_ckpt_log_name", default="pruned", help="run name; the output folder is outputs/NAME")
     p.add_argument("--output_dir", help="output folder (overrides outputs/<save_ckpt_log_name>)")
     p.add_argument("--pruning_ratio", type=float, default=0.25, help="fraction of KV groups / MLP channels removed")
@@ -61,8 +62,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--layer_end", type=int, help="layer after the last one to prune (default: the last layer)")
     p.add_argument("--importance_samples", type=int, default=16, help="calibration blocks for taylor importance")
     p.add_argument("--importance_seq_len", type=int, default=128, help="tokens per calibration block")
-    p.add_argument("--data_file", help="text or JSONL file for calibration and recovery training")
-    p.add_argument("--eval_file", help="text file for perplexity (--test_after_prune, --finetune)")
+    p.add_argument("--train_file", "--data_file", dest="data_file",
+                   help="text or JSONL file for calibration and recovery training")
+    p.add_argument("--val_file", "--eval_file", dest="eval_file",
+                   help="text file for perplexity (--test_after_prune, --finetune)")
     p.add_argument("--save_model", action="store_true", help="write the pruned model to OUTPUT/pruned")
     p.add_argument("--test_after_prune", action="store_true", help="report perplexity before and after pruning")
     p.add_argument("--finetune", action="store_true", help="recovery training after pruning (saves pruned/ too)")

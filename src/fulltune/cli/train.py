@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from fulltune.cli.flags import add_config_flags, config_from_args
+from fulltune.cli.options import require_training_data
 
 
 def register(subparsers: Any) -> None:
@@ -26,7 +27,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)  # validate here, before any process is started
+    cfg = config_from_args(args)  # validate here, before any process or folder is started
+    require_training_data(cfg)
     if args.nproc and args.nproc > 0:
         from fulltune.distributed import launch
 

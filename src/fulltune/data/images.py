@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from fulltune.config import AugmentationConfig
 from fulltune.data.text import hash_fraction
@@ -87,12 +87,14 @@ def scan_split(root: Path, classes: list[str] | None = None) -> ImageFolder:
     return ImageFolder(root, vocab, samples, skipped)
 
 
-def load_rgb(path: Path, target: int) -> Image.Image:
+def load_rgb(path: Path, target: int, draft: bool = True) -> Image.Image:
+    """An RGB image upright per its EXIF orientation. draft=True (training only) lets JPEG decode at a reduced
+    scale, far cheaper for multi-megapixel photos; evaluation and prediction decode in full, as transformers does."""
     try:
         im = Image.open(path)
-        # JPEG can decode at a reduced scale directly: far cheaper for multi-megapixel photos.
-        im.draft("RGB", (target * 2, target * 2))
-        return im.convert("RGB")
+        if draft:
+            im.draft("RGB", (target * 2, target * 2))
+        return ImageOps.exif_transpose(im).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"image '{path}' cannot be decoded ({err})") from None
 
@@ -131,6 +133,9 @@ def to_tensor(im: Image.Image, spec: ImageSpec) -> torch.Tensor:
 
 
 def eval_transform(im: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    """(3, size, size) pixel values; with the model's image processor, exactly what the exported folder gives."""
+    if spec.processor is not None:
+        return torch.as_tensor(np.asarray(spec.processor(im, return_tensors="np")["pixel_values"][0]))
     return to_tensor(_center_crop(_resize_short(im, spec.size), spec.size), spec)
 
 
@@ -163,8 +168,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Any) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.folder.samples[index]
+        train = self.aug is not None and seed is not None
         try:
-            im = load_rgb(path, self.spec.size)
+            im = load_rgb(path, self.spec.size, draft=train)
         except DataError as err:
             # Damage the header check could not see: one bad file never ends a run. The next decodable image
             # stands in (the same one every time, so a resumed run sees exactly what the first one saw).
@@ -172,13 +178,13 @@ class ImageDataset(torch.utils.data.Dataset):
             for step in range(1, len(self.folder.samples)):
                 path, label = self.folder.samples[(index + step) % len(self.folder.samples)]
                 try:
-                    im = load_rgb(path, self.spec.size)
+                    im = load_rgb(path, self.spec.size, draft=train)
                     break
                 except DataError:
                     continue
             else:
                 raise
-        if self.aug is not None and seed is not None:
+        if train:
             pixels = train_transform(im, self.spec, self.aug, random.Random(seed))
         else:
             pixels = eval_transform(im, self.spec)

@@ -1,0 +1,89 @@
+"""Every option discoverable: `fulltune config` lists exactly the keys load_config accepts, each with a description;
+--help shows defaults everywhere; --version; kebab-case flags; HF Trainer's flat names; one name for one thing in
+`prune`; `train` without data is one line and creates nothing."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from fulltune.cli.options import _subparsers, describe_keys, normalize_argv, render_config
+
+from fulltune.cli import build_parser, main
+from fulltune.config import ConfigError, _flatten, load_config, to_dict
+
+
+def test_config_lists_every_key_load_config_accepts():
+    listed = describe_keys()
+    accepted = {k for k, _ in _flatten(to_dict(load_config()))}
+    assert set(listed) == accepted
+    assert len(listed) > 80
+    for key, (default, doc) in listed.items():
+        assert doc, f"{key} has no description in config.py"
+        load_config(None, {key: default})  # each listed key loads as written
+    with pytest.raises(ConfigError):
+        load_config(None, {"training.no_such_key": 1})
+
+
+def test_config_command_prints_yaml_that_loads_back(tmp_path, capsys):
+    assert main(["config", "--output-dir", str(tmp_path / "x"), "learning_rate=2e-5", "--eval-steps", "7"]) == 0
+    text = capsys.readouterr().out
+    assert "base_learning_rate: 2.0e-05  # default: 5e-05. Peak learning rate" in text
+    assert "eval_every_steps: 7  # default: null." in text
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(text)
+    cfg = load_config(saved)
+    assert cfg.training.base_learning_rate == 2e-5 and cfg.training.eval_every_steps == 7
+    assert render_config(cfg) == text
+
+
+def test_hf_trainer_flat_names_map_to_config_keys():
+    cfg = load_config(None, ["learning_rate=1e-5", "eval_steps=5", "max_train_samples=10", "label_smoothing_factor=0.1",
+                             "metric_for_best_model=macro_f1", "per_device_eval_batch_size=4", "optim=adamw_torch",
+                             "num_train_epochs=2", "per_device_train_batch_size=8", "max_seq_length=64"])
+    t, d = cfg.training, cfg.data
+    assert (t.base_learning_rate, t.eval_every_steps, d.max_samples, t.label_smoothing) == (1e-5, 5, 10, 0.1)
+    assert (t.metric, d.eval_batch_size, t.fused_optimizer, t.num_epochs, d.batch_size, d.max_length) == (
+        "macro_f1", 4, False, 2, 8, 64)
+    with pytest.raises(ConfigError, match="optim 'sgd'"):
+        load_config(None, ["optim=sgd"])
+
+
+def test_kebab_case_and_config_keys_as_flags():
+    parser = build_parser()
+    argv = normalize_argv(["train", "--output-dir", "o", "--data-dir=d", "--learning-rate", "1e-5",
+                           "--training.num_epochs=2", "x=1"], parser)
+    assert argv == ["train", "--output_dir", "o", "--data_dir=d", "learning_rate=1e-5", "training.num_epochs=2", "x=1"]
+    args = parser.parse_args(argv)
+    assert args.output_dir == "o" and args.data_dir == "d"
+    # evaluate takes no overrides: an unknown flag stays unknown (argparse names it)
+    assert normalize_argv(["evaluate", "--learning-rate", "1"], parser) == ["evaluate", "--learning-rate", "1"]
+
+
+def test_every_help_shows_defaults_and_every_flag_has_help(capsys):
+    parser = build_parser()
+    for name, sub in _subparsers(parser).items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS, []):
+                assert f"(default: {action.default})" in " ".join(text.split()), (name, action.dest)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("fulltune ")
+
+
+def test_prune_takes_the_names_train_uses():
+    parser = build_parser()
+    new = parser.parse_args(["prune", "--model", "m", "--train_file", "a.txt", "--val_file", "b.txt"])
+    old = parser.parse_args(["prune", "--base_model", "m", "--data_file", "a.txt", "--eval_file", "b.txt"])
+    assert (new.base_model, new.data_file, new.eval_file) == (old.base_model, old.data_file, old.eval_file)
+
+
+def test_train_without_data_is_one_line_and_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fulltune: error: no training data")
+    assert not out.exists()
