@@ -161,12 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from fulltune.compare import add_compare_parser
+    from fulltune.interpolate import add_interpolate_parser
     from fulltune.plan import add_plan_parser
     from fulltune.prune_cmd import add_prune_parser
 
     add_compare_parser(sub)
     add_plan_parser(sub)
     add_prune_parser(sub)
+    add_interpolate_parser(sub)
     return parser
 
 
