@@ -4,6 +4,7 @@ plain transformers."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -139,31 +140,39 @@ def test_train_export_interpolate_and_plain_load(tmp_path, clip_dir, image_data)
     """full + zero-shot head trains; WiSE-FT alpha 0 / 1 give the two endpoints exactly; the exports load with
     plain transformers (CLIPVisionModelWithProjection + the classifier tensors) and name their labels."""
     from fulltune.cli import main
+    from fulltune.compare import clip_notes, markdown, run_clip_rows
     from fulltune.interpolate import read_weights
-    from fulltune.zeroshot import zero_shot_run
 
-    zs = clip_cfg(tmp_path / "zs", clip_dir, image_data)
-    summary = zero_shot_run(zs)
-    assert summary["trainable_parameters"] == 0 and summary["test"]["examples"] == 4
-    cfg = clip_cfg(tmp_path / "ft", clip_dir, image_data, method__head_init="zeroshot", training__num_epochs=1,
-                   training__base_learning_rate=1e-3)
+    cfg = clip_cfg(tmp_path / "full_zs_head", clip_dir, image_data, method__head_init="zeroshot",
+                   training__num_epochs=1, training__base_learning_rate=1e-3)
     train(cfg)
-    ft = tmp_path / "ft" / "best"
+    ft = tmp_path / "full_zs_head" / "best"
+    # compare's CLIP rows, beside a full_zs_head row as compare's own run would give it
+    args = argparse.Namespace(config=None, data_dir=str(image_data), overrides=[
+        f"model.name_or_path={clip_dir}", "hardware.mixed_precision=no", "data.num_workers=0", "data.batch_size=4"])
+    ran = [{"method": "full_zs_head", "status": "ok", "export_dir": str(ft), "learning_rate": 1e-3}]
+    rows = run_clip_rows(args, tmp_path, ["zero_shot", "wise_ft"], 1e-3, ran)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert rows[0]["trainable_parameters"] == 0 and rows[0]["test"] is not None
+    assert rows[1]["finetuned_row"] == "full_zs_head" and [s["alpha"] for s in rows[1]["sweep"]] == [0, .25, .5, .75, 1]
+    table = markdown(rows, {"model": "tiny", "data": "d", "budget": "1 epoch", "global_batch": 4, "length": "-",
+                            "seed": 0, "precision": "fp32", "device": "cpu"}) + clip_notes(rows)
+    assert "| zero_shot | — |" in table and "wise_ft: (1 - alpha) x zero_shot + alpha x full_zs_head" in table
     for alpha in (0, 1):
         assert main(["interpolate", "--zeroshot", str(clip_dir), "--finetuned", str(ft), "--alpha", str(alpha),
                      "--output_dir", str(tmp_path / f"a{alpha}")]) == 0
     a0, a1 = read_weights(tmp_path / "a0"), read_weights(tmp_path / "a1")
-    for name, ref in read_weights(tmp_path / "zs" / "best").items():
+    for name, ref in read_weights(tmp_path / "zero_shot" / "best").items():
         assert torch.equal(a0[name], ref), name  # the zero-shot export built at run time, and from the base model
     for name, ref in read_weights(ft).items():
         assert torch.equal(a1[name], ref), name
-    assert main(["interpolate", "--zeroshot", str(tmp_path / "zs" / "best"), "--finetuned", str(ft), "--alphas",
+    assert main(["interpolate", "--zeroshot", str(tmp_path / "zero_shot" / "best"), "--finetuned", str(ft), "--alphas",
                  "0,0.5,1", "--data_dir", str(image_data), "--split", "val", "--output_dir", str(tmp_path / "sw")]) == 0
     meta = json.loads((tmp_path / "sw" / "fulltune_run.json").read_text())
     assert [r["alpha"] for r in meta["wise_ft"]["sweep"]] == [0.0, 0.5, 1.0]
     assert meta["wise_ft"]["alpha"] in (0.0, 0.5, 1.0) and meta["wise_ft"]["sweep"][0]["examples"] == 4
     assert load_exported(tmp_path / "sw").extra["wise_ft"] == meta["wise_ft"]  # an ordinary export: fulltune loads it
-    for folder in (tmp_path / "zs" / "best", tmp_path / "sw"):
+    for folder in (tmp_path / "zero_shot" / "best", tmp_path / "sw"):
         out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder)], capture_output=True, text=True, check=True)
         plain = json.loads(out.stdout.strip().splitlines()[-1])
         assert plain["labels"] == {"0": "ants", "1": "bees"}
@@ -173,9 +182,13 @@ def test_train_export_interpolate_and_plain_load(tmp_path, clip_dir, image_data)
 
 
 def test_interpolate_rejects_a_random_head_run(tmp_path, clip_dir, image_data, capsys):
+    from fulltune import checkpoint as ckpt
     from fulltune.cli import main
 
-    train(clip_cfg(tmp_path / "ft", clip_dir, image_data, training__num_epochs=1))
+    cfg = clip_cfg(tmp_path / "ft", clip_dir, image_data)  # head_init random: CLIPForImageClassification
+    bundle = build_model(cfg, "image_classification", ["ants", "bees"])
+    (tmp_path / "ft" / "best").mkdir(parents=True)
+    ckpt.export_model(bundle.model, bundle, tmp_path / "ft" / "best", ckpt.run_meta("image_classification", None, cfg))
     code = main(["interpolate", "--zeroshot", str(clip_dir), "--finetuned", str(tmp_path / "ft" / "best"),
                  "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()

@@ -234,10 +234,10 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {r['learning_rate']:.2g} | failed |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['method']} | {_num(r['learning_rate'], '.2g')} | failed |  |  |  |  |  |  |  |  |")
             continue
         cells = [
-            r["method"], f"{r['learning_rate']:.2g}", _num(r["val"], mfmt), _num(r["test"], mfmt),
+            r["method"], _num(r["learning_rate"], ".2g"), _num(r["val"], mfmt), _num(r["test"], mfmt),
             f"{r['trainable_parameters']:,}", _num(r["trainable_percent"], ".2f") + "%", _size(r["peak_memory_bytes"]),
             _num(r["wall_time_s"], ".0f") + " s", _num(r["samples_per_s"], ".1f"), _size(r["exported_bytes"]),
             _size(r["adapter_bytes"]),
@@ -328,8 +328,95 @@ def _settings(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[st
     }
 
 
+# ------------------------------------------------------------------------------------------- CLIP rows
+
+# Rows for CLIP models besides the methods (docs/clip_zeroshot.md): the zero-shot model without training, full
+# fine-tuning from the zero-shot head, LP-FT, and WiSE-FT (zero-shot and fine-tuned weights interpolated).
+CLIP_ROWS = {"zero_shot": None, "full_zs_head": "zeroshot", "lp_ft": "linear_probe", "wise_ft": None}
+# The fine-tuned run WiSE-FT interpolates with: the first of these that ran with a zero-shot-style head.
+WISE_FT_SOURCES = ("full_zs_head", "lp_ft", "full")
+
+
+def split_clip_rows(text: str) -> tuple[str, list[str]]:
+    """--methods without the CLIP rows (for parse_methods), and the CLIP rows asked for, in CLIP_ROWS order."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    return ",".join(m for m in names if m not in CLIP_ROWS), [m for m in CLIP_ROWS if m in names]
+
+
+def _clip_row(args: argparse.Namespace, root: Path, name: str, lr: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from fulltune.interpolate import wise_ft_run
+    from fulltune.zeroshot import is_embedding_classifier, zero_shot_run
+
+    run_dir = root / name
+    out = f"output_dir={json.dumps(str(run_dir))}"
+    row: dict[str, Any] = {"method": name, "learning_rate": None, "run_dir": str(run_dir), "status": "ok",
+                           "error": None, "peak_rss_bytes": None}
+    if CLIP_ROWS[name]:  # a training run: full fine-tuning from that head
+        cfg = load_config(args.config, _overrides(args) + [
+            "method.name=full", f"method.head_init={CLIP_ROWS[name]}", f"training.base_learning_rate={lr!r}", out,
+            "logging.progress_bar=false"])
+        return run_method(cfg, args.skip_done) | {"method": name}
+    cfg = load_config(args.config, _overrides(args) + [out])
+    if name == "zero_shot":
+        shutil.rmtree(run_dir, ignore_errors=True)
+        zero_shot_run(cfg)
+        return row | _from_summary(run_dir)
+    source = next((r for n in WISE_FT_SOURCES for r in rows if r["method"] == n and r["status"] == "ok"
+                   and is_embedding_classifier(r["export_dir"])), None)
+    if source is None:
+        raise ConfigError("wise_ft needs a fine-tuned run with a zero-shot-style head: add full_zs_head or lp_ft to "
+                          "--methods (or pass method.head_init=zeroshot)")
+    zeroshot = root / "zero_shot" / "best"
+    base = str(zeroshot) if zeroshot.is_dir() else cfg.model.name_or_path
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary = wise_ft_run(base, Path(source["export_dir"]), run_dir, cfg.data.data_dir)
+    return row | _from_summary(run_dir) | {"alpha": summary["alpha"], "finetuned_row": source["method"],
+                                           "sweep": summary["sweep"]}
+
+
+def run_clip_rows(args: argparse.Namespace, root: Path, names: list[str], full_lr: float,
+                  rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The CLIP rows asked for, after the methods (wise_ft reads their runs); a failed row names its error."""
+    from fulltune.data.text import DataError
+
+    done: list[dict[str, Any]] = []
+    for i, name in enumerate(names, start=1):
+        print(f"[clip {i}/{len(names)}] {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            row = _clip_row(args, root, name, full_lr, rows + done)
+        except (ConfigError, DataError) as err:
+            row = {"method": name, "learning_rate": None, "run_dir": str(root / name), "status": "failed",
+                   "error": str(err)}
+        row.setdefault("process_wall_time_s", time.perf_counter() - start)
+        done.append(row)
+        if row["status"] == "ok":
+            print(f"    {row['metric']}: val {_num(row['val'], '.4f')}, test {_num(row['test'], '.4f')}", flush=True)
+        else:
+            print(f"    failed: {row['error']}", flush=True)
+    return done
+
+
+def clip_notes(rows: list[dict[str, Any]]) -> str:
+    """Lines under the table that say what the CLIP rows are."""
+    notes = []
+    names = {r["method"] for r in rows}
+    if "zero_shot" in names:
+        notes.append("zero_shot: CLIP's zero-shot classifier (class-prompt text embeddings), no training.")
+    if names & {"full_zs_head", "lp_ft"}:
+        notes.append("full_zs_head: full fine-tuning from the zero-shot head; lp_ft: the head alone for "
+                     "method.head_init_epochs, then full (LP-FT).")
+    for r in rows:
+        if r["method"] == "wise_ft" and r["status"] == "ok":
+            sweep = ", ".join(f"{s['alpha']:g}: {_num(s.get('accuracy'), '.4f')}" for s in r["sweep"])
+            notes.append(f"wise_ft: (1 - alpha) x zero_shot + alpha x {r['finetuned_row']} weights, alpha "
+                         f"{r['alpha']:g}" + (f" chosen on val ({sweep})." if len(r["sweep"]) > 1 else "."))
+    return "\n" + "\n".join(notes) + "\n" if notes else ""
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    methods = parse_methods(args.methods)
+    rest, clip_rows = split_clip_rows(args.methods)
+    methods = parse_methods(rest) if rest or not clip_rows else []
     base = load_config(args.config, _overrides(args))  # a bad config fails here, before any run starts
     root = Path(args.output_dir or base.output_dir)
     lrs = learning_rates(args.lr_per_method, methods, base.training.base_learning_rate)
@@ -348,9 +435,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   f"wall {_num(row['wall_time_s'], '.0f')} s", flush=True)
         else:
             print(f"    failed: {row['error']}", flush=True)
-    settings = _settings(base, methods, lrs)
+    full_lr = learning_rates(args.lr_per_method, ["full"], base.training.base_learning_rate)["full"]
+    rows += run_clip_rows(args, root, clip_rows, full_lr, rows)
+    settings = _settings(base, methods + clip_rows, lrs)
     (root / "comparison.json").write_text(json.dumps({"settings": settings, "runs": rows}, indent=2))
-    table = markdown(rows, settings)
+    table = markdown(rows, settings) + clip_notes(rows)
     (root / "comparison.md").write_text(table, encoding="utf-8")
     plot(rows, root / "comparison.png")
     print(table + f"written: {root}/comparison.md, comparison.json, comparison.png")
