@@ -124,15 +124,15 @@ sys.modules['fulltune'] = None  # prove fulltune is not needed
 import transformers as tf
 from safetensors.torch import load_file
 from PIL import Image
-path = sys.argv[1]
-proc = tf.AutoImageProcessor.from_pretrained(path)
-tower = tf.CLIPVisionModelWithProjection.from_pretrained(path)  # vision tower + projection
-head = load_file(path + '/model.safetensors')  # classifier.weight (labels, projection_dim), classifier.bias
-pixels = proc(Image.new('RGB', (50, 40), (200, 60, 40)), return_tensors='pt')['pixel_values']
-with torch.no_grad():
-    embeds = tower(pixel_values=pixels).image_embeds
-    logits = torch.nn.functional.normalize(embeds, dim=-1) @ head['classifier.weight'].T + head['classifier.bias']
-print(json.dumps({'logits': logits.tolist(), 'labels': tower.config.id2label, 'pixels': pixels.tolist()}))
+for path in sys.argv[1:]:
+    proc = tf.AutoImageProcessor.from_pretrained(path)
+    tower = tf.CLIPVisionModelWithProjection.from_pretrained(path)  # vision tower + projection
+    head = load_file(path + '/model.safetensors')  # classifier.weight (labels, projection_dim), classifier.bias
+    pixels = proc(Image.new('RGB', (50, 40), (200, 60, 40)), return_tensors='pt')['pixel_values']
+    with torch.no_grad():
+        embeds = tower(pixel_values=pixels).image_embeds
+        logits = torch.nn.functional.normalize(embeds, dim=-1) @ head['classifier.weight'].T + head['classifier.bias']
+    print(json.dumps({'logits': logits.tolist(), 'labels': tower.config.id2label, 'pixels': pixels.tolist()}))
 """
 
 
@@ -172,9 +172,12 @@ def test_train_export_interpolate_and_plain_load(tmp_path, clip_dir, image_data)
     assert [r["alpha"] for r in meta["wise_ft"]["sweep"]] == [0.0, 0.5, 1.0]
     assert meta["wise_ft"]["alpha"] in (0.0, 0.5, 1.0) and meta["wise_ft"]["sweep"][0]["examples"] == 4
     assert load_exported(tmp_path / "sw").extra["wise_ft"] == meta["wise_ft"]  # an ordinary export: fulltune loads it
-    for folder in (tmp_path / "zero_shot" / "best", tmp_path / "sw"):
-        out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder)], capture_output=True, text=True, check=True)
-        plain = json.loads(out.stdout.strip().splitlines()[-1])
+    folders = [tmp_path / "zero_shot" / "best", tmp_path / "sw"]
+    out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, *map(str, folders)], capture_output=True, text=True,
+                         check=True)
+    results = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    for folder, line in zip(folders, results, strict=True):
+        plain = json.loads(line)
         assert plain["labels"] == {"0": "ants", "1": "bees"}
         with torch.no_grad():
             ours = load_exported(folder).model(pixel_values=torch.tensor(plain["pixels"])).logits
