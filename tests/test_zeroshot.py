@@ -82,6 +82,19 @@ def test_head_init_errors(tmp_path, clip_dir, image_data):
     cfg = clip_cfg(tmp_path, clip_dir, image_data, method__head_init="zeroshot", data__class_names=["ant"])
     with pytest.raises(ConfigError, match="1 names but the data has 2 classes"):
         build_model(cfg, "image_classification", ["ants", "bees"])
+    # A vision-only CLIP folder: zeroshot refuses it, linear_probe probes the ordinary random head instead.
+    import transformers as tf
+
+    vision = tf.CLIPConfig.from_pretrained(str(clip_dir)).vision_config
+    vision.projection_dim = 16
+    tf.CLIPVisionModelWithProjection(vision).save_pretrained(str(tmp_path / "vision"))
+    for head_init in ("zeroshot", "linear_probe"):
+        cfg = clip_cfg(tmp_path, tmp_path / "vision", image_data, method__head_init=head_init)
+        if head_init == "zeroshot":
+            with pytest.raises(ConfigError, match="is a clip_vision_model"):
+                build_model(cfg, "image_classification", ["ants", "bees"])
+        else:
+            assert type(build_model(cfg, "image_classification", ["ants", "bees"]).model) is tf.CLIPForImageClassification
     bert = load_config(None, {"method.head_init": "zeroshot", "model.tiny_config": {"model_type": "bert"}})
     with pytest.raises(ConfigError, match="needs a CLIP image classifier"):
         build_model(bert, "text_classification", ["a", "b"])
@@ -197,3 +210,18 @@ def test_interpolate_rejects_a_random_head_run(tmp_path, clip_dir, image_data, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("fulltune: error:") and "method.head_init zeroshot" in err
     assert len(err.splitlines()) == 1
+
+
+def test_lp_ft_schedule_on_partial(tmp_path, clip_dir, image_data):
+    """partial + linear_probe: the head alone first, then the top block, what sits above it (post-layernorm, the
+    projection) and the head; the text tower is nowhere."""
+    from fulltune.methods import plan_method
+
+    cfg = clip_cfg(tmp_path, clip_dir, image_data, method__name="partial", method__trainable_layers=1,
+                   method__head_init="linear_probe", training__num_epochs=3, method__head_init_epochs=2)
+    plan = plan_method(build_model(cfg, "image_classification", ["ants", "bees"]).model, cfg)
+    head = {"classifier.weight", "classifier.bias"}
+    assert plan.trainable_at(0) == plan.trainable_at(1) == head
+    later = plan.trainable_at(2)
+    assert head < later and "visual_projection.weight" in later and "vision_model.post_layernorm.weight" in later
+    assert {n.split(".")[3] for n in later if ".layers." in n} == {"1"}  # the top block of two

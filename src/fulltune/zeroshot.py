@@ -111,17 +111,34 @@ def _load_clip(cfg: Config, path: str | None, config: Any) -> nn.Module:
 
     if path is None:
         return tf.CLIPModel(config)
+    stored = tf.AutoConfig.from_pretrained(path, revision=cfg.model.revision).model_type  # before build_model's wrap
+    if stored != "clip":
+        raise ConfigError(f"model.name_or_path '{cfg.model.name_or_path}' is a {stored} (vision tower only): the "
+                          "zero-shot head needs a CLIP model with its text tower")
     tf.logging.set_verbosity_error()
     try:
-        return tf.CLIPModel.from_pretrained(path, config=config, revision=cfg.model.revision)
+        clip, info = tf.CLIPModel.from_pretrained(path, config=config, revision=cfg.model.revision,
+                                                  output_loading_info=True)
     finally:
         tf.logging.set_verbosity_warning()
+    # A vision-only folder loads too, with a random text tower: that would be a zero-shot head of noise.
+    missing = [k for k in info["missing_keys"] if k.startswith(("text_model.", "text_projection.", "logit_scale"))]
+    if missing:
+        raise ConfigError(f"model.name_or_path '{cfg.model.name_or_path}' has no CLIP text tower weights (missing "
+                          f"{', '.join(missing[:3])}, ...): the zero-shot head needs them")
+    return clip
 
 
 def _tokenizer(cfg: Config, path: str | None) -> Any:
     if path is None and cfg.model.tokenizer is None:
         raise ConfigError("method.head_init needs the CLIP tokenizer: model.tiny_config models need model.tokenizer")
-    return load_tokenizer(cfg, path)
+    try:
+        return load_tokenizer(cfg, path)
+    except ConfigError:
+        raise
+    except ValueError as err:  # transformers' "Couldn't instantiate the backend tokenizer" for a folder without one
+        raise ConfigError(f"method.head_init needs the CLIP tokenizer; none in '{cfg.model.tokenizer or path}' "
+                          f"({str(err).splitlines()[0]})") from None
 
 
 def build_embedding_classifier(cfg: Config, path: str | None, config: Any, labels: list[str]) -> ModelBundle:
@@ -129,8 +146,8 @@ def build_embedding_classifier(cfg: Config, path: str | None, config: Any, label
     if config.model_type != "clip" or getattr(config, "text_config", None) is None:
         raise ConfigError(f"method.head_init={cfg.method.head_init}: the zero-shot head needs a CLIP model with its text "
                           f"tower; model '{cfg.model.name_or_path}' is a {config.model_type}")
-    tokenizer = _tokenizer(cfg, path)
     clip = _load_clip(cfg, path, config).float()
+    tokenizer = _tokenizer(cfg, path)
     names = class_names(cfg, labels)
     head = text_head(clip, tokenizer, names, cfg.method.prompt_templates)
     model = CLIPEmbeddingClassifier(_vision_config(clip.config, labels)).float()
@@ -160,13 +177,13 @@ def build_for_head_init(cfg: Config, task: str, path: str | None, config: Any,
     head_init = cfg.method.head_init
     if head_init == "random":
         return None
-    clip = task == "image_classification" and config.model_type in CLIP_TYPES and labels
+    is_clip = task == "image_classification" and config.model_type in CLIP_TYPES and bool(labels)
     if head_init == "zeroshot":
-        if not clip:
+        if not is_clip:
             raise ConfigError(f"method.head_init=zeroshot needs a CLIP image classifier; this run is {task} with a "
                               f"{config.model_type} model (use head_init random or linear_probe)")
         return build_embedding_classifier(cfg, path, config, labels)
-    if clip and config.model_type == "clip" and (path is not None or cfg.model.tokenizer is not None):
+    if is_clip and config.model_type == "clip" and (path is not None or cfg.model.tokenizer is not None):
         try:
             return build_embedding_classifier(cfg, path, config, labels)
         except ConfigError as err:
