@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from fulltune.cli.options import _subparsers, describe_keys, normalize_argv, render_config
 
 from fulltune.cli import build_parser, main
+from fulltune.cli.options import _subparsers, describe_keys, normalize_argv, render_config
 from fulltune.config import ConfigError, _flatten, load_config, to_dict
 
 

@@ -198,10 +198,10 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {r['learning_rate']:.2g} | failed |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['method']} | {_num(r['learning_rate'], '.2g')} | failed |  |  |  |  |  |  |  |  |")
             continue
         cells = [
-            r["method"], f"{r['learning_rate']:.2g}", _num(r["val"], mfmt), _num(r["test"], mfmt),
+            r["method"], _num(r["learning_rate"], ".2g"), _num(r["val"], mfmt), _num(r["test"], mfmt),
             f"{r['trainable_parameters']:,}", _num(r["trainable_percent"], ".2f") + "%", _human(r["peak_memory_bytes"]),
             _num(r["wall_time_s"], ".0f") + " s", _num(r["samples_per_s"], ".1f"), _human(r["exported_bytes"]),
             _human(r["adapter_bytes"]),
@@ -314,10 +314,10 @@ def run_all(config: str | None, overrides: list[str], root: Path, methods: list[
     return rows
 
 
-def write_comparison(root: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def write_comparison(root: Path, settings: dict[str, Any], rows: list[dict[str, Any]], notes: str = "") -> str:
     """comparison.json, .md, .png and .html in `root`; returns the markdown table."""
     (root / "comparison.json").write_text(json.dumps({"settings": settings, "runs": rows}, indent=2))
-    table = markdown(rows, settings)
+    table = markdown(rows, settings) + notes
     (root / "comparison.md").write_text(table, encoding="utf-8")
     plot(rows, root / "comparison.png")
     from fulltune.report_html import build_comparison

@@ -78,6 +78,9 @@ class DataConfig:
     """Cap the number of validation examples."""
     num_classes: int | None = None
     """Optional check: the number of classes the data must have."""
+    class_names: dict[str, str] | list[str] | None = None
+    """Readable class names for CLIP prompts: {folder: name}, or a list in label order (default: folder names,
+    underscores as spaces)."""
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     """Train-time image augmentation."""
 
@@ -96,6 +99,19 @@ class ModelConfig:
     """Allow model code from the hub (off unless asked for)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
+
+
+# A few of the CLIP paper's ImageNet prompts (Radford et al. 2021), including its seven-template ensemble.
+DEFAULT_PROMPT_TEMPLATES = (
+    "a photo of a {}.",
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
 
 
 @dataclass
@@ -120,6 +136,13 @@ class MethodConfig:
     """partial: extra regexes of parameter names to freeze."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
+    head_init: Literal["random", "zeroshot", "linear_probe"] = "random"
+    """Classification head: random; zeroshot (CLIP: from text embeddings of the class prompts); linear_probe (LP-FT:
+    train only the head for head_init_epochs, then the method; CLIP's head starts from the zero-shot one)."""
+    head_init_epochs: int = 1
+    """linear_probe: epochs of head-only training before the method's parameters join."""
+    prompt_templates: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPT_TEMPLATES))
+    """zeroshot/linear_probe on CLIP: prompts with {} for the class name; their text embeddings are averaged."""
 
 
 @dataclass
@@ -513,7 +536,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def _is_leaf_mapping(dotted: str) -> bool:
     """Keys whose value is itself a free-form mapping (not a section)."""
-    return dotted in ("model.tiny_config",)
+    return dotted in ("model.tiny_config", "data.class_names")
 
 
 def _canonical_tree(raw: dict[str, Any]) -> dict[str, Any]:
@@ -600,6 +623,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     check_ranges(cfg)
+    _validate_head_init(cfg)
     pu = t.progressive_unfreezing
     if pu.enabled and not pu.unfreeze_schedule and not pu.auto:
         raise ConfigError("training.progressive_unfreezing is enabled but has neither unfreeze_schedule nor auto: N")
@@ -677,6 +701,22 @@ def check_ranges(cfg: Config) -> None:
         where = f"task {cfg.task}" if cfg.task in METRICS else "any task"
         raise ConfigError(f"config key 'training.metric': '{metric}' is not a metric of {where}; choose auto, "
                           + ", ".join(known))
+def _validate_head_init(cfg: Config) -> None:
+    m = cfg.method
+    for i, template in enumerate(m.prompt_templates):
+        if template.count("{}") != 1:
+            raise ConfigError(f"method.prompt_templates[{i}] '{template}': needs exactly one {{}} where the class name goes")
+    if m.head_init != "random" and not m.prompt_templates:
+        raise ConfigError(f"method.head_init={m.head_init}: method.prompt_templates is empty")
+    if m.head_init == "linear_probe":
+        if m.head_init_epochs < 1:
+            raise ConfigError("method.head_init_epochs must be >= 1")
+        if cfg.training.progressive_unfreezing.enabled:
+            raise ConfigError("method.head_init=linear_probe is itself an unfreeze schedule (head first, then the method); "
+                              "disable training.progressive_unfreezing or use head_init random")
+        if cfg.training.max_steps is None and m.head_init_epochs >= cfg.training.num_epochs:
+            raise ConfigError(f"method.head_init_epochs={m.head_init_epochs} leaves no epoch of fine-tuning in "
+                              f"training.num_epochs={cfg.training.num_epochs}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

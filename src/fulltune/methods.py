@@ -134,6 +134,16 @@ def _auto_schedule(lmap: LayerMap, every: int) -> list[UnfreezeStep]:
     return steps
 
 
+def probe_schedule(cfg: Config) -> list[UnfreezeStep]:
+    """LP-FT (method.head_init=linear_probe): the head alone for head_init_epochs, then all the method trains.
+
+    An epoch schedule like progressive unfreezing, so a resumed run recomputes what trains from the epoch alone.
+    """
+    if cfg.method.head_init != "linear_probe":
+        return []
+    return [UnfreezeStep(epoch=0, layers=["classifier"]), UnfreezeStep(epoch=cfg.method.head_init_epochs, layers=["all"])]
+
+
 def _eligible(model: nn.Module, cfg: Config, lmap: LayerMap) -> set[str]:
     method = cfg.method
     names = [n for n, _ in model.named_parameters()]
@@ -168,9 +178,10 @@ def plan_trainable(model: nn.Module, cfg: Config) -> TrainablePlan:
     lmap = layer_map(model)
     eligible = _eligible(model, cfg, lmap)
     pu = cfg.training.progressive_unfreezing
-    if not pu.enabled:
+    probe = probe_schedule(cfg)
+    if not pu.enabled and not probe:
         return TrainablePlan(lmap, eligible, [])
-    schedule = pu.unfreeze_schedule or _auto_schedule(lmap, pu.auto or 1)
+    schedule = probe or pu.unfreeze_schedule or _auto_schedule(lmap, pu.auto or 1)
     plan = TrainablePlan(lmap, eligible, schedule)
     for step in schedule:
         for layer in step.layers:

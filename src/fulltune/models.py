@@ -149,6 +149,10 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
         _apply_dropout(config, cfg.model.dropout)
     if task == "causal_lm":
         config.use_cache = False
+    from fulltune.zeroshot import build_for_head_init
+
+    if (bundle := build_for_head_init(cfg, task, path, config, labels)) is not None:
+        return bundle  # CLIP with a zero-shot head on its image embedding (method.head_init)
     cls = _auto_class(task, config)
     if path is None:
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
@@ -416,7 +420,10 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu") -> Model
         else:
             model = tf.AutoModelForCausalLM.from_pretrained(str(path), **safe)
     elif task == "image_classification":
-        model = tf.AutoModelForImageClassification.from_pretrained(str(path), **safe)
+        from fulltune.zeroshot import CLIPEmbeddingClassifier, is_embedding_classifier
+
+        cls = CLIPEmbeddingClassifier if is_embedding_classifier(path) else tf.AutoModelForImageClassification
+        model = cls.from_pretrained(str(path), **safe)
     else:
         model = tf.AutoModelForSequenceClassification.from_pretrained(str(path), **safe)
     model = model.float().to(device).eval()

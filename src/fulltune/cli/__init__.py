@@ -16,14 +16,15 @@ import sys
 import warnings
 from typing import Any
 
-from fulltune.cli import compare, demo, evaluate, plan, predict, prepare_images, prune, report, train
+from fulltune.cli import compare, demo, evaluate, interpolate, plan, predict, prepare_images, prune, report, train
 from fulltune.cli import config as config_command
 from fulltune.cli.options import finish_parser, normalize_argv
 from fulltune.errors import ConfigError, FulltuneError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-COMMANDS = (train, evaluate, predict, prepare_images, demo, compare, plan, prune, report, config_command)
+COMMANDS = (train, evaluate, predict, prepare_images, demo, compare, plan, prune, report, config_command,
+            interpolate)
 
 
 def build_parser() -> argparse.ArgumentParser:

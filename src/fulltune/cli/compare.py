@@ -9,6 +9,7 @@ from typing import Any
 
 from fulltune.cli.flags import add_config_flags, flag_overrides
 from fulltune.compare import DEFAULT_LR_MULT, learning_rates, parse_methods, run_all, settings_of, write_comparison
+from fulltune.compare_clip import clip_notes, run_clip_rows, split_clip_rows
 from fulltune.config import load_config
 from fulltune.methods import METHODS
 
@@ -37,13 +38,16 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = parse_methods(args.methods)
+    rest, clip_rows = split_clip_rows(args.methods)
+    methods = parse_methods(rest) if rest or not clip_rows else []
     overrides = flag_overrides(args, DATA_FLAGS) + list(args.overrides or [])  # key=value wins over flags
     base = load_config(args.config, overrides)  # a bad config fails here, before any run starts
     root = Path(args.output_dir or base.output_dir)
     lrs = learning_rates(args.lr_per_method, methods, base.training.base_learning_rate)
     root.mkdir(parents=True, exist_ok=True)
     rows = run_all(args.config, overrides, root, methods, lrs, args.skip_done)
-    table = write_comparison(root, settings_of(base, methods, lrs), rows)
+    full_lr = learning_rates(args.lr_per_method, ["full"], base.training.base_learning_rate)["full"]
+    rows += run_clip_rows(args.config, overrides, args.skip_done, root, clip_rows, full_lr, rows)
+    table = write_comparison(root, settings_of(base, methods + clip_rows, lrs), rows, clip_notes(rows))
     print(table + f"written: {root}/comparison.md, comparison.json, comparison.png, comparison.html")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
