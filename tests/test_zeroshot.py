@@ -215,11 +215,11 @@ def test_interpolate_rejects_a_random_head_run(tmp_path, clip_dir, image_data, c
 def test_lp_ft_schedule_on_partial(tmp_path, clip_dir, image_data):
     """partial + linear_probe: the head alone first, then the top block, what sits above it (post-layernorm, the
     projection) and the head; the text tower is nowhere."""
-    from fulltune.methods import plan_method
+    from fulltune.methods import plan_trainable
 
     cfg = clip_cfg(tmp_path, clip_dir, image_data, method__name="partial", method__trainable_layers=1,
                    method__head_init="linear_probe", training__num_epochs=3, method__head_init_epochs=2)
-    plan = plan_method(build_model(cfg, "image_classification", ["ants", "bees"]).model, cfg)
+    plan = plan_trainable(build_model(cfg, "image_classification", ["ants", "bees"]).model, cfg)
     head = {"classifier.weight", "classifier.bias"}
     assert plan.trainable_at(0) == plan.trainable_at(1) == head
     later = plan.trainable_at(2)
