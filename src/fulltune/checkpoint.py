@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fulltune.config import Config, ConfigError, save_config, to_dict
+from fulltune.modelcard import write_model_card
 from fulltune.models import ModelBundle, save_image_processor
 from fulltune.runtime import rng_state, set_rng_state
 
@@ -108,6 +109,7 @@ def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dic
     if bundle.image_spec is not None:
         save_image_processor(bundle.image_spec, model.config, out_dir)
     (out_dir / RUN_META).write_text(json.dumps(meta, indent=2, default=str))
+    write_model_card(out_dir, meta)
 
 
 def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)
     add_plan_parser(sub)
     add_prune_parser(sub)
+    __import__("fulltune.export").export.add_export_parser(sub)
     return parser
 
 

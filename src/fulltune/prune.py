@@ -391,6 +391,9 @@ def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, re
         tokenizer.save_pretrained(out)
     if report is not None:
         (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    from fulltune.modelcard import pruned_meta, write_model_card
+
+    write_model_card(out, pruned_meta(getattr(model.config, "_name_or_path", "") or "?", report, count_parameters(model)))
     return out
 
 

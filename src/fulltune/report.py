@@ -136,6 +136,10 @@ class RunLogger:
         self.close_progress()
         if self.writer:
             self.writer.close()
+        if self.enabled:
+            from fulltune.modelcard import refresh_with_test
+
+            refresh_with_test(self.out)  # the test metrics join the card of the weights they measured
         if self.trackers:
             self._finish_trackers()
 

@@ -29,6 +29,7 @@ from fulltune.methods import (
     plan_method,
     wrap_lora,
 )
+from fulltune.modelcard import card_facts
 from fulltune.models import build_model, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from fulltune.report import RunLogger
@@ -231,6 +232,7 @@ def _metric_name(run: Run) -> tuple[str, bool]:
 def _meta(run: Run, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     trainable, total = count_parameters(run.model)
     info = {"optimizer_step": run.state.optimizer_step, "epoch": run.state.epoch, "trainable_parameters": trainable, "total_parameters": total}
+    info.update(card_facts(run.cfg, run.data, run.state))  # data sizes and latest val metrics for the model card
     info.update(extra or {})
     return ckpt.run_meta(run.task_name, run.data.labels, run.cfg, info)
 
