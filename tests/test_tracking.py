@@ -115,3 +115,21 @@ def test_missing_client_is_one_line_naming_the_extra(tmp_path, text_data, monkey
                                            data__text_column="sentence", logging__report_to=["mlflow"]))
     with pytest.raises(ConfigError, match=r"pip install 'fulltune\[mlflow\]'"):
         train(cfg)
+
+
+def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path, text_data):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+
+    def cfg(epochs: int):
+        return load_config(None, base_overrides(
+            out, TINY_BERT, data__data_dir=str(text_data), data__text_column="sentence", data__batch_size=16,
+            training__num_epochs=epochs, logging__log_every_steps=1, logging__report_to=["mlflow"]))
+
+    train(cfg(1))
+    train(cfg(2), resume="auto")
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("fulltune").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "run"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [1, 2, 3, 4]
