@@ -237,7 +237,12 @@ def refresh_with_test(run_dir: Path) -> None:
     test = summary.get("test")
     if not test:
         return
-    folder = Path(run_dir) / "best" if test.get("weights") == "best" else Path(summary.get("last_checkpoint") or "")
+    if test.get("weights") == "best":
+        folder = Path(run_dir) / "best"
+    elif summary.get("last_checkpoint"):
+        folder = Path(summary["last_checkpoint"])
+    else:
+        return
     meta_path = folder / "fulltune_run.json"
     if not meta_path.is_file():
         return
