@@ -393,7 +393,8 @@ def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, re
         (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     from fulltune.modelcard import pruned_meta, write_model_card
 
-    write_model_card(out, pruned_meta(getattr(model.config, "_name_or_path", "") or "?", report, count_parameters(model)))
+    base = getattr(model.config, "_name_or_path", "") or "?"
+    write_model_card(out, pruned_meta(base, report, sum(p.numel() for p in model.parameters())))
     return out
 
 
