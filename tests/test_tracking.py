@@ -133,3 +133,21 @@ def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path, text_data):
     runs = client.search_runs([client.get_experiment_by_name("fulltune").experiment_id])
     assert len(runs) == 1 and runs[0].info.run_name == "run"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [1, 2, 3, 4]
+
+
+def test_tracker_start_failures_are_one_line(tmp_path, monkeypatch):
+    from fulltune.tracking import start_trackers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no stored W&B login
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    out.mkdir()
+    wandb_cfg = load_config(None, base_overrides(out, TINY_BERT, logging__report_to=["wandb"]))
+    with pytest.raises(ConfigError, match=r"^logging.report_to wandb: cannot start a W&B run .*WANDB_MODE=offline"):
+        start_trackers(wandb_cfg, out)
+    mlflow_cfg = load_config(None, base_overrides(out, TINY_BERT, logging__report_to=["mlflow"],
+                                                  logging__mlflow_tracking_uri="bogus://nowhere"))
+    with pytest.raises(ConfigError, match=r"^logging.report_to mlflow: cannot start a run in 'bogus://nowhere'"):
+        start_trackers(mlflow_cfg, out)

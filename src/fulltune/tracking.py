@@ -55,6 +55,11 @@ def _write_ids(out: Path, name: str, run_id: str) -> None:
     (out / IDS_FILE).write_text(json.dumps(ids, indent=2))
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def run_name(cfg: Config) -> str:
     return cfg.logging.run_name or Path(cfg.output_dir).resolve().name
 
@@ -71,12 +76,18 @@ class MlflowTracker:
             # with mlflow-skinny (the sqlite store needs SQLAlchemy).
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         _import("mlflow", "mlflow")
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
 
-        self._metric, self._param, self._tag = Metric, Param, RunTag
-        self.client = MlflowClient(tracking_uri=uri)
+        self._metric, self._param = Metric, Param
         self.uri = uri
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+            self._start(cfg, out)
+        except Exception as err:  # an unreachable server, a bad URI: one line naming the store
+            raise ConfigError(f"logging.report_to mlflow: cannot start a run in '{uri}' ({_first_line(err)})") from None
+
+    def _start(self, cfg: Config, out: Path) -> None:
         previous = _read_ids(out).get(self.name)
         if previous is not None:
             self.run_id = previous
@@ -120,11 +131,15 @@ class WandbTracker:
         previous = _read_ids(out).get(self.name)
         settings = wandb.Settings(console="off", x_disable_stats=True, disable_code=True, disable_git=True,
                                   silent=True)
-        self.run = wandb.init(
-            project=cfg.logging.project, name=run_name(cfg), tags=list(cfg.logging.tags), config=to_dict(cfg),
-            dir=str(folder), id=previous, resume="allow" if previous else None, settings=settings,
-            reinit="create_new",
-        )
+        try:
+            self.run = wandb.init(
+                project=cfg.logging.project, name=run_name(cfg), tags=list(cfg.logging.tags), config=to_dict(cfg),
+                dir=str(folder), id=previous, resume="allow" if previous else None, settings=settings,
+                reinit="create_new",
+            )
+        except Exception as err:  # no login, no network: one line, with the offline way out
+            raise ConfigError(f"logging.report_to wandb: cannot start a W&B run ({_first_line(err)}); run `wandb "
+                              "login`, or set WANDB_MODE=offline to write the run under the output folder") from None
         if previous is None:
             _write_ids(out, self.name, self.run.id)
 
