@@ -135,7 +135,7 @@ def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path, text_data):
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [1, 2, 3, 4]
 
 
-def test_tracker_start_failures_are_one_line(tmp_path, monkeypatch):
+def test_wandb_without_login_is_one_line(tmp_path, monkeypatch):
     from fulltune.tracking import start_trackers
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -147,7 +147,3 @@ def test_tracker_start_failures_are_one_line(tmp_path, monkeypatch):
     wandb_cfg = load_config(None, base_overrides(out, TINY_BERT, logging__report_to=["wandb"]))
     with pytest.raises(ConfigError, match=r"^logging.report_to wandb: cannot start a W&B run .*WANDB_MODE=offline"):
         start_trackers(wandb_cfg, out)
-    mlflow_cfg = load_config(None, base_overrides(out, TINY_BERT, logging__report_to=["mlflow"],
-                                                  logging__mlflow_tracking_uri="bogus://nowhere"))
-    with pytest.raises(ConfigError, match=r"^logging.report_to mlflow: cannot start a run in 'bogus://nowhere'"):
-        start_trackers(mlflow_cfg, out)
