@@ -25,6 +25,7 @@ from torch import nn
 
 from fulltune.config import Config, save_config, to_dict
 from fulltune.errors import ConfigError, TrainingError
+from fulltune.modelcard import write_model_card
 from fulltune.models import ModelBundle, save_image_processor
 from fulltune.runtime import rng_state, set_rng_state, unwrap
 from fulltune.safestate import (
@@ -198,6 +199,7 @@ def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dic
     if bundle.image_spec is not None:
         save_image_processor(bundle.image_spec, model.config, out_dir)
     (out_dir / RUN_META).write_text(json.dumps(meta, indent=2, default=str))
+    write_model_card(out_dir, meta)
 
 
 def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -83,6 +83,21 @@ class DataConfig:
     underscores as spaces)."""
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     """Train-time image augmentation."""
+    dataset_name: str | None = None
+    """A Hugging Face `datasets` source instead of files: a hub id, a `save_to_disk` folder, or a builder name
+    (csv, json, parquet, imagefolder, ...) with data.data_files."""
+    dataset_config: str | None = None
+    """The dataset's configuration (subset) name."""
+    data_files: dict[str, Any] | list[str] | str | None = None
+    """Files for a builder name: a path, a list, or a mapping split -> path(s)."""
+    train_split: str = "train"
+    """Split of data.dataset_name to train on."""
+    val_split: str | None = None
+    """Validation split (default: the first of validation, val, valid, dev that exists; else data.val_fraction)."""
+    test_split: str | None = None
+    """Test split (default: test, when it exists and has labels)."""
+    image_column: str = "image"
+    """Image task from data.dataset_name: the column holding the images (an `Image` feature)."""
 
 
 @dataclass
@@ -278,6 +293,19 @@ class LoggingConfig:
     """TensorBoard folder (default: <output_dir>/tensorboard)."""
     progress_bar: bool = True
     """Live progress bar (epoch %, running loss, learning rate)."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers that receive the config, every logged scalar, summary.json and report.html (tensorboard also needs
+    logging.tensorboard: true)."""
+    run_name: str | None = None
+    """Run name in MLflow / W&B (default: the output folder's name)."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags in MLflow / W&B (`key=value` becomes an MLflow tag with a value)."""
+    project: str = "fulltune"
+    """MLflow experiment name and W&B project."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow store (default: a local file store, <output_dir>/mlruns)."""
+    wandb_dir: str | None = None
+    """Folder W&B writes its run files to (default: <output_dir>; offline mode with WANDB_MODE=offline)."""
 
 
 @dataclass
@@ -536,7 +564,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def _is_leaf_mapping(dotted: str) -> bool:
     """Keys whose value is itself a free-form mapping (not a section)."""
-    return dotted in ("model.tiny_config", "data.class_names")
+    return dotted in ("model.tiny_config", "data.class_names", "data.data_files")
 
 
 def _canonical_tree(raw: dict[str, Any]) -> dict[str, Any]:

@@ -391,6 +391,10 @@ def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, re
         tokenizer.save_pretrained(out)
     if report is not None:
         (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    from fulltune.modelcard import pruned_meta, write_model_card
+
+    base = getattr(model.config, "_name_or_path", "") or "?"
+    write_model_card(out, pruned_meta(base, report, sum(p.numel() for p in model.parameters())))
     return out
 
 

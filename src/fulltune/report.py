@@ -1,5 +1,6 @@
-"""What a run tells the outside: metrics.jsonl, TensorBoard scalars, a live progress bar, a timestamped train.log,
-run_history.jsonl (every start and resume) and report.html (rebuilt at every evaluation, see report_html).
+"""What a run tells the outside: metrics.jsonl, TensorBoard scalars, MLflow / W&B runs (fulltune.tracking), a live
+progress bar, a timestamped train.log, run_history.jsonl (every start and resume) and report.html (rebuilt at every
+evaluation, see report_html).
 
 Only rank 0 writes (a disabled logger does nothing), so the training loop never branches on rank to log.
 """
@@ -36,14 +37,25 @@ class RunLogger:
         self.epoch = 0
         self.labels: list[str] | None = None
         self.describe: dict[str, Any] = {}  # split -> function(example index) -> a short text of that input
+        self.trackers: list[Any] = []
+        self.last_step = 0
         if not enabled:
             return
         self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
         self.logfile = open(out / "train.log", "a", encoding="utf-8")
-        if cfg.logging.tensorboard:
+        if cfg.logging.tensorboard and "tensorboard" in cfg.logging.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=cfg.logging.log_dir or str(out / "tensorboard"))
+        from fulltune.tracking import start_trackers
+
+        self.trackers = start_trackers(cfg, out)
+
+    def _track(self, values: dict[str, float], step: int) -> None:
+        """The same scalars to MLflow / W&B as to TensorBoard."""
+        self.last_step = max(self.last_step, step)
+        for tracker in self.trackers:
+            tracker.log(values, step)
 
     def _record(self, row: dict[str, Any]) -> None:
         if self.jsonl:
@@ -155,6 +167,8 @@ class RunLogger:
         if self.writer:
             for i, v in enumerate(values):
                 self.writer.add_scalar("train/loss", v, step - len(values) + 1 + i)
+        for i, v in enumerate(values):
+            self._track({"train/loss": v}, step - len(values) + 1 + i)
 
     def scalars(self, step: int, optimizer: torch.optim.Optimizer, samples_per_s: float, peak_bytes: int,
                 grad_norm: float | None = None, epoch: int | None = None) -> None:
@@ -179,6 +193,8 @@ class RunLogger:
                 self.writer.add_scalar("train/grad_norm", grad_norm, step)
             self.writer.add_scalar("perf/samples_per_s", samples_per_s, step)
             self.writer.add_scalar("perf/peak_memory_mb", peak_bytes / 2**20, step)
+        self._track({**{f"lr/{name}": lr for name, lr in lrs.items()}, "perf/samples_per_s": samples_per_s,
+                     "perf/peak_memory_mb": peak_bytes / 2**20}, step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{top_lr:.2e}", refresh=False)
 
@@ -190,6 +206,7 @@ class RunLogger:
         if self.writer:
             for k, v in brief.items():
                 self.writer.add_scalar(f"val/{k}", v, step)
+        self._track({f"val/{k}": v for k, v in brief.items() if k != "epoch"}, step)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in brief.items() if isinstance(v, float))
         self.info(f"[val] step {step} epoch {epoch}: {shown}{'  (best so far)' if improved else ''}")
         self.split_metrics("val_latest", metrics, split="val", step=step, epoch=epoch)
@@ -215,6 +232,27 @@ class RunLogger:
             self._rebuild(with_png=True)
         if self.writer:
             self.writer.close()
+        if self.enabled:
+            from fulltune.modelcard import refresh_with_test
+
+            refresh_with_test(self.out)  # the test metrics join the card of the weights they measured
+        if self.trackers:
+            self._finish_trackers()
+
+    def _finish_trackers(self) -> None:
+        """Test metrics from summary.json, then summary.json and report.html as artifacts, then end the runs."""
+        summary_path = self.out / "summary.json"
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            test = {f"test/{k}": v for k, v in (summary.get("test") or {}).items() if isinstance(v, (int, float))}
+            if test:
+                self._track(test, max(self.last_step, int(summary.get("optimizer_steps") or 0)))
+        files = [p for p in (summary_path, self.out / "report.html") if p.is_file()]
+        for tracker in self.trackers:
+            if files:
+                tracker.artifacts(files)
+            tracker.finish()
+        self.trackers = []
         if self.jsonl:
             self.jsonl.close()
             self.logfile.close()

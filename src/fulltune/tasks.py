@@ -36,6 +36,10 @@ def infer_task(cfg: Config) -> str:
     if cfg.task != "auto":
         return cfg.task
     d = cfg.data
+    if d.dataset_name:
+        from fulltune.data import hf_datasets
+
+        return hf_datasets.infer_task(cfg)
     if d.data_dir and (Path(d.data_dir) / "train").is_dir():
         return "image_classification"
     if d.data_dir and not d.train_file and (Path(d.data_dir) / "train.txt").is_file():
@@ -50,7 +54,11 @@ def infer_task(cfg: Config) -> str:
 
 def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     """Label vocabulary from the train split, and whatever was read so it is not read twice."""
-    if task == "image_classification":
+    if cfg.data.dataset_name:
+        from fulltune.data import hf_datasets
+
+        labels, raw = hf_datasets.read_labels(cfg, task)
+    elif task == "image_classification":
         if not cfg.data.data_dir:
             raise ConfigError("image_classification needs data.data_dir (or --data_dir) with train/<class>/ folders")
         train = img.scan_split(Path(cfg.data.data_dir) / "train")
@@ -81,6 +89,10 @@ def _workers(cfg: Config, default: int) -> int:
 
 
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.ImageFolder) -> TaskData:
+    if cfg.data.dataset_name:
+        from fulltune.data import hf_datasets
+
+        return hf_datasets.build_image_data(cfg, bundle, labels, train)
     root = Path(cfg.data.data_dir)
     val = img.scan_split(root / "val", labels) if (root / "val").is_dir() else None
     test = img.scan_split(root / "test", labels) if (root / "test").is_dir() else None
@@ -108,8 +120,9 @@ def _tokenized(examples: txt.TextExamples, vocab: list[str], tokenizer: Any, max
 def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> TaskData:
     files, train = raw
     d = cfg.data
-    val = txt.read_examples(files["val"], d) if files["val"] else None
-    test = txt.read_examples(files["test"], d) if files["test"] else None
+    # From data.dataset_name the splits arrive already read (TextExamples); files are read here.
+    val = files["val"] if not isinstance(files["val"], Path) else txt.read_examples(files["val"], d)
+    test = files["test"] if not isinstance(files["test"], Path) else txt.read_examples(files["test"], d)
     info: dict[str, Any] = {}
     if val is None and d.val_fraction > 0:
         train, val = txt.holdout_split(train, d.val_fraction)

@@ -23,6 +23,7 @@ from fulltune.errors import TrainingError
 from fulltune.lean import describe_lean_mode, fuses_step
 from fulltune.methods import TrainablePlan, apply_trainable, describe_groups, param_groups, prepare_model
 from fulltune.metrics import classification_metrics, lm_metrics, scalar_metrics
+from fulltune.modelcard import card_facts
 from fulltune.models import ModelBundle, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, optimizer_step, set_lr, warmup_steps
 from fulltune.report import RunLogger, Throughput, done_line
@@ -369,6 +370,7 @@ class Trainer:
         trainable, total = count_parameters(self.model)
         info = {"optimizer_step": self.state.optimizer_step, "epoch": self.state.epoch,
                 "trainable_parameters": trainable, "total_parameters": total}
+        info |= card_facts(self.cfg, self.data, self.state)  # data sizes and latest val metrics for the model card
         return ckpt.run_meta(self.task_name, self.data.labels, self.cfg, info | (extra or {}))
 
     # ------------------------------------------------------------------------------------------------ evaluation

@@ -16,7 +16,19 @@ import sys
 import warnings
 from typing import Any
 
-from fulltune.cli import compare, demo, evaluate, interpolate, plan, predict, prepare_images, prune, report, train
+from fulltune.cli import (
+    compare,
+    demo,
+    evaluate,
+    export,
+    interpolate,
+    plan,
+    predict,
+    prepare_images,
+    prune,
+    report,
+    train,
+)
 from fulltune.cli import config as config_command
 from fulltune.cli.options import finish_parser, normalize_argv
 from fulltune.errors import ConfigError, FulltuneError
@@ -24,7 +36,7 @@ from fulltune.errors import ConfigError, FulltuneError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 COMMANDS = (train, evaluate, predict, prepare_images, demo, compare, plan, prune, report, config_command,
-            interpolate)
+            interpolate, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
