@@ -168,6 +168,8 @@ CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
     "log_every_steps=0": (lambda w, t: _train(w, t, "logging.log_every_steps=0"), 2, ("logging.log_every_steps", "0")),
     "eval_batch_size=-1": (lambda w, t: _train(w, t, "data.eval_batch_size=-1"), 2, ("data.eval_batch_size", "-1")),
     "metric=f1": (lambda w, t: _train(w, t, "training.metric=f1"), 2, ("training.metric", "f1", "macro_f1")),
+    "perplexity for a classifier": (lambda w, t: _train(w, t, "training.metric=perplexity"), 2,
+                               ("training.metric", "perplexity", "text_classification")),
     "num_threads=-1": (lambda w, t: _train(w, t, "hardware.num_threads=-1"), 2, ("hardware.num_threads",)),
     "adam_beta1=2": (lambda w, t: _train(w, t, "training.adam_beta1=2"), 2, ("training.adam_beta1", "[0, 1)")),
     "adam_beta2=1": (lambda w, t: _train(w, t, "training.adam_beta2=1"), 2, ("training.adam_beta2",)),

@@ -436,7 +436,8 @@ def find_resume_point(resume: str, output_dir: Path) -> Path | None:
     """`--resume auto`: newest good checkpoint in output_dir (None if there is none; damaged ones are skipped with a
     warning); a run folder: its newest good one; or a checkpoint folder itself (verified: damage is an error)."""
     if resume == "auto":
-        recover_run_dir(output_dir)
+        if int(os.environ.get("RANK", "0")) == 0:  # one process repairs; the others only read
+            recover_run_dir(output_dir)
         found = list_checkpoints(output_dir)
         point = _newest_good(found)
         if point is None and found:

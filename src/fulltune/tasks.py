@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fulltune.config import Config, ConfigError
+from fulltune.config import METRICS, Config, ConfigError
 from fulltune.data import images as img
 from fulltune.data import lm
 from fulltune.data import text as txt
@@ -33,6 +33,14 @@ class TaskData:
 
 
 def infer_task(cfg: Config) -> str:
+    task = _infer_task(cfg)
+    if cfg.training.metric not in ("auto", *METRICS[task]):
+        raise ConfigError(f"config key 'training.metric': '{cfg.training.metric}' is not a metric of {task} (the task "
+                          f"of this data); choose auto, {', '.join(METRICS[task])}")
+    return task
+
+
+def _infer_task(cfg: Config) -> str:
     if cfg.task != "auto":
         return cfg.task
     d = cfg.data
