@@ -87,14 +87,21 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dict[str, Any],
-                 model_state: dict[str, torch.Tensor] | None = None) -> None:
+                 model_state: dict[str, torch.Tensor] | None = None, shards: Path | None = None) -> None:
     """Write a save_pretrained folder: LoRA adapters merged into a plain model, the adapter alone under adapter/.
 
     `model_state` is the full state dict gathered from a sharded (FSDP) model; one ordinary folder whatever the
     world size.
     """
     model = unwrap(model)
-    if model_state is not None:
+    if shards is not None:  # FSDP's sharded training state: weights consolidated file by file, nothing gathered
+        from fulltune.sharded import export_from_shards
+
+        model.config.save_pretrained(str(out_dir))
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(str(out_dir))
+        export_from_shards(shards, out_dir)
+    elif model_state is not None:
         model.save_pretrained(str(out_dir), state_dict=model_state)
     elif is_peft(model):
         model.save_pretrained(str(out_dir / "adapter"))
@@ -127,17 +134,23 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     param_names: list[str] | None = None,
+    sharded_dir: Path | None = None,
 ) -> None:
     """Write one checkpoint; `optimizer=None` writes an export only (best/). Rank 0 only; under FSDP the caller
-    gathers `model_state` / `optimizer_state` (keyed by parameter name) on every rank first."""
+    gathers `model_state` / `optimizer_state` (keyed by parameter name) on every rank first, or every rank has
+    written its shards into `sharded_dir` (fulltune.sharded), which moves into the checkpoint."""
     with atomic_dir(path) as tmp:
-        export_model(model, bundle, tmp, meta, model_state)
+        export_model(model, bundle, tmp, meta, model_state, shards=sharded_dir)
         save_config(cfg, tmp / "config.yaml")
         if optimizer is None:
             return  # best/: an export, not a resume point
         sd = tmp / STATE_DIR
         sd.mkdir()
-        if optimizer_state is not None:
+        if sharded_dir is not None:
+            from fulltune.sharded import SHARDED_DIR
+
+            shutil.move(str(sharded_dir), str(sd / SHARDED_DIR))
+        elif optimizer_state is not None:
             torch.save({"format": "by_name", "state": optimizer_state}, sd / "optimizer.pt")
         else:
             torch.save({"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}, sd / "optimizer.pt")
@@ -182,8 +195,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     sd = path / STATE_DIR
     base = unwrap(model)
-    blob = torch.load(sd / "optimizer.pt", map_location="cpu", weights_only=False)
-    if ddist.is_fsdp(base):
+    sharded = sd / "sharded"  # written by FSDP ranks (fulltune.sharded): any world size reads its own rows
+    blob = {"format": "sharded"} if sharded.is_dir() else torch.load(sd / "optimizer.pt", map_location="cpu", weights_only=False)
+    if blob["format"] == "sharded":
+        from fulltune.sharded import load_sharded_state
+
+        load_sharded_state(sharded, base, optimizer)
+    elif ddist.is_fsdp(base):
         if blob["format"] != "by_name":
             raise ConfigError(f"checkpoint '{path}' was not written by an FSDP run; resume it with parallel ddp or none")
         ddist.load_full_model_state(base, _read_weights(path))
@@ -194,7 +212,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             raise ConfigError(f"checkpoint '{path}': adapter tensors do not fit this model ({unexpected[:5]})")
     else:
         _load_weights(base, path)
-    if not ddist.is_fsdp(base):
+    if not ddist.is_fsdp(base) and blob["format"] != "sharded":
         if blob["format"] == "by_name":  # written by an FSDP run: map names onto this optimizer
             ddist.load_full_optimizer_state(base, optimizer, blob["state"])
         else:

@@ -243,6 +243,8 @@ class CheckpointConfig:
     """Keep the newest K epoch/step checkpoints (best/ is kept apart); 0 keeps all."""
     save_best: bool = True
     """Keep best/ by the validation metric."""
+    fsdp_state: Literal["sharded", "full"] = "sharded"
+    """Under FSDP: every rank writes its own shards (resumable on any world size), or rank 0 gathers everything."""
 
 
 @dataclass
