@@ -235,12 +235,23 @@ def _dtype(reader: ShardReader, key: str) -> torch.dtype:
     return getattr(torch, reader.pieces[key][0]["dtype"])
 
 
-def save_sharded_checkpoint(path: Path, model: nn.Module, bundle: Any, optimizer: torch.optim.Optimizer, scaler: Any,
-                            state: Any, cfg: Any, meta: dict[str, Any]) -> None:
-    """One FSDP checkpoint (a collective): all ranks write their shards into a staging folder beside `path`, then
-    rank 0 writes the rest (export consolidated from the shards, config, counters, RNG) and moves the shards in."""
+def save_fsdp_checkpoint(path: Path, model: nn.Module, bundle: Any, optimizer: torch.optim.Optimizer, scaler: Any,
+                         state: Any, cfg: Any, meta: dict[str, Any]) -> None:
+    """One FSDP checkpoint (a collective: every rank calls it). checkpoint.fsdp_state=sharded: all ranks write their
+    shards into a staging folder beside `path`, then rank 0 writes the rest (export consolidated from the shards,
+    config, counters, RNG) and moves the shards in. full: the whole model and optimizer state are gathered to rank
+    0, which writes them (what fulltune did before; kept for comparison and for old readers)."""
     from fulltune import checkpoint as ckpt
+    from fulltune import distributed as ddist
 
+    if cfg.checkpoint.fsdp_state == "full":
+        full_model = ddist.full_model_state(model)
+        full_optim = ddist.full_optimizer_state(model, optimizer)
+        if rank() == 0:
+            ckpt.save_checkpoint(path, model, bundle, optimizer, scaler, state, cfg, meta, model_state=full_model,
+                                 optimizer_state=full_optim)
+        barrier()
+        return
     staging = path.parent / f".{path.name}.shards"
     if rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)

@@ -43,7 +43,7 @@ from fulltune.runtime import (
     seed_everything,
     world_size,
 )
-from fulltune.sharded import save_sharded_checkpoint
+from fulltune.sharded import save_fsdp_checkpoint
 from fulltune.tasks import TASKS, infer_task, read_labels
 
 
@@ -320,16 +320,11 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         nonlocal last_good, side_time
         check_finite()
         began = time.perf_counter()
-        if ddist.is_fsdp(model) and cfg.checkpoint.fsdp_state == "sharded":
-            # Every rank writes its own shards, rank 0 the rest: nothing is gathered.
-            save_sharded_checkpoint(path, model, run.bundle, optimizer, run.scaler, state, cfg, _meta(run))
-        else:
-            # Under FSDP, gathering full states is a collective: every rank joins, rank 0 writes.
-            full_model = ddist.full_model_state(model)
-            full_optim = ddist.full_optimizer_state(model, optimizer) if full_model is not None else None
-            if is_main():
-                ckpt.save_checkpoint(path, model, run.bundle, optimizer, run.scaler, state, cfg, _meta(run),
-                                     model_state=full_model, optimizer_state=full_optim, param_names=run.param_names)
+        if ddist.is_fsdp(model):  # a collective: every rank writes its shards (or joins the gather)
+            save_fsdp_checkpoint(path, model, run.bundle, optimizer, run.scaler, state, cfg, _meta(run))
+        elif is_main():
+            ckpt.save_checkpoint(path, model, run.bundle, optimizer, run.scaler, state, cfg, _meta(run),
+                                 param_names=run.param_names)
         if is_main():
             ckpt.prune_checkpoints(out, cfg.checkpoint.keep_last)
         barrier()
