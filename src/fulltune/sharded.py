@@ -141,36 +141,31 @@ class ShardReader:
     def shape(self, key: str) -> list[int]:
         return self.pieces[key][0]["shape"]
 
-    def read_rows(self, key: str, start: int | None, stop: int | None) -> torch.Tensor:
-        """Rows [start, stop) of dimension 0 (None, None: the whole tensor)."""
+    def read_rows(self, key: str, start: int | None, stop: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of dimension 0 (None, None: the whole tensor), copied piece by piece into `out` (a new
+        tensor when None), so no second full-size copy is made."""
         if key not in self.pieces:
             raise ConfigError(f"sharded checkpoint '{self.folder}' has no tensor '{key}'")
         shape = self.shape(key)
-        if start is None or not shape:
-            start, stop = 0, shape[0] if shape else None
-        if stop is None:  # a 0-dim tensor, saved whole
-            return self._file(self.pieces[key][0]["file"]).get_tensor(key)
-        parts: list[tuple[int, torch.Tensor]] = []
-        for p in self.pieces[key]:
-            lo, hi = (0, shape[0]) if p["start"] is None else (p["start"], p["stop"])
-            a, b = max(lo, start), min(hi, stop)
-            if a < b:
-                parts.append((a, self._file(p["file"]).get_slice(key)[a - lo : b - lo]))
-        parts.sort(key=lambda x: x[0])
+        if out is None:
+            rows = shape[:1] if start is None else [stop - start]
+            out = torch.empty(rows + shape[1:], dtype=_dtype(self, key))
+        if not shape:  # a 0-dim tensor, saved whole
+            return out.copy_(self._file(self.pieces[key][0]["file"]).get_tensor(key))
+        if start is None:
+            start, stop = 0, shape[0]
         covered = start
-        for a, t in parts:
-            if a != covered:
+        for p in sorted(self.pieces[key], key=lambda p: p["start"] or 0):
+            lo, hi = (0, shape[0]) if p["start"] is None else (p["start"], p["stop"])
+            a, b = max(lo, covered), min(hi, stop)
+            if a > covered:
                 break
-            covered = a + t.shape[0]
+            if a < b:
+                out[a - start : b - start].copy_(self._file(p["file"]).get_slice(key)[a - lo : b - lo])
+                covered = b
         if covered < stop:
             raise ConfigError(f"sharded checkpoint '{self.folder}': rows {covered}..{stop} of '{key}' are missing")
-        seen, out = start, []
-        for a, t in parts:  # a whole-tensor piece and a slice may overlap: take each row once
-            if a + t.shape[0] <= seen:
-                continue
-            out.append(t[seen - a :])
-            seen = a + t.shape[0]
-        return torch.cat(out) if len(out) > 1 else out[0]
+        return out
 
 
 def _fill(target: torch.Tensor, reader: ShardReader, key: str) -> None:
@@ -182,7 +177,10 @@ def _fill(target: torch.Tensor, reader: ShardReader, key: str) -> None:
     if local.numel() == 0:
         return
     with torch.no_grad():
-        local.copy_(reader.read_rows(key, start, stop).reshape(local.shape))
+        if local.is_contiguous() and local.device.type == "cpu":
+            reader.read_rows(key, start, stop, out=local)
+        else:
+            local.copy_(reader.read_rows(key, start, stop))
 
 
 def load_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -203,7 +201,7 @@ def load_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Op
     set_optimizer_state_dict(model, optimizer, osd)
 
 
-def export_from_shards(folder: Path, out_dir: Path, max_file_bytes: int = 2 << 30) -> None:
+def export_from_shards(folder: Path, out_dir: Path, max_file_bytes: int = 1 << 30) -> None:
     """Write the model's weights as Hugging Face safetensors files (model.safetensors, or model-0000i-of-0000n with
     model.safetensors.index.json) from the shard files, one output file of at most `max_file_bytes` in memory."""
     reader = ShardReader(folder)
@@ -221,7 +219,7 @@ def export_from_shards(folder: Path, out_dir: Path, max_file_bytes: int = 2 << 3
         f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map, total = {}, 0
     for name, group in zip(names, groups, strict=True):
-        tensors = {k.removeprefix("model/"): reader.read_rows(k, None, None).contiguous() for k in group}
+        tensors = {k.removeprefix("model/"): reader.read_rows(k, None, None) for k in group}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
