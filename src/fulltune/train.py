@@ -166,6 +166,8 @@ def _lean_note(run: Run) -> str:
         return ""
     how = (f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, gradient checkpointing"
            if t.lean_optimizer == "bf16_adamw" else "bf16 weights, bitsandbytes 8-bit AdamW, gradient checkpointing")
+    if getattr(run.optimizer, "compiled", False):
+        how += ", compiled update kernel"
     if run.device.type == "cpu" and not cpu_has_fast_bf16():
         how += " (this CPU has no bf16 units: bf16 matmuls are emulated and several times slower than fp32)"
     if run.fused is not None:
