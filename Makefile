@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench lint install clean gpu-wheels gpu-check-dry
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/vs_hf_trainer.py
+
+# What bench/gpu_check.sh installs on a GPU machine that reaches no registry (43 MB: fetched, not committed).
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d bench/wheels \
+		bitsandbytes==0.50.2 pytest pluggy iniconfig pygments tomli exceptiongroup
+
+gpu-check-dry: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu_check.sh --dry-run outputs/gpu_check_dry
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

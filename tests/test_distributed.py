@@ -71,6 +71,15 @@ def test_resume_on_another_world_size(tmp_path, text_data, parallel):
              f"training.parallel={parallel}"]
     ok(run_fulltune(text_train_args(text_data, tmp_path / "full", 4, *steps), nproc=2))
     reference = losses(tmp_path / "full")
+    state = tmp_path / "full" / "checkpoint-step-2" / "training_state"
+    if parallel == "fsdp":  # one file set per rank, no gathered optimizer state; the export consolidated from them
+        names = {p.name for p in (state / "sharded").iterdir()}
+        assert names == {f"{kind}-rank{r}.{ext}" for r in (0, 1)
+                         for kind, ext in (("model", "safetensors"), ("optim", "safetensors"), ("index", "json"))}
+        assert not (state / "optimizer.pt").exists()
+        index = json.loads((state / "sharded" / "index-rank1.json").read_text())["tensors"]
+        assert index["optim/bert.embeddings.word_embeddings.weight/exp_avg"]["start"] == 30522 // 2
+        assert (tmp_path / "full" / "checkpoint-step-2" / "model.safetensors").is_file()
     for nproc, batch in ((1, 8), (2, 4)):
         out = tmp_path / f"resumed{nproc}"
         out.mkdir()

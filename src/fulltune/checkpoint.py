@@ -178,14 +178,21 @@ def recover_run_dir(output_dir: Path, log: Any = print) -> list[str]:
 
 
 def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dict[str, Any],
-                 model_state: dict[str, torch.Tensor] | None = None) -> None:
+                 model_state: dict[str, torch.Tensor] | None = None, shards: Path | None = None) -> None:
     """Write a save_pretrained folder: LoRA adapters merged into a plain model, the adapter alone under adapter/.
 
     `model_state` is the full state dict gathered from a sharded (FSDP) model; one ordinary folder whatever the
     world size.
     """
     model = unwrap(model)
-    if model_state is not None:
+    if shards is not None:  # FSDP's sharded training state: weights consolidated file by file, nothing gathered
+        from fulltune.sharded import export_from_shards
+
+        model.config.save_pretrained(str(out_dir))
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(str(out_dir))
+        export_from_shards(shards, out_dir)
+    elif model_state is not None:
         model.save_pretrained(str(out_dir), state_dict=model_state)
     elif is_peft(model):
         model.save_pretrained(str(out_dir / "adapter"))
@@ -219,19 +226,26 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     param_names: list[str] | None = None,
+    sharded_dir: Path | None = None,
 ) -> None:
     """Write one checkpoint; `optimizer=None` writes an export only (best/). Rank 0 only; under FSDP the caller
-    gathers `model_state` / `optimizer_state` (keyed by parameter name) on every rank first.
+    gathers `model_state` / `optimizer_state` (keyed by parameter name) on every rank first, or every rank has
+    written its shards into `sharded_dir` (fulltune.sharded), which moves into the checkpoint.
 
     No pickle: the optimizer and RNG states are safetensors + JSON (see safestate.py), and a manifest of every
     file's size and SHA-256 is written last, so a load can tell a complete checkpoint from a damaged one."""
     with atomic_dir(path) as tmp:
-        export_model(model, bundle, tmp, meta, model_state)
+        export_model(model, bundle, tmp, meta, model_state, shards=sharded_dir)
         save_config(cfg, tmp / "config.yaml")
         if optimizer is not None:
             state_dir = tmp / STATE_DIR
             state_dir.mkdir()
-            if optimizer_state is not None:
+            if sharded_dir is not None:  # FSDP: every rank's rows, written by fulltune.sharded
+                from fulltune.sharded import SHARDED_DIR
+
+                shutil.move(str(sharded_dir), str(state_dir / SHARDED_DIR))
+                blob = {"format": "sharded"}
+            elif optimizer_state is not None:
                 blob = {"format": "by_name", "state": optimizer_state}
             else:
                 blob = {"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}
@@ -371,13 +385,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     state_dir = path / STATE_DIR
     base = unwrap(model)
     blob = _read_state(state_dir, "optimizer", path)
-    if not isinstance(blob, dict) or blob.get("format") not in ("by_name", "by_index") or "state" not in blob:
+    formats = ("by_name", "by_index", "sharded")
+    if not isinstance(blob, dict) or blob.get("format") not in formats or ("state" not in blob) != (blob["format"] == "sharded"):
         raise DamagedCheckpoint(f"checkpoint '{path}': '{state_dir / 'optimizer.json'}' does not hold an optimizer state")
     rng = _read_state(state_dir, "rng", path)
     if not isinstance(rng, dict) or "rng" not in rng:
         raise DamagedCheckpoint(f"checkpoint '{path}': '{state_dir / 'rng.json'}' does not hold RNG states")
     train_state = read_train_state(path)
-    if ddist.is_fsdp(base):
+    if blob["format"] == "sharded":  # any world size reads its own rows
+        from fulltune.sharded import SHARDED_DIR, load_sharded_state
+
+        load_sharded_state(state_dir / SHARDED_DIR, base, optimizer)
+    elif ddist.is_fsdp(base):
         if blob["format"] != "by_name":
             raise ConfigError(f"checkpoint '{path}' was not written by an FSDP run; resume it with parallel ddp or none")
         ddist.load_full_model_state(base, _read_weights(path))
@@ -393,7 +412,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     else:
         _load_weights(base, path)
     try:
-        if not ddist.is_fsdp(base):
+        if not ddist.is_fsdp(base) and blob["format"] != "sharded":
             if blob["format"] == "by_name":  # written by an FSDP run: map names onto this optimizer
                 ddist.load_full_optimizer_state(base, optimizer, blob["state"])
             else:

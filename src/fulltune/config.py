@@ -251,6 +251,9 @@ class TrainingConfig:
     lean_fused_step: bool = True
     """lean: update each tensor in backward and free its gradient at once (needs accumulation 1, one process;
     max_grad_norm then clips each tensor's gradient norm, not the global one)."""
+    lean_compiled_step: Literal["auto", "on", "off"] = "auto"
+    """BF16AdamW's update as one torch.compile'd kernel (~3x less time per element on CPU, a one-off build of
+    20-60 s); auto: on from 20M trainable parameters, where the build pays for itself within a few steps."""
     compile: bool = False
     """torch.compile the model."""
     parallel: Literal["none", "ddp", "fsdp"] = "none"
@@ -281,6 +284,8 @@ class CheckpointConfig:
     """Keep the newest K epoch/step checkpoints (best/ is kept apart); 0 keeps all."""
     save_best: bool = True
     """Keep best/ by the validation metric."""
+    fsdp_state: Literal["sharded", "full"] = "sharded"
+    """Under FSDP: every rank writes its own shards (resumable on any world size), or rank 0 gathers everything."""
 
 
 @dataclass

@@ -38,6 +38,8 @@ def init_distributed(cfg: Config, device: torch.device) -> bool:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, timeout=timeout)
+        if dist.get_rank() == 0:
+            print(f"process group: {backend}, world size {dist.get_world_size()}", flush=True)
     return True
 
 

@@ -125,6 +125,7 @@ class BF16AdamW(torch.optim.Optimizer):
         rounding: str = "kahan",
         seed: int = 0,
         chunk_size: int | None = None,
+        compiled: bool = False,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
@@ -133,6 +134,8 @@ class BF16AdamW(torch.optim.Optimizer):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
+        # bf16 parameters updated by one torch.compile'd kernel (fulltune.lean_kernel): same math, other random bits
+        self.compiled = compiled
         self._param_index: dict[int, int] = {}
         defaults = dict(
             lr=lr,
@@ -217,6 +220,8 @@ class BF16AdamW(torch.optim.Optimizer):
         bc2_sqrt = (1 - beta2**step) ** 0.5
         rounding = group["rounding"] if low_precision else "fp32"
         exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
+        if low_precision and self.compiled and self._step_compiled(p, grad, state, group, step, step_size, bc2_sqrt):
+            return
         needs_rng = low_precision and rounding != "nearest"
         gen = None
         if needs_rng:
@@ -234,6 +239,43 @@ class BF16AdamW(torch.optim.Optimizer):
         for chunk in chunks:
             p_c, g_c, m_c, v_c, *c_c = chunk
             _adamw_chunk(p_c, g_c, m_c, v_c, c_c[0] if c_c else None, hp, rounding, gen)
+
+
+    def _step_compiled(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int,
+                       step_size: float, bc2_sqrt: float) -> bool:
+        """The update through fulltune.lean_kernel; False (and eager from then on) if the kernel cannot be built."""
+        from fulltune import lean_kernel
+
+        exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
+        beta1, beta2 = group["betas"]
+        hp = torch.tensor([beta1, beta2, group["eps"], group["lr"] * group["weight_decay"], step_size, bc2_sqrt],
+                          dtype=torch.float32, device=p.device)
+        mixed = _mix_seed(group["seed"], self._param_index[id(p)], step) & 0xFFFFFFFF
+        seed = torch.tensor(mixed - (1 << 32) if mixed >= 1 << 31 else mixed, dtype=torch.int32, device=p.device)
+        tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
+        size = self.chunk_size or (1 << 20 if p.device.type == "cpu" else 1 << 24)
+        flat = [t.view(-1) for t in tensors] if all(t.is_contiguous() for t in tensors) else None
+        if flat is None:
+            return False
+        for start in range(0, p.numel(), size):
+            chunk = [t[start : start + size] for t in flat]
+            offset = torch.tensor(start, dtype=torch.int32, device=p.device)
+            try:
+                out = lean_kernel.compiled_update()(*chunk[:4], chunk[4] if comp is not None else None, hp, seed,
+                                                    offset, group["rounding"])
+            except Exception as err:  # no C++ compiler, an unsupported backend: the eager path is always there
+                if start:
+                    raise
+                import warnings
+
+                warnings.warn(f"BF16AdamW: the compiled update is unavailable ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); using the eager one", stacklevel=2)
+                self.compiled = False
+                return False
+            for dst, src in zip(chunk[:1] + chunk[2:], out, strict=False):
+                if src is not None:
+                    dst.copy_(src)
+        return True
 
 
 def _adamw_chunk(
@@ -484,7 +526,7 @@ def build_lean_optimizer(
     raise ValueError(f"unknown lean optimizer kind {kind!r}; expected 'bf16_adamw' or 'adamw8bit'")
 
 
-def describe_lean_mode(t: Any, device: torch.device, fused: bool) -> str:
+def describe_lean_mode(t: Any, device: torch.device, fused: bool, optimizer: Any = None) -> str:
     """The log line that says how lean mode runs here (`t`: the TrainingConfig), or '' outside lean mode."""
     if t.memory != "lean":
         return ""
@@ -495,6 +537,8 @@ def describe_lean_mode(t: Any, device: torch.device, fused: bool) -> str:
         how = "bf16 weights, bitsandbytes 8-bit AdamW, gradient checkpointing"
     from fulltune.runtime import cpu_has_fast_bf16, world_size
 
+    if getattr(optimizer, "compiled", False):
+        how += ", compiled update kernel"
     if device.type == "cpu" and not cpu_has_fast_bf16():
         how += " (this CPU has no bf16 units: bf16 matmuls are emulated and several times slower than fp32)"
     if fused:

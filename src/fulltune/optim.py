@@ -32,8 +32,10 @@ def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: tor
     if lean:
         from fulltune.lean import BF16AdamW
 
+        n = sum(p.numel() for g in clean for p in g["params"])
+        compiled = t.lean_compiled_step == "on" or (t.lean_compiled_step == "auto" and n >= 20_000_000)
         return BF16AdamW(clean, lr=t.base_learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                         state_dtype=t.lean_state_dtype, rounding=t.lean_rounding, seed=t.seed)
+                         state_dtype=t.lean_state_dtype, rounding=t.lean_rounding, seed=t.seed, compiled=compiled)
     params = [p for g in clean for p in g["params"]]
     # Fused AdamW runs one kernel over all tensors (CPU and CUDA); sharded DTensors (FSDP) take the foreach path.
     fused = fused and t.fused_optimizer and device.type in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in params)

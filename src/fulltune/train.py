@@ -41,6 +41,7 @@ from fulltune.runtime import (
     unwrap,
     world_size,
 )
+from fulltune.sharded import save_fsdp_checkpoint
 from fulltune.tasks import TASKS, Task, TaskData, data_loader, infer_task, read_labels, validation_metric
 
 __all__ = ["Trainer", "TrainingError", "setup", "train"]
@@ -226,7 +227,7 @@ class Trainer:
             f"{t.gradient_accumulation_steps} x world size {world_size()} | {self.steps_per_epoch} optimizer steps "
             f"per epoch, {s.total_steps} in all\n"
             f"parameters that train: {self.trainable_params:,} of {self.total_params:,} ({share:.2f}%)\n"
-            + describe_lean_mode(t, self.device, self.fused is not None)
+            + describe_lean_mode(t, self.device, self.fused is not None, self.optimizer)
             + describe_groups(self.optimizer.param_groups, t.base_learning_rate)
         )
         for skipped in self.data.info.get("skipped_images", []):
@@ -347,13 +348,13 @@ class Trainer:
         """A resumable checkpoint at `path` (atomic); older ones beyond checkpoint.keep_last are deleted."""
         self._check_finite()
         with self.throughput.aside():
-            # Under FSDP, gathering full states is a collective: every rank joins, rank 0 writes.
-            full_model = ddist.full_model_state(self.model)
-            full_optim = ddist.full_optimizer_state(self.model, self.optimizer) if full_model is not None else None
-            if is_main():
+            if ddist.is_fsdp(self.model):  # a collective: every rank writes its shards (or joins the gather)
+                save_fsdp_checkpoint(path, self.model, self.bundle, self.optimizer, self.scaler, self.state, self.cfg,
+                                     self._meta())
+            elif is_main():
                 ckpt.save_checkpoint(path, self.model, self.bundle, self.optimizer, self.scaler, self.state, self.cfg,
-                                     self._meta(), model_state=full_model, optimizer_state=full_optim,
-                                     param_names=self.param_names)
+                                     self._meta(), param_names=self.param_names)
+            if is_main():
                 ckpt.delete_old_checkpoints(self.out, self.cfg.checkpoint.keep_last)
             barrier()
             self.last_good = path
