@@ -134,6 +134,21 @@ def _auto_schedule(lmap: LayerMap, every: int) -> list[UnfreezeStep]:
     return steps
 
 
+def _proportional_schedule(lmap: LayerMap, num_epochs: int) -> list[UnfreezeStep]:
+    """Seed 001's rule: at epoch e the top int(e / num_epochs * L) blocks train, the head always (the top block
+    brings what sits above the blocks with it); the embeddings stay frozen, as in the seed."""
+    steps = [UnfreezeStep(epoch=0, layers=["classifier"])]
+    blocks = list(reversed(lmap.block_prefixes))
+    done = 0
+    for epoch in range(1, num_epochs):
+        k = min(int(epoch / num_epochs * len(blocks)), len(blocks))
+        if k > done:
+            new = blocks[done:k] + (lmap.top_prefixes if done == 0 else [])
+            steps.append(UnfreezeStep(epoch=epoch, layers=new))
+            done = k
+    return steps
+
+
 def _eligible(model: nn.Module, cfg: Config, lmap: LayerMap) -> set[str]:
     method = cfg.method
     names = [n for n, _ in model.named_parameters()]
@@ -170,7 +185,12 @@ def plan_method(model: nn.Module, cfg: Config) -> Plan:
     pu = cfg.training.progressive_unfreezing
     if not pu.enabled:
         return Plan(lmap, eligible, [])
-    schedule = pu.unfreeze_schedule or _auto_schedule(lmap, pu.auto or 1)
+    if pu.unfreeze_schedule:
+        schedule = pu.unfreeze_schedule
+    elif pu.auto == "proportional":
+        schedule = _proportional_schedule(lmap, cfg.training.num_epochs)
+    else:
+        schedule = _auto_schedule(lmap, int(pu.auto or 1))
     plan = Plan(lmap, eligible, schedule)
     for step in schedule:
         for layer in step.layers:
@@ -217,6 +237,40 @@ def _group_label(layers: set[int], has_head: bool, num_layers: int) -> str:
     return "+".join(parts)
 
 
+_THIRDS = ("bottom", "middle", "top")
+
+
+def layer_group_rates(lmap: LayerMap, rates: dict[str, float]) -> dict[int, float]:
+    """training.layer_groups_lr as {layer index 0..L+1 (L+1 also the head, see `layer_group_rate`): rate}.
+
+    Keys: bottom / middle / top (thirds of the L blocks; bottom also holds the embeddings, top what sits above the
+    blocks), "embeddings", block ranges "i-j" or "i" (0-based, inclusive), and "head" (read by the caller).
+    """
+    L = lmap.num_layers
+    out: dict[int, float] = {}
+    for key, rate in rates.items():
+        if key == "head":
+            continue
+        if key in _THIRDS:
+            which = _THIRDS.index(key)
+            layers = [i for i in range(1, L + 1) if min(2, (i - 1) * 3 // max(L, 1)) == which]
+            layers += [0] if which == 0 else [L + 1] if which == 2 else []
+        elif key == "embeddings":
+            layers = [0]
+        elif re.fullmatch(r"\d+(-\d+)?", key):
+            lo, _, hi = key.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if not first <= last < L:
+                raise ConfigError(f"training.layer_groups_lr.{key}: blocks are numbered 0..{L - 1} in this model")
+            layers = list(range(first + 1, last + 2))
+        else:
+            raise ConfigError(f"training.layer_groups_lr.{key}: expected bottom, middle, top, head, embeddings or a "
+                              f"block range such as 0-3 (this model has {L} blocks)")
+        for i in layers:
+            out[i] = rate
+    return out
+
+
 def param_groups(model: nn.Module, plan: Plan, cfg: Config) -> list[dict[str, Any]]:
     """Optimizer groups over every eligible parameter, one per (LR scale, weight decay on/off), bottom to top.
 
@@ -228,10 +282,14 @@ def param_groups(model: nn.Module, plan: Plan, cfg: Config) -> list[dict[str, An
     decay = t.layerwise_lr.decay_rate if t.layerwise_lr.enabled else 1.0
     lmap = plan.lmap
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    explicit = layer_group_rates(lmap, t.layer_groups_lr) if t.layer_groups_lr else {}
     for name, p in model.named_parameters():
         if name not in plan.eligible:
             continue
         scale = lmap.scale(name, decay, t.head_lr_mult)
+        if t.layer_groups_lr:  # explicit rates (seed 001's discriminative fine-tuning), as multiples of the base
+            rate = t.layer_groups_lr.get("head") if name in lmap.head else explicit.get(lmap.layer_of[name])
+            scale = scale if rate is None else rate / t.base_learning_rate
         # Matrices decay; vectors do not, whatever their padding dims: ViT's cls token is (1, 1, hidden).
         decayed = sum(d > 1 for d in p.shape) >= 2
         group = groups.setdefault((round(scale, 12), decayed), {

@@ -32,6 +32,7 @@ from fulltune.methods import (
 from fulltune.models import build_model, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from fulltune.report import RunLogger
+from fulltune.train_metrics import TrainAccuracy, log_train_accuracy
 from fulltune.runtime import (
     barrier,
     cpu_has_fast_bf16,
@@ -279,7 +280,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     log.info(
         f"task {run.task_name} | method {cfg.method.name} | {len(run.data.train)} train examples"
         + (f", {len(run.data.val)} val" if run.data.val is not None else "")
-        + f" | device {run.device} | precision {run.precision.name}\n"
+        + f" | device {run.device} | precision {run.precision.name}{run.precision.note}\n"
         f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation {t.gradient_accumulation_steps}"
         f" x world size {world_size()} | {run.steps_per_epoch} optimizer steps per epoch, {state.total_steps} in all\n"
         f"parameters that train: {trainable_all:,} of {total_params:,} ({100 * trainable_all / total_params:.2f}%)\n"
@@ -299,6 +300,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     # Time spent outside optimisation (evaluation, checkpoints) is subtracted for the training throughput.
     loop_start, samples_at_start, side_time = time.perf_counter(), state.samples_seen, 0.0
     stop = False
+    train_acc = TrainAccuracy(run.task_name, run.device)  # issue 13: training accuracy per epoch
 
     def check_finite() -> None:
         """One host sync: flush the losses since the last check; stop at the first non-finite one."""
@@ -381,8 +383,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             for i, batch in enumerate(micro):
                 batch = _to_device(batch, run.device)
                 with _sync_context(model, i == n - 1), run.precision.autocast():
-                    loss_sum, _ = task.loss(model, batch, t.label_smoothing)
+                    loss_sum, logits = task.loss(model, batch, t.label_smoothing)
                     loss = loss_sum / count
+                train_acc.update(logits, batch)
                 (run.scaler.scale(loss) if run.scaler else loss).backward()
                 step_loss += loss.detach()
             if run.fused is None:  # (fused lean mode updated every tensor, and freed its gradient, in backward)
@@ -406,6 +409,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         if state.batches_done >= run.batches_per_epoch:
             state.epoch, state.batches_done = epoch + 1, 0
         check_finite()
+        log_train_accuracy(log, state, train_acc.take())
         if not stop and not t.eval_every_steps:
             stop = evaluate_and_track()
         every = cfg.checkpoint.save_every_epochs
