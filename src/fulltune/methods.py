@@ -11,12 +11,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from fulltune.config import Config, ConfigError, UnfreezeStep
 from fulltune.models import LayerMap, layer_map, strip_peft_prefix
 
 HEAD_ALIASES = ("classifier", "head")
+LORA_METHODS = ("lora", "qlora")
+"""Methods that train LoRA adapters over a frozen base (qlora: a 4-bit NF4 base)."""
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -67,6 +70,10 @@ def wrap_lora(model: nn.Module, cfg: Config, task: str) -> nn.Module:
 
     lc = cfg.method.lora
     lmap = layer_map(model)
+    if cfg.method.name == "qlora":  # 4-bit base: norms/embeddings to fp32, input grads for checkpointing
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     # Head modules by their top-level name ('classifier', 'score'; DistilBERT also 'pre_classifier').
     heads = sorted({n.split(".", 1)[0] for n in lmap.head}) if task != "causal_lm" else []
     peft_cfg = LoraConfig(
@@ -152,7 +159,7 @@ def _proportional_schedule(lmap: LayerMap, num_epochs: int) -> list[UnfreezeStep
 def _eligible(model: nn.Module, cfg: Config, lmap: LayerMap) -> set[str]:
     method = cfg.method
     names = [n for n, _ in model.named_parameters()]
-    if method.name == "lora":
+    if method.name in LORA_METHODS:
         # peft has already frozen the base: eligible is what it left trainable (adapters and head copies).
         eligible = {n for n, p in model.named_parameters() if p.requires_grad}
     elif method.name == "linear_probe":
@@ -211,6 +218,24 @@ def plan_method(model: nn.Module, cfg: Config) -> Plan:
             "(e.g. {epoch: 0, layers: [classifier]})"
         )
     return plan
+
+
+def master_weights(model: nn.Module, plan: Plan, cfg: Config) -> None:
+    """fp32 master weights where standard mode needs them, whatever model.torch_dtype loaded.
+
+    Standard mode steps fp32 weights (AdamW updates below bf16's resolution would round away): full / partial /
+    linear-probe runs hold the whole model in fp32 (frozen blocks too, so that every layer's input has one dtype
+    without autocast); LoRA / QLoRA upcast only what trains (adapters, the head) and keep the frozen base in its
+    loaded dtype (bf16 halves it; 4-bit stays 4-bit). Lean mode keeps bf16 weights on purpose: nothing changes.
+    """
+    if cfg.training.memory == "lean" or cfg.model.torch_dtype == "float32":
+        return
+    if cfg.method.name not in LORA_METHODS:
+        model.float()
+        return
+    for name, p in model.named_parameters():
+        if name in plan.eligible and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def apply_trainable(model: nn.Module, names: set[str]) -> None:

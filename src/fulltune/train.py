@@ -22,9 +22,11 @@ from fulltune.config import Config, save_config
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.evaluate import classification_metrics, lm_metrics
 from fulltune.methods import (
+    LORA_METHODS,
     apply_trainable,
     describe_groups,
     enable_gradient_checkpointing,
+    master_weights,
     param_groups,
     plan_method,
     wrap_lora,
@@ -97,13 +99,14 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     lean = t.memory == "lean"
     if t.gradient_checkpointing or lean:
         enable_gradient_checkpointing(model)
-    if cfg.method.name == "lora":
+    if cfg.method.name in LORA_METHODS:
         model = wrap_lora(model, cfg, task_name)
     if lean:
         model.to(torch.bfloat16)
     model.to(device)
     data = task.build_data(cfg, bundle, labels, raw)
     plan = plan_method(model, cfg)
+    master_weights(model, plan, cfg)  # fp32 where standard mode trains (model.torch_dtype may load bf16)
     # Under torchrun without a parallel mode, plain DDP is the sensible default.
     parallel = (t.parallel if t.parallel != "none" else "ddp") if distributed else "none"
     if parallel == "fsdp":
