@@ -177,9 +177,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from fulltune.models import load_exported
     from fulltune.perplexity import tokenize_text_file
     from fulltune.prune import PruneConfig, count_parameters, prune_model, save_pruned
-    from fulltune.runtime import resolve_device, resolve_precision, seed_everything
-
     from fulltune.prune_guide import GuideLog, builtin_text, publish_recovered
+    from fulltune.runtime import resolve_device, resolve_precision, seed_everything
 
     _check_args(args)
     out = output_dir(args)
