@@ -34,7 +34,6 @@ from fulltune.methods import (
 from fulltune.models import build_model, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from fulltune.report import RunLogger
-from fulltune.train_metrics import TrainAccuracy, log_train_accuracy
 from fulltune.runtime import (
     barrier,
     cpu_has_fast_bf16,
@@ -47,6 +46,7 @@ from fulltune.runtime import (
     world_size,
 )
 from fulltune.tasks import TASKS, infer_task, read_labels
+from fulltune.train_metrics import TrainAccuracy, log_train_accuracy
 
 
 class TrainingError(RuntimeError):
