@@ -1,11 +1,12 @@
 """Peak memory of pruning a ~1B-parameter Llama held in bf16, per parameter, and a LoRA recovery on the result.
 
-Each importance criterion runs in a fresh subprocess: it builds a random-init Llama of about 1.2B parameters
-(Llama-3.2-1B's shape: hidden 2048, MLP 8192, 16 layers, 32/8 heads, vocabulary 128,256, tied embeddings) directly
-in bf16, and prunes 25% of KV groups and MLP channels in every layer with `fulltune.prune.prune_model`, as
-`fulltune prune --torch_dtype auto` does on a bf16 checkpoint. Taylor importance backpropagates 16 calibration
-blocks of 128 tokens (batches of 4) of fulltune's built-in text. The peak is `ru_maxrss` at the end minus the
-resident set once torch and transformers are imported, divided by the unpruned parameter count: the weights
+A first subprocess writes a random-init Llama of about 1.2B parameters (Llama-3.2-1B's shape: hidden 2048, MLP 8192,
+16 layers, 32/8 heads, vocabulary 128,256, tied embeddings) as a bf16 checkpoint. Each importance criterion then
+runs in a fresh subprocess: it loads the checkpoint as `fulltune prune --torch_dtype auto` does (in its own dtype,
+bf16) and prunes 25% of KV groups and MLP channels in every layer with `fulltune.prune.prune_model`. Taylor importance backpropagates 16 calibration
+blocks of 128 tokens (batches of 4) of fulltune's built-in text. The peak is the peak resident set (VmHWM, reset
+once the code paths are warm) over load and pruning minus the resident set before loading, divided by the unpruned
+parameter count: the weights
 alone are 2 bytes/param; Taylor adds their gradients (2 bytes for the layers' share) and one calibration batch.
 glibc serves every allocation over 64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,15 +29,29 @@ import time
 from pathlib import Path
 
 
-def rss_now() -> int:
+def _status(key: str) -> int:
     for line in open("/proc/self/status", encoding="ascii"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss_now() -> int:
+    return _status("VmRSS")
+
+
+def peak_rss() -> int:
+    """Peak resident set since the last `reset_peak` (VmHWM)."""
+    return _status("VmHWM")
+
+
+def reset_peak() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def llama_config(layers: int):
@@ -48,39 +62,60 @@ def llama_config(layers: int):
                        max_position_embeddings=2048, bos_token_id=0, eos_token_id=1)
 
 
-def child_prune(importance: str, layers: int, work: Path) -> dict:
+def child_build(layers: int, work: Path) -> dict:
+    """The random-init model, written in bf16 as a checkpoint folder (with the packaged MiniLM tokenizer)."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fulltune.data import lm
-    from fulltune.config import load_config
     from fulltune.models import packaged_minilm_path
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llama_config(layers), dtype=torch.bfloat16)
+    model.save_pretrained(work / "base")
+    AutoTokenizer.from_pretrained(str(packaged_minilm_path())).save_pretrained(work / "base")
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def child_prune(importance: str, work: Path) -> dict:
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fulltune.config import load_config
+    from fulltune.data import lm
     from fulltune.prune import PruneConfig, count_parameters, prune_model, save_pruned
+    from fulltune.prune_cmd import _load_base
     from fulltune.prune_guide import builtin_text
 
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
+    # Warm up the code paths (lazily imported modules are not the pruning's memory).
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
+    warm_ids = torch.randint(0, 1000, (4, 16))
+    prune_model(tiny.to(torch.bfloat16), PruneConfig(0.25, importance=importance, calibration_block_size=16), warm_ids)
+    model, tokenizer = _load_base(str(work / "base"), torch.device("cpu"), "float32")  # warms the loading path
+    del model, tiny
     calibration = None
     if importance == "taylor":
         train_text, _, _ = builtin_text(work)
         data_cfg = load_config(None, {"data.seq_len": 128}).data
         calibration = lm.load_blocks(train_text, data_cfg, tokenizer, work / "cache", 16, 0).input_ids
+    reset_peak()
     base = rss_now()
     tic = time.perf_counter()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(llama_config(layers), dtype=torch.bfloat16).eval()
+    model, _ = _load_base(str(work / "base"), torch.device("cpu"), "auto")  # as `fulltune prune --torch_dtype auto`
     params = count_parameters(model)
-    built = time.perf_counter() - tic
-    after_build = rss_now() - base
+    load_s = time.perf_counter() - tic
+    loaded, load_peak = rss_now() - base, peak_rss() - base
     tic = time.perf_counter()
     report = prune_model(model, PruneConfig(pruning_ratio=0.25, importance=importance, prune_mlp=True), calibration)
     pruned_s = time.perf_counter() - tic
-    peak = maxrss() - base
+    peak = peak_rss() - base
     out = {"importance": importance, "parameters": params, "parameters_after": report["params_after"],
-           "dtype": str(next(model.parameters()).dtype), "weights_bytes_per_param": after_build / params,
-           "peak_bytes_per_param": peak / params, "peak_gib": peak / 2**30, "build_s": built, "prune_s": pruned_s}
+           "dtype": str(next(model.parameters()).dtype), "loaded_bytes_per_param": loaded / params,
+           "load_peak_bytes_per_param": load_peak / params, "peak_bytes_per_param": peak / params,
+           "peak_gib": peak / 2**30, "load_s": load_s, "prune_s": pruned_s}
     if importance == "magnitude":
         save_pruned(model, tokenizer, work / "pruned", report)
         out["pruned_dir"] = str(work / "pruned")
@@ -96,6 +131,7 @@ def child_recover(work: Path, steps: int) -> dict:
 
     torch.set_num_threads(2)
     train_text, _, _ = builtin_text(work)
+    reset_peak()
     base = rss_now()
     cfg = load_config(None, {
         "task": "causal_lm", "model.name_or_path": str(work / "pruned"), "model.torch_dtype": "bfloat16",
@@ -106,7 +142,7 @@ def child_recover(work: Path, steps: int) -> dict:
         "output_dir": str(work / "recovery")})
     tic = time.perf_counter()
     summary = train(cfg)
-    peak = maxrss() - base
+    peak = peak_rss() - base
     rows = [json.loads(line) for line in (work / "recovery" / "metrics.jsonl").read_text().splitlines()]
     return {"recovery": "lora", "steps": summary["optimizer_steps"], "losses": [r.get("loss") for r in rows],
             "trainable_parameters": summary["trainable_parameters"], "total_parameters": summary["total_parameters"],
@@ -126,25 +162,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="LoRA recovery steps")
-    ap.add_argument("--child", choices=("magnitude", "taylor", "recover"))
+    ap.add_argument("--child", choices=("build", "magnitude", "taylor", "recover"))
     ap.add_argument("--work")
     args = ap.parse_args()
     if args.child:
         work = Path(args.work)
-        result = child_recover(work, args.steps) if args.child == "recover" else child_prune(args.child, args.layers, work)
+        if args.child == "build":
+            result = child_build(args.layers, work)
+        elif args.child == "recover":
+            result = child_recover(work, args.steps)
+        else:
+            result = child_prune(args.child, work)
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
         results = []
-        for child in ("magnitude", "taylor", "recover"):
+        for child in ("build", "magnitude", "taylor", "recover"):
             r = run_child(["--child", child, "--work", tmp, "--layers", str(args.layers), "--steps", str(args.steps)])
             print(json.dumps(r), flush=True)
             results.append(r)
-    for r in results[:2]:
-        print(f"{r['importance']:<10} {r['parameters']:,} params {r['dtype']}: weights {r['weights_bytes_per_param']:.2f} "
-              f"B/param, pruning peak {r['peak_bytes_per_param']:.2f} B/param ({r['peak_gib']:.2f} GiB), "
+    for r in results[1:3]:
+        print(f"{r['importance']:<10} {r['parameters']:,} params {r['dtype']}: loaded {r['loaded_bytes_per_param']:.2f} "
+              f"B/param (load peak {r['load_peak_bytes_per_param']:.2f}), load + prune peak "
+              f"{r['peak_bytes_per_param']:.2f} B/param ({r['peak_gib']:.2f} GiB) above the baseline, "
               f"-> {r['parameters_after']:,} params in {r['prune_s']:.0f}s")
-    rec = results[2]
+    rec = results[3]
     print(f"LoRA recovery on the bf16 pruned model: {rec['steps']} steps, losses {rec['losses']}, "
           f"{rec['trainable_parameters']:,} trainable of {rec['total_parameters']:,}, peak {rec['peak_gib']:.2f} GiB")
 
