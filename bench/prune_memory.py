@@ -3,12 +3,13 @@
 A first subprocess writes a random-init Llama of about 1.2B parameters (Llama-3.2-1B's shape: hidden 2048, MLP 8192,
 16 layers, 32/8 heads, vocabulary 128,256, tied embeddings) as a bf16 checkpoint. Each importance criterion then
 runs in a fresh subprocess: it loads the checkpoint as `fulltune prune --torch_dtype auto` does (in its own dtype,
-bf16) and prunes 25% of KV groups and MLP channels in every layer with `fulltune.prune.prune_model`. Taylor importance backpropagates 16 calibration
-blocks of 128 tokens (batches of 4) of fulltune's built-in text. The peak is the peak resident set (VmHWM, reset
-once the code paths are warm) over load and pruning minus the resident set before loading, divided by the unpruned
-parameter count: the weights
-alone are 2 bytes/param; Taylor adds their gradients (2 bytes for the layers' share) and one calibration batch.
-glibc serves every allocation over 64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes.
+bf16) and prunes 25% of KV groups and MLP channels in every layer with `fulltune.prune.prune_model`. Taylor
+importance backpropagates one batch of 4 calibration blocks of 128 tokens of fulltune's built-in text.
+
+The peak is the peak resident set (VmHWM, reset once the code paths are warm) over load and pruning, minus the
+resident set before loading, divided by the unpruned parameter count: the weights alone are 2 bytes/param; Taylor
+adds their gradients (2 bytes for the layers' share) and one calibration batch. glibc serves every allocation over
+64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes.
 
 The magnitude child then writes the pruned model (bf16) and a third child runs a LoRA recovery on it through
 fulltune's trainer (method lora, model.torch_dtype bfloat16: the base stays bf16, adapters fp32), a few steps.
@@ -27,6 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+CALIBRATION_BLOCKS = 4
+"""One calibration batch (PruneConfig's batch of 4 blocks of 128 tokens): the peak holds one batch whatever the
+count (gradients accumulate in place); more blocks only take longer (16 take ~1 h on 2 busy cores at 1B)."""
 
 
 def _status(key: str) -> int:
@@ -100,7 +106,7 @@ def child_prune(importance: str, work: Path) -> dict:
     if importance == "taylor":
         train_text, _, _ = builtin_text(work)
         data_cfg = load_config(None, {"data.seq_len": 128}).data
-        calibration = lm.load_blocks(train_text, data_cfg, tokenizer, work / "cache", 16, 0).input_ids
+        calibration = lm.load_blocks(train_text, data_cfg, tokenizer, work / "cache", CALIBRATION_BLOCKS, 0).input_ids
     reset_peak()
     base = rss_now()
     tic = time.perf_counter()
