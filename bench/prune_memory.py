@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 CALIBRATION_BLOCKS = 4
 """One calibration batch (PruneConfig's batch of 4 blocks of 128 tokens): the peak holds one batch whatever the
 count (gradients accumulate in place); more blocks only take longer (16 take ~1 h on 2 busy cores at 1B)."""
