@@ -127,3 +127,20 @@ def test_bad_layer_group_is_one_line(tmp_path, image_data):
     cfg = load_config(None, {**_overrides(tmp_path / "run", image_data), "training.layer_groups_lr": {"12-13": 1e-5}})
     with pytest.raises(ConfigError, match=r"layer_groups_lr.12-13: blocks are numbered 0..11"):
         setup(cfg)
+
+
+CLIP_FULL = Path(__file__).parents[1] / "configs" / "clip_full.yaml"
+
+
+def test_clip_full_is_the_seeds_default_job(tmp_path, image_data):
+    cfg = load_config(CLIP_FULL)
+    assert (cfg.data.data_dir, cfg.output_dir, cfg.logging.log_dir) == (
+        "data/dogs", "outputs/full_finetuning", "logs/full_finetuning")
+    t = cfg.training
+    assert (cfg.data.batch_size, t.base_learning_rate, t.num_epochs, t.gradient_accumulation_steps) == (16, 1e-5, 20, 2)
+    assert t.layerwise_lr.enabled and t.layerwise_lr.decay_rate == 0.95 and cfg.hardware.mixed_precision == "amp"
+    run_cfg = load_config(CLIP_FULL, {**_overrides(tmp_path / "run", image_data), "data.num_workers": 0,
+                                      "logging.log_dir": None})
+    assert train(run_cfg)["optimizer_steps"] == 1
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "[train] step 1 epoch 0: accuracy" in log  # training accuracy, from the step's own logits
