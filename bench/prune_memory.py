@@ -6,8 +6,10 @@ runs in a fresh subprocess: it loads the checkpoint as `fulltune prune --torch_d
 bf16) and prunes 25% of KV groups and MLP channels in every layer with `fulltune.prune.prune_model`. Taylor
 importance backpropagates one batch of 4 calibration blocks of 128 tokens of fulltune's built-in text.
 
-The peak is the peak resident set (VmHWM, reset once the code paths are warm) over load and pruning, minus the
-resident set before loading, divided by the unpruned parameter count: the weights alone are 2 bytes/param; Taylor
+Magnitude runs twice: on the weights as `fulltune prune` loads them (safetensors maps the checkpoint file; RSS counts
+its pages once touched) and with the weights copied into anonymous memory first (the figure that holds however the
+weights arrived; Taylor runs so). The peak is the peak resident set (VmHWM, reset once the code paths are warm, and
+after the copy) minus the resident set before loading, divided by the unpruned parameter count: the weights alone are 2 bytes/param; Taylor
 adds their gradients (2 bytes for the layers' share) and one calibration batch. glibc serves every allocation over
 64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes.
 
@@ -81,7 +83,7 @@ def child_build(layers: int, work: Path) -> dict:
     return {"parameters": sum(p.numel() for p in model.parameters())}
 
 
-def child_prune(importance: str, work: Path) -> dict:
+def child_prune(importance: str, work: Path, materialize: bool) -> dict:
     import torch
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -111,17 +113,23 @@ def child_prune(importance: str, work: Path) -> dict:
     tic = time.perf_counter()
     model, _ = _load_base(str(work / "base"), torch.device("cpu"), "auto")  # as `fulltune prune --torch_dtype auto`
     params = count_parameters(model)
+    if materialize:  # weights in anonymous memory, not file pages mapped from the checkpoint (which RSS counts only
+        with torch.no_grad():  # once touched): the pruning's peak is then weights + what pruning adds
+            for p in model.parameters():
+                p.data = p.data.clone()
+        reset_peak()
     load_s = time.perf_counter() - tic
     loaded, load_peak = rss_now() - base, peak_rss() - base
     tic = time.perf_counter()
     report = prune_model(model, PruneConfig(pruning_ratio=0.25, importance=importance, prune_mlp=True), calibration)
     pruned_s = time.perf_counter() - tic
     peak = peak_rss() - base
-    out = {"importance": importance, "parameters": params, "parameters_after": report["params_after"],
+    out = {"importance": importance, "weights": "anonymous memory" if materialize else "mmap of the checkpoint",
+           "parameters": params, "parameters_after": report["params_after"],
            "dtype": str(next(model.parameters()).dtype), "loaded_bytes_per_param": loaded / params,
            "load_peak_bytes_per_param": load_peak / params, "peak_bytes_per_param": peak / params,
            "peak_gib": peak / 2**30, "load_s": load_s, "prune_s": pruned_s}
-    if importance == "magnitude":
+    if importance == "magnitude" and not materialize:
         save_pruned(model, tokenizer, work / "pruned", report)
         out["pruned_dir"] = str(work / "pruned")
     return out
@@ -168,6 +176,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="LoRA recovery steps")
     ap.add_argument("--child", choices=("build", "magnitude", "taylor", "recover"))
+    ap.add_argument("--materialize", action="store_true")
     ap.add_argument("--work")
     args = ap.parse_args()
     if args.child:
@@ -177,21 +186,24 @@ def main() -> None:
         elif args.child == "recover":
             result = child_recover(work, args.steps)
         else:
-            result = child_prune(args.child, work)
+            result = child_prune(args.child, work, args.materialize)
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
         results = []
-        for child in ("build", "magnitude", "taylor", "recover"):
-            r = run_child(["--child", child, "--work", tmp, "--layers", str(args.layers), "--steps", str(args.steps)])
+        for child in ("build", "magnitude", "magnitude+", "taylor+", "recover"):
+            flags = ["--materialize"] if child.endswith("+") else []
+            r = run_child(["--child", child.rstrip("+"), "--work", tmp, "--layers", str(args.layers), "--steps",
+                           str(args.steps), *flags])
             print(json.dumps(r), flush=True)
             results.append(r)
-    for r in results[1:3]:
-        print(f"{r['importance']:<10} {r['parameters']:,} params {r['dtype']}: loaded {r['loaded_bytes_per_param']:.2f} "
+    for r in results[1:4]:
+        print(f"{r['importance']:<10} {r['parameters']:,} params {r['dtype']}, weights in {r['weights']}: loaded "
+              f"{r['loaded_bytes_per_param']:.2f} "
               f"B/param (load peak {r['load_peak_bytes_per_param']:.2f}), load + prune peak "
               f"{r['peak_bytes_per_param']:.2f} B/param ({r['peak_gib']:.2f} GiB) above the baseline, "
               f"-> {r['parameters_after']:,} params in {r['prune_s']:.0f}s")
-    rec = results[3]
+    rec = results[4]
     print(f"LoRA recovery on the bf16 pruned model: {rec['steps']} steps, losses {rec['losses']}, "
           f"{rec['trainable_parameters']:,} trainable of {rec['total_parameters']:,}, peak {rec['peak_gib']:.2f} GiB")
 
