@@ -363,11 +363,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except (ConfigError, RuntimeError, ValueError) as err:
         print(f"    no {UNTRAINED} row: {str(err).splitlines()[0]}", flush=True)
     for i, method in enumerate(methods, start=1):
-        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {root / method / 'compare.log'}", flush=True)
+        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {root / variant(method).label / 'compare.log'}", flush=True)
         try:
             row = run_method(method_config(args, root, method, lrs[method]), args.skip_done)
         except ConfigError as err:  # a config only this method rejects; the others still run
-            row = {"method": method, "learning_rate": lrs[method], "run_dir": str(root / method),
+            row = {"method": method, "learning_rate": lrs[method], "run_dir": str(root / variant(method).label),
                    "status": "failed", "error": str(err)}
         row["method"] = variant(method).label  # lora-r8 and lora-r16 are two rows
         rows.append(row)
