@@ -363,7 +363,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except (ConfigError, RuntimeError, ValueError) as err:
         print(f"    no {UNTRAINED} row: {str(err).splitlines()[0]}", flush=True)
     for i, method in enumerate(methods, start=1):
-        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {root / variant(method).label / 'compare.log'}", flush=True)
+        log = root / variant(method).label / "compare.log"
+        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {log}", flush=True)
         try:
             row = run_method(method_config(args, root, method, lrs[method]), args.skip_done)
         except ConfigError as err:  # a config only this method rejects; the others still run
