@@ -129,7 +129,7 @@ def child_prune(importance: str, work: Path, materialize: bool) -> dict:
            "dtype": str(next(model.parameters()).dtype), "loaded_bytes_per_param": loaded / params,
            "load_peak_bytes_per_param": load_peak / params, "peak_bytes_per_param": peak / params,
            "peak_gib": peak / 2**30, "load_s": load_s, "prune_s": pruned_s}
-    if importance == "magnitude" and not materialize:
+    if importance == "magnitude" and not materialize and not (work / "pruned").exists():
         save_pruned(model, tokenizer, work / "pruned", report)
         out["pruned_dir"] = str(work / "pruned")
     return out
