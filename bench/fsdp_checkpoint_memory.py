@@ -36,10 +36,11 @@ def worker(a: argparse.Namespace) -> None:
     from synthetic_lm import write_corpus, write_tokenizer
 
     from fulltune.config import load_config
-    from fulltune.runtime import barrier, rank
+    from fulltune.optim import optimizer_step
+    from fulltune.runtime import barrier, rank, to_device
     from fulltune.sharded import save_fsdp_checkpoint
     from fulltune.tasks import TASKS
-    from fulltune.train import _meta, _optimizer_step, _to_device, make_loader, setup
+    from fulltune.train import setup
 
     work = Path(a.work)
     if rank() == 0:
@@ -61,10 +62,10 @@ def worker(a: argparse.Namespace) -> None:
     })
     run = setup(cfg)
     task = TASKS[run.task_name]
-    batch = _to_device(next(iter(make_loader(run, run.data.train, batch_sampler=run.sampler))), run.device)
+    batch = to_device(next(iter(run.make_loader(run.data.train, batch_sampler=run.sampler))), run.device)
     loss_sum, _ = task.loss(run.model, batch, 0.0)
     (loss_sum / task.count(batch)).backward()
-    _optimizer_step(run, run.model, run.optimizer)  # the optimizer state exists now
+    optimizer_step(run.model, run.optimizer, run.scaler, cfg.training.max_grad_norm)  # the optimizer state exists now
     n_params = sum(p.numel() for p in run.model.parameters())
     barrier()
     before, peak, done = rss_bytes(), [0], threading.Event()
@@ -78,7 +79,7 @@ def worker(a: argparse.Namespace) -> None:
     sampler.start()
     start = time.perf_counter()
     save_fsdp_checkpoint(Path(cfg.output_dir) / "checkpoint", run.model, run.bundle, run.optimizer, run.scaler,
-                         run.state, cfg, _meta(run))
+                         run.state, cfg, run._meta())
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()

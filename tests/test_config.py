@@ -52,7 +52,7 @@ hardware:
     assert cfg.training.layerwise_lr.decay_rate == 0.95
     assert cfg.training.progressive_unfreezing.unfreeze_schedule[1].layers == ["vision_model.encoder.layers.11"]
     assert cfg.training.early_stopping.patience == 3
-    assert cfg.hardware.mixed_precision == "auto"
+    assert cfg.hardware.mixed_precision == "amp"  # the seeds: fp16 + GradScaler on CUDA, bf16 elsewhere
 
 
 def test_overrides_and_aliases():

@@ -205,6 +205,12 @@ def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dic
         bundle.tokenizer.save_pretrained(str(out_dir))
     if bundle.image_spec is not None:
         save_image_processor(bundle.image_spec, model.config, out_dir)
+    from fulltune.prune import export_note
+
+    note = export_note(model.config)  # a pruned model with per-layer widths: say how it loads
+    if note:
+        meta = {**meta, **note}
+        (out_dir / "README.md").write_text("# fulltune export of a pruned model\n\n" + note["loading"] + "\n")
     (out_dir / RUN_META).write_text(json.dumps(meta, indent=2, default=str))
     write_model_card(out_dir, meta)
 

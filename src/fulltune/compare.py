@@ -18,9 +18,16 @@ from typing import Any
 
 import yaml
 
+from fulltune.compare_variants import (
+    UNTRAINED,
+    VARIANT_METHODS,
+    parse_variants,
+    test_top5,
+    untrained_row,
+    variant,
+)
 from fulltune.config import Config, load_config, save_config, to_dict
 from fulltune.errors import ConfigError
-from fulltune.methods import METHODS
 from fulltune.runtime import maxrss_bytes
 from fulltune.units import human_bytes
 
@@ -30,26 +37,25 @@ from fulltune.units import human_bytes
 # AdamW moves each weight by about the LR per step, so at 10x the head barely leaves its initialisation in a few
 # epochs (measured: majority-class accuracy on the docstring demo at 1e-3; 1e-2 trains). `partial` trains
 # pretrained top blocks like full does and keeps full's rate.
-DEFAULT_LR_MULT = {"full": 1.0, "partial": 1.0, "lora": 10.0, "linear_probe": 100.0}
+DEFAULT_LR_MULT = {"full": 1.0, "partial": 1.0, "lora": 10.0, "qlora": 10.0, "linear_probe": 100.0}
 
 
 def parse_methods(text: str) -> list[str]:
-    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"--methods '{text}': unknown {', '.join(unknown) or '(none given)'}; "
-                          f"choose from {', '.join(METHODS)}")
-    return methods
+    """The method variants typed (`full,lora:r=8,lora:r=16,qlora`), checked, duplicates dropped."""
+    return [v.spec for v in parse_variants(text)]
 
 
 def learning_rates(text: str, methods: list[str], base_lr: float) -> dict[str, float]:
-    """Per-method LR: the defaults (multiples of base_lr), then `method=LR` or `method=xN` entries of `text`."""
-    lrs = {m: base_lr * DEFAULT_LR_MULT[m] for m in methods}
+    """Per-variant LR: the defaults (multiples of base_lr), then `method=LR` or `method=xN` entries of `text` (a
+    method name sets each of its variants; a variant's label, lora-r16, sets that one)."""
+    lrs = {m: base_lr * DEFAULT_LR_MULT[variant(m).method] for m in methods}
+    labels = {variant(m).label: m for m in methods}
     for item in filter(None, (s.strip() for s in text.split(","))):
         method, _, value = item.partition("=")
         method = method.strip()
-        if method not in METHODS:
-            raise ConfigError(f"--lr_per_method '{item}': unknown method '{method}'; choose from {', '.join(METHODS)}")
+        if method not in VARIANT_METHODS and method not in labels:
+            raise ConfigError(f"--lr_per_method '{item}': unknown method '{method}'; "
+                              f"choose from {', '.join(VARIANT_METHODS)}")
         value = value.strip()
         relative = value.startswith("x")
         try:
@@ -58,17 +64,21 @@ def learning_rates(text: str, methods: list[str], base_lr: float) -> dict[str, f
             raise ConfigError(f"--lr_per_method '{item}': expected method=LR or method=xN, e.g. lora=1e-3") from None
         if not number > 0:
             raise ConfigError(f"--lr_per_method '{item}': the learning rate must be > 0")
-        if method in lrs:
-            lrs[method] = number
+        for m in methods:
+            if m == method or variant(m).method == method or variant(m).label == method:
+                lrs[m] = number
     return lrs
 
 
 def method_config(config: str | None, overrides: list[str], root: Path, method: str, lr: float) -> Config:
-    """The shared config with only what differs between methods changed: name, learning rate, run folder."""
+    """The shared config with only what differs between methods changed: name (and a variant's options), learning
+    rate, run folder (the variant's label: lora-r8)."""
+    v = variant(method)
     return load_config(config, overrides + [
-        f"method.name={method}",
+        f"method.name={v.method}",
+        *v.overrides,
         f"training.base_learning_rate={lr!r}",
-        f"output_dir={json.dumps(str(root / method))}",
+        f"output_dir={json.dumps(str(root / v.label))}",
         "logging.progress_bar=false",  # the child writes to a log file, where a live bar is noise
     ])
 
@@ -157,6 +167,7 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
         "val": summary["best_val"][metric],
         "test": (summary.get("test") or {}).get(metric),
         "test_weights": (summary.get("test") or {}).get("weights"),  # 'best' (picked on val) or 'final'
+        "test_top5": test_top5(run_dir),
         "trainable_parameters": summary["trainable_parameters"],
         "total_parameters": total,
         "trainable_percent": 100.0 * summary["trainable_parameters"] / total if total else None,
@@ -185,6 +196,7 @@ def _num(v: float | None, fmt: str) -> str:
 def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
     mfmt = ".2f" if metric in ("perplexity", "loss") else ".4f"
+    top5 = (settings.get("num_classes") or 0) > 5  # a top-5 column where there are more than five classes
     lines = [
         "# fulltune compare",
         "",
@@ -192,16 +204,18 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         f"{settings['global_batch']}, {settings['length']}, seed {settings['seed']}, precision "
         f"{settings['precision']}, device {settings['device']}. Each method ran in its own process.",
         "",
-        f"| method | lr | val {metric} | test {metric} | trainable params | trainable % | peak memory | wall time "
-        "| samples/s | export size | adapter size |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | lr | val {metric} | test {metric} |" + (" test top-5 |" if top5 else "")
+        + " trainable params | trainable % | peak memory | wall time | samples/s | export size | adapter size |",
+        "|---|---:|---:|---:|" + ("---:|" if top5 else "") + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {_num(r['learning_rate'], '.2g')} | failed |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['method']} | {_num(r['learning_rate'], '.2g')} | failed |  |  |  |  |  |  |  |  |"
+                         + ("  |" if top5 else ""))
             continue
         cells = [
             r["method"], _num(r["learning_rate"], ".2g"), _num(r["val"], mfmt), _num(r["test"], mfmt),
+            *([_num(r.get("test_top5"), mfmt)] if top5 else []),
             f"{r['trainable_parameters']:,}", _num(r["trainable_percent"], ".2f") + "%", _human(r["peak_memory_bytes"]),
             _num(r["wall_time_s"], ".0f") + " s", _num(r["samples_per_s"], ".1f"), _human(r["exported_bytes"]),
             _human(r["adapter_bytes"]),
@@ -220,7 +234,9 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         + "Wall time is the training loop with its evaluations, without process start-up and model loading. "
         "samples/s counts training steps only (evaluation and checkpoint time excluded). Export size is the "
         "folder that plain transformers loads (weights, config, tokenizer); LoRA's is merged, its adapter alone is "
-        "the last column.",
+        "the last column."
+        + (f" The {UNTRAINED} row is the model as each run starts it (pretrained weights, a fresh head), "
+           "evaluated without training." if any(r["method"] == UNTRAINED for r in rows) else ""),
     ]
     return "\n".join(lines) + "\n"
 
@@ -296,15 +312,25 @@ def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[
 
 def run_all(config: str | None, overrides: list[str], root: Path, methods: list[str], lrs: dict[str, float],
             skip_done: bool = False) -> list[dict[str, Any]]:
-    """Train every method in turn (each in its own process and run folder); a failing one is reported as failed."""
+    """The untrained model's row, then every method in turn (each in its own process and run folder); a failing one
+    is reported as failed."""
     rows = []
+    print(f"[0/{len(methods)}] {UNTRAINED}: evaluating the model before any training", flush=True)
+    try:  # the model as every run starts it: method full (nothing is trained, so nothing is wrapped or frozen)
+        untrained = load_config(config, overrides + ["method.name=full",
+                                                     f"output_dir={json.dumps(str(root / 'untrained'))}"])
+        rows.append(untrained_row(untrained))
+    except (ConfigError, RuntimeError, ValueError) as err:
+        print(f"    no {UNTRAINED} row: {str(err).splitlines()[0]}", flush=True)
     for i, method in enumerate(methods, start=1):
-        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {root / method / 'compare.log'}", flush=True)
+        label = variant(method).label
+        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {root / label / 'compare.log'}", flush=True)
         try:
             row = run_method(method_config(config, overrides, root, method, lrs[method]), skip_done)
         except ConfigError as err:  # a config only this method rejects; the others still run
-            row = {"method": method, "learning_rate": lrs[method], "run_dir": str(root / method),
+            row = {"method": method, "learning_rate": lrs[method], "run_dir": str(root / label),
                    "status": "failed", "error": str(err)}
+        row["method"] = label  # lora-r8 and lora-r16 are two rows
         rows.append(row)
         if row["status"] == "ok":
             print(f"    {row['metric']}: val {_num(row['val'], '.4f')}, test {_num(row['test'], '.4f')}, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +115,9 @@ class ModelConfig:
     """Allow model code from the hub (off unless asked for)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "float32"
+    """dtype the weights are loaded in (auto: the checkpoint's). Standard-mode training keeps fp32 master copies of
+    the weights that train (frozen ones, e.g. a LoRA/QLoRA base, stay in this dtype); lean mode keeps bf16."""
 
 
 # A few of the CLIP paper's ImageNet prompts (Radford et al. 2021), including its seven-template ensemble.
@@ -143,8 +147,9 @@ class LoraConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["full", "partial", "linear_probe", "lora"] = "full"
-    """What trains: every parameter, the top blocks, only the head, or LoRA adapters (+ head)."""
+    name: Literal["full", "partial", "linear_probe", "lora", "qlora"] = "full"
+    """What trains: every parameter, the top blocks, only the head, LoRA adapters (+ head), or LoRA over a 4-bit
+    NF4 base (qlora: bitsandbytes, CUDA only)."""
     trainable_layers: int = 2
     """partial: train the top K blocks plus the head and final norm."""
     freeze: list[str] = field(default_factory=list)
@@ -182,8 +187,9 @@ class ProgressiveUnfreezingConfig:
     """Train only part of the model at first and unfreeze more on an epoch schedule."""
     unfreeze_schedule: list[UnfreezeStep] = field(default_factory=list)
     """Explicit schedule: [{epoch: 0, layers: [classifier]}, {epoch: 2, layers: [...]}, ...]."""
-    auto: int | None = None
-    """Shorthand: start with the head, unfreeze one more block from the top every N epochs."""
+    auto: int | Literal["proportional"] | None = None
+    """Shorthand: start with the head, unfreeze one more block from the top every N epochs; `proportional` (seed 001):
+    at epoch e the top int(e / num_epochs * L) blocks train, with the head (enabled alone: auto 1)."""
 
 
 @dataclass
@@ -232,6 +238,11 @@ class TrainingConfig:
     """Label smoothing of the classification loss."""
     layerwise_lr: LayerwiseLRConfig = field(default_factory=LayerwiseLRConfig)
     """Layer-wise learning-rate decay."""
+    layer_groups_lr: dict[str, float] | None = None
+    """Discriminative learning rates (seed 001): explicit rates per layer range, e.g. {bottom: 1e-6, middle: 5e-6,
+    top: 1e-5, head: 1e-4} (thirds of the blocks; bottom includes the embeddings, top what sits above the blocks)
+    or {"0-3": 1e-6, "4-11": 1e-5, head: 1e-4} (block ranges, 0-based, embeddings as "embeddings"). Replaces
+    base_learning_rate x layerwise decay; the schedule still scales every group."""
     progressive_unfreezing: ProgressiveUnfreezingConfig = field(default_factory=ProgressiveUnfreezingConfig)
     """Progressive unfreezing schedule."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -268,8 +279,9 @@ class TrainingConfig:
 class HardwareConfig:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
-    """auto: bf16 where the hardware has it, else fp32. fp16 uses a grad scaler (CUDA only). true=auto, false=no."""
+    mixed_precision: Literal["auto", "bf16", "fp16", "amp", "no"] = "auto"
+    """auto: bf16 where the hardware has it, else fp32. fp16 uses a grad scaler (CUDA only). amp (what the seeds'
+    `mixed_precision: true` means): fp16 + grad scaler on CUDA, bf16 where fp16 is not available. true=amp, false=no."""
     num_threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
 
@@ -442,6 +454,62 @@ def _optim_value(value: Any) -> bool:
     return OPTIM_VALUES[value]
 
 
+# Seed layouts (issue 13): sections and keys the seed documents write at the top level or under other names, as
+# dotted prefixes. A key at or under a prefix moves under the target; each mapping is logged once per process.
+# (Kept apart from ALIASES, which holds one-key spellings, Hugging Face's among them.)
+SEED_LAYOUTS: dict[str, str] = {
+    "layerwise_lr": "training.layerwise_lr",
+    "progressive_unfreezing": "training.progressive_unfreezing",
+    "early_stopping": "training.early_stopping",
+    "patience": "training.early_stopping.patience",
+    "gradient_accumulation": "training.gradient_accumulation_steps",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "training.gradient_accumulation": "training.gradient_accumulation_steps",
+    "mixed_precision": "hardware.mixed_precision",
+    "learning_rate": "training.base_learning_rate",
+    "base_learning_rate": "training.base_learning_rate",
+    "num_epochs": "training.num_epochs",
+    "batch_size": "data.batch_size",
+    "weight_decay": "training.weight_decay",
+    "warmup_ratio": "training.warmup_ratio",
+    "max_grad_norm": "training.max_grad_norm",
+    "label_smoothing": "training.label_smoothing",
+    "layer_groups_lr": "training.layer_groups_lr",
+}
+_LOGGED_LAYOUTS: set[str] = set()
+
+
+def _log_layout(message: str) -> None:
+    if message not in _LOGGED_LAYOUTS:
+        _LOGGED_LAYOUTS.add(message)
+        print(f"seed layout: {message}", file=sys.stderr, flush=True)
+
+
+def _seed_layout(dotted: str) -> str:
+    """`layerwise_lr.enabled` -> `training.layerwise_lr.enabled` (logged), other keys unchanged."""
+    for source, target in SEED_LAYOUTS.items():
+        if dotted == source or dotted.startswith(source + "."):
+            _log_layout(f"{source} -> {target}")
+            return target + dotted[len(source):]
+    return dotted
+
+
+def _seed_semantics(tree: dict[str, Any]) -> None:
+    """What the seeds mean beyond key names: a patience alone turns early stopping on; progressive unfreezing
+    enabled alone runs the automatic schedule (methods.plan_trainable), said here."""
+    training = tree.get("training")
+    if not isinstance(training, dict):
+        return
+    es = training.get("early_stopping")
+    if isinstance(es, dict) and "patience" in es and "enabled" not in es:
+        es["enabled"] = True
+        _log_layout(f"patience: {es['patience']} turns early stopping on (training.early_stopping.enabled=true)")
+    pu = training.get("progressive_unfreezing")
+    if isinstance(pu, dict) and pu.get("enabled") is True and not pu.get("unfreeze_schedule") and not pu.get("auto"):
+        _log_layout("progressive_unfreezing {enabled: true} without a schedule uses the automatic one "
+                    "(training.progressive_unfreezing.auto=1: the head first, one more block from the top each epoch)")
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -464,9 +532,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
-        # Seed documents write `mixed_precision: true/false`; map booleans onto the string choices.
+        # Seed documents write `mixed_precision: true/false` (true: their torch.cuda.amp fp16 + GradScaler).
         if isinstance(value, bool) and "auto" in args and "no" in args:
-            return "auto" if value else "no"
+            return ("amp" if "amp" in args else "auto") if value else "no"
         if value in args:
             return value
         raise ConfigError(f"config key '{key}': expected one of {', '.join(map(repr, args))}, got {value!r}")
@@ -569,13 +637,15 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def _is_leaf_mapping(dotted: str) -> bool:
     """Keys whose value is itself a free-form mapping (not a section)."""
-    return dotted in ("model.tiny_config", "data.class_names", "data.data_files")
+    return dotted in ("model.tiny_config", "data.class_names", "data.data_files", "training.layer_groups_lr",
+                      "layer_groups_lr")
 
 
 def _canonical_tree(raw: dict[str, Any]) -> dict[str, Any]:
     """Rewrite aliases into canonical dotted keys; the precision aliases fp16/bf16 become mixed_precision values."""
     tree: dict[str, Any] = {}
     for dotted, value in _flatten(raw):
+        dotted = _seed_layout(dotted)
         target = ALIASES.get(dotted, dotted)
         leaf = dotted.rsplit(".", 1)[-1]
         if target == "hardware.mixed_precision" and leaf in ("fp16", "bf16") and isinstance(value, bool):
@@ -583,6 +653,7 @@ def _canonical_tree(raw: dict[str, Any]) -> dict[str, Any]:
         if leaf == "optim":
             value = _optim_value(value)
         _set_dotted(tree, target, value)
+    _seed_semantics(tree)
     return tree
 
 
@@ -624,12 +695,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     tree = _canonical_tree(raw)
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     for key, value in items:
+        key = _seed_layout(key)
         target = ALIASES.get(key, key)
         if target == "hardware.mixed_precision" and key.rsplit(".", 1)[-1] in ("fp16", "bf16") and isinstance(value, bool):
             value = key.rsplit(".", 1)[-1] if value else "no"
         if key.rsplit(".", 1)[-1] == "optim":
             value = _optim_value(value)
         _set_dotted(tree, target, value)
+    _seed_semantics(tree)
     cfg = _build(Config, tree)
     validate(cfg)
     return cfg
@@ -658,8 +731,13 @@ def validate(cfg: Config) -> None:
     check_ranges(cfg)
     _validate_head_init(cfg)
     pu = t.progressive_unfreezing
-    if pu.enabled and not pu.unfreeze_schedule and not pu.auto:
-        raise ConfigError("training.progressive_unfreezing is enabled but has neither unfreeze_schedule nor auto: N")
+    if isinstance(pu.auto, int) and pu.auto < 1:
+        raise ConfigError(f"training.progressive_unfreezing.auto must be >= 1 or 'proportional', got {pu.auto}")
+    if t.layer_groups_lr is not None:
+        for name, lr in list(t.layer_groups_lr.items()):
+            t.layer_groups_lr[name] = _coerce(lr, float, f"training.layer_groups_lr.{name}")
+            if t.layer_groups_lr[name] <= 0:
+                raise ConfigError(f"training.layer_groups_lr.{name} must be > 0, got {lr}")
 
 
 METRICS = {

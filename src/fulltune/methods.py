@@ -21,6 +21,8 @@ from fulltune.models import LayerMap, ModelBundle, build_model, is_under, layer_
 METHODS = ("linear_probe", "partial", "lora", "full")
 """The values of method.name, cheapest first (the order `compare` runs them in)."""
 HEAD_ALIASES = ("classifier", "head")
+LORA_METHODS = ("lora", "qlora")
+"""Methods that train LoRA adapters over a frozen base (qlora: a 4-bit NF4 base)."""
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -71,6 +73,10 @@ def wrap_lora(model: nn.Module, cfg: Config, task: str) -> nn.Module:
 
     lc = cfg.method.lora
     lmap = layer_map(model)
+    if cfg.method.name == "qlora":  # 4-bit base: norms/embeddings to fp32, input grads for checkpointing
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     # Head modules by their top-level name ('classifier', 'score'; DistilBERT also 'pre_classifier').
     heads = sorted({n.split(".", 1)[0] for n in lmap.head}) if task != "causal_lm" else []
     peft_cfg = LoraConfig(
@@ -144,10 +150,25 @@ def probe_schedule(cfg: Config) -> list[UnfreezeStep]:
     return [UnfreezeStep(epoch=0, layers=["classifier"]), UnfreezeStep(epoch=cfg.method.head_init_epochs, layers=["all"])]
 
 
+def _proportional_schedule(lmap: LayerMap, num_epochs: int) -> list[UnfreezeStep]:
+    """Seed 001's rule: at epoch e the top int(e / num_epochs * L) blocks train, the head always (the top block
+    brings what sits above the blocks with it); the embeddings stay frozen, as in the seed."""
+    steps = [UnfreezeStep(epoch=0, layers=["classifier"])]
+    blocks = list(reversed(lmap.block_prefixes))
+    done = 0
+    for epoch in range(1, num_epochs):
+        k = min(int(epoch / num_epochs * len(blocks)), len(blocks))
+        if k > done:
+            new = blocks[done:k] + (lmap.top_prefixes if done == 0 else [])
+            steps.append(UnfreezeStep(epoch=epoch, layers=new))
+            done = k
+    return steps
+
+
 def _eligible(model: nn.Module, cfg: Config, lmap: LayerMap) -> set[str]:
     method = cfg.method
     names = [n for n, _ in model.named_parameters()]
-    if method.name == "lora":
+    if method.name in LORA_METHODS:
         # peft has already frozen the base: eligible is what it left trainable (adapters and head copies).
         eligible = {n for n, p in model.named_parameters() if p.requires_grad}
     elif method.name == "linear_probe":
@@ -181,7 +202,14 @@ def plan_trainable(model: nn.Module, cfg: Config) -> TrainablePlan:
     probe = probe_schedule(cfg)
     if not pu.enabled and not probe:
         return TrainablePlan(lmap, eligible, [])
-    schedule = probe or pu.unfreeze_schedule or _auto_schedule(lmap, pu.auto or 1)
+    if probe:
+        schedule = probe
+    elif pu.unfreeze_schedule:
+        schedule = pu.unfreeze_schedule
+    elif pu.auto == "proportional":
+        schedule = _proportional_schedule(lmap, cfg.training.num_epochs)
+    else:
+        schedule = _auto_schedule(lmap, int(pu.auto or 1))
     plan = TrainablePlan(lmap, eligible, schedule)
     for step in schedule:
         for layer in step.layers:
@@ -202,6 +230,24 @@ def plan_trainable(model: nn.Module, cfg: Config) -> TrainablePlan:
             "(e.g. {epoch: 0, layers: [classifier]})"
         )
     return plan
+
+
+def master_weights(model: nn.Module, plan: TrainablePlan, cfg: Config) -> None:
+    """fp32 master weights where standard mode needs them, whatever model.torch_dtype loaded.
+
+    Standard mode steps fp32 weights (AdamW updates below bf16's resolution would round away): full / partial /
+    linear-probe runs hold the whole model in fp32 (frozen blocks too, so that every layer's input has one dtype
+    without autocast); LoRA / QLoRA upcast only what trains (adapters, the head) and keep the frozen base in its
+    loaded dtype (bf16 halves it; 4-bit stays 4-bit). Lean mode keeps bf16 weights on purpose: nothing changes.
+    """
+    if cfg.training.memory == "lean" or cfg.model.torch_dtype == "float32":
+        return
+    if cfg.method.name not in LORA_METHODS:
+        model.float()
+        return
+    for name, p in model.named_parameters():
+        if name in plan.eligible and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def apply_trainable(model: nn.Module, names: set[str]) -> None:
@@ -228,6 +274,40 @@ def _group_label(layers: set[int], has_head: bool, num_layers: int) -> str:
     return "+".join(parts)
 
 
+_THIRDS = ("bottom", "middle", "top")
+
+
+def layer_group_rates(lmap: LayerMap, rates: dict[str, float]) -> dict[int, float]:
+    """training.layer_groups_lr as {layer index 0..L+1 (L+1 also the head, see `layer_group_rate`): rate}.
+
+    Keys: bottom / middle / top (thirds of the L blocks; bottom also holds the embeddings, top what sits above the
+    blocks), "embeddings", block ranges "i-j" or "i" (0-based, inclusive), and "head" (read by the caller).
+    """
+    L = lmap.num_layers
+    out: dict[int, float] = {}
+    for key, rate in rates.items():
+        if key == "head":
+            continue
+        if key in _THIRDS:
+            which = _THIRDS.index(key)
+            layers = [i for i in range(1, L + 1) if min(2, (i - 1) * 3 // max(L, 1)) == which]
+            layers += [0] if which == 0 else [L + 1] if which == 2 else []
+        elif key == "embeddings":
+            layers = [0]
+        elif re.fullmatch(r"\d+(-\d+)?", key):
+            lo, _, hi = key.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if not first <= last < L:
+                raise ConfigError(f"training.layer_groups_lr.{key}: blocks are numbered 0..{L - 1} in this model")
+            layers = list(range(first + 1, last + 2))
+        else:
+            raise ConfigError(f"training.layer_groups_lr.{key}: expected bottom, middle, top, head, embeddings or a "
+                              f"block range such as 0-3 (this model has {L} blocks)")
+        for i in layers:
+            out[i] = rate
+    return out
+
+
 def param_groups(model: nn.Module, plan: TrainablePlan, cfg: Config) -> list[dict[str, Any]]:
     """Optimizer groups over every eligible parameter, one per (LR scale, weight decay on/off), bottom to top.
 
@@ -239,10 +319,14 @@ def param_groups(model: nn.Module, plan: TrainablePlan, cfg: Config) -> list[dic
     decay = t.layerwise_lr.decay_rate if t.layerwise_lr.enabled else 1.0
     lmap = plan.lmap
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    explicit = layer_group_rates(lmap, t.layer_groups_lr) if t.layer_groups_lr else {}
     for name, p in model.named_parameters():
         if name not in plan.eligible:
             continue
         scale = lmap.scale(name, decay, t.head_lr_mult)
+        if t.layer_groups_lr:  # explicit rates (seed 001's discriminative fine-tuning), as multiples of the base
+            rate = t.layer_groups_lr.get("head") if name in lmap.head else explicit.get(lmap.layer_of[name])
+            scale = scale if rate is None else rate / t.base_learning_rate
         # Matrices decay; vectors do not, whatever their padding dims: ViT's cls token is (1, 1, hidden).
         decayed = sum(d > 1 for d in p.shape) >= 2
         group = groups.setdefault((round(scale, 12), decayed), {
@@ -289,10 +373,12 @@ def prepare_model(
     lean = cfg.training.memory == "lean"
     if cfg.training.gradient_checkpointing or lean:
         enable_gradient_checkpointing(model)
-    if cfg.method.name == "lora":
+    if cfg.method.name in LORA_METHODS:
         model = wrap_lora(model, cfg, task)
     if lean:
         model.to(torch.bfloat16)
     if device.type != "meta":
         model.to(device)
-    return bundle, model, plan_trainable(model, cfg)
+    plan = plan_trainable(model, cfg)
+    master_weights(model, plan, cfg)  # fp32 where standard mode trains (model.torch_dtype may load bf16)
+    return bundle, model, plan

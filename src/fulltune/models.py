@@ -137,6 +137,29 @@ def _clip_config_from_vision(config: Any) -> Any:
     return config
 
 
+def resolve_dtype(name: str) -> Any:
+    """model.torch_dtype as transformers takes it: "auto" stays a string, the others become torch dtypes."""
+    return name if name == "auto" else getattr(torch, name)
+
+
+def quantization_config(cfg: Config) -> Any:
+    """method.name=qlora: a 4-bit NF4 base (double quantisation, bf16 compute) via bitsandbytes; CUDA only."""
+    if cfg.method.name != "qlora":
+        return None
+    if not torch.cuda.is_available():
+        raise ConfigError("method.name=qlora loads the base model in 4-bit NF4 with bitsandbytes, which needs CUDA; "
+                          "use method.name=lora (with model.torch_dtype=bfloat16 to halve the base) on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("method.name=qlora needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
 def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> ModelBundle:
     """The model for `task` with a fresh head for `labels`, plus its tokenizer or image spec."""
     path = None if cfg.model.tiny_config is not None else resolve_model_path(cfg.model.name_or_path)
@@ -154,13 +177,22 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
     if (bundle := build_for_head_init(cfg, task, path, config, labels)) is not None:
         return bundle  # CLIP with a zero-shot head on its image embedding (method.head_init)
     cls = _auto_class(task, config)
+    dtype = resolve_dtype(cfg.model.torch_dtype)
+    quant = quantization_config(cfg)
     if path is None:
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        if quant is not None:
+            raise ConfigError("method.name=qlora quantises pretrained weights: give model.name_or_path, not tiny_config")
+        if dtype != "auto":
+            model = model.to(dtype)
     elif task == "causal_lm" and _is_pruned(path):
         from fulltune.prune import load_pruned
 
+        if quant is not None:
+            raise ConfigError(f"method.name=qlora: '{path}' is a pruned folder with per-layer widths, which "
+                              "bitsandbytes cannot load; use method.name=lora with model.torch_dtype=bfloat16")
         # Pruned folders have per-layer widths that a plain from_pretrained cannot build.
-        model = load_pruned(path, config=config)
+        model = load_pruned(path, torch_dtype=dtype, config=config)
     else:
         import transformers
 
@@ -171,9 +203,12 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
             ignore_mismatched_sizes=True,
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
+            dtype=dtype,
+            **({"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}} if quant else {}),
         )
         transformers.logging.set_verbosity_warning()
-    model = model.float()
+    if cfg.model.torch_dtype == "float32" and quant is None:
+        model = model.float()
     bundle = ModelBundle(model=model, task=task, source=path or "tiny_config")
     if task in ("text_classification", "causal_lm"):
         bundle.tokenizer = load_tokenizer(cfg, path)
@@ -389,8 +424,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_exported(path: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
-    """Load an exported checkpoint folder (save_pretrained + fulltune_run.json) for evaluation or prediction."""
+def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dtype: str | None = None) -> ModelBundle:
+    """Load an exported checkpoint folder (save_pretrained + fulltune_run.json) for evaluation or prediction, in
+    `torch_dtype` (auto, bfloat16, float16, float32; default: the run's model.torch_dtype, float32 when unset)."""
     import transformers as tf
 
     path = Path(path)
@@ -412,21 +448,24 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu") -> Model
         raise ConfigError(f"checkpoint '{path}': '{meta_path}' names an unknown task {task!r}")
     # Weights from safetensors only: a pickled pytorch_model.bin beside them is never read.
     safe = {"use_safetensors": True}
+    # The run's model.torch_dtype (float32 unless set): bf16 runs evaluate and predict in bf16.
+    name = torch_dtype or meta.get("fulltune_config", {}).get("model", {}).get("torch_dtype") or "float32"
+    dtype = resolve_dtype(name)
     if task == "causal_lm":
         from fulltune import prune
 
         if prune.is_pruned_folder(path):
-            model = prune.load_pruned(path)
+            model = prune.load_pruned(path, torch_dtype=dtype)
         else:
-            model = tf.AutoModelForCausalLM.from_pretrained(str(path), **safe)
+            model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **safe)
     elif task == "image_classification":
         from fulltune.zeroshot import CLIPEmbeddingClassifier, is_embedding_classifier
 
         cls = CLIPEmbeddingClassifier if is_embedding_classifier(path) else tf.AutoModelForImageClassification
-        model = cls.from_pretrained(str(path), **safe)
+        model = cls.from_pretrained(str(path), dtype=dtype, **safe)
     else:
-        model = tf.AutoModelForSequenceClassification.from_pretrained(str(path), **safe)
-    model = model.float().to(device).eval()
+        model = tf.AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype, **safe)
+    model = model.to(device).eval()
     bundle = ModelBundle(model=model, task=task, source=str(path), extra=meta)
     if task == "image_classification":
         bundle.image_spec = image_spec_for(model.config, str(path), None)

@@ -331,6 +331,9 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calibration_ids: torch.Tenso
             for p, flag in saved_flags:
                 p.requires_grad_(flag)
             model.train(was_training)
+        # Hold no reference to the unpruned tensors: each one is freed as its slice replaces it, so the peak stays
+        # near the weights (plus one calibration batch for Taylor), not weights plus the pruned copy.
+        del targets, saved_flags
 
     attn_ratio = {i: 0.0 for i in range(n_layers)}
     mlp_ratio = {i: 0.0 for i in range(n_layers)}
@@ -377,16 +380,71 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calibration_ids: torch.Tenso
 # ----------------------------------------------------------------------------------------------- save / load
 
 
-def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, report: dict | None = None) -> Path:
-    """Write a ``save_pretrained`` folder (safetensors) whose config.json records the per-layer shapes.
+UNEVEN_NOTE = (
+    "The layers of this pruned model have shapes a standard transformers config cannot describe: "
+    "AutoModelForCausalLM.from_pretrained fails on it with size mismatches. Load it with fulltune "
+    "(fulltune.prune.load_pruned, or any fulltune command: evaluate, predict, train, prune); config.json records "
+    f"each layer's heads and MLP width under {SHAPES_KEY!r}."
+)
+UNIFORM_NOTE = ("Every layer of this pruned model has one shape: config.json is a standard transformers config "
+                "(AutoModelForCausalLM.from_pretrained loads it as is).")
 
-    Plain ``from_pretrained`` on it fails with size mismatches (the config keeps the unpruned head counts); use
-    `load_pruned`. ``report`` (from `prune_model`), if given, is written next to it as fulltune_prune_report.json.
+
+def make_config_standard(model: nn.Module) -> bool:
+    """Where every layer has one shape, rewrite ``model.config`` as the standard config of that shape (head counts,
+    MLP width, head_dim kept explicit) without fulltune's per-layer record, and return True; else record the
+    per-layer shapes under SHAPES_KEY and return False."""
+    shapes = get_layer_shapes(model)
+    config = model.config
+    why = standard_config_obstacle(config, shapes)
+    if why:
+        setattr(config, SHAPES_KEY, shapes)
+        config.fulltune_nonstandard_reason = why
+        return False
+    head_dim = _head_dim(decoder_layers(model)[0].self_attn)
+    if hasattr(config, "fulltune_nonstandard_reason"):
+        delattr(config, "fulltune_nonstandard_reason")
+    config.num_attention_heads = shapes[0]["num_attention_heads"]
+    config.num_key_value_heads = shapes[0]["num_key_value_heads"]
+    config.intermediate_size = shapes[0]["intermediate_size"]
+    config.head_dim = head_dim
+    if hasattr(config, SHAPES_KEY):
+        delattr(config, SHAPES_KEY)
+    return True
+
+
+def standard_config_obstacle(config: Any, shapes: list[dict[str, int]]) -> str | None:
+    """Why a standard transformers config cannot describe these layer shapes (None: it can)."""
+    if any(s != shapes[0] for s in shapes):
+        return "layers have different widths"
+    n_q = shapes[0]["num_attention_heads"]
+    if config.hidden_size % n_q:  # LlamaConfig (and its kin) validate hidden_size % num_attention_heads
+        return (f"{n_q} query heads per layer do not divide hidden_size {config.hidden_size}, which transformers' "
+                f"{type(config).__name__} requires")
+    return None
+
+
+def export_note(config: Any) -> dict[str, Any]:
+    """What fulltune_run.json / README.md say about a pruned export's loading ({} for an unpruned model)."""
+    if getattr(config, SHAPES_KEY, None) is not None:
+        why = getattr(config, "fulltune_nonstandard_reason", None) or "layers have different widths"
+        return {"pruned_layers": f"fulltune's per-layer record ({why})", "loading": f"{UNEVEN_NOTE} (Here: {why}.)"}
+    return {}
+
+
+def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, report: dict | None = None) -> Path:
+    """Write a ``save_pretrained`` folder (safetensors) and a README.md saying how to load it.
+
+    Where every layer kept one shape, config.json is a standard config that plain ``from_pretrained`` loads; where
+    layers differ, it records the per-layer shapes (plain ``from_pretrained`` fails with size mismatches: use
+    `load_pruned`). ``report`` (from `prune_model`), if given, is written next to it as fulltune_prune_report.json.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    setattr(model.config, SHAPES_KEY, get_layer_shapes(model))
+    uniform = make_config_standard(model)
     model.save_pretrained(out)
+    note = UNIFORM_NOTE if uniform else export_note(model.config)["loading"]
+    (out / "README.md").write_text("# Pruned by fulltune\n\n" + note + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if report is not None:
@@ -449,8 +507,11 @@ def load_pruned(
     path = Path(path)
     config = AutoConfig.from_pretrained(path) if config is None else config
     shapes = getattr(config, SHAPES_KEY, None)
-    if shapes is None:
-        raise ValueError(f"{path}/config.json has no {SHAPES_KEY!r}: not saved by save_pruned")
+    if shapes is None:  # uniformly pruned (or unpruned): a standard config, which transformers loads by itself
+        dtype = torch_dtype if torch_dtype is not None else "auto"
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype).to(device).eval()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = decoder_layers(model)

@@ -53,6 +53,8 @@ class Precision:
     name: str
     dtype: torch.dtype | None
     device_type: str
+    note: str = ""
+    """Why this precision, when the config's word alone does not say it (mixed_precision: true)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -65,7 +67,14 @@ class Precision:
 
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:
-    """auto -> bf16 where the hardware has it (CUDA with bf16, CPU with bf16 units), else fp32."""
+    """auto -> bf16 where the hardware has it (CUDA with bf16, CPU with bf16 units), else fp32. amp (the seeds'
+    `mixed_precision: true`, torch.cuda.amp) -> fp16 with a grad scaler on CUDA, bf16 where fp16 is not available."""
+    note = ""
+    if mode == "amp":
+        if device.type == "cuda":
+            mode, note = "fp16", " (mixed_precision: true as in the seeds: fp16 autocast + GradScaler)"
+        else:
+            mode, note = "bf16", f" (mixed_precision: true as in the seeds means fp16, which needs CUDA: bf16 on {device.type})"
     if mode == "auto":
         if device.type == "cuda":
             mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -74,7 +83,7 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("hardware.mixed_precision=fp16 (training.fp16) needs CUDA; use bf16 or no on this machine")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mode]
-    return Precision(name=mode if dtype is not None else "fp32", dtype=dtype, device_type=device.type)
+    return Precision(name=mode if dtype is not None else "fp32", dtype=dtype, device_type=device.type, note=note)
 
 
 def seed_everything(seed: int) -> None:

@@ -43,6 +43,7 @@ from fulltune.runtime import (
 )
 from fulltune.sharded import save_fsdp_checkpoint
 from fulltune.tasks import TASKS, Task, TaskData, data_loader, infer_task, read_labels, validation_metric
+from fulltune.train_metrics import TrainAccuracy, log_train_accuracy
 
 __all__ = ["Trainer", "TrainingError", "setup", "train"]
 
@@ -222,7 +223,7 @@ class Trainer:
         share = 100 * self.trainable_params / self.total_params
         self.log.info(
             f"task {self.task_name} | method {cfg.method.name} | {len(self.data.train)} train examples{val}"
-            f" | device {self.device} | precision {self.precision.name}\n"
+            f" | device {self.device} | precision {self.precision.name}{self.precision.note}\n"
             f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation "
             f"{t.gradient_accumulation_steps} x world size {world_size()} | {self.steps_per_epoch} optimizer steps "
             f"per epoch, {s.total_steps} in all\n"
@@ -235,6 +236,7 @@ class Trainer:
         self.warmup = warmup_steps(t, s.total_steps)
         self.loader = self.make_loader(self.data.train, batch_sampler=self.sampler)
         self.throughput = Throughput(samples_at_start=s.samples_seen)
+        self.train_accuracy = TrainAccuracy(self.task_name, self.device)  # per epoch, to watch for overfitting
         self.model.train()
         self.log.start_progress(s.total_steps, s.optimizer_step)
 
@@ -276,8 +278,9 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
             with ddist.sync_context(self.model, i == n - 1), self.precision.autocast():
-                loss_sum, _ = self.task.loss(self.model, batch, t.label_smoothing)
+                loss_sum, logits = self.task.loss(self.model, batch, t.label_smoothing)
                 loss = loss_sum / count
+            self.train_accuracy.update(logits, batch)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_loss += loss.detach()
         if self.fused is None:  # (fused lean mode updated every tensor, and freed its gradient, in backward)
@@ -311,6 +314,7 @@ class Trainer:
         if s.batches_done >= self.batches_per_epoch:
             s.epoch, s.batches_done = epoch + 1, 0
         self._check_finite()
+        log_train_accuracy(self.log, s, self.train_accuracy.take())
         if not stop and not cfg.training.eval_every_steps:
             stop = self.evaluate()
         every = cfg.checkpoint.save_every_epochs

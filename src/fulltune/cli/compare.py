@@ -10,6 +10,7 @@ from typing import Any
 from fulltune.cli.flags import add_config_flags, flag_overrides
 from fulltune.compare import DEFAULT_LR_MULT, learning_rates, parse_methods, run_all, settings_of, write_comparison
 from fulltune.compare_clip import clip_notes, run_clip_rows, split_clip_rows
+from fulltune.compare_variants import VARIANT_METHODS, num_classes
 from fulltune.config import load_config
 from fulltune.methods import METHODS
 
@@ -25,7 +26,10 @@ def register(subparsers: Any) -> None:
     )
     add_config_flags(p, DATA_FLAGS, overrides=False)
     p.add_argument("--output_dir", help="folder of the comparison (default: the config's output_dir)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, from {', '.join(VARIANT_METHODS)}; variants as METHOD:key=value[;...], "
+                   "e.g. full,lora:r=8,lora:r=16,qlora (each variant its own run folder: lora-r8); for CLIP also "
+                   "zero_shot, full_zs_head, lp_ft, wise_ft")
     p.add_argument(
         "--lr_per_method", default="",
         help="e.g. lora=1e-3,linear_probe=x20 (absolute, or xN times training.base_learning_rate); default: "
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_all(args.config, overrides, root, methods, lrs, args.skip_done)
     full_lr = learning_rates(args.lr_per_method, ["full"], base.training.base_learning_rate)["full"]
     rows += run_clip_rows(args.config, overrides, args.skip_done, root, clip_rows, full_lr, rows)
-    table = write_comparison(root, settings_of(base, methods + clip_rows, lrs), rows, clip_notes(rows))
+    settings = settings_of(base, methods + clip_rows, lrs) | {"num_classes": num_classes(rows)}
+    table = write_comparison(root, settings, rows, clip_notes(rows))
     print(table + f"written: {root}/comparison.md, comparison.json, comparison.png, comparison.html")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -52,6 +52,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), help="plan for this device (sets hardware.device)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--no_dry_run", action="store_true", help="estimates only, no 2-step measurement")
+    p.add_argument("--performance", choices=("enough", "best"),
+                   help="the seeds' performance axis: good enough (LoRA) or the best result (full)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=32")
     p.set_defaults(func=run)
@@ -67,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--methods '{args.methods}': expected a comma-separated subset of {', '.join(METHODS)}")
     budget = parse_memory(args.memory_budget) if args.memory_budget else None
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
-    report = plan(cfg, budget, methods, calibrate=not args.no_dry_run, log=log)
+    report = plan(cfg, budget, methods, calibrate=not args.no_dry_run, log=log, performance=args.performance)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -63,16 +63,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("--importance_samples", type=int, default=16, help="calibration blocks for taylor importance")
     p.add_argument("--importance_seq_len", type=int, default=128, help="tokens per calibration block")
     p.add_argument("--train_file", "--data_file", dest="data_file",
-                   help="text or JSONL file for calibration and recovery training")
+                   help="text or JSONL file for calibration and recovery training "
+                   "(default: fulltune's built-in English text, see fulltune.prune_guide)")
     p.add_argument("--val_file", "--eval_file", dest="eval_file",
-                   help="text file for perplexity (--test_after_prune, --finetune)")
+                   help="text file for perplexity (--test_after_prune, --finetune; default: the built-in text's "
+                   "held-out split)")
+    p.add_argument("--torch_dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="dtype the model is read, pruned and written in (auto: the checkpoint's); also the recovery "
+                   "run's model.torch_dtype (full recovery keeps fp32 master weights, LoRA keeps the base in it)")
     p.add_argument("--save_model", action="store_true", help="write the pruned model to OUTPUT/pruned")
     p.add_argument("--test_after_prune", action="store_true", help="report perplexity before and after pruning")
     p.add_argument("--finetune", action="store_true", help="recovery training after pruning (saves pruned/ too)")
     p.add_argument("--config", help="fulltune YAML whose options the recovery run uses")
     for flag, (key, default) in FINETUNE_FLAGS.items():
         kind: Any = {str: str, int: int, float: float}[type(default)]
-        extra = {"choices": ("full", "lora")} if flag == "finetune_method" else {}
+        extra = {"choices": ("full", "lora", "qlora")} if flag == "finetune_method" else {}
         p.add_argument(f"--{flag}", type=kind, help=f"sets {key} (default {default}, or the --config value)", **extra)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recovery run")
     p.set_defaults(func=run)
@@ -97,6 +102,7 @@ def recovery_config(args: argparse.Namespace, pruned_dir: Path) -> Config:
         "model.name_or_path": str(pruned_dir),
         "model.tiny_config": None,
         "model.tokenizer": None,
+        "model.torch_dtype": args.torch_dtype,
         "data.train_file": args.data_file,
         "output_dir": str(output_dir(args) / "recovery"),
     })
@@ -112,19 +118,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--layer_start {args.layer_start} / --layer_end {args.layer_end}: expected 0 <= start < end")
     if args.importance_samples < 1 or args.importance_seq_len < 2:
         raise ConfigError("--importance_samples must be >= 1 and --importance_seq_len >= 2")
-    if args.data_file is None and (args.finetune or args.importance == "taylor"):
-        need = "--finetune" if args.finetune else "--importance taylor"
-        raise ConfigError(f"{need} needs --data_file (calibration and training text, .txt or .jsonl)")
-    if args.eval_file is None and (args.finetune or args.test_after_prune):
-        need = "--finetune" if args.finetune else "--test_after_prune"
-        raise ConfigError(f"{need} needs --eval_file (a text file to measure perplexity on)")
     for flag in ("data_file", "eval_file"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
             raise DataError(f"--{flag} '{path}' does not exist")
 
 
-def _load_base(path: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
+def _load_base(path: str, device: torch.device, torch_dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fulltune.models import resolve_model_path
@@ -135,10 +135,11 @@ def _load_base(path: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
     name = resolve_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
+        dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
         if Path(name).is_dir() and is_pruned_folder(name):
-            model = load_pruned(name, torch_dtype=torch.float32)
+            model = load_pruned(name, torch_dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as err:
         raise ConfigError(f"--base_model '{path}': cannot load a causal LM ({str(err).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer
@@ -180,11 +181,19 @@ def run(args: argparse.Namespace) -> int:
     from fulltune.models import load_exported
     from fulltune.perplexity import tokenize_text_file
     from fulltune.prune import PruneConfig, parameter_count, prune_model, save_pruned
+    from fulltune.prune_guide import GuideLog, builtin_text, publish_recovered
     from fulltune.runtime import resolve_device, resolve_precision, seed_everything
 
     _check_args(args)
     out = output_dir(args)
     pruned_dir = out / "pruned"
+    out.mkdir(parents=True, exist_ok=True)
+    guide = GuideLog(out)  # OUTPUT/logs/training.log, the log the guide greps
+    measure = args.eval_file is not None or args.test_after_prune or args.finetune
+    if args.data_file is None or args.eval_file is None:
+        train_text, eval_text, what = builtin_text(out)
+        args.data_file, args.eval_file = args.data_file or str(train_text), args.eval_file or str(eval_text)
+        guide.line(f"text: {what}")
     cfg = recovery_config(args, pruned_dir)  # validated before any slow step
     device = resolve_device(cfg.hardware.device)
     precision = resolve_precision(cfg.hardware.mixed_precision, device)
@@ -195,12 +204,14 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
 
     tic = time.perf_counter()
-    model, tokenizer = _load_base(args.base_model, device)
-    eval_ids = tokenize_text_file(args.eval_file, tokenizer) if args.eval_file else None
+    model, tokenizer = _load_base(args.base_model, device, args.torch_dtype)
+    guide.line(f"model {args.base_model}: {parameter_count(model):,} parameters in {next(model.parameters()).dtype}")
+    eval_ids = tokenize_text_file(args.eval_file, tokenizer) if measure else None
     if eval_ids is not None:
         print(f"original model ({args.base_model}):")
         rows.append({"model": "original", "parameters": parameter_count(model),
                      **_perplexity(model, eval_ids, block, device, precision)})
+        guide.perplexity("original", rows[-1]["perplexity"], rows[-1]["tokens"])
         timings["eval_original_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -219,16 +230,17 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--base_model '{args.base_model}': cannot prune it ({err})") from None
     timings["prune_s"] = time.perf_counter() - tic
-    print(f"pruned: {report['params_before']:,} -> {report['params_after']:,} parameters "
-          f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)")
+    guide.line(f"pruned: {report['params_before']:,} -> {report['params_after']:,} parameters "
+               f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)")
     if eval_ids is not None:
         tic = time.perf_counter()
         rows.append({"model": "pruned", "parameters": report["params_after"],
                      **_perplexity(model, eval_ids, block, device, precision)})
+        guide.perplexity("pruned", rows[-1]["perplexity"], rows[-1]["tokens"])
         timings["eval_pruned_s"] = time.perf_counter() - tic
     if args.save_model or args.finetune:
         save_pruned(model, tokenizer, pruned_dir, report)
-        print(f"pruned model written to {pruned_dir}")
+        guide.line(f"pruned model written to {pruned_dir}")
 
     recovered = None
     if args.finetune:
@@ -246,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"model": "recovered", "parameters": parameter_count(bundle.model),
                      **_perplexity(bundle.model, eval_ids, block, device, precision)})
         timings["eval_recovered_s"] = time.perf_counter() - tic
+        guide.perplexity("recovered", rows[-1]["perplexity"], rows[-1]["tokens"])
+        guide.line(f"recovered model written to {publish_recovered(recovered, out)}")
 
     results = {
         "base_model": args.base_model,
@@ -260,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     if rows:
-        print(format_results(rows))
-    print(f"written: {out / RESULTS_FILE}")
+        guide.line(format_results(rows))
+    guide.line(f"written: {out / RESULTS_FILE}; log: {guide.path}")
+    guide.close()
     return 0

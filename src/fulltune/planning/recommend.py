@@ -41,26 +41,60 @@ def with_method(cfg: Config, method: str, micro_batch: int | None = None, accumu
                    data=replace(cfg.data, batch_size=micro_batch or cfg.data.batch_size))
 
 
-def _order(n: int | None, full_fits: bool) -> tuple[list[str], str]:
-    """The users' decision rules: under ~1k examples LoRA; 1k-10k LoRA or full; 10k+ and memory to spare full."""
-    every, small = ["full", "lora", "partial", "linear_probe"], ["lora", "partial", "linear_probe"]
+def _order(n: int | None, full_fits: bool, performance: str | None = None) -> tuple[list[str], str]:
+    """The seeds' decision rules (002's decision tree, 000's advice), and which one fired.
+
+    data: under 1k examples LoRA/QLoRA; 1k-10k LoRA (recommended) or full; over 10k full where memory allows.
+    memory (measured, not the seeds' 16/24 GB marks, which were for their CLIP job): each method in this order only
+    where it fits (at some micro-batch); QLoRA (4-bit base, CUDA) where not even LoRA fits. performance: "enough"
+    LoRA, "best" full.
+    """
+    tail = ["partial", "linear_probe"]
+    if performance == "best":
+        return ["full", "lora", "qlora", *tail], ("rule performance: the best result wanted -> full fine-tuning "
+                                                  "where memory allows (rule memory: else LoRA, then QLoRA)")
+    if performance == "enough":
+        return ["lora", "qlora", "full", *tail], "rule performance: good enough -> LoRA"
     if n is None:
-        return every, "training set size unknown: choosing by memory alone"
+        return (["full", "lora", "qlora", *tail] if full_fits else ["lora", "qlora", *tail]), (
+            "training set size unknown: rule memory alone -> " + ("full (it fits)" if full_fits else "LoRA"))
     if n < 1000:
-        return small, f"{n:,} training examples (under ~1k): LoRA, whose few parameters overfit a small set less"
-    if n < 10_000:
-        return (every if full_fits else small), (f"{n:,} training examples (1k-10k): LoRA or full; full "
-                                                 + ("fits as configured, so full" if full_fits else
-                                                    "does not fit as configured, so LoRA"))
-    return every, f"{n:,} training examples (10k+): enough for full fine-tuning to beat LoRA where memory allows"
+        return ["lora", "qlora", *tail], (f"rule data: {n:,} training examples (under 1k) -> LoRA/QLoRA, whose few "
+                                          "parameters overfit a small set less")
+    if n <= 10_000:
+        return ["lora", "qlora", "full", *tail], (f"rule data: {n:,} training examples (1k-10k) -> LoRA (recommended) "
+                                                  "or full; --performance best asks for full")
+    return ["full", "lora", "qlora", *tail], (f"rule data: {n:,} training examples (over 10k) -> full fine-tuning "
+                                              "where memory allows (rule memory: else LoRA, then QLoRA)")
+
+
+QLORA_BYTES_PER_FROZEN_PARAM = 0.53
+"""NF4 weights with double-quantised block constants: 4 bits + ~0.13 bits of constants (bitsandbytes)."""
+
+
+def _qlora_estimate(lora: Estimate) -> Estimate:
+    """QLoRA from LoRA's estimate: the frozen base at 4 bits instead of its dtype, the rest as LoRA."""
+    frozen = lora.total - lora.trainable
+    per_param = lora.weights / max(lora.total, 1)
+    weights = frozen * QLORA_BYTES_PER_FROZEN_PARAM + lora.trainable * per_param
+    ratio = lora.measured / lora.peak if lora.measured else 1.0
+    peak = (lora.peak - lora.weights + weights) * ratio
+    return replace(lora, method="qlora", weights=weights, peak=peak, measured=None,
+                   note="qlora: estimated from LoRA's with a 4-bit base (no dry run)")
 
 
 def recommend(cfg: Config, task: str, results: dict[str, tuple[Estimate, Facts]], budget: int, n: int | None,
-              device_type: str) -> Recommendation:
-    """The first method of the decision rules that fits, at the largest micro-batch that fits (halving from the
-    configured one), accumulating to the configured global batch; checkpointing only if nothing fits without."""
+              device_type: str, performance: str | None = None) -> Recommendation:
+    """The first method of the seeds' decision rules that fits, at the largest micro-batch that fits (halving from
+    the configured one), accumulating to the configured global batch; checkpointing only if nothing fits without.
+    QLoRA (CUDA only) is priced from LoRA's estimate; the reasons say which rule fired."""
     limit, global_batch = FIT_FRACTION * budget, cfg.data.batch_size * cfg.training.gradient_accumulation_steps
-    order, why = _order(n, "full" in results and results["full"][0].best <= limit)
+    cuda = device_type == "cuda"
+    full_fits = "full" in results and results["full"][0].best <= limit
+    order, why = _order(n, full_fits, performance)
+    if "lora" in results and cuda and "qlora" not in results:
+        results = {**results, "qlora": (_qlora_estimate(results["lora"][0]), results["lora"][1])}
+    notes = [] if cuda else ["QLoRA left out: bitsandbytes' 4-bit base needs CUDA"]
     sizes = sorted({cfg.data.batch_size} | {2**k for k in range(16) if 2**k < cfg.data.batch_size}, reverse=True)
     for method in [m for m in order if m in results]:
         est, facts = results[method]
@@ -68,20 +102,30 @@ def recommend(cfg: Config, task: str, results: dict[str, tuple[Estimate, Facts]]
         for checkpointing in sorted({cfg.training.gradient_checkpointing, True}):
             for m in sizes:
                 accumulation = math.ceil(global_batch / m)
-                peak = estimate(with_method(cfg, method, m, accumulation, checkpointing), task, facts, device_type).peak
+                if method == "qlora":  # LoRA's estimate at this size, its base at 4 bits
+                    lora = results["lora"][0]
+                    ratio = lora.measured / lora.peak if lora.measured else 1.0
+                    peak = (estimate(with_method(cfg, "lora", m, accumulation, checkpointing), task, facts, device_type).peak
+                            - lora.weights + est.weights)
+                else:
+                    peak = estimate(with_method(cfg, method, m, accumulation, checkpointing), task, facts, device_type).peak
                 if peak * ratio > limit:
                     continue
                 skipped = [x for x in order[: order.index(method)] if x in results]
+                if method == "qlora":
+                    notes.append("rule memory: not even LoRA fits the budget -> QLoRA (4-bit NF4 base: the seeds' "
+                                 "choice under 16 GB)")
                 speeds = ", ".join(f"{k} {e.forward_passes:.1f}" for k, (e, _) in results.items())
                 return Recommendation(method, m, accumulation, checkpointing, peak * ratio, [
                     why, f"memory: {method} at micro-batch {m} x accumulation {accumulation} peaks at "
                     f"~{human(peak * ratio)}, {peak * ratio / budget:.0%} of the {human(budget)} budget"
                     + (" with gradient checkpointing" if checkpointing else ""),
                     *([f"{', '.join(skipped)} would not fit even at micro-batch 1 with checkpointing"] if skipped else []),
+                    *notes,
                     f"speed, in forward passes per step: {speeds}" + ("; checkpointing adds one" if checkpointing else "")])
     return Recommendation(None, 0, 0, True, 0.0, [why, f"nothing fits {human(budget)}, even at micro-batch 1 with "
                                                        "checkpointing: try training.memory=lean, shorter inputs or "
-                                                       "a smaller model"])
+                                                       "a smaller model", *notes])
 
 
 def available_memory(device_type: str) -> int | None:
@@ -96,7 +140,7 @@ def available_memory(device_type: str) -> int | None:
 
 
 def plan(cfg: Config, budget: int | None = None, methods: tuple[str, ...] = METHODS, calibrate: bool = True,
-         log: Any = None) -> dict[str, Any]:
+         log: Any = None, performance: str | None = None) -> dict[str, Any]:
     """Estimate every method for `cfg`, measure those that fit, recommend one: the report `cmd_plan` prints."""
     from fulltune.tasks import infer_task
 
@@ -145,5 +189,5 @@ def plan(cfg: Config, budget: int | None = None, methods: tuple[str, ...] = METH
         "tokens": next(iter(results.values()))[1].tokens, "accumulation": cfg.training.gradient_accumulation_steps,
         "examples": n, "examples_source": source, "budget": budget, "budget_source": budget_source,
         "measured_how": how, "methods": [asdict(e) for e, _ in results.values()] + errors,
-        "recommendation": asdict(recommend(cfg, task, results, budget, n, device_type)),
+        "recommendation": asdict(recommend(cfg, task, results, budget, n, device_type, performance)),
     }

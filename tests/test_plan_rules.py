@@ -1,0 +1,55 @@
+"""`fulltune plan` recommends by the seeds' rules (002's decision tree): data size, memory, performance need,
+and says which rule fired (issue 13)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_plan import family_config
+
+from fulltune import planning as plan
+from fulltune.methods import METHODS
+from fulltune.planning import recommend as plan_rules
+
+
+def _results(tmp_path: Path, family: str = "llama"):
+    cfg, task, labels = family_config(tmp_path, family, "full")
+    results = {}
+    for method in METHODS:
+        facts = plan.inspect_model(plan.with_method(cfg, method), task, labels)
+        results[method] = plan.estimate(plan.with_method(cfg, method), task, facts, "cpu"), facts
+    return cfg, task, results
+
+
+def test_data_size_rules(tmp_path):
+    cfg, task, results = _results(tmp_path)
+    roomy = int(4 * results["full"][0].peak)
+    small = plan.recommend(cfg, task, results, roomy, 500, "cpu")
+    assert small.method == "lora" and "rule data" in small.reasons[0] and "under 1k" in small.reasons[0]
+    mid = plan.recommend(cfg, task, results, roomy, 5_000, "cpu")  # the seeds: LoRA recommended below 10k
+    assert mid.method == "lora" and "1k-10k" in mid.reasons[0]
+    big = plan.recommend(cfg, task, results, roomy, 50_000, "cpu")
+    assert big.method == "full" and "over 10k" in big.reasons[0]
+    assert any("QLoRA left out" in r for r in big.reasons)  # on CPU
+
+
+def test_performance_rule(tmp_path):
+    cfg, task, results = _results(tmp_path)
+    roomy = int(4 * results["full"][0].peak)
+    best = plan.recommend(cfg, task, results, roomy, 5_000, "cpu", performance="best")
+    assert best.method == "full" and best.reasons[0].startswith("rule performance")
+    enough = plan.recommend(cfg, task, results, roomy, 50_000, "cpu", performance="enough")
+    assert enough.method == "lora" and "good enough" in enough.reasons[0]
+
+
+def test_memory_rule_picks_qlora_on_cuda_when_lora_does_not_fit(tmp_path):
+    cfg, task, results = _results(tmp_path)
+    lora = results["lora"][0]
+    qlora = plan_rules._qlora_estimate(lora)
+    assert qlora.weights < lora.weights
+    # A budget between QLoRA's and LoRA's smallest peaks (micro-batch 1, checkpointing): only QLoRA fits.
+    lora_min = plan.estimate(plan.with_method(cfg, "lora", 1, 16, True), task, results["lora"][1], "cuda").peak
+    budget = int((lora_min - 0.5 * (lora.weights - qlora.weights)) / plan.FIT_FRACTION)
+    rec = plan.recommend(cfg, task, {k: v for k, v in results.items() if k in ("lora",)}, budget, 500, "cuda")
+    assert rec.method == "qlora", rec.reasons
+    assert any("rule memory" in r and "QLoRA" in r for r in rec.reasons)
