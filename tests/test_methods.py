@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 
 from fulltune import train as train_module
 from fulltune.config import ConfigError, load_config
+from fulltune.layermap import layer_map
 from fulltune.methods import enable_gradient_checkpointing, plan_trainable, wrap_lora
-from fulltune.models import build_model, layer_map
+from fulltune.models import build_model
 from fulltune.optim import lr_factor
 from fulltune.safestate import load_state
 from fulltune.train import setup, train

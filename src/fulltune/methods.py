@@ -16,7 +16,8 @@ from torch import nn
 
 from fulltune.config import Config, UnfreezeStep
 from fulltune.errors import ConfigError
-from fulltune.models import LayerMap, ModelBundle, build_model, is_under, layer_map, strip_peft_prefix
+from fulltune.layermap import LayerMap, is_under, layer_map, strip_peft_prefix
+from fulltune.models import ModelBundle, build_model
 
 METHODS = ("linear_probe", "partial", "lora", "full")
 """The values of method.name, cheapest first (the order `compare` runs them in)."""

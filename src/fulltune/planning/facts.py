@@ -79,7 +79,7 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
 
 def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
     """Facts of cfg.method.name's model: the trainable set is exactly the one `fulltune train` would train."""
-    from fulltune.models import strip_peft_prefix
+    from fulltune.layermap import strip_peft_prefix
 
     with torch.device("meta"):
         model, plan = prepare(_meta_config(cfg), task, labels, torch.device("meta"))
