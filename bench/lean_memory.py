@@ -59,7 +59,8 @@ def build(mode: str, cfg: Any, lr: float) -> tuple[Any, Any, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
-    from fulltune.lean import BF16AdamW, attach_fused_step
+    from fulltune.lean import BF16AdamW
+    from fulltune.lean_fused import attach_fused_step
     from fulltune.methods import enable_gradient_checkpointing
 
     lean = mode.startswith("lean")

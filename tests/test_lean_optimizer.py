@@ -13,7 +13,8 @@ from conftest import TINY_BERT
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
-from fulltune.lean import BF16AdamW, attach_fused_step, build_lean_optimizer, lean_bytes_per_param
+from fulltune.lean import BF16AdamW, build_lean_optimizer, lean_bytes_per_param
+from fulltune.lean_fused import attach_fused_step
 
 
 def mlp(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:

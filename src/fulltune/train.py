@@ -20,7 +20,7 @@ from fulltune import distributed as ddist
 from fulltune.config import Config, save_config
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.errors import TrainingError
-from fulltune.lean import describe_lean_mode, fuses_step
+from fulltune.lean_fused import describe_lean_mode, fuses_step
 from fulltune.methods import TrainablePlan, apply_trainable, describe_groups, param_groups, prepare_model
 from fulltune.metrics import classification_metrics, lm_metrics, scalar_metrics
 from fulltune.modelcard import card_facts
@@ -177,7 +177,7 @@ class Trainer:
 
     def _attach_fused(self) -> None:
         """(Re)hook lean mode's in-backward optimizer step onto the parameters that train now."""
-        from fulltune.lean import attach_fused_step
+        from fulltune.lean_fused import attach_fused_step
 
         if self.fused is not None:
             self.fused.remove()

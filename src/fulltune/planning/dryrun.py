@@ -74,7 +74,7 @@ def dry_run(cfg: Config, task: str, labels: list[str] | None, facts: Facts, devi
     stepped by the trainer's own functions. CUDA: torch.cuda.max_memory_allocated. CPU: the peak RSS during the
     steps over the RSS after building model and optimizer and a one-sample forward and backward, plus the weights'
     bytes (part of that baseline, so counted, not measured)."""
-    from fulltune.lean import attach_fused_step, fuses_step
+    from fulltune.lean_fused import attach_fused_step, fuses_step
     from fulltune.methods import param_groups
     from fulltune.optim import build_optimizer, optimizer_step
     from fulltune.runtime import resolve_precision, seed_everything
