@@ -19,7 +19,8 @@ from PIL import Image
 
 from fulltune.cli import main
 from fulltune.config import load_config
-from fulltune.evaluate import evaluate_checkpoint, summarize_confusion
+from fulltune.evaluate import evaluate_checkpoint
+from fulltune.metrics import summarize_confusion
 from fulltune.report_html import build_comparison, build_report, per_class
 from fulltune.train import train
 
