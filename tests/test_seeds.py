@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_CLIP
 
-from fulltune import config
+from fulltune.config import load as config_load
 from fulltune.config import load_config
 from fulltune.methods import param_groups, plan_trainable
 from fulltune.train import setup, train
@@ -35,7 +35,7 @@ def test_seed_snippet_loads_and_trains_one_step(tmp_path, image_data, fixture):
 
 
 def test_seed_layouts_map_onto_fulltune_keys(capsys):
-    config._LOGGED_LAYOUTS.clear()  # each mapping is said once per process; earlier tests may have said it
+    config_load._LOGGED_LAYOUTS.clear()  # each mapping is said once per process; earlier tests may have said it
     cfg = load_config(SEEDS / "000_layerwise_lr.yaml")
     assert cfg.training.layerwise_lr.enabled and cfg.training.layerwise_lr.decay_rate == 0.95
     cfg = load_config(SEEDS / "000_progressive_unfreezing.yaml")

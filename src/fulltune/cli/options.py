@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from fulltune import config as config_module
 from fulltune.config import ALIASES, Config, to_dict
+from fulltune.config import sections as config_module
 from fulltune.errors import ConfigError
 
 # Help for flags that were registered without any: every flag says what it does.

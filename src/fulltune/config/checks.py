@@ -1,0 +1,135 @@
+"""Checks that types alone cannot express: cross-field rules and every numeric value in its range, at load, before
+any folder is created; each error names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fulltune.config.sections import (
+    Config,
+)
+from fulltune.errors import ConfigError
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    t, d = cfg.training, cfg.data
+    checks = [
+        (d.batch_size >= 1, "data.batch_size must be >= 1"),
+        (t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps must be >= 1"),
+        (t.num_epochs >= 1 or (t.max_steps or 0) >= 1, "training.num_epochs must be >= 1"),
+        (t.base_learning_rate > 0, "training.base_learning_rate must be > 0"),
+        (0 <= t.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)"),
+        (0 <= t.label_smoothing < 1, "training.label_smoothing must be in [0, 1)"),
+        (0 < t.layerwise_lr.decay_rate <= 1, "training.layerwise_lr.decay_rate must be in (0, 1]"),
+        (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
+        (t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm must be > 0 or null"),
+        (cfg.method.trainable_layers >= 0, "method.trainable_layers must be >= 0"),
+        (d.max_length >= 2 and d.seq_len >= 2, "data.max_length and data.seq_len must be >= 2"),
+        (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    check_ranges(cfg)
+    _validate_head_init(cfg)
+    pu = t.progressive_unfreezing
+    if isinstance(pu.auto, int) and pu.auto < 1:
+        raise ConfigError(f"training.progressive_unfreezing.auto must be >= 1 or 'proportional', got {pu.auto}")
+    if t.layer_groups_lr is not None:
+        from fulltune.config.load import _coerce  # (load imports this module)
+
+        for name, lr in list(t.layer_groups_lr.items()):
+            t.layer_groups_lr[name] = _coerce(lr, float, f"training.layer_groups_lr.{name}")
+            if t.layer_groups_lr[name] <= 0:
+                raise ConfigError(f"training.layer_groups_lr.{name} must be > 0, got {lr}")
+
+
+METRICS = {
+    "text_classification": ("accuracy", "top5_accuracy", "macro_f1", "loss"),
+    "image_classification": ("accuracy", "top5_accuracy", "macro_f1", "loss"),
+    "causal_lm": ("loss", "perplexity"),
+}
+"""Validation metrics each task reports (what training.metric may name)."""
+
+_ANY = object()
+
+
+def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
+    """(key, value, predicate, what is allowed) for every numeric key with a range; None values are defaults."""
+    t, d, h, c, a = cfg.training, cfg.data, cfg.hardware, cfg.checkpoint, cfg.data.augmentation
+    ge = lambda n: (lambda v: v >= n, f">= {n}")  # noqa: E731
+    optional_ge = lambda n: (lambda v: v is None or v >= n, f">= {n} (or null)")  # noqa: E731
+    unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+    return [
+        ("logging.log_every_steps", cfg.logging.log_every_steps, *ge(1)),
+        ("data.eval_batch_size", d.eval_batch_size, *optional_ge(1)),
+        ("data.max_samples", d.max_samples, *optional_ge(1)),
+        ("data.max_eval_samples", d.max_eval_samples, lambda v: v is None or v >= 1,
+         ">= 1 (an empty validation set cannot pick best/; for no validation at all give no validation split and "
+         "set data.val_fraction=0)"),
+        ("data.image_size", d.image_size, *optional_ge(1)),
+        ("data.num_workers", d.num_workers, *ge(-1)),
+        ("data.num_classes", d.num_classes, *optional_ge(2)),
+        ("data.augmentation.color_jitter", a.color_jitter, *ge(0)),
+        ("data.augmentation.rotation", a.rotation, lambda v: 0 <= v <= 180, "in [0, 180]"),
+        ("data.augmentation.crop_scale", a.crop_scale, lambda v: 0 < v[0] <= v[1] <= 1, "two fractions 0 < a <= b <= 1"),
+        ("hardware.num_threads", h.num_threads, *optional_ge(1)),
+        ("training.adam_beta1", t.adam_beta1, *unit),
+        ("training.adam_beta2", t.adam_beta2, *unit),
+        ("training.adam_epsilon", t.adam_epsilon, lambda v: v > 0, "> 0"),
+        ("training.max_steps", t.max_steps, *optional_ge(1)),
+        ("training.num_epochs", t.num_epochs, *ge(0)),
+        ("training.weight_decay", t.weight_decay, *ge(0)),
+        ("training.warmup_steps", t.warmup_steps, *optional_ge(0)),
+        ("training.min_lr_ratio", t.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("training.head_lr_mult", t.head_lr_mult, lambda v: v > 0, "> 0"),
+        ("training.eval_every_steps", t.eval_every_steps, *optional_ge(1)),
+        ("training.early_stopping.min_delta", t.early_stopping.min_delta, *ge(0)),
+        ("training.early_stopping.patience", t.early_stopping.patience, *ge(1)),
+        ("training.progressive_unfreezing.auto", t.progressive_unfreezing.auto, *optional_ge(1)),
+        ("checkpoint.save_every_epochs", c.save_every_epochs, *ge(0)),
+        ("checkpoint.save_every_steps", c.save_every_steps, *optional_ge(1)),
+        ("checkpoint.keep_last", c.keep_last, *ge(0)),
+        ("method.lora.r", cfg.method.lora.r, *ge(1)),
+        ("method.lora.alpha", cfg.method.lora.alpha, lambda v: v > 0, "> 0"),
+        ("method.lora.dropout", cfg.method.lora.dropout, *unit),
+    ]
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every numeric value in its range, the metric known to the task: one error naming key, value and range."""
+    import math
+
+    for key, value, ok, allowed in _ranges(cfg):
+        bad_float = isinstance(value, float) and not math.isfinite(value)
+        if bad_float or not ok(value):
+            raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {allowed}")
+    import codecs
+
+    try:
+        codecs.lookup(cfg.data.encoding)
+    except LookupError:
+        raise ConfigError(f"config key 'data.encoding': unknown encoding {cfg.data.encoding!r}") from None
+    metric = cfg.training.metric
+    known = METRICS.get(cfg.task) or tuple(dict.fromkeys(m for ms in METRICS.values() for m in ms))
+    if metric != "auto" and metric not in known:
+        where = f"task {cfg.task}" if cfg.task in METRICS else "any task"
+        raise ConfigError(f"config key 'training.metric': '{metric}' is not a metric of {where}; choose auto, "
+                          + ", ".join(known))
+def _validate_head_init(cfg: Config) -> None:
+    m = cfg.method
+    for i, template in enumerate(m.prompt_templates):
+        if template.count("{}") != 1:
+            raise ConfigError(f"method.prompt_templates[{i}] '{template}': needs exactly one {{}} where the class name goes")
+    if m.head_init != "random" and not m.prompt_templates:
+        raise ConfigError(f"method.head_init={m.head_init}: method.prompt_templates is empty")
+    if m.head_init == "linear_probe":
+        if m.head_init_epochs < 1:
+            raise ConfigError("method.head_init_epochs must be >= 1")
+        if cfg.training.progressive_unfreezing.enabled:
+            raise ConfigError("method.head_init=linear_probe is itself an unfreeze schedule (head first, then the method); "
+                              "disable training.progressive_unfreezing or use head_init random")
+        if cfg.training.max_steps is None and m.head_init_epochs >= cfg.training.num_epochs:
+            raise ConfigError(f"method.head_init_epochs={m.head_init_epochs} leaves no epoch of fine-tuning in "
+                              f"training.num_epochs={cfg.training.num_epochs}")
