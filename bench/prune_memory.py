@@ -91,8 +91,9 @@ def child_prune(importance: str, work: Path, materialize: bool) -> dict:
     from fulltune.cli.prune import _load_base
     from fulltune.config import load_config
     from fulltune.data import lm
-    from fulltune.prune import PruneConfig, count_parameters, prune_model, save_pruned
+    from fulltune.prune import PruneConfig, count_parameters, prune_model
     from fulltune.prune_guide import builtin_text
+    from fulltune.prune_io import save_pruned
 
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()

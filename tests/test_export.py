@@ -150,7 +150,8 @@ def test_image_export_gives_the_checkpoint_logits(tmp_path, image_data):
 def test_pruned_folder_has_a_card_and_exports_to_plain_transformers(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from fulltune.prune import PruneConfig, get_layer_shapes, load_pruned, prune_model, save_pruned
+    from fulltune.prune import PruneConfig, get_layer_shapes, prune_model
+    from fulltune.prune_io import load_pruned, save_pruned
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3,

@@ -20,16 +20,8 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from fulltune.prune import (  # noqa: E402
-    PruneConfig,
-    allocate_layer_ratios,
-    get_layer_shapes,
-    is_pruned_folder,
-    load_pruned,
-    parameter_count,
-    prune_model,
-    save_pruned,
-)
+from fulltune.prune import PruneConfig, allocate_layer_ratios, get_layer_shapes, parameter_count, prune_model
+from fulltune.prune_io import is_pruned_folder, load_pruned, save_pruned
 
 TINY = config_kwargs(TINY_LLAMA_GQA)
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = (TINY[k] for k in (

@@ -17,7 +17,8 @@ from fulltune.cli.prune import RESULTS_FILE, recovery_config
 from fulltune.errors import ConfigError, DataError
 from fulltune.evaluate import evaluate_checkpoint
 from fulltune.models import load_exported
-from fulltune.prune import get_layer_shapes, is_pruned_folder, load_pruned
+from fulltune.prune import get_layer_shapes
+from fulltune.prune_io import is_pruned_folder, load_pruned
 
 QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "hardware.mixed_precision=no"]
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from fulltune.prune import PruneConfig, is_pruned_folder, load_pruned, prune_model, save_pruned
+from fulltune.prune import PruneConfig, prune_model
+from fulltune.prune_io import is_pruned_folder, load_pruned, save_pruned
 
 
 def tiny_llama() -> LlamaForCausalLM:

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fulltune import cli, prune_guide
 from fulltune.data.docstrings import build_docstring_dataset
-from fulltune.prune import is_pruned_folder
+from fulltune.prune_io import is_pruned_folder
 
 # The six command lines of 003 as printed there (方案1, 方案2, 场景1-4); `python llama3_..._gqa_aware.py` becomes
 # `fulltune prune`, and only --base_model's path changes.

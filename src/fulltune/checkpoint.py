@@ -94,7 +94,7 @@ def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dic
         bundle.tokenizer.save_pretrained(str(out_dir))
     if bundle.image_spec is not None:
         save_image_processor(bundle.image_spec, model.config, out_dir)
-    from fulltune.prune import export_note
+    from fulltune.prune_io import export_note
 
     note = export_note(model.config)  # a pruned model with per-layer widths: say how it loads
     if note:

@@ -29,7 +29,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def resolve_source(source: str | Path) -> Path:
     """The exported folder behind a run folder, checkpoint, best/ or prune output."""
-    from fulltune.prune import is_pruned_folder
+    from fulltune.prune_io import is_pruned_folder
 
     p = Path(source)
     if not p.is_dir():
@@ -116,7 +116,7 @@ def _load_plain(src: Path, task: str) -> tuple[nn.Module, bool]:
     """The folder's model in float32, and whether it was a pruned layout (now padded)."""
     import transformers as tf
 
-    from fulltune.prune import is_pruned_folder, load_pruned
+    from fulltune.prune_io import is_pruned_folder, load_pruned
 
     if is_pruned_folder(src):
         return unprune(load_pruned(src, torch_dtype=torch.float32)), True

@@ -105,7 +105,7 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
         return (
             "This folder keeps the pruned per-layer widths, which plain `from_pretrained` cannot build. Load it with\n"
             "fulltune, or make a plain-transformers copy with `fulltune export THIS_FOLDER --output_dir DIR`:\n\n"
-            "```python\nfrom fulltune.prune import load_pruned\nmodel = load_pruned(\"PATH\")\n```\n"
+            "```python\nfrom fulltune.prune_io import load_pruned\nmodel = load_pruned(\"PATH\")\n```\n"
         )
     if meta.get("adapter_only"):
         return (
@@ -214,7 +214,7 @@ def render(meta: dict[str, Any]) -> str:
 
 def write_model_card(folder: str | Path, meta: dict[str, Any]) -> Path:
     """README.md in `folder` (already holding config.json): a pruned layout is told apart from config.json."""
-    from fulltune.prune import is_pruned_folder
+    from fulltune.prune_io import is_pruned_folder
 
     if is_pruned_folder(folder):
         meta = {**meta, "pruned_layout": True}

@@ -185,7 +185,7 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
         if dtype != "auto":
             model = model.to(dtype)
     elif task == "causal_lm" and _is_pruned(path):
-        from fulltune.prune import load_pruned
+        from fulltune.prune_io import load_pruned
 
         if quant is not None:
             raise ConfigError(f"method.name=qlora: '{path}' is a pruned folder with per-layer widths, which "
@@ -220,7 +220,7 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
 
 
 def _is_pruned(path: str) -> bool:
-    from fulltune.prune import is_pruned_folder
+    from fulltune.prune_io import is_pruned_folder
 
     return Path(path).is_dir() and is_pruned_folder(path)
 
@@ -321,10 +321,10 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
     name = torch_dtype or meta.get("fulltune_config", {}).get("model", {}).get("torch_dtype") or "float32"
     dtype = resolve_dtype(name)
     if task == "causal_lm":
-        from fulltune import prune
+        from fulltune import prune_io
 
-        if prune.is_pruned_folder(path):
-            model = prune.load_pruned(path, torch_dtype=dtype)
+        if prune_io.is_pruned_folder(path):
+            model = prune_io.load_pruned(path, torch_dtype=dtype)
         else:
             model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **safe)
     elif task == "image_classification":

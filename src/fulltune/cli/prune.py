@@ -128,7 +128,7 @@ def _load_base(path: str, device: torch.device, torch_dtype: str = "float32") ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fulltune.models import resolve_model_path
-    from fulltune.prune import is_pruned_folder, load_pruned
+    from fulltune.prune_io import is_pruned_folder, load_pruned
 
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
         raise ConfigError(f"--base_model '{path}': no such folder")
@@ -180,8 +180,9 @@ def run(args: argparse.Namespace) -> int:
     from fulltune.data import lm
     from fulltune.models import load_exported
     from fulltune.perplexity import tokenize_text_file
-    from fulltune.prune import PruneConfig, parameter_count, prune_model, save_pruned
+    from fulltune.prune import PruneConfig, parameter_count, prune_model
     from fulltune.prune_guide import GuideLog, builtin_text, publish_recovered
+    from fulltune.prune_io import save_pruned
     from fulltune.runtime import resolve_device, resolve_precision, seed_everything
 
     _check_args(args)

@@ -59,7 +59,7 @@ def _meta_config(cfg: Config) -> Config:
     from transformers import AutoConfig
 
     from fulltune.models import resolve_model_path
-    from fulltune.prune import is_pruned_folder
+    from fulltune.prune_io import is_pruned_folder
 
     path = None if cfg.model.tiny_config is not None else resolve_model_path(cfg.model.name_or_path)
     if path is None or (Path(path).is_dir() and is_pruned_folder(path)):
