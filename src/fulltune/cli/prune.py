@@ -176,11 +176,50 @@ def format_results(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def _prune(args: argparse.Namespace, model: Any, tokenizer: Any, cfg: Config, out: Path) -> dict[str, Any]:
+    """Prune `model` in place as the flags say (Taylor importance from calibration blocks of --data_file)."""
     from fulltune.data import lm
+    from fulltune.prune import PruneConfig, prune_model
+
+    calibration = None
+    if args.importance == "taylor":
+        data_cfg = dataclasses.replace(cfg.data, seq_len=args.importance_seq_len)
+        calibration = lm.load_blocks(Path(args.data_file), data_cfg, tokenizer, out / "cache",
+                                     args.importance_samples, cfg.training.seed).input_ids  # (n, seq_len)
+    prune_cfg = PruneConfig(
+        pruning_ratio=args.pruning_ratio, importance=args.importance, prune_mlp=args.prune_mlp,
+        layer_start=args.layer_start, layer_end=args.layer_end, layer_ratios=args.layer_ratios,
+        calibration_block_size=args.importance_seq_len, num_calibration_samples=args.importance_samples,
+    )
+    try:
+        return prune_model(model, prune_cfg, calibration)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--base_model '{args.base_model}': cannot prune it ({err})") from None
+
+
+def _recover(cfg: Config, device: Any, precision: Any, eval_ids: Any, block: int,
+             timings: dict[str, float]) -> tuple[Path, dict[str, Any]]:
+    """Recovery training of the pruned model with fulltune's trainer; its folder and its perplexity row."""
     from fulltune.models import load_exported
+    from fulltune.prune import parameter_count
+    from fulltune.train import train
+
+    tic = time.perf_counter()
+    summary = train(cfg)
+    timings["recovery_train_s"] = time.perf_counter() - tic
+    recovered = _recovered_folder(summary)
+    bundle = load_exported(recovered, device)
+    print(f"recovered model ({recovered}):")
+    tic = time.perf_counter()
+    row = {"model": "recovered", "parameters": parameter_count(bundle.model),
+           **_perplexity(bundle.model, eval_ids, block, device, precision)}
+    timings["eval_recovered_s"] = time.perf_counter() - tic
+    return recovered, row
+
+
+def run(args: argparse.Namespace) -> int:
     from fulltune.perplexity import tokenize_text_file
-    from fulltune.prune import PruneConfig, parameter_count, prune_model
+    from fulltune.prune import parameter_count
     from fulltune.prune_guide import GuideLog, builtin_text, publish_recovered
     from fulltune.prune_io import save_pruned
     from fulltune.runtime import resolve_device, resolve_precision, seed_everything
@@ -216,20 +255,7 @@ def run(args: argparse.Namespace) -> int:
         timings["eval_original_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    calibration = None
-    if args.importance == "taylor":
-        data_cfg = dataclasses.replace(cfg.data, seq_len=args.importance_seq_len)
-        calibration = lm.load_blocks(Path(args.data_file), data_cfg, tokenizer, out / "cache",
-                                     args.importance_samples, cfg.training.seed).input_ids  # (n, seq_len)
-    prune_cfg = PruneConfig(
-        pruning_ratio=args.pruning_ratio, importance=args.importance, prune_mlp=args.prune_mlp,
-        layer_start=args.layer_start, layer_end=args.layer_end, layer_ratios=args.layer_ratios,
-        calibration_block_size=args.importance_seq_len, num_calibration_samples=args.importance_samples,
-    )
-    try:
-        report = prune_model(model, prune_cfg, calibration)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"--base_model '{args.base_model}': cannot prune it ({err})") from None
+    report = _prune(args, model, tokenizer, cfg, out)
     timings["prune_s"] = time.perf_counter() - tic
     guide.line(f"pruned: {report['params_before']:,} -> {report['params_after']:,} parameters "
                f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)")
@@ -245,21 +271,11 @@ def run(args: argparse.Namespace) -> int:
 
     recovered = None
     if args.finetune:
-        from fulltune.train import train
-
         del model  # the run loads its own copy from pruned/
         gc.collect()
-        tic = time.perf_counter()
-        summary = train(cfg)
-        timings["recovery_train_s"] = time.perf_counter() - tic
-        recovered = _recovered_folder(summary)
-        bundle = load_exported(recovered, device)
-        print(f"recovered model ({recovered}):")
-        tic = time.perf_counter()
-        rows.append({"model": "recovered", "parameters": parameter_count(bundle.model),
-                     **_perplexity(bundle.model, eval_ids, block, device, precision)})
-        timings["eval_recovered_s"] = time.perf_counter() - tic
-        guide.perplexity("recovered", rows[-1]["perplexity"], rows[-1]["tokens"])
+        recovered, row = _recover(cfg, device, precision, eval_ids, block, timings)
+        rows.append(row)
+        guide.perplexity("recovered", row["perplexity"], row["tokens"])
         guide.line(f"recovered model written to {publish_recovered(recovered, out)}")
 
     results = {
