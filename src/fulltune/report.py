@@ -319,3 +319,25 @@ def done_line(summary: dict[str, Any]) -> str:
     if summary.get("wall_time_s") is not None:
         parts.append(f"{summary['wall_time_s']:.1f} s")
     return " | ".join(parts) + f" | report: {Path(summary.get('output_dir', '.')) / 'report.html'}"
+
+
+def run_header(trainer: Any) -> str:
+    """What is about to run: task, data, device, precision, batch arithmetic, what trains, the LR groups."""
+    from fulltune.lean_fused import describe_lean_mode
+    from fulltune.methods import describe_groups
+    from fulltune.runtime import world_size
+
+    cfg, t, data = trainer.cfg, trainer.cfg.training, trainer.data
+    global_batch = cfg.data.batch_size * t.gradient_accumulation_steps * world_size()
+    val = f", {len(data.val)} val" if data.val is not None else ""
+    share = 100 * trainer.trainable_params / trainer.total_params
+    return (
+        f"task {trainer.task_name} | method {cfg.method.name} | {len(data.train)} train examples{val}"
+        f" | device {trainer.device} | precision {trainer.precision.name}{trainer.precision.note}\n"
+        f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation "
+        f"{t.gradient_accumulation_steps} x world size {world_size()} | {trainer.steps_per_epoch} optimizer steps "
+        f"per epoch, {trainer.state.total_steps} in all\n"
+        f"parameters that train: {trainer.trainable_params:,} of {trainer.total_params:,} ({share:.2f}%)\n"
+        + describe_lean_mode(t, trainer.device, trainer.fused is not None, trainer.optimizer)
+        + describe_groups(trainer.optimizer.param_groups, t.base_learning_rate)
+    )

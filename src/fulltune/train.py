@@ -20,13 +20,13 @@ from fulltune import distributed as ddist
 from fulltune.config import Config, save_config
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.errors import TrainingError
-from fulltune.lean_fused import describe_lean_mode, fuses_step
-from fulltune.methods import TrainablePlan, apply_trainable, describe_groups, param_groups, prepare_model
+from fulltune.lean_fused import fuses_step
+from fulltune.methods import TrainablePlan, apply_trainable, param_groups, prepare_model
 from fulltune.metrics import classification_metrics, lm_metrics, scalar_metrics
 from fulltune.modelcard import card_facts
 from fulltune.models import ModelBundle, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, optimizer_step, set_lr, warmup_steps
-from fulltune.report import RunLogger, Throughput, done_line
+from fulltune.report import RunLogger, Throughput, done_line, run_header
 from fulltune.runtime import (
     Precision,
     barrier,
@@ -218,19 +218,7 @@ class Trainer:
             (self.out / "labels.json").write_text(json.dumps(self.data.labels))
         self.trainable_params = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
         self.total_params = count_parameters(self.model)[1]
-        global_batch = cfg.data.batch_size * t.gradient_accumulation_steps * world_size()
-        val = f", {len(self.data.val)} val" if self.data.val is not None else ""
-        share = 100 * self.trainable_params / self.total_params
-        self.log.info(
-            f"task {self.task_name} | method {cfg.method.name} | {len(self.data.train)} train examples{val}"
-            f" | device {self.device} | precision {self.precision.name}{self.precision.note}\n"
-            f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation "
-            f"{t.gradient_accumulation_steps} x world size {world_size()} | {self.steps_per_epoch} optimizer steps "
-            f"per epoch, {s.total_steps} in all\n"
-            f"parameters that train: {self.trainable_params:,} of {self.total_params:,} ({share:.2f}%)\n"
-            + describe_lean_mode(t, self.device, self.fused is not None, self.optimizer)
-            + describe_groups(self.optimizer.param_groups, t.base_learning_rate)
-        )
+        self.log.info(run_header(self))
         for skipped in self.data.info.get("skipped_images", []):
             self.log.info(f"skipped unreadable image: {skipped}")
         self.warmup = warmup_steps(t, s.total_steps)
