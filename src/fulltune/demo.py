@@ -55,7 +55,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str]
     settings.update({"data.data_dir": str(out / "data"), "output_dir": str(out / "run")})
     overrides = [f"{k}={json.dumps(v)}" for k, v in settings.items()] + list(extra_overrides or [])
     cfg = load_config(None, overrides)
-    summary = train(cfg)
+    summary = train(cfg, overwrite=True)  # the demo's own run folder: a second `make demo` starts it afresh
     best = out / "run" / "best"
     metrics = evaluate_checkpoint(best, data_dir=str(out / "data"), split="test", output_dir=out / "run" / "eval" / "best-test")
     labels = json.loads((best / "fulltune_run.json").read_text())["labels"]

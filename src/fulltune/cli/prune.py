@@ -205,7 +205,7 @@ def _recover(cfg: Config, device: Any, precision: Any, eval_ids: Any, block: int
     from fulltune.train import train
 
     tic = time.perf_counter()
-    summary = train(cfg)
+    summary = train(cfg, overwrite=True)  # OUTPUT/recovery belongs to this command: a rerun replaces it
     timings["recovery_train_s"] = time.perf_counter() - tic
     recovered = _recovered_folder(summary)
     bundle = load_exported(recovered, device)
