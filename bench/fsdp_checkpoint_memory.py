@@ -51,15 +51,35 @@ def worker(a: argparse.Namespace) -> None:
         barrier_file.write_text("1")
     while not barrier_file.exists():
         time.sleep(0.1)
-    tiny = {"model_type": "llama", "hidden_size": a.hidden, "intermediate_size": a.hidden * 8 // 3,
-            "num_hidden_layers": a.layers, "num_attention_heads": a.hidden // 64, "num_key_value_heads": a.hidden // 64,
-            "vocab_size": a.vocab, "max_position_embeddings": 64, "tie_word_embeddings": False}
-    cfg = load_config(None, {
-        "task": "causal_lm", "output_dir": str(work / a.mode), "model.tiny_config": tiny,
-        "model.tokenizer": str(work / "tok"), "data.train_file": str(work / "train.txt"), "data.seq_len": 32,
-        "data.batch_size": 2, "data.num_workers": 0, "hardware.mixed_precision": "no", "training.parallel": "fsdp",
-        "checkpoint.fsdp_state": a.mode, "logging.progress_bar": False, "logging.tensorboard": False,
-    })
+    tiny = {
+        "model_type": "llama",
+        "hidden_size": a.hidden,
+        "intermediate_size": a.hidden * 8 // 3,
+        "num_hidden_layers": a.layers,
+        "num_attention_heads": a.hidden // 64,
+        "num_key_value_heads": a.hidden // 64,
+        "vocab_size": a.vocab,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    }
+    cfg = load_config(
+        None,
+        {
+            "task": "causal_lm",
+            "output_dir": str(work / a.mode),
+            "model.tiny_config": tiny,
+            "model.tokenizer": str(work / "tok"),
+            "data.train_file": str(work / "train.txt"),
+            "data.seq_len": 32,
+            "data.batch_size": 2,
+            "data.num_workers": 0,
+            "hardware.mixed_precision": "no",
+            "training.parallel": "fsdp",
+            "checkpoint.fsdp_state": a.mode,
+            "logging.progress_bar": False,
+            "logging.tensorboard": False,
+        },
+    )
     run = setup(cfg)
     task = TASKS[run.task_name]
     batch = to_device(next(iter(run.make_loader(run.data.train, batch_sampler=run.sampler))), run.device)
@@ -78,14 +98,28 @@ def worker(a: argparse.Namespace) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    save_fsdp_checkpoint(Path(cfg.output_dir) / "checkpoint", run.model, run.bundle, run.optimizer, run.scaler,
-                         run.state, cfg, run._meta())
+    save_fsdp_checkpoint(
+        Path(cfg.output_dir) / "checkpoint",
+        run.model,
+        run.bundle,
+        run.optimizer,
+        run.scaler,
+        run.state,
+        cfg,
+        run._meta(),
+    )
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
     peak[0] = max(peak[0], rss_bytes())
-    out = {"rank": rank(), "params": n_params, "rss_before": before, "rss_peak_during_save": peak[0],
-           "rise_bytes_per_param": (peak[0] - before) / n_params, "save_s": seconds}
+    out = {
+        "rank": rank(),
+        "params": n_params,
+        "rss_before": before,
+        "rss_peak_during_save": peak[0],
+        "rise_bytes_per_param": (peak[0] - before) / n_params,
+        "save_s": seconds,
+    }
     (work / f"{a.mode}-rank{rank()}.json").write_text(json.dumps(out))
     barrier()
     torch.distributed.destroy_process_group()
@@ -105,15 +139,37 @@ def main() -> int:
         worker(a)
         return 0
     src = str(BENCH.parent / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: RSS follows live bytes
+    env = {
+        **os.environ,
+        "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    }  # freed tensors go back to the OS: RSS follows live bytes
     rows = []
     for mode in a.modes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-                   "--worker", "--mode", mode, "--work", tmp, "--hidden", str(a.hidden), "--layers", str(a.layers),
-                   "--vocab", str(a.vocab)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                __file__,
+                "--worker",
+                "--mode",
+                mode,
+                "--work",
+                tmp,
+                "--hidden",
+                str(a.hidden),
+                "--layers",
+                str(a.layers),
+                "--vocab",
+                str(a.vocab),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print(proc.stderr[-4000:], file=sys.stderr)
@@ -129,7 +185,9 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         rise = r["rss_peak_during_save"] - r["rss_before"]
-        print(f"| {r['mode']} | {r['rank']} | {r['rise_bytes_per_param']:.2f} | {rise / 2**20:.0f} | {r['save_s']:.2f} |")
+        print(
+            f"| {r['mode']} | {r['rank']} | {r['rise_bytes_per_param']:.2f} | {rise / 2**20:.0f} | {r['save_s']:.2f} |"
+        )
     for mode in a.modes.split(","):
         files = next(r["state_files"] for r in rows if r["mode"] == mode)
         print(f"\n{mode}: training_state/ holds {', '.join(files)}")

@@ -38,12 +38,28 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 LINES = ("fulltune", "fulltune_compile", "fulltune_lean", "trainer_best", "trainer_compile")
 
-LLAMA_1B = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-            "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
-            "max_position_embeddings": 2048, "tie_word_embeddings": False}
-LLAMA_DRY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 64,
-             "tie_word_embeddings": False}
+LLAMA_1B = {
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+LLAMA_DRY = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
 # dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -73,23 +89,41 @@ def run_fulltune(line: str, a: argparse.Namespace, work: Path, model_cfg: dict) 
     from fulltune.train import train
 
     sets = {
-        "task": "causal_lm", "output_dir": str(work / "run"), "model.tiny_config": model_cfg,
-        "model.tokenizer": str(work / "tok"), "model.dropout": 0.0, "data.train_file": str(work / "train.txt"),
-        "data.seq_len": a.seq, "data.batch_size": a.batch, "data.num_workers": 0,
-        "training.base_learning_rate": 1e-5, "training.warmup_ratio": 0.0, "training.max_steps": a.steps,
-        "training.num_epochs": 1, "training.seed": 0, "training.compile": line == "fulltune_compile",
+        "task": "causal_lm",
+        "output_dir": str(work / "run"),
+        "model.tiny_config": model_cfg,
+        "model.tokenizer": str(work / "tok"),
+        "model.dropout": 0.0,
+        "data.train_file": str(work / "train.txt"),
+        "data.seq_len": a.seq,
+        "data.batch_size": a.batch,
+        "data.num_workers": 0,
+        "training.base_learning_rate": 1e-5,
+        "training.warmup_ratio": 0.0,
+        "training.max_steps": a.steps,
+        "training.num_epochs": 1,
+        "training.seed": 0,
+        "training.compile": line == "fulltune_compile",
         "training.memory": "lean" if line == "fulltune_lean" else "standard",
-        "logging.progress_bar": False, "logging.tensorboard": False, "logging.log_every_steps": a.warmup,
-        "checkpoint.save_every_epochs": 0, "checkpoint.save_best": False,
+        "logging.progress_bar": False,
+        "logging.tensorboard": False,
+        "logging.log_every_steps": a.warmup,
+        "checkpoint.save_every_epochs": 0,
+        "checkpoint.save_best": False,
     }
     summary = train(load_config(None, sets))
     rows = [json.loads(r) for r in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time_s" in r]
     first, last = rows[0], rows[-1]  # log points at steps warmup, 2*warmup, ...: host syncs
     steady_s = last["time_s"] - first["time_s"]
-    return {"steady_steps": last["step"] - first["step"], "steady_s": steady_s, "loss_last": last["loss"],
-            "peak_memory_bytes": summary["peak_memory_bytes"], "trainable_parameters": summary["trainable_parameters"],
-            "loop_s": summary["train_time_s"]}
+    return {
+        "steady_steps": last["step"] - first["step"],
+        "steady_s": steady_s,
+        "loss_last": last["loss"],
+        "peak_memory_bytes": summary["peak_memory_bytes"],
+        "trainable_parameters": summary["trainable_parameters"],
+        "loop_s": summary["train_time_s"],
+    }
 
 
 def run_trainer(line: str, a: argparse.Namespace, work: Path, model_cfg: dict) -> dict[str, Any]:
@@ -127,20 +161,39 @@ def run_trainer(line: str, a: argparse.Namespace, work: Path, model_cfg: dict) -
 
     bf16 = cuda or os.environ.get("GPU_CHECK_DRY") == "1"  # in dry mode, on the CPU: the same flags
     args = TrainingArguments(
-        output_dir=str(work / "trainer"), per_device_train_batch_size=a.batch, learning_rate=1e-5, max_steps=a.steps,
-        lr_scheduler_type="linear", warmup_steps=0, bf16=bf16, tf32=True if cuda else None, optim="adamw_torch_fused",
-        torch_compile=line == "trainer_compile", report_to=[], save_strategy="no", logging_steps=10**6,
-        dataloader_num_workers=0, disable_tqdm=True, seed=0, use_cpu=not cuda,
+        output_dir=str(work / "trainer"),
+        per_device_train_batch_size=a.batch,
+        learning_rate=1e-5,
+        max_steps=a.steps,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        bf16=bf16,
+        tf32=True if cuda else None,
+        optim="adamw_torch_fused",
+        torch_compile=line == "trainer_compile",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=not cuda,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-                      callbacks=[Clock()])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=default_data_collator, callbacks=[Clock()]
+    )
     start = time.perf_counter()
     out = trainer.train()
     loop_s = time.perf_counter() - start
     steps = sorted(marks)
-    return {"steady_steps": steps[-1] - steps[0], "steady_s": marks[steps[-1]] - marks[steps[0]],
-            "loss_last": out.training_loss, "peak_memory_bytes": device_peak_bytes(),
-            "trainable_parameters": sum(p.numel() for p in model.parameters()), "loop_s": loop_s}
+    return {
+        "steady_steps": steps[-1] - steps[0],
+        "steady_s": marks[steps[-1]] - marks[steps[0]],
+        "loss_last": out.training_loss,
+        "peak_memory_bytes": device_peak_bytes(),
+        "trainable_parameters": sum(p.numel() for p in model.parameters()),
+        "loop_s": loop_s,
+    }
 
 
 def one(line: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -153,16 +206,26 @@ def one(line: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = peak_flops(name) if torch.cuda.is_available() else None
     fpt = flops_per_token(model_cfg, r["trainable_parameters"], a.seq)
-    r.update({"line": line, "device": name, "tokens_per_s": tokens_per_s, "flops_per_token": fpt,
-              "model_tflops": tokens_per_s * fpt / 1e12, "mfu": tokens_per_s * fpt / peak if peak else None,
-              "peak_memory_gib": r["peak_memory_bytes"] / 2**30})
+    r.update(
+        {
+            "line": line,
+            "device": name,
+            "tokens_per_s": tokens_per_s,
+            "flops_per_token": fpt,
+            "model_tflops": tokens_per_s * fpt / 1e12,
+            "mfu": tokens_per_s * fpt / peak if peak else None,
+            "peak_memory_gib": r["peak_memory_bytes"] / 2**30,
+        }
+    )
     return r
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="a tiny Llama on the CPU: checks the code, not the speed")
-    ap.add_argument("--lines", default=None, help="default: all; dry: the uncompiled ones (inductor's CPU build is slow)")
+    ap.add_argument(
+        "--lines", default=None, help="default: all; dry: the uncompiled ones (inductor's CPU build is slow)"
+    )
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per line (default 30; dry 4)")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the steady rate (default 10; dry 2)")
     ap.add_argument("--batch", type=int, default=None, help="micro-batch (default 4; dry 2)")
@@ -192,22 +255,49 @@ def main() -> int:
     from synthetic_lm import write_corpus, write_tokenizer
 
     model_cfg = LLAMA_DRY if dry else LLAMA_1B
-    results: dict[str, Any] = {"job": {"model": model_cfg, "seq_len": a.seq, "micro_batch": a.batch,
-                                       "steps": a.steps, "warmup_steps": a.warmup, "dry_run": dry},
-                               "lines": {}, "failed": {}}
+    results: dict[str, Any] = {
+        "job": {
+            "model": model_cfg,
+            "seq_len": a.seq,
+            "micro_batch": a.batch,
+            "steps": a.steps,
+            "warmup_steps": a.warmup,
+            "dry_run": dry,
+        },
+        "lines": {},
+        "failed": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_tokenizer(work / "tok", model_cfg["vocab_size"])
         write_corpus(work / "train.txt", (a.steps + 2) * a.batch * a.seq, model_cfg["vocab_size"], seed=0)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+        }
         passthrough = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch), "--seq", str(a.seq)]
         for line in a.lines.split(","):
             if line not in LINES:
                 ap.error(f"unknown line '{line}' (lines: {', '.join(LINES)})")
             began = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--one", line, "--work", str(work), *passthrough,
-                                   *(["--dry-run"] if dry else [])], capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    line,
+                    "--work",
+                    str(work),
+                    *passthrough,
+                    *(["--dry-run"] if dry else []),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if proc.returncode != 0:
                 results["failed"][line] = proc.stderr[-3000:]
                 print(f"{line}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
@@ -216,18 +306,29 @@ def main() -> int:
             r["process_s"] = time.perf_counter() - began
             results["lines"][line] = r
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            print(f"{line:<17} {r['tokens_per_s']:10.0f} tokens/s  MFU {mfu:>6}  peak {r['peak_memory_gib']:6.2f} GiB"
-                  f"  ({r['process_s']:.0f} s)", flush=True)
+            print(
+                f"{line:<17} {r['tokens_per_s']:10.0f} tokens/s  MFU {mfu:>6}  peak {r['peak_memory_gib']:6.2f} GiB"
+                f"  ({r['process_s']:.0f} s)",
+                flush=True,
+            )
     lines = results["lines"]
     best_trainer = max((v["tokens_per_s"] for k, v in lines.items() if k.startswith("trainer")), default=None)
     best_fulltune = max((v["tokens_per_s"] for k, v in lines.items() if k.startswith("fulltune")), default=None)
-    results["ratio_fulltune_best_to_trainer_best"] = best_fulltune / best_trainer if best_trainer and best_fulltune else None
+    results["ratio_fulltune_best_to_trainer_best"] = (
+        best_fulltune / best_trainer if best_trainer and best_fulltune else None
+    )
     for name in ("fulltune", "fulltune_compile", "fulltune_lean"):
         if name in lines and best_trainer:
             results[f"ratio_{name}_to_trainer_best"] = lines[name]["tokens_per_s"] / best_trainer
     Path(a.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {a.out}" + (f"; fulltune / Trainer (best of each): {results['ratio_fulltune_best_to_trainer_best']:.2f}x"
-                              if results["ratio_fulltune_best_to_trainer_best"] else ""))
+    print(
+        f"wrote {a.out}"
+        + (
+            f"; fulltune / Trainer (best of each): {results['ratio_fulltune_best_to_trainer_best']:.2f}x"
+            if results["ratio_fulltune_best_to_trainer_best"]
+            else ""
+        )
+    )
     return 1 if results["failed"] else 0
 
 

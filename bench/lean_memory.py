@@ -28,10 +28,17 @@ from typing import Any
 # mode -> (BF16AdamW state_dtype, rounding, description); "lean" is what `training.memory: lean` does by default.
 MODES = {
     "standard": (None, None, "fp32 weights, torch AdamW(fused=True), normal backward"),
-    "lean": ("bf16", "stochastic", "bf16 weights, BF16AdamW (bf16 moments, stochastic rounding), fused step, "
-             "checkpointing: the trainer's default lean mode (6 bytes/param held)"),
-    "lean-compiled": ("bf16", "stochastic", "lean with the update as one compiled kernel (training.lean_compiled_step, "
-                      "auto-on from 20M parameters)"),
+    "lean": (
+        "bf16",
+        "stochastic",
+        "bf16 weights, BF16AdamW (bf16 moments, stochastic rounding), fused step, "
+        "checkpointing: the trainer's default lean mode (6 bytes/param held)",
+    ),
+    "lean-compiled": (
+        "bf16",
+        "stochastic",
+        "lean with the update as one compiled kernel (training.lean_compiled_step, auto-on from 20M parameters)",
+    ),
     "lean-bf16-kahan": ("bf16", "kahan", "lean with Kahan compensation instead of stochastic rounding (8 bytes)"),
     "lean-mixed-kahan": ("mixed", "kahan", "lean with exp_avg_sq fp32 and Kahan compensation (10 bytes)"),
 }
@@ -78,8 +85,14 @@ def build(mode: str, cfg: Any, lr: float) -> tuple[Any, Any, Any]:
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True), None
     enable_gradient_checkpointing(model)  # as the trainer does in lean mode
     state_dtype, rounding, _ = MODES[mode]
-    opt = BF16AdamW(model.parameters(), lr=lr, weight_decay=0.01, state_dtype=state_dtype, rounding=rounding,
-                    compiled=mode == "lean-compiled")
+    opt = BF16AdamW(
+        model.parameters(),
+        lr=lr,
+        weight_decay=0.01,
+        state_dtype=state_dtype,
+        rounding=rounding,
+        compiled=mode == "lean-compiled",
+    )
     return model, opt, attach_fused_step(model, opt)
 
 

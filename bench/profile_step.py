@@ -40,12 +40,22 @@ def main() -> int:
         train_file = Path(tmp) / "train.tsv"
         lines = open(SST2 / "train.tsv", encoding="utf-8").readlines()[:2049]
         train_file.write_text("".join(lines), encoding="utf-8")
-        cfg = load_config(None, {
-            "task": "text_classification", "output_dir": str(Path(tmp) / "run"), "data.train_file": str(train_file),
-            "data.text_column": "sentence", "data.max_length": 64, "data.batch_size": 32,
-            "training.base_learning_rate": 1e-4, "training.num_epochs": 1, "hardware.mixed_precision": args.precision,
-            "method.name": args.method, **dict(o.split("=", 1) for o in args.set),
-        })
+        cfg = load_config(
+            None,
+            {
+                "task": "text_classification",
+                "output_dir": str(Path(tmp) / "run"),
+                "data.train_file": str(train_file),
+                "data.text_column": "sentence",
+                "data.max_length": 64,
+                "data.batch_size": 32,
+                "training.base_learning_rate": 1e-4,
+                "training.num_epochs": 1,
+                "hardware.mixed_precision": args.precision,
+                "method.name": args.method,
+                **dict(o.split("=", 1) for o in args.set),
+            },
+        )
         run = setup(cfg)
         task = TASKS[run.task_name]
         loader = run.make_loader(run.data.train, batch_sampler=run.sampler)
@@ -80,7 +90,9 @@ def main() -> int:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
         med = {k: statistics.median(v) for k, v in phases.items()}
         print(f"mean step {1000 * statistics.mean(phases['total']):.1f} ms over {len(phases['total'])} steps")
-        print(f"precision {run.precision.name}, {torch.get_num_threads()} threads, median over {len(phases['total'])} steps:")
+        print(
+            f"precision {run.precision.name}, {torch.get_num_threads()} threads, median over {len(phases['total'])} steps:"
+        )
         for k, v in med.items():
             print(f"  {k:<10} {1000 * v:8.1f} ms  {100 * v / med['total']:5.1f}%")
         # The embedding's share of the optimizer step: the same fused AdamW on that one matrix.
@@ -94,9 +106,11 @@ def main() -> int:
             opt.step()
             times.append(time.perf_counter() - t0)
         e = statistics.median(times[2:])
-        print(f"  AdamW over the word embeddings alone ({p.numel() / 1e6:.1f}M of "
-              f"{sum(q.numel() for q in run.model.parameters()) / 1e6:.1f}M parameters): {1000 * e:.1f} ms, "
-              f"{100 * e / med['total']:.1f}% of a step")
+        print(
+            f"  AdamW over the word embeddings alone ({p.numel() / 1e6:.1f}M of "
+            f"{sum(q.numel() for q in run.model.parameters()) / 1e6:.1f}M parameters): {1000 * e:.1f} ms, "
+            f"{100 * e / med['total']:.1f}% of a step"
+        )
     return 0
 
 

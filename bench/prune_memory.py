@@ -64,9 +64,18 @@ def reset_peak() -> None:
 def llama_config(layers: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
-                       max_position_embeddings=2048, bos_token_id=0, eos_token_id=1)
+    return LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
 
 
 def child_build(layers: int, work: Path) -> dict:
@@ -98,8 +107,16 @@ def child_prune(importance: str, work: Path, materialize: bool) -> dict:
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
     # Warm up the code paths (lazily imported modules are not the pruning's memory).
-    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+        )
+    )
     warm_ids = torch.randint(0, 1000, (4, 16))
     prune_model(tiny.to(torch.bfloat16), PruneConfig(0.25, importance=importance, calibration_block_size=16), warm_ids)
     model, tokenizer = _load_base(str(work / "base"), torch.device("cpu"), "float32")  # warms the loading path
@@ -125,11 +142,19 @@ def child_prune(importance: str, work: Path, materialize: bool) -> dict:
     report = prune_model(model, PruneConfig(pruning_ratio=0.25, importance=importance, prune_mlp=True), calibration)
     pruned_s = time.perf_counter() - tic
     peak = peak_rss() - base
-    out = {"importance": importance, "weights": "anonymous memory" if materialize else "mmap of the checkpoint",
-           "parameters": params, "parameters_after": report["params_after"],
-           "dtype": str(next(model.parameters()).dtype), "loaded_bytes_per_param": loaded / params,
-           "load_peak_bytes_per_param": load_peak / params, "peak_bytes_per_param": peak / params,
-           "peak_gib": peak / 2**30, "load_s": load_s, "prune_s": pruned_s}
+    out = {
+        "importance": importance,
+        "weights": "anonymous memory" if materialize else "mmap of the checkpoint",
+        "parameters": params,
+        "parameters_after": report["params_after"],
+        "dtype": str(next(model.parameters()).dtype),
+        "loaded_bytes_per_param": loaded / params,
+        "load_peak_bytes_per_param": load_peak / params,
+        "peak_bytes_per_param": peak / params,
+        "peak_gib": peak / 2**30,
+        "load_s": load_s,
+        "prune_s": pruned_s,
+    }
     if importance == "magnitude" and not materialize and not (work / "pruned").exists():
         save_pruned(model, tokenizer, work / "pruned", report)
         out["pruned_dir"] = str(work / "pruned")
@@ -147,21 +172,42 @@ def child_recover(work: Path, steps: int) -> dict:
     train_text, _, _ = builtin_text(work)
     reset_peak()
     base = rss_now()
-    cfg = load_config(None, {
-        "task": "causal_lm", "model.name_or_path": str(work / "pruned"), "model.torch_dtype": "bfloat16",
-        "method.name": "lora", "data.train_file": str(train_text), "data.seq_len": 64, "data.batch_size": 1,
-        "data.max_samples": 16, "training.max_steps": steps, "training.num_epochs": 1,
-        "hardware.mixed_precision": "bf16", "checkpoint.save_every_epochs": 0, "checkpoint.save_best": False,
-        "logging.progress_bar": False, "logging.tensorboard": False, "logging.log_every_steps": 1,
-        "output_dir": str(work / "recovery")})
+    cfg = load_config(
+        None,
+        {
+            "task": "causal_lm",
+            "model.name_or_path": str(work / "pruned"),
+            "model.torch_dtype": "bfloat16",
+            "method.name": "lora",
+            "data.train_file": str(train_text),
+            "data.seq_len": 64,
+            "data.batch_size": 1,
+            "data.max_samples": 16,
+            "training.max_steps": steps,
+            "training.num_epochs": 1,
+            "hardware.mixed_precision": "bf16",
+            "checkpoint.save_every_epochs": 0,
+            "checkpoint.save_best": False,
+            "logging.progress_bar": False,
+            "logging.tensorboard": False,
+            "logging.log_every_steps": 1,
+            "output_dir": str(work / "recovery"),
+        },
+    )
     tic = time.perf_counter()
     summary = train(cfg)
     peak = peak_rss() - base
     rows = [json.loads(line) for line in (work / "recovery" / "metrics.jsonl").read_text().splitlines()]
-    return {"recovery": "lora", "steps": summary["optimizer_steps"], "losses": [r.get("loss") for r in rows],
-            "trainable_parameters": summary["trainable_parameters"], "total_parameters": summary["total_parameters"],
-            "peak_gib": peak / 2**30, "peak_bytes_per_param": peak / summary["total_parameters"],
-            "time_s": time.perf_counter() - tic}
+    return {
+        "recovery": "lora",
+        "steps": summary["optimizer_steps"],
+        "losses": [r.get("loss") for r in rows],
+        "trainable_parameters": summary["trainable_parameters"],
+        "total_parameters": summary["total_parameters"],
+        "peak_gib": peak / 2**30,
+        "peak_bytes_per_param": peak / summary["total_parameters"],
+        "time_s": time.perf_counter() - tic,
+    }
 
 
 def run_child(args: list[str]) -> dict:
@@ -194,19 +240,34 @@ def main() -> None:
         results = []
         for child in ("build", "magnitude", "magnitude+", "taylor+", "recover"):
             flags = ["--materialize"] if child.endswith("+") else []
-            r = run_child(["--child", child.rstrip("+"), "--work", tmp, "--layers", str(args.layers), "--steps",
-                           str(args.steps), *flags])
+            r = run_child(
+                [
+                    "--child",
+                    child.rstrip("+"),
+                    "--work",
+                    tmp,
+                    "--layers",
+                    str(args.layers),
+                    "--steps",
+                    str(args.steps),
+                    *flags,
+                ]
+            )
             print(json.dumps(r), flush=True)
             results.append(r)
     for r in results[1:4]:
-        print(f"{r['importance']:<10} {r['parameters']:,} params {r['dtype']}, weights in {r['weights']}: loaded "
-              f"{r['loaded_bytes_per_param']:.2f} "
-              f"B/param (load peak {r['load_peak_bytes_per_param']:.2f}), load + prune peak "
-              f"{r['peak_bytes_per_param']:.2f} B/param ({r['peak_gib']:.2f} GiB) above the baseline, "
-              f"-> {r['parameters_after']:,} params in {r['prune_s']:.0f}s")
+        print(
+            f"{r['importance']:<10} {r['parameters']:,} params {r['dtype']}, weights in {r['weights']}: loaded "
+            f"{r['loaded_bytes_per_param']:.2f} "
+            f"B/param (load peak {r['load_peak_bytes_per_param']:.2f}), load + prune peak "
+            f"{r['peak_bytes_per_param']:.2f} B/param ({r['peak_gib']:.2f} GiB) above the baseline, "
+            f"-> {r['parameters_after']:,} params in {r['prune_s']:.0f}s"
+        )
     rec = results[4]
-    print(f"LoRA recovery on the bf16 pruned model: {rec['steps']} steps, losses {rec['losses']}, "
-          f"{rec['trainable_parameters']:,} trainable of {rec['total_parameters']:,}, peak {rec['peak_gib']:.2f} GiB")
+    print(
+        f"LoRA recovery on the bf16 pruned model: {rec['steps']} steps, losses {rec['losses']}, "
+        f"{rec['trainable_parameters']:,} trainable of {rec['total_parameters']:,}, peak {rec['peak_gib']:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -24,20 +24,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_shakespeare" / "input.txt"
 
-MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-         "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 512,
-         "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1}
+MODEL = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
 VOCAB = 2048
 SEQ_LEN = 128
 QUIET = {"logging.progress_bar": False, "logging.tensorboard": False, "logging.log_every_steps": 20}
-PRETRAIN = {"data.seq_len": SEQ_LEN, "data.batch_size": 16, "training.num_epochs": 1,
-            "training.base_learning_rate": 2e-3, "training.warmup_ratio": 0.05, "training.lr_scheduler": "cosine",
-            "training.min_lr_ratio": 0.05, "training.weight_decay": 0.1, "checkpoint.keep_last": 1}
+PRETRAIN = {
+    "data.seq_len": SEQ_LEN,
+    "data.batch_size": 16,
+    "training.num_epochs": 1,
+    "training.base_learning_rate": 2e-3,
+    "training.warmup_ratio": 0.05,
+    "training.lr_scheduler": "cosine",
+    "training.min_lr_ratio": 0.05,
+    "training.weight_decay": 0.1,
+    "checkpoint.keep_last": 1,
+}
 # Recovery, in the seed script's flags: 480 blocks (~61k tokens, a sixth of the training text) drawn across the whole
 # file, one epoch, at about twice the learning rate pretraining ended at.
-RECOVERY = {"finetune_method": "full", "finetune_lr": 2e-4, "finetune_epochs": 1, "finetune_samples": 480,
-            "finetune_batch_size": 16, "finetune_seq_len": SEQ_LEN, "finetune_grad_accum": 1,
-            "finetune_max_grad_norm": 1.0, "finetune_weight_decay": 0.1, "finetune_warmup_steps": 4}
+RECOVERY = {
+    "finetune_method": "full",
+    "finetune_lr": 2e-4,
+    "finetune_epochs": 1,
+    "finetune_samples": 480,
+    "finetune_batch_size": 16,
+    "finetune_seq_len": SEQ_LEN,
+    "finetune_grad_accum": 1,
+    "finetune_max_grad_norm": 1.0,
+    "finetune_weight_decay": 0.1,
+    "finetune_warmup_steps": 4,
+}
 
 
 def split_text(out: Path) -> tuple[Path, Path]:
@@ -57,8 +83,12 @@ def train_tokenizer(text_file: Path, out: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([text_file.read_text(encoding="utf-8")], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out)
     return out
@@ -68,9 +98,18 @@ def pretrain(train_file: Path, tokenizer: Path, out: Path) -> Path:
     from fulltune.config import load_config
     from fulltune.train import train
 
-    cfg = load_config(None, {**PRETRAIN, **QUIET, "task": "causal_lm", "output_dir": str(out),
-                             "model.tiny_config": {**MODEL, "vocab_size": VOCAB}, "model.tokenizer": str(tokenizer),
-                             "data.train_file": str(train_file)})
+    cfg = load_config(
+        None,
+        {
+            **PRETRAIN,
+            **QUIET,
+            "task": "causal_lm",
+            "output_dir": str(out),
+            "model.tiny_config": {**MODEL, "vocab_size": VOCAB},
+            "model.tokenizer": str(tokenizer),
+            "data.train_file": str(train_file),
+        },
+    )
     return Path(train(cfg)["last_checkpoint"])
 
 
@@ -81,8 +120,18 @@ def control(base: Path, train_file: Path, out: Path) -> Path:
     from fulltune.train import train
 
     values = {FINETUNE_FLAGS[flag][0]: v for flag, v in RECOVERY.items()}
-    cfg = load_config(None, {**SCRIPT_DEFAULTS, **values, **QUIET, "task": "causal_lm", "output_dir": str(out),
-                             "model.name_or_path": str(base), "data.train_file": str(train_file)})
+    cfg = load_config(
+        None,
+        {
+            **SCRIPT_DEFAULTS,
+            **values,
+            **QUIET,
+            "task": "causal_lm",
+            "output_dir": str(out),
+            "model.name_or_path": str(base),
+            "data.train_file": str(train_file),
+        },
+    )
     return Path(train(cfg)["last_checkpoint"])
 
 
@@ -119,9 +168,27 @@ def main() -> int:
 
     tic = time.perf_counter()
     prune_parser = build_parser()
-    argv = ["prune", "--base_model", str(base), "--output_dir", str(out / "prune"), "--pruning_ratio", "0.25",
-            "--prune_mlp", "--importance", "taylor", "--importance_samples", "16", "--data_file", str(train_file),
-            "--eval_file", str(heldout), "--test_after_prune", "--save_model", "--finetune"]
+    argv = [
+        "prune",
+        "--base_model",
+        str(base),
+        "--output_dir",
+        str(out / "prune"),
+        "--pruning_ratio",
+        "0.25",
+        "--prune_mlp",
+        "--importance",
+        "taylor",
+        "--importance_samples",
+        "16",
+        "--data_file",
+        str(train_file),
+        "--eval_file",
+        str(heldout),
+        "--test_after_prune",
+        "--save_model",
+        "--finetune",
+    ]
     argv += [f"--{k}={v}" for k, v in RECOVERY.items()] + [f"{k}={json.dumps(v)}" for k, v in QUIET.items()]
     prune_args = prune_parser.parse_args(argv)
     prune_args.func(prune_args)
@@ -138,11 +205,17 @@ def main() -> int:
     times["total"] = time.perf_counter() - start
 
     orig, pruned, rec = (rows[k]["perplexity"] for k in ("original", "pruned", "recovered"))
-    print(f"\ntiny Shakespeare, held-out last 10% ({rows['original']['tokens']:,} tokens, blocks of {SEQ_LEN}), "
-          f"BPE vocab {VOCAB}")
+    print(
+        f"\ntiny Shakespeare, held-out last 10% ({rows['original']['tokens']:,} tokens, blocks of {SEQ_LEN}), "
+        f"BPE vocab {VOCAB}"
+    )
     print(f"  {'model':<36}{'parameters':>12}{'perplexity':>12}")
-    names = {"original": "original (pretrained here)", "pruned": "pruned 25% (attention + MLP)",
-             "recovered": "recovered (full fine-tuning)", "control": "control: unpruned + same training"}
+    names = {
+        "original": "original (pretrained here)",
+        "pruned": "pruned 25% (attention + MLP)",
+        "recovered": "recovered (full fine-tuning)",
+        "control": "control: unpruned + same training",
+    }
     for key, label in names.items():
         if key in rows:
             print(f"  {label:<36}{rows[key]['parameters']:>12,}{rows[key]['perplexity']:>12.3f}")

@@ -74,9 +74,18 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = Tr
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     extra = {"bf16": bf16, "optim": "adamw_torch_fused", "train_sampling_strategy": "group_by_length"} if best else {}
     args = TrainingArguments(
-        output_dir=str(workdir), per_device_train_batch_size=32, learning_rate=1e-4, num_train_epochs=1,
-        seed=seed, report_to=[], save_strategy="no", logging_steps=1000, use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True, **extra,
+        output_dir=str(workdir),
+        per_device_train_batch_size=32,
+        learning_rate=1e-4,
+        num_train_epochs=1,
+        seed=seed,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1000,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tok))
     start = time.perf_counter()
@@ -102,16 +111,32 @@ def run_fulltune(seed: int, rows: int, workdir: Path) -> dict:
             if i > rows:
                 break
             dst.write(line)
-    cfg = load_config(None, {
-        "task": "text_classification", "output_dir": str(workdir / "run"),
-        "data.train_file": str(train_file), "data.val_file": str(SST2 / "dev.tsv"), "data.text_column": "sentence",
-        "data.max_length": 64, "data.batch_size": 32, "training.base_learning_rate": 1e-4,
-        "training.num_epochs": 1, "training.seed": seed, "logging.progress_bar": False, "logging.tensorboard": False,
-        "checkpoint.save_every_epochs": 0, "checkpoint.save_best": False,
-    })
+    cfg = load_config(
+        None,
+        {
+            "task": "text_classification",
+            "output_dir": str(workdir / "run"),
+            "data.train_file": str(train_file),
+            "data.val_file": str(SST2 / "dev.tsv"),
+            "data.text_column": "sentence",
+            "data.max_length": 64,
+            "data.batch_size": 32,
+            "training.base_learning_rate": 1e-4,
+            "training.num_epochs": 1,
+            "training.seed": seed,
+            "logging.progress_bar": False,
+            "logging.tensorboard": False,
+            "checkpoint.save_every_epochs": 0,
+            "checkpoint.save_best": False,
+        },
+    )
     summary = train(cfg)
     acc = summary["best_val"]["accuracy"]
-    return {"samples_per_s": summary["train_samples_per_s"], "train_time_s": summary["train_time_s"], "dev_accuracy": acc}
+    return {
+        "samples_per_s": summary["train_samples_per_s"],
+        "train_time_s": summary["train_time_s"],
+        "dev_accuracy": acc,
+    }
 
 
 def one(line: str, seed: int, rows: int) -> None:
@@ -156,15 +181,22 @@ def main() -> int:
         for line in lines:  # alternate lines so machine noise spreads over all of them
             if line == "trainer_best" and slow_bf16 and seed != seeds[0]:
                 continue
-            proc = subprocess.run([sys.executable, __file__, "--one", line, "--seed", str(seed), "--rows", str(args.rows)],
-                                  capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", line, "--seed", str(seed), "--rows", str(args.rows)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if proc.returncode != 0:
                 print(f"{line} seed {seed} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(row)
-            print(f"  {line:<16} seed {seed}: {row['samples_per_s']:7.1f} samples/s, dev acc {row['dev_accuracy']:.4f}, "
-                  f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"  {line:<16} seed {seed}: {row['samples_per_s']:7.1f} samples/s, dev acc {row['dev_accuracy']:.4f}, "
+                f"peak RSS {row['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     table = summarize(results, lines, fair="trainer_best_fp32" if slow_bf16 else "trainer_best")
     print(f"\nCPU: {kind}; {len(seeds)} seed(s), lines alternating\n" + table)
     if args.out:
@@ -178,10 +210,19 @@ def cpu_kind() -> str:
         info = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:
         return "unknown CPU"
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU"
+    )
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    units = ("bf16 units (AMX)" if "amx_bf16" in flags else "bf16 units (AVX512-BF16)" if "avx512_bf16" in flags
-             else "AVX-512, no bf16 units (bf16 emulated)" if "avx512f" in flags else "AVX2 only (bf16 emulated)")
+    units = (
+        "bf16 units (AMX)"
+        if "amx_bf16" in flags
+        else "bf16 units (AVX512-BF16)"
+        if "avx512_bf16" in flags
+        else "AVX-512, no bf16 units (bf16 emulated)"
+        if "avx512f" in flags
+        else "AVX2 only (bf16 emulated)"
+    )
     return f"{model}, {os.cpu_count()} cores, {units}"
 
 
@@ -206,13 +247,17 @@ def summarize(results: list[dict], lines: list[str], fair: str = "trainer_best")
             "spread": (max(accs) - min(accs)) if len(accs) > 1 else 0.0,
             "n": len(rows),
         }
-    out = ["| line | runs | samples/s (median) | peak RSS MB (median) | dev acc (mean) | acc spread | fulltune speed ratio |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| line | runs | samples/s (median) | peak RSS MB (median) | dev acc (mean) | acc spread | fulltune speed ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     ft = med.get("fulltune")
     for line, m in med.items():
         ratio = f"{ft['sps'] / m['sps']:.2f}x" if ft and line != "fulltune" else ""
         name = f"{line} (Trainer's fair best here)" if line == fair else line
-        out.append(f"| {name} | {m['n']} | {m['sps']:.1f} | {m['mem']:.0f} | {m['acc']:.4f} | {m['spread']:.4f} | {ratio} |")
+        out.append(
+            f"| {name} | {m['n']} | {m['sps']:.1f} | {m['mem']:.0f} | {m['acc']:.4f} | {m['spread']:.4f} | {ratio} |"
+        )
     return "\n".join(out)
 
 

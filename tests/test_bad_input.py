@@ -20,9 +20,19 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 def text_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data_dir", str(data), "--output_dir", str(out), "data.text_column=sentence",
-            f"model.tiny_config={json.dumps(TINY_BERT)}", "logging.progress_bar=false", "logging.tensorboard=false",
-            "hardware.mixed_precision=no", *extra]
+    return [
+        "train",
+        "--data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "data.text_column=sentence",
+        f"model.tiny_config={json.dumps(TINY_BERT)}",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "hardware.mixed_precision=no",
+        *extra,
+    ]
 
 
 def test_missing_data_folder(capsys, tmp_path):
@@ -75,8 +85,16 @@ def test_class_folder_without_readable_images(capsys, tmp_path):
     write_images(root / "train", 3, 0)
     for p in (root / "train" / "bees").iterdir():
         p.write_bytes(b"not an image")
-    code, err = run_cli(capsys, "train", "--data_dir", str(root), "--output_dir", str(tmp_path / "out"),
-                        f"model.tiny_config={json.dumps(TINY_CLIP)}", "logging.progress_bar=false")
+    code, err = run_cli(
+        capsys,
+        "train",
+        "--data_dir",
+        str(root),
+        "--output_dir",
+        str(tmp_path / "out"),
+        f"model.tiny_config={json.dumps(TINY_CLIP)}",
+        "logging.progress_bar=false",
+    )
     assert code != 0 and "bees" in err and "no readable images" in err
 
 
@@ -97,8 +115,16 @@ def test_image_class_in_val_that_train_lacks(capsys, tmp_path):
     write_images(root / "val", 1, 1)
     (root / "val" / "wasps").mkdir()
     (root / "val" / "ants" / "ants_0.png").rename(root / "val" / "wasps" / "w.png")
-    code, err = run_cli(capsys, "train", "--data_dir", str(root), "--output_dir", str(tmp_path / "out"),
-                        f"model.tiny_config={json.dumps(TINY_CLIP)}", "logging.progress_bar=false")
+    code, err = run_cli(
+        capsys,
+        "train",
+        "--data_dir",
+        str(root),
+        "--output_dir",
+        str(tmp_path / "out"),
+        f"model.tiny_config={json.dumps(TINY_CLIP)}",
+        "logging.progress_bar=false",
+    )
     assert code != 0 and "wasps" in err and "not among the train classes" in err
 
 
@@ -121,11 +147,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, text_data, tmp_pa
         calls["n"] += 1
         return (loss * float("nan"), logits) if calls["n"] == 5 else (loss, logits)
 
-    monkeypatch.setitem(tasks.TASKS, "text_classification",
-                        tasks.Task(real.build_data, poisoned, real.count, real.default_metric, real.higher_is_better))
+    monkeypatch.setitem(
+        tasks.TASKS,
+        "text_classification",
+        tasks.Task(real.build_data, poisoned, real.count, real.default_metric, real.higher_is_better),
+    )
     out = tmp_path / "out"
-    code, err = run_cli(capsys, *text_args(text_data, out), "data.batch_size=4", "checkpoint.save_every_steps=2",
-                        "logging.log_every_steps=100", "checkpoint.keep_last=0")
+    code, err = run_cli(
+        capsys,
+        *text_args(text_data, out),
+        "data.batch_size=4",
+        "checkpoint.save_every_steps=2",
+        "logging.log_every_steps=100",
+        "checkpoint.keep_last=0",
+    )
     assert code == 1
     assert "loss became nan at optimizer step 5" in err and "checkpoint-step-4" in err
     kept = ckpt.list_checkpoints(out)

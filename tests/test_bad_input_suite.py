@@ -21,8 +21,9 @@ from fulltune.cli import main, user_error
 
 
 def _overrides(out: Path, data: Path, **extra) -> list[str]:
-    values = base_overrides(out, TINY_BERT, data__data_dir=str(data), data__text_column="sentence",
-                            data__batch_size=8, **extra)
+    values = base_overrides(
+        out, TINY_BERT, data__data_dir=str(data), data__text_column="sentence", data__batch_size=8, **extra
+    )
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
@@ -36,14 +37,24 @@ def world(tmp_path_factory) -> dict[str, Path]:
     write_text_split(data / "val.tsv", 8, 1)
     write_text_split(data / "test.tsv", 8, 2)
     run = root / "run"
-    assert main(["train", *_overrides(run, data, training__num_epochs=1, checkpoint__save_every_steps=2,
-                                      checkpoint__keep_last=0)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *_overrides(run, data, training__num_epochs=1, checkpoint__save_every_steps=2, checkpoint__keep_last=0),
+            ]
+        )
+        == 0
+    )
     return {"root": root, "data": data, "run": run, "ckpt": ckpt.list_checkpoints(run)[-1], "best": run / "best"}
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "eval-" not in str(p)}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "eval-" not in str(p)
+    }
 
 
 def _copy_ckpt(world: dict[str, Path], tmp: Path, name: str = "best") -> Path:
@@ -78,6 +89,7 @@ def _resume_damaged(damage: Callable[[Path], None]) -> Callable:
         c = _copy_ckpt(world, tmp, "ckpt")
         damage(c)
         return ["train", "--resume", str(c), *_overrides(tmp / "out", world["data"])]
+
     return make
 
 
@@ -104,6 +116,7 @@ def _evaluate_damaged(damage: Callable[[Path], None]) -> Callable:
         c = _copy_ckpt(world, tmp)
         damage(c)
         return ["evaluate", "--checkpoint", str(c), "--data_dir", str(world["data"])]
+
     return make
 
 
@@ -112,6 +125,7 @@ def _predict_file(content: bytes) -> Callable:
         f = tmp / "inputs.txt"
         f.write_bytes(content)
         return ["predict", "--checkpoint", str(world["best"]), "--file", str(f)]
+
     return make
 
 
@@ -168,8 +182,11 @@ CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
     "log_every_steps=0": (lambda w, t: _train(w, t, "logging.log_every_steps=0"), 2, ("logging.log_every_steps", "0")),
     "eval_batch_size=-1": (lambda w, t: _train(w, t, "data.eval_batch_size=-1"), 2, ("data.eval_batch_size", "-1")),
     "metric=f1": (lambda w, t: _train(w, t, "training.metric=f1"), 2, ("training.metric", "f1", "macro_f1")),
-    "perplexity for a classifier": (lambda w, t: _train(w, t, "training.metric=perplexity"), 2,
-                               ("training.metric", "perplexity", "text_classification")),
+    "perplexity for a classifier": (
+        lambda w, t: _train(w, t, "training.metric=perplexity"),
+        2,
+        ("training.metric", "perplexity", "text_classification"),
+    ),
     "num_threads=-1": (lambda w, t: _train(w, t, "hardware.num_threads=-1"), 2, ("hardware.num_threads",)),
     "adam_beta1=2": (lambda w, t: _train(w, t, "training.adam_beta1=2"), 2, ("training.adam_beta1", "[0, 1)")),
     "adam_beta2=1": (lambda w, t: _train(w, t, "training.adam_beta2=1"), 2, ("training.adam_beta2",)),
@@ -191,76 +208,147 @@ CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
     "binary yaml": (_binary_yaml, 2, ("config.yaml",)),
     "missing config": (lambda w, t: ["train", "--config", str(t / "nope.yaml")], 2, ("nope.yaml", "does not exist")),
     # ---- data tables
-    "ragged tsv": (lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER + GOOD_ROWS + "a\tfilm\t1\n")), 1,
-                   ("train.tsv", "row 9", "line 10", "3 fields", "header has 2")),
-    "ragged csv": (lambda w, t: _train_on(t, _table(t, "train.csv", "sentence,label\nok,1\nbad,1,2\n")), 1,
-                   ("train.csv", "row 2", "line 3", "3 fields")),
-    "unterminated quote": (lambda w, t: _train_on(t, _table(t, "train.csv", 'sentence,label\n"open,1\n')), 1,
-                           ("train.csv",)),
-    "latin-1 bytes": (lambda w, t: _train_on(t, _table(t, "train.tsv", (HEADER + "caf\xe9 ok\t1\n").encode("latin-1"))),
-                      1, ("train.tsv", "byte offset 18", "data.encoding")),
+    "ragged tsv": (
+        lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER + GOOD_ROWS + "a\tfilm\t1\n")),
+        1,
+        ("train.tsv", "row 9", "line 10", "3 fields", "header has 2"),
+    ),
+    "ragged csv": (
+        lambda w, t: _train_on(t, _table(t, "train.csv", "sentence,label\nok,1\nbad,1,2\n")),
+        1,
+        ("train.csv", "row 2", "line 3", "3 fields"),
+    ),
+    "unterminated quote": (
+        lambda w, t: _train_on(t, _table(t, "train.csv", 'sentence,label\n"open,1\n')),
+        1,
+        ("train.csv",),
+    ),
+    "latin-1 bytes": (
+        lambda w, t: _train_on(t, _table(t, "train.tsv", (HEADER + "caf\xe9 ok\t1\n").encode("latin-1"))),
+        1,
+        ("train.tsv", "byte offset 18", "data.encoding"),
+    ),
     "jsonl bool+number labels": (
-        lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": 1}\n'
-                                                           '{"sentence": "b", "label": true}\n')),
-        1, ("train.jsonl", "line 2", "booleans and numbers")),
-    "jsonl null label": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": null}\n')),
-                         1, ("train.jsonl", "line 1", "null")),
-    "jsonl list label": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": [1]}\n')),
-                         1, ("train.jsonl", "line 1", "list")),
-    "jsonl not an object": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": 1}\n[1]\n')),
-                            1, ("train.jsonl", "line 2", "JSON object")),
-    "jsonl bad json": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a",\n')), 1,
-                       ("train.jsonl", "line 1", "not valid JSON")),
-    "jsonl text is a number": (lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": 5, "label": 1}\n')),
-                               1, ("train.jsonl", "row 1", "int")),
-    "empty label": (lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER + "good\t1\nfine\t\n")), 1,
-                    ("train.tsv", "row 2", "line 3", "empty label")),
-    "empty text": (lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER + "good\t1\n \t0\n")), 1,
-                   ("train.tsv", "row 2", "empty text")),
+        lambda w, t: _train_on(
+            t, _table(t, "train.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b", "label": true}\n')
+        ),
+        1,
+        ("train.jsonl", "line 2", "booleans and numbers"),
+    ),
+    "jsonl null label": (
+        lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": null}\n')),
+        1,
+        ("train.jsonl", "line 1", "null"),
+    ),
+    "jsonl list label": (
+        lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": [1]}\n')),
+        1,
+        ("train.jsonl", "line 1", "list"),
+    ),
+    "jsonl not an object": (
+        lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": 1}\n[1]\n')),
+        1,
+        ("train.jsonl", "line 2", "JSON object"),
+    ),
+    "jsonl bad json": (
+        lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a",\n')),
+        1,
+        ("train.jsonl", "line 1", "not valid JSON"),
+    ),
+    "jsonl text is a number": (
+        lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": 5, "label": 1}\n')),
+        1,
+        ("train.jsonl", "row 1", "int"),
+    ),
+    "empty label": (
+        lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER + "good\t1\nfine\t\n")),
+        1,
+        ("train.tsv", "row 2", "line 3", "empty label"),
+    ),
+    "empty text": (
+        lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER + "good\t1\n \t0\n")),
+        1,
+        ("train.tsv", "row 2", "empty text"),
+    ),
     "header only": (lambda w, t: _train_on(t, _table(t, "train.tsv", HEADER)), 1, ("train.tsv", "no rows")),
     "missing column": (lambda w, t: _train(w, t, "data.label_column=sentiment"), 1, ("sentiment", "data.label_column")),
     "missing data folder": (lambda w, t: _train_on(t, t / "nope"), 1, ("nope", "does not exist")),
     # ---- images
     "only truncated jpegs": (
-        lambda w, t: _tiny_images_run(_images(t, lambda p: p.write_bytes(p.read_bytes()[:200])), t), 1,
-        ("bees", "no readable images")),
-    "only zero-byte images": (lambda w, t: _tiny_images_run(_images(t, lambda p: p.write_bytes(b"")), t), 1,
-                              ("bees", "no readable images")),
+        lambda w, t: _tiny_images_run(_images(t, lambda p: p.write_bytes(p.read_bytes()[:200])), t),
+        1,
+        ("bees", "no readable images"),
+    ),
+    "only zero-byte images": (
+        lambda w, t: _tiny_images_run(_images(t, lambda p: p.write_bytes(b"")), t),
+        1,
+        ("bees", "no readable images"),
+    ),
     "prepare-images into a non-empty folder": (_prepare_nonempty, 1, ("not empty", "--overwrite")),
     "prepare-images --num_classes 5": (_prepare_too_many_classes, 1, ("--num_classes 5", "only 2 classes")),
     # ---- checkpoints
     "truncated model.safetensors": (_resume_damaged(_truncate("model.safetensors")), 2, ("model.safetensors",)),
-    "garbage optimizer state": (_resume_damaged(_write("training_state/optimizer.json", b"\x00garbage")), 2,
-                                ("optimizer.json",)),
-    "garbage optimizer tensors": (_resume_damaged(_write("training_state/optimizer.safetensors", b"garbage")), 2,
-                                  ("optimizer.safetensors",)),
+    "garbage optimizer state": (
+        _resume_damaged(_write("training_state/optimizer.json", b"\x00garbage")),
+        2,
+        ("optimizer.json",),
+    ),
+    "garbage optimizer tensors": (
+        _resume_damaged(_write("training_state/optimizer.safetensors", b"garbage")),
+        2,
+        ("optimizer.safetensors",),
+    ),
     "missing rng file": (_resume_damaged(_delete("training_state/rng.json")), 2, ("rng.json", "missing")),
-    "garbage trainer_state.json": (_resume_damaged(_write("training_state/trainer_state.json", b"{oops")), 2,
-                                   ("trainer_state.json",)),
-    "garbage fulltune_run.json (resume)": (_resume_damaged(_write("fulltune_run.json", b"\xff\xfe")), 2,
-                                           ("fulltune_run.json",)),
+    "garbage trainer_state.json": (
+        _resume_damaged(_write("training_state/trainer_state.json", b"{oops")),
+        2,
+        ("trainer_state.json",),
+    ),
+    "garbage fulltune_run.json (resume)": (
+        _resume_damaged(_write("fulltune_run.json", b"\xff\xfe")),
+        2,
+        ("fulltune_run.json",),
+    ),
     "missing manifest": (_resume_damaged(_delete(ckpt.MANIFEST)), 2, (ckpt.MANIFEST, "missing")),
     "legacy pickled optimizer.pt": (_resume_damaged(_legacy), 2, ("optimizer.pt", "pickle")),
     "resume a folder that is no checkpoint": (lambda w, t: _train(w, t, "--resume", str(t)), 2, ("--resume",)),
     "evaluate a truncated best/": (_evaluate_damaged(_truncate("model.safetensors")), 2, ("model.safetensors",)),
-    "evaluate a garbage fulltune_run.json": (_evaluate_damaged(_write("fulltune_run.json", b"[1, 2")), 2,
-                                             ("fulltune_run.json",)),
+    "evaluate a garbage fulltune_run.json": (
+        _evaluate_damaged(_write("fulltune_run.json", b"[1, 2")),
+        2,
+        ("fulltune_run.json",),
+    ),
     "evaluate no checkpoint": (lambda w, t: ["evaluate", "--checkpoint", str(t / "nope")], 2, ("nope",)),
     # ---- command flags and environment
-    "evaluate --split nope": (lambda w, t: ["evaluate", "--checkpoint", str(w["best"]), "--data_dir", str(w["data"]),
-                                            "--split", "nope"], 2, ("--split 'nope'", "dev")),
-    "evaluate --batch_size 0": (lambda w, t: ["evaluate", "--checkpoint", str(w["best"]), "--data_dir",
-                                              str(w["data"]), "--batch_size", "0"], 2, ("--batch_size",)),
-    "predict --top_k -1": (lambda w, t: ["predict", "--checkpoint", str(w["best"]), "--text", "hi", "--top_k", "-1"],
-                           1, ("--top_k",)),
+    "evaluate --split nope": (
+        lambda w, t: ["evaluate", "--checkpoint", str(w["best"]), "--data_dir", str(w["data"]), "--split", "nope"],
+        2,
+        ("--split 'nope'", "dev"),
+    ),
+    "evaluate --batch_size 0": (
+        lambda w, t: ["evaluate", "--checkpoint", str(w["best"]), "--data_dir", str(w["data"]), "--batch_size", "0"],
+        2,
+        ("--batch_size",),
+    ),
+    "predict --top_k -1": (
+        lambda w, t: ["predict", "--checkpoint", str(w["best"]), "--text", "hi", "--top_k", "-1"],
+        1,
+        ("--top_k",),
+    ),
     "predict --file not UTF-8": (_predict_file(b"caf\xe9\n"), 1, ("inputs.txt", "byte offset 3")),
     "predict --file empty": (_predict_file(b"\n\n"), 1, ("inputs.txt", "empty")),
-    "predict missing file": (lambda w, t: ["predict", "--checkpoint", str(w["best"]), "--file", str(t / "x.txt")],
-                             1, ("x.txt", "does not exist")),
+    "predict missing file": (
+        lambda w, t: ["predict", "--checkpoint", str(w["best"]), "--file", str(t / "x.txt")],
+        1,
+        ("x.txt", "does not exist"),
+    ),
     "output_dir is a file": (_file_as_output, 2, ("afile", "is a file")),
     "output_dir under a file": (_under_a_file, 1, ("afile",)),
-    "output_dir not permitted": (lambda w, t: _train(w, t, f"output_dir={json.dumps('/sys/fulltune-test-run')}"), 1,
-                                 ("/sys/fulltune-test-run",)),
+    "output_dir not permitted": (
+        lambda w, t: _train(w, t, f"output_dir={json.dumps('/sys/fulltune-test-run')}"),
+        1,
+        ("/sys/fulltune-test-run",),
+    ),
     "another run's folder": (_other_run, 2, ("--resume auto", "--output_dir", "--overwrite")),
 }
 if not torch.cuda.is_available():

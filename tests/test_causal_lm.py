@@ -114,11 +114,14 @@ def test_token_cache_is_reused_and_keyed(tmp_path):
     assert tok.calls > calls and len(list((tmp_path / "cache").glob("lm-*.safetensors"))) == 2
 
 
-@pytest.mark.parametrize("line,message", [
-    ('"just a string"', "JSON object"),
-    ('{"title": "x"}', "'text' field"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('"just a string"', "JSON object"),
+        ('{"title": "x"}', "'text' field"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_bad_jsonl_lines_name_the_line(tmp_path, line, message):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"text": "fine"}\n' + line + "\n", encoding="utf-8")
@@ -144,8 +147,12 @@ def make_bpe_tokenizer(text: str, out_dir: Path, vocab_size: int = 300) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([text], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out_dir)
     return out_dir
@@ -157,15 +164,34 @@ def corpus(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def lm_cfg(out: Path, tiny: dict, train_file: Path, **extra: object):
-    return load_config(None, base_overrides(
-        out, tiny, task="causal_lm", data__train_file=str(train_file), data__seq_len=32, data__batch_size=4,
-        training__base_learning_rate=3e-3, training__warmup_ratio=0.0, logging__log_every_steps=1, **extra))
+    return load_config(
+        None,
+        base_overrides(
+            out,
+            tiny,
+            task="causal_lm",
+            data__train_file=str(train_file),
+            data__seq_len=32,
+            data__batch_size=4,
+            training__base_learning_rate=3e-3,
+            training__warmup_ratio=0.0,
+            logging__log_every_steps=1,
+            **extra,
+        ),
+    )
 
 
 @pytest.mark.parametrize("tiny", [TINY_LLAMA, TINY_QWEN2, TINY_GPT2], ids=["llama", "qwen2", "gpt2"])
 def test_tiny_decoders_learn(tmp_path, corpus, tiny):
-    cfg = lm_cfg(tmp_path / "run", tiny, corpus[0], training__max_steps=12, data__max_samples=24,
-                 checkpoint__save_every_epochs=0, checkpoint__save_best=False)
+    cfg = lm_cfg(
+        tmp_path / "run",
+        tiny,
+        corpus[0],
+        training__max_steps=12,
+        data__max_samples=24,
+        checkpoint__save_every_epochs=0,
+        checkpoint__save_best=False,
+    )
     summary = train(cfg)
     assert summary["optimizer_steps"] == 12
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -182,8 +208,17 @@ def test_max_samples_caps_the_training_set(tmp_path, corpus):
 
 def test_resume_mid_epoch_is_bit_identical(tmp_path, corpus):
     def make(out: Path):
-        return lm_cfg(out, TINY_LLAMA, corpus[0], model__dropout=0.1, data__max_samples=16, training__num_epochs=2,
-                      checkpoint__save_every_steps=3, checkpoint__keep_last=0, checkpoint__save_best=False)
+        return lm_cfg(
+            out,
+            TINY_LLAMA,
+            corpus[0],
+            model__dropout=0.1,
+            data__max_samples=16,
+            training__num_epochs=2,
+            checkpoint__save_every_steps=3,
+            checkpoint__keep_last=0,
+            checkpoint__save_best=False,
+        )
 
     train(make(tmp_path / "full"))
     resumed = tmp_path / "resumed"
@@ -198,8 +233,14 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, corpus):
 def test_evaluate_and_predict_on_the_exported_checkpoint(tmp_path, corpus, capsys):
     # A byte-level BPE tokenizer, as real decoders have (the MiniLM one adds [CLS]/[SEP] and token_type_ids).
     tokenizer = make_bpe_tokenizer(corpus[0].read_text(), tmp_path / "tokenizer")
-    cfg = lm_cfg(tmp_path / "run", TINY_LLAMA | {"vocab_size": 300}, corpus[0], data__val_file=str(corpus[1]),
-                 training__num_epochs=2, model__tokenizer=str(tokenizer))
+    cfg = lm_cfg(
+        tmp_path / "run",
+        TINY_LLAMA | {"vocab_size": 300},
+        corpus[0],
+        data__val_file=str(corpus[1]),
+        training__num_epochs=2,
+        model__tokenizer=str(tokenizer),
+    )
     train(cfg)
     best = tmp_path / "run" / "best"
     metrics = evaluate_checkpoint(best, file=str(corpus[1]), output_dir=tmp_path / "eval")
@@ -209,8 +250,12 @@ def test_evaluate_and_predict_on_the_exported_checkpoint(tmp_path, corpus, capsy
     assert metrics["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-5)
     # the same through the command line, and generation from a prompt
     capsys.readouterr()
-    assert cli.main(["evaluate", "--checkpoint", str(best), "--file", str(corpus[1]),
-                     "--output_dir", str(tmp_path / "eval2")]) == 0
+    assert (
+        cli.main(
+            ["evaluate", "--checkpoint", str(best), "--file", str(corpus[1]), "--output_dir", str(tmp_path / "eval2")]
+        )
+        == 0
+    )
     assert f"{direct['perplexity']:.4f}" in capsys.readouterr().out
     assert cli.main(["predict", "--checkpoint", str(best), "--prompt", "a good", "--max_new_tokens", "5"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -38,21 +38,41 @@ def test_config_command_prints_yaml_that_loads_back(tmp_path, capsys):
 
 
 def test_hf_trainer_flat_names_map_to_config_keys():
-    cfg = load_config(None, ["learning_rate=1e-5", "eval_steps=5", "max_train_samples=10", "label_smoothing_factor=0.1",
-                             "metric_for_best_model=macro_f1", "per_device_eval_batch_size=4", "optim=adamw_torch",
-                             "num_train_epochs=2", "per_device_train_batch_size=8", "max_seq_length=64"])
+    cfg = load_config(
+        None,
+        [
+            "learning_rate=1e-5",
+            "eval_steps=5",
+            "max_train_samples=10",
+            "label_smoothing_factor=0.1",
+            "metric_for_best_model=macro_f1",
+            "per_device_eval_batch_size=4",
+            "optim=adamw_torch",
+            "num_train_epochs=2",
+            "per_device_train_batch_size=8",
+            "max_seq_length=64",
+        ],
+    )
     t, d = cfg.training, cfg.data
     assert (t.base_learning_rate, t.eval_every_steps, d.max_samples, t.label_smoothing) == (1e-5, 5, 10, 0.1)
     assert (t.metric, d.eval_batch_size, t.fused_optimizer, t.num_epochs, d.batch_size, d.max_length) == (
-        "macro_f1", 4, False, 2, 8, 64)
+        "macro_f1",
+        4,
+        False,
+        2,
+        8,
+        64,
+    )
     with pytest.raises(ConfigError, match="optim 'sgd'"):
         load_config(None, ["optim=sgd"])
 
 
 def test_kebab_case_and_config_keys_as_flags():
     parser = build_parser()
-    argv = normalize_argv(["train", "--output-dir", "o", "--data-dir=d", "--learning-rate", "1e-5",
-                           "--training.num_epochs=2", "x=1"], parser)
+    argv = normalize_argv(
+        ["train", "--output-dir", "o", "--data-dir=d", "--learning-rate", "1e-5", "--training.num_epochs=2", "x=1"],
+        parser,
+    )
     assert argv == ["train", "--output_dir", "o", "--data_dir=d", "learning_rate=1e-5", "training.num_epochs=2", "x=1"]
     args = parser.parse_args(argv)
     assert args.output_dir == "o" and args.data_dir == "d"

@@ -19,18 +19,34 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def test_compare_reports_a_failing_method_and_runs_the_other(tmp_path, text_data):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"tiny_config": TINY_BERT},
-        "data": {"text_column": "sentence", "batch_size": 16},
-        "training": {"num_epochs": 1, "seed": 0, "base_learning_rate": 1e-3},
-        "hardware": {"mixed_precision": "no"},
-        "logging": {"tensorboard": False, "log_every_steps": 1},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"tiny_config": TINY_BERT},
+                "data": {"text_column": "sentence", "batch_size": 16},
+                "training": {"num_epochs": 1, "seed": 0, "base_learning_rate": 1e-3},
+                "hardware": {"mixed_precision": "no"},
+                "logging": {"tensorboard": False, "log_every_steps": 1},
+            }
+        )
+    )
     out = tmp_path / "cmp"
     # LoRA aimed at a module the model does not have fails in its own process; the linear probe still runs.
-    args = _parse(["--config", str(config), "--data_dir", str(text_data), "--output_dir", str(out),
-                   "--methods", "linear_probe,lora", "--lr_per_method", "linear_probe=x3",
-                   "method.lora.target_modules=[no_such_module]"])
+    args = _parse(
+        [
+            "--config",
+            str(config),
+            "--data_dir",
+            str(text_data),
+            "--output_dir",
+            str(out),
+            "--methods",
+            "linear_probe,lora",
+            "--lr_per_method",
+            "linear_probe=x3",
+            "method.lora.target_modules=[no_such_module]",
+        ]
+    )
     assert args.func(args) == 1  # one method failed
 
     report = json.loads((out / "comparison.json").read_text())

@@ -15,8 +15,13 @@ from fulltune.config import ConfigError
 
 def test_variants_parse_to_methods_overrides_and_folders():
     vs = parse_variants("full,lora:r=8,lora:r=16,qlora,partial:trainable_layers=4")
-    assert [(v.method, v.label) for v in vs] == [("full", "full"), ("lora", "lora-r8"), ("lora", "lora-r16"),
-                                                 ("qlora", "qlora"), ("partial", "partial-trainable_layers4")]
+    assert [(v.method, v.label) for v in vs] == [
+        ("full", "full"),
+        ("lora", "lora-r8"),
+        ("lora", "lora-r16"),
+        ("qlora", "qlora"),
+        ("partial", "partial-trainable_layers4"),
+    ]
     assert vs[2].overrides == ("method.lora.r=16",) and vs[4].overrides == ("method.trainable_layers=4",)
     assert parse_methods("lora:r=8, full,lora:r=8") == ["lora:r=8", "full"]
     with pytest.raises(ConfigError, match="unknown method 'adapter'"):
@@ -28,11 +33,32 @@ def test_variants_parse_to_methods_overrides_and_folders():
 
 
 def test_top5_column_only_with_more_than_five_classes():
-    row = {"method": "full", "learning_rate": 1e-5, "status": "ok", "metric": "accuracy", "val": 0.5, "test": 0.4,
-           "test_top5": 0.9, "trainable_parameters": 10, "trainable_percent": 100.0, "peak_memory_bytes": 1,
-           "wall_time_s": 1.0, "samples_per_s": 1.0, "exported_bytes": 1, "adapter_bytes": None}
-    settings = {"model": "m", "data": "d", "budget": "1 epoch", "global_batch": 8, "length": "x", "seed": 0,
-                "precision": "fp32", "device": "cpu"}
+    row = {
+        "method": "full",
+        "learning_rate": 1e-5,
+        "status": "ok",
+        "metric": "accuracy",
+        "val": 0.5,
+        "test": 0.4,
+        "test_top5": 0.9,
+        "trainable_parameters": 10,
+        "trainable_percent": 100.0,
+        "peak_memory_bytes": 1,
+        "wall_time_s": 1.0,
+        "samples_per_s": 1.0,
+        "exported_bytes": 1,
+        "adapter_bytes": None,
+    }
+    settings = {
+        "model": "m",
+        "data": "d",
+        "budget": "1 epoch",
+        "global_batch": 8,
+        "length": "x",
+        "seed": 0,
+        "precision": "fp32",
+        "device": "cpu",
+    }
     assert "top-5" not in markdown([row], settings | {"num_classes": 5})
     table = markdown([row], settings | {"num_classes": 12})
     assert "| test top-5 |" in table and "| 0.4000 | 0.9000 |" in table
@@ -40,14 +66,30 @@ def test_top5_column_only_with_more_than_five_classes():
 
 def test_compare_runs_variants_and_the_untrained_row(tmp_path, text_data):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"tiny_config": TINY_BERT}, "data": {"text_column": "sentence", "batch_size": 16},
-        "training": {"num_epochs": 1, "seed": 0, "base_learning_rate": 1e-3}, "hardware": {"mixed_precision": "no"},
-        "logging": {"tensorboard": False, "log_every_steps": 1}, "checkpoint": {"save_best": False},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"tiny_config": TINY_BERT},
+                "data": {"text_column": "sentence", "batch_size": 16},
+                "training": {"num_epochs": 1, "seed": 0, "base_learning_rate": 1e-3},
+                "hardware": {"mixed_precision": "no"},
+                "logging": {"tensorboard": False, "log_every_steps": 1},
+                "checkpoint": {"save_best": False},
+            }
+        )
+    )
     out = tmp_path / "cmp"
-    args = parse_cli("compare", "--config", str(config), "--data_dir", str(text_data), "--output_dir",
-                              str(out), "--methods", "lora:r=2")  # one child process: start-up dominates
+    args = parse_cli(
+        "compare",
+        "--config",
+        str(config),
+        "--data_dir",
+        str(text_data),
+        "--output_dir",
+        str(out),
+        "--methods",
+        "lora:r=2",
+    )  # one child process: start-up dominates
     assert args.func(args) == 0
     report = json.loads((out / "comparison.json").read_text())
     rows = {r["method"]: r for r in report["runs"]}

@@ -56,8 +56,16 @@ hardware:
 
 
 def test_overrides_and_aliases():
-    cfg = load_config(None, ["training.learning_rate=2e-5", "training.fp16=true", "model.name=foo/bar",
-                             "data.batch_size=8", "method.freeze=embeddings,encoder.layer.0"])
+    cfg = load_config(
+        None,
+        [
+            "training.learning_rate=2e-5",
+            "training.fp16=true",
+            "model.name=foo/bar",
+            "data.batch_size=8",
+            "method.freeze=embeddings,encoder.layer.0",
+        ],
+    )
     assert cfg.training.base_learning_rate == 2e-5
     assert cfg.hardware.mixed_precision == "fp16"
     assert cfg.model.name_or_path == "foo/bar"
@@ -82,21 +90,44 @@ def test_config_errors_name_the_key(override, needle):
 
 # ------------------------------------------------------------------------------------------------ the coercer
 
-@pytest.mark.parametrize(("value", "tp", "expected"), [
-    ("1e-5", float, 1e-5), (3, float, 3.0), (4.0, int, 4), ("12", int, 12), ("yes", bool, True), ("0", bool, False),
-    (7, str, "7"), (None, int | None, None), ("2", int | None, 2), ("a,b", list[str], ["a", "b"]),
-    ([0.5, 1], tuple[float, float], (0.5, 1.0)), (True, Literal["auto", "bf16", "no"], "auto"),
-    (False, Literal["auto", "bf16", "no"], "no"), ({"x": 1}, dict[str, Any], {"x": 1}),
-])
+
+@pytest.mark.parametrize(
+    ("value", "tp", "expected"),
+    [
+        ("1e-5", float, 1e-5),
+        (3, float, 3.0),
+        (4.0, int, 4),
+        ("12", int, 12),
+        ("yes", bool, True),
+        ("0", bool, False),
+        (7, str, "7"),
+        (None, int | None, None),
+        ("2", int | None, 2),
+        ("a,b", list[str], ["a", "b"]),
+        ([0.5, 1], tuple[float, float], (0.5, 1.0)),
+        (True, Literal["auto", "bf16", "no"], "auto"),
+        (False, Literal["auto", "bf16", "no"], "no"),
+        ({"x": 1}, dict[str, Any], {"x": 1}),
+    ],
+)
 def test_coerce_accepts_what_yaml_gives(value, tp, expected):
     assert _coerce(value, tp, "k") == expected
 
 
-@pytest.mark.parametrize(("value", "tp", "message"), [
-    (True, int, "expected an integer"), (2.5, int, "expected an integer"), ("fast", float, "expected a number"),
-    ("maybe", bool, "true or false"), ([1], str, "expected a string"), ([1, 2, 3], tuple[float, float], "2 values"),
-    ("fp8", Literal["bf16", "no"], "one of"), (5, list[int], "expected a list"), ("x", int | None, "int | None"),
-])
+@pytest.mark.parametrize(
+    ("value", "tp", "message"),
+    [
+        (True, int, "expected an integer"),
+        (2.5, int, "expected an integer"),
+        ("fast", float, "expected a number"),
+        ("maybe", bool, "true or false"),
+        ([1], str, "expected a string"),
+        ([1, 2, 3], tuple[float, float], "2 values"),
+        ("fp8", Literal["bf16", "no"], "one of"),
+        (5, list[int], "expected a list"),
+        ("x", int | None, "int | None"),
+    ],
+)
 def test_coerce_rejects_with_the_key_and_what_was_expected(value, tp, message):
     with pytest.raises(ConfigError, match=f"config key 'section.key'.*{message}"):
         _coerce(value, tp, "section.key")

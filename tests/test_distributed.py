@@ -20,8 +20,16 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 def run_fulltune(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "fulltune", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "fulltune",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "fulltune", *args]
     env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FULLTUNE_DIST_TIMEOUT": "60"}
@@ -31,10 +39,25 @@ def run_fulltune(args: list[str], nproc: int = 1, timeout: int = 300) -> subproc
 
 
 def text_train_args(data: Path, out: Path, batch: int, *extra: str) -> list[str]:
-    return ["train", "--data_dir", str(data), "--output_dir", str(out), "data.text_column=sentence",
-            f"model.tiny_config={json.dumps(TINY_BERT)}", "logging.progress_bar=false", "logging.tensorboard=false",
-            "hardware.mixed_precision=no", "model.dropout=0.0", "training.seed=0", f"data.batch_size={batch}",
-            "logging.log_every_steps=1", "checkpoint.keep_last=0", "checkpoint.save_best=false", *extra]
+    return [
+        "train",
+        "--data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "data.text_column=sentence",
+        f"model.tiny_config={json.dumps(TINY_BERT)}",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "hardware.mixed_precision=no",
+        "model.dropout=0.0",
+        "training.seed=0",
+        f"data.batch_size={batch}",
+        "logging.log_every_steps=1",
+        "checkpoint.keep_last=0",
+        "checkpoint.save_best=false",
+        *extra,
+    ]
 
 
 def last_weights(out: Path, name: str) -> dict[str, torch.Tensor]:
@@ -67,15 +90,22 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, text_data,
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_resume_on_another_world_size(tmp_path, text_data, parallel):
-    steps = ["training.max_steps=4", "training.num_epochs=1", "checkpoint.save_every_steps=2",
-             f"training.parallel={parallel}"]
+    steps = [
+        "training.max_steps=4",
+        "training.num_epochs=1",
+        "checkpoint.save_every_steps=2",
+        f"training.parallel={parallel}",
+    ]
     ok(run_fulltune(text_train_args(text_data, tmp_path / "full", 4, *steps), nproc=2))
     reference = losses(tmp_path / "full")
     state = tmp_path / "full" / "checkpoint-step-2" / "training_state"
     if parallel == "fsdp":  # one file set per rank, no gathered optimizer state; the export consolidated from them
         names = {p.name for p in (state / "sharded").iterdir()}
-        assert names == {f"{kind}-rank{r}.{ext}" for r in (0, 1)
-                         for kind, ext in (("model", "safetensors"), ("optim", "safetensors"), ("index", "json"))}
+        assert names == {
+            f"{kind}-rank{r}.{ext}"
+            for r in (0, 1)
+            for kind, ext in (("model", "safetensors"), ("optim", "safetensors"), ("index", "json"))
+        }
         assert not (state / "optimizer.pt").exists()
         index = json.loads((state / "sharded" / "index-rank1.json").read_text())["tensors"]
         assert index["optim/bert.embeddings.word_embeddings.weight/exp_avg"]["start"] == 30522 // 2
@@ -102,8 +132,11 @@ def test_failing_rank_stops_all_ranks(tmp_path, text_data):
     env_before = os.environ.get("FULLTUNE_KILL_AT")
     os.environ["FULLTUNE_KILL_AT"] = "inside-save:1"
     try:
-        proc = run_fulltune(text_train_args(text_data, tmp_path / "out", 4, "training.parallel=ddp",
-                                            "checkpoint.save_every_steps=2"), nproc=2, timeout=240)
+        proc = run_fulltune(
+            text_train_args(text_data, tmp_path / "out", 4, "training.parallel=ddp", "checkpoint.save_every_steps=2"),
+            nproc=2,
+            timeout=240,
+        )
     finally:
         if env_before is None:
             os.environ.pop("FULLTUNE_KILL_AT", None)

@@ -61,7 +61,9 @@ def fulltune_logits(folder: Path, kind: str) -> torch.Tensor:
         else:
             from fulltune.data.images import eval_transform
 
-            inputs = {"pixel_values": eval_transform(Image.new("RGB", (50, 40), (200, 60, 40)), bundle.image_spec)[None]}
+            inputs = {
+                "pixel_values": eval_transform(Image.new("RGB", (50, 40), (200, 60, 40)), bundle.image_spec)[None]
+            }
         return bundle.model(**inputs).logits
 
 
@@ -73,8 +75,9 @@ def card(folder: Path) -> str:
 
 
 def _text_cfg(out: Path, text_data: Path, **extra):
-    values = dict(data__data_dir=str(text_data), data__text_column="sentence", data__batch_size=8,
-                  training__num_epochs=2)
+    values = dict(
+        data__data_dir=str(text_data), data__text_column="sentence", data__batch_size=8, training__num_epochs=2
+    )
     return load_config(None, base_overrides(out, TINY_BERT, **(values | extra)))
 
 
@@ -94,8 +97,13 @@ def test_cards_and_exports_of_full_and_lora_runs(tmp_path, text_data, full_run):
     full, lora = full_run, tmp_path / "lora"
     train(_text_cfg(lora, text_data, method__name="lora", training__base_learning_rate=1e-2, training__num_epochs=1))
     exported = sorted(p for p in full.iterdir() if (p / "config.json").is_file())
-    assert [p.name for p in exported] == ["best", "checkpoint-epoch-1", "checkpoint-epoch-2", "checkpoint-step-3",
-                                          "checkpoint-step-6"]
+    assert [p.name for p in exported] == [
+        "best",
+        "checkpoint-epoch-1",
+        "checkpoint-epoch-2",
+        "checkpoint-step-3",
+        "checkpoint-step-6",
+    ]
     for folder in exported:
         text = card(folder)
         assert "Labels (2): `0`, `1`" in text and "Examples: train 32, val 8, test 8" in text
@@ -126,10 +134,14 @@ def test_cards_and_exports_of_full_and_lora_runs(tmp_path, text_data, full_run):
     assert {p.name for p in outs["adapter"].glob("adapter_*")} == {"adapter_config.json", "adapter_model.safetensors"}
     assert not (outs["adapter"] / "model.safetensors").exists()
 
-    logits = plain_logits([(outs["full"], "text"), (outs["lora"], "text"), (outs["ckpt"], "text"),
-                           (outs["bf16"], "text")])
-    for out, src in ((outs["full"], full / "best"), (outs["lora"], lora / "best"),
-                     (outs["ckpt"], full / "checkpoint-step-3")):
+    logits = plain_logits(
+        [(outs["full"], "text"), (outs["lora"], "text"), (outs["ckpt"], "text"), (outs["bf16"], "text")]
+    )
+    for out, src in (
+        (outs["full"], full / "best"),
+        (outs["lora"], lora / "best"),
+        (outs["ckpt"], full / "checkpoint-step-3"),
+    ):
         torch.testing.assert_close(logits[str(out)], fulltune_logits(src, "text"), atol=1e-5, rtol=0)
     torch.testing.assert_close(logits[str(outs["bf16"])], fulltune_logits(full / "best", "text"), atol=2e-2, rtol=0)
     assert not torch.equal(logits[str(outs["full"])], logits[str(outs["lora"])])
@@ -137,8 +149,19 @@ def test_cards_and_exports_of_full_and_lora_runs(tmp_path, text_data, full_run):
 
 def test_image_export_gives_the_checkpoint_logits(tmp_path, image_data):
     run = tmp_path / "run"
-    train(load_config(None, base_overrides(run, TINY_CLIP, data__data_dir=str(image_data), data__batch_size=6,
-                                           training__num_epochs=1, data__num_workers=0)))
+    train(
+        load_config(
+            None,
+            base_overrides(
+                run,
+                TINY_CLIP,
+                data__data_dir=str(image_data),
+                data__batch_size=6,
+                training__num_epochs=1,
+                data__num_workers=0,
+            ),
+        )
+    )
     text = card(run / "best")
     assert "Labels (2): `ants`, `bees`" in text and "AutoImageProcessor" in text
     out = export(run, tmp_path / "ship")
@@ -154,8 +177,16 @@ def test_pruned_folder_has_a_card_and_exports_to_plain_transformers(tmp_path):
     from fulltune.prune_io import load_pruned, save_pruned
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=8, num_key_value_heads=2, vocab_size=128)).eval()
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    ).eval()
     calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     report = prune_model(model, PruneConfig(pruning_ratio=0.5, prune_mlp=True, layer_ratios="importance"), calib)
     shapes = {(s["num_key_value_heads"], s["intermediate_size"]) for s in get_layer_shapes(model)}

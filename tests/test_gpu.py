@@ -27,9 +27,17 @@ from fulltune.train import setup, train  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 VOCAB = 512
-TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 256,
-        "tie_word_embeddings": False}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
 DRY = os.environ.get("GPU_CHECK_DRY") == "1"
 
 
@@ -56,11 +64,24 @@ def lm_files(tmp_path_factory) -> tuple[Path, Path]:
 def lm_overrides(out: Path, files: tuple[Path, Path], device: str, **extra: object) -> dict:
     tok, corpus = files
     cfg = {
-        "task": "causal_lm", "output_dir": str(out), "model.tiny_config": TINY, "model.tokenizer": str(tok),
-        "model.dropout": 0.0, "data.train_file": str(corpus), "data.seq_len": 32, "data.batch_size": 4,
-        "hardware.device": device, "hardware.mixed_precision": "no", "training.base_learning_rate": 1e-2,
-        "training.warmup_ratio": 0.0, "training.max_steps": 8, "training.seed": 0, "logging.progress_bar": False,
-        "logging.tensorboard": False, "logging.log_every_steps": 1, "checkpoint.save_every_epochs": 0,
+        "task": "causal_lm",
+        "output_dir": str(out),
+        "model.tiny_config": TINY,
+        "model.tokenizer": str(tok),
+        "model.dropout": 0.0,
+        "data.train_file": str(corpus),
+        "data.seq_len": 32,
+        "data.batch_size": 4,
+        "hardware.device": device,
+        "hardware.mixed_precision": "no",
+        "training.base_learning_rate": 1e-2,
+        "training.warmup_ratio": 0.0,
+        "training.max_steps": 8,
+        "training.seed": 0,
+        "logging.progress_bar": False,
+        "logging.tensorboard": False,
+        "logging.log_every_steps": 1,
+        "checkpoint.save_every_epochs": 0,
         "checkpoint.save_best": False,
     }
     cfg.update({k.replace("__", "."): v for k, v in extra.items()})
@@ -91,7 +112,9 @@ def test_fp16_with_grad_scaler(tmp_path, lm_files, device):
 
 
 def test_bf16(tmp_path, lm_files, device):
-    summary = train(load_config(None, lm_overrides(tmp_path / "run", lm_files, device, hardware__mixed_precision="bf16")))
+    summary = train(
+        load_config(None, lm_overrides(tmp_path / "run", lm_files, device, hardware__mixed_precision="bf16"))
+    )
     assert_learns(tmp_path / "run")
     assert summary["peak_memory_bytes"] > 0
 
@@ -108,8 +131,10 @@ def test_lean_fused_bf16_adamw(tmp_path, lm_files, device):
 def test_lean_adamw8bit(tmp_path, lm_files, device):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (make gpu-wheels, then gpu_check.sh)")
     needs_cuda(device, "bitsandbytes' 8-bit AdamW")
-    cfg = load_config(None, lm_overrides(tmp_path / "run", lm_files, device, training__memory="lean",
-                                         training__lean_optimizer="adamw8bit"))
+    cfg = load_config(
+        None,
+        lm_overrides(tmp_path / "run", lm_files, device, training__memory="lean", training__lean_optimizer="adamw8bit"),
+    )
     run = setup(cfg)
     assert type(run.optimizer).__module__.startswith("bitsandbytes")
     del run
@@ -145,15 +170,33 @@ def test_one_process_data_parallel(tmp_path, lm_files, device, parallel, monkeyp
     import torch.distributed as dist
 
     plain = tmp_path / "plain"
-    train(load_config(None, lm_overrides(plain, lm_files, device, training__max_steps=3,
-                                         checkpoint__save_every_epochs=1)))
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+    train(
+        load_config(None, lm_overrides(plain, lm_files, device, training__max_steps=3, checkpoint__save_every_epochs=1))
+    )
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }.items():
         monkeypatch.setenv(key, value)
     out = tmp_path / parallel
     try:
-        train(load_config(None, lm_overrides(out, lm_files, device, training__max_steps=3,
-                                             checkpoint__save_every_epochs=1, training__parallel=parallel)))
+        train(
+            load_config(
+                None,
+                lm_overrides(
+                    out,
+                    lm_files,
+                    device,
+                    training__max_steps=3,
+                    checkpoint__save_every_epochs=1,
+                    training__parallel=parallel,
+                ),
+            )
+        )
         backend = dist.get_backend()
     finally:
         if dist.is_initialized():

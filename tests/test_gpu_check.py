@@ -23,14 +23,19 @@ def test_script_parses():
 def test_dry_mode_runs_every_path_on_the_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] and report["tests_rc"] == 0 and report["bench_rc"] == 0
     tests = report["tests"]
-    for name in ("test_bf16", "test_lean_fused_bf16_adamw", "test_one_process_data_parallel[ddp]",
-                 "test_one_process_data_parallel[fsdp]"):
+    for name in (
+        "test_bf16",
+        "test_lean_fused_bf16_adamw",
+        "test_one_process_data_parallel[ddp]",
+        "test_one_process_data_parallel[fsdp]",
+    ):
         assert tests[name] == "passed", (name, tests)
     assert tests["test_fp16_with_grad_scaler"].startswith("skipped")
     lines = report["throughput"]["lines"]

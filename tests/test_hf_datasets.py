@@ -43,8 +43,9 @@ def sst2_pair(tmp_path, shared_data) -> tuple[Path, Path]:
     _write_tsv(local / "val.tsv", val)
 
     def table(rows: list[dict[str, str]]) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({"sentence": [r["sentence"] for r in rows],
-                                           "label": [int(r["label"]) for r in rows]})
+        return datasets.Dataset.from_dict(
+            {"sentence": [r["sentence"] for r in rows], "label": [int(r["label"]) for r in rows]}
+        )
 
     hub = tmp_path / "sst2_hub"
     datasets.DatasetDict({"train": table(train), "validation": table(val)}).save_to_disk(str(hub))
@@ -52,9 +53,21 @@ def sst2_pair(tmp_path, shared_data) -> tuple[Path, Path]:
 
 
 def _text_cfg(out: Path, source: dict, **extra):
-    return load_config(None, base_overrides(
-        out, TINY_BERT, data__text_column="sentence", data__batch_size=16, training__num_epochs=1,
-        training__max_steps=4, checkpoint__save_every_steps=2, checkpoint__keep_last=0, **source, **extra))
+    return load_config(
+        None,
+        base_overrides(
+            out,
+            TINY_BERT,
+            data__text_column="sentence",
+            data__batch_size=16,
+            training__num_epochs=1,
+            training__max_steps=4,
+            checkpoint__save_every_steps=2,
+            checkpoint__keep_last=0,
+            **source,
+            **extra,
+        ),
+    )
 
 
 def test_text_dataset_matches_local_files_and_resumes_bit_identically(tmp_path, sst2_pair):
@@ -98,15 +111,23 @@ def bees_pair(tmp_path, shared_data) -> tuple[Path, Path]:
     for split, hub_name in (("train", "train"), ("val", "validation")):
         rows = img.scan_split(local / split).samples  # sorted by class, then file name
         parts[hub_name] = datasets.Dataset.from_dict(
-            {"image": [str(p) for p, _ in rows], "label": [c for _, c in rows]}, features=features)
+            {"image": [str(p) for p, _ in rows], "label": [c for _, c in rows]}, features=features
+        )
     hub = tmp_path / "bees_hub"
     datasets.DatasetDict(parts).save_to_disk(str(hub))
     return local, hub
 
 
 def _image_cfg(out: Path, source: dict, **extra):
-    values = dict(data__batch_size=4, training__num_epochs=1, training__max_steps=4, data__num_workers=0,
-                  checkpoint__save_every_steps=2, checkpoint__keep_last=0, data__augmentation={"color_jitter": 0.3})
+    values = dict(
+        data__batch_size=4,
+        training__num_epochs=1,
+        training__max_steps=4,
+        data__num_workers=0,
+        checkpoint__save_every_steps=2,
+        checkpoint__keep_last=0,
+        data__augmentation={"color_jitter": 0.3},
+    )
     return load_config(None, base_overrides(out, TINY_CLIP, **(values | source | extra)))
 
 
@@ -140,23 +161,43 @@ def test_builder_name_with_data_files_reads_like_the_local_reader(tmp_path, text
     jsonl = tmp_path / "jsonl"
     jsonl.mkdir()
     for split in ("train", "val"):
-        rows = [dict(zip(("sentence", "label"), line.split("\t"), strict=True))
-                for line in (text_data / f"{split}.tsv").read_text().splitlines()[1:]]
+        rows = [
+            dict(zip(("sentence", "label"), line.split("\t"), strict=True))
+            for line in (text_data / f"{split}.tsv").read_text().splitlines()[1:]
+        ]
         (jsonl / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    files = setup(load_config(None, base_overrides(tmp_path / "a", TINY_BERT, data__data_dir=str(jsonl),
-                                                   data__text_column="sentence")))
-    hub = setup(load_config(None, base_overrides(
-        tmp_path / "b", TINY_BERT, data__dataset_name="json", data__text_column="sentence",
-        data__data_files={"train": str(jsonl / "train.jsonl"), "validation": str(jsonl / "val.jsonl")})))
+    files = setup(
+        load_config(
+            None, base_overrides(tmp_path / "a", TINY_BERT, data__data_dir=str(jsonl), data__text_column="sentence")
+        )
+    )
+    hub = setup(
+        load_config(
+            None,
+            base_overrides(
+                tmp_path / "b",
+                TINY_BERT,
+                data__dataset_name="json",
+                data__text_column="sentence",
+                data__data_files={"train": str(jsonl / "train.jsonl"), "validation": str(jsonl / "val.jsonl")},
+            ),
+        )
+    )
     assert files.data.labels == hub.data.labels
     assert files.data.train.labels == hub.data.train.labels and len(hub.data.val) == 8
     assert all(torch.equal(x, y) for x, y in zip(files.data.train.input_ids, hub.data.train.input_ids, strict=True))
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"data__text_column": "text"}, r"split 'train': no column 'text' \(data.text_column\); it has: sentence, label"),
-    ({"data__text_column": "sentence", "data__val_split": "dev"}, r"has no split 'dev' \(data.val_split\)"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            {"data__text_column": "text"},
+            r"split 'train': no column 'text' \(data.text_column\); it has: sentence, label",
+        ),
+        ({"data__text_column": "sentence", "data__val_split": "dev"}, r"has no split 'dev' \(data.val_split\)"),
+    ],
+)
 def test_bad_columns_and_splits_are_one_line(tmp_path, extra, message):
     hub = tmp_path / "hub"
     datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]}).save_to_disk(str(hub))
@@ -167,6 +208,13 @@ def test_bad_columns_and_splits_are_one_line(tmp_path, extra, message):
 def test_missing_dataset_is_one_line(tmp_path):
     from fulltune.cli import main
 
-    rc = main(["train", "--output_dir", str(tmp_path / "run"), f"data.dataset_name={tmp_path / 'nowhere'}",
-               "task=text_classification"])
+    rc = main(
+        [
+            "train",
+            "--output_dir",
+            str(tmp_path / "run"),
+            f"data.dataset_name={tmp_path / 'nowhere'}",
+            "task=text_classification",
+        ]
+    )
     assert rc == 1

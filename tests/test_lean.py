@@ -12,9 +12,19 @@ from fulltune.lean import BF16AdamW
 
 
 def _lean_cfg(out, text_data, **extra):
-    return load_config(None, base_overrides(
-        out, TINY_BERT, data__data_dir=str(text_data), data__text_column="sentence", data__batch_size=4,
-        model__dropout=0.0, training__num_epochs=2, **extra))
+    return load_config(
+        None,
+        base_overrides(
+            out,
+            TINY_BERT,
+            data__data_dir=str(text_data),
+            data__text_column="sentence",
+            data__batch_size=4,
+            model__dropout=0.0,
+            training__num_epochs=2,
+            **extra,
+        ),
+    )
 
 
 def test_lean_training_fuses_the_step_and_tracks_standard_mode(tmp_path, text_data) -> None:
@@ -44,8 +54,9 @@ def test_lean_resume_mid_epoch_is_bit_identical(tmp_path, text_data) -> None:
     from fulltune.train import train
 
     def make(out):
-        return _lean_cfg(out, text_data, training__memory="lean", checkpoint__save_every_steps=3,
-                         checkpoint__keep_last=0)
+        return _lean_cfg(
+            out, text_data, training__memory="lean", checkpoint__save_every_steps=3, checkpoint__keep_last=0
+        )
 
     train(make(tmp_path / "full"))
     (tmp_path / "resumed").mkdir()
@@ -59,8 +70,9 @@ def test_lean_resume_mid_epoch_is_bit_identical(tmp_path, text_data) -> None:
 def test_lean_with_accumulation_steps_after_backward(tmp_path, text_data) -> None:
     from fulltune.train import setup
 
-    run = setup(_lean_cfg(tmp_path / "acc", text_data, training__memory="lean",
-                          training__gradient_accumulation_steps=2))
+    run = setup(
+        _lean_cfg(tmp_path / "acc", text_data, training__memory="lean", training__gradient_accumulation_steps=2)
+    )
     assert run.fused is None and isinstance(run.optimizer, BF16AdamW)
 
 

@@ -47,13 +47,15 @@ def test_stochastic_rounding_is_unbiased():
     assert abs(rounded.mean().item() - x[0].item()) < 2**-7 * 0.01
 
 
-@pytest.mark.parametrize(("v_dtype", "rounding"), [(torch.bfloat16, "stochastic"), (torch.float32, "kahan"),
-                                                   (torch.bfloat16, "nearest")])
+@pytest.mark.parametrize(
+    ("v_dtype", "rounding"), [(torch.bfloat16, "stochastic"), (torch.float32, "kahan"), (torch.bfloat16, "nearest")]
+)
 def test_eager_kernel_matches_the_eager_optimizer_math(v_dtype, rounding):
     """The kernel's fp32 result (before rounding) is AdamW's: compare with nearest-rounded eager BF16AdamW."""
     p, grad, m, v, comp, hp = chunk(4096, 1, v_dtype, kahan=rounding == "kahan")
-    new_p, new_m, new_v, new_c = update_lowp(p, grad, m, v, comp, hp, torch.tensor(5, dtype=torch.int32),
-                                             torch.tensor(0, dtype=torch.int32), rounding)
+    new_p, new_m, new_v, new_c = update_lowp(
+        p, grad, m, v, comp, hp, torch.tensor(5, dtype=torch.int32), torch.tensor(0, dtype=torch.int32), rounding
+    )
     m32 = m.float() * 0.9 + grad.float() * 0.1
     v32 = v.float() * 0.999 + 0.001 * grad.float() ** 2
     b1, b2, eps, lr_wd, step_size, bc2 = hp.tolist()
@@ -74,8 +76,17 @@ def mlp() -> nn.Module:
 
 def test_compiled_kernel_equals_eager_bit_for_bit():
     p, grad, m, v, comp, hp = chunk(3000, 2)
-    args = (p, grad, m, v, None, hp, torch.tensor(11, dtype=torch.int32), torch.tensor(64, dtype=torch.int32),
-            "stochastic")
+    args = (
+        p,
+        grad,
+        m,
+        v,
+        None,
+        hp,
+        torch.tensor(11, dtype=torch.int32),
+        torch.tensor(64, dtype=torch.int32),
+        "stochastic",
+    )
     eager = update_lowp(*args)
     compiled = compiled_update()(*args)
     for a, b in zip(eager[:3], compiled[:3], strict=True):
@@ -94,8 +105,15 @@ def train(model, opt, steps, start=0):
 def distance_to_fp32_adamw(compiled: bool) -> float:
     model = mlp()
     ref = copy.deepcopy(model).float()
-    opt = BF16AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, state_dtype="bf16", rounding="stochastic",
-                    compiled=compiled, chunk_size=1000)
+    opt = BF16AdamW(
+        model.parameters(),
+        lr=1e-3,
+        weight_decay=0.01,
+        state_dtype="bf16",
+        rounding="stochastic",
+        compiled=compiled,
+        chunk_size=1000,
+    )
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
     for _ in range(8):

@@ -30,8 +30,9 @@ BERT_LAYERS = 2  # TINY_BERT's blocks
 
 
 def _text_cfg(out: Path, text_data: Path, **extra: object):
-    return load_config(None, base_overrides(out, TINY_BERT, data__data_dir=str(text_data),
-                                            data__text_column="sentence", **extra))
+    return load_config(
+        None, base_overrides(out, TINY_BERT, data__data_dir=str(text_data), data__text_column="sentence", **extra)
+    )
 
 
 def _model(tiny: dict, task: str, **extra: object):
@@ -45,26 +46,65 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------ layer maps
 
-@pytest.mark.parametrize("tiny,task,expected,head,blocks", [
-    (TINY_BERT, "text_classification",
-     {"bert.embeddings.word_embeddings.weight": 0, "bert.embeddings.LayerNorm.bias": 0,
-      "bert.encoder.layer.0.attention.self.query.weight": 1, "bert.encoder.layer.1.output.dense.bias": 2,
-      "bert.pooler.dense.weight": 3},
-     {"classifier.weight", "classifier.bias"}, ["bert.encoder.layer.0", "bert.encoder.layer.1"]),
-    (TINY_CLIP, "image_classification",
-     {"vision_model.embeddings.class_embedding": 0, "vision_model.embeddings.patch_embedding.weight": 0,
-      "vision_model.pre_layrnorm.weight": 0, "vision_model.encoder.layers.0.self_attn.q_proj.weight": 1,
-      "vision_model.encoder.layers.1.mlp.fc2.bias": 2, "vision_model.post_layernorm.weight": 3},
-     {"classifier.weight", "classifier.bias"}, ["vision_model.encoder.layers.0", "vision_model.encoder.layers.1"]),
-    (TINY_VIT, "image_classification",
-     {"vit.embeddings.cls_token": 0, "vit.embeddings.patch_embeddings.projection.weight": 0,
-      "vit.layers.0.attention.q_proj.weight": 1, "vit.layers.1.mlp.fc1.weight": 2, "vit.layernorm.weight": 3},
-     {"classifier.weight", "classifier.bias"}, ["vit.layers.0", "vit.layers.1"]),
-    (TINY_LLAMA, "causal_lm",
-     {"model.embed_tokens.weight": 0, "model.layers.0.self_attn.q_proj.weight": 1,
-      "model.layers.1.mlp.down_proj.weight": 2, "model.norm.weight": 3},
-     {"lm_head.weight"}, ["model.layers.0", "model.layers.1"]),
-], ids=["bert", "clip", "vit", "llama"])
+
+@pytest.mark.parametrize(
+    "tiny,task,expected,head,blocks",
+    [
+        (
+            TINY_BERT,
+            "text_classification",
+            {
+                "bert.embeddings.word_embeddings.weight": 0,
+                "bert.embeddings.LayerNorm.bias": 0,
+                "bert.encoder.layer.0.attention.self.query.weight": 1,
+                "bert.encoder.layer.1.output.dense.bias": 2,
+                "bert.pooler.dense.weight": 3,
+            },
+            {"classifier.weight", "classifier.bias"},
+            ["bert.encoder.layer.0", "bert.encoder.layer.1"],
+        ),
+        (
+            TINY_CLIP,
+            "image_classification",
+            {
+                "vision_model.embeddings.class_embedding": 0,
+                "vision_model.embeddings.patch_embedding.weight": 0,
+                "vision_model.pre_layrnorm.weight": 0,
+                "vision_model.encoder.layers.0.self_attn.q_proj.weight": 1,
+                "vision_model.encoder.layers.1.mlp.fc2.bias": 2,
+                "vision_model.post_layernorm.weight": 3,
+            },
+            {"classifier.weight", "classifier.bias"},
+            ["vision_model.encoder.layers.0", "vision_model.encoder.layers.1"],
+        ),
+        (
+            TINY_VIT,
+            "image_classification",
+            {
+                "vit.embeddings.cls_token": 0,
+                "vit.embeddings.patch_embeddings.projection.weight": 0,
+                "vit.layers.0.attention.q_proj.weight": 1,
+                "vit.layers.1.mlp.fc1.weight": 2,
+                "vit.layernorm.weight": 3,
+            },
+            {"classifier.weight", "classifier.bias"},
+            ["vit.layers.0", "vit.layers.1"],
+        ),
+        (
+            TINY_LLAMA,
+            "causal_lm",
+            {
+                "model.embed_tokens.weight": 0,
+                "model.layers.0.self_attn.q_proj.weight": 1,
+                "model.layers.1.mlp.down_proj.weight": 2,
+                "model.norm.weight": 3,
+            },
+            {"lm_head.weight"},
+            ["model.layers.0", "model.layers.1"],
+        ),
+    ],
+    ids=["bert", "clip", "vit", "llama"],
+)
 def test_layer_map_per_family(tiny, task, expected, head, blocks):
     model, _ = _model(tiny, task)
     lmap = layer_map(model)
@@ -92,19 +132,25 @@ def test_layer_map_sees_through_lora():
 
 def test_bad_unfreeze_layer_lists_the_valid_names():
     model, _ = _model(TINY_BERT, "text_classification")
-    schedule = {"enabled": True, "unfreeze_schedule": [{"epoch": 0, "layers": ["classifier"]},
-                                                       {"epoch": 1, "layers": ["bert.encoder.layers.1"]}]}
+    schedule = {
+        "enabled": True,
+        "unfreeze_schedule": [
+            {"epoch": 0, "layers": ["classifier"]},
+            {"epoch": 1, "layers": ["bert.encoder.layers.1"]},
+        ],
+    }
     cfg = load_config(None, {"training.progressive_unfreezing": schedule})
     with pytest.raises(ConfigError) as err:
         plan_trainable(model, cfg)
     message = str(err.value)
     assert "'bert.encoder.layers.1'" in message
-    for name in ("classifier", "all", "bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1",
-                 "bert.pooler"):
+    for name in ("classifier", "all", "bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler"):
         assert name in message
     # A schedule that trains nothing in epoch 0 is refused too (backward would have nothing to do).
-    late = load_config(None, {"training.progressive_unfreezing": {"enabled": True, "unfreeze_schedule": [
-        {"epoch": 1, "layers": ["all"]}]}})
+    late = load_config(
+        None,
+        {"training.progressive_unfreezing": {"enabled": True, "unfreeze_schedule": [{"epoch": 1, "layers": ["all"]}]}},
+    )
     with pytest.raises(ConfigError, match="epoch 0"):
         plan_trainable(model, late)
 
@@ -122,12 +168,13 @@ def test_auto_schedule_unfreezes_from_the_top():
 
 # ------------------------------------------------------------------------------------------------ LR groups
 
+
 def _hand_scale(name: str, decay: float, head_mult: float) -> float:
     """LR multiplier of a tiny BERT parameter, written out by hand: block i of L gets decay ** (L - i)."""
     if name.startswith("classifier."):
         return head_mult
     if name.startswith("bert.embeddings."):
-        return decay ** BERT_LAYERS
+        return decay**BERT_LAYERS
     if name.startswith("bert.pooler."):
         return 1.0  # above the top block: the top block's rate
     block = int(re.match(r"bert\.encoder\.layer\.(\d+)\.", name).group(1)) + 1
@@ -136,10 +183,19 @@ def _hand_scale(name: str, decay: float, head_mult: float) -> float:
 
 def test_layer_decay_lr_of_every_group_at_every_step(tmp_path, text_data, monkeypatch):
     base_lr, decay, head_mult, total, warm = 1e-3, 0.5, 3.0, 4, 1
-    cfg = _text_cfg(tmp_path / "run", text_data, data__batch_size=8, training__max_steps=total,
-                    training__warmup_steps=warm, training__base_learning_rate=base_lr, training__head_lr_mult=head_mult,
-                    training__layerwise_lr={"enabled": True, "decay_rate": decay}, training__weight_decay=0.05,
-                    checkpoint__save_every_epochs=0, checkpoint__save_best=False)
+    cfg = _text_cfg(
+        tmp_path / "run",
+        text_data,
+        data__batch_size=8,
+        training__max_steps=total,
+        training__warmup_steps=warm,
+        training__base_learning_rate=base_lr,
+        training__head_lr_mult=head_mult,
+        training__layerwise_lr={"enabled": True, "decay_rate": decay},
+        training__weight_decay=0.05,
+        checkpoint__save_every_epochs=0,
+        checkpoint__save_best=False,
+    )
     runs, seen = [], []
     real_setup, real_set_lr = train_module.Trainer.setup, train_module.set_lr
 
@@ -168,32 +224,54 @@ def test_layer_decay_lr_of_every_group_at_every_step(tmp_path, text_data, monkey
 
 # ------------------------------------------------------------------------------------------------ what trains
 
+
 @pytest.mark.parametrize("method", ["partial", "linear_probe"])
 def test_only_the_intended_tensors_change(tmp_path, text_data, method):
     # partial: the top block, with one of its norms frozen by regex on top.
     extra = {"method__trainable_layers": 1, "method__freeze": [r"layer\.1\.output\.LayerNorm"]}
-    cfg = _text_cfg(tmp_path / "run", text_data, method__name=method, data__batch_size=8, training__max_steps=2,
-                    training__warmup_steps=0, training__base_learning_rate=1e-2, training__weight_decay=0.1,
-                    checkpoint__save_best=False, **(extra if method == "partial" else {}))
+    cfg = _text_cfg(
+        tmp_path / "run",
+        text_data,
+        method__name=method,
+        data__batch_size=8,
+        training__max_steps=2,
+        training__warmup_steps=0,
+        training__base_learning_rate=1e-2,
+        training__weight_decay=0.1,
+        checkpoint__save_best=False,
+        **(extra if method == "partial" else {}),
+    )
     initial = {n: p.detach().clone() for n, p in setup(cfg).model.named_parameters()}
     train(cfg)
     final = _weights(tmp_path / "run" / "checkpoint-step-2")
     if method == "partial":
+
         def intended(n: str) -> bool:
             top = n.startswith(("bert.encoder.layer.1.", "bert.pooler.", "classifier."))
             return top and not n.startswith("bert.encoder.layer.1.output.LayerNorm")
     else:
+
         def intended(n: str) -> bool:
             return n.startswith("classifier.")
+
     changed = {n for n in initial if not torch.equal(initial[n], final[n])}
     # Frozen tensors stay bit-identical although weight decay is on: AdamW skips parameters without a gradient.
     assert changed == {n for n in initial if intended(n)}
 
 
 def test_lora_export_loads_plain_and_gives_the_adapter_logits(tmp_path, text_data, capsys):
-    cfg = _text_cfg(tmp_path / "run", text_data, method__name="lora", method__lora={"r": 4, "alpha": 8, "dropout": 0.0},
-                    model__dropout=0.0, data__batch_size=8, training__max_steps=2, training__base_learning_rate=1e-2,
-                    training__gradient_checkpointing=True, checkpoint__save_best=False)
+    cfg = _text_cfg(
+        tmp_path / "run",
+        text_data,
+        method__name="lora",
+        method__lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        model__dropout=0.0,
+        data__batch_size=8,
+        training__max_steps=2,
+        training__base_learning_rate=1e-2,
+        training__gradient_checkpointing=True,
+        checkpoint__save_best=False,
+    )
     summary = train(cfg)
     assert summary["trainable_parameters"] < summary["total_parameters"] / 10
     folder = tmp_path / "run" / "checkpoint-step-2"
@@ -206,8 +284,9 @@ def test_lora_export_loads_plain_and_gives_the_adapter_logits(tmp_path, text_dat
     texts = ["a good film", "terrible acting all round number 7"]
     with torch.no_grad():
         expected = model(**tok(texts, return_tensors="pt", padding=True)).logits
-    out = subprocess.run([sys.executable, "-c", PLAIN_LOGITS, str(folder), json.dumps(texts)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOGITS, str(folder), json.dumps(texts)], capture_output=True, text=True, check=True
+    )
     plain = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(plain, expected, atol=1e-5, rtol=0)
     # evaluate and predict take the LoRA run's export like any other.
@@ -235,19 +314,32 @@ with torch.no_grad():
 
 # ------------------------------------------------------------------------------------------------ unfreezing
 
+
 def test_unfreeze_schedule_resumes_bit_identical(tmp_path, text_data):
-    schedule = {"enabled": True, "unfreeze_schedule": [
-        {"epoch": 0, "layers": ["classifier"]},
-        {"epoch": 1, "layers": ["bert.encoder.layer.1", "bert.pooler"]},
-        {"epoch": 2, "layers": ["all"]},
-    ]}
+    schedule = {
+        "enabled": True,
+        "unfreeze_schedule": [
+            {"epoch": 0, "layers": ["classifier"]},
+            {"epoch": 1, "layers": ["bert.encoder.layer.1", "bert.pooler"]},
+            {"epoch": 2, "layers": ["all"]},
+        ],
+    }
 
     def make(out: Path):
         # 16 examples in batches of 8: 2 steps per epoch; step 3 is mid-epoch 1, after one unfreeze, before the next.
-        return _text_cfg(out, text_data, data__max_samples=16, data__batch_size=8, training__num_epochs=3,
-                         training__weight_decay=0.1, training__layerwise_lr={"enabled": True, "decay_rate": 0.8},
-                         training__progressive_unfreezing=schedule, checkpoint__save_every_steps=3,
-                         checkpoint__keep_last=0, checkpoint__save_best=False)
+        return _text_cfg(
+            out,
+            text_data,
+            data__max_samples=16,
+            data__batch_size=8,
+            training__num_epochs=3,
+            training__weight_decay=0.1,
+            training__layerwise_lr={"enabled": True, "decay_rate": 0.8},
+            training__progressive_unfreezing=schedule,
+            checkpoint__save_every_steps=3,
+            checkpoint__keep_last=0,
+            checkpoint__save_best=False,
+        )
 
     train(make(tmp_path / "full"))
     full = tmp_path / "full"
@@ -280,6 +372,7 @@ def _optimizer_state(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 # ------------------------------------------------------------------------------------------------ checkpointing
 
+
 def _inputs(tiny: dict) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     if tiny is TINY_BERT or tiny is TINY_LLAMA:
@@ -287,11 +380,18 @@ def _inputs(tiny: dict) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)}
 
 
-@pytest.mark.parametrize("tiny,task,lora", [
-    (TINY_CLIP, "image_classification", False), (TINY_VIT, "image_classification", False),
-    (TINY_BERT, "text_classification", False), (TINY_LLAMA, "causal_lm", False),
-    (TINY_BERT, "text_classification", True), (TINY_CLIP, "image_classification", True),
-], ids=["clip", "vit", "bert", "llama", "bert-lora", "clip-lora"])
+@pytest.mark.parametrize(
+    "tiny,task,lora",
+    [
+        (TINY_CLIP, "image_classification", False),
+        (TINY_VIT, "image_classification", False),
+        (TINY_BERT, "text_classification", False),
+        (TINY_LLAMA, "causal_lm", False),
+        (TINY_BERT, "text_classification", True),
+        (TINY_CLIP, "image_classification", True),
+    ],
+    ids=["clip", "vit", "bert", "llama", "bert-lora", "clip-lora"],
+)
 def test_gradient_checkpointing_gives_the_same_gradients(tiny, task, lora):
     torch.manual_seed(0)
     model, cfg = _model(tiny, task, **{"method.name": "lora" if lora else "full", "method.lora.dropout": 0.0})

@@ -20,23 +20,68 @@ from fulltune.units import human_bytes, parse_memory
 
 # Small enough for a loaded 2-core machine, big enough that activations (not fixed overheads) dominate the peak.
 FAMILIES = {
-    "bert": ("text_classification", 16, {"data.max_length": 128}, {
-        "model_type": "bert", "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "intermediate_size": 512, "vocab_size": 2000, "max_position_embeddings": 256}),
-    "clip": ("image_classification", 32, {"data.image_size": 64}, {
-        "model_type": "clip_vision_model", "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "intermediate_size": 512, "image_size": 64, "patch_size": 8}),
-    "llama": ("causal_lm", 8, {"data.seq_len": 128}, {
-        "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 384, "vocab_size": 2000, "max_position_embeddings": 256}),
+    "bert": (
+        "text_classification",
+        16,
+        {"data.max_length": 128},
+        {
+            "model_type": "bert",
+            "hidden_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "intermediate_size": 512,
+            "vocab_size": 2000,
+            "max_position_embeddings": 256,
+        },
+    ),
+    "clip": (
+        "image_classification",
+        32,
+        {"data.image_size": 64},
+        {
+            "model_type": "clip_vision_model",
+            "hidden_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "intermediate_size": 512,
+            "image_size": 64,
+            "patch_size": 8,
+        },
+    ),
+    "llama": (
+        "causal_lm",
+        8,
+        {"data.seq_len": 128},
+        {
+            "model_type": "llama",
+            "hidden_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 384,
+            "vocab_size": 2000,
+            "max_position_embeddings": 256,
+        },
+    ),
 }
 LABELS = ["ants", "bees", "wasps"]
 
 
 def family_config(tmp_path: Path, family: str, method: str, **extra: object):
     task, batch, data, tiny = FAMILIES[family]
-    values = base_overrides(tmp_path / "run", tiny, task=task, method__name=method, data__batch_size=batch,
-                            method__trainable_layers=1, hardware__num_threads=1, **extra) | data
+    values = (
+        base_overrides(
+            tmp_path / "run",
+            tiny,
+            task=task,
+            method__name=method,
+            data__batch_size=batch,
+            method__trainable_layers=1,
+            hardware__num_threads=1,
+            **extra,
+        )
+        | data
+    )
     return load_config(None, values), task, (None if task == "causal_lm" else LABELS)
 
 
@@ -44,16 +89,23 @@ def family_config(tmp_path: Path, family: str, method: str, **extra: object):
 # checkpointing), and with accumulation (the step after backward: every bf16 gradient held).
 LEAN = {"training.memory": "lean"}
 LEAN_ACCUMULATING = LEAN | {"training.gradient_accumulation_steps": 2}
-CASES = [(family, method, {}) for family in FAMILIES for method in METHODS] + [
-    (family, "full", LEAN) for family in FAMILIES] + [("llama", "full", LEAN_ACCUMULATING)]
+CASES = (
+    [(family, method, {}) for family in FAMILIES for method in METHODS]
+    + [(family, "full", LEAN) for family in FAMILIES]
+    + [("llama", "full", LEAN_ACCUMULATING)]
+)
 
 
 def test_estimates_within_15_percent_of_dry_runs(tmp_path: Path) -> None:
     jobs, estimates = [], []
     for family, method, extra in CASES:
-        cfg, task, labels = family_config(tmp_path, family, method, **{k.replace(".", "__"): v for k, v in extra.items()})
+        cfg, task, labels = family_config(
+            tmp_path, family, method, **{k.replace(".", "__"): v for k, v in extra.items()}
+        )
         facts = plan.inspect_model(cfg, task, labels)
-        name = method + (" lean" if extra else "") + (" accum" if "training.gradient_accumulation_steps" in extra else "")
+        name = (
+            method + (" lean" if extra else "") + (" accum" if "training.gradient_accumulation_steps" in extra else "")
+        )
         estimates.append((family, name, plan.estimate(cfg, task, facts, "cpu")))
         jobs.append((cfg, task, labels, facts, "cpu"))
     jobs.append(jobs[0])  # BERT's linear probe again: the measurement must repeat, the kernels' code kept out of it
@@ -64,8 +116,10 @@ def test_estimates_within_15_percent_of_dry_runs(tmp_path: Path) -> None:
     for (family, method, est), result in zip(estimates, results, strict=True):
         assert "error" not in result, f"{family} {method}: {result}"
         ratio = est.peak / result["measured"]
-        rows.append(f"{family:6} {method:19} estimate {human_bytes(est.peak):>11} measured "
-                    f"{human_bytes(result['measured']):>11} ratio {ratio:.3f}")
+        rows.append(
+            f"{family:6} {method:19} estimate {human_bytes(est.peak):>11} measured "
+            f"{human_bytes(result['measured']):>11} ratio {ratio:.3f}"
+        )
         if abs(ratio - 1) > 0.15:
             bad.append(rows[-1])
     print("\n".join(rows))
@@ -124,8 +178,19 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> str:
 def test_cli_json_and_table(tmp_path: Path, text_data: Path, capsys: pytest.CaptureFixture) -> None:
     cfg_path = tmp_path / "plan.yaml"
     cfg_path.write_text(json.dumps(base_overrides(tmp_path / "run", FAMILIES["bert"][3]) | {"data.batch_size": 8}))
-    common = ["plan", "--config", str(cfg_path), "--memory_budget", "4GiB", "--no_dry_run", "--task", "text_classification",
-              "--data_dir", str(text_data), "data.text_column=sentence"]
+    common = [
+        "plan",
+        "--config",
+        str(cfg_path),
+        "--memory_budget",
+        "4GiB",
+        "--no_dry_run",
+        "--task",
+        "text_classification",
+        "--data_dir",
+        str(text_data),
+        "data.text_column=sentence",
+    ]
     report = json.loads(run_cli(common + ["--json"], capsys))
     assert report["examples"] == 32 and report["budget"] == 4 * 2**30
     assert [m["method"] for m in report["methods"]] == list(METHODS)

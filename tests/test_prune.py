@@ -24,8 +24,17 @@ from fulltune.prune import PruneConfig, allocate_layer_ratios, get_layer_shapes,
 from fulltune.prune_io import is_pruned_folder, load_pruned, save_pruned
 
 TINY = config_kwargs(TINY_LLAMA_GQA)
-HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = (TINY[k] for k in (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"))
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = (
+    TINY[k]
+    for k in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+    )
+)
 HEAD_DIM = HIDDEN // HEADS
 GROUP = HEADS // KV_HEADS
 

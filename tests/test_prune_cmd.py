@@ -38,25 +38,64 @@ def files(tmp_path_factory) -> dict[str, Path]:
     base = root / "base"
     make_bpe_tokenizer(train.read_text(), base)
     torch.manual_seed(0)
-    config = LlamaConfig(**config_kwargs(TINY_LLAMA, hidden_size=64, intermediate_size=128, vocab_size=300,
-                                         bos_token_id=0, eos_token_id=1))
+    config = LlamaConfig(
+        **config_kwargs(
+            TINY_LLAMA, hidden_size=64, intermediate_size=128, vocab_size=300, bos_token_id=0, eos_token_id=1
+        )
+    )
     LlamaForCausalLM(config).save_pretrained(base)
     return {"train": train, "valid": valid, "base": base}
 
 
 def common(files: dict[str, Path], out: Path) -> list[str]:
-    return ["--base_model", str(files["base"]), "--output_dir", str(out), "--data_file", str(files["train"]),
-            "--eval_file", str(files["valid"])]
+    return [
+        "--base_model",
+        str(files["base"]),
+        "--output_dir",
+        str(out),
+        "--data_file",
+        str(files["train"]),
+        "--eval_file",
+        str(files["valid"]),
+    ]
 
 
 def test_prune_test_after_prune_and_finetune(files, tmp_path):
     out = tmp_path / "out"
     argv = common(files, out) + [
-        "--save_ckpt_log_name", "tiny", "--pruning_ratio", "0.5", "--prune_mlp", "--save_model", "--test_after_prune",
-        "--importance_samples", "4", "--importance_seq_len", "32", "--finetune", "--finetune_method", "full",
-        "--finetune_lr", "3e-3", "--finetune_epochs", "2", "--finetune_samples", "24", "--finetune_batch_size", "4",
-        "--finetune_seq_len", "32", "--finetune_grad_accum", "1", "--finetune_max_grad_norm", "1.0",
-        "--finetune_weight_decay", "0.0", "--finetune_warmup_steps", "2", *QUIET,
+        "--save_ckpt_log_name",
+        "tiny",
+        "--pruning_ratio",
+        "0.5",
+        "--prune_mlp",
+        "--save_model",
+        "--test_after_prune",
+        "--importance_samples",
+        "4",
+        "--importance_seq_len",
+        "32",
+        "--finetune",
+        "--finetune_method",
+        "full",
+        "--finetune_lr",
+        "3e-3",
+        "--finetune_epochs",
+        "2",
+        "--finetune_samples",
+        "24",
+        "--finetune_batch_size",
+        "4",
+        "--finetune_seq_len",
+        "32",
+        "--finetune_grad_accum",
+        "1",
+        "--finetune_max_grad_norm",
+        "1.0",
+        "--finetune_weight_decay",
+        "0.0",
+        "--finetune_warmup_steps",
+        "2",
+        *QUIET,
     ]
     assert run(argv) == 0
     results = json.loads((out / RESULTS_FILE).read_text())
@@ -70,8 +109,10 @@ def test_prune_test_after_prune_and_finetune(files, tmp_path):
 
     pruned = out / "pruned"
     assert not is_pruned_folder(pruned)  # one shape in every layer: a standard config (test_prune_export.py)
-    shapes = [(s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"])
-              for s in get_layer_shapes(load_pruned(pruned))]
+    shapes = [
+        (s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"])
+        for s in get_layer_shapes(load_pruned(pruned))
+    ]
     assert shapes == [(2, 1, 64)] * 2
     # The recovery run's export reloads, and `fulltune evaluate` agrees with the table.
     recovered = Path(results["recovered_model"])
@@ -85,9 +126,25 @@ def test_prune_test_after_prune_and_finetune(files, tmp_path):
 def test_lora_recovery_and_magnitude_importance(files, tmp_path):
     out = tmp_path / "out"
     argv = common(files, out) + [
-        "--pruning_ratio", "0.25", "--prune_mlp", "--importance", "magnitude", "--layer_start", "1", "--finetune",
-        "--finetune_method", "lora", "--finetune_lr", "1e-3", "--finetune_samples", "8", "--finetune_seq_len", "32",
-        "--finetune_batch_size", "4", *QUIET,
+        "--pruning_ratio",
+        "0.25",
+        "--prune_mlp",
+        "--importance",
+        "magnitude",
+        "--layer_start",
+        "1",
+        "--finetune",
+        "--finetune_method",
+        "lora",
+        "--finetune_lr",
+        "1e-3",
+        "--finetune_samples",
+        "8",
+        "--finetune_seq_len",
+        "32",
+        "--finetune_batch_size",
+        "4",
+        *QUIET,
     ]
     assert run(argv) == 0
     results = json.loads((out / RESULTS_FILE).read_text())
@@ -104,7 +161,11 @@ def test_flags_config_and_overrides_build_the_recovery_run(files, tmp_path):
     cfg = recovery_config(seed, tmp_path / "pruned")
     # the seed script's defaults
     assert (cfg.method.name, cfg.training.base_learning_rate, cfg.training.num_epochs, cfg.data.max_samples) == (
-        "full", 1e-5, 1, 500)
+        "full",
+        1e-5,
+        1,
+        500,
+    )
     assert (cfg.data.batch_size, cfg.data.seq_len, cfg.training.gradient_accumulation_steps) == (1, 512, 4)
     assert (cfg.training.max_grad_norm, cfg.training.weight_decay, cfg.training.warmup_steps) == (1.0, 0.01, 0)
     assert cfg.training.lr_scheduler == "linear"
@@ -112,10 +173,25 @@ def test_flags_config_and_overrides_build_the_recovery_run(files, tmp_path):
     assert cfg.task == "causal_lm" and cfg.model.name_or_path == str(tmp_path / "pruned")
 
     yaml_file = tmp_path / "recover.yaml"
-    yaml_file.write_text("model:\n  name_or_path: ignored\ntraining:\n  learning_rate: 2.0e-4\n  epochs: 3\n"
-                         "data:\n  seq_len: 64\n")
-    args = parse(["--base_model", "m", "--config", str(yaml_file), "--finetune_epochs", "5", "--output_dir",
-                  str(tmp_path / "o"), "--data_file", "d.txt", "training.seed=7", "data.seq_len=128"])
+    yaml_file.write_text(
+        "model:\n  name_or_path: ignored\ntraining:\n  learning_rate: 2.0e-4\n  epochs: 3\ndata:\n  seq_len: 64\n"
+    )
+    args = parse(
+        [
+            "--base_model",
+            "m",
+            "--config",
+            str(yaml_file),
+            "--finetune_epochs",
+            "5",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--data_file",
+            "d.txt",
+            "training.seed=7",
+            "data.seq_len=128",
+        ]
+    )
     cfg = recovery_config(args, tmp_path / "o" / "pruned")
     assert cfg.training.base_learning_rate == 2e-4  # from the YAML, not the seed default
     assert cfg.training.num_epochs == 5  # a typed flag wins over the YAML
@@ -129,8 +205,18 @@ def test_errors_name_the_flag(files, tmp_path):
     out = ["--output_dir", str(tmp_path / "o")]
     # (no --data_file / --eval_file: the built-in text is used, see test_prune_guide.py)
     with pytest.raises(DataError, match="--eval_file 'nope.txt'"):
-        run(["--base_model", str(files["base"]), "--importance", "magnitude", "--test_after_prune",
-             "--eval_file", "nope.txt", *out])
+        run(
+            [
+                "--base_model",
+                str(files["base"]),
+                "--importance",
+                "magnitude",
+                "--test_after_prune",
+                "--eval_file",
+                "nope.txt",
+                *out,
+            ]
+        )
     with pytest.raises(ConfigError, match="--pruning_ratio"):
         run(["--base_model", str(files["base"]), "--importance", "magnitude", "--pruning_ratio", "1.5", *out])
     with pytest.raises(ConfigError, match="--base_model './missing'"):

@@ -15,8 +15,16 @@ from fulltune.prune_io import is_pruned_folder, load_pruned, save_pruned
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=300, bos_token_id=0, eos_token_id=1)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=300,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -26,8 +34,12 @@ def test_uniform_prune_loads_in_plain_transformers(tmp_path):
     save_pruned(model, None, tmp_path / "pruned")
     assert not is_pruned_folder(tmp_path / "pruned")
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"],
-            config["head_dim"]) == (4, 2, 64, 8)
+    assert (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["intermediate_size"],
+        config["head_dim"],
+    ) == (4, 2, 64, 8)
     assert "standard transformers config" in (tmp_path / "pruned" / "README.md").read_text()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # nothing of fulltune's
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -49,8 +61,9 @@ def test_uneven_prune_keeps_fulltunes_loader_and_says_so(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
-        assert torch.allclose(load_pruned(tmp_path / "pruned")(input_ids=ids).logits, model(input_ids=ids).logits,
-                              atol=1e-5, rtol=0)
+        assert torch.allclose(
+            load_pruned(tmp_path / "pruned")(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_head_count_that_does_not_divide_hidden_keeps_fulltunes_loader(tmp_path):

@@ -124,9 +124,17 @@ def tiny_llama(tmp_path_factory) -> Path:
     folder = root / "tiny-llama"
     make_bpe_tokenizer(text, folder, vocab_size=2000)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=16, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=2000, bos_token_id=0, eos_token_id=1,
-                         max_position_embeddings=512)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=16,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=2000,
+        bos_token_id=0,
+        eos_token_id=1,
+        max_position_embeddings=512,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 

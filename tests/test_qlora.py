@@ -14,12 +14,25 @@ from fulltune.config import load_config
 def test_qlora_without_cuda_is_one_error_line(tmp_path, capsys):
     corpus = tmp_path / "train.txt"
     corpus.write_text("a line of text to train on\n" * 50)
-    code = cli.main(["train", "--task", "causal_lm", "--train_file", str(corpus), "--output_dir", str(tmp_path / "r"),
-                     "--method", "qlora", "model.tiny_config=" + repr(TINY_LLAMA).replace("'", '"')])
+    code = cli.main(
+        [
+            "train",
+            "--task",
+            "causal_lm",
+            "--train_file",
+            str(corpus),
+            "--output_dir",
+            str(tmp_path / "r"),
+            "--method",
+            "qlora",
+            "model.tiny_config=" + repr(TINY_LLAMA).replace("'", '"'),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
-    assert err[-1].startswith("fulltune: error: method.name=qlora loads the base model in 4-bit NF4 with "
-                              "bitsandbytes, which needs CUDA")
+    assert err[-1].startswith(
+        "fulltune: error: method.name=qlora loads the base model in 4-bit NF4 with bitsandbytes, which needs CUDA"
+    )
 
 
 @pytest.mark.gpu
@@ -33,16 +46,36 @@ def test_qlora_trains_lora_on_a_4bit_base(tmp_path):
     from fulltune.train import setup, train
 
     base = tmp_path / "base"
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=30522)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=30522,
+    )
     LlamaForCausalLM(config).save_pretrained(base)
     corpus = tmp_path / "train.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
-    values = base_overrides(tmp_path / "run", TINY_LLAMA, task="causal_lm", method__name="qlora",
-                            data__train_file=str(corpus), data__seq_len=64, data__batch_size=4,
-                            training__max_steps=3, training__base_learning_rate=1e-3)
-    values.update({"model.tiny_config": None, "model.name_or_path": str(base), "hardware.mixed_precision": "bf16",
-                   "model.tokenizer": str(packaged_minilm_path())})
+    values = base_overrides(
+        tmp_path / "run",
+        TINY_LLAMA,
+        task="causal_lm",
+        method__name="qlora",
+        data__train_file=str(corpus),
+        data__seq_len=64,
+        data__batch_size=4,
+        training__max_steps=3,
+        training__base_learning_rate=1e-3,
+    )
+    values.update(
+        {
+            "model.tiny_config": None,
+            "model.name_or_path": str(base),
+            "hardware.mixed_precision": "bf16",
+            "model.tokenizer": str(packaged_minilm_path()),
+        }
+    )
     cfg = load_config(None, values)
     run = setup(cfg)
     linear4 = [m for m in run.model.modules() if type(m).__name__ == "Linear4bit"]

@@ -43,7 +43,7 @@ def clone(tmp_path_factory) -> Path:
     bin_dir = root / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "fulltune"
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m fulltune \"$@\"\n")
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m fulltune "$@"\n')
     shim.chmod(0o755)
     return root
 
@@ -52,8 +52,16 @@ def test_readme_has_runnable_blocks():
     runnable = [b for b in BLOCKS if not b.startswith(LONG)]
     assert len(runnable) >= 6 and any(b.startswith(LONG) for b in BLOCKS)
     commands = " ".join(runnable)
-    for command in ("fulltune train", "fulltune evaluate", "fulltune predict", "fulltune compare", "fulltune plan",
-                    "fulltune prune", "fulltune config", "fulltune report"):
+    for command in (
+        "fulltune train",
+        "fulltune evaluate",
+        "fulltune predict",
+        "fulltune compare",
+        "fulltune plan",
+        "fulltune prune",
+        "fulltune config",
+        "fulltune report",
+    ):
         assert command in commands, command
 
 
@@ -65,14 +73,22 @@ def test_readme_block_runs(clone, index):
         pytest.skip(block.splitlines()[0])
     if "../shared/data" in block and not (clone / "shared" / "data").is_dir():
         pytest.skip("../shared/data is not present beside the clone")
-    env = dict(os.environ, PATH=f"{clone / 'bin'}:{os.environ['PATH']}", PYTHONPATH=str(clone / "fulltune" / "src"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PATH=f"{clone / 'bin'}:{os.environ['PATH']}",
+        PYTHONPATH=str(clone / "fulltune" / "src"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("VIRTUAL_ENV", None)
     script = "set -euo pipefail\n" + block
-    result = subprocess.run(["bash", "-c", script], cwd=clone / "fulltune", env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, f"README block {index} failed:\n{block}\n--- output ---\n{result.stdout[-3000:]}" \
-                                   f"\n{result.stderr[-3000:]}"
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=clone / "fulltune", env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, (
+        f"README block {index} failed:\n{block}\n--- output ---\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     out = clone / "fulltune" / "outputs"
     if "--output_dir outputs/text\n" in block + "\n":
         assert (out / "text" / "report.html").is_file() and (out / "text" / "best" / "config.json").is_file()

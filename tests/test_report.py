@@ -45,18 +45,38 @@ def image_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     for split, n, seed in (("train", 3, 0), ("val", 2, 1), ("test", 2, 2)):
         write_colour_images(root / "data" / split, n, seed)
-    cfg = load_config(None, base_overrides(root / "run", TINY_CLIP, data__data_dir=str(root / "data"),
-                                           data__batch_size=7, data__num_workers=0, training__num_epochs=2,
-                                           logging__log_every_steps=1, training__base_learning_rate=1e-3))
+    cfg = load_config(
+        None,
+        base_overrides(
+            root / "run",
+            TINY_CLIP,
+            data__data_dir=str(root / "data"),
+            data__batch_size=7,
+            data__num_workers=0,
+            training__num_epochs=2,
+            logging__log_every_steps=1,
+            training__base_learning_rate=1e-3,
+        ),
+    )
     train(cfg)
     return root / "run"
 
 
 def test_run_folder_has_a_report_and_readable_logs(image_run):
     html = (image_run / "report.html").read_text()
-    for section in ("What ran", "How fast", "Curves", "Confusion matrix: test set", "Per class",
-                    "Most confused pairs", "Starts and resumes", "Config", "image_classification",
-                    "learning rate per group", "gradient norm"):
+    for section in (
+        "What ran",
+        "How fast",
+        "Curves",
+        "Confusion matrix: test set",
+        "Per class",
+        "Most confused pairs",
+        "Starts and resumes",
+        "Config",
+        "image_classification",
+        "learning rate per group",
+        "gradient norm",
+    ):
         assert section in html, section
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", html)  # self-contained: nothing fetched
     assert html.count("<svg") == 4 and "data:image/png;base64," in html
@@ -125,8 +145,10 @@ def test_predict_equals_the_transformers_pipeline_on_an_image(image_run):
     export = image_run / "best"
     image = next((image_run.parent / "data" / "test" / "blue").glob("*.jpg"))
     ours = dict(classify(load_exported(export, "cpu"), [image], 7)[0])
-    theirs = {r["label"]: r["score"] for r in pipeline("image-classification", model=str(export), device="cpu")(
-        str(image), top_k=7)}
+    theirs = {
+        r["label"]: r["score"]
+        for r in pipeline("image-classification", model=str(export), device="cpu")(str(image), top_k=7)
+    }
     assert ours.keys() == theirs.keys()
     for label, p in ours.items():
         assert abs(p - theirs[label]) < 1e-5, (label, p, theirs[label])
@@ -140,8 +162,18 @@ def test_predict_equals_the_transformers_pipeline_on_a_text(tmp_path):
 
     for split, n, seed in (("train", 16, 0), ("val", 4, 1)):
         write_text_split(tmp_path / f"{split}.tsv", n, seed)
-    cfg = load_config(None, base_overrides(tmp_path / "run", TINY_BERT, data__data_dir=str(tmp_path), data__max_length=12,
-                                           data__text_column="sentence", training__num_epochs=1, data__batch_size=8))
+    cfg = load_config(
+        None,
+        base_overrides(
+            tmp_path / "run",
+            TINY_BERT,
+            data__data_dir=str(tmp_path),
+            data__max_length=12,
+            data__text_column="sentence",
+            training__num_epochs=1,
+            data__batch_size=8,
+        ),
+    )
     train(cfg)
     export = tmp_path / "run" / "best"
     text = "a wonderful story with excellent acting and a great deal more to say than fits in twelve tokens"
@@ -199,9 +231,21 @@ def test_pages_render_in_headless_chromium(image_run, tmp_path):
         run = tmp_path / method
         shutil.copytree(image_run, run)
         build_report(run, with_png=False)
-        rows.append({"method": method, "learning_rate": 1e-3, "run_dir": str(run), "status": "ok", "metric": "accuracy",
-                     "val": 0.5, "test": 0.4, "trainable_percent": 100.0, "peak_memory_bytes": 2**28,
-                     "wall_time_s": 3.0, "samples_per_s": 20.0})
+        rows.append(
+            {
+                "method": method,
+                "learning_rate": 1e-3,
+                "run_dir": str(run),
+                "status": "ok",
+                "metric": "accuracy",
+                "val": 0.5,
+                "test": 0.4,
+                "trainable_percent": 100.0,
+                "peak_memory_bytes": 2**28,
+                "wall_time_s": 3.0,
+                "samples_per_s": 20.0,
+            }
+        )
     shutil.copy(image_run / "curves.png", tmp_path / "comparison.png")
     pages = {"report": image_run / "report.html", "comparison": build_comparison(tmp_path, rows, {"seed": 0})}
     keep = os.environ.get("FULLTUNE_SCREENSHOT_DIR")

@@ -16,14 +16,29 @@ from fulltune.train import setup, train
 
 SEEDS = Path(__file__).parent / "fixtures" / "seeds"
 # CLIP with 12 vision blocks, as the seeds' ViT-B/32, so that `vision_model.encoder.layers.11` exists.
-CLIP12 = {**TINY_CLIP, "vision_config": {**TINY_CLIP["vision_config"], "num_hidden_layers": 12,
-                                         "hidden_size": 16, "intermediate_size": 32}}
+CLIP12 = {
+    **TINY_CLIP,
+    "vision_config": {
+        **TINY_CLIP["vision_config"],
+        "num_hidden_layers": 12,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+    },
+}
 
 
 def _overrides(out: Path, data: Path) -> dict:
-    return {"output_dir": str(out), "model.tiny_config": CLIP12, "data.data_dir": str(data),
-            "training.max_steps": 1, "logging.progress_bar": False, "logging.tensorboard": False,
-            "checkpoint.save_every_epochs": 0, "data.num_workers": 0, "training.seed": 0}
+    return {
+        "output_dir": str(out),
+        "model.tiny_config": CLIP12,
+        "data.data_dir": str(data),
+        "training.max_steps": 1,
+        "logging.progress_bar": False,
+        "logging.tensorboard": False,
+        "checkpoint.save_every_epochs": 0,
+        "data.num_workers": 0,
+        "training.seed": 0,
+    }
 
 
 @pytest.mark.parametrize("fixture", sorted(p.name for p in SEEDS.glob("*.yaml")))
@@ -42,8 +57,12 @@ def test_seed_layouts_map_onto_fulltune_keys(capsys):
     pu = cfg.training.progressive_unfreezing
     assert not pu.enabled and [s.epoch for s in pu.unfreeze_schedule] == [0, 2, 6]
     cfg = load_config(SEEDS / "000_config_vs_lora.yaml")
-    assert (cfg.data.batch_size, cfg.training.base_learning_rate, cfg.training.num_epochs,
-            cfg.training.gradient_accumulation_steps) == (16, 1e-5, 20, 2)
+    assert (
+        cfg.data.batch_size,
+        cfg.training.base_learning_rate,
+        cfg.training.num_epochs,
+        cfg.training.gradient_accumulation_steps,
+    ) == (16, 1e-5, 20, 2)
     cfg = load_config(SEEDS / "002_advice_table.yaml")
     t = cfg.training
     assert (cfg.data.batch_size, t.base_learning_rate, t.gradient_accumulation_steps, t.num_epochs) == (16, 1e-5, 2, 20)
@@ -91,8 +110,10 @@ def test_enabled_alone_uses_the_automatic_schedule(tmp_path, image_data):
 
 
 def test_proportional_unfreezing_follows_seed_001(tmp_path, image_data):
-    cfg = load_config(SEEDS / "001_proportional_unfreezing.yaml",
-                      {**_overrides(tmp_path / "run", image_data), "training.num_epochs": 4})
+    cfg = load_config(
+        SEEDS / "001_proportional_unfreezing.yaml",
+        {**_overrides(tmp_path / "run", image_data), "training.num_epochs": 4},
+    )
     run = setup(cfg)
     lmap = run.plan.lmap
     for epoch in range(4):
@@ -110,10 +131,15 @@ def test_discriminative_layer_group_rates(tmp_path, image_data):
     rate = {n: base * g["lr_scale"] for g in param_groups(run.model, run.plan, cfg) for n in g["names"]}
     for name, lr in rate.items():
         layer = lmap.layer_of[name]
-        want = (1e-4 if name in lmap.head else 1e-6 if layer <= 4 else 5e-6 if layer <= 8 else 1e-5)
+        want = 1e-4 if name in lmap.head else 1e-6 if layer <= 4 else 5e-6 if layer <= 8 else 1e-5
         assert lr == pytest.approx(want), name
-    ranges = load_config(None, {**_overrides(tmp_path / "r2", image_data),
-                                "training.layer_groups_lr": {"embeddings": 1e-7, "0-5": 2e-6, "6-11": 3e-6}})
+    ranges = load_config(
+        None,
+        {
+            **_overrides(tmp_path / "r2", image_data),
+            "training.layer_groups_lr": {"embeddings": 1e-7, "0-5": 2e-6, "6-11": 3e-6},
+        },
+    )
     groups = param_groups(run.model, plan_trainable(run.model, ranges), ranges)
     rate = {n: ranges.training.base_learning_rate * g["lr_scale"] for g in groups for n in g["names"]}
     assert all(rate[n] == pytest.approx(1e-7) for n in rate if lmap.layer_of[n] == 0)
@@ -136,12 +162,16 @@ CLIP_FULL = Path(__file__).parents[1] / "configs" / "clip_full.yaml"
 def test_clip_full_is_the_seeds_default_job(tmp_path, image_data):
     cfg = load_config(CLIP_FULL)
     assert (cfg.data.data_dir, cfg.output_dir, cfg.logging.log_dir) == (
-        "data/dogs", "outputs/full_finetuning", "logs/full_finetuning")
+        "data/dogs",
+        "outputs/full_finetuning",
+        "logs/full_finetuning",
+    )
     t = cfg.training
     assert (cfg.data.batch_size, t.base_learning_rate, t.num_epochs, t.gradient_accumulation_steps) == (16, 1e-5, 20, 2)
     assert t.layerwise_lr.enabled and t.layerwise_lr.decay_rate == 0.95 and cfg.hardware.mixed_precision == "amp"
-    run_cfg = load_config(CLIP_FULL, {**_overrides(tmp_path / "run", image_data), "data.num_workers": 0,
-                                      "logging.log_dir": None})
+    run_cfg = load_config(
+        CLIP_FULL, {**_overrides(tmp_path / "run", image_data), "data.num_workers": 0, "logging.log_dir": None}
+    )
     assert train(run_cfg)["optimizer_steps"] == 1
     log = (tmp_path / "run" / "train.log").read_text()
     assert re.search(r"\[train\] step 1 epoch \d: accuracy", log)  # training accuracy, from the step's own logits

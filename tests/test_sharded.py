@@ -18,8 +18,16 @@ from fulltune.sharded import FORMAT, ShardReader, export_from_shards, load_shard
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -37,8 +45,11 @@ def trained(seed: int) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
 def test_save_load_round_trip_is_bit_exact(tmp_path):
     model, opt = trained(0)
     save_sharded_state(tmp_path, model, opt)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index-rank0.json", "model-rank0.safetensors",
-                                                          "optim-rank0.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "index-rank0.json",
+        "model-rank0.safetensors",
+        "optim-rank0.safetensors",
+    ]
     fresh = tiny_llama(1)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2, fused=True)
     load_sharded_state(tmp_path, fresh, fresh_opt)
@@ -64,11 +75,17 @@ def write_split(folder, tensors: dict[str, torch.Tensor], world: int) -> None:
             start, stop = min(r * chunk, t.shape[0]), min((r + 1) * chunk, t.shape[0])
             if stop > start:
                 local[key] = t[start:stop].clone()
-                index[key] = {"file": f"model-rank{r}.safetensors", "shape": list(t.shape), "dtype": "float32",
-                              "start": start, "stop": stop}
+                index[key] = {
+                    "file": f"model-rank{r}.safetensors",
+                    "shape": list(t.shape),
+                    "dtype": "float32",
+                    "start": start,
+                    "stop": stop,
+                }
         save_file(local, str(folder / f"model-rank{r}.safetensors"))
-        (folder / f"index-rank{r}.json").write_text(json.dumps(
-            {"format": FORMAT, "world_size": world, "rank": r, "tensors": index}))
+        (folder / f"index-rank{r}.json").write_text(
+            json.dumps({"format": FORMAT, "world_size": world, "rank": r, "tensors": index})
+        )
 
 
 @pytest.mark.parametrize("saved_world", [2, 3])

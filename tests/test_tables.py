@@ -26,7 +26,7 @@ ADVERSARIAL = [
     "  leading and trailing spaces  ",
     "comma, semicolon; pipe | backslash \\ end",
     "zero width \u200b joiner \u200d and BOM \ufeff inside",
-    "\"starts with a quote\" and goes on",
+    '"starts with a quote" and goes on',
     "ends with a tab\t",
 ]
 LABELS = [str(i % 3) for i in range(len(ADVERSARIAL))]
@@ -34,8 +34,13 @@ LABELS = [str(i % 3) for i in range(len(ADVERSARIAL))]
 
 def _write(path: Path, fmt: str) -> None:
     if fmt == "jsonl":
-        path.write_text("".join(json.dumps({"text": t, "label": lb}, ensure_ascii=False) + "\n"
-                                for t, lb in zip(ADVERSARIAL, LABELS, strict=True)), encoding="utf-8")
+        path.write_text(
+            "".join(
+                json.dumps({"text": t, "label": lb}, ensure_ascii=False) + "\n"
+                for t, lb in zip(ADVERSARIAL, LABELS, strict=True)
+            ),
+            encoding="utf-8",
+        )
         return
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",")
@@ -86,8 +91,13 @@ def test_other_encodings(tmp_path):
 
 def test_json_label_rule(tmp_path):
     path = tmp_path / "train.jsonl"
-    rows = [{"text": "a", "label": 1}, {"text": "b", "label": 1.0}, {"text": "c", "label": "1"},
-            {"text": "d", "label": 2}, {"text": "e", "label": 0.5}]
+    rows = [
+        {"text": "a", "label": 1},
+        {"text": "b", "label": 1.0},
+        {"text": "c", "label": "1"},
+        {"text": "d", "label": 2},
+        {"text": "e", "label": 0.5},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_examples(path, DataConfig()).labels == ["1", "1", "1", "2", "0.5"]
     path.write_text('{"text": "a", "label": true}\n{"text": "b", "label": false}\n')

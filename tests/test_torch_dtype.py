@@ -10,8 +10,17 @@ from fulltune.train import setup
 
 
 def _cfg(tmp_path, text_data, **extra):
-    return load_config(None, base_overrides(tmp_path / "run", TINY_BERT, data__data_dir=str(text_data),
-                                            data__text_column="sentence", model__torch_dtype="bfloat16", **extra))
+    return load_config(
+        None,
+        base_overrides(
+            tmp_path / "run",
+            TINY_BERT,
+            data__data_dir=str(text_data),
+            data__text_column="sentence",
+            model__torch_dtype="bfloat16",
+            **extra,
+        ),
+    )
 
 
 def test_full_keeps_fp32_master_weights(tmp_path, text_data):

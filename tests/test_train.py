@@ -38,11 +38,23 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
 @pytest.mark.parametrize("tiny,kind", [(TINY_BERT, "text"), (TINY_CLIP, "image"), (TINY_VIT, "image")])
 def test_overfits_eight_samples(tmp_path, text_data, image_data, tiny, kind):
     data = text_data if kind == "text" else image_data
-    cfg = load_config(None, base_overrides(
-        tmp_path / "run", tiny, data__data_dir=str(data), data__text_column="sentence", data__max_samples=8,
-        model__dropout=0.0, data__batch_size=8, training__base_learning_rate=3e-3, training__warmup_ratio=0.0,
-        training__lr_scheduler="constant", data__augmentation={"random_resized_crop": False, "horizontal_flip": False},
-        data__num_workers=0))
+    cfg = load_config(
+        None,
+        base_overrides(
+            tmp_path / "run",
+            tiny,
+            data__data_dir=str(data),
+            data__text_column="sentence",
+            data__max_samples=8,
+            model__dropout=0.0,
+            data__batch_size=8,
+            training__base_learning_rate=3e-3,
+            training__warmup_ratio=0.0,
+            training__lr_scheduler="constant",
+            data__augmentation={"random_resized_crop": False, "horizontal_flip": False},
+            data__num_workers=0,
+        ),
+    )
     run = setup(cfg)
     task = TASKS[run.task_name]
     train_set = run.data.train
@@ -61,13 +73,20 @@ def test_overfits_eight_samples(tmp_path, text_data, image_data, tiny, kind):
 
 
 def _text_cfg(out, text_data, **extra):
-    return load_config(None, base_overrides(
-        out, TINY_BERT, data__data_dir=str(text_data), data__text_column="sentence", **extra))
+    return load_config(
+        None, base_overrides(out, TINY_BERT, data__data_dir=str(text_data), data__text_column="sentence", **extra)
+    )
 
 
 def test_accumulation_2x2_equals_batch_of_4(tmp_path, text_data):
-    common = dict(model__dropout=0.0, data__group_by_length=False, training__max_steps=3, training__num_epochs=1,
-                  checkpoint__save_best=False, training__max_grad_norm=1.0)
+    common = dict(
+        model__dropout=0.0,
+        data__group_by_length=False,
+        training__max_steps=3,
+        training__num_epochs=1,
+        checkpoint__save_best=False,
+        training__max_grad_norm=1.0,
+    )
     train(_text_cfg(tmp_path / "a", text_data, data__batch_size=2, training__gradient_accumulation_steps=2, **common))
     train(_text_cfg(tmp_path / "b", text_data, data__batch_size=4, training__gradient_accumulation_steps=1, **common))
     a = ckpt.list_checkpoints(tmp_path / "a")[-1]
@@ -79,15 +98,34 @@ def test_accumulation_2x2_equals_batch_of_4(tmp_path, text_data):
 @pytest.mark.parametrize("kind", ["text", "image"])
 def test_resume_mid_epoch_is_bit_identical(tmp_path, text_data, image_data, kind):
     if kind == "text":
+
         def make(out):
-            return _text_cfg(out, text_data, data__batch_size=4, training__num_epochs=2,
-                             checkpoint__save_every_steps=3, checkpoint__keep_last=0)
+            return _text_cfg(
+                out,
+                text_data,
+                data__batch_size=4,
+                training__num_epochs=2,
+                checkpoint__save_every_steps=3,
+                checkpoint__keep_last=0,
+            )
     else:
+
         def make(out):
-            return load_config(None, base_overrides(
-                out, TINY_CLIP, data__data_dir=str(image_data), data__batch_size=4, training__num_epochs=2,
-                checkpoint__save_every_steps=2, checkpoint__keep_last=0, data__num_workers=1,
-                data__augmentation={"color_jitter": 0.3, "rotation": 10}))
+            return load_config(
+                None,
+                base_overrides(
+                    out,
+                    TINY_CLIP,
+                    data__data_dir=str(image_data),
+                    data__batch_size=4,
+                    training__num_epochs=2,
+                    checkpoint__save_every_steps=2,
+                    checkpoint__keep_last=0,
+                    data__num_workers=1,
+                    data__augmentation={"color_jitter": 0.3, "rotation": 10},
+                ),
+            )
+
     full = make(tmp_path / "full")
     train(full)
     # Step 3 (text: 8 batches of 4 per epoch) and step 2 (images: 3 batches per epoch) are mid-epoch.
@@ -122,7 +160,9 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, text_data, monkeypat
     assert not (out / "checkpoint-epoch-2").exists()
     assert not list(out.glob(".checkpoint-*"))  # no half-written folder left behind
     # The surviving checkpoint resumes and the run finishes.
-    summary = train(_text_cfg(out, text_data, data__batch_size=8, training__num_epochs=2, checkpoint__keep_last=0), resume="auto")
+    summary = train(
+        _text_cfg(out, text_data, data__batch_size=8, training__num_epochs=2, checkpoint__keep_last=0), resume="auto"
+    )
     assert summary["optimizer_steps"] == 8
 
 
@@ -149,11 +189,24 @@ def test_export_loads_with_plain_transformers(tmp_path, text_data, image_data, k
     if kind == "text":
         cfg = _text_cfg(tmp_path / "run", text_data, data__batch_size=16, training__num_epochs=1)
     else:
-        cfg = load_config(None, base_overrides(tmp_path / "run", TINY_CLIP, data__data_dir=str(image_data),
-                                               data__batch_size=6, training__num_epochs=1, data__num_workers=0))
+        cfg = load_config(
+            None,
+            base_overrides(
+                tmp_path / "run",
+                TINY_CLIP,
+                data__data_dir=str(image_data),
+                data__batch_size=6,
+                training__num_epochs=1,
+                data__num_workers=0,
+            ),
+        )
     train(cfg)
-    out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "run" / "best"), kind],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "run" / "best"), kind],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [1, 2]
     expected = {"0": "0", "1": "1"} if kind == "text" else {"0": "ants", "1": "bees"}
@@ -161,8 +214,17 @@ def test_export_loads_with_plain_transformers(tmp_path, text_data, image_data, k
 
 
 def test_vit_trains_one_epoch(tmp_path, image_data):
-    cfg = load_config(None, base_overrides(tmp_path / "run", TINY_VIT, data__data_dir=str(image_data),
-                                           data__batch_size=4, training__num_epochs=1, data__num_workers=0))
+    cfg = load_config(
+        None,
+        base_overrides(
+            tmp_path / "run",
+            TINY_VIT,
+            data__data_dir=str(image_data),
+            data__batch_size=4,
+            training__num_epochs=1,
+            data__num_workers=0,
+        ),
+    )
     summary = train(cfg)
     assert summary["optimizer_steps"] == 3
     assert summary["test"]["examples"] == 4

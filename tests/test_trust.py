@@ -32,8 +32,9 @@ class Payload:
 
 
 def _overrides(out: Path, data: Path, **extra) -> list[str]:
-    values = base_overrides(out, TINY_BERT, data__data_dir=str(data), data__text_column="sentence",
-                            data__batch_size=8, **extra)
+    values = base_overrides(
+        out, TINY_BERT, data__data_dir=str(data), data__text_column="sentence", data__batch_size=8, **extra
+    )
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
@@ -43,8 +44,16 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     return code, captured.err
 
 
-PICKLE_NAMES = ("optimizer.pt", "rng.pt", "scaler.pt", "scheduler.pt", "pytorch_model.bin", "training_args.bin",
-                "trainer_state.pkl", "sampler.pkl")
+PICKLE_NAMES = (
+    "optimizer.pt",
+    "rng.pt",
+    "scaler.pt",
+    "scheduler.pt",
+    "pytorch_model.bin",
+    "training_args.bin",
+    "trainer_state.pkl",
+    "sampler.pkl",
+)
 
 
 def _plant(folder: Path, payload: bytes) -> list[Path]:
@@ -66,20 +75,32 @@ def test_planted_pickles_never_run(tmp_path, text_data, capsys):
     marker.unlink()
 
     out = tmp_path / "run"
-    code, _ = _cli(capsys, "train", *_overrides(out, text_data, training__num_epochs=1,
-                                                checkpoint__save_every_steps=2, checkpoint__keep_last=0))
+    code, _ = _cli(
+        capsys,
+        "train",
+        *_overrides(out, text_data, training__num_epochs=1, checkpoint__save_every_steps=2, checkpoint__keep_last=0),
+    )
     assert code == 0
     folders = [*ckpt.list_checkpoints(out), out / "best"]
     planted = [p for f in folders for p in _plant(f, payload)]
     assert len(planted) > 20
 
     # resume (auto and explicit), evaluate, predict: every one reads checkpoints that hold the planted pickles
-    code, err = _cli(capsys, "train", "--resume", "auto", *_overrides(out, text_data, training__num_epochs=2,
-                                                                      checkpoint__save_every_steps=2,
-                                                                      checkpoint__keep_last=0))
+    code, err = _cli(
+        capsys,
+        "train",
+        "--resume",
+        "auto",
+        *_overrides(out, text_data, training__num_epochs=2, checkpoint__save_every_steps=2, checkpoint__keep_last=0),
+    )
     assert code == 0, err
-    code, err = _cli(capsys, "train", "--resume", str(out / "checkpoint-step-2"), *_overrides(
-        tmp_path / "run2", text_data, training__num_epochs=1))
+    code, err = _cli(
+        capsys,
+        "train",
+        "--resume",
+        str(out / "checkpoint-step-2"),
+        *_overrides(tmp_path / "run2", text_data, training__num_epochs=1),
+    )
     assert code == 0, err
     for folder in (out / "best", out / "checkpoint-step-2"):
         assert _cli(capsys, "evaluate", "--checkpoint", str(folder), "--data_dir", str(text_data))[0] == 0
@@ -235,8 +256,14 @@ class Zygote:
     def __init__(self, log: Path) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TOKENIZERS_PARALLELISM="false")
         with open(log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=err, text=True, env=env)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", ZYGOTE],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+            )
         assert self.proc.stdout and json.loads(self.proc.stdout.readline())["ready"]
 
     def run(self, overrides: dict, resume: str | None, env: dict[str, str], kill_after: float | None) -> int:
@@ -281,10 +308,21 @@ def test_sigkill_at_random_instants_then_resume_is_bit_identical(tmp_path, image
     new best/) at every step."""
 
     def overrides(out: Path) -> dict:
-        return base_overrides(out, TINY_VIT, data__data_dir=str(image_data), data__batch_size=4, data__num_workers=0,
-                              training__num_epochs=2, training__eval_every_steps=1, training__metric="loss",
-                              checkpoint__save_every_steps=2, checkpoint__keep_last=2, hardware__num_threads=1,
-                              training__base_learning_rate=3e-3, training__warmup_ratio=0.0)
+        return base_overrides(
+            out,
+            TINY_VIT,
+            data__data_dir=str(image_data),
+            data__batch_size=4,
+            data__num_workers=0,
+            training__num_epochs=2,
+            training__eval_every_steps=1,
+            training__metric="loss",
+            checkpoint__save_every_steps=2,
+            checkpoint__keep_last=2,
+            hardware__num_threads=1,
+            training__base_learning_rate=3e-3,
+            training__warmup_ratio=0.0,
+        )
 
     zygote = Zygote(tmp_path / "zygote.log")
     try:

@@ -29,8 +29,15 @@ def clip_dir(tmp_path_factory) -> Path:
 
 
 def clip_cfg(out: Path, clip_dir: Path, data: Path, **extra: object):
-    tree = base_overrides(out, None, model__name_or_path=str(clip_dir), data__data_dir=str(data),
-                          data__num_workers=0, data__batch_size=4, **extra)
+    tree = base_overrides(
+        out,
+        None,
+        model__name_or_path=str(clip_dir),
+        data__data_dir=str(data),
+        data__num_workers=0,
+        data__batch_size=4,
+        **extra,
+    )
     del tree["model.tiny_config"]
     return load_config(None, tree)
 
@@ -93,7 +100,9 @@ def test_head_init_errors(tmp_path, clip_dir, image_data):
             with pytest.raises(ConfigError, match="is a clip_vision_model"):
                 build_model(cfg, "image_classification", ["ants", "bees"])
         else:
-            assert type(build_model(cfg, "image_classification", ["ants", "bees"]).model) is tf.CLIPForImageClassification
+            assert (
+                type(build_model(cfg, "image_classification", ["ants", "bees"]).model) is tf.CLIPForImageClassification
+            )
     bert = load_config(None, {"method.head_init": "zeroshot", "model.tiny_config": {"model_type": "bert"}})
     with pytest.raises(ConfigError, match="needs a CLIP image classifier"):
         build_model(bert, "text_classification", ["a", "b"])
@@ -102,10 +111,20 @@ def test_head_init_errors(tmp_path, clip_dir, image_data):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_linear_probe_resume_mid_run_is_bit_identical(tmp_path, clip_dir, image_data, method):
     """LP-FT: epoch 0 trains the head alone, epoch 1 on the method; resumed mid-epoch 1 = uninterrupted."""
+
     def make(out: Path):
-        return clip_cfg(out, clip_dir, image_data, method__name=method, method__head_init="linear_probe",
-                        training__num_epochs=2, checkpoint__save_every_steps=2, checkpoint__keep_last=0,
-                        data__augmentation={"color_jitter": 0.3}, training__base_learning_rate=1e-3)
+        return clip_cfg(
+            out,
+            clip_dir,
+            image_data,
+            method__name=method,
+            method__head_init="linear_probe",
+            training__num_epochs=2,
+            checkpoint__save_every_steps=2,
+            checkpoint__keep_last=0,
+            data__augmentation={"color_jitter": 0.3},
+            training__base_learning_rate=1e-3,
+        )
 
     train(make(tmp_path / "full"))
     first = tmp_path / "full" / "checkpoint-epoch-1"
@@ -156,38 +175,99 @@ def test_train_export_interpolate_and_plain_load(tmp_path, clip_dir, image_data)
     from fulltune.compare_clip import clip_notes, run_clip_rows
     from fulltune.interpolate import read_weights
 
-    cfg = clip_cfg(tmp_path / "full_zs_head", clip_dir, image_data, method__head_init="zeroshot",
-                   training__num_epochs=1, training__base_learning_rate=1e-3)
+    cfg = clip_cfg(
+        tmp_path / "full_zs_head",
+        clip_dir,
+        image_data,
+        method__head_init="zeroshot",
+        training__num_epochs=1,
+        training__base_learning_rate=1e-3,
+    )
     train(cfg)
     ft = tmp_path / "full_zs_head" / "best"
     # compare's CLIP rows, beside a full_zs_head row as compare's own run would give it
-    overrides = [f"data.data_dir={image_data}", f"model.name_or_path={clip_dir}", "hardware.mixed_precision=no",
-                 "data.num_workers=0", "data.batch_size=4"]
+    overrides = [
+        f"data.data_dir={image_data}",
+        f"model.name_or_path={clip_dir}",
+        "hardware.mixed_precision=no",
+        "data.num_workers=0",
+        "data.batch_size=4",
+    ]
     ran = [{"method": "full_zs_head", "status": "ok", "export_dir": str(ft), "learning_rate": 1e-3}]
     rows = run_clip_rows(None, overrides, False, tmp_path, ["zero_shot", "wise_ft"], 1e-3, ran)
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert rows[0]["trainable_parameters"] == 0 and rows[0]["test"] is not None
-    assert rows[1]["finetuned_row"] == "full_zs_head" and [s["alpha"] for s in rows[1]["sweep"]] == [0, .25, .5, .75, 1]
-    table = markdown(rows, {"model": "tiny", "data": "d", "budget": "1 epoch", "global_batch": 4, "length": "-",
-                            "seed": 0, "precision": "fp32", "device": "cpu"}) + clip_notes(rows)
+    assert rows[1]["finetuned_row"] == "full_zs_head" and [s["alpha"] for s in rows[1]["sweep"]] == [
+        0,
+        0.25,
+        0.5,
+        0.75,
+        1,
+    ]
+    table = markdown(
+        rows,
+        {
+            "model": "tiny",
+            "data": "d",
+            "budget": "1 epoch",
+            "global_batch": 4,
+            "length": "-",
+            "seed": 0,
+            "precision": "fp32",
+            "device": "cpu",
+        },
+    ) + clip_notes(rows)
     assert "| zero_shot | — |" in table and "wise_ft: (1 - alpha) x zero_shot + alpha x full_zs_head" in table
     for alpha in (0, 1):
-        assert main(["interpolate", "--zeroshot", str(clip_dir), "--finetuned", str(ft), "--alpha", str(alpha),
-                     "--output_dir", str(tmp_path / f"a{alpha}")]) == 0
+        assert (
+            main(
+                [
+                    "interpolate",
+                    "--zeroshot",
+                    str(clip_dir),
+                    "--finetuned",
+                    str(ft),
+                    "--alpha",
+                    str(alpha),
+                    "--output_dir",
+                    str(tmp_path / f"a{alpha}"),
+                ]
+            )
+            == 0
+        )
     a0, a1 = read_weights(tmp_path / "a0"), read_weights(tmp_path / "a1")
     for name, ref in read_weights(tmp_path / "zero_shot" / "best").items():
         assert torch.equal(a0[name], ref), name  # the zero-shot export built at run time, and from the base model
     for name, ref in read_weights(ft).items():
         assert torch.equal(a1[name], ref), name
-    assert main(["interpolate", "--zeroshot", str(tmp_path / "zero_shot" / "best"), "--finetuned", str(ft), "--alphas",
-                 "0,0.5,1", "--data_dir", str(image_data), "--split", "val", "--output_dir", str(tmp_path / "sw")]) == 0
+    assert (
+        main(
+            [
+                "interpolate",
+                "--zeroshot",
+                str(tmp_path / "zero_shot" / "best"),
+                "--finetuned",
+                str(ft),
+                "--alphas",
+                "0,0.5,1",
+                "--data_dir",
+                str(image_data),
+                "--split",
+                "val",
+                "--output_dir",
+                str(tmp_path / "sw"),
+            ]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "sw" / "fulltune_run.json").read_text())
     assert [r["alpha"] for r in meta["wise_ft"]["sweep"]] == [0.0, 0.5, 1.0]
     assert meta["wise_ft"]["alpha"] in (0.0, 0.5, 1.0) and meta["wise_ft"]["sweep"][0]["examples"] == 4
     assert load_exported(tmp_path / "sw").extra["wise_ft"] == meta["wise_ft"]  # an ordinary export: fulltune loads it
     folders = [tmp_path / "zero_shot" / "best", tmp_path / "sw"]
-    out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, *map(str, folders)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, *map(str, folders)], capture_output=True, text=True, check=True
+    )
     results = [line for line in out.stdout.splitlines() if line.startswith("{")]
     for folder, line in zip(folders, results, strict=True):
         plain = json.loads(line)
@@ -205,8 +285,17 @@ def test_interpolate_rejects_a_random_head_run(tmp_path, clip_dir, image_data, c
     bundle = build_model(cfg, "image_classification", ["ants", "bees"])
     (tmp_path / "ft" / "best").mkdir(parents=True)
     ckpt.export_model(bundle.model, bundle, tmp_path / "ft" / "best", ckpt.run_meta("image_classification", None, cfg))
-    code = main(["interpolate", "--zeroshot", str(clip_dir), "--finetuned", str(tmp_path / "ft" / "best"),
-                 "--output_dir", str(tmp_path / "out")])
+    code = main(
+        [
+            "interpolate",
+            "--zeroshot",
+            str(clip_dir),
+            "--finetuned",
+            str(tmp_path / "ft" / "best"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("fulltune: error:") and "method.head_init zeroshot" in err
     assert len(err.splitlines()) == 1
@@ -217,8 +306,16 @@ def test_lp_ft_schedule_on_partial(tmp_path, clip_dir, image_data):
     projection) and the head; the text tower is nowhere."""
     from fulltune.methods import plan_trainable
 
-    cfg = clip_cfg(tmp_path, clip_dir, image_data, method__name="partial", method__trainable_layers=1,
-                   method__head_init="linear_probe", training__num_epochs=3, method__head_init_epochs=2)
+    cfg = clip_cfg(
+        tmp_path,
+        clip_dir,
+        image_data,
+        method__name="partial",
+        method__trainable_layers=1,
+        method__head_init="linear_probe",
+        training__num_epochs=3,
+        method__head_init_epochs=2,
+    )
     plan = plan_trainable(build_model(cfg, "image_classification", ["ants", "bees"]).model, cfg)
     head = {"classifier.weight", "classifier.bias"}
     assert plan.trainable_at(0) == plan.trainable_at(1) == head

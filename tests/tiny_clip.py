@@ -10,11 +10,25 @@ from fulltune.config import DEFAULT_PROMPT_TEMPLATES
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<unk>"
 TINY_CLIP_FULL = {
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "image_size": 32, "patch_size": 8},
-    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                    "vocab_size": 96, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 1,
-                    "pad_token_id": 1},
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": 96,
+        "max_position_embeddings": 32,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    },
     "projection_dim": 16,
 }
 
@@ -36,8 +50,9 @@ def make_tiny_clip(folder: Path, words: list[str] = (), seed: int = 0, image_siz
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 0), (EOS, 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=UNK)
     vision = dict(TINY_CLIP_FULL["vision_config"], image_size=image_size)
-    config = CLIPConfig(vision_config=vision, text_config=TINY_CLIP_FULL["text_config"],
-                        projection_dim=TINY_CLIP_FULL["projection_dim"])
+    config = CLIPConfig(
+        vision_config=vision, text_config=TINY_CLIP_FULL["text_config"], projection_dim=TINY_CLIP_FULL["projection_dim"]
+    )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(str(folder))
     fast.save_pretrained(str(folder))

@@ -66,8 +66,14 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
-def export_model(model: nn.Module, bundle: ModelBundle, out_dir: Path, meta: dict[str, Any],
-                 model_state: dict[str, torch.Tensor] | None = None, shards: Path | None = None) -> None:
+def export_model(
+    model: nn.Module,
+    bundle: ModelBundle,
+    out_dir: Path,
+    meta: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+    shards: Path | None = None,
+) -> None:
     """Write a save_pretrained folder: LoRA adapters merged into a plain model, the adapter alone under adapter/.
 
     `model_state` is the full state dict gathered from a sharded (FSDP) model; one ordinary folder whatever the
@@ -146,7 +152,9 @@ def save_checkpoint(
                 blob = {"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}
             save_state(blob, state_dir, "optimizer")
             _kill_point("inside-save")
-            save_state({"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}, state_dir, "rng")
+            save_state(
+                {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}, state_dir, "rng"
+            )
             if is_peft(unwrap(model)):
                 # The merged export cannot be un-merged: keep the adapter-side tensors exactly as they train.
                 save_file(_trainable_state(model, optimizer), str(state_dir / "trainable.safetensors"))
@@ -156,8 +164,12 @@ def save_checkpoint(
 
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": 1, "files": {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size,
-                                                                           "sha256": file_digest(p)} for p in files}}
+    manifest = {
+        "format": 1,
+        "files": {
+            p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files
+        },
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -206,7 +218,9 @@ def verify_checkpoint(path: Path, resumable: bool = True) -> None:
             raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: '{f}' is missing")
         size = f.stat().st_size
         if size != info.get("bytes"):
-            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: '{f}' has {size} bytes, {info.get('bytes')} were written")
+            raise DamagedCheckpoint(
+                f"checkpoint '{path}' is damaged: '{f}' has {size} bytes, {info.get('bytes')} were written"
+            )
         if file_digest(f) != info.get("sha256"):
             raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: '{f}' does not match its SHA-256 in {MANIFEST}")
         if name.endswith(".safetensors"):
@@ -281,8 +295,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     base = unwrap(model)
     blob = _read_state(state_dir, "optimizer", path)
     formats = ("by_name", "by_index", "sharded")
-    if not isinstance(blob, dict) or blob.get("format") not in formats or ("state" not in blob) != (blob["format"] == "sharded"):
-        raise DamagedCheckpoint(f"checkpoint '{path}': '{state_dir / 'optimizer.json'}' does not hold an optimizer state")
+    if (
+        not isinstance(blob, dict)
+        or blob.get("format") not in formats
+        or ("state" not in blob) != (blob["format"] == "sharded")
+    ):
+        raise DamagedCheckpoint(
+            f"checkpoint '{path}': '{state_dir / 'optimizer.json'}' does not hold an optimizer state"
+        )
     rng = _read_state(state_dir, "rng", path)
     if not isinstance(rng, dict) or "rng" not in rng:
         raise DamagedCheckpoint(f"checkpoint '{path}': '{state_dir / 'rng.json'}' does not hold RNG states")
@@ -293,7 +313,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         load_sharded_state(state_dir / SHARDED_DIR, base, optimizer)
     elif ddist.is_fsdp(base):
         if blob["format"] != "by_name":
-            raise ConfigError(f"checkpoint '{path}' was not written by an FSDP run; resume it with parallel ddp or none")
+            raise ConfigError(
+                f"checkpoint '{path}' was not written by an FSDP run; resume it with parallel ddp or none"
+            )
         ddist.load_full_model_state(base, _read_weights(path))
         ddist.load_full_optimizer_state(base, optimizer, blob["state"])
     elif is_peft(base):

@@ -54,8 +54,9 @@ def learning_rates(text: str, methods: list[str], base_lr: float) -> dict[str, f
         method, _, value = item.partition("=")
         method = method.strip()
         if method not in VARIANT_METHODS and method not in labels:
-            raise ConfigError(f"--lr_per_method '{item}': unknown method '{method}'; "
-                              f"choose from {', '.join(VARIANT_METHODS)}")
+            raise ConfigError(
+                f"--lr_per_method '{item}': unknown method '{method}'; choose from {', '.join(VARIANT_METHODS)}"
+            )
         value = value.strip()
         relative = value.startswith("x")
         try:
@@ -74,16 +75,21 @@ def method_config(config: str | None, overrides: list[str], root: Path, method: 
     """The shared config with only what differs between methods changed: name (and a variant's options), learning
     rate, run folder (the variant's label: lora-r8)."""
     v = variant(method)
-    return load_config(config, overrides + [
-        f"method.name={v.method}",
-        *v.overrides,
-        f"training.base_learning_rate={lr!r}",
-        f"output_dir={json.dumps(str(root / v.label))}",
-        "logging.progress_bar=false",  # the child writes to a log file, where a live bar is noise
-    ])
+    return load_config(
+        config,
+        overrides
+        + [
+            f"method.name={v.method}",
+            *v.overrides,
+            f"training.base_learning_rate={lr!r}",
+            f"output_dir={json.dumps(str(root / v.label))}",
+            "logging.progress_bar=false",  # the child writes to a log file, where a live bar is noise
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------------------- one method
+
 
 def _wait(proc: subprocess.Popen) -> int | None:
     """Wait for the child; return its own peak RSS in bytes (os.wait4 reports per child, unlike RUSAGE_CHILDREN,
@@ -129,16 +135,25 @@ def _reusable(run_dir: Path, cfg: Config) -> bool:
 def run_method(cfg: Config, skip_done: bool = False) -> dict[str, Any]:
     """Train `cfg` in a fresh `python -m fulltune train` process; return its row of the comparison."""
     run_dir = Path(cfg.output_dir)
-    row: dict[str, Any] = {"method": cfg.method.name, "learning_rate": cfg.training.base_learning_rate,
-                           "run_dir": str(run_dir), "status": "ok", "error": None, "peak_rss_bytes": None}
+    row: dict[str, Any] = {
+        "method": cfg.method.name,
+        "learning_rate": cfg.training.base_learning_rate,
+        "run_dir": str(run_dir),
+        "status": "ok",
+        "error": None,
+        "peak_rss_bytes": None,
+    }
     if skip_done and _reusable(run_dir, cfg):
         row["reused"] = True
         return row | _from_summary(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         # Never delete a folder this invocation did not create: it may hold a finished run and its checkpoints.
         what = "an earlier run" if (run_dir / "config.yaml").is_file() else "files that are not a fulltune run"
-        return row | {"status": "failed", "error": f"'{run_dir}' already holds {what} (left untouched): give compare "
-                      "a new --output_dir, pass --skip_done to reuse finished runs, or remove the folder yourself"}
+        return row | {
+            "status": "failed",
+            "error": f"'{run_dir}' already holds {what} (left untouched): give compare "
+            "a new --output_dir, pass --skip_done to reuse finished runs, or remove the folder yourself",
+        }
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")
     log = run_dir / "compare.log"
@@ -185,6 +200,7 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- the report
 
+
 def _human(n: float | None) -> str:
     return human_bytes(n, digits=1, missing="—")
 
@@ -204,20 +220,30 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         f"{settings['global_batch']}, {settings['length']}, seed {settings['seed']}, precision "
         f"{settings['precision']}, device {settings['device']}. Each method ran in its own process.",
         "",
-        f"| method | lr | val {metric} | test {metric} |" + (" test top-5 |" if top5 else "")
+        f"| method | lr | val {metric} | test {metric} |"
+        + (" test top-5 |" if top5 else "")
         + " trainable params | trainable % | peak memory | wall time | samples/s | export size | adapter size |",
         "|---|---:|---:|---:|" + ("---:|" if top5 else "") + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {_num(r['learning_rate'], '.2g')} | failed |  |  |  |  |  |  |  |  |"
-                         + ("  |" if top5 else ""))
+            lines.append(
+                f"| {r['method']} | {_num(r['learning_rate'], '.2g')} | failed |  |  |  |  |  |  |  |  |"
+                + ("  |" if top5 else "")
+            )
             continue
         cells = [
-            r["method"], _num(r["learning_rate"], ".2g"), _num(r["val"], mfmt), _num(r["test"], mfmt),
+            r["method"],
+            _num(r["learning_rate"], ".2g"),
+            _num(r["val"], mfmt),
+            _num(r["test"], mfmt),
             *([_num(r.get("test_top5"), mfmt)] if top5 else []),
-            f"{r['trainable_parameters']:,}", _num(r["trainable_percent"], ".2f") + "%", _human(r["peak_memory_bytes"]),
-            _num(r["wall_time_s"], ".0f") + " s", _num(r["samples_per_s"], ".1f"), _human(r["exported_bytes"]),
+            f"{r['trainable_parameters']:,}",
+            _num(r["trainable_percent"], ".2f") + "%",
+            _human(r["peak_memory_bytes"]),
+            _num(r["wall_time_s"], ".0f") + " s",
+            _num(r["samples_per_s"], ".1f"),
+            _human(r["exported_bytes"]),
             _human(r["adapter_bytes"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -229,14 +255,21 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         "",
         f"Val is the best validation {metric} of the run; test is measured on the weights of that best "
         "checkpoint (on the final weights where there is no validation set). Peak memory is "
-        + ("allocated GPU memory. " if settings["device"].startswith("cuda") else "the process's peak resident set "
-           "(model, data and training state together). ")
+        + (
+            "allocated GPU memory. "
+            if settings["device"].startswith("cuda")
+            else "the process's peak resident set (model, data and training state together). "
+        )
         + "Wall time is the training loop with its evaluations, without process start-up and model loading. "
         "samples/s counts training steps only (evaluation and checkpoint time excluded). Export size is the "
         "folder that plain transformers loads (weights, config, tokenizer); LoRA's is merged, its adapter alone is "
         "the last column."
-        + (f" The {UNTRAINED} row is the model as each run starts it (pretrained weights, a fresh head), "
-           "evaluated without training." if any(r["method"] == UNTRAINED for r in rows) else ""),
+        + (
+            f" The {UNTRAINED} row is the model as each run starts it (pretrained weights, a fresh head), "
+            "evaluated without training."
+            if any(r["method"] == UNTRAINED for r in rows)
+            else ""
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -296,7 +329,7 @@ def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[
         "model": "tiny_config" if cfg.model.tiny_config else cfg.model.name_or_path,
         "data": data + (f" (first {d.max_samples} train examples)" if d.max_samples else ""),
         "budget": f"{t.num_epochs} epoch{'s' if t.num_epochs != 1 else ''}"
-                  + (f", at most {t.max_steps} steps" if t.max_steps else ""),
+        + (f", at most {t.max_steps} steps" if t.max_steps else ""),
         "global_batch": d.batch_size * t.gradient_accumulation_steps,
         "length": f"max_length {d.max_length}" if cfg.task != "causal_lm" else f"seq_len {d.seq_len}",
         "seed": t.seed,
@@ -310,15 +343,23 @@ def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[
 
 # ------------------------------------------------------------------------------------------------- all methods
 
-def run_all(config: str | None, overrides: list[str], root: Path, methods: list[str], lrs: dict[str, float],
-            skip_done: bool = False) -> list[dict[str, Any]]:
+
+def run_all(
+    config: str | None,
+    overrides: list[str],
+    root: Path,
+    methods: list[str],
+    lrs: dict[str, float],
+    skip_done: bool = False,
+) -> list[dict[str, Any]]:
     """The untrained model's row, then every method in turn (each in its own process and run folder); a failing one
     is reported as failed."""
     rows = []
     print(f"[0/{len(methods)}] {UNTRAINED}: evaluating the model before any training", flush=True)
     try:  # the model as every run starts it: method full (nothing is trained, so nothing is wrapped or frozen)
-        untrained = load_config(config, overrides + ["method.name=full",
-                                                     f"output_dir={json.dumps(str(root / 'untrained'))}"])
+        untrained = load_config(
+            config, overrides + ["method.name=full", f"output_dir={json.dumps(str(root / 'untrained'))}"]
+        )
         rows.append(untrained_row(untrained))
     except (ConfigError, RuntimeError, ValueError) as err:
         print(f"    no {UNTRAINED} row: {str(err).splitlines()[0]}", flush=True)
@@ -328,13 +369,21 @@ def run_all(config: str | None, overrides: list[str], root: Path, methods: list[
         try:
             row = run_method(method_config(config, overrides, root, method, lrs[method]), skip_done)
         except ConfigError as err:  # a config only this method rejects; the others still run
-            row = {"method": method, "learning_rate": lrs[method], "run_dir": str(root / label),
-                   "status": "failed", "error": str(err)}
+            row = {
+                "method": method,
+                "learning_rate": lrs[method],
+                "run_dir": str(root / label),
+                "status": "failed",
+                "error": str(err),
+            }
         row["method"] = label  # lora-r8 and lora-r16 are two rows
         rows.append(row)
         if row["status"] == "ok":
-            print(f"    {row['metric']}: val {_num(row['val'], '.4f')}, test {_num(row['test'], '.4f')}, "
-                  f"wall {_num(row['wall_time_s'], '.0f')} s", flush=True)
+            print(
+                f"    {row['metric']}: val {_num(row['val'], '.4f')}, test {_num(row['test'], '.4f')}, "
+                f"wall {_num(row['wall_time_s'], '.0f')} s",
+                flush=True,
+            )
         else:
             print(f"    failed: {row['error']}", flush=True)
     return rows

@@ -43,8 +43,10 @@ def variant(spec: str) -> Variant:
     method, _, options = spec.partition(":")
     method = method.strip()
     if method not in VARIANT_METHODS:
-        raise ConfigError(f"--methods: unknown method '{method}' in '{spec}'; choose from {', '.join(VARIANT_METHODS)}"
-                          " (variants: lora:r=16, partial:trainable_layers=4, ...)")
+        raise ConfigError(
+            f"--methods: unknown method '{method}' in '{spec}'; choose from {', '.join(VARIANT_METHODS)}"
+            " (variants: lora:r=16, partial:trainable_layers=4, ...)"
+        )
     overrides, parts = [], [method]
     for item in filter(None, (o.strip() for o in options.split(";"))):
         key, eq, value = item.partition("=")
@@ -80,13 +82,30 @@ def untrained_row(cfg: Config) -> dict[str, Any]:
     test = _brief(evaluate_split(run, run.data.test)) if run.data.test is not None else {}
     total = sum(p.numel() for p in run.model.parameters())
     label = UNTRAINED if run.task_name != "causal_lm" else "pretrained (no training)"
-    return {"method": label, "learning_rate": 0.0, "run_dir": cfg.output_dir, "status": "ok", "error": None,
-            "peak_rss_bytes": None, "metric": metric, "val": val.get(metric), "test": test.get(metric),
-            "test_top5": test.get("top5_accuracy"), "test_weights": "untrained", "trainable_parameters": 0,
-            "total_parameters": total, "trainable_percent": 0.0, "peak_memory_bytes": None,
-            "wall_time_s": time.perf_counter() - tic, "samples_per_s": None, "optimizer_steps": 0,
-            "export_dir": None, "exported_bytes": None, "adapter_bytes": None,
-            "num_classes": len(run.data.labels) if run.data.labels else None}
+    return {
+        "method": label,
+        "learning_rate": 0.0,
+        "run_dir": cfg.output_dir,
+        "status": "ok",
+        "error": None,
+        "peak_rss_bytes": None,
+        "metric": metric,
+        "val": val.get(metric),
+        "test": test.get(metric),
+        "test_top5": test.get("top5_accuracy"),
+        "test_weights": "untrained",
+        "trainable_parameters": 0,
+        "total_parameters": total,
+        "trainable_percent": 0.0,
+        "peak_memory_bytes": None,
+        "wall_time_s": time.perf_counter() - tic,
+        "samples_per_s": None,
+        "optimizer_steps": 0,
+        "export_dir": None,
+        "exported_bytes": None,
+        "adapter_bytes": None,
+        "num_classes": len(run.data.labels) if run.data.labels else None,
+    }
 
 
 def test_top5(run_dir: Path) -> float | None:

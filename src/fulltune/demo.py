@@ -50,14 +50,18 @@ def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str]
     start = time.perf_counter()
     files = build_docstring_dataset(out / "data")
     counts = {split: sum(1 for _ in open(p, encoding="utf-8")) for split, p in files.items()}
-    print(f"docstring data set: {counts['train']} train / {counts['val']} val / {counts['test']} test  ({out / 'data'})")
+    print(
+        f"docstring data set: {counts['train']} train / {counts['val']} val / {counts['test']} test  ({out / 'data'})"
+    )
     settings = dict(DEMO_SETTINGS)
     settings.update({"data.data_dir": str(out / "data"), "output_dir": str(out / "run")})
     overrides = [f"{k}={json.dumps(v)}" for k, v in settings.items()] + list(extra_overrides or [])
     cfg = load_config(None, overrides)
     summary = train(cfg, overwrite=True)  # the demo's own run folder: a second `make demo` starts it afresh
     best = out / "run" / "best"
-    metrics = evaluate_checkpoint(best, data_dir=str(out / "data"), split="test", output_dir=out / "run" / "eval" / "best-test")
+    metrics = evaluate_checkpoint(
+        best, data_dir=str(out / "data"), split="test", output_dir=out / "run" / "eval" / "best-test"
+    )
     labels = json.loads((best / "fulltune_run.json").read_text())["labels"]
     print(f"\ntest metrics of {best} ({metrics['examples']} docstrings):")
     print(format_table(metrics, labels))
@@ -69,6 +73,8 @@ def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str]
         first_line = row["text"].splitlines()[0][:70]
         print(f"  [{row['label']:>15}] {first_line!r:74} -> {guess}")
     minutes = (time.perf_counter() - start) / 60
-    print(f"\ndemo done in {minutes:.1f} min; run folder {out / 'run'} (open report.html), "
-          f"test evaluation {out / 'run' / 'eval' / 'best-test'}")
+    print(
+        f"\ndemo done in {minutes:.1f} min; run folder {out / 'run'} (open report.html), "
+        f"test evaluation {out / 'run' / 'eval' / 'best-test'}"
+    )
     return {"summary": summary, "test": metrics, "minutes": minutes}

@@ -46,21 +46,33 @@ def init_distributed(cfg: Config, device: torch.device) -> bool:
 def check_supported(cfg: Config) -> None:
     t = cfg.training
     if t.parallel == "fsdp" and t.memory == "lean":
-        raise ConfigError("training.memory=lean with training.parallel=fsdp is not supported (use ddp, or standard memory)")
+        raise ConfigError(
+            "training.memory=lean with training.parallel=fsdp is not supported (use ddp, or standard memory)"
+        )
     if t.parallel == "fsdp" and cfg.method.name == "lora":
-        raise ConfigError("method.name=lora with training.parallel=fsdp is not supported yet (use ddp: LoRA states are small)")
+        raise ConfigError(
+            "method.name=lora with training.parallel=fsdp is not supported yet (use ddp: LoRA states are small)"
+        )
     if t.memory == "lean" and cfg.hardware.mixed_precision == "fp16":
-        raise ConfigError("training.memory=lean keeps weights in bf16: use hardware.mixed_precision=bf16 or auto, not fp16")
+        raise ConfigError(
+            "training.memory=lean keeps weights in bf16: use hardware.mixed_precision=bf16 or auto, not fp16"
+        )
     if t.parallel != "none" and t.compile:
         raise ConfigError("training.compile with training.parallel is not supported yet")
 
 
-def wrap_model(model: nn.Module, cfg: Config, device: torch.device, block_prefixes: list[str], precision: Any) -> nn.Module:
+def wrap_model(
+    model: nn.Module, cfg: Config, device: torch.device, block_prefixes: list[str], precision: Any
+) -> nn.Module:
     """DDP, or FSDP2 with `fully_shard` on every transformer block and then the root."""
     if cfg.training.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32) if precision.dtype else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32)
+            if precision.dtype
+            else MixedPrecisionPolicy()
+        )
         for prefix in block_prefixes:
             fully_shard(model.get_submodule(_module_path(model, prefix)), mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -136,7 +148,16 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 def launch(nproc: int, argv: list[str]) -> int:
     """`fulltune train --nproc N ...`: re-run the same command under torchrun on this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "fulltune", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "fulltune",
+        *argv,
+    ]
     print("launching: " + " ".join(cmd[2:]), flush=True)
     return subprocess.call(cmd)
 

@@ -28,8 +28,12 @@ def write_classification_report(metrics: dict[str, Any], labels: list[str], out_
         w.writerow(["true\\predicted", *labels])
         for name, row in zip(labels, metrics["confusion_matrix"], strict=True):
             w.writerow([name, *row])
-    plot_confusion(metrics["confusion_matrix"], labels, out_dir / "confusion_matrix.png",
-                   f"confusion matrix: {out_dir.name} ({metrics['examples']} examples)")
+    plot_confusion(
+        metrics["confusion_matrix"],
+        labels,
+        out_dir / "confusion_matrix.png",
+        f"confusion matrix: {out_dir.name} ({metrics['examples']} examples)",
+    )
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str = "confusion matrix") -> None:
@@ -87,9 +91,16 @@ def default_output_dir(checkpoint: str | Path, split: str, file: str | None) -> 
 def write_predictions(path: Path, inputs: list[str], metrics: dict[str, Any], labels: list[str]) -> None:
     """predictions.jsonl: one row per example (input text or image path, gold label, top-k labels with probability)."""
     with open(path, "w", encoding="utf-8") as f:
-        for x, gold, pred, top in zip(inputs, metrics["targets"], metrics["predictions"], metrics["top_k"], strict=True):
-            row = {"input": x, "label": labels[gold], "predicted": labels[pred], "correct": gold == pred,
-                   "top_k": [{"label": labels[i], "probability": round(p, 6)} for i, p in top]}
+        for x, gold, pred, top in zip(
+            inputs, metrics["targets"], metrics["predictions"], metrics["top_k"], strict=True
+        ):
+            row = {
+                "input": x,
+                "label": labels[gold],
+                "predicted": labels[pred],
+                "correct": gold == pred,
+                "top_k": [{"label": labels[i], "probability": round(p, 6)} for i, p in top],
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -130,8 +141,15 @@ def evaluate_checkpoint(
             raise DataError(f"perplexity needs a text file: --file PATH (got {path})")
         ids = tokenize_text_file(path, bundle.tokenizer)
         size = block_size or cfg.data.seq_len
-        metrics = perplexity(bundle.model, ids, block_size=size, stride=stride, batch_size=max(1, batch_size // 4),
-                             device=dev, autocast_ctx=precision.autocast)
+        metrics = perplexity(
+            bundle.model,
+            ids,
+            block_size=size,
+            stride=stride,
+            batch_size=max(1, batch_size // 4),
+            device=dev,
+            autocast_ctx=precision.autocast,
+        )
         metrics["file"] = str(path)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

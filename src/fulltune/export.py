@@ -21,9 +21,19 @@ from fulltune.modelcard import pruned_meta, write_model_card
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a shipped folder carries besides the weights: tokenizer and image processor files (copied as they are).
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "preprocessor_config.json", "generation_config.json")
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -48,8 +58,9 @@ def resolve_source(source: str | Path) -> Path:
     found = list_checkpoints(p)
     if found:
         return found[-1]
-    raise ConfigError(f"export: '{p}' is not a run folder, checkpoint or exported model (no {RUN_META}, best/ or "
-                      "checkpoint-*/ in it)")
+    raise ConfigError(
+        f"export: '{p}' is not a run folder, checkpoint or exported model (no {RUN_META}, best/ or checkpoint-*/ in it)"
+    )
 
 
 def _read_meta(src: Path) -> dict[str, Any]:
@@ -105,8 +116,10 @@ def unprune(model: nn.Module) -> nn.Module:
     missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = set(getattr(plain, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied]:
-        raise ConfigError(f"export: the padded pruned model does not fit {type(plain).__name__} "
-                          f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise ConfigError(
+            f"export: the padded pruned model does not fit {type(plain).__name__} "
+            f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     plain.tie_weights()
     plain.generation_config = model.generation_config
     return plain.eval()
@@ -121,7 +134,8 @@ def _load_plain(src: Path, task: str) -> tuple[nn.Module, bool]:
     if is_pruned_folder(src):
         return unprune(load_pruned(src, torch_dtype=torch.float32)), True
     cls = {"image_classification": tf.AutoModelForImageClassification, "causal_lm": tf.AutoModelForCausalLM}.get(
-        task, tf.AutoModelForSequenceClassification)
+        task, tf.AutoModelForSequenceClassification
+    )
     return cls.from_pretrained(str(src), dtype=torch.float32).eval(), False
 
 
@@ -136,8 +150,10 @@ def _export_adapter(src: Path, tmp: Path, dtype: torch.dtype, meta: dict[str, An
 
     adapter = src / "adapter"
     if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"export --lora adapter: '{src}' holds no LoRA adapter (adapter/); the run's method was "
-                          f"{meta.get('method')}: use --lora merged")
+        raise ConfigError(
+            f"export --lora adapter: '{src}' holds no LoRA adapter (adapter/); the run's method was "
+            f"{meta.get('method')}: use --lora merged"
+        )
     shutil.copy2(adapter / "adapter_config.json", tmp / "adapter_config.json")
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
@@ -168,8 +184,10 @@ def export(source: str | Path, output_dir: str | Path, dtype: str = "float32", l
             if (src / "adapter").is_dir():
                 notes.append("The LoRA adapter is merged into these weights.")
             if padded:
-                notes.append("A pruned model, zero-padded to uniform layer widths so plain transformers builds it "
-                             "(same outputs; the file is as large as the widest layer times the number of layers).")
+                notes.append(
+                    "A pruned model, zero-padded to uniform layer widths so plain transformers builds it "
+                    "(same outputs; the file is as large as the widest layer times the number of layers)."
+                )
                 meta["pruned_layout"] = False
         _copy_processors(src, tmp)
         meta["notes"] = [*meta.get("notes", []), *notes]

@@ -32,13 +32,16 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def interpolate_weights(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
-                        alpha: float) -> dict[str, torch.Tensor]:
+def interpolate_weights(
+    zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
     """(1 - alpha) * zeroshot + alpha * finetuned, tensor by tensor; non-float tensors must be equal."""
     if zeroshot.keys() != finetuned.keys():
         only_zs, only_ft = sorted(zeroshot.keys() - finetuned.keys()), sorted(finetuned.keys() - zeroshot.keys())
-        raise ConfigError(f"the zero-shot and fine-tuned weights differ in names: only zero-shot {only_zs[:3]}, "
-                          f"only fine-tuned {only_ft[:3]}")
+        raise ConfigError(
+            f"the zero-shot and fine-tuned weights differ in names: only zero-shot {only_zs[:3]}, "
+            f"only fine-tuned {only_ft[:3]}"
+        )
     out = {}
     for name, ft in finetuned.items():
         zs = zeroshot[name]
@@ -73,7 +76,9 @@ def _zeroshot_weights(base: str, finetuned_meta: dict[str, Any]) -> dict[str, to
     if (folder / "fulltune_run.json").is_file():
         labels = json.loads((folder / "fulltune_run.json").read_text()).get("labels")
         if labels != finetuned_meta["labels"]:
-            raise ConfigError(f"--zeroshot '{base}' has labels {labels}, the fine-tuned model {finetuned_meta['labels']}")
+            raise ConfigError(
+                f"--zeroshot '{base}' has labels {labels}, the fine-tuned model {finetuned_meta['labels']}"
+            )
         return read_weights(folder)
     cfg = config_from_dict(finetuned_meta["fulltune_config"])
     cfg.model.name_or_path, cfg.model.tiny_config, cfg.method.head_init = base, None, "zeroshot"
@@ -91,9 +96,17 @@ def _evaluate(bundle: Any, cfg: Config, data_dir: str, split: str, batch_size: i
     return evaluate_model(bundle.model, img.ImageDataset(folder, bundle.image_spec, None), cfg, len(folder.classes))
 
 
-def wise_ft(zeroshot: str, finetuned: str | Path, output_dir: str | Path, alphas: list[float],
-            data_dir: str | None = None, split: str = "val", batch_size: int = 32, device: str = "auto",
-            test_split: str | None = None) -> dict[str, Any]:
+def wise_ft(
+    zeroshot: str,
+    finetuned: str | Path,
+    output_dir: str | Path,
+    alphas: list[float],
+    data_dir: str | None = None,
+    split: str = "val",
+    batch_size: int = 32,
+    device: str = "auto",
+    test_split: str | None = None,
+) -> dict[str, Any]:
     """Interpolate, evaluate each alpha on data_dir/split when given (the best accuracy wins, then the lower loss,
     then the alpha nearest 0.5), export the chosen one to output_dir; return the sweep and the choice."""
     from fulltune import checkpoint as ckpt
@@ -103,9 +116,11 @@ def wise_ft(zeroshot: str, finetuned: str | Path, output_dir: str | Path, alphas
 
     finetuned = Path(finetuned)
     if not is_embedding_classifier(finetuned):
-        raise ConfigError(f"--finetuned '{finetuned}' is not a CLIP model with a zero-shot-style head: WiSE-FT needs a "
-                          "run trained with method.head_init zeroshot or linear_probe (its head and the zero-shot "
-                          "head must sit on the same image embedding)")
+        raise ConfigError(
+            f"--finetuned '{finetuned}' is not a CLIP model with a zero-shot-style head: WiSE-FT needs a "
+            "run trained with method.head_init zeroshot or linear_probe (its head and the zero-shot "
+            "head must sit on the same image embedding)"
+        )
     if len(alphas) > 1 and not data_dir:
         raise ConfigError("a sweep over several --alphas needs --data_dir (and --split) to choose among them")
     bundle = load_exported(finetuned, resolve_device(device))
@@ -122,8 +137,13 @@ def wise_ft(zeroshot: str, finetuned: str | Path, output_dir: str | Path, alphas
         sweep.append(row)
     best = max(sweep, key=lambda r: (r.get("accuracy", 0.0), -r.get("loss", 0.0), -abs(r["alpha"] - 0.5)))
     bundle.model.load_state_dict(interpolate_weights(zs_weights, ft_weights, best["alpha"]))
-    result: dict[str, Any] = {"alpha": best["alpha"], "zeroshot": str(zeroshot), "finetuned": str(finetuned),
-                              "split": split if data_dir else None, "sweep": sweep}
+    result: dict[str, Any] = {
+        "alpha": best["alpha"],
+        "zeroshot": str(zeroshot),
+        "finetuned": str(finetuned),
+        "split": split if data_dir else None,
+        "sweep": sweep,
+    }
     if data_dir and test_split and (Path(data_dir) / test_split).is_dir():
         result["test"] = _evaluate(bundle, cfg, data_dir, test_split, batch_size)
     meta = dict(bundle.extra)
@@ -150,24 +170,40 @@ def format_sweep(result: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ compare's wise_ft row
 
+
 def wise_ft_run(zeroshot_export: Path, finetuned_export: Path, run_dir: Path, data_dir: str) -> dict[str, Any]:
     """compare's `wise_ft` row: sweep DEFAULT_ALPHAS on val (alpha 0.5 without one), export the chosen alpha to
     <run_dir>/best, and write summary.json as a training run would (val and test at that alpha)."""
     start = time.perf_counter()
     has_val = (Path(data_dir) / "val").is_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = wise_ft(str(zeroshot_export), finetuned_export, run_dir / "best",
-                     list(DEFAULT_ALPHAS) if has_val else [0.5], data_dir if has_val else None, "val",
-                     test_split="test")
+    result = wise_ft(
+        str(zeroshot_export),
+        finetuned_export,
+        run_dir / "best",
+        list(DEFAULT_ALPHAS) if has_val else [0.5],
+        data_dir if has_val else None,
+        "val",
+        test_split="test",
+    )
     chosen = next(r for r in result["sweep"] if r["alpha"] == result["alpha"])
     meta = json.loads((run_dir / "best" / "fulltune_run.json").read_text())
     shutil.copy(run_dir / "best" / "config.yaml", run_dir / "config.yaml")
     summary = {
-        "task": "image_classification", "method": "wise_ft", "optimizer_steps": 0, "epochs_done": 0,
-        "best_val": {"accuracy": chosen.get("accuracy"), "step": 0}, "alpha": result["alpha"], "sweep": result["sweep"],
-        "zeroshot": str(zeroshot_export), "finetuned": str(finetuned_export),
-        "trainable_parameters": 0, "total_parameters": meta.get("total_parameters"), "peak_memory_bytes": None,
-        "output_dir": str(run_dir), "last_checkpoint": str(run_dir / "best"),
+        "task": "image_classification",
+        "method": "wise_ft",
+        "optimizer_steps": 0,
+        "epochs_done": 0,
+        "best_val": {"accuracy": chosen.get("accuracy"), "step": 0},
+        "alpha": result["alpha"],
+        "sweep": result["sweep"],
+        "zeroshot": str(zeroshot_export),
+        "finetuned": str(finetuned_export),
+        "trainable_parameters": 0,
+        "total_parameters": meta.get("total_parameters"),
+        "peak_memory_bytes": None,
+        "output_dir": str(run_dir),
+        "last_checkpoint": str(run_dir / "best"),
         "wall_time_s": time.perf_counter() - start,
     }
     if "test" in result:

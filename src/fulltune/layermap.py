@@ -25,19 +25,35 @@ class _Family:
 # The first family whose block regex matches some parameter wins. Spellings are transformers 5's; `layers?` and an
 # optional `encoder.` also accept the older ones (transformers 4 ViT: vit.encoder.layer.N, v5: vit.layers.N).
 _FAMILIES: list[_Family] = [
-    _Family("clip_vision", r"vision_model\.(embeddings|pre_layrnorm)\.", r"vision_model\.encoder\.layers\.(\d+)\.",
-            r"classifier\."),
-    _Family("vit", r"(vit|deit|dinov2|beit)\.embeddings\.", r"(?:vit|deit|dinov2|beit)\.(?:encoder\.)?layers?\.(\d+)\.",
-            r"classifier\."),
-    _Family("bert", r"(bert|roberta|electra|deberta|distilbert)\.embeddings\.",
-            r"(?:bert|roberta|electra|deberta)\.encoder\.layers?\.(\d+)\.|distilbert\.transformer\.layers?\.(\d+)\.",
-            r"(classifier|pre_classifier)\."),
-    _Family("decoder", r"(model\.embed_tokens|transformer\.wte|transformer\.wpe)\.",
-            r"(?:model\.layers|transformer\.h)\.(\d+)\.", r"(lm_head|score)\."),
+    _Family(
+        "clip_vision",
+        r"vision_model\.(embeddings|pre_layrnorm)\.",
+        r"vision_model\.encoder\.layers\.(\d+)\.",
+        r"classifier\.",
+    ),
+    _Family(
+        "vit",
+        r"(vit|deit|dinov2|beit)\.embeddings\.",
+        r"(?:vit|deit|dinov2|beit)\.(?:encoder\.)?layers?\.(\d+)\.",
+        r"classifier\.",
+    ),
+    _Family(
+        "bert",
+        r"(bert|roberta|electra|deberta|distilbert)\.embeddings\.",
+        r"(?:bert|roberta|electra|deberta)\.encoder\.layers?\.(\d+)\.|distilbert\.transformer\.layers?\.(\d+)\.",
+        r"(classifier|pre_classifier)\.",
+    ),
+    _Family(
+        "decoder",
+        r"(model\.embed_tokens|transformer\.wte|transformer\.wpe)\.",
+        r"(?:model\.layers|transformer\.h)\.(\d+)\.",
+        r"(lm_head|score)\.",
+    ),
 ]
 # Anything else: blocks are the numbered children of a layers/layer/h/blocks container.
-_GENERIC = _Family("generic", r"embed", r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.",
-                   r"(classifier|score|lm_head|head|fc)\.")
+_GENERIC = _Family(
+    "generic", r"embed", r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.", r"(classifier|score|lm_head|head|fc)\."
+)
 _PEFT_PREFIX = re.compile(r"^base_model\.model\.")
 _HEAD = -1  # layer key of head parameters while grouping names into prefixes
 

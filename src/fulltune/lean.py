@@ -3,7 +3,6 @@ fp32-quality updates (Kahan compensation or stochastic rounding), and an optiona
 AdamW. The step fused into backward (gradients freed one tensor at a time) is `fulltune.lean_fused`.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -234,16 +233,26 @@ class BF16AdamW(torch.optim.Optimizer):
             p_c, g_c, m_c, v_c, *c_c = chunk
             _adamw_chunk(p_c, g_c, m_c, v_c, c_c[0] if c_c else None, hp, rounding, gen)
 
-
-    def _step_compiled(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int,
-                       step_size: float, bc2_sqrt: float) -> bool:
+    def _step_compiled(
+        self,
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        step: int,
+        step_size: float,
+        bc2_sqrt: float,
+    ) -> bool:
         """The update through fulltune.lean_kernel; False (and eager from then on) if the kernel cannot be built."""
         from fulltune import lean_kernel
 
         exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
         beta1, beta2 = group["betas"]
-        hp = torch.tensor([beta1, beta2, group["eps"], group["lr"] * group["weight_decay"], step_size, bc2_sqrt],
-                          dtype=torch.float32, device=p.device)
+        hp = torch.tensor(
+            [beta1, beta2, group["eps"], group["lr"] * group["weight_decay"], step_size, bc2_sqrt],
+            dtype=torch.float32,
+            device=p.device,
+        )
         mixed = _mix_seed(group["seed"], self._param_index[id(p)], step) & 0xFFFFFFFF
         seed = torch.tensor(mixed - (1 << 32) if mixed >= 1 << 31 else mixed, dtype=torch.int32, device=p.device)
         tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
@@ -255,15 +264,19 @@ class BF16AdamW(torch.optim.Optimizer):
             chunk = [t[start : start + size] for t in flat]
             offset = torch.tensor(start, dtype=torch.int32, device=p.device)
             try:
-                out = lean_kernel.compiled_update()(*chunk[:4], chunk[4] if comp is not None else None, hp, seed,
-                                                    offset, group["rounding"])
+                out = lean_kernel.compiled_update()(
+                    *chunk[:4], chunk[4] if comp is not None else None, hp, seed, offset, group["rounding"]
+                )
             except Exception as err:  # no C++ compiler, an unsupported backend: the eager path is always there
                 if start:
                     raise
                 import warnings
 
-                warnings.warn(f"BF16AdamW: the compiled update is unavailable ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); using the eager one", stacklevel=2)
+                warnings.warn(
+                    f"BF16AdamW: the compiled update is unavailable ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}); using the eager one",
+                    stacklevel=2,
+                )
                 self.compiled = False
                 return False
             for dst, src in zip(chunk[:1] + chunk[2:], out, strict=False):

@@ -165,8 +165,13 @@ def fuses_step(t: Any, optimizer: Any, parallel: str = "none") -> bool:
     """Whether training fuses the optimizer step into backward (`t`: the TrainingConfig): in lean mode, with an
     optimizer that steps one tensor at a time, no gradient accumulation and one process (the trainer and the
     memory planner both ask here)."""
-    return (t.memory == "lean" and t.lean_fused_step and callable(getattr(optimizer, "step_param", None))
-            and parallel == "none" and t.gradient_accumulation_steps == 1)
+    return (
+        t.memory == "lean"
+        and t.lean_fused_step
+        and callable(getattr(optimizer, "step_param", None))
+        and parallel == "none"
+        and t.gradient_accumulation_steps == 1
+    )
 
 
 def describe_lean_mode(t: Any, device: torch.device, fused: bool, optimizer: Any = None) -> str:
@@ -174,8 +179,7 @@ def describe_lean_mode(t: Any, device: torch.device, fused: bool, optimizer: Any
     if t.memory != "lean":
         return ""
     if t.lean_optimizer == "bf16_adamw":
-        how = (f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, "
-               "gradient checkpointing")
+        how = f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, gradient checkpointing"
     else:
         how = "bf16 weights, bitsandbytes 8-bit AdamW, gradient checkpointing"
     from fulltune.runtime import cpu_has_fast_bf16, world_size

@@ -38,8 +38,17 @@ def _round(x: Tensor, bits: Tensor | None, shift: int) -> Tensor:
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def update_lowp(p: Tensor, g: Tensor, m: Tensor, v: Tensor, comp: Tensor | None, hp: Tensor, seed: Tensor,
-                offset: Tensor, rounding: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def update_lowp(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    comp: Tensor | None,
+    hp: Tensor,
+    seed: Tensor,
+    offset: Tensor,
+    rounding: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One AdamW update of a bf16 weight chunk; returns (weight, exp_avg, exp_avg_sq, compensation), new tensors in
     the dtypes of the inputs. hp = [beta1, beta2, eps, lr * wd, step_size, bias-correction sqrt] (fp32); seed and
     offset are int32 scalars (offset: index of the chunk's first element in its parameter)."""

@@ -45,6 +45,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- LoRA
 
+
 def lora_targets(model: nn.Module, lmap: LayerMap | None = None) -> list[str]:
     """Default LoRA targets: the leaf names of every linear layer inside the blocks.
 
@@ -54,11 +55,13 @@ def lora_targets(model: nn.Module, lmap: LayerMap | None = None) -> list[str]:
     """
     lmap = lmap or layer_map(model)
     prefixes = lmap.block_prefixes
-    targets = sorted({
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(name.startswith(p + ".") for p in prefixes)
-    })
+    targets = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and any(name.startswith(p + ".") for p in prefixes)
+        }
+    )
     if not targets:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(
@@ -95,6 +98,7 @@ def wrap_lora(model: nn.Module, cfg: Config, task: str) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
+
 
 @dataclass
 class TrainablePlan:
@@ -148,7 +152,10 @@ def probe_schedule(cfg: Config) -> list[UnfreezeStep]:
     """
     if cfg.method.head_init != "linear_probe":
         return []
-    return [UnfreezeStep(epoch=0, layers=["classifier"]), UnfreezeStep(epoch=cfg.method.head_init_epochs, layers=["all"])]
+    return [
+        UnfreezeStep(epoch=0, layers=["classifier"]),
+        UnfreezeStep(epoch=cfg.method.head_init_epochs, layers=["all"]),
+    ]
 
 
 def _proportional_schedule(lmap: LayerMap, num_epochs: int) -> list[UnfreezeStep]:
@@ -258,6 +265,7 @@ def apply_trainable(model: nn.Module, names: set[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- groups
 
+
 def _group_label(layers: set[int], has_head: bool, num_layers: int) -> str:
     """'embeddings', 'block3', 'block6+top', 'blocks1-6', 'body', 'head', 'all' ... from the layer indices held."""
     blocks = sorted(i for i in layers if 1 <= i <= num_layers)
@@ -266,8 +274,13 @@ def _group_label(layers: set[int], has_head: bool, num_layers: int) -> str:
     parts = ["embeddings"] if 0 in layers else []
     if blocks:
         contiguous = blocks == list(range(blocks[0], blocks[-1] + 1))
-        parts.append(f"block{blocks[0]}" if len(blocks) == 1 else
-                     f"blocks{blocks[0]}-{blocks[-1]}" if contiguous else "blocks" + ",".join(map(str, blocks)))
+        parts.append(
+            f"block{blocks[0]}"
+            if len(blocks) == 1
+            else f"blocks{blocks[0]}-{blocks[-1]}"
+            if contiguous
+            else "blocks" + ",".join(map(str, blocks))
+        )
     if num_layers + 1 in layers:
         parts.append("top")
     if has_head:
@@ -302,8 +315,10 @@ def layer_group_rates(lmap: LayerMap, rates: dict[str, float]) -> dict[int, floa
                 raise ConfigError(f"training.layer_groups_lr.{key}: blocks are numbered 0..{L - 1} in this model")
             layers = list(range(first + 1, last + 2))
         else:
-            raise ConfigError(f"training.layer_groups_lr.{key}: expected bottom, middle, top, head, embeddings or a "
-                              f"block range such as 0-3 (this model has {L} blocks)")
+            raise ConfigError(
+                f"training.layer_groups_lr.{key}: expected bottom, middle, top, head, embeddings or a "
+                f"block range such as 0-3 (this model has {L} blocks)"
+            )
         for i in layers:
             out[i] = rate
     return out
@@ -330,10 +345,17 @@ def param_groups(model: nn.Module, plan: TrainablePlan, cfg: Config) -> list[dic
             scale = scale if rate is None else rate / t.base_learning_rate
         # Matrices decay; vectors do not, whatever their padding dims: ViT's cls token is (1, 1, hidden).
         decayed = sum(d > 1 for d in p.shape) >= 2
-        group = groups.setdefault((round(scale, 12), decayed), {
-            "params": [], "names": [], "lr_scale": scale, "weight_decay": t.weight_decay if decayed else 0.0,
-            "_layers": set(), "_head": False,
-        })
+        group = groups.setdefault(
+            (round(scale, 12), decayed),
+            {
+                "params": [],
+                "names": [],
+                "lr_scale": scale,
+                "weight_decay": t.weight_decay if decayed else 0.0,
+                "_layers": set(),
+                "_head": False,
+            },
+        )
         group["params"].append(p)
         group["names"].append(name)
         if name in lmap.head:
@@ -359,6 +381,7 @@ def describe_groups(groups: list[dict[str, Any]], base_lr: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- preparation
+
 
 def prepare_model(
     cfg: Config, task: str, labels: list[str] | None, device: torch.device

@@ -43,8 +43,11 @@ def classification_metrics(
     metrics["targets"] = torch.cat(targets).tolist() if targets else []
     metrics["predictions"] = torch.cat(predictions).tolist() if predictions else []
     if top_k > 0:
-        metrics["top_k"] = [list(zip(i, v, strict=True)) for t in tops
-                            for i, v in zip(t.indices.tolist(), t.values.tolist(), strict=True)]
+        metrics["top_k"] = [
+            list(zip(i, v, strict=True))
+            for t in tops
+            for i, v in zip(t.indices.tolist(), t.values.tolist(), strict=True)
+        ]
     return metrics
 
 
@@ -67,13 +70,15 @@ def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: fl
     metrics: dict[str, Any] = {"accuracy": correct / max(total, 1)}
     if confusion.shape[0] > 5:
         metrics["top5_accuracy"] = top5_correct / max(total, 1)
-    metrics.update({
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "loss": loss_sum / max(total, 1),
-        "examples": total,
-        "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
-        "confusion_matrix": confusion.tolist(),
-    })
+    metrics.update(
+        {
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "loss": loss_sum / max(total, 1),
+            "examples": total,
+            "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
+            "confusion_matrix": confusion.tolist(),
+        }
+    )
     return metrics
 
 

@@ -10,10 +10,16 @@ from pathlib import Path
 from typing import Any
 
 CARD_FILE = "README.md"
-PIPELINE_TAGS = {"text_classification": "text-classification", "image_classification": "image-classification",
-                 "causal_lm": "text-generation"}
-AUTO_CLASSES = {"text_classification": "AutoModelForSequenceClassification",
-                "image_classification": "AutoModelForImageClassification", "causal_lm": "AutoModelForCausalLM"}
+PIPELINE_TAGS = {
+    "text_classification": "text-classification",
+    "image_classification": "image-classification",
+    "causal_lm": "text-generation",
+}
+AUTO_CLASSES = {
+    "text_classification": "AutoModelForSequenceClassification",
+    "image_classification": "AutoModelForImageClassification",
+    "causal_lm": "AutoModelForCausalLM",
+}
 
 
 def card_facts(cfg: Any, data: Any, state: Any) -> dict[str, Any]:
@@ -88,7 +94,9 @@ def _fmt(v: Any) -> str:
 def _metric_rows(meta: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     rows = []
     if meta.get("val_metrics"):
-        rows.append(("validation", f"best of the run, optimizer step {meta.get('optimizer_step')}", meta["val_metrics"]))
+        rows.append(
+            ("validation", f"best of the run, optimizer step {meta.get('optimizer_step')}", meta["val_metrics"])
+        )
     elif meta.get("last_val"):
         last = {k: v for k, v in meta["last_val"].items() if k not in ("step", "epoch")}
         rows.append(("validation", f"latest evaluation, optimizer step {meta['last_val'].get('step')}", last))
@@ -105,31 +113,37 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
         return (
             "This folder keeps the pruned per-layer widths, which plain `from_pretrained` cannot build. Load it with\n"
             "fulltune, or make a plain-transformers copy with `fulltune export THIS_FOLDER --output_dir DIR`:\n\n"
-            "```python\nfrom fulltune.prune_io import load_pruned\nmodel = load_pruned(\"PATH\")\n```\n"
+            '```python\nfrom fulltune.prune_io import load_pruned\nmodel = load_pruned("PATH")\n```\n'
         )
     if meta.get("adapter_only"):
         return (
             "This folder holds a LoRA adapter (peft), not full weights:\n\n```python\n"
             f"from peft import AutoPeftModelFor{'SequenceClassification' if task == 'text_classification' else 'CausalLM'}"
-            " as Model\nmodel = Model.from_pretrained(\"PATH\")  # fetches the base model named in adapter_config.json\n```\n"
+            ' as Model\nmodel = Model.from_pretrained("PATH")  # fetches the base model named in adapter_config.json\n```\n'
         )
     if task == "image_classification":
-        body = ("from PIL import Image\nfrom transformers import AutoImageProcessor, AutoModelForImageClassification\n\n"
-                "processor = AutoImageProcessor.from_pretrained(\"PATH\")\n"
-                "model = AutoModelForImageClassification.from_pretrained(\"PATH\")\n"
-                "logits = model(**processor(Image.open(\"photo.jpg\"), return_tensors=\"pt\")).logits\n"
-                "print(model.config.id2label[int(logits.argmax(-1))])")
+        body = (
+            "from PIL import Image\nfrom transformers import AutoImageProcessor, AutoModelForImageClassification\n\n"
+            'processor = AutoImageProcessor.from_pretrained("PATH")\n'
+            'model = AutoModelForImageClassification.from_pretrained("PATH")\n'
+            'logits = model(**processor(Image.open("photo.jpg"), return_tensors="pt")).logits\n'
+            "print(model.config.id2label[int(logits.argmax(-1))])"
+        )
     elif task == "causal_lm":
-        body = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")\nmodel = AutoModelForCausalLM.from_pretrained(\"PATH\")\n"
-                "ids = model.generate(**tokenizer(\"Once upon a time\", return_tensors=\"pt\"), max_new_tokens=40)\n"
-                "print(tokenizer.decode(ids[0]))")
+        body = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")\nmodel = AutoModelForCausalLM.from_pretrained("PATH")\n'
+            'ids = model.generate(**tokenizer("Once upon a time", return_tensors="pt"), max_new_tokens=40)\n'
+            "print(tokenizer.decode(ids[0]))"
+        )
     else:
-        body = (f"from transformers import AutoTokenizer, {cls}\n\n"
-                "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")\n"
-                f"model = {cls}.from_pretrained(\"PATH\")\n"
-                "logits = model(**tokenizer([\"a text to classify\"], return_tensors=\"pt\")).logits\n"
-                "print(model.config.id2label[int(logits.argmax(-1))])")
+        body = (
+            f"from transformers import AutoTokenizer, {cls}\n\n"
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")\n'
+            f'model = {cls}.from_pretrained("PATH")\n'
+            'logits = model(**tokenizer(["a text to classify"], return_tensors="pt")).logits\n'
+            "print(model.config.id2label[int(logits.argmax(-1))])"
+        )
     return f"With plain `transformers` (fulltune is not needed), PATH being this folder:\n\n```python\n{body}\n```\n"
 
 
@@ -138,22 +152,32 @@ def _limits(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
     sizes = (meta.get("data") or {}).get("sizes") or {}
     out = []
     if sizes.get("train") is not None:
-        out.append(f"Fine-tuned on {sizes['train']:,} training examples: expect it to do well only on data like "
-                   "them (same domain, language, label set and input length or image kind).")
+        out.append(
+            f"Fine-tuned on {sizes['train']:,} training examples: expect it to do well only on data like "
+            "them (same domain, language, label set and input length or image kind)."
+        )
     if config.get("model", {}).get("tiny_config"):
         out.append("The base was a randomly initialised test-sized model: this is not a useful model.")
     if task in ("text_classification", "image_classification"):
-        out.append("It always answers with one of its labels, even for inputs that belong to none of them; "
-                   "its probabilities are not calibrated.")
+        out.append(
+            "It always answers with one of its labels, even for inputs that belong to none of them; "
+            "its probabilities are not calibrated."
+        )
     if task == "text_classification":
         max_len = config.get("data", {}).get("max_length")
-        out.append(f"Texts longer than {max_len} tokens were truncated in training; so are they at inference by "
-                   "the tokenizer's settings.")
+        out.append(
+            f"Texts longer than {max_len} tokens were truncated in training; so are they at inference by "
+            "the tokenizer's settings."
+        )
     if meta.get("pruned_layout") or meta.get("pruned"):
-        out.append("Structured pruning removes attention groups and MLP channels: measure perplexity and your own "
-                   "task before use; recovery training on a small set only partly restores the original quality.")
-    out.append("Metrics above come from the splits named, not from an independent benchmark; the model inherits "
-               "the biases of its base model and of its training data. Not for decisions about people.")
+        out.append(
+            "Structured pruning removes attention groups and MLP channels: measure perplexity and your own "
+            "task before use; recovery training on a small set only partly restores the original quality."
+        )
+    out.append(
+        "Metrics above come from the splits named, not from an independent benchmark; the model inherits "
+        "the biases of its base model and of its training data. Not for decisions about people."
+    )
     return out
 
 
@@ -203,8 +227,11 @@ def render(meta: dict[str, Any]) -> str:
     if metric_rows:
         lines += ["| split | weights | metric | value |", "|---|---|---|---|"]
         for split, which, metrics in metric_rows:
-            lines += [f"| {split} | {which} | {k} | {_fmt(v)} |" for k, v in metrics.items()
-                      if isinstance(v, (int, float)) and k not in ("step", "epoch")]
+            lines += [
+                f"| {split} | {which} | {k} | {_fmt(v)} |"
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and k not in ("step", "epoch")
+            ]
     else:
         lines.append("No evaluation was recorded for these weights.")
     lines += ["", "## How to load", "", _load_snippet(task, meta), "## Limits", ""]
@@ -220,8 +247,13 @@ def write_model_card(folder: str | Path, meta: dict[str, Any]) -> Path:
         meta = {**meta, "pruned_layout": True}
     adapter = Path(folder) / "adapter"
     if (adapter / "adapter_config.json").is_file():  # a LoRA run: merged weights here, the adapter alone below
-        meta = {**meta, "notes": [*(meta.get("notes") or []), "LoRA adapter merged into these weights; the adapter "
-                                  "alone (peft) is in adapter/."]}
+        meta = {
+            **meta,
+            "notes": [
+                *(meta.get("notes") or []),
+                "LoRA adapter merged into these weights; the adapter alone (peft) is in adapter/.",
+            ],
+        }
         (adapter / CARD_FILE).write_text(render({**meta, "adapter_only": True}), encoding="utf-8")
     path = Path(folder) / CARD_FILE
     path.write_text(render(meta), encoding="utf-8")
@@ -255,10 +287,15 @@ def refresh_with_test(run_dir: Path) -> None:
 def pruned_meta(base: str, report: dict[str, Any] | None, total_parameters: int | None = None) -> dict[str, Any]:
     """Card facts of a `fulltune prune` output folder (`base`: the model it was pruned from)."""
     meta: dict[str, Any] = {
-        "task": "causal_lm", "method": "structured pruning", "pruned": True, "pruned_layout": True,
-        "title": f"{base} structurally pruned with fulltune", "labels": None,
+        "task": "causal_lm",
+        "method": "structured pruning",
+        "pruned": True,
+        "pruned_layout": True,
+        "title": f"{base} structurally pruned with fulltune",
+        "labels": None,
         "fulltune_config": {"model": {"name_or_path": base}, "task": "causal_lm"},
-        "total_parameters": total_parameters, "trainable_parameters": 0,
+        "total_parameters": total_parameters,
+        "trainable_parameters": 0,
     }
     if report is not None:
         cfg = report.get("config", {})

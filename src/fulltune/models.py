@@ -69,7 +69,11 @@ class ModelBundle:
 
 
 _DROPOUT_KEYS = (
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout", "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "attention_dropout",
+    "dropout",
+    "hidden_dropout",
 )
 
 
@@ -146,8 +150,10 @@ def quantization_config(cfg: Config) -> Any:
     if cfg.method.name != "qlora":
         return None
     if not torch.cuda.is_available():
-        raise ConfigError("method.name=qlora loads the base model in 4-bit NF4 with bitsandbytes, which needs CUDA; "
-                          "use method.name=lora (with model.torch_dtype=bfloat16 to halve the base) on this machine")
+        raise ConfigError(
+            "method.name=qlora loads the base model in 4-bit NF4 with bitsandbytes, which needs CUDA; "
+            "use method.name=lora (with model.torch_dtype=bfloat16 to halve the base) on this machine"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -155,8 +161,9 @@ def quantization_config(cfg: Config) -> Any:
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
 
 
 def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> ModelBundle:
@@ -181,15 +188,19 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
     if path is None:
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
         if quant is not None:
-            raise ConfigError("method.name=qlora quantises pretrained weights: give model.name_or_path, not tiny_config")
+            raise ConfigError(
+                "method.name=qlora quantises pretrained weights: give model.name_or_path, not tiny_config"
+            )
         if dtype != "auto":
             model = model.to(dtype)
     elif task == "causal_lm" and _is_pruned(path):
         from fulltune.prune_io import load_pruned
 
         if quant is not None:
-            raise ConfigError(f"method.name=qlora: '{path}' is a pruned folder with per-layer widths, which "
-                              "bitsandbytes cannot load; use method.name=lora with model.torch_dtype=bfloat16")
+            raise ConfigError(
+                f"method.name=qlora: '{path}' is a pruned folder with per-layer widths, which "
+                "bitsandbytes cannot load; use method.name=lora with model.torch_dtype=bfloat16"
+            )
         # Pruned folders have per-layer widths that a plain from_pretrained cannot build.
         model = load_pruned(path, torch_dtype=dtype, config=config)
     else:

@@ -16,8 +16,9 @@ from torch import nn
 from fulltune.config import TrainingConfig
 
 
-def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: torch.device, lean: bool = False,
-                    fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: list[dict[str, Any]], t: TrainingConfig, device: torch.device, lean: bool = False, fused: bool = True
+) -> torch.optim.Optimizer:
     # Our bookkeeping keys ("names") are not optimizer hyper-parameters; keep them but out of the way.
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if lean and t.lean_optimizer == "adamw8bit":
@@ -25,8 +26,9 @@ def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: tor
         from fulltune.lean import build_lean_optimizer
 
         try:
-            return build_lean_optimizer(clean, kind="adamw8bit", lr=t.base_learning_rate,
-                                        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+            return build_lean_optimizer(
+                clean, kind="adamw8bit", lr=t.base_learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+            )
         except RuntimeError as err:
             raise ConfigError(f"training.lean_optimizer=adamw8bit: {err}") from err
     if lean:
@@ -34,11 +36,24 @@ def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, device: tor
 
         n = sum(p.numel() for g in clean for p in g["params"])
         compiled = t.lean_compiled_step == "on" or (t.lean_compiled_step == "auto" and n >= 20_000_000)
-        return BF16AdamW(clean, lr=t.base_learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                         state_dtype=t.lean_state_dtype, rounding=t.lean_rounding, seed=t.seed, compiled=compiled)
+        return BF16AdamW(
+            clean,
+            lr=t.base_learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_epsilon,
+            state_dtype=t.lean_state_dtype,
+            rounding=t.lean_rounding,
+            seed=t.seed,
+            compiled=compiled,
+        )
     params = [p for g in clean for p in g["params"]]
     # Fused AdamW runs one kernel over all tensors (CPU and CUDA); sharded DTensors (FSDP) take the foreach path.
-    fused = fused and t.fused_optimizer and device.type in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in params)
+    fused = (
+        fused
+        and t.fused_optimizer
+        and device.type in ("cuda", "cpu")
+        and all(p.dtype.is_floating_point for p in params)
+    )
     return torch.optim.AdamW(
         clean,
         lr=t.base_learning_rate,

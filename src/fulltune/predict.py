@@ -16,7 +16,9 @@ from fulltune.models import ModelBundle
 
 
 def _image_inputs(bundle: ModelBundle, paths: list[Path]) -> torch.Tensor:
-    return torch.stack([img.eval_transform(img.load_rgb(p, bundle.image_spec.size, draft=False), bundle.image_spec) for p in paths])
+    return torch.stack(
+        [img.eval_transform(img.load_rgb(p, bundle.image_spec.size, draft=False), bundle.image_spec) for p in paths]
+    )
 
 
 def image_paths(target: str) -> list[Path]:
@@ -75,8 +77,9 @@ def classify(bundle: ModelBundle, inputs: list[Any], top_k: int, batch_size: int
         if bundle.task == "image_classification":
             logits = model(pixel_values=_image_inputs(bundle, chunk).to(device)).logits
         else:
-            enc = bundle.tokenizer(chunk, truncation=True, max_length=max_length(bundle), padding=True,
-                                   return_tensors="pt").to(device)
+            enc = bundle.tokenizer(
+                chunk, truncation=True, max_length=max_length(bundle), padding=True, return_tensors="pt"
+            ).to(device)
             logits = model(**enc).logits
         probs = logits.float().softmax(-1)
         top = probs.topk(k, dim=-1)
@@ -86,7 +89,9 @@ def classify(bundle: ModelBundle, inputs: list[Any], top_k: int, batch_size: int
 
 
 @torch.no_grad()
-def generate(bundle: ModelBundle, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0) -> str:
+def generate(
+    bundle: ModelBundle, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0
+) -> str:
     """Greedy decoding at temperature 0, else sampling with temperature and nucleus top_p."""
     model, tok = bundle.model, bundle.tokenizer
     device = next(model.parameters()).device

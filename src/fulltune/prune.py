@@ -273,8 +273,9 @@ def _n_keep_channels(n: int, ratio: float, cfg: PruneConfig) -> int:
 # ----------------------------------------------------------------------------------------------- pruning
 
 
-def _importance_scores(model: nn.Module, layers: nn.ModuleList, pruned: list[int], cfg: PruneConfig,
-                       calibration_ids: torch.Tensor | None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def _importance_scores(
+    model: nn.Module, layers: nn.ModuleList, pruned: list[int], cfg: PruneConfig, calibration_ids: torch.Tensor | None
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Per pruned layer, the importance of each KV group and of each MLP channel (Taylor: from gradients of a
     calibration pass; every requires_grad flag and the train/eval mode are restored afterwards)."""
     attn_scores: dict[int, torch.Tensor] = {}
@@ -315,8 +316,14 @@ def _importance_scores(model: nn.Module, layers: nn.ModuleList, pruned: list[int
     return attn_scores, mlp_scores
 
 
-def _layer_ratios(layers: nn.ModuleList, pruned: list[int], cfg: PruneConfig, attn_scores: dict[int, torch.Tensor],
-                  mlp_scores: dict[int, torch.Tensor], active: bool) -> tuple[dict[int, float], dict[int, float]]:
+def _layer_ratios(
+    layers: nn.ModuleList,
+    pruned: list[int],
+    cfg: PruneConfig,
+    attn_scores: dict[int, torch.Tensor],
+    mlp_scores: dict[int, torch.Tensor],
+    active: bool,
+) -> tuple[dict[int, float], dict[int, float]]:
     """The ratio each layer's attention and MLP lose (uniform, or by importance with the same mean)."""
     n_layers = len(layers)
     attn_ratio = {i: 0.0 for i in range(n_layers)}

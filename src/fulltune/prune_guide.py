@@ -48,9 +48,11 @@ def builtin_text(out_dir: Path) -> tuple[Path, Path, str]:
     train, held_out = root / "train.txt", root / "eval.txt"
     train.write_text(_texts(splits["train"], BUILTIN_TRAIN_CHARS), encoding="utf-8")
     held_out.write_text(_texts(splits["test"], BUILTIN_EVAL_CHARS), encoding="utf-8")
-    what = (f"built-in English text (docstrings of Python's standard library, built offline): {train} "
-            f"({train.stat().st_size:,} bytes, train split) and {held_out} ({held_out.stat().st_size:,} bytes, "
-            "test split); --data_file / --eval_file override them")
+    what = (
+        f"built-in English text (docstrings of Python's standard library, built offline): {train} "
+        f"({train.stat().st_size:,} bytes, train split) and {held_out} ({held_out.stat().st_size:,} bytes, "
+        "test split); --data_file / --eval_file override them"
+    )
     return train, held_out, what
 
 

@@ -18,8 +18,10 @@ UNEVEN_NOTE = (
     "(fulltune.prune_io.load_pruned, or any fulltune command: evaluate, predict, train, prune); config.json records "
     f"each layer's heads and MLP width under {SHAPES_KEY!r}."
 )
-UNIFORM_NOTE = ("Every layer of this pruned model has one shape: config.json is a standard transformers config "
-                "(AutoModelForCausalLM.from_pretrained loads it as is).")
+UNIFORM_NOTE = (
+    "Every layer of this pruned model has one shape: config.json is a standard transformers config "
+    "(AutoModelForCausalLM.from_pretrained loads it as is)."
+)
 
 
 def make_config_standard(model: nn.Module) -> bool:
@@ -51,8 +53,10 @@ def standard_config_obstacle(config: Any, shapes: list[dict[str, int]]) -> str |
         return "layers have different widths"
     n_q = shapes[0]["num_attention_heads"]
     if config.hidden_size % n_q:  # LlamaConfig (and its kin) validate hidden_size % num_attention_heads
-        return (f"{n_q} query heads per layer do not divide hidden_size {config.hidden_size}, which transformers' "
-                f"{type(config).__name__} requires")
+        return (
+            f"{n_q} query heads per layer do not divide hidden_size {config.hidden_size}, which transformers' "
+            f"{type(config).__name__} requires"
+        )
     return None
 
 

@@ -96,9 +96,11 @@ class RunLogger:
         resumed = state.optimizer_step > 0 or state.epoch > 0
         note = ""
         if resumed and previous and previous[-1].get("total_steps") not in (None, state.total_steps):
-            note = (f"the schedule changed: {previous[-1]['total_steps']} -> {state.total_steps} optimizer steps in all; "
-                    f"the {cfg.training.lr_scheduler} learning-rate schedule is recomputed over the new total from "
-                    f"step {state.optimizer_step} on")
+            note = (
+                f"the schedule changed: {previous[-1]['total_steps']} -> {state.total_steps} optimizer steps in all; "
+                f"the {cfg.training.lr_scheduler} learning-rate schedule is recomputed over the new total from "
+                f"step {state.optimizer_step} on"
+            )
         trainable, total = _count(run.model)
         sizes = {s: len(getattr(data, s)) for s in ("train", "val", "test") if getattr(data, s, None) is not None}
         metric = cfg.training.metric
@@ -110,20 +112,34 @@ class RunLogger:
             "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             "event": "resume" if resumed else "start",
             "resumed_from": resume if resumed else None,
-            "optimizer_step": state.optimizer_step, "epoch": state.epoch, "total_steps": state.total_steps,
-            "note": note, "task": run.task_name, "method": cfg.method.name,
-            "model": (f"tiny random-init {cfg.model.tiny_config.get('model_type', '')} config" if cfg.model.tiny_config
-                      else cfg.model.name_or_path),
-            "metric": metric, "data_sizes": sizes, "num_classes": len(self.labels) if self.labels else None,
-            "precision": run.precision.name, "device": str(run.device), "world_size": state.world_size,
+            "optimizer_step": state.optimizer_step,
+            "epoch": state.epoch,
+            "total_steps": state.total_steps,
+            "note": note,
+            "task": run.task_name,
+            "method": cfg.method.name,
+            "model": (
+                f"tiny random-init {cfg.model.tiny_config.get('model_type', '')} config"
+                if cfg.model.tiny_config
+                else cfg.model.name_or_path
+            ),
+            "metric": metric,
+            "data_sizes": sizes,
+            "num_classes": len(self.labels) if self.labels else None,
+            "precision": run.precision.name,
+            "device": str(run.device),
+            "world_size": state.world_size,
             "global_batch": cfg.data.batch_size * cfg.training.gradient_accumulation_steps * (state.world_size or 1),
-            "trainable_parameters": trainable, "total_parameters": total,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
         }
         with open(self.out / "run_history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
         if resumed:
-            self.info(f"resumed from {resume} at optimizer step {state.optimizer_step} of {state.total_steps} "
-                      f"(epoch {state.epoch}, batch {state.batches_done})" + (f"; {note}" if note else ""))
+            self.info(
+                f"resumed from {resume} at optimizer step {state.optimizer_step} of {state.total_steps} "
+                f"(epoch {state.epoch}, batch {state.batches_done})" + (f"; {note}" if note else "")
+            )
         else:
             self.info(f"started: {state.total_steps} optimizer steps planned, output in {self.out}")
         self._rebuild()
@@ -150,8 +166,15 @@ class RunLogger:
             return
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
-                        mininterval=0.5)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
 
     def advance(self, epoch: int, state: Any) -> None:
         self.epoch = epoch
@@ -170,8 +193,15 @@ class RunLogger:
         for i, v in enumerate(values):
             self._track({"train/loss": v}, step - len(values) + 1 + i)
 
-    def scalars(self, step: int, optimizer: torch.optim.Optimizer, samples_per_s: float, peak_bytes: int,
-                grad_norm: float | None = None, epoch: int | None = None) -> None:
+    def scalars(
+        self,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        samples_per_s: float,
+        peak_bytes: int,
+        grad_norm: float | None = None,
+        epoch: int | None = None,
+    ) -> None:
         if not self.enabled:
             return
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
@@ -179,13 +209,24 @@ class RunLogger:
         self.last_lr = top_lr
         self.throughputs.append(samples_per_s)
         epoch = self.epoch + 1 if epoch is None else epoch  # 1-based: the epoch in progress
-        row = {"step": step, "split": "train", "epoch": epoch, "loss": self.last_loss, "lr": top_lr, "lrs": lrs,
-               "grad_norm": grad_norm, "samples_per_s": samples_per_s, "peak_memory_mb": peak_bytes / 2**20,
-               "time_s": time.perf_counter() - self.start}
+        row = {
+            "step": step,
+            "split": "train",
+            "epoch": epoch,
+            "loss": self.last_loss,
+            "lr": top_lr,
+            "lrs": lrs,
+            "grad_norm": grad_norm,
+            "samples_per_s": samples_per_s,
+            "peak_memory_mb": peak_bytes / 2**20,
+            "time_s": time.perf_counter() - self.start,
+        }
         self._record(row)
         norm = f" | grad norm {grad_norm:.3g}" if grad_norm is not None else ""
-        self._log_line(f"step {step} epoch {epoch}: loss {self.last_loss:.4g} | lr {top_lr:.3g}{norm} | "
-                       f"{samples_per_s:.1f} samples/s | peak memory {peak_bytes / 2**20:,.0f} MiB")
+        self._log_line(
+            f"step {step} epoch {epoch}: loss {self.last_loss:.4g} | lr {top_lr:.3g}{norm} | "
+            f"{samples_per_s:.1f} samples/s | peak memory {peak_bytes / 2**20:,.0f} MiB"
+        )
         if self.writer:
             for name, lr in lrs.items():
                 self.writer.add_scalar(f"lr/{name}", lr, step)
@@ -193,8 +234,14 @@ class RunLogger:
                 self.writer.add_scalar("train/grad_norm", grad_norm, step)
             self.writer.add_scalar("perf/samples_per_s", samples_per_s, step)
             self.writer.add_scalar("perf/peak_memory_mb", peak_bytes / 2**20, step)
-        self._track({**{f"lr/{name}": lr for name, lr in lrs.items()}, "perf/samples_per_s": samples_per_s,
-                     "perf/peak_memory_mb": peak_bytes / 2**20}, step)
+        self._track(
+            {
+                **{f"lr/{name}": lr for name, lr in lrs.items()},
+                "perf/samples_per_s": samples_per_s,
+                "perf/peak_memory_mb": peak_bytes / 2**20,
+            },
+            step,
+        )
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{top_lr:.2e}", refresh=False)
 
@@ -292,9 +339,13 @@ class Throughput:
         """(training seconds, training samples per second) since the start."""
         seconds = max(time.perf_counter() - self.start - self.side_seconds, 1e-9)
         return seconds, (samples_seen - self.samples_at_start) / seconds
+
+
 def _count(model: Any) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def _describer(dataset: Any, tokenizer: Any) -> Any:
     """index -> a short text of that example's input: the image path, or the decoded text (first 200 characters)."""
     folder = getattr(dataset, "folder", None)
@@ -304,9 +355,12 @@ def _describer(dataset: Any, tokenizer: Any) -> Any:
     if ids is not None and tokenizer is not None:
         return lambda i: tokenizer.decode(ids[i], skip_special_tokens=True)[:200]
     return lambda i: f"example {i}"
+
+
 def done_line(summary: dict[str, Any]) -> str:
     """The last log line, rounded for people (summary.json keeps full precision)."""
     from fulltune.report_html import fmt
+
     best = summary.get("best_val") or {}
     metric = next((k for k in best if k != "step"), None)
     parts = [f"done: {summary.get('optimizer_steps')} optimizer steps"]

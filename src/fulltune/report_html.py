@@ -24,6 +24,7 @@ TOP_PAIRS = 10
 
 # ---------------------------------------------------------------- reading a run folder
 
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -62,6 +63,7 @@ def fmt(v: Any, digits: int = 4) -> str:
 
 # ---------------------------------------------------------------- per-class metrics and confused pairs
 
+
 def per_class(matrix: list[list[int]]) -> list[dict[str, float | int]]:
     """Precision, recall, F1 and support of each class from a confusion matrix (rows true, columns predicted)."""
     n = len(matrix)
@@ -72,8 +74,15 @@ def per_class(matrix: list[list[int]]) -> list[dict[str, float | int]]:
         predicted = sum(matrix[r][c] for r in range(n))
         p = tp / predicted if predicted else 0.0
         r = tp / support if support else 0.0
-        out.append({"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": support,
-                    "predicted": predicted})
+        out.append(
+            {
+                "precision": p,
+                "recall": r,
+                "f1": 2 * p * r / (p + r) if p + r else 0.0,
+                "support": support,
+                "predicted": predicted,
+            }
+        )
     return out
 
 
@@ -84,8 +93,9 @@ def confused_pairs(matrix: list[list[int]], top: int = TOP_PAIRS) -> list[tuple[
     return [(i, j, n) for n, i, j in cells[:top]]
 
 
-def pair_examples(targets: list[int], predictions: list[int], describe: Any,
-                  per_pair: int = EXAMPLES_PER_PAIR) -> dict[str, list[str]]:
+def pair_examples(
+    targets: list[int], predictions: list[int], describe: Any, per_pair: int = EXAMPLES_PER_PAIR
+) -> dict[str, list[str]]:
     """Up to `per_pair` example inputs for each (true, predicted) pair, keyed "true,predicted"."""
     found: dict[str, list[str]] = {}
     for i, (t, p) in enumerate(zip(targets, predictions, strict=True)):
@@ -97,16 +107,22 @@ def pair_examples(targets: list[int], predictions: list[int], describe: Any,
     return found
 
 
-def write_eval_record(run_dir: Path, name: str, metrics: dict[str, Any], labels: list[str] | None,
-                      describe: Any = None, **extra: Any) -> None:
+def write_eval_record(
+    run_dir: Path, name: str, metrics: dict[str, Any], labels: list[str] | None, describe: Any = None, **extra: Any
+) -> None:
     """report/<name>.json: what the report shows of one evaluation (confusion, example inputs of confused pairs)."""
     if "confusion_matrix" not in metrics:
         return
     examples = {}
     if describe is not None and "predictions" in metrics:
         examples = pair_examples(metrics["targets"], metrics["predictions"], describe)
-    record = {"labels": labels, "confusion_matrix": metrics["confusion_matrix"], "pair_examples": examples,
-              **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, **extra}
+    record = {
+        "labels": labels,
+        "confusion_matrix": metrics["confusion_matrix"],
+        "pair_examples": examples,
+        **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        **extra,
+    }
     folder = run_dir / "report"
     folder.mkdir(exist_ok=True)
     tmp = folder / f".{name}.json.tmp"
@@ -115,6 +131,7 @@ def write_eval_record(run_dir: Path, name: str, metrics: dict[str, Any], labels:
 
 
 # ---------------------------------------------------------------- pictures
+
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     if hi <= lo:
@@ -126,17 +143,27 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str = "optimizer step",
-              log_y: bool = False, width: int = 460, height: int = 260) -> str:
+def svg_chart(
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    xlabel: str = "optimizer step",
+    log_y: bool = False,
+    width: int = 460,
+    height: int = 260,
+) -> str:
     """An inline SVG line chart (one polyline per series, markers where a series has few points)."""
-    series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
-              for k, v in series.items()}
+    series = {
+        k: [(x, y) for x, y in v if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+        for k, v in series.items()
+    }
     series = {k: v for k, v in series.items() if v}
     left, right, top, bottom = 62, 12, 28, 40
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-           f'aria-label="{html.escape(title)}"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{width / 2}" y="17" text-anchor="middle" font-size="13" font-weight="bold">'
-           f'{html.escape(title)}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(title)}"><rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{width / 2}" y="17" text-anchor="middle" font-size="13" font-weight="bold">'
+        f"{html.escape(title)}</text>",
+    ]
     if not series:
         out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#888">no data yet</text></svg>')
         return "".join(out)
@@ -157,13 +184,17 @@ def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: 
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
     for t in _nice_ticks(y0, y1):
         y = top + (1 - (t - y0) / (y1 - y0)) * ph
-        label = fmt(10 ** t, 2) if log_y else fmt(float(t), 3)
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
-                   f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{label}</text>')
+        label = fmt(10**t, 2) if log_y else fmt(float(t), 3)
+        out.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
+            f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{label}</text>'
+        )
     for t in _nice_ticks(x0, x1):
         x = px(t)
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#999"/>'
-                   f'<text x="{x:.1f}" y="{top + ph + 15}" text-anchor="middle" font-size="10">{fmt(float(t), 4)}</text>')
+        out.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#999"/>'
+            f'<text x="{x:.1f}" y="{top + ph + 15}" text-anchor="middle" font-size="10">{fmt(float(t), 4)}</text>'
+        )
     out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" font-size="11">{xlabel}</text>')
     for k, (name, points) in enumerate(series.items()):
         color = PALETTE[k % len(PALETTE)]
@@ -172,8 +203,9 @@ def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: 
         if len(points) <= 40:
             out.extend(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in points)
         if len(series) > 1 and k < 8:
-            out.append(f'<text x="{left + 6}" y="{top + 14 + 13 * k}" font-size="10" fill="{color}">'
-                       f'{html.escape(name)}</text>')
+            out.append(
+                f'<text x="{left + 6}" y="{top + 14 + 13 * k}" font-size="10" fill="{color}">{html.escape(name)}</text>'
+            )
     out.append("</svg>")
     return "".join(out)
 
@@ -228,8 +260,9 @@ def plot_confusion_png(matrix: list[list[int]], labels: list[str], path: Path, t
             for i, row in enumerate(data):
                 for j, v in enumerate(row):
                     text = str(v) if data is matrix else f"{v:.2f}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=font,
-                            color="white" if v > peak / 2 else "black")
+                    ax.text(
+                        j, i, text, ha="center", va="center", fontsize=font, color="white" if v > peak / 2 else "black"
+                    )
     fig.suptitle(title, fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -249,8 +282,13 @@ def plot_curves_png(rows: list[dict[str, Any]], path: Path, metric: str | None =
         for name, points in series.items():
             pts = [(x, y) for x, y in points if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o" if len(pts) <= 40 else None,
-                        markersize=3, label=name)
+                ax.plot(
+                    [x for x, _ in pts],
+                    [y for _, y in pts],
+                    marker="o" if len(pts) <= 40 else None,
+                    markersize=3,
+                    label=name,
+                )
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         if log_y:
@@ -280,8 +318,12 @@ def curve_series(rows: list[dict[str, Any]], metric: str | None = None) -> list[
         for name, lr in (r.get("lrs") or {"lr": r.get("lr")}).items():
             groups.setdefault(str(name), []).append((r["step"], lr))
     grad = {"gradient norm (before clipping)": [(r["step"], r.get("grad_norm")) for r in train]}
-    return [("loss", loss, False), ("validation metric", val, False), ("learning rate per group", groups, False),
-            ("gradient norm", grad, True)]
+    return [
+        ("loss", loss, False),
+        ("validation metric", val, False),
+        ("learning rate per group", groups, False),
+        ("gradient norm", grad, True),
+    ]
 
 
 # ---------------------------------------------------------------- the HTML report
@@ -300,8 +342,11 @@ def _e(v: Any) -> str:
 
 
 def _kv_table(items: list[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><td>{_e(k)}</td><td class='l'>{_e(v if isinstance(v, str) else fmt(v))}</td></tr>"
-                   for k, v in items if v is not None)
+    rows = "".join(
+        f"<tr><td>{_e(k)}</td><td class='l'>{_e(v if isinstance(v, str) else fmt(v))}</td></tr>"
+        for k, v in items
+        if v is not None
+    )
     return f"<table class='kv'>{rows}</table>"
 
 
@@ -311,41 +356,55 @@ def _confusion_section(rec: dict[str, Any], title: str) -> str:
     norm = normalise_rows(matrix)
     where = f" at step {rec['step']}" if rec.get("step") is not None else ""
     weights = f" ({rec['weights']} weights)" if rec.get("weights") else ""
-    parts = [f"<h2>{_e(title)}</h2><p class='muted'>{_e(rec.get('split', ''))}{where}{weights}: "
-             f"{fmt(rec.get('examples'))} examples, accuracy {fmt(rec.get('accuracy'))}, "
-             f"macro-F1 {fmt(rec.get('macro_f1'))}. Rows: true class; columns: predicted class.</p>"]
+    parts = [
+        f"<h2>{_e(title)}</h2><p class='muted'>{_e(rec.get('split', ''))}{where}{weights}: "
+        f"{fmt(rec.get('examples'))} examples, accuracy {fmt(rec.get('accuracy'))}, "
+        f"macro-F1 {fmt(rec.get('macro_f1'))}. Rows: true class; columns: predicted class.</p>"
+    ]
     png = base64.b64encode(heatmap_png(norm)).decode()
-    parts.append(f"<div class='grid'><figure><img alt='row-normalised confusion matrix' src='data:image/png;base64,"
-                 f"{png}' style='image-rendering:pixelated;width:{min(600, max(200, 24 * n))}px'>"
-                 f"<figcaption class='muted'>row-normalised ({n} classes; white 0, dark blue 1)</figcaption></figure>")
+    parts.append(
+        f"<div class='grid'><figure><img alt='row-normalised confusion matrix' src='data:image/png;base64,"
+        f"{png}' style='image-rendering:pixelated;width:{min(600, max(200, 24 * n))}px'>"
+        f"<figcaption class='muted'>row-normalised ({n} classes; white 0, dark blue 1)</figcaption></figure>"
+    )
     if n <= 25:
         head = "".join(f"<th>{_e(lb)}</th>" for lb in labels)
         body = []
         for i, row in enumerate(matrix):
             cells = "".join(
-                f"<td style='background:rgba(8,48,107,{norm[i][j]:.2f});color:{'white' if norm[i][j] > .5 else 'black'}'>"
-                f"{v}<br><span style='font-size:9px'>{100 * norm[i][j]:.0f}%</span></td>" for j, v in enumerate(row))
+                f"<td style='background:rgba(8,48,107,{norm[i][j]:.2f});color:{'white' if norm[i][j] > 0.5 else 'black'}'>"
+                f"{v}<br><span style='font-size:9px'>{100 * norm[i][j]:.0f}%</span></td>"
+                for j, v in enumerate(row)
+            )
             body.append(f"<tr><th class='l'>{_e(labels[i])}</th>{cells}</tr>")
         parts.append(f"<table class='cm'><tr><th class='l'>true \\ predicted</th>{head}</tr>{''.join(body)}</table>")
     parts.append("</div>")
     stats = per_class(matrix)
     order = sorted(range(n), key=lambda c: (stats[c]["f1"], labels[c])) if n > 30 else range(n)
     shown = list(order)[:40]
-    rows = "".join(f"<tr><td class='l'>{_e(labels[c])}</td><td>{stats[c]['precision']:.3f}</td>"
-                   f"<td>{stats[c]['recall']:.3f}</td><td>{stats[c]['f1']:.3f}</td><td>{stats[c]['support']}</td>"
-                   f"<td>{stats[c]['predicted']}</td></tr>" for c in shown)
+    rows = "".join(
+        f"<tr><td class='l'>{_e(labels[c])}</td><td>{stats[c]['precision']:.3f}</td>"
+        f"<td>{stats[c]['recall']:.3f}</td><td>{stats[c]['f1']:.3f}</td><td>{stats[c]['support']}</td>"
+        f"<td>{stats[c]['predicted']}</td></tr>"
+        for c in shown
+    )
     note = f" (the {len(shown)} classes with the lowest F1 of {n})" if n > 40 else ""
-    parts.append(f"<h3>Per class{note}</h3><table><tr><th class='l'>class</th><th>precision</th><th>recall</th>"
-                 f"<th>F1</th><th>support</th><th>predicted</th></tr>{rows}</table>")
+    parts.append(
+        f"<h3>Per class{note}</h3><table><tr><th class='l'>class</th><th>precision</th><th>recall</th>"
+        f"<th>F1</th><th>support</th><th>predicted</th></tr>{rows}</table>"
+    )
     pairs = confused_pairs(matrix)
     if pairs:
         examples = rec.get("pair_examples") or {}
         rows = "".join(
             f"<tr><td class='l'>{_e(labels[i])}</td><td class='l'>{_e(labels[j])}</td><td>{c}</td>"
             f"<td class='ex'>{'<br>'.join(_e(x) for x in examples.get(f'{i},{j}', [])) or '-'}</td></tr>"
-            for i, j, c in pairs)
-        parts.append("<h3>Most confused pairs</h3><table><tr><th class='l'>true</th><th class='l'>predicted as</th>"
-                     f"<th>count</th><th class='l'>example inputs</th></tr>{rows}</table>")
+            for i, j, c in pairs
+        )
+        parts.append(
+            "<h3>Most confused pairs</h3><table><tr><th class='l'>true</th><th class='l'>predicted as</th>"
+            f"<th>count</th><th class='l'>example inputs</th></tr>{rows}</table>"
+        )
     return "".join(parts)
 
 
@@ -358,37 +417,62 @@ def render_report(run_dir: Path) -> str:
     config_text = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else ""
     metric = facts.get("metric")
     status = "finished" if summary else "running (or stopped before the end)"
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fulltune run {_e(run_dir.name)}"
-             f"</title><style>{CSS}</style></head><body><h1>fulltune run: {_e(run_dir.name)}</h1>"
-             f"<p class='muted'>{_e(run_dir.resolve())} &middot; {status}</p>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fulltune run {_e(run_dir.name)}"
+        f"</title><style>{CSS}</style></head><body><h1>fulltune run: {_e(run_dir.name)}</h1>"
+        f"<p class='muted'>{_e(run_dir.resolve())} &middot; {status}</p>"
+    ]
     sizes = facts.get("data_sizes") or {}
-    what = [("task", facts.get("task") or summary.get("task")), ("model", facts.get("model")),
-            ("method", facts.get("method") or summary.get("method")),
-            ("data", ", ".join(f"{k} {v:,}" for k, v in sizes.items() if v is not None) or None),
-            ("classes", facts.get("num_classes")), ("precision", facts.get("precision")),
-            ("device", facts.get("device")), ("world size", facts.get("world_size")),
-            ("global batch", facts.get("global_batch")), ("optimizer steps planned", facts.get("total_steps")),
-            ("trainable parameters", facts.get("trainable_parameters")),
-            ("total parameters", facts.get("total_parameters"))]
+    what = [
+        ("task", facts.get("task") or summary.get("task")),
+        ("model", facts.get("model")),
+        ("method", facts.get("method") or summary.get("method")),
+        ("data", ", ".join(f"{k} {v:,}" for k, v in sizes.items() if v is not None) or None),
+        ("classes", facts.get("num_classes")),
+        ("precision", facts.get("precision")),
+        ("device", facts.get("device")),
+        ("world size", facts.get("world_size")),
+        ("global batch", facts.get("global_batch")),
+        ("optimizer steps planned", facts.get("total_steps")),
+        ("trainable parameters", facts.get("trainable_parameters")),
+        ("total parameters", facts.get("total_parameters")),
+    ]
     train_rows = [r for r in rows if r.get("split", "train") == "train" and "samples_per_s" in r]
     peak = max((r.get("peak_memory_mb") or 0 for r in train_rows), default=None)
-    speed = [("optimizer steps done", summary.get("optimizer_steps") or (train_rows[-1]["step"] if train_rows else None)),
-             ("wall time", f"{summary['wall_time_s']:.1f} s" if summary.get("wall_time_s") else
-              (f"{train_rows[-1]['time_s']:.1f} s so far" if train_rows else None)),
-             ("training samples/s", summary.get("train_samples_per_s") or summary.get("samples_per_s_median")),
-             ("peak memory", f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB" if summary.get("peak_memory_bytes")
-              else (f"{peak:,.0f} MiB" if peak else None))]
-    results = [(f"best val {metric}", (summary.get("best_val") or {}).get(metric)),
-               ("best step", (summary.get("best_val") or {}).get("step"))]
+    speed = [
+        ("optimizer steps done", summary.get("optimizer_steps") or (train_rows[-1]["step"] if train_rows else None)),
+        (
+            "wall time",
+            f"{summary['wall_time_s']:.1f} s"
+            if summary.get("wall_time_s")
+            else (f"{train_rows[-1]['time_s']:.1f} s so far" if train_rows else None),
+        ),
+        ("training samples/s", summary.get("train_samples_per_s") or summary.get("samples_per_s_median")),
+        (
+            "peak memory",
+            f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB"
+            if summary.get("peak_memory_bytes")
+            else (f"{peak:,.0f} MiB" if peak else None),
+        ),
+    ]
+    results = [
+        (f"best val {metric}", (summary.get("best_val") or {}).get(metric)),
+        ("best step", (summary.get("best_val") or {}).get("step")),
+    ]
     results += [(f"test {k}", v) for k, v in (summary.get("test") or {}).items()]
-    parts.append(f"<div class='grid'><div><h2>What ran</h2>{_kv_table(what)}</div><div><h2>How fast</h2>"
-                 f"{_kv_table(speed)}</div><div><h2>Results</h2>{_kv_table(results)}</div></div>")
+    parts.append(
+        f"<div class='grid'><div><h2>What ran</h2>{_kv_table(what)}</div><div><h2>How fast</h2>"
+        f"{_kv_table(speed)}</div><div><h2>Results</h2>{_kv_table(results)}</div></div>"
+    )
     parts.append("<h2>Curves</h2><div class='grid'>")
     for title, series, log_y in curve_series(rows, metric):
         parts.append(svg_chart(series, title, log_y=log_y))
     parts.append("</div>")
-    for name, title in (("test", "Confusion matrix: test set"), ("val_best", "Confusion matrix: validation, best step"),
-                        ("val_latest", "Confusion matrix: validation, latest evaluation")):
+    for name, title in (
+        ("test", "Confusion matrix: test set"),
+        ("val_best", "Confusion matrix: validation, best step"),
+        ("val_latest", "Confusion matrix: validation, latest evaluation"),
+    ):
         rec = _read_json(run_dir / "report" / f"{name}.json")
         if rec:
             parts.append(_confusion_section(rec, title))
@@ -398,13 +482,19 @@ def render_report(run_dir: Path) -> str:
             f"<tr><td class='l'>{_e(h.get('time', ''))}</td><td class='l'>{_e(h.get('event'))}</td>"
             f"<td class='l'>{_e(h.get('resumed_from') or '-')}</td><td>{fmt(h.get('optimizer_step'))}</td>"
             f"<td>{fmt(h.get('epoch'))}</td><td>{fmt(h.get('total_steps'))}</td>"
-            f"<td class='l'>{_e(h.get('note') or '')}</td></tr>" for h in history)
-        parts.append("<h2>Starts and resumes</h2><table><tr><th class='l'>time (UTC)</th><th class='l'>event</th>"
-                     "<th class='l'>from</th><th>at step</th><th>epoch</th><th>steps planned</th>"
-                     f"<th class='l'>note</th></tr>{body}</table>")
+            f"<td class='l'>{_e(h.get('note') or '')}</td></tr>"
+            for h in history
+        )
+        parts.append(
+            "<h2>Starts and resumes</h2><table><tr><th class='l'>time (UTC)</th><th class='l'>event</th>"
+            "<th class='l'>from</th><th>at step</th><th>epoch</th><th>steps planned</th>"
+            f"<th class='l'>note</th></tr>{body}</table>"
+        )
     parts.append(f"<h2>Config</h2><pre>{_e(config_text)}</pre>")
-    parts.append("<p class='muted'>Written by fulltune; rebuild with <code>fulltune report "
-                 f"{_e(run_dir)}</code>.</p></body></html>")
+    parts.append(
+        "<p class='muted'>Written by fulltune; rebuild with <code>fulltune report "
+        f"{_e(run_dir)}</code>.</p></body></html>"
+    )
     return "".join(parts)
 
 
@@ -417,18 +507,32 @@ def build_report(run_dir: str | Path, with_png: bool = True) -> Path:
     tmp.replace(run_dir / "report.html")  # atomic: a browser never sees half a file
     if with_png:
         history = read_jsonl(run_dir / "run_history.jsonl")
-        plot_curves_png(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "curves.png",
-                        history[-1].get("metric") if history else None)
+        plot_curves_png(
+            read_jsonl(run_dir / "metrics.jsonl"),
+            run_dir / "curves.png",
+            history[-1].get("metric") if history else None,
+        )
     return run_dir / "report.html"
 
 
 # ---------------------------------------------------------------- comparison.html
 
+
 def build_comparison(root: str | Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> Path:
     """comparison.html beside comparison.md: the table, the comparison plot, every run's validation curve."""
     root = Path(root)
-    head = ["method", "learning rate", "val", "test", "trainable %", "peak memory", "wall time", "samples/s",
-            "status", "report"]
+    head = [
+        "method",
+        "learning rate",
+        "val",
+        "test",
+        "trainable %",
+        "peak memory",
+        "wall time",
+        "samples/s",
+        "status",
+        "report",
+    ]
     body = []
     curves: dict[str, list] = {}
     losses: dict[str, list] = {}
@@ -436,29 +540,45 @@ def build_comparison(root: str | Path, rows: list[dict[str, Any]], settings: dic
     for r in rows:
         run_dir = Path(r.get("run_dir", ""))
         report = run_dir / "report.html"
-        link = f"<a href='{_e(report.relative_to(root) if report.is_relative_to(root) else report)}'>report</a>" \
-            if report.is_file() else "-"
+        link = (
+            f"<a href='{_e(report.relative_to(root) if report.is_relative_to(root) else report)}'>report</a>"
+            if report.is_file()
+            else "-"
+        )
         mem = r.get("peak_memory_bytes")
-        cells = [r["method"], fmt(r.get("learning_rate")), fmt(r.get("val")), fmt(r.get("test")),
-                 fmt(r.get("trainable_percent"), 3), f"{mem / 2**20:,.0f} MiB" if mem else "-",
-                 f"{r['wall_time_s']:.1f} s" if r.get("wall_time_s") else "-", fmt(r.get("samples_per_s")),
-                 r.get("status") if r.get("status") == "ok" else f"failed: {r.get('error')}"]
+        cells = [
+            r["method"],
+            fmt(r.get("learning_rate")),
+            fmt(r.get("val")),
+            fmt(r.get("test")),
+            fmt(r.get("trainable_percent"), 3),
+            f"{mem / 2**20:,.0f} MiB" if mem else "-",
+            f"{r['wall_time_s']:.1f} s" if r.get("wall_time_s") else "-",
+            fmt(r.get("samples_per_s")),
+            r.get("status") if r.get("status") == "ok" else f"failed: {r.get('error')}",
+        ]
         body.append("<tr>" + "".join(f"<td class='l'>{_e(c)}</td>" for c in cells) + f"<td>{link}</td></tr>")
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         if metric:
             curves[r["method"]] = [(m["step"], m.get(metric)) for m in metrics if m.get("split") == "val"]
         losses[r["method"]] = [(m["step"], m.get("loss")) for m in metrics if m.get("split", "train") == "train"]
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fulltune comparison</title>"
-             f"<style>{CSS}</style></head><body><h1>fulltune comparison: {_e(root.name)}</h1>",
-             f"<p class='muted'>{_e(root.resolve())}; metric: {_e(metric)}</p>",
-             "<table><tr>" + "".join(f"<th class='l'>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table>",
-             "<h2>Curves</h2><div class='grid'>", svg_chart(curves, f"validation {metric}"),
-             svg_chart(losses, "train loss"), "</div>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fulltune comparison</title>"
+        f"<style>{CSS}</style></head><body><h1>fulltune comparison: {_e(root.name)}</h1>",
+        f"<p class='muted'>{_e(root.resolve())}; metric: {_e(metric)}</p>",
+        "<table><tr>" + "".join(f"<th class='l'>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table>",
+        "<h2>Curves</h2><div class='grid'>",
+        svg_chart(curves, f"validation {metric}"),
+        svg_chart(losses, "train loss"),
+        "</div>",
+    ]
     png = root / "comparison.png"
     if png.is_file():
         data = base64.b64encode(png.read_bytes()).decode()
-        parts.append(f"<h2>Cost and quality</h2><img alt='comparison plot' src='data:image/png;base64,{data}' "
-                     "style='max-width:100%'>")
+        parts.append(
+            f"<h2>Cost and quality</h2><img alt='comparison plot' src='data:image/png;base64,{data}' "
+            "style='max-width:100%'>"
+        )
     parts.append(f"<h2>Settings</h2><pre>{_e(json.dumps(settings, indent=2))}</pre></body></html>")
     (root / "comparison.html").write_text("".join(parts), encoding="utf-8")
     return root / "comparison.html"

@@ -74,7 +74,10 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
         if device.type == "cuda":
             mode, note = "fp16", " (mixed_precision: true as in the seeds: fp16 autocast + GradScaler)"
         else:
-            mode, note = "bf16", f" (mixed_precision: true as in the seeds means fp16, which needs CUDA: bf16 on {device.type})"
+            mode, note = (
+                "bf16",
+                f" (mixed_precision: true as in the seeds means fp16, which needs CUDA: bf16 on {device.type})",
+            )
     if mode == "auto":
         if device.type == "cuda":
             mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -114,7 +114,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise StateFileError(f"'{path}' is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise StateFileError(
+            f"'{path}' is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from None
 
 
 def check_tensors_header(path: Path) -> None:
@@ -136,8 +138,9 @@ def check_tensors_header(path: Path) -> None:
         raise StateFileError(f"'{path}' is damaged (unreadable safetensors header)") from None
     if not isinstance(header, dict):
         raise StateFileError(f"'{path}' is damaged (unreadable safetensors header)")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)),
-              default=0)
+    end = max(
+        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)), default=0
+    )
     if 8 + n + end > size:
         raise StateFileError(f"'{path}' is truncated ({size} bytes, its header declares {8 + n + end})")
     try:

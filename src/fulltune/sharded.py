@@ -55,7 +55,9 @@ def _rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int | None, int | None, boo
             start = min(me * chunk, total)
             stop = min(start + chunk, total)
             if local.shape[0] != stop - start:
-                raise RuntimeError(f"unexpected FSDP shard: {local.shape[0]} rows on rank {me}, expected {stop - start}")
+                raise RuntimeError(
+                    f"unexpected FSDP shard: {local.shape[0]} rows on rank {me}, expected {stop - start}"
+                )
             return local, start, stop, stop > start
         if all(p.is_replicate() for p in placements):
             return local, None, None, rank() == 0
@@ -96,8 +98,13 @@ def _write(items: Iterator[tuple[str, torch.Tensor]], file: Path, index: dict[st
             local = local.clone()
         seen.add(local.untyped_storage().data_ptr())
         out[key] = local
-        index[key] = {"file": file.name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                      "start": start, "stop": stop}
+        index[key] = {
+            "file": file.name,
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "start": start,
+            "stop": stop,
+        }
     save_file(out, str(file))
 
 
@@ -172,8 +179,10 @@ def _fill(target: torch.Tensor, reader: ShardReader, key: str) -> None:
     """Copy the saved values of `key` into `target` in place: a DTensor's local rows, or a whole tensor."""
     local, start, stop, _ = _rows_of(target)
     if list(target.shape) != reader.shape(key):
-        raise ConfigError(f"sharded checkpoint '{reader.folder}': '{key}' has shape {reader.shape(key)}, "
-                          f"this run's is {list(target.shape)}")
+        raise ConfigError(
+            f"sharded checkpoint '{reader.folder}': '{key}' has shape {reader.shape(key)}, "
+            f"this run's is {list(target.shape)}"
+        )
     if local.numel() == 0:
         return
     with torch.no_grad():
@@ -215,8 +224,11 @@ def export_from_shards(folder: Path, out_dir: Path, max_file_bytes: int = 1 << 3
             size = 0
         groups[-1].append(k)
         size += nbytes
-    names = ["model.safetensors"] if len(groups) == 1 else [
-        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    names = (
+        ["model.safetensors"]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
     weight_map, total = {}, 0
     for name, group in zip(names, groups, strict=True):
         tensors = {k.removeprefix("model/"): reader.read_rows(k, None, None) for k in group}
@@ -233,8 +245,16 @@ def _dtype(reader: ShardReader, key: str) -> torch.dtype:
     return getattr(torch, reader.pieces[key][0]["dtype"])
 
 
-def save_fsdp_checkpoint(path: Path, model: nn.Module, bundle: Any, optimizer: torch.optim.Optimizer, scaler: Any,
-                         state: Any, cfg: Any, meta: dict[str, Any]) -> None:
+def save_fsdp_checkpoint(
+    path: Path,
+    model: nn.Module,
+    bundle: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    state: Any,
+    cfg: Any,
+    meta: dict[str, Any],
+) -> None:
     """One FSDP checkpoint (a collective: every rank calls it). checkpoint.fsdp_state=sharded: all ranks write their
     shards into a staging folder beside `path`, then rank 0 writes the rest (export consolidated from the shards,
     config, counters, RNG) and moves the shards in. full: the whole model and optimizer state are gathered to rank
@@ -246,8 +266,18 @@ def save_fsdp_checkpoint(path: Path, model: nn.Module, bundle: Any, optimizer: t
         full_model = ddist.full_model_state(model)
         full_optim = ddist.full_optimizer_state(model, optimizer)
         if rank() == 0:
-            ckpt.save_checkpoint(path, model, bundle, optimizer, scaler, state, cfg, meta, model_state=full_model,
-                                 optimizer_state=full_optim)
+            ckpt.save_checkpoint(
+                path,
+                model,
+                bundle,
+                optimizer,
+                scaler,
+                state,
+                cfg,
+                meta,
+                model_state=full_model,
+                optimizer_state=full_optim,
+            )
         barrier()
         return
     staging = path.parent / f".{path.name}.shards"

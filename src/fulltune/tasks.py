@@ -35,8 +35,10 @@ class TaskData:
 def infer_task(cfg: Config) -> str:
     task = _infer_task(cfg)
     if cfg.training.metric not in ("auto", *METRICS[task]):
-        raise ConfigError(f"config key 'training.metric': '{cfg.training.metric}' is not a metric of {task} (the task "
-                          f"of this data); choose auto, {', '.join(METRICS[task])}")
+        raise ConfigError(
+            f"config key 'training.metric': '{cfg.training.metric}' is not a metric of {task} (the task "
+            f"of this data); choose auto, {', '.join(METRICS[task])}"
+        )
     return task
 
 
@@ -59,6 +61,7 @@ def _infer_task(cfg: Config) -> str:
 
 
 # ---------------------------------------------------------------- reading labels (before the model exists)
+
 
 def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     """Label vocabulary from the train split, and whatever was read so it is not read twice."""
@@ -91,6 +94,7 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
 
 
 # ---------------------------------------------------------------- datasets (after the model and tokenizer exist)
+
 
 def _workers(cfg: Config, default: int) -> int:
     return default if cfg.data.num_workers < 0 else cfg.data.num_workers
@@ -183,7 +187,10 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
 
 # ---------------------------------------------------------------- losses: (sum of losses, what was counted)
 
-def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def classification_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the batch and its logits (batch, num_classes)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
@@ -191,13 +198,17 @@ def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
     return loss, logits
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the labelled tokens (labels -100 are skipped)."""
     # use_cache=False: no key/value cache is built in training (a pruned folder's config may still ask for one).
     logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (batch, seq, vocab)
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shift_labels = batch["labels"][:, 1:].reshape(-1)
-    loss = F.cross_entropy(shift_logits, shift_labels, reduction="sum", ignore_index=lm.IGNORE, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(
+        shift_logits, shift_labels, reduction="sum", ignore_index=lm.IGNORE, label_smoothing=label_smoothing
+    )
     return loss, logits
 
 
@@ -233,8 +244,14 @@ def validation_metric(cfg: Config, task: Task) -> tuple[str, bool]:
     return name, name not in ("loss", "perplexity")
 
 
-def data_loader(data: TaskData, dataset: Any, device: torch.device, seed: int, batch_sampler: Any = None,
-                batch_size: int | None = None) -> torch.utils.data.DataLoader:
+def data_loader(
+    data: TaskData,
+    dataset: Any,
+    device: torch.device,
+    seed: int,
+    batch_sampler: Any = None,
+    batch_size: int | None = None,
+) -> torch.utils.data.DataLoader:
     """A loader over `dataset` with the task's collate and workers: by `batch_sampler` (training) or in order."""
     kwargs: dict[str, Any] = dict(
         collate_fn=data.collate,

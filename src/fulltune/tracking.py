@@ -129,17 +129,24 @@ class WandbTracker:
         folder = Path(cfg.logging.wandb_dir or out)
         folder.mkdir(parents=True, exist_ok=True)
         previous = _read_ids(out).get(self.name)
-        settings = wandb.Settings(console="off", x_disable_stats=True, disable_code=True, disable_git=True,
-                                  silent=True)
+        settings = wandb.Settings(console="off", x_disable_stats=True, disable_code=True, disable_git=True, silent=True)
         try:
             self.run = wandb.init(
-                project=cfg.logging.project, name=run_name(cfg), tags=list(cfg.logging.tags), config=to_dict(cfg),
-                dir=str(folder), id=previous, resume="allow" if previous else None, settings=settings,
+                project=cfg.logging.project,
+                name=run_name(cfg),
+                tags=list(cfg.logging.tags),
+                config=to_dict(cfg),
+                dir=str(folder),
+                id=previous,
+                resume="allow" if previous else None,
+                settings=settings,
                 reinit="create_new",
             )
         except Exception as err:  # no login, no network: one line, with the offline way out
-            raise ConfigError(f"logging.report_to wandb: cannot start a W&B run ({_first_line(err)}); run `wandb "
-                              "login`, or set WANDB_MODE=offline to write the run under the output folder") from None
+            raise ConfigError(
+                f"logging.report_to wandb: cannot start a W&B run ({_first_line(err)}); run `wandb "
+                "login`, or set WANDB_MODE=offline to write the run under the output folder"
+            ) from None
         if previous is None:
             _write_ids(out, self.name, self.run.id)
 

@@ -147,8 +147,7 @@ class Trainer:
             self.model = ddist.wrap_model(self.model, cfg, self.device, block_prefixes, self.precision)
         groups = param_groups(self.model, self.plan, cfg)
         self.param_names = [n for g in groups for n in g["names"]]
-        self.optimizer = build_optimizer(groups, t, self.device, lean=t.memory == "lean",
-                                         fused=self.parallel != "fsdp")
+        self.optimizer = build_optimizer(groups, t, self.device, lean=t.memory == "lean", fused=self.parallel != "fsdp")
         if self.parallel == "ddp":
             apply_trainable(self.model, self.plan.trainable_at(0))  # DDP all-reduces what requires grad when built
             self.model = ddist.wrap_model(self.model, cfg, self.device, block_prefixes, self.precision)
@@ -182,8 +181,9 @@ class Trainer:
         if self.fused is not None:
             self.fused.remove()
         # Global-norm clipping needs every gradient before the first update: clip each tensor's norm instead.
-        self.fused = attach_fused_step(unwrap(self.model), self.optimizer,
-                                       per_param_max_norm=self.cfg.training.max_grad_norm)
+        self.fused = attach_fused_step(
+            unwrap(self.model), self.optimizer, per_param_max_norm=self.cfg.training.max_grad_norm
+        )
 
     # ------------------------------------------------------------------------------------------------ the run
 
@@ -313,8 +313,10 @@ class Trainer:
             if self.last_good is None or self.last_good.name != name:
                 self.save(self.out / name)
         if stop:
-            self.log.info(f"early stopping: no improvement of val {self.metric_name} for "
-                          f"{s.evals_without_improvement} evaluations")
+            self.log.info(
+                f"early stopping: no improvement of val {self.metric_name} for "
+                f"{s.evals_without_improvement} evaluations"
+            )
         return stop
 
     # ------------------------------------------------------------------------------------------------ checks
@@ -328,8 +330,11 @@ class Trainer:
             values[-1] = math.nan  # a NaN/inf gradient already went into the weights: report it like a NaN loss
         for (step, _), v in zip(self.pending, values, strict=True):
             if not math.isfinite(v):
-                where = (f"; the last good checkpoint is {self.last_good}" if self.last_good
-                         else "; no checkpoint was written before it")
+                where = (
+                    f"; the last good checkpoint is {self.last_good}"
+                    if self.last_good
+                    else "; no checkpoint was written before it"
+                )
                 raise TrainingError(f"loss became {v} at optimizer step {step} (epoch {self.state.epoch}){where}")
         self.log.loss_values(self.pending[-1][0], values)
         self.pending = []
@@ -341,11 +346,21 @@ class Trainer:
         self._check_finite()
         with self.throughput.aside():
             if ddist.is_fsdp(self.model):  # a collective: every rank writes its shards (or joins the gather)
-                save_fsdp_checkpoint(path, self.model, self.bundle, self.optimizer, self.scaler, self.state, self.cfg,
-                                     self._meta())
+                save_fsdp_checkpoint(
+                    path, self.model, self.bundle, self.optimizer, self.scaler, self.state, self.cfg, self._meta()
+                )
             elif is_main():
-                ckpt.save_checkpoint(path, self.model, self.bundle, self.optimizer, self.scaler, self.state, self.cfg,
-                                     self._meta(), param_names=self.param_names)
+                ckpt.save_checkpoint(
+                    path,
+                    self.model,
+                    self.bundle,
+                    self.optimizer,
+                    self.scaler,
+                    self.state,
+                    self.cfg,
+                    self._meta(),
+                    param_names=self.param_names,
+                )
             if is_main():
                 ckpt.delete_old_checkpoints(self.out, self.cfg.checkpoint.keep_last)
             barrier()
@@ -356,20 +371,34 @@ class Trainer:
         full_model = ddist.full_model_state(self.model)
         if is_main():
             meta = self._meta({"val_metrics": scalar_metrics(metrics)})
-            ckpt.save_checkpoint(self.out / "best", self.model, self.bundle, None, None, self.state, self.cfg, meta,
-                                 model_state=full_model)
+            ckpt.save_checkpoint(
+                self.out / "best",
+                self.model,
+                self.bundle,
+                None,
+                None,
+                self.state,
+                self.cfg,
+                meta,
+                model_state=full_model,
+            )
 
     def _meta(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         trainable, total = count_parameters(self.model)
-        info = {"optimizer_step": self.state.optimizer_step, "epoch": self.state.epoch,
-                "trainable_parameters": trainable, "total_parameters": total}
+        info = {
+            "optimizer_step": self.state.optimizer_step,
+            "epoch": self.state.epoch,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+        }
         info |= card_facts(self.cfg, self.data, self.state)  # data sizes and latest val metrics for the model card
         return ckpt.run_meta(self.task_name, self.data.labels, self.cfg, info | (extra or {}))
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
-    def make_loader(self, dataset: Any, batch_sampler: Any = None,
-                    batch_size: int | None = None) -> torch.utils.data.DataLoader:
+    def make_loader(
+        self, dataset: Any, batch_sampler: Any = None, batch_size: int | None = None
+    ) -> torch.utils.data.DataLoader:
         return data_loader(self.data, dataset, self.device, self.cfg.training.seed, batch_sampler, batch_size)
 
     def evaluate_split(self, dataset: Any, model: nn.Module | None = None) -> dict[str, Any]:

@@ -39,7 +39,6 @@ class TrainAccuracy:
         return value
 
 
-
 def log_train_accuracy(log: Any, state: Any, value: float | None) -> None:
     """One log line per epoch, a metrics.jsonl row (split "train") and a TensorBoard scalar (train/accuracy)."""
     if value is None or not log.enabled:

@@ -42,14 +42,16 @@ class CLIPEmbeddingClassifier(CLIPVisionModelWithProjection):
         self.classifier = nn.Linear(config.projection_dim, config.num_labels)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **kwargs: Any) -> ImageClassifierOutput:
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any
+    ) -> ImageClassifierOutput:
         out = super().forward(pixel_values=pixel_values, **kwargs)
         embeds = out.image_embeds  # (batch, projection_dim)
         logits = self.classifier(embeds / embeds.norm(dim=-1, keepdim=True))  # (batch, num_labels)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                     attentions=out.attentions)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
 
 
 def is_embedding_classifier(folder: str | Path) -> bool:
@@ -64,13 +66,17 @@ def class_names(cfg: Config, labels: list[str]) -> list[str]:
     given = cfg.data.class_names
     if isinstance(given, list):
         if len(given) != len(labels):
-            raise ConfigError(f"data.class_names has {len(given)} names but the data has {len(labels)} classes "
-                              f"({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})")
+            raise ConfigError(
+                f"data.class_names has {len(given)} names but the data has {len(labels)} classes "
+                f"({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})"
+            )
         return list(given)
     given = given or {}
     unknown = sorted(set(given) - set(labels))
     if unknown:
-        raise ConfigError(f"data.class_names: {', '.join(unknown[:5])} not among the classes ({', '.join(labels[:10])})")
+        raise ConfigError(
+            f"data.class_names: {', '.join(unknown[:5])} not among the classes ({', '.join(labels[:10])})"
+        )
     return [given.get(label, label.replace("_", " ")) for label in labels]
 
 
@@ -82,11 +88,18 @@ def text_head(clip: nn.Module, tokenizer: Any, names: list[str], templates: list
     text_cfg = clip.config.text_config
     rows = []
     for name in names:
-        tok = tokenizer([t.format(name) for t in templates], padding=True, truncation=True,
-                        max_length=text_cfg.max_position_embeddings, return_tensors="pt")
+        tok = tokenizer(
+            [t.format(name) for t in templates],
+            padding=True,
+            truncation=True,
+            max_length=text_cfg.max_position_embeddings,
+            return_tensors="pt",
+        )
         if int(tok["input_ids"].max()) >= text_cfg.vocab_size:
-            raise ConfigError(f"the tokenizer gives token ids up to {int(tok['input_ids'].max())} but the CLIP text "
-                              f"tower has a vocabulary of {text_cfg.vocab_size}: model.tokenizer does not fit the model")
+            raise ConfigError(
+                f"the tokenizer gives token ids up to {int(tok['input_ids'].max())} but the CLIP text "
+                f"tower has a vocabulary of {text_cfg.vocab_size}: model.tokenizer does not fit the model"
+            )
         out = clip.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         embeds = out if torch.is_tensor(out) else out.pooler_output  # (templates, projection_dim)
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
@@ -113,19 +126,24 @@ def _load_clip(cfg: Config, path: str | None, config: Any) -> nn.Module:
         return tf.CLIPModel(config)
     stored = tf.AutoConfig.from_pretrained(path, revision=cfg.model.revision).model_type  # before build_model's wrap
     if stored != "clip":
-        raise ConfigError(f"model.name_or_path '{cfg.model.name_or_path}' is a {stored} (vision tower only): the "
-                          "zero-shot head needs a CLIP model with its text tower")
+        raise ConfigError(
+            f"model.name_or_path '{cfg.model.name_or_path}' is a {stored} (vision tower only): the "
+            "zero-shot head needs a CLIP model with its text tower"
+        )
     tf.logging.set_verbosity_error()
     try:
-        clip, info = tf.CLIPModel.from_pretrained(path, config=config, revision=cfg.model.revision,
-                                                  output_loading_info=True)
+        clip, info = tf.CLIPModel.from_pretrained(
+            path, config=config, revision=cfg.model.revision, output_loading_info=True
+        )
     finally:
         tf.logging.set_verbosity_warning()
     # A vision-only folder loads too, with a random text tower: that would be a zero-shot head of noise.
     missing = [k for k in info["missing_keys"] if k.startswith(("text_model.", "text_projection.", "logit_scale"))]
     if missing:
-        raise ConfigError(f"model.name_or_path '{cfg.model.name_or_path}' has no CLIP text tower weights (missing "
-                          f"{', '.join(missing[:3])}, ...): the zero-shot head needs them")
+        raise ConfigError(
+            f"model.name_or_path '{cfg.model.name_or_path}' has no CLIP text tower weights (missing "
+            f"{', '.join(missing[:3])}, ...): the zero-shot head needs them"
+        )
     return clip
 
 
@@ -137,15 +155,19 @@ def _tokenizer(cfg: Config, path: str | None) -> Any:
     except ConfigError:
         raise
     except ValueError as err:  # transformers' "Couldn't instantiate the backend tokenizer" for a folder without one
-        raise ConfigError(f"method.head_init needs the CLIP tokenizer; none in '{cfg.model.tokenizer or path}' "
-                          f"({str(err).splitlines()[0]})") from None
+        raise ConfigError(
+            f"method.head_init needs the CLIP tokenizer; none in '{cfg.model.tokenizer or path}' "
+            f"({str(err).splitlines()[0]})"
+        ) from None
 
 
 def build_embedding_classifier(cfg: Config, path: str | None, config: Any, labels: list[str]) -> ModelBundle:
     """CLIP's image tower, projection and a zero-shot head for `labels`; the text tower is dropped afterwards."""
     if config.model_type != "clip" or getattr(config, "text_config", None) is None:
-        raise ConfigError(f"method.head_init={cfg.method.head_init}: the zero-shot head needs a CLIP model with its text "
-                          f"tower; model '{cfg.model.name_or_path}' is a {config.model_type}")
+        raise ConfigError(
+            f"method.head_init={cfg.method.head_init}: the zero-shot head needs a CLIP model with its text "
+            f"tower; model '{cfg.model.name_or_path}' is a {config.model_type}"
+        )
     clip = _load_clip(cfg, path, config).float()
     tokenizer = _tokenizer(cfg, path)
     names = class_names(cfg, labels)
@@ -158,17 +180,24 @@ def build_embedding_classifier(cfg: Config, path: str | None, config: Any, label
         model.classifier.bias.zero_()
     scale = float(clip.logit_scale.detach().exp())
     del clip
-    print(f"head_init {cfg.method.head_init}: zero-shot head from {len(cfg.method.prompt_templates)} prompts x "
-          f"{len(names)} classes ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}), logit scale {scale:.4g}; "
-          "the text tower is dropped")
-    bundle = ModelBundle(model=model, task="image_classification", source=path or "tiny_config",
-                         extra={"class_names": names, "logit_scale": scale})
+    print(
+        f"head_init {cfg.method.head_init}: zero-shot head from {len(cfg.method.prompt_templates)} prompts x "
+        f"{len(names)} classes ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}), logit scale {scale:.4g}; "
+        "the text tower is dropped"
+    )
+    bundle = ModelBundle(
+        model=model,
+        task="image_classification",
+        source=path or "tiny_config",
+        extra={"class_names": names, "logit_scale": scale},
+    )
     bundle.image_spec = image_spec_for(model.config, path, cfg.data.image_size)
     return bundle
 
 
-def build_for_head_init(cfg: Config, task: str, path: str | None, config: Any,
-                        labels: list[str] | None) -> ModelBundle | None:
+def build_for_head_init(
+    cfg: Config, task: str, path: str | None, config: Any, labels: list[str] | None
+) -> ModelBundle | None:
     """The model for method.head_init, or None where build_model's ordinary head is the one to use.
 
     zeroshot needs a CLIP with its text tower and tokenizer. linear_probe on such a CLIP probes from the zero-shot
@@ -180,8 +209,10 @@ def build_for_head_init(cfg: Config, task: str, path: str | None, config: Any,
     is_clip = task == "image_classification" and config.model_type in CLIP_TYPES and bool(labels)
     if head_init == "zeroshot":
         if not is_clip:
-            raise ConfigError(f"method.head_init=zeroshot needs a CLIP image classifier; this run is {task} with a "
-                              f"{config.model_type} model (use head_init random or linear_probe)")
+            raise ConfigError(
+                f"method.head_init=zeroshot needs a CLIP image classifier; this run is {task} with a "
+                f"{config.model_type} model (use head_init random or linear_probe)"
+            )
         return build_embedding_classifier(cfg, path, config, labels)
     if is_clip and config.model_type == "clip" and (path is not None or cfg.model.tokenizer is not None):
         try:
@@ -193,6 +224,7 @@ def build_for_head_init(cfg: Config, task: str, path: str | None, config: Any,
 
 # ------------------------------------------------------------------------------------------ the zero-shot model
 
+
 def evaluate_model(model: nn.Module, dataset: Any, cfg: Config, num_classes: int) -> dict[str, Any]:
     """Classification metrics of `model` on an image dataset (scalars only)."""
     from fulltune.data import images as img
@@ -201,10 +233,15 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Config, num_classes: int
 
     device = resolve_device(cfg.hardware.device)
     model.to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.eval_batch_size or 2 * cfg.data.batch_size,
-                                         collate_fn=img.collate_images, num_workers=0)
-    metrics = classification_metrics(model, loader, num_classes, device,
-                                     resolve_precision(cfg.hardware.mixed_precision, device))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.data.eval_batch_size or 2 * cfg.data.batch_size,
+        collate_fn=img.collate_images,
+        num_workers=0,
+    )
+    metrics = classification_metrics(
+        model, loader, num_classes, device, resolve_precision(cfg.hardware.mixed_precision, device)
+    )
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
@@ -229,22 +266,43 @@ def zero_shot_run(cfg: Config) -> dict[str, Any]:
     bundle = build_model(cfg, task, labels)
     data = TASKS[task].build_data(cfg, bundle, labels, raw)
     _, total = count_parameters(bundle.model)
-    summary: dict[str, Any] = {"task": task, "method": "zero_shot", "optimizer_steps": 0, "epochs_done": 0,
-                               "trainable_parameters": 0, "total_parameters": total}
+    summary: dict[str, Any] = {
+        "task": task,
+        "method": "zero_shot",
+        "optimizer_steps": 0,
+        "epochs_done": 0,
+        "trainable_parameters": 0,
+        "total_parameters": total,
+    }
     val = evaluate_model(bundle.model, data.val, cfg, len(labels)) if data.val is not None else None
     summary["best_val"] = {"accuracy": val["accuracy"] if val else None, "step": 0}
     if data.test is not None:
         summary["test"] = evaluate_model(bundle.model, data.test, cfg, len(labels)) | {"weights": "best"}
-    meta = ckpt.run_meta(task, labels, cfg, {"optimizer_step": 0, "epoch": 0, "trainable_parameters": 0,
-                                              "total_parameters": total, "val_metrics": val,
-                                              "class_names": bundle.extra["class_names"]})
+    meta = ckpt.run_meta(
+        task,
+        labels,
+        cfg,
+        {
+            "optimizer_step": 0,
+            "epoch": 0,
+            "trainable_parameters": 0,
+            "total_parameters": total,
+            "val_metrics": val,
+            "class_names": bundle.extra["class_names"],
+        },
+    )
     with ckpt.atomic_dir(out / "best") as tmp:
         ckpt.export_model(bundle.model, bundle, tmp, meta)
         save_config(cfg, tmp / "config.yaml")
     save_config(cfg, out / "config.yaml")
     (out / "labels.json").write_text(json.dumps(labels))
-    summary.update({"peak_memory_bytes": peak_memory_bytes(resolve_device(cfg.hardware.device)),
-                    "output_dir": str(out), "last_checkpoint": str(out / "best"),
-                    "wall_time_s": time.perf_counter() - start})
+    summary.update(
+        {
+            "peak_memory_bytes": peak_memory_bytes(resolve_device(cfg.hardware.device)),
+            "output_dir": str(out),
+            "last_checkpoint": str(out / "best"),
+            "wall_time_s": time.perf_counter() - start,
+        }
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

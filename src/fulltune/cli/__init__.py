@@ -35,13 +35,26 @@ from fulltune.errors import ConfigError, FulltuneError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-COMMANDS = (train, evaluate, predict, prepare_images, demo, compare, plan, prune, report, config_command,
-            interpolate, export)
+COMMANDS = (
+    train,
+    evaluate,
+    predict,
+    prepare_images,
+    demo,
+    compare,
+    plan,
+    prune,
+    report,
+    config_command,
+    interpolate,
+    export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fulltune",
-                                     description="Full fine-tuning of pretrained transformers, and its rivals.")
+    parser = argparse.ArgumentParser(
+        prog="fulltune", description="Full fine-tuning of pretrained transformers, and its rivals."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)

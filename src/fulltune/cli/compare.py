@@ -20,23 +20,31 @@ DATA_FLAGS = ("data_dir", "train_file", "val_file", "test_file", "model", "task"
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "compare", help="train one config under several methods (same data, seed, budget) and tabulate them",
+        "compare",
+        help="train one config under several methods (same data, seed, budget) and tabulate them",
         description="Each method runs `fulltune train` in its own process into <output_dir>/<method>/; the table "
-                    "goes to <output_dir>/comparison.{md,json,png}. Exit status 1 when a method failed.",
+        "goes to <output_dir>/comparison.{md,json,png}. Exit status 1 when a method failed.",
     )
     add_config_flags(p, DATA_FLAGS, overrides=False)
     p.add_argument("--output_dir", help="folder of the comparison (default: the config's output_dir)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated, from {', '.join(VARIANT_METHODS)}; variants as METHOD:key=value[;...], "
-                   "e.g. full,lora:r=8,lora:r=16,qlora (each variant its own run folder: lora-r8); for CLIP also "
-                   "zero_shot, full_zs_head, lp_ft, wise_ft")
     p.add_argument(
-        "--lr_per_method", default="",
-        help="e.g. lora=1e-3,linear_probe=x20 (absolute, or xN times training.base_learning_rate); default: "
-             + ", ".join(f"{m} x{v:g}" for m, v in DEFAULT_LR_MULT.items()),
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, from {', '.join(VARIANT_METHODS)}; variants as METHOD:key=value[;...], "
+        "e.g. full,lora:r=8,lora:r=16,qlora (each variant its own run folder: lora-r8); for CLIP also "
+        "zero_shot, full_zs_head, lp_ft, wise_ft",
     )
-    p.add_argument("--skip_done", action="store_true",
-                   help="reuse a method's finished run (summary.json) when its config is unchanged")
+    p.add_argument(
+        "--lr_per_method",
+        default="",
+        help="e.g. lora=1e-3,linear_probe=x20 (absolute, or xN times training.base_learning_rate); default: "
+        + ", ".join(f"{m} x{v:g}" for m, v in DEFAULT_LR_MULT.items()),
+    )
+    p.add_argument(
+        "--skip_done",
+        action="store_true",
+        help="reuse a method's finished run (summary.json) when its config is unchanged",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides for every method, e.g. training.num_epochs=2")
     p.set_defaults(func=run)
 

@@ -12,10 +12,12 @@ from fulltune.cli.options import HelpFormatter, render_config
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "config", help="print the merged config as YAML, with each key's default and description",
+        "config",
+        help="print the merged config as YAML, with each key's default and description",
         description="Every key `train` accepts, with its value after --config and overrides, its default and what "
         "it does. Save the output as a starting config: fulltune config > my.yaml",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter,
+    )
     add_config_flags(p)
     p.set_defaults(func=run)
 

@@ -12,7 +12,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data_dir", help="data folder holding the split")
     p.add_argument("--split", default="test", help="split to evaluate: dev, val, validation, test or train")
     p.add_argument("--file", help="a table (classifiers) or text file (perplexity) instead of data_dir/split")
-    p.add_argument("--output_dir", help="where the results go (default: <run>/eval/<checkpoint name>-<split or file stem>)")
+    p.add_argument(
+        "--output_dir", help="where the results go (default: <run>/eval/<checkpoint name>-<split or file stem>)"
+    )
     p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass")
     p.add_argument("--block_size", type=int, help="perplexity: tokens per window (default: the run's seq_len)")
     p.add_argument("--stride", type=int, help="perplexity: sliding-window stride (default: non-overlapping blocks)")
@@ -24,12 +26,21 @@ def run(args: argparse.Namespace) -> int:
     from fulltune.evaluate import evaluate_checkpoint, format_table
 
     metrics = evaluate_checkpoint(
-        args.checkpoint, data_dir=args.data_dir, split=args.split, output_dir=args.output_dir, file=args.file,
-        batch_size=args.batch_size, device=args.device, block_size=args.block_size, stride=args.stride,
+        args.checkpoint,
+        data_dir=args.data_dir,
+        split=args.split,
+        output_dir=args.output_dir,
+        file=args.file,
+        batch_size=args.batch_size,
+        device=args.device,
+        block_size=args.block_size,
+        stride=args.stride,
     )
     labels = metrics.get("labels") or None
     print(f"evaluation of {args.checkpoint} on {args.file or args.split}:")
     print(format_table(metrics, labels))
     if "output_dir" in metrics:
-        print(f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png, predictions.jsonl")
+        print(
+            f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png, predictions.jsonl"
+        )
     return 0

@@ -10,15 +10,25 @@ from fulltune.export import DTYPES, export, hub_token, push_to_hub
 
 def register(subparsers: Any) -> None:
     """Register `export` on an argparse subparsers object; `args.func(args)` then runs it."""
-    p = subparsers.add_parser("export", help="a clean folder to ship: weights in a dtype, LoRA merged or as an "
-                              "adapter, a model card, no training state")
-    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
-                   help="a run folder (its best/, else its newest checkpoint), a checkpoint or best/ folder, a "
-                        "`fulltune prune` output or its pruned/ folder")
+    p = subparsers.add_parser(
+        "export",
+        help="a clean folder to ship: weights in a dtype, LoRA merged or as an "
+        "adapter, a model card, no training state",
+    )
+    p.add_argument(
+        "source",
+        metavar="RUN_OR_CHECKPOINT",
+        help="a run folder (its best/, else its newest checkpoint), a checkpoint or best/ folder, a "
+        "`fulltune prune` output or its pruned/ folder",
+    )
     p.add_argument("--output_dir", required=True, help="the folder to write (replaced if it exists)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the floating-point weights")
-    p.add_argument("--lora", choices=("merged", "adapter"), default="merged",
-                   help="LoRA runs: a plain model with the adapter merged in, or the adapter alone (peft)")
+    p.add_argument(
+        "--lora",
+        choices=("merged", "adapter"),
+        default="merged",
+        help="LoRA runs: a plain model with the adapter merged in, or the adapter alone (peft)",
+    )
     p.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder to this Hugging Face repo")
     p.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
     p.set_defaults(func=run)

@@ -31,8 +31,9 @@ FLAG_HELP: dict[str, str] = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser, flags: Iterable[str] = CONFIG_FLAGS,
-                     config: bool = True, overrides: bool = True) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, flags: Iterable[str] = CONFIG_FLAGS, config: bool = True, overrides: bool = True
+) -> None:
     """`--config FILE`, the given flags of CONFIG_FLAGS, and the trailing dotted `key=value` overrides."""
     if config:
         parser.add_argument("--config", help="YAML config file")
@@ -44,12 +45,16 @@ def add_config_flags(parser: argparse.ArgumentParser, flags: Iterable[str] = CON
 
 def flag_overrides(args: argparse.Namespace, flags: Iterable[str] = CONFIG_FLAGS) -> list[str]:
     """`key=value` overrides for the given flags that were set on the command line (JSON-quoted values)."""
-    return [f"{CONFIG_FLAGS[flag]}={json.dumps(getattr(args, flag))}" for flag in flags
-            if getattr(args, flag, None) is not None]
+    return [
+        f"{CONFIG_FLAGS[flag]}={json.dumps(getattr(args, flag))}"
+        for flag in flags
+        if getattr(args, flag, None) is not None
+    ]
 
 
-def config_from_args(args: argparse.Namespace, flags: Iterable[str] = CONFIG_FLAGS,
-                     extra: list[str] | None = None) -> Any:
+def config_from_args(
+    args: argparse.Namespace, flags: Iterable[str] = CONFIG_FLAGS, extra: list[str] | None = None
+) -> Any:
     """The validated config: --config, then the flags, then key=value overrides (which win), then `extra`."""
     from fulltune.config import load_config
 

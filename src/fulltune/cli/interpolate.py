@@ -14,8 +14,8 @@ def register(subparsers: Any) -> None:
         "interpolate",
         help="WiSE-FT: mix zero-shot and fine-tuned CLIP weights, (1-alpha)*zero-shot + alpha*fine-tuned",
         description="The result is an ordinary export. --zeroshot is a fulltune export of the zero-shot model, or "
-                    "the CLIP model the run started from (folder or hub id): its zero-shot head is built with the "
-                    "fine-tuned run's labels, prompts and class names.",
+        "the CLIP model the run started from (folder or hub id): its zero-shot head is built with the "
+        "fine-tuned run's labels, prompts and class names.",
     )
     p.add_argument("--zeroshot", required=True, help="zero-shot export, or the base CLIP model (folder or hub id)")
     p.add_argument("--finetuned", required=True, help="export of a run with method.head_init zeroshot or linear_probe")
@@ -31,11 +31,11 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     alphas = parse_alphas(args.alphas) if args.alphas else parse_alphas(str(args.alpha))
-    result = wise_ft(args.zeroshot, args.finetuned, args.output_dir, alphas, args.data_dir, args.split,
-                     args.batch_size, args.device)
+    result = wise_ft(
+        args.zeroshot, args.finetuned, args.output_dir, alphas, args.data_dir, args.split, args.batch_size, args.device
+    )
     if result["split"]:
         print(f"WiSE-FT sweep on {args.data_dir}/{args.split} ({args.zeroshot} -> {args.finetuned}):")
         print(format_sweep(result))
-    print(f"wrote {result['output_dir']}: alpha {result['alpha']:g} "
-          f"(0 = zero-shot, 1 = fine-tuned)")
+    print(f"wrote {result['output_dir']}: alpha {result['alpha']:g} (0 = zero-shot, 1 = fine-tuned)")
     return 0

@@ -117,6 +117,7 @@ def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str
 
 # ---------------------------------------------------------------- the config's keys, defaults and descriptions
 
+
 def field_docs(module: Any = config_module) -> dict[str, dict[str, str]]:
     """{class name: {field: docstring}} from the string literal under each dataclass field of config.py."""
     tree = ast.parse(inspect.getsource(module))
@@ -127,8 +128,13 @@ def field_docs(module: Any = config_module) -> dict[str, dict[str, str]]:
         fields = docs.setdefault(node.name, {})
         body = node.body
         for stmt, nxt in zip(body, [*body[1:], None], strict=True):
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 fields[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -181,7 +187,9 @@ def require_training_data(cfg: Config) -> None:
     """`train` without any data is a one-line error, before anything (an output folder) is created."""
     d = cfg.data
     if not (d.data_dir or d.train_file):
-        raise ConfigError("no training data: give --data_dir DIR or --train_file FILE (or data.data_dir / "
-                          "data.train_file in the --config file); `fulltune config` lists every key")
+        raise ConfigError(
+            "no training data: give --data_dir DIR or --train_file FILE (or data.data_dir / "
+            "data.train_file in the --config file); `fulltune config` lists every key"
+        )
     if d.data_dir and not Path(d.data_dir).is_dir():
         raise ConfigError(f"data.data_dir '{d.data_dir}' does not exist")

@@ -12,8 +12,13 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("prepare-images", help="split a folder of class folders into train/val/test")
     p.add_argument("src_dir", help="folder of class folders")
     p.add_argument("--output_dir", required=True, help="where train/ val/ test/ are written")
-    p.add_argument("--fractions", "--split", dest="split", default="0.8,0.1,0.1",
-                   help="train,val,test fractions (--split is the old name)")
+    p.add_argument(
+        "--fractions",
+        "--split",
+        dest="split",
+        default="0.8,0.1,0.1",
+        help="train,val,test fractions (--split is the old name)",
+    )
     p.add_argument("--seed", type=int, default=42, help="seed of the per-class shuffle")
     p.add_argument("--overwrite", action="store_true", help="replace the train/val/test folders of a non-empty output")
     p.add_argument("--num_classes", type=int, help="keep only the first N classes (sorted by name)")
@@ -29,7 +34,13 @@ def run(args: argparse.Namespace) -> int:
         split = ()
     if len(split) != 3:
         raise ConfigError(f"--split '{args.split}': expected three fractions, e.g. 0.8,0.1,0.1")
-    counts = prepare_images(args.src_dir, args.output_dir, split, seed=args.seed,  # type: ignore[arg-type]
-                            overwrite=args.overwrite, num_classes=args.num_classes)
+    counts = prepare_images(
+        args.src_dir,
+        args.output_dir,
+        split,
+        seed=args.seed,  # type: ignore[arg-type]
+        overwrite=args.overwrite,
+        num_classes=args.num_classes,
+    )
     print(f"wrote {args.output_dir}: " + ", ".join(f"{k} {v} images" for k, v in counts.items()))
     return 0

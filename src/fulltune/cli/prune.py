@@ -49,28 +49,48 @@ def register(subparsers: Any) -> None:
         description="Prune KV groups (and MLP channels with --prune_mlp) of a Llama/Qwen2/Mistral causal LM, "
         "report perplexity, and recover with fulltune's trainer (--finetune).",
     )
-    p.add_argument("--model", "--base_model", dest="base_model", required=True,
-                   help="model folder or hub id (a pruned folder prunes further)")
+    p.add_argument(
+        "--model",
+        "--base_model",
+        dest="base_model",
+        required=True,
+        help="model folder or hub id (a pruned folder prunes further)",
+    )
     p.add_argument("--save_ckpt_log_name", default="pruned", help="run name; the output folder is outputs/NAME")
     p.add_argument("--output_dir", help="output folder (overrides outputs/<save_ckpt_log_name>)")
     p.add_argument("--pruning_ratio", type=float, default=0.25, help="fraction of KV groups / MLP channels removed")
     p.add_argument("--prune_mlp", action="store_true", help="also prune MLP channels (attention is always pruned)")
     p.add_argument("--importance", choices=("taylor", "magnitude"), default="taylor", help="importance criterion")
-    p.add_argument("--layer_ratios", choices=("uniform", "importance"), default="uniform",
-                   help="same ratio in every layer, or more in less important layers (same mean)")
+    p.add_argument(
+        "--layer_ratios",
+        choices=("uniform", "importance"),
+        default="uniform",
+        help="same ratio in every layer, or more in less important layers (same mean)",
+    )
     p.add_argument("--layer_start", type=int, default=0, help="first layer to prune")
     p.add_argument("--layer_end", type=int, help="layer after the last one to prune (default: the last layer)")
     p.add_argument("--importance_samples", type=int, default=16, help="calibration blocks for taylor importance")
     p.add_argument("--importance_seq_len", type=int, default=128, help="tokens per calibration block")
-    p.add_argument("--train_file", "--data_file", dest="data_file",
-                   help="text or JSONL file for calibration and recovery training "
-                   "(default: fulltune's built-in English text, see fulltune.prune_guide)")
-    p.add_argument("--val_file", "--eval_file", dest="eval_file",
-                   help="text file for perplexity (--test_after_prune, --finetune; default: the built-in text's "
-                   "held-out split)")
-    p.add_argument("--torch_dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                   help="dtype the model is read, pruned and written in (auto: the checkpoint's); also the recovery "
-                   "run's model.torch_dtype (full recovery keeps fp32 master weights, LoRA keeps the base in it)")
+    p.add_argument(
+        "--train_file",
+        "--data_file",
+        dest="data_file",
+        help="text or JSONL file for calibration and recovery training "
+        "(default: fulltune's built-in English text, see fulltune.prune_guide)",
+    )
+    p.add_argument(
+        "--val_file",
+        "--eval_file",
+        dest="eval_file",
+        help="text file for perplexity (--test_after_prune, --finetune; default: the built-in text's held-out split)",
+    )
+    p.add_argument(
+        "--torch_dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="dtype the model is read, pruned and written in (auto: the checkpoint's); also the recovery "
+        "run's model.torch_dtype (full recovery keeps fp32 master weights, LoRA keeps the base in it)",
+    )
     p.add_argument("--save_model", action="store_true", help="write the pruned model to OUTPUT/pruned")
     p.add_argument("--test_after_prune", action="store_true", help="report perplexity before and after pruning")
     p.add_argument("--finetune", action="store_true", help="recovery training after pruning (saves pruned/ too)")
@@ -97,15 +117,17 @@ def recovery_config(args: argparse.Namespace, pruned_dir: Path) -> Config:
         elif not args.config:
             values[key] = default
     values.update(parse_override(o) for o in args.overrides or [])
-    values.update({
-        "task": "causal_lm",
-        "model.name_or_path": str(pruned_dir),
-        "model.tiny_config": None,
-        "model.tokenizer": None,
-        "model.torch_dtype": args.torch_dtype,
-        "data.train_file": args.data_file,
-        "output_dir": str(output_dir(args) / "recovery"),
-    })
+    values.update(
+        {
+            "task": "causal_lm",
+            "model.name_or_path": str(pruned_dir),
+            "model.tiny_config": None,
+            "model.tokenizer": None,
+            "model.torch_dtype": args.torch_dtype,
+            "data.train_file": args.data_file,
+            "output_dir": str(output_dir(args) / "recovery"),
+        }
+    )
     return load_config(args.config, values)
 
 
@@ -151,8 +173,9 @@ def _perplexity(model: torch.nn.Module, ids: torch.Tensor, block: int, device: t
 
     if ids.numel() < 2:
         raise DataError(f"--eval_file: {ids.numel()} token(s), too short to measure perplexity")
-    out = perplexity(model, ids, block_size=block, batch_size=EVAL_BATCH_SIZE, device=device,
-                     autocast_ctx=precision.autocast)
+    out = perplexity(
+        model, ids, block_size=block, batch_size=EVAL_BATCH_SIZE, device=device, autocast_ctx=precision.autocast
+    )
     print(f"  perplexity {out['perplexity']:.4f} over {out['tokens']:,} tokens")
     return out
 
@@ -184,12 +207,18 @@ def _prune(args: argparse.Namespace, model: Any, tokenizer: Any, cfg: Config, ou
     calibration = None
     if args.importance == "taylor":
         data_cfg = dataclasses.replace(cfg.data, seq_len=args.importance_seq_len)
-        calibration = lm.load_blocks(Path(args.data_file), data_cfg, tokenizer, out / "cache",
-                                     args.importance_samples, cfg.training.seed).input_ids  # (n, seq_len)
+        calibration = lm.load_blocks(
+            Path(args.data_file), data_cfg, tokenizer, out / "cache", args.importance_samples, cfg.training.seed
+        ).input_ids  # (n, seq_len)
     prune_cfg = PruneConfig(
-        pruning_ratio=args.pruning_ratio, importance=args.importance, prune_mlp=args.prune_mlp,
-        layer_start=args.layer_start, layer_end=args.layer_end, layer_ratios=args.layer_ratios,
-        calibration_block_size=args.importance_seq_len, num_calibration_samples=args.importance_samples,
+        pruning_ratio=args.pruning_ratio,
+        importance=args.importance,
+        prune_mlp=args.prune_mlp,
+        layer_start=args.layer_start,
+        layer_end=args.layer_end,
+        layer_ratios=args.layer_ratios,
+        calibration_block_size=args.importance_seq_len,
+        num_calibration_samples=args.importance_samples,
     )
     try:
         return prune_model(model, prune_cfg, calibration)
@@ -197,8 +226,9 @@ def _prune(args: argparse.Namespace, model: Any, tokenizer: Any, cfg: Config, ou
         raise ConfigError(f"--base_model '{args.base_model}': cannot prune it ({err})") from None
 
 
-def _recover(cfg: Config, device: Any, precision: Any, eval_ids: Any, block: int,
-             timings: dict[str, float]) -> tuple[Path, dict[str, Any]]:
+def _recover(
+    cfg: Config, device: Any, precision: Any, eval_ids: Any, block: int, timings: dict[str, float]
+) -> tuple[Path, dict[str, Any]]:
     """Recovery training of the pruned model with fulltune's trainer; its folder and its perplexity row."""
     from fulltune.models import load_exported
     from fulltune.prune import parameter_count
@@ -211,8 +241,11 @@ def _recover(cfg: Config, device: Any, precision: Any, eval_ids: Any, block: int
     bundle = load_exported(recovered, device)
     print(f"recovered model ({recovered}):")
     tic = time.perf_counter()
-    row = {"model": "recovered", "parameters": parameter_count(bundle.model),
-           **_perplexity(bundle.model, eval_ids, block, device, precision)}
+    row = {
+        "model": "recovered",
+        "parameters": parameter_count(bundle.model),
+        **_perplexity(bundle.model, eval_ids, block, device, precision),
+    }
     timings["eval_recovered_s"] = time.perf_counter() - tic
     return recovered, row
 
@@ -249,20 +282,32 @@ def run(args: argparse.Namespace) -> int:
     eval_ids = tokenize_text_file(args.eval_file, tokenizer) if measure else None
     if eval_ids is not None:
         print(f"original model ({args.base_model}):")
-        rows.append({"model": "original", "parameters": parameter_count(model),
-                     **_perplexity(model, eval_ids, block, device, precision)})
+        rows.append(
+            {
+                "model": "original",
+                "parameters": parameter_count(model),
+                **_perplexity(model, eval_ids, block, device, precision),
+            }
+        )
         guide.perplexity("original", rows[-1]["perplexity"], rows[-1]["tokens"])
         timings["eval_original_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
     report = _prune(args, model, tokenizer, cfg, out)
     timings["prune_s"] = time.perf_counter() - tic
-    guide.line(f"pruned: {report['params_before']:,} -> {report['params_after']:,} parameters "
-               f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)")
+    guide.line(
+        f"pruned: {report['params_before']:,} -> {report['params_after']:,} parameters "
+        f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)"
+    )
     if eval_ids is not None:
         tic = time.perf_counter()
-        rows.append({"model": "pruned", "parameters": report["params_after"],
-                     **_perplexity(model, eval_ids, block, device, precision)})
+        rows.append(
+            {
+                "model": "pruned",
+                "parameters": report["params_after"],
+                **_perplexity(model, eval_ids, block, device, precision),
+            }
+        )
         guide.perplexity("pruned", rows[-1]["perplexity"], rows[-1]["tokens"])
         timings["eval_pruned_s"] = time.perf_counter() - tic
     if args.save_model or args.finetune:

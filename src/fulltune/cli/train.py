@@ -15,7 +15,9 @@ def register(subparsers: Any) -> None:
     add_config_flags(p)
     p.add_argument("--resume", help="'auto' (newest checkpoint in output_dir), a run folder, or a checkpoint folder")
     p.add_argument("--nproc", type=int, help="run N data-parallel processes on this node (torchrun shortcut)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir (its checkpoints too)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in output_dir (its checkpoints too)"
+    )
     p.set_defaults(func=run)
 
 

@@ -65,15 +65,24 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
         ("logging.log_every_steps", cfg.logging.log_every_steps, *ge(1)),
         ("data.eval_batch_size", d.eval_batch_size, *optional_ge(1)),
         ("data.max_samples", d.max_samples, *optional_ge(1)),
-        ("data.max_eval_samples", d.max_eval_samples, lambda v: v is None or v >= 1,
-         ">= 1 (an empty validation set cannot pick best/; for no validation at all give no validation split and "
-         "set data.val_fraction=0)"),
+        (
+            "data.max_eval_samples",
+            d.max_eval_samples,
+            lambda v: v is None or v >= 1,
+            ">= 1 (an empty validation set cannot pick best/; for no validation at all give no validation split and "
+            "set data.val_fraction=0)",
+        ),
         ("data.image_size", d.image_size, *optional_ge(1)),
         ("data.num_workers", d.num_workers, *ge(-1)),
         ("data.num_classes", d.num_classes, *optional_ge(2)),
         ("data.augmentation.color_jitter", a.color_jitter, *ge(0)),
         ("data.augmentation.rotation", a.rotation, lambda v: 0 <= v <= 180, "in [0, 180]"),
-        ("data.augmentation.crop_scale", a.crop_scale, lambda v: 0 < v[0] <= v[1] <= 1, "two fractions 0 < a <= b <= 1"),
+        (
+            "data.augmentation.crop_scale",
+            a.crop_scale,
+            lambda v: 0 < v[0] <= v[1] <= 1,
+            "two fractions 0 < a <= b <= 1",
+        ),
         ("hardware.num_threads", h.num_threads, *optional_ge(1)),
         ("training.adam_beta1", t.adam_beta1, *unit),
         ("training.adam_beta2", t.adam_beta2, *unit),
@@ -115,21 +124,30 @@ def check_ranges(cfg: Config) -> None:
     known = METRICS.get(cfg.task) or tuple(dict.fromkeys(m for ms in METRICS.values() for m in ms))
     if metric != "auto" and metric not in known:
         where = f"task {cfg.task}" if cfg.task in METRICS else "any task"
-        raise ConfigError(f"config key 'training.metric': '{metric}' is not a metric of {where}; choose auto, "
-                          + ", ".join(known))
+        raise ConfigError(
+            f"config key 'training.metric': '{metric}' is not a metric of {where}; choose auto, " + ", ".join(known)
+        )
+
+
 def _validate_head_init(cfg: Config) -> None:
     m = cfg.method
     for i, template in enumerate(m.prompt_templates):
         if template.count("{}") != 1:
-            raise ConfigError(f"method.prompt_templates[{i}] '{template}': needs exactly one {{}} where the class name goes")
+            raise ConfigError(
+                f"method.prompt_templates[{i}] '{template}': needs exactly one {{}} where the class name goes"
+            )
     if m.head_init != "random" and not m.prompt_templates:
         raise ConfigError(f"method.head_init={m.head_init}: method.prompt_templates is empty")
     if m.head_init == "linear_probe":
         if m.head_init_epochs < 1:
             raise ConfigError("method.head_init_epochs must be >= 1")
         if cfg.training.progressive_unfreezing.enabled:
-            raise ConfigError("method.head_init=linear_probe is itself an unfreeze schedule (head first, then the method); "
-                              "disable training.progressive_unfreezing or use head_init random")
+            raise ConfigError(
+                "method.head_init=linear_probe is itself an unfreeze schedule (head first, then the method); "
+                "disable training.progressive_unfreezing or use head_init random"
+            )
         if cfg.training.max_steps is None and m.head_init_epochs >= cfg.training.num_epochs:
-            raise ConfigError(f"method.head_init_epochs={m.head_init_epochs} leaves no epoch of fine-tuning in "
-                              f"training.num_epochs={cfg.training.num_epochs}")
+            raise ConfigError(
+                f"method.head_init_epochs={m.head_init_epochs} leaves no epoch of fine-tuning in "
+                f"training.num_epochs={cfg.training.num_epochs}"
+            )

@@ -131,8 +131,10 @@ OPTIM_VALUES = {"adamw_torch_fused": True, "adamw_torch": False, "adamw_hf": Fal
 
 def _optim_value(value: Any) -> bool:
     if value not in OPTIM_VALUES:
-        raise ConfigError(f"optim '{value}': fulltune trains with AdamW; expected one of {', '.join(OPTIM_VALUES)} "
-                          "(8-bit AdamW: training.memory=lean training.lean_optimizer=adamw8bit)")
+        raise ConfigError(
+            f"optim '{value}': fulltune trains with AdamW; expected one of {', '.join(OPTIM_VALUES)} "
+            "(8-bit AdamW: training.memory=lean training.lean_optimizer=adamw8bit)"
+        )
     return OPTIM_VALUES[value]
 
 
@@ -172,7 +174,7 @@ def _seed_layout(dotted: str) -> str:
     for source, target in SEED_LAYOUTS.items():
         if dotted == source or dotted.startswith(source + "."):
             _log_layout(f"{source} -> {target}")
-            return target + dotted[len(source):]
+            return target + dotted[len(source) :]
     return dotted
 
 
@@ -188,8 +190,10 @@ def _seed_semantics(tree: dict[str, Any]) -> None:
         _log_layout(f"patience: {es['patience']} turns early stopping on (training.early_stopping.enabled=true)")
     pu = training.get("progressive_unfreezing")
     if isinstance(pu, dict) and pu.get("enabled") is True and not pu.get("unfreeze_schedule") and not pu.get("auto"):
-        _log_layout("progressive_unfreezing {enabled: true} without a schedule uses the automatic one "
-                    "(training.progressive_unfreezing.auto=1: the head first, one more block from the top each epoch)")
+        _log_layout(
+            "progressive_unfreezing {enabled: true} without a schedule uses the automatic one "
+            "(training.progressive_unfreezing.auto=1: the head first, one more block from the top each epoch)"
+        )
 
 
 def _type_name(tp: Any) -> str:
@@ -319,8 +323,13 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def _is_leaf_mapping(dotted: str) -> bool:
     """Keys whose value is itself a free-form mapping (not a section)."""
-    return dotted in ("model.tiny_config", "data.class_names", "data.data_files", "training.layer_groups_lr",
-                      "layer_groups_lr")
+    return dotted in (
+        "model.tiny_config",
+        "data.class_names",
+        "data.data_files",
+        "training.layer_groups_lr",
+        "layer_groups_lr",
+    )
 
 
 def _canonical_tree(raw: dict[str, Any]) -> dict[str, Any]:
@@ -379,7 +388,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     for key, value in items:
         key = _seed_layout(key)
         target = ALIASES.get(key, key)
-        if target == "hardware.mixed_precision" and key.rsplit(".", 1)[-1] in ("fp16", "bf16") and isinstance(value, bool):
+        if (
+            target == "hardware.mixed_precision"
+            and key.rsplit(".", 1)[-1] in ("fp16", "bf16")
+            and isinstance(value, bool)
+        ):
             value = key.rsplit(".", 1)[-1] if value else "no"
         if key.rsplit(".", 1)[-1] == "optim":
             value = _optim_value(value)

@@ -79,8 +79,10 @@ class HubSplits:
 def _check_columns(ds: Any, columns: list[tuple[str, str]], name: str, split: str) -> None:
     for col, key in columns:
         if col not in ds.column_names:
-            raise DataError(f"data.dataset_name '{name}' split '{split}': no column '{col}' ({key}); "
-                            f"it has: {', '.join(ds.column_names)}")
+            raise DataError(
+                f"data.dataset_name '{name}' split '{split}': no column '{col}' ({key}); "
+                f"it has: {', '.join(ds.column_names)}"
+            )
 
 
 def _has_labels(ds: Any, label_column: str) -> bool:
@@ -101,8 +103,14 @@ def open_splits(cfg: Config) -> HubSplits:
         test = None  # the default test split is used only when it carries labels
     feature = splits[train].features.get(d.label_column)
     names = list(feature.names) if type(feature).__name__ == "ClassLabel" else None
-    return HubSplits(name, splits[train], splits[val] if val else None, splits[test] if test else None,
-                     {"train": train, "val": val, "test": test}, names)
+    return HubSplits(
+        name,
+        splits[train],
+        splits[val] if val else None,
+        splits[test] if test else None,
+        {"train": train, "val": val, "test": test},
+        names,
+    )
 
 
 def is_image_dataset(cfg: Config) -> bool:
@@ -110,8 +118,10 @@ def is_image_dataset(cfg: Config) -> bool:
     splits = load_all_splits(cfg)
     train = splits.get(cfg.data.train_split)
     if train is None:
-        raise DataError(f"data.dataset_name '{cfg.data.dataset_name}' has no split '{cfg.data.train_split}' "
-                        f"(data.train_split); it has: {', '.join(splits)}")
+        raise DataError(
+            f"data.dataset_name '{cfg.data.dataset_name}' has no split '{cfg.data.train_split}' "
+            f"(data.train_split); it has: {', '.join(splits)}"
+        )
     feature = train.features.get(cfg.data.image_column)
     return type(feature).__name__ == "Image"
 
@@ -140,8 +150,9 @@ def text_examples(hub: HubSplits, which: str, cfg: Config) -> txt.TextExamples |
     texts = []
     for r, text in enumerate(ds[d.text_column], start=1):
         if text is None or (isinstance(text, str) and not text.strip()):
-            raise DataError(f"data.dataset_name '{hub.name}' split '{split}' row {r}: empty text in column "
-                            f"'{d.text_column}'")
+            raise DataError(
+                f"data.dataset_name '{hub.name}' split '{split}' row {r}: empty text in column '{d.text_column}'"
+            )
         texts.append(str(text).strip())
     labels = _label_names(ds, hub, split, d.label_column)
     return txt.TextExamples(texts, labels, f"{hub.name}[{split}]")
@@ -157,8 +168,10 @@ def label_vocabulary(hub: HubSplits, train_labels: list[str]) -> list[str]:
 def read_labels(cfg: Config, task: str) -> tuple[list[str], Any]:
     """What tasks.read_labels returns for files: the label vocabulary and what was read."""
     if task not in ("text_classification", "image_classification"):
-        raise ConfigError(f"data.dataset_name serves text_classification and image_classification; for {task} give "
-                          "data.train_file (a .txt or .jsonl file)")
+        raise ConfigError(
+            f"data.dataset_name serves text_classification and image_classification; for {task} give "
+            "data.train_file (a .txt or .jsonl file)"
+        )
     hub = open_splits(cfg)
     if task == "text_classification":
         train = text_examples(hub, "train", cfg)
@@ -169,8 +182,12 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str], Any]:
     for which in ("train", "val", "test"):
         ds = getattr(hub, which)
         if ds is not None:
-            _check_columns(ds, [(d.image_column, "data.image_column"), (d.label_column, "data.label_column")],
-                           hub.name, str(hub.split_names[which]))
+            _check_columns(
+                ds,
+                [(d.image_column, "data.image_column"), (d.label_column, "data.label_column")],
+                hub.name,
+                str(hub.split_names[which]),
+            )
     labels = label_vocabulary(hub, _label_names(hub.train, hub, str(hub.split_names["train"]), d.label_column))
     return labels, hub
 
@@ -182,8 +199,9 @@ class HubImageDataset(torch.utils.data.Dataset):
     """Rows of a `datasets` split with an Image column, decoded and transformed like img.ImageDataset: items by
     (index, seed) in training (the seed drives augmentation), by index in evaluation."""
 
-    def __init__(self, ds: Any, rows: list[int], label_ids: list[int], spec: Any, aug: Any, where: str,
-                 image_column: str) -> None:
+    def __init__(
+        self, ds: Any, rows: list[int], label_ids: list[int], spec: Any, aug: Any, where: str, image_column: str
+    ) -> None:
         datasets = _datasets()
         # Undecoded: {'bytes', 'path'} per row, so the image is opened exactly as a file is (JPEG draft mode).
         self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
@@ -224,8 +242,10 @@ def _image_ids(hub: HubSplits, ds: Any, which: str, labels: list[str], column: s
     index = {name: i for i, name in enumerate(labels)}
     for r, name in enumerate(names, start=1):
         if name not in index:
-            raise DataError(f"data.dataset_name '{hub.name}' split '{split}' row {r}: label '{name}' is not among "
-                            f"the train labels ({', '.join(labels)})")
+            raise DataError(
+                f"data.dataset_name '{hub.name}' split '{split}' row {r}: label '{name}' is not among "
+                f"the train labels ({', '.join(labels)})"
+            )
     return [index[n] for n in names]
 
 
@@ -242,8 +262,10 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: HubSplits
 
     d = cfg.data
     spec = bundle.image_spec
-    ids = {w: _image_ids(hub, getattr(hub, w), w, labels, d.label_column) if getattr(hub, w) is not None else None
-           for w in ("train", "val", "test")}
+    ids = {
+        w: _image_ids(hub, getattr(hub, w), w, labels, d.label_column) if getattr(hub, w) is not None else None
+        for w in ("train", "val", "test")
+    }
     train_rows = list(range(len(hub.train)))
     val_source: tuple[Any, list[int], list[int]] | None = None
     info: dict[str, Any] = {"skipped_images": []}
@@ -261,15 +283,30 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: HubSplits
         return f"data.dataset_name '{hub.name}' split '{hub.split_names.get(which)}'"
 
     col = d.image_column
-    train = HubImageDataset(hub.train, train_rows, [ids["train"][r] for r in train_rows], spec, d.augmentation,
-                            where("train"), col)
+    train = HubImageDataset(
+        hub.train, train_rows, [ids["train"][r] for r in train_rows], spec, d.augmentation, where("train"), col
+    )
     val = None
     if val_source is not None and val_source[1]:
-        val = HubImageDataset(val_source[0], val_source[1], val_source[2], spec, None,
-                              where("val" if hub.val is not None else "train"), col)
+        val = HubImageDataset(
+            val_source[0],
+            val_source[1],
+            val_source[2],
+            spec,
+            None,
+            where("val" if hub.val is not None else "train"),
+            col,
+        )
     test = None
     if hub.test is not None:
         test = HubImageDataset(hub.test, list(range(len(hub.test))), ids["test"], spec, None, where("test"), col)
-    return TaskData(train=train, val=val, test=test, collate=img.collate_images, labels=labels, with_seeds=True,
-                    num_workers=_workers(cfg, 2), info=info)
-
+    return TaskData(
+        train=train,
+        val=val,
+        test=test,
+        collate=img.collate_images,
+        labels=labels,
+        with_seeds=True,
+        num_workers=_workers(cfg, 2),
+        info=info,
+    )

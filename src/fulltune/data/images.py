@@ -226,8 +226,14 @@ def _split_sizes(n: int, split: tuple[float, float, float]) -> tuple[int, int, i
     return n_train, n_val, n_test
 
 
-def prepare_images(src: str | Path, out: str | Path, split: tuple[float, float, float], seed: int = 42,
-                   overwrite: bool = False, num_classes: int | None = None) -> dict[str, int]:
+def prepare_images(
+    src: str | Path,
+    out: str | Path,
+    split: tuple[float, float, float],
+    seed: int = 42,
+    overwrite: bool = False,
+    num_classes: int | None = None,
+) -> dict[str, int]:
     """Copy SRC/<class>/** into OUT/{train,val,test}/<class>/, reproducibly (a seeded shuffle per class).
 
     Every readable image is kept (files of nested folders get their folder names in theirs, so none overwrites
@@ -245,8 +251,10 @@ def prepare_images(src: str | Path, out: str | Path, split: tuple[float, float, 
         raise DataError(f"--output_dir '{out}' is inside the source folder '{src}'; choose a folder outside it")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise DataError(f"--output_dir '{out}' is not empty: choose a new folder, or pass --overwrite to replace "
-                            "its train/, val/ and test/ folders")
+            raise DataError(
+                f"--output_dir '{out}' is not empty: choose a new folder, or pass --overwrite to replace "
+                "its train/, val/ and test/ folders"
+            )
         for part in ("train", "val", "test"):
             shutil.rmtree(out / part, ignore_errors=True)
     folder = scan_split(src)

@@ -202,9 +202,11 @@ def read_examples(path: Path, cfg: DataConfig, need_labels: bool = True) -> Text
                 kind = "boolean" if isinstance(raw, bool) else "number"
                 kinds.setdefault(kind, line)
                 if len(kinds) > 1:
-                    raise DataError(f"{where}: label {json.dumps(raw)} mixes booleans and numbers in "
-                                    f"'{cfg.label_column}' (line {kinds['boolean']} has a boolean, line "
-                                    f"{kinds['number']} a number); write the labels one way")
+                    raise DataError(
+                        f"{where}: label {json.dumps(raw)} mixes booleans and numbers in "
+                        f"'{cfg.label_column}' (line {kinds['boolean']} has a boolean, line "
+                        f"{kinds['number']} a number); write the labels one way"
+                    )
                 label = json_label(raw, path, line, cfg.label_column)
             else:
                 label = "" if raw is None else raw.strip()
@@ -247,8 +249,7 @@ def holdout_split(examples: TextExamples, fraction: float) -> tuple[TextExamples
     def pick(want: bool) -> TextExamples:
         idx = [i for i, k in enumerate(keep) if k == want]
         lines = [examples.lines[i] for i in idx] if examples.lines is not None else None
-        return TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx], examples.source,
-                            lines)
+        return TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx], examples.source, lines)
 
     train, val = pick(True), pick(False)
     return train, val

@@ -6,5 +6,17 @@ from fulltune.planning.estimate import Estimate, estimate
 from fulltune.planning.facts import Facts, count_examples, inspect_model
 from fulltune.planning.recommend import FIT_FRACTION, Recommendation, plan, recommend, with_method
 
-__all__ = ["FIT_FRACTION", "Estimate", "Facts", "Recommendation", "count_examples", "dry_run", "dry_runs",
-           "estimate", "inspect_model", "plan", "recommend", "with_method"]
+__all__ = [
+    "FIT_FRACTION",
+    "Estimate",
+    "Facts",
+    "Recommendation",
+    "count_examples",
+    "dry_run",
+    "dry_runs",
+    "estimate",
+    "inspect_model",
+    "plan",
+    "recommend",
+    "with_method",
+]

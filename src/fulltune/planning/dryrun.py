@@ -52,12 +52,18 @@ def _random_batch(task: str, f: Facts, micro_batch: int, num_labels: int) -> dic
     g = torch.Generator().manual_seed(0)
     if task == "image_classification":
         side = math.isqrt(f.pixels // 3)
-        return {"pixel_values": torch.randn(micro_batch, 3, side, side, generator=g),
-                "labels": torch.randint(0, num_labels, (micro_batch,), generator=g)}
+        return {
+            "pixel_values": torch.randn(micro_batch, 3, side, side, generator=g),
+            "labels": torch.randint(0, num_labels, (micro_batch,), generator=g),
+        }
     ids = torch.randint(5, max(f.vocab, 6), (micro_batch, f.tokens), generator=g)
     if task == "causal_lm":
         return {"input_ids": ids, "labels": ids.clone()}
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, num_labels, (micro_batch,))}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, num_labels, (micro_batch,)),
+    }
 
 
 def _warm_up(device: torch.device, precision: Any) -> None:
@@ -68,8 +74,9 @@ def _warm_up(device: torch.device, precision: Any) -> None:
     torch.optim.AdamW(warm.parameters(), fused=True).step()
 
 
-def dry_run(cfg: Config, task: str, labels: list[str] | None, facts: Facts, device: torch.device,
-            steps: int = 2) -> dict[str, Any]:
+def dry_run(
+    cfg: Config, task: str, labels: list[str] | None, facts: Facts, device: torch.device, steps: int = 2
+) -> dict[str, Any]:
     """Peak memory of `steps` optimizer steps of the configured training on random inputs, the model prepared and
     stepped by the trainer's own functions. CUDA: torch.cuda.max_memory_allocated. CPU: the peak RSS during the
     steps over the RSS after building model and optimizer and a one-sample forward and backward, plus the weights'
@@ -103,8 +110,9 @@ def dry_run(cfg: Config, task: str, labels: list[str] | None, facts: Facts, devi
         task_fns.loss(model, {k: v[:1] for k, v in batch.items()}, t.label_smoothing)[0].backward()
     optimizer.zero_grad(set_to_none=True)
     # Lean mode steps inside backward as the trainer does (attached after the warm-up, which must not step).
-    fused = attach_fused_step(model, optimizer, per_param_max_norm=t.max_grad_norm) if fuses_step(t, optimizer) \
-        else None
+    fused = (
+        attach_fused_step(model, optimizer, per_param_max_norm=t.max_grad_norm) if fuses_step(t, optimizer) else None
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -124,20 +132,32 @@ def dry_run(cfg: Config, task: str, labels: list[str] | None, facts: Facts, devi
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - began)
     if device.type == "cuda":
-        return {"measured": torch.cuda.max_memory_allocated(device), "step_seconds": seconds[-1],
-                "how": "torch.cuda.max_memory_allocated"}
-    how = ("CPU: peak RSS over the RSS after building and a one-sample warm-up, + the weights" if reset
-           else "CPU: peak RSS of the process")
+        return {
+            "measured": torch.cuda.max_memory_allocated(device),
+            "step_seconds": seconds[-1],
+            "how": "torch.cuda.max_memory_allocated",
+        }
+    how = (
+        "CPU: peak RSS over the RSS after building and a one-sample warm-up, + the weights"
+        if reset
+        else "CPU: peak RSS of the process"
+    )
     return {"measured": _rss()[1] - base + weights, "step_seconds": seconds[-1], "how": how}
 
 
 def _in_fork(job: dict[str, Any]) -> dict[str, Any]:
     """One dry run in a forked copy of the server: a fresh heap and RSS counter per method. The server has only
     imported libraries and built meta models, so no OpenMP thread pool is copied half-alive into the children."""
+
     def run() -> dict[str, Any]:
         try:
-            return dry_run(config_from_dict(job["config"]), job["task"], job["labels"], Facts(**job["facts"]),
-                           torch.device(job["device"]))
+            return dry_run(
+                config_from_dict(job["config"]),
+                job["task"],
+                job["labels"],
+                Facts(**job["facts"]),
+                torch.device(job["device"]),
+            )
         except Exception as err:  # becomes the method's note; the other methods are still measured
             return {"error": f"dry run failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"}
 
@@ -174,17 +194,21 @@ def serve() -> None:
     print(json.dumps([_in_fork(job) for job in jobs]), flush=True)
 
 
-def dry_runs(jobs: list[tuple[Config, str, list[str] | None, Facts, str]], timeout: float = 1800
-             ) -> list[dict[str, Any]]:
+def dry_runs(
+    jobs: list[tuple[Config, str, list[str] | None, Facts, str]], timeout: float = 1800
+) -> list[dict[str, Any]]:
     """`dry_run` of each (config, task, labels, facts, device), each in a process forked from one clean server."""
-    payload = [{"config": to_dict(cfg), "task": task, "labels": labels, "facts": asdict(facts), "device": device}
-               for cfg, task, labels, facts, device in jobs]
+    payload = [
+        {"config": to_dict(cfg), "task": task, "labels": labels, "facts": asdict(facts), "device": device}
+        for cfg, task, labels, facts, device in jobs
+    ]
     env = dict(os.environ)
     # A fixed glibc mmap threshold gives each freed tensor back to the OS at once: the peak RSS is then the peak of
     # live memory (as CUDA's max_memory_allocated), not of what the default, self-raising threshold keeps cached.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH"))
-                                        if x)
+    env["PYTHONPATH"] = os.pathsep.join(
+        x for x in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if x
+    )
     cmd = [sys.executable, "-c", "from fulltune.planning.dryrun import serve; serve()"]
     try:
         proc = subprocess.run(cmd, input=json.dumps(payload), capture_output=True, text=True, env=env, timeout=timeout)
@@ -192,6 +216,7 @@ def dry_runs(jobs: list[tuple[Config, str, list[str] | None, Facts, str]], timeo
         return [{"error": f"dry runs timed out after {timeout:.0f} s"}] * len(jobs)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        return [{"error": "dry run failed: " + (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
-                ] * len(jobs)
+        return [
+            {"error": "dry run failed: " + (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+        ] * len(jobs)
     return json.loads(lines[-1])

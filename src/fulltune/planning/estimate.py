@@ -51,7 +51,8 @@ def block_bytes(f: Facts, d: Dtypes, lora_dropout: float = 0.0) -> tuple[float, 
     norm = (4 if d.casts else d.residual) * h + (4 + (0 if f.lora_rank else 4 * h) if f.rms_norm else 8)
     if math_attention:  # q, k, v (fp32 on CPU even under autocast), probabilities, dropout mask, dropped ones
         attention = (4 if d.casts and not d.cuda else d.compute) * (h + 2 * kv) + 4 * a * S * (
-            3 if f.attn_dropout > 0 else 1)
+            3 if f.attn_dropout > 0 else 1
+        )
     else:  # fused kernel: q, k, v, output and a log-sum-exp per head
         attention = d.compute * (2 * h + 2 * kv) + 4 * a
     dropout = h * (1 if d.cuda else d.compute) if f.hidden_dropout > 0 else 0  # CPU masks have the data's dtype
@@ -59,8 +60,12 @@ def block_bytes(f: Facts, d: Dtypes, lora_dropout: float = 0.0) -> tuple[float, 
     halves = [norm + attention + dropout, norm + dropout + act]
     # Linear layers sharing an input: (features, consumers, bytes of the input as produced; 0 = kept already).
     norm_out = 4 if d.casts else d.residual
-    groups = [(h, 3, norm_out), (h, 1, (4 if d.casts and not d.cuda else d.compute) if math_attention else 0),
-              (h, 2 if f.gated else 1, norm_out), (i, 1, d.compute)]
+    groups = [
+        (h, 3, norm_out),
+        (h, 1, (4 if d.casts and not d.cuda else d.compute) if math_attention else 0),
+        (h, 2 if f.gated else 1, norm_out),
+        (i, 1, d.compute),
+    ]
     for k, (features, consumers, produced) in enumerate(groups):
         if f.lora_rank:
             # Frozen base layer: no input kept. Adapter, run in its own (fp32) dtype by peft: the dropout mask and
@@ -166,6 +171,16 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     # 1 forward + input gradients where gradient flows + weight gradients where weights train (+ recomputation).
     passes = 1 + flowing * (1 + (cfg.method.name in ("full", "partial")) + (t.gradient_checkpointing or lean))
     runtime = RUNTIME_BYTES["cuda" if d.cuda else "cpu"]
-    return Estimate(cfg.method.name, cfg.data.batch_size, f.trainable, f.total, f.weight_bytes, grads,
-                    f.trainable * optimizer, activations, f.weight_bytes + f.trainable * optimizer + both + runtime,
-                    passes, note=note)
+    return Estimate(
+        cfg.method.name,
+        cfg.data.batch_size,
+        f.trainable,
+        f.total,
+        f.weight_bytes,
+        grads,
+        f.trainable * optimizer,
+        activations,
+        f.weight_bytes + f.trainable * optimizer + both + runtime,
+        passes,
+        note=note,
+    )

@@ -65,11 +65,13 @@ def _meta_config(cfg: Config) -> Config:
     if path is None or (Path(path).is_dir() and is_pruned_folder(path)):
         return cfg
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
-                                            revision=cfg.model.revision)
+        config = AutoConfig.from_pretrained(
+            path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+        )
     except OSError as err:
-        raise ConfigError(f"model.name_or_path '{cfg.model.name_or_path}': cannot load a model config "
-                          f"({str(err).splitlines()[0]})") from None
+        raise ConfigError(
+            f"model.name_or_path '{cfg.model.name_or_path}': cannot load a model config ({str(err).splitlines()[0]})"
+        ) from None
     return replace(cfg, model=replace(cfg.model, tiny_config=config.to_dict(), tokenizer=cfg.model.tokenizer or path))
 
 
@@ -95,18 +97,30 @@ def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
         side = cfg.data.image_size or int(_get(config, "image_size", default=224))
         tokens, pixels = (side // int(_get(config, "patch_size", default=16))) ** 2 + 1, 3 * side * side
     return Facts(
-        total=sum(p.numel() for p in params.values()), trainable=sum(eligible), largest_trainable=max(eligible),
+        total=sum(p.numel() for p in params.values()),
+        trainable=sum(eligible),
+        largest_trainable=max(eligible),
         first_layer=min(plan.lmap.layer_of[n] for n in plan.eligible),
         weight_bytes=sum(p.numel() for p in params.values()) * (2 if cfg.training.memory == "lean" else 4)
         + sum(b.numel() * b.element_size() for b in model.buffers()),
-        block_linear_params=sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                                and strip_peft_prefix(n).startswith(block) and "lora_" not in n),
-        lora_rank=cfg.method.lora.r if cfg.method.name == "lora" else 0, family=plan.lmap.family, hidden=h,
-        intermediate=int(_get(config, "intermediate_size", "n_inner", default=4 * h)), heads=heads,
+        block_linear_params=sum(
+            m.weight.numel()
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and strip_peft_prefix(n).startswith(block) and "lora_" not in n
+        ),
+        lora_rank=cfg.method.lora.r if cfg.method.name == "lora" else 0,
+        family=plan.lmap.family,
+        hidden=h,
+        intermediate=int(_get(config, "intermediate_size", "n_inner", default=4 * h)),
+        heads=heads,
         kv_heads=int(_get(config, "num_key_value_heads", default=heads)),
-        layers=int(_get(config, "num_hidden_layers", "n_layer")), vocab=int(_get(config, "vocab_size", default=0)),
-        tokens=tokens, pixels=pixels, activation=str(_get(config, "hidden_act", "activation_function", default="gelu")),
-        rms_norm=hasattr(config, "rms_norm_eps"), gated=any(n.endswith("gate_proj") for n, _ in model.named_modules()),
+        layers=int(_get(config, "num_hidden_layers", "n_layer")),
+        vocab=int(_get(config, "vocab_size", default=0)),
+        tokens=tokens,
+        pixels=pixels,
+        activation=str(_get(config, "hidden_act", "activation_function", default="gelu")),
+        rms_norm=hasattr(config, "rms_norm_eps"),
+        gated=any(n.endswith("gate_proj") for n, _ in model.named_modules()),
         attn_dropout=float(_get(config, "attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", default=0)),
         hidden_dropout=float(_get(config, "hidden_dropout_prob", "hidden_dropout", "resid_pdrop", default=0)),
         eager_attention=getattr(model.config, "_attn_implementation", "sdpa") == "eager",

@@ -32,13 +32,25 @@ class Recommendation:
     reasons: list[str]
 
 
-def with_method(cfg: Config, method: str, micro_batch: int | None = None, accumulation: int | None = None,
-          checkpointing: bool | None = None) -> Config:
+def with_method(
+    cfg: Config,
+    method: str,
+    micro_batch: int | None = None,
+    accumulation: int | None = None,
+    checkpointing: bool | None = None,
+) -> Config:
     t = cfg.training
-    training = replace(t, gradient_accumulation_steps=accumulation or t.gradient_accumulation_steps,
-                       gradient_checkpointing=t.gradient_checkpointing if checkpointing is None else checkpointing)
-    return replace(cfg, method=replace(cfg.method, name=method), training=training,
-                   data=replace(cfg.data, batch_size=micro_batch or cfg.data.batch_size))
+    training = replace(
+        t,
+        gradient_accumulation_steps=accumulation or t.gradient_accumulation_steps,
+        gradient_checkpointing=t.gradient_checkpointing if checkpointing is None else checkpointing,
+    )
+    return replace(
+        cfg,
+        method=replace(cfg.method, name=method),
+        training=training,
+        data=replace(cfg.data, batch_size=micro_batch or cfg.data.batch_size),
+    )
 
 
 def _order(n: int | None, full_fits: bool, performance: str | None = None) -> tuple[list[str], str]:
@@ -51,21 +63,30 @@ def _order(n: int | None, full_fits: bool, performance: str | None = None) -> tu
     """
     tail = ["partial", "linear_probe"]
     if performance == "best":
-        return ["full", "lora", "qlora", *tail], ("rule performance: the best result wanted -> full fine-tuning "
-                                                  "where memory allows (rule memory: else LoRA, then QLoRA)")
+        return ["full", "lora", "qlora", *tail], (
+            "rule performance: the best result wanted -> full fine-tuning "
+            "where memory allows (rule memory: else LoRA, then QLoRA)"
+        )
     if performance == "enough":
         return ["lora", "qlora", "full", *tail], "rule performance: good enough -> LoRA"
     if n is None:
         return (["full", "lora", "qlora", *tail] if full_fits else ["lora", "qlora", *tail]), (
-            "training set size unknown: rule memory alone -> " + ("full (it fits)" if full_fits else "LoRA"))
+            "training set size unknown: rule memory alone -> " + ("full (it fits)" if full_fits else "LoRA")
+        )
     if n < 1000:
-        return ["lora", "qlora", *tail], (f"rule data: {n:,} training examples (under 1k) -> LoRA/QLoRA, whose few "
-                                          "parameters overfit a small set less")
+        return ["lora", "qlora", *tail], (
+            f"rule data: {n:,} training examples (under 1k) -> LoRA/QLoRA, whose few "
+            "parameters overfit a small set less"
+        )
     if n <= 10_000:
-        return ["lora", "qlora", "full", *tail], (f"rule data: {n:,} training examples (1k-10k) -> LoRA (recommended) "
-                                                  "or full; --performance best asks for full")
-    return ["full", "lora", "qlora", *tail], (f"rule data: {n:,} training examples (over 10k) -> full fine-tuning "
-                                              "where memory allows (rule memory: else LoRA, then QLoRA)")
+        return ["lora", "qlora", "full", *tail], (
+            f"rule data: {n:,} training examples (1k-10k) -> LoRA (recommended) "
+            "or full; --performance best asks for full"
+        )
+    return ["full", "lora", "qlora", *tail], (
+        f"rule data: {n:,} training examples (over 10k) -> full fine-tuning "
+        "where memory allows (rule memory: else LoRA, then QLoRA)"
+    )
 
 
 QLORA_BYTES_PER_FROZEN_PARAM = 0.53
@@ -79,12 +100,25 @@ def _qlora_estimate(lora: Estimate) -> Estimate:
     weights = frozen * QLORA_BYTES_PER_FROZEN_PARAM + lora.trainable * per_param
     ratio = lora.measured / lora.peak if lora.measured else 1.0
     peak = (lora.peak - lora.weights + weights) * ratio
-    return replace(lora, method="qlora", weights=weights, peak=peak, measured=None,
-                   note="qlora: estimated from LoRA's with a 4-bit base (no dry run)")
+    return replace(
+        lora,
+        method="qlora",
+        weights=weights,
+        peak=peak,
+        measured=None,
+        note="qlora: estimated from LoRA's with a 4-bit base (no dry run)",
+    )
 
 
-def recommend(cfg: Config, task: str, results: dict[str, tuple[Estimate, Facts]], budget: int, n: int | None,
-              device_type: str, performance: str | None = None) -> Recommendation:
+def recommend(
+    cfg: Config,
+    task: str,
+    results: dict[str, tuple[Estimate, Facts]],
+    budget: int,
+    n: int | None,
+    device_type: str,
+    performance: str | None = None,
+) -> Recommendation:
     """The first method of the seeds' decision rules that fits, at the largest micro-batch that fits (halving from
     the configured one), accumulating to the configured global batch; checkpointing only if nothing fits without.
     QLoRA (CUDA only) is priced from LoRA's estimate; the reasons say which rule fired."""
@@ -105,27 +139,61 @@ def recommend(cfg: Config, task: str, results: dict[str, tuple[Estimate, Facts]]
                 if method == "qlora":  # LoRA's estimate at this size, its base at 4 bits
                     lora = results["lora"][0]
                     ratio = lora.measured / lora.peak if lora.measured else 1.0
-                    peak = (estimate(with_method(cfg, "lora", m, accumulation, checkpointing), task, facts, device_type).peak
-                            - lora.weights + est.weights)
+                    peak = (
+                        estimate(
+                            with_method(cfg, "lora", m, accumulation, checkpointing), task, facts, device_type
+                        ).peak
+                        - lora.weights
+                        + est.weights
+                    )
                 else:
-                    peak = estimate(with_method(cfg, method, m, accumulation, checkpointing), task, facts, device_type).peak
+                    peak = estimate(
+                        with_method(cfg, method, m, accumulation, checkpointing), task, facts, device_type
+                    ).peak
                 if peak * ratio > limit:
                     continue
                 skipped = [x for x in order[: order.index(method)] if x in results]
                 if method == "qlora":
-                    notes.append("rule memory: not even LoRA fits the budget -> QLoRA (4-bit NF4 base: the seeds' "
-                                 "choice under 16 GB)")
+                    notes.append(
+                        "rule memory: not even LoRA fits the budget -> QLoRA (4-bit NF4 base: the seeds' "
+                        "choice under 16 GB)"
+                    )
                 speeds = ", ".join(f"{k} {e.forward_passes:.1f}" for k, (e, _) in results.items())
-                return Recommendation(method, m, accumulation, checkpointing, peak * ratio, [
-                    why, f"memory: {method} at micro-batch {m} x accumulation {accumulation} peaks at "
-                    f"~{human(peak * ratio)}, {peak * ratio / budget:.0%} of the {human(budget)} budget"
-                    + (" with gradient checkpointing" if checkpointing else ""),
-                    *([f"{', '.join(skipped)} would not fit even at micro-batch 1 with checkpointing"] if skipped else []),
-                    *notes,
-                    f"speed, in forward passes per step: {speeds}" + ("; checkpointing adds one" if checkpointing else "")])
-    return Recommendation(None, 0, 0, True, 0.0, [why, f"nothing fits {human(budget)}, even at micro-batch 1 with "
-                                                       "checkpointing: try training.memory=lean, shorter inputs or "
-                                                       "a smaller model", *notes])
+                return Recommendation(
+                    method,
+                    m,
+                    accumulation,
+                    checkpointing,
+                    peak * ratio,
+                    [
+                        why,
+                        f"memory: {method} at micro-batch {m} x accumulation {accumulation} peaks at "
+                        f"~{human(peak * ratio)}, {peak * ratio / budget:.0%} of the {human(budget)} budget"
+                        + (" with gradient checkpointing" if checkpointing else ""),
+                        *(
+                            [f"{', '.join(skipped)} would not fit even at micro-batch 1 with checkpointing"]
+                            if skipped
+                            else []
+                        ),
+                        *notes,
+                        f"speed, in forward passes per step: {speeds}"
+                        + ("; checkpointing adds one" if checkpointing else ""),
+                    ],
+                )
+    return Recommendation(
+        None,
+        0,
+        0,
+        True,
+        0.0,
+        [
+            why,
+            f"nothing fits {human(budget)}, even at micro-batch 1 with "
+            "checkpointing: try training.memory=lean, shorter inputs or "
+            "a smaller model",
+            *notes,
+        ],
+    )
 
 
 def available_memory(device_type: str) -> int | None:
@@ -139,13 +207,22 @@ def available_memory(device_type: str) -> int | None:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def plan(cfg: Config, budget: int | None = None, methods: tuple[str, ...] = METHODS, calibrate: bool = True,
-         log: Any = None, performance: str | None = None) -> dict[str, Any]:
+def plan(
+    cfg: Config,
+    budget: int | None = None,
+    methods: tuple[str, ...] = METHODS,
+    calibrate: bool = True,
+    log: Any = None,
+    performance: str | None = None,
+) -> dict[str, Any]:
     """Estimate every method for `cfg`, measure those that fit, recommend one: the report `cmd_plan` prints."""
     from fulltune.tasks import infer_task
 
-    device_type = "cuda" if cfg.hardware.device.startswith("cuda") or (
-        cfg.hardware.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device_type = (
+        "cuda"
+        if cfg.hardware.device.startswith("cuda") or (cfg.hardware.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
     calibrate = calibrate and (device_type == "cpu" or torch.cuda.is_available())  # no GPU here: estimates only
     free = available_memory(device_type)
     budget_source = "--memory_budget" if budget else f"free {device_type} memory now"
@@ -183,11 +260,18 @@ def plan(cfg: Config, budget: int | None = None, methods: tuple[str, ...] = METH
         est.fits = est.best <= FIT_FRACTION * budget
     d = dtypes_for(cfg, device_type)
     return {
-        "model": "tiny_config" if cfg.model.tiny_config is not None else cfg.model.name_or_path, "task": task,
-        "device": device_type, "precision": "lean bf16" if cfg.training.memory == "lean" else
-        "bf16/fp16 autocast" if d.casts else "fp32", "micro_batch": cfg.data.batch_size,
-        "tokens": next(iter(results.values()))[1].tokens, "accumulation": cfg.training.gradient_accumulation_steps,
-        "examples": n, "examples_source": source, "budget": budget, "budget_source": budget_source,
-        "measured_how": how, "methods": [asdict(e) for e, _ in results.values()] + errors,
+        "model": "tiny_config" if cfg.model.tiny_config is not None else cfg.model.name_or_path,
+        "task": task,
+        "device": device_type,
+        "precision": "lean bf16" if cfg.training.memory == "lean" else "bf16/fp16 autocast" if d.casts else "fp32",
+        "micro_batch": cfg.data.batch_size,
+        "tokens": next(iter(results.values()))[1].tokens,
+        "accumulation": cfg.training.gradient_accumulation_steps,
+        "examples": n,
+        "examples_source": source,
+        "budget": budget,
+        "budget_source": budget_source,
+        "measured_how": how,
+        "methods": [asdict(e) for e, _ in results.values()] + errors,
         "recommendation": asdict(recommend(cfg, task, results, budget, n, device_type, performance)),
     }
