@@ -91,7 +91,8 @@ def main() -> int:
         med = {k: statistics.median(v) for k, v in phases.items()}
         print(f"mean step {1000 * statistics.mean(phases['total']):.1f} ms over {len(phases['total'])} steps")
         print(
-            f"precision {run.precision.name}, {torch.get_num_threads()} threads, median over {len(phases['total'])} steps:"
+            f"precision {run.precision.name}, {torch.get_num_threads()} threads, "
+            f"median over {len(phases['total'])} steps:"
         )
         for k, v in med.items():
             print(f"  {k:<10} {1000 * v:8.1f} ms  {100 * v / med['total']:5.1f}%")

@@ -9,7 +9,8 @@ importance backpropagates one batch of 4 calibration blocks of 128 tokens of ful
 Magnitude runs twice: on the weights as `fulltune prune` loads them (safetensors maps the checkpoint file; RSS counts
 its pages once touched) and with the weights copied into anonymous memory first (the figure that holds however the
 weights arrived; Taylor runs so). The peak is the peak resident set (VmHWM, reset once the code paths are warm, and
-after the copy) minus the resident set before loading, divided by the unpruned parameter count: the weights alone are 2 bytes/param; Taylor
+after the copy) minus the resident set before loading, divided by the unpruned parameter count: the weights alone
+are 2 bytes/param; Taylor
 adds their gradients (2 bytes for the layers' share) and one calibration batch. glibc serves every allocation over
 64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes.
 

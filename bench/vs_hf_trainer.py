@@ -248,7 +248,8 @@ def summarize(results: list[dict], lines: list[str], fair: str = "trainer_best")
             "n": len(rows),
         }
     out = [
-        "| line | runs | samples/s (median) | peak RSS MB (median) | dev acc (mean) | acc spread | fulltune speed ratio |",
+        "| line | runs | samples/s (median) | peak RSS MB (median) | dev acc (mean) | acc spread "
+        "| fulltune speed ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     ft = med.get("fulltune")

@@ -41,7 +41,8 @@ def card_facts(cfg: Any, data: Any, state: Any) -> dict[str, Any]:
 def _base_model(config: dict[str, Any]) -> str:
     model = config.get("model", {})
     if model.get("tiny_config"):
-        return f"a randomly initialised `{model['tiny_config'].get('model_type', '?')}` (model.tiny_config; no pretrained weights)"
+        kind = model["tiny_config"].get("model_type", "?")
+        return f"a randomly initialised `{kind}` (model.tiny_config; no pretrained weights)"
     return f"`{model.get('name_or_path')}`"
 
 
@@ -118,8 +119,9 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
     if meta.get("adapter_only"):
         return (
             "This folder holds a LoRA adapter (peft), not full weights:\n\n```python\n"
-            f"from peft import AutoPeftModelFor{'SequenceClassification' if task == 'text_classification' else 'CausalLM'}"
-            ' as Model\nmodel = Model.from_pretrained("PATH")  # fetches the base model named in adapter_config.json\n```\n'
+            "from peft import AutoPeftModelFor"
+            f"{'SequenceClassification' if task == 'text_classification' else 'CausalLM'} as Model\n"
+            'model = Model.from_pretrained("PATH")  # fetches the base model named in adapter_config.json\n```\n'
         )
     if task == "image_classification":
         body = (
@@ -301,7 +303,8 @@ def pruned_meta(base: str, report: dict[str, Any] | None, total_parameters: int 
         cfg = report.get("config", {})
         meta["notes"] = [
             f"Pruned from {report['params_before']:,} to {report['params_after']:,} parameters "
-            f"(ratio {cfg.get('pruning_ratio')}, importance {cfg.get('importance')}, MLP pruned: {cfg.get('prune_mlp')},"
+            f"(ratio {cfg.get('pruning_ratio')}, importance {cfg.get('importance')}, "
+            f"MLP pruned: {cfg.get('prune_mlp')},"
             f" layers {report.get('layer_range')})",
             "No training after pruning in this folder (recovery training, if run, is in recovery/).",
         ]

@@ -372,7 +372,8 @@ def _confusion_section(rec: dict[str, Any], title: str) -> str:
         body = []
         for i, row in enumerate(matrix):
             cells = "".join(
-                f"<td style='background:rgba(8,48,107,{norm[i][j]:.2f});color:{'white' if norm[i][j] > 0.5 else 'black'}'>"
+                f"<td style='background:rgba(8,48,107,{norm[i][j]:.2f});"
+                f"color:{'white' if norm[i][j] > 0.5 else 'black'}'>"
                 f"{v}<br><span style='font-size:9px'>{100 * norm[i][j]:.0f}%</span></td>"
                 for j, v in enumerate(row)
             )

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(metrics, labels))
     if "output_dir" in metrics:
         print(
-            f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png, predictions.jsonl"
+            f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png, "
+            "predictions.jsonl"
         )
     return 0

