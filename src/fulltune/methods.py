@@ -258,9 +258,13 @@ def master_weights(model: nn.Module, plan: TrainablePlan, cfg: Config) -> None:
             p.data = p.data.float()
 
 
-def apply_trainable(model: nn.Module, names: set[str]) -> None:
+def apply_trainable(model: nn.Module, names: set[str]) -> bool:
+    """Set requires_grad: True exactly for `names`. Returns whether any flag changed."""
+    changed = False
     for n, p in model.named_parameters():
+        changed |= p.requires_grad != (n in names)
         p.requires_grad_(n in names)
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------------------- groups

@@ -103,3 +103,10 @@ def lm_metrics(model: nn.Module, loader: Any, device: torch.device, precision: P
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """Scalar metrics only (no matrices or per-class lists), for logs and summaries."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def improves(value: float, best: float | None, higher_is_better: bool, min_delta: float = 0.0) -> bool:
+    """Whether a validation value beats the best so far by more than `min_delta` (the first one always does)."""
+    if best is None:
+        return True
+    return value > best + min_delta if higher_is_better else value < best - min_delta

@@ -395,3 +395,22 @@ def run_header(trainer: Any) -> str:
         + describe_lean_mode(t, trainer.device, trainer.fused is not None, trainer.optimizer)
         + describe_groups(trainer.optimizer.param_groups, t.base_learning_rate)
     )
+
+
+def run_summary(trainer: Any) -> dict[str, Any]:
+    """The end-of-run numbers every run reports (summary.json adds throughput and test metrics to these)."""
+    from fulltune.runtime import peak_memory_bytes
+
+    s = trainer.state
+    return {
+        "task": trainer.task_name,
+        "method": trainer.cfg.method.name,
+        "optimizer_steps": s.optimizer_step,
+        "epochs_done": s.epoch,
+        "best_val": {trainer.metric_name: s.best_metric, "step": s.best_step},
+        "trainable_parameters": trainer.trainable_params,
+        "total_parameters": trainer.total_params,
+        "peak_memory_bytes": peak_memory_bytes(trainer.device),
+        "output_dir": str(trainer.out),
+        "last_checkpoint": str(trainer.last_good) if trainer.last_good else None,
+    }

@@ -22,11 +22,11 @@ from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.errors import TrainingError
 from fulltune.lean_fused import fuses_step
 from fulltune.methods import TrainablePlan, apply_trainable, param_groups, prepare_model
-from fulltune.metrics import classification_metrics, lm_metrics, scalar_metrics
+from fulltune.metrics import classification_metrics, improves, lm_metrics, scalar_metrics
 from fulltune.modelcard import card_facts
 from fulltune.models import ModelBundle, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, optimizer_step, set_lr, warmup_steps
-from fulltune.report import RunLogger, Throughput, done_line, run_header
+from fulltune.report import RunLogger, Throughput, done_line, run_header, run_summary
 from fulltune.runtime import (
     Precision,
     barrier,
@@ -44,8 +44,6 @@ from fulltune.runtime import (
 from fulltune.sharded import save_fsdp_checkpoint
 from fulltune.tasks import TASKS, Task, TaskData, data_loader, infer_task, read_labels, validation_metric
 from fulltune.train_metrics import TrainAccuracy, log_train_accuracy
-
-__all__ = ["Trainer", "TrainingError", "setup", "train"]
 
 
 class Trainer:
@@ -244,11 +242,8 @@ class Trainer:
 
     def _apply_unfreeze(self, epoch: int) -> None:
         """Progressive unfreezing: set requires_grad for this epoch (DDP and the fused step follow the change)."""
-        trainable = self.plan.trainable_at(epoch)
-        base = unwrap(self.model)
-        if trainable == {n for n, p in base.named_parameters() if p.requires_grad}:
+        if not apply_trainable(unwrap(self.model), self.plan.trainable_at(epoch)):
             return
-        apply_trainable(base, trainable)
         if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             self.model = ddist.rewrap_ddp(self.model, self.device)
         if self.fused is not None:
@@ -330,11 +325,9 @@ class Trainer:
             values[-1] = math.nan  # a NaN/inf gradient already went into the weights: report it like a NaN loss
         for (step, _), v in zip(self.pending, values, strict=True):
             if not math.isfinite(v):
-                where = (
-                    f"; the last good checkpoint is {self.last_good}"
-                    if self.last_good
-                    else "; no checkpoint was written before it"
-                )
+                where = f"; the last good checkpoint is {self.last_good}"
+                if self.last_good is None:
+                    where = "; no checkpoint was written before it"
                 raise TrainingError(f"loss became {v} at optimizer step {step} (epoch {self.state.epoch}){where}")
         self.log.loss_values(self.pending[-1][0], values)
         self.pending = []
@@ -345,22 +338,11 @@ class Trainer:
         """A resumable checkpoint at `path` (atomic); older ones beyond checkpoint.keep_last are deleted."""
         self._check_finite()
         with self.throughput.aside():
+            parts = (path, self.model, self.bundle, self.optimizer, self.scaler, self.state, self.cfg, self._meta())
             if ddist.is_fsdp(self.model):  # a collective: every rank writes its shards (or joins the gather)
-                save_fsdp_checkpoint(
-                    path, self.model, self.bundle, self.optimizer, self.scaler, self.state, self.cfg, self._meta()
-                )
+                save_fsdp_checkpoint(*parts)
             elif is_main():
-                ckpt.save_checkpoint(
-                    path,
-                    self.model,
-                    self.bundle,
-                    self.optimizer,
-                    self.scaler,
-                    self.state,
-                    self.cfg,
-                    self._meta(),
-                    param_names=self.param_names,
-                )
+                ckpt.save_checkpoint(*parts, param_names=self.param_names)
             if is_main():
                 ckpt.delete_old_checkpoints(self.out, self.cfg.checkpoint.keep_last)
             barrier()
@@ -371,17 +353,8 @@ class Trainer:
         full_model = ddist.full_model_state(self.model)
         if is_main():
             meta = self._meta({"val_metrics": scalar_metrics(metrics)})
-            ckpt.save_checkpoint(
-                self.out / "best",
-                self.model,
-                self.bundle,
-                None,
-                None,
-                self.state,
-                self.cfg,
-                meta,
-                model_state=full_model,
-            )
+            parts = (self.model, self.bundle, None, None, self.state, self.cfg, meta)  # no optimizer: an export
+            ckpt.save_checkpoint(self.out / "best", *parts, model_state=full_model)
 
     def _meta(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         trainable, total = count_parameters(self.model)
@@ -421,12 +394,7 @@ class Trainer:
         with self.throughput.aside():
             metrics = self.evaluate_split(self.data.val)
             value = metrics[self.metric_name]
-            if s.best_metric is None:
-                improved = True
-            elif self.higher_is_better:
-                improved = value > s.best_metric + stopping.min_delta
-            else:
-                improved = value < s.best_metric - stopping.min_delta
+            improved = improves(value, s.best_metric, self.higher_is_better, stopping.min_delta)
             if improved:
                 s.best_metric, s.best_step, s.evals_without_improvement = value, s.optimizer_step, 0
                 if self.cfg.checkpoint.save_best:
@@ -443,18 +411,7 @@ class Trainer:
     def _summary(self) -> dict[str, Any]:
         """Final numbers (best validation, test metrics of best/, throughput, memory) into summary.json."""
         s = self.state
-        summary: dict[str, Any] = {
-            "task": self.task_name,
-            "method": self.cfg.method.name,
-            "optimizer_steps": s.optimizer_step,
-            "epochs_done": s.epoch,
-            "best_val": {self.metric_name: s.best_metric, "step": s.best_step},
-            "trainable_parameters": self.trainable_params,
-            "total_parameters": self.total_params,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "output_dir": str(self.out),
-            "last_checkpoint": str(self.last_good) if self.last_good else None,
-        }
+        summary = run_summary(self)
         summary.update(self.log.summary())
         summary["train_time_s"], summary["train_samples_per_s"] = self.throughput.totals(s.samples_seen)
         barrier()
