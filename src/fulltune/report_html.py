@@ -203,7 +203,24 @@ def _confusion_section(rec: dict[str, Any], title: str) -> str:
     return "".join(parts)
 
 
+def _history_section(history: list[dict[str, Any]]) -> str:
+    """Every start and resume of the run: when, from where, at which step, and what changed."""
+    body = "".join(
+        f"<tr><td class='l'>{_e(h.get('time', ''))}</td><td class='l'>{_e(h.get('event'))}</td>"
+        f"<td class='l'>{_e(h.get('resumed_from') or '-')}</td><td>{fmt(h.get('optimizer_step'))}</td>"
+        f"<td>{fmt(h.get('epoch'))}</td><td>{fmt(h.get('total_steps'))}</td>"
+        f"<td class='l'>{_e(h.get('note') or '')}</td></tr>"
+        for h in history
+    )
+    return (
+        "<h2>Starts and resumes</h2><table><tr><th class='l'>time (UTC)</th><th class='l'>event</th>"
+        "<th class='l'>from</th><th>at step</th><th>epoch</th><th>steps planned</th>"
+        f"<th class='l'>note</th></tr>{body}</table>"
+    )
+
+
 def render_report(run_dir: Path) -> str:
+    """The report's HTML: what ran, how fast, results, curves, the confusion matrix, starts and resumes, config."""
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     history = read_jsonl(run_dir / "run_history.jsonl")
@@ -273,18 +290,7 @@ def render_report(run_dir: Path) -> str:
             parts.append(_confusion_section(rec, title))
             break
     if history:
-        body = "".join(
-            f"<tr><td class='l'>{_e(h.get('time', ''))}</td><td class='l'>{_e(h.get('event'))}</td>"
-            f"<td class='l'>{_e(h.get('resumed_from') or '-')}</td><td>{fmt(h.get('optimizer_step'))}</td>"
-            f"<td>{fmt(h.get('epoch'))}</td><td>{fmt(h.get('total_steps'))}</td>"
-            f"<td class='l'>{_e(h.get('note') or '')}</td></tr>"
-            for h in history
-        )
-        parts.append(
-            "<h2>Starts and resumes</h2><table><tr><th class='l'>time (UTC)</th><th class='l'>event</th>"
-            "<th class='l'>from</th><th>at step</th><th>epoch</th><th>steps planned</th>"
-            f"<th class='l'>note</th></tr>{body}</table>"
-        )
+        parts.append(_history_section(history))
     parts.append(f"<h2>Config</h2><pre>{_e(config_text)}</pre>")
     parts.append(
         "<p class='muted'>Written by fulltune; rebuild with <code>fulltune report "

@@ -250,6 +250,29 @@ def _recover(
     return recovered, row
 
 
+def _results(
+    args: argparse.Namespace,
+    block: int,
+    rows: list[dict[str, Any]],
+    pruned_dir: Path,
+    recovered: Path | None,
+    report: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """prune_results.json: the perplexity rows, where the models went, the pruning report, timings."""
+    return {
+        "base_model": args.base_model,
+        "eval_file": args.eval_file,
+        "block_size": block,
+        "results": rows,
+        "pruned_model": str(pruned_dir) if pruned_dir.is_dir() else None,
+        "recovered_model": str(recovered) if recovered else None,
+        "prune": {k: report[k] for k in ("params_before", "params_after", "config", "layer_range")},
+        "layers": report["layers"],
+        "timings_s": timings,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from fulltune.perplexity import tokenize_text_file
     from fulltune.prune import parameter_count
@@ -282,13 +305,8 @@ def run(args: argparse.Namespace) -> int:
     eval_ids = tokenize_text_file(args.eval_file, tokenizer) if measure else None
     if eval_ids is not None:
         print(f"original model ({args.base_model}):")
-        rows.append(
-            {
-                "model": "original",
-                "parameters": parameter_count(model),
-                **_perplexity(model, eval_ids, block, device, precision),
-            }
-        )
+        rows.append({"model": "original", "parameters": parameter_count(model)})
+        rows[-1] |= _perplexity(model, eval_ids, block, device, precision)
         guide.perplexity("original", rows[-1]["perplexity"], rows[-1]["tokens"])
         timings["eval_original_s"] = time.perf_counter() - tic
 
@@ -301,13 +319,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if eval_ids is not None:
         tic = time.perf_counter()
-        rows.append(
-            {
-                "model": "pruned",
-                "parameters": report["params_after"],
-                **_perplexity(model, eval_ids, block, device, precision),
-            }
-        )
+        rows.append({"model": "pruned", "parameters": report["params_after"]})
+        rows[-1] |= _perplexity(model, eval_ids, block, device, precision)
         guide.perplexity("pruned", rows[-1]["perplexity"], rows[-1]["tokens"])
         timings["eval_pruned_s"] = time.perf_counter() - tic
     if args.save_model or args.finetune:
@@ -323,17 +336,7 @@ def run(args: argparse.Namespace) -> int:
         guide.perplexity("recovered", row["perplexity"], row["tokens"])
         guide.line(f"recovered model written to {publish_recovered(recovered, out)}")
 
-    results = {
-        "base_model": args.base_model,
-        "eval_file": args.eval_file,
-        "block_size": block,
-        "results": rows,
-        "pruned_model": str(pruned_dir) if pruned_dir.is_dir() else None,
-        "recovered_model": str(recovered) if recovered else None,
-        "prune": {k: report[k] for k in ("params_before", "params_after", "config", "layer_range")},
-        "layers": report["layers"],
-        "timings_s": timings,
-    }
+    results = _results(args, block, rows, pruned_dir, recovered, report, timings)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     if rows:
         guide.line(format_results(rows))

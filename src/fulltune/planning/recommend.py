@@ -110,6 +110,28 @@ def _qlora_estimate(lora: Estimate) -> Estimate:
     )
 
 
+def _peak_at(
+    cfg: Config,
+    task: str,
+    results: dict[str, tuple[Estimate, Facts]],
+    method: str,
+    facts: Facts,
+    micro_batch: int,
+    accumulation: int,
+    checkpointing: bool,
+    device_type: str,
+) -> tuple[float, float]:
+    """(estimated peak, dry-run correction) of `method` at this micro-batch; QLoRA is LoRA's estimate with the base
+    at 4 bits. The correction (measured / estimated at the configured batch) applies to other batches too."""
+    base = "lora" if method == "qlora" else method
+    ref = results[base][0]
+    ratio = ref.measured / ref.peak if ref.measured else 1.0
+    peak = estimate(with_method(cfg, base, micro_batch, accumulation, checkpointing), task, facts, device_type).peak
+    if method == "qlora":
+        peak += results["qlora"][0].weights - ref.weights
+    return peak, ratio
+
+
 def recommend(
     cfg: Config,
     task: str,
@@ -131,25 +153,11 @@ def recommend(
     notes = [] if cuda else ["QLoRA left out: bitsandbytes' 4-bit base needs CUDA"]
     sizes = sorted({cfg.data.batch_size} | {2**k for k in range(16) if 2**k < cfg.data.batch_size}, reverse=True)
     for method in [m for m in order if m in results]:
-        est, facts = results[method]
-        ratio = est.measured / est.peak if est.measured else 1.0  # a dry run corrects other micro-batches too
+        facts = results[method][1]
         for checkpointing in sorted({cfg.training.gradient_checkpointing, True}):
             for m in sizes:
                 accumulation = math.ceil(global_batch / m)
-                if method == "qlora":  # LoRA's estimate at this size, its base at 4 bits
-                    lora = results["lora"][0]
-                    ratio = lora.measured / lora.peak if lora.measured else 1.0
-                    peak = (
-                        estimate(
-                            with_method(cfg, "lora", m, accumulation, checkpointing), task, facts, device_type
-                        ).peak
-                        - lora.weights
-                        + est.weights
-                    )
-                else:
-                    peak = estimate(
-                        with_method(cfg, method, m, accumulation, checkpointing), task, facts, device_type
-                    ).peak
+                peak, ratio = _peak_at(cfg, task, results, method, facts, m, accumulation, checkpointing, device_type)
                 if peak * ratio > limit:
                     continue
                 skipped = [x for x in order[: order.index(method)] if x in results]
@@ -180,20 +188,8 @@ def recommend(
                         + ("; checkpointing adds one" if checkpointing else ""),
                     ],
                 )
-    return Recommendation(
-        None,
-        0,
-        0,
-        True,
-        0.0,
-        [
-            why,
-            f"nothing fits {human(budget)}, even at micro-batch 1 with "
-            "checkpointing: try training.memory=lean, shorter inputs or "
-            "a smaller model",
-            *notes,
-        ],
-    )
+    nothing = f"nothing fits {human(budget)}, even at micro-batch 1 with checkpointing: try training.memory=lean, "
+    return Recommendation(None, 0, 0, True, 0.0, [why, nothing + "shorter inputs or a smaller model", *notes])
 
 
 def available_memory(device_type: str) -> int | None:
