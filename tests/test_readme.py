@@ -84,7 +84,7 @@ def test_readme_block_runs(clone, index):
     env.pop("VIRTUAL_ENV", None)
     script = "set -euo pipefail\n" + block
     result = subprocess.run(
-        ["bash", "-c", script], cwd=clone / "fulltune", env=env, capture_output=True, text=True, timeout=900
+        ["bash", "-c", script], cwd=clone / "fulltune", env=env, capture_output=True, text=True, timeout=1800
     )
     assert result.returncode == 0, (
         f"README block {index} failed:\n{block}\n--- output ---\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
