@@ -9,7 +9,7 @@ from test_plan import family_config
 
 from fulltune import planning as plan
 from fulltune.methods import METHODS
-from fulltune.planning import recommend as plan_rules
+from fulltune.planning.recommend import _qlora_estimate
 
 
 def _results(tmp_path: Path, family: str = "llama"):
@@ -45,7 +45,7 @@ def test_performance_rule(tmp_path):
 def test_memory_rule_picks_qlora_on_cuda_when_lora_does_not_fit(tmp_path):
     cfg, task, results = _results(tmp_path)
     lora = results["lora"][0]
-    qlora = plan_rules._qlora_estimate(lora)
+    qlora = _qlora_estimate(lora)
     assert qlora.weights < lora.weights
     # A budget between QLoRA's and LoRA's smallest peaks (micro-batch 1, checkpointing): only QLoRA fits.
     lora_min = plan.estimate(plan.with_method(cfg, "lora", 1, 16, True), task, results["lora"][1], "cuda").peak

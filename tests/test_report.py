@@ -82,7 +82,7 @@ def test_run_folder_has_a_report_and_readable_logs(image_run):
     assert html.count("<svg") == 4 and "data:image/png;base64," in html
     assert (image_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(x) for x in (image_run / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if r["split"] == "train"]
+    train_rows = [r for r in rows if r["split"] == "train" and "loss" in r]  # (not the per-epoch accuracy rows)
     val_rows = [r for r in rows if r["split"] == "val"]
     assert len(train_rows) == 6 and len(val_rows) == 2
     assert [r["epoch"] for r in train_rows] == [1, 1, 1, 2, 2, 2] and [r["epoch"] for r in val_rows] == [1, 2]

@@ -72,7 +72,7 @@ def test_mlflow_and_wandb_offline_hold_config_loss_curve_and_artifacts(tmp_path,
     (out / "report.html").write_text("<html>report</html>")  # as the report writer leaves it
     summary = train(cfg)
     losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = {r["step"]: r["loss"] for r in losses if "split" not in r}  # train rows (eval rows have a split)
+    losses = {r["step"]: r["loss"] for r in losses if r.get("split") == "train" and "loss" in r}  # the log rows
     assert len(losses) == summary["optimizer_steps"] == 4
 
     # MLflow: the file store in the run folder, read through MlflowClient.

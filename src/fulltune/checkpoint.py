@@ -163,7 +163,8 @@ def save_checkpoint(
 
 
 def write_manifest(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    # The model card (README.md) is left out: it is documentation, refreshed once the run's test metrics exist.
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, "README.md"))
     manifest = {
         "format": 1,
         "files": {

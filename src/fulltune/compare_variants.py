@@ -73,13 +73,15 @@ def parse_variants(text: str) -> list[Variant]:
 def untrained_row(cfg: Config) -> dict[str, Any]:
     """The model as it starts a run (pretrained weights, a fresh head seeded like the runs'), evaluated on the
     validation and test splits without any training step: the seeds' "pretrained / zero-shot" baseline row."""
-    from fulltune.train import _brief, _metric_name, evaluate_split, setup
+    from fulltune.metrics import scalar_metrics
+    from fulltune.tasks import validation_metric
+    from fulltune.train import setup
 
     tic = time.perf_counter()
     run = setup(cfg)
-    metric, _ = _metric_name(run)
-    val = _brief(evaluate_split(run, run.data.val)) if run.data.val is not None else {}
-    test = _brief(evaluate_split(run, run.data.test)) if run.data.test is not None else {}
+    metric, _ = validation_metric(run.cfg, run.task)
+    val = scalar_metrics(run.evaluate_split(run.data.val)) if run.data.val is not None else {}
+    test = scalar_metrics(run.evaluate_split(run.data.test)) if run.data.test is not None else {}
     total = sum(p.numel() for p in run.model.parameters())
     label = UNTRAINED if run.task_name != "causal_lm" else "pretrained (no training)"
     return {

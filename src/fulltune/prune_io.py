@@ -80,7 +80,6 @@ def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, re
     uniform = make_config_standard(model)
     model.save_pretrained(out)
     note = UNIFORM_NOTE if uniform else export_note(model.config)["loading"]
-    (out / "README.md").write_text("# Pruned by fulltune\n\n" + note + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if report is not None:
@@ -88,7 +87,8 @@ def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, re
     from fulltune.modelcard import pruned_meta, write_model_card
 
     base = getattr(model.config, "_name_or_path", "") or "?"
-    write_model_card(out, pruned_meta(base, report, sum(p.numel() for p in model.parameters())))
+    meta = pruned_meta(base, report, sum(p.numel() for p in model.parameters()))
+    write_model_card(out, meta | {"notes": [*(meta.get("notes") or []), note]})  # the card says how to load it
     return out
 
 

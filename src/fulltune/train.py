@@ -210,7 +210,9 @@ class Trainer:
         cfg, t, s = self.cfg, self.cfg.training, self.state
         self.metric_name, self.higher_is_better = validation_metric(cfg, self.task)
         self.log = RunLogger(cfg, self.out, enabled=is_main())
-        self.log.started(self, self.resume)  # train.log, run_history.jsonl and the report say where this run starts
+        self.log.started(
+            self, str(self.resume_point) if self.resume_point else self.resume
+        )  # train.log, run_history.jsonl and the report say where this run starts
         if is_main():
             save_config(cfg, self.out / "config.yaml")
             (self.out / "labels.json").write_text(json.dumps(self.data.labels))

@@ -19,7 +19,7 @@ import yaml
 
 from fulltune.config import ALIASES, Config, to_dict
 from fulltune.config import sections as config_module
-from fulltune.errors import ConfigError
+from fulltune.errors import ConfigError, DataError
 
 # Help for flags that were registered without any: every flag says what it does.
 FLAG_HELP = {
@@ -186,10 +186,10 @@ def render_config(cfg: Config) -> str:
 def require_training_data(cfg: Config) -> None:
     """`train` without any data is a one-line error, before anything (an output folder) is created."""
     d = cfg.data
-    if not (d.data_dir or d.train_file):
+    if not (d.data_dir or d.train_file or d.dataset_name):
         raise ConfigError(
             "no training data: give --data_dir DIR or --train_file FILE (or data.data_dir / "
             "data.train_file in the --config file); `fulltune config` lists every key"
         )
     if d.data_dir and not Path(d.data_dir).is_dir():
-        raise ConfigError(f"data.data_dir '{d.data_dir}' does not exist")
+        raise DataError(f"data.data_dir '{d.data_dir}' does not exist")

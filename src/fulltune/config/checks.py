@@ -96,7 +96,12 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
         ("training.eval_every_steps", t.eval_every_steps, *optional_ge(1)),
         ("training.early_stopping.min_delta", t.early_stopping.min_delta, *ge(0)),
         ("training.early_stopping.patience", t.early_stopping.patience, *ge(1)),
-        ("training.progressive_unfreezing.auto", t.progressive_unfreezing.auto, *optional_ge(1)),
+        (
+            "training.progressive_unfreezing.auto",
+            t.progressive_unfreezing.auto,
+            lambda v: v is None or v == "proportional" or v >= 1,
+            ">= 1, 'proportional' (or null)",
+        ),
         ("checkpoint.save_every_epochs", c.save_every_epochs, *ge(0)),
         ("checkpoint.save_every_steps", c.save_every_steps, *optional_ge(1)),
         ("checkpoint.keep_last", c.keep_last, *ge(0)),

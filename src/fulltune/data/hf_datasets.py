@@ -203,7 +203,7 @@ class HubImageDataset(torch.utils.data.Dataset):
         self, ds: Any, rows: list[int], label_ids: list[int], spec: Any, aug: Any, where: str, image_column: str
     ) -> None:
         datasets = _datasets()
-        # Undecoded: {'bytes', 'path'} per row, so the image is opened exactly as a file is (JPEG draft mode).
+        # Undecoded: {'bytes', 'path'} per row, so the image is opened exactly as a file is (JPEG draft mode in training).
         self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.rows = rows
         self.label_ids = label_ids
@@ -215,21 +215,22 @@ class HubImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def image(self, index: int) -> Any:
+    def image(self, index: int, draft: bool = False) -> Any:
         row = self.rows[index]
         cell = self.ds[row][self.image_column]
         source = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
         if source is None:
             raise DataError(f"{self.where} row {row + 1}: no image bytes or path")
         try:
-            return img.load_rgb(source, self.spec.size)
+            return img.load_rgb(source, self.spec.size, draft=draft)  # as ImageDataset decodes files
         except DataError:
             raise DataError(f"{self.where} row {row + 1}: the image cannot be decoded") from None
 
     def __getitem__(self, key: Any) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        im = self.image(index)
-        if self.aug is not None and seed is not None:
+        train = self.aug is not None and seed is not None
+        im = self.image(index, draft=train)
+        if train:
             pixels = img.train_transform(im, self.spec, self.aug, random.Random(seed))
         else:
             pixels = img.eval_transform(im, self.spec)
