@@ -203,7 +203,7 @@ class HubImageDataset(torch.utils.data.Dataset):
         self, ds: Any, rows: list[int], label_ids: list[int], spec: Any, aug: Any, where: str, image_column: str
     ) -> None:
         datasets = _datasets()
-        # Undecoded: {'bytes', 'path'} per row, so the image is opened exactly as a file is (JPEG draft mode in training).
+        # Undecoded: {'bytes', 'path'} per row, so the image is opened exactly as a file is (draft JPEG in training).
         self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.rows = rows
         self.label_ids = label_ids
