@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench lint install clean gpu-wheels gpu-check-dry
+.PHONY: demo test test-slow bench lint install clean gpu-wheels gpu-check-dry
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,8 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fulltune demo --output_dir outputs/demo
 
+# The suite CI runs (tests marked slow, such as the README's blocks in a fresh clone, are `make test-slow`).
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -x --durations=15 -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m slow
 
 bench: $(STAMP)
 	$(PY) bench/vs_hf_trainer.py
