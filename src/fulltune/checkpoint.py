@@ -174,6 +174,21 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+def refresh_manifest(folder: Path, names: list[str]) -> None:
+    """Re-record the size and SHA-256 of files fulltune itself rewrote in a finished folder (the run record gains
+    the test metrics once they exist); a folder without a manifest is left as it is."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return
+    manifest = read_json(path)
+    for name in names:
+        f = Path(folder) / name
+        manifest["files"][name] = {"bytes": f.stat().st_size, "sha256": file_digest(f)}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+
+
 class DamagedCheckpoint(ConfigError):
     """A checkpoint that is incomplete, damaged or unsafe to load; the message names the folder and the file."""
 

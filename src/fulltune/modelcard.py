@@ -283,6 +283,9 @@ def refresh_with_test(run_dir: Path) -> None:
     meta = json.loads(meta_path.read_text())
     meta["test_metrics"] = {k: v for k, v in test.items() if k != "weights"}
     meta_path.write_text(json.dumps(meta, indent=2, default=str))
+    from fulltune.checkpoint import refresh_manifest
+
+    refresh_manifest(folder, [meta_path.name])  # the checkpoint stays verifiable
     write_model_card(folder, meta)
 
 
