@@ -111,7 +111,8 @@ def test_resume_with_more_epochs_is_logged_and_report_rebuilds(image_run, tmp_pa
     assert [h["event"] for h in history] == ["start", "resume"]
     assert history[1]["optimizer_step"] == 6 and history[1]["total_steps"] == 9
     log = (run / "train.log").read_text()
-    assert "resumed from auto at optimizer step 6 of 9" in log and "the schedule changed: 6 -> 9" in log
+    assert f"resumed from {run / 'checkpoint-epoch-2'} at optimizer step 6 of 9" in log  # names the checkpoint
+    assert "the schedule changed: 6 -> 9" in log
     (run / "report.html").unlink()
     assert main(["report", str(run)]) == 0
     assert "resume" in (run / "report.html").read_text()
