@@ -210,9 +210,8 @@ class Trainer:
         cfg, t, s = self.cfg, self.cfg.training, self.state
         self.metric_name, self.higher_is_better = validation_metric(cfg, self.task)
         self.log = RunLogger(cfg, self.out, enabled=is_main())
-        self.log.started(
-            self, str(self.resume_point) if self.resume_point else self.resume
-        )  # train.log, run_history.jsonl and the report say where this run starts
+        # train.log, run_history.jsonl and the report say where this run starts (the checkpoint resumed from)
+        self.log.started(self, str(self.resume_point or self.resume or ""))
         if is_main():
             save_config(cfg, self.out / "config.yaml")
             (self.out / "labels.json").write_text(json.dumps(self.data.labels))
@@ -327,9 +326,8 @@ class Trainer:
             values[-1] = math.nan  # a NaN/inf gradient already went into the weights: report it like a NaN loss
         for (step, _), v in zip(self.pending, values, strict=True):
             if not math.isfinite(v):
-                where = f"; the last good checkpoint is {self.last_good}"
-                if self.last_good is None:
-                    where = "; no checkpoint was written before it"
+                good = self.last_good
+                where = f"; the last good checkpoint is {good}" if good else "; no checkpoint was written before it"
                 raise TrainingError(f"loss became {v} at optimizer step {step} (epoch {self.state.epoch}){where}")
         self.log.loss_values(self.pending[-1][0], values)
         self.pending = []
