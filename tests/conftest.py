@@ -45,6 +45,11 @@ TINY_CLIP = {
     },
     "projection_dim": 16,
 }
+# CLIP with a text tower big enough for a word-level tokenizer of the prompt templates (zero-shot heads).
+TINY_CLIP_FULL = {
+    **TINY_CLIP,
+    "text_config": {**TINY_CLIP["text_config"], "vocab_size": 96, "max_position_embeddings": 32},
+}
 TINY_VIT = {
     "model_type": "vit",
     "hidden_size": 32,

@@ -5,32 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from conftest import TINY_CLIP_FULL
 
 from fulltune.config import DEFAULT_PROMPT_TEMPLATES
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<unk>"
-TINY_CLIP_FULL = {
-    "vision_config": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 32,
-        "patch_size": 8,
-    },
-    "text_config": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "vocab_size": 96,
-        "max_position_embeddings": 32,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
-    },
-    "projection_dim": 16,
-}
 
 
 def make_tiny_clip(folder: Path, words: list[str] = (), seed: int = 0, image_size: int = 32) -> Path:
