@@ -170,6 +170,34 @@ def base_overrides(out: Path, tiny: dict, **extra: object) -> dict:
     return cfg
 
 
+def tiny_bert_text_config(out: Path, text_data: Path, **extra: object):  # -> fulltune.config.Config
+    """The validated config of the tiny BERT on a text data folder (base_overrides + data folder and column)."""
+    from fulltune.config import load_config
+
+    return load_config(
+        None, base_overrides(out, TINY_BERT, data__data_dir=str(text_data), data__text_column="sentence", **extra)
+    )
+
+
+def tiny_bert_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """`fulltune train` argv for the tiny BERT on a text data folder (fp32, quiet); `extra` flags or key=value."""
+    import json
+
+    return [
+        "train",
+        "--data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "data.text_column=sentence",
+        f"model.tiny_config={json.dumps(TINY_BERT)}",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "hardware.mixed_precision=no",
+        *extra,
+    ]
+
+
 def parse_cli(*argv: str):  # -> argparse.Namespace
     """The namespace `fulltune ARGV...` parses to (the real parser, every command registered)."""
     from fulltune.cli import build_parser

@@ -4,10 +4,9 @@ and keeps the last good checkpoint."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import TINY_BERT, TINY_CLIP, write_images
+from conftest import TINY_CLIP, tiny_bert_train_args, write_images
 
 from fulltune import checkpoint as ckpt
 from fulltune.cli import main
@@ -19,30 +18,14 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     return code, (err[-1] if err else "")
 
 
-def text_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--data_dir",
-        str(data),
-        "--output_dir",
-        str(out),
-        "data.text_column=sentence",
-        f"model.tiny_config={json.dumps(TINY_BERT)}",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "hardware.mixed_precision=no",
-        *extra,
-    ]
-
-
 def test_missing_data_folder(capsys, tmp_path):
-    code, err = run_cli(capsys, *text_args(tmp_path / "nope", tmp_path / "out"))
+    code, err = run_cli(capsys, *tiny_bert_train_args(tmp_path / "nope", tmp_path / "out"))
     assert code != 0 and "nope" in err and "does not exist" in err
 
 
 def test_empty_data_folder(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
-    code, err = run_cli(capsys, *text_args(tmp_path / "empty", tmp_path / "out"))
+    code, err = run_cli(capsys, *tiny_bert_train_args(tmp_path / "empty", tmp_path / "out"))
     assert code != 0 and "no training table" in err
 
 
@@ -50,29 +33,29 @@ def test_empty_file(capsys, tmp_path):
     d = tmp_path / "d"
     d.mkdir()
     (d / "train.tsv").write_text("")
-    code, err = run_cli(capsys, *text_args(d, tmp_path / "out"))
+    code, err = run_cli(capsys, *tiny_bert_train_args(d, tmp_path / "out"))
     assert code != 0 and "train.tsv" in err and "empty" in err
 
 
 def test_missing_column(capsys, text_data, tmp_path):
-    code, err = run_cli(capsys, *text_args(text_data, tmp_path / "out"), "data.label_column=sentiment")
+    code, err = run_cli(capsys, *tiny_bert_train_args(text_data, tmp_path / "out"), "data.label_column=sentiment")
     assert code != 0 and "no column 'sentiment'" in err and "sentence, label" in err
 
 
 def test_unknown_label_in_val(capsys, text_data, tmp_path):
     with open(text_data / "val.tsv", "a") as f:
         f.write("some new text\t7\n")
-    code, err = run_cli(capsys, *text_args(text_data, tmp_path / "out"))
+    code, err = run_cli(capsys, *tiny_bert_train_args(text_data, tmp_path / "out"))
     assert code != 0 and "val.tsv" in err and "row 9" in err and "label '7'" in err
 
 
 def test_config_typo(capsys, text_data, tmp_path):
-    code, err = run_cli(capsys, *text_args(text_data, tmp_path / "out"), "training.base_learnig_rate=1e-4")
+    code, err = run_cli(capsys, *tiny_bert_train_args(text_data, tmp_path / "out"), "training.base_learnig_rate=1e-4")
     assert code == 2 and "training.base_learnig_rate" in err and "base_learning_rate" in err
 
 
 def test_config_wrong_type_and_yaml_typo(capsys, text_data, tmp_path):
-    code, err = run_cli(capsys, *text_args(text_data, tmp_path / "out"), "training.num_epochs=many")
+    code, err = run_cli(capsys, *tiny_bert_train_args(text_data, tmp_path / "out"), "training.num_epochs=many")
     assert code == 2 and "training.num_epochs" in err and "integer" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  optimiser: adamw\n")
@@ -155,7 +138,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, text_data, tmp_pa
     out = tmp_path / "out"
     code, err = run_cli(
         capsys,
-        *text_args(text_data, out),
+        *tiny_bert_train_args(text_data, out),
         "data.batch_size=4",
         "checkpoint.save_every_steps=2",
         "logging.log_every_steps=100",

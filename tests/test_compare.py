@@ -17,19 +17,22 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parse_cli("compare", *argv)
 
 
+def write_compare_config(folder, **sections: dict) -> object:
+    """config.yaml for compare runs on the tiny BERT: one epoch, fp32, quiet; `sections` are merged in."""
+    values = {
+        "model": {"tiny_config": TINY_BERT},
+        "data": {"text_column": "sentence", "batch_size": 16},
+        "training": {"num_epochs": 1, "seed": 0, "base_learning_rate": 1e-3},
+        "hardware": {"mixed_precision": "no"},
+        "logging": {"tensorboard": False, "log_every_steps": 1},
+    }
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump(values | sections))
+    return config
+
+
 def test_compare_reports_a_failing_method_and_runs_the_other(tmp_path, text_data):
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"tiny_config": TINY_BERT},
-                "data": {"text_column": "sentence", "batch_size": 16},
-                "training": {"num_epochs": 1, "seed": 0, "base_learning_rate": 1e-3},
-                "hardware": {"mixed_precision": "no"},
-                "logging": {"tensorboard": False, "log_every_steps": 1},
-            }
-        )
-    )
+    config = write_compare_config(tmp_path)
     out = tmp_path / "cmp"
     # LoRA aimed at a module the model does not have fails in its own process; the linear probe still runs.
     args = _parse(

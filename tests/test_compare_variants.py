@@ -6,7 +6,8 @@ import json
 
 import pytest
 import yaml
-from conftest import TINY_BERT, parse_cli
+from conftest import parse_cli
+from test_compare import write_compare_config
 
 from fulltune.compare import learning_rates, markdown, parse_methods
 from fulltune.compare_variants import UNTRAINED, parse_variants
@@ -65,19 +66,7 @@ def test_top5_column_only_with_more_than_five_classes():
 
 
 def test_compare_runs_variants_and_the_untrained_row(tmp_path, text_data):
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"tiny_config": TINY_BERT},
-                "data": {"text_column": "sentence", "batch_size": 16},
-                "training": {"num_epochs": 1, "seed": 0, "base_learning_rate": 1e-3},
-                "hardware": {"mixed_precision": "no"},
-                "logging": {"tensorboard": False, "log_every_steps": 1},
-                "checkpoint": {"save_best": False},
-            }
-        )
-    )
+    config = write_compare_config(tmp_path, checkpoint={"save_best": False})
     out = tmp_path / "cmp"
     args = parse_cli(
         "compare",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT
+from conftest import tiny_bert_train_args
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -39,17 +39,9 @@ def run_fulltune(args: list[str], nproc: int = 1, timeout: int = 300) -> subproc
 
 
 def text_train_args(data: Path, out: Path, batch: int, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--data_dir",
-        str(data),
-        "--output_dir",
-        str(out),
-        "data.text_column=sentence",
-        f"model.tiny_config={json.dumps(TINY_BERT)}",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "hardware.mixed_precision=no",
+    return tiny_bert_train_args(
+        data,
+        out,
         "model.dropout=0.0",
         "training.seed=0",
         f"data.batch_size={batch}",
@@ -57,7 +49,7 @@ def text_train_args(data: Path, out: Path, batch: int, *extra: str) -> list[str]
         "checkpoint.keep_last=0",
         "checkpoint.save_best=false",
         *extra,
-    ]
+    )
 
 
 def last_weights(out: Path, name: str) -> dict[str, torch.Tensor]:

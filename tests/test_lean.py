@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_BERT, base_overrides
+from conftest import tiny_bert_text_config
 
-from fulltune.config import load_config
 from fulltune.lean import BF16AdamW
 
 
 def _lean_cfg(out, text_data, **extra):
-    return load_config(
-        None,
-        base_overrides(
-            out,
-            TINY_BERT,
-            data__data_dir=str(text_data),
-            data__text_column="sentence",
-            data__batch_size=4,
-            model__dropout=0.0,
-            training__num_epochs=2,
-            **extra,
-        ),
+    return tiny_bert_text_config(
+        out, text_data, **({"data__batch_size": 4, "model__dropout": 0.0, "training__num_epochs": 2} | extra)
     )
 
 

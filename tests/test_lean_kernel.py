@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from test_lean_optimizer import step_beside_fp32_adamw
 from torch import nn
 
 from fulltune.lean import BF16AdamW
@@ -104,7 +105,6 @@ def train(model, opt, steps, start=0):
 
 def distance_to_fp32_adamw(compiled: bool) -> float:
     model = mlp()
-    ref = copy.deepcopy(model).float()
     opt = BF16AdamW(
         model.parameters(),
         lr=1e-3,
@@ -114,16 +114,7 @@ def distance_to_fp32_adamw(compiled: bool) -> float:
         compiled=compiled,
         chunk_size=1000,
     )
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        x = torch.randn(32, 16, generator=g)
-        model(x.bfloat16()).float().pow(2).mean().backward()
-        for p, r in zip(model.parameters(), ref.parameters(), strict=True):
-            r.grad = p.grad.float()
-        opt.step()
-        opt.zero_grad()
-        ref_opt.step()
+    ref = step_beside_fp32_adamw(model, opt)
     assert opt.compiled == compiled  # the kernel built (else it would have fallen back to eager, with a warning)
     diffs = torch.cat([(p.float() - r).flatten() for p, r in zip(model.parameters(), ref.parameters(), strict=True)])
     assert abs(diffs.mean().item()) < 1e-4  # unbiased: the rounding errors cancel on average

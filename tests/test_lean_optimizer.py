@@ -59,15 +59,12 @@ def test_fp32_params_match_torch_adamw_exactly() -> None:
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("state_dtype", ["mixed", "fp32"])
-def test_bf16_update_matches_fp32_adamw(state_dtype: str) -> None:
-    """Same gradients (from the bf16 model) into BF16AdamW on bf16 weights and torch AdamW on an fp32 copy."""
-    model = mlp()
+def step_beside_fp32_adamw(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 8) -> nn.Module:
+    """`steps` of `opt` on the bf16 `model`, and torch AdamW on an fp32 copy fed the same gradients; the copy."""
     ref = copy.deepcopy(model).float()
-    opt = BF16AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, state_dtype=state_dtype)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
-    for _ in range(8):
+    for _ in range(steps):
         x = torch.randn(32, 16, generator=g)
         model(x.bfloat16()).float().pow(2).mean().backward()
         for p, r in zip(model.parameters(), ref.parameters(), strict=True):
@@ -75,6 +72,15 @@ def test_bf16_update_matches_fp32_adamw(state_dtype: str) -> None:
         opt.step()
         opt.zero_grad()
         ref_opt.step()
+    return ref
+
+
+@pytest.mark.parametrize("state_dtype", ["mixed", "fp32"])
+def test_bf16_update_matches_fp32_adamw(state_dtype: str) -> None:
+    """Same gradients (from the bf16 model) into BF16AdamW on bf16 weights and torch AdamW on an fp32 copy."""
+    model = mlp()
+    opt = BF16AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, state_dtype=state_dtype)
+    ref = step_beside_fp32_adamw(model, opt)
     # weight + compensation carries ~16 significant bits of the fp32 trajectory; a bf16 exp_avg adds its own
     # rounding noise on top (~0.4% of an lr-sized step, per step)
     atol = 2e-6 if state_dtype == "fp32" else 5e-5

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT, TINY_CLIP, TINY_LLAMA, TINY_VIT, base_overrides
+from conftest import TINY_BERT, TINY_CLIP, TINY_LLAMA, TINY_VIT, tiny_bert_text_config
 from safetensors.torch import load_file
 
 from fulltune import train as train_module
@@ -29,10 +29,7 @@ from fulltune.train import setup, train
 BERT_LAYERS = 2  # TINY_BERT's blocks
 
 
-def _text_cfg(out: Path, text_data: Path, **extra: object):
-    return load_config(
-        None, base_overrides(out, TINY_BERT, data__data_dir=str(text_data), data__text_column="sentence", **extra)
-    )
+_text_cfg = tiny_bert_text_config
 
 
 def _model(tiny: dict, task: str, **extra: object):

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BERT, base_overrides
+from conftest import TINY_BERT, base_overrides, tiny_bert_text_config
 
 from fulltune.config import ConfigError, load_config
 from fulltune.train import train
@@ -53,20 +53,15 @@ def test_mlflow_and_wandb_offline_hold_config_loss_curve_and_artifacts(tmp_path,
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    cfg = load_config(
-        None,
-        base_overrides(
-            out,
-            TINY_BERT,
-            data__data_dir=str(text_data),
-            data__text_column="sentence",
-            data__batch_size=8,
-            training__num_epochs=1,
-            logging__log_every_steps=1,
-            logging__report_to=["mlflow", "wandb"],
-            logging__run_name="tiny-bert",
-            logging__tags=["smoke", "owner=ci"],
-        ),
+    cfg = tiny_bert_text_config(
+        out,
+        text_data,
+        data__batch_size=8,
+        training__num_epochs=1,
+        logging__log_every_steps=1,
+        logging__report_to=["mlflow", "wandb"],
+        logging__run_name="tiny-bert",
+        logging__tags=["smoke", "owner=ci"],
     )
     (out).mkdir(parents=True)
     (out / "report.html").write_text("<html>report</html>")  # as the report writer leaves it
@@ -122,15 +117,10 @@ def test_missing_client_is_one_line_naming_the_extra(tmp_path, text_data, monkey
     import sys
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
-    cfg = load_config(
-        None,
-        base_overrides(
-            tmp_path / "run",
-            TINY_BERT,
-            data__data_dir=str(text_data),
-            data__text_column="sentence",
-            logging__report_to=["mlflow"],
-        ),
+    cfg = tiny_bert_text_config(
+        tmp_path / "run",
+        text_data,
+        logging__report_to=["mlflow"],
     )
     with pytest.raises(ConfigError, match=r"pip install 'fulltune\[mlflow\]'"):
         train(cfg)
@@ -142,18 +132,13 @@ def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path, text_data):
     out = tmp_path / "run"
 
     def cfg(epochs: int):
-        return load_config(
-            None,
-            base_overrides(
-                out,
-                TINY_BERT,
-                data__data_dir=str(text_data),
-                data__text_column="sentence",
-                data__batch_size=16,
-                training__num_epochs=epochs,
-                logging__log_every_steps=1,
-                logging__report_to=["mlflow"],
-            ),
+        return tiny_bert_text_config(
+            out,
+            text_data,
+            data__batch_size=16,
+            training__num_epochs=epochs,
+            logging__log_every_steps=1,
+            logging__report_to=["mlflow"],
         )
 
     train(cfg(1))

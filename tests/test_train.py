@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT, TINY_CLIP, TINY_VIT, base_overrides
+from conftest import TINY_BERT, TINY_CLIP, TINY_VIT, base_overrides, tiny_bert_text_config
 from safetensors.torch import load_file
 
 from fulltune import checkpoint as ckpt
@@ -72,10 +72,7 @@ def test_overfits_eight_samples(tmp_path, text_data, image_data, tiny, kind):
     assert final < 0.05, final
 
 
-def _text_cfg(out, text_data, **extra):
-    return load_config(
-        None, base_overrides(out, TINY_BERT, data__data_dir=str(text_data), data__text_column="sentence", **extra)
-    )
+_text_cfg = tiny_bert_text_config
 
 
 def test_accumulation_2x2_equals_batch_of_4(tmp_path, text_data):
