@@ -114,72 +114,109 @@ def evaluate_checkpoint(
     device: str = "auto",
     block_size: int | None = None,
     stride: int | None = None,
+    dataset_name: str | None = None,
 ) -> dict[str, Any]:
-    """`fulltune evaluate`: metrics of an exported checkpoint on a split of a data folder (or one file)."""
+    """`fulltune evaluate`: metrics of an exported checkpoint on a split of a data folder (or one file), or on a
+    split of a `datasets` source: `dataset_name`, else the run's data.dataset_name when no folder or file is given."""
     from fulltune.config import ConfigError, config_from_dict
-    from fulltune.data import images as img
-    from fulltune.data import text as txt
-    from fulltune.errors import DataError
     from fulltune.models import load_exported
     from fulltune.runtime import resolve_device, resolve_precision
 
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
-    split = _canonical_split(split, file)
     dev = resolve_device(device)
     bundle = load_exported(checkpoint, dev)
     cfg = config_from_dict(bundle.extra["fulltune_config"])
+    hub = None
+    if dataset_name or (cfg.data.dataset_name and not data_dir and not file):
+        from fulltune.data import hf_eval
+
+        hub = hf_eval.open_split(cfg, split, dataset_name)
+    else:
+        split = _canonical_split(split, file)
     precision = resolve_precision(cfg.hardware.mixed_precision, dev)
     labels = bundle.extra.get("labels")
     out = Path(output_dir) if output_dir else default_output_dir(checkpoint, split, file)
     if bundle.task == "causal_lm":
-        from fulltune.perplexity import perplexity, tokenize_text_file
-
-        found = [Path(data_dir) / f"{stem}.txt" for stem in txt.SPLIT_NAMES[split]] if data_dir else []
-        path = file or next((str(f) for f in found if f.is_file()), str(found[0]) if found else None)
-        if path is None or not Path(path).is_file():
-            raise DataError(f"perplexity needs a text file: --file PATH (got {path})")
-        ids = tokenize_text_file(path, bundle.tokenizer)
-        size = block_size or cfg.data.seq_len
-        metrics = perplexity(
-            bundle.model,
-            ids,
-            block_size=size,
-            stride=stride,
-            batch_size=max(1, batch_size // 4),
-            device=dev,
-            autocast_ctx=precision.autocast,
-        )
-        metrics["file"] = str(path)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        return metrics
-    if bundle.task == "image_classification":
-        if not data_dir:
-            raise DataError("image evaluation needs --data_dir with <split>/<class>/ folders")
-        folder = img.scan_split(_split_folder(Path(data_dir), split), labels)
-        for skipped in folder.skipped:
-            print(f"skipped unreadable image: {skipped}", file=sys.stderr)
-        dataset: Any = img.ImageDataset(folder, bundle.image_spec, None)
-        collate: Any = img.collate_images
-        workers = 2
-        inputs = [str(path) for path, _ in folder.samples]
-    else:
-        path = Path(file) if file else (txt.find_split_file(data_dir, split) if data_dir else None)
-        if path is None or not path.is_file():
-            raise DataError(f"no {split} table in '{data_dir}' (expected {split}.csv/.tsv/.jsonl) and no --file")
-        examples = txt.read_examples(path, cfg.data)
-        inputs = list(examples.texts)
-        ids = txt.tokenize(bundle.tokenizer, examples.texts, cfg.data.max_length)
-        dataset = txt.TokenizedDataset(ids, txt.label_ids(examples, labels))
-        collate = txt.PadCollator(bundle.tokenizer.pad_token_id)
-        workers = 0
+        return _perplexity(bundle, cfg, hub, data_dir, split, file, out, batch_size, dev, precision, block_size, stride)
+    dataset, collate, workers, inputs, skipped = _classification_inputs(bundle, cfg, hub, data_dir, split, file, labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
     write_classification_report(metrics, labels, out)
     write_predictions(out / "predictions.jsonl", inputs, metrics, labels)
     metrics["output_dir"] = str(out)
     metrics["labels"] = labels
-    if bundle.task == "image_classification":
-        metrics["skipped_images"] = len(folder.skipped)
+    if hub is not None:
+        metrics["dataset"] = hub.shown
+    if bundle.task == "image_classification" and hub is None:
+        metrics["skipped_images"] = skipped
     return metrics
+
+
+def _perplexity(
+    bundle: Any, cfg: Any, hub: Any, data_dir: str | None, split: str, file: str | None, out: Path, batch_size: int,
+    dev: Any, precision: Any, block_size: int | None, stride: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Perplexity of a causal LM on a text file (or a dataset split, scored as the file of its rows)."""
+    from fulltune.data import text as txt
+    from fulltune.errors import DataError
+    from fulltune.perplexity import perplexity, tokenize_text_file
+
+    if hub is not None:
+        from fulltune.data import hf_eval
+
+        ids, source = hf_eval.lm_token_ids(cfg, hub, bundle.tokenizer), {"dataset": hub.shown}
+    else:
+        found = [Path(data_dir) / f"{stem}.txt" for stem in txt.SPLIT_NAMES[split]] if data_dir else []
+        path = file or next((str(f) for f in found if f.is_file()), str(found[0]) if found else None)
+        if path is None or not Path(path).is_file():
+            raise DataError(f"perplexity needs a text file: --file PATH (got {path})")
+        ids, source = tokenize_text_file(path, bundle.tokenizer), {"file": str(path)}
+    metrics = perplexity(
+        bundle.model,
+        ids,
+        block_size=block_size or cfg.data.seq_len,
+        stride=stride,
+        batch_size=max(1, batch_size // 4),
+        device=dev,
+        autocast_ctx=precision.autocast,
+    )
+    metrics.update(source)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _classification_inputs(
+    bundle: Any, cfg: Any, hub: Any, data_dir: str | None, split: str, file: str | None, labels: list[str]
+) -> tuple[Any, Any, int, list[str], int]:
+    """(dataset, collate, workers, input names, skipped images) of the split to classify."""
+    from fulltune.data import images as img
+    from fulltune.data import text as txt
+    from fulltune.errors import DataError
+
+    if bundle.task == "image_classification":
+        if hub is not None:
+            from fulltune.data import hf_eval
+
+            dataset, inputs = hf_eval.image_dataset(cfg, hub, labels, bundle.image_spec)
+            return dataset, img.collate_images, 2, inputs, 0
+        if not data_dir:
+            raise DataError("image evaluation needs --data_dir with <split>/<class>/ folders")
+        folder = img.scan_split(_split_folder(Path(data_dir), split), labels)
+        for skipped in folder.skipped:
+            print(f"skipped unreadable image: {skipped}", file=sys.stderr)
+        dataset = img.ImageDataset(folder, bundle.image_spec, None)
+        return dataset, img.collate_images, 2, [str(path) for path, _ in folder.samples], len(folder.skipped)
+    collate = txt.PadCollator(bundle.tokenizer.pad_token_id)
+    if hub is not None:
+        from fulltune.data import hf_eval
+
+        dataset, texts = hf_eval.text_dataset(cfg, hub, labels, bundle.tokenizer)
+        return dataset, collate, 0, texts, 0
+    path = Path(file) if file else (txt.find_split_file(data_dir, split) if data_dir else None)
+    if path is None or not path.is_file():
+        raise DataError(f"no {split} table in '{data_dir}' (expected {split}.csv/.tsv/.jsonl) and no --file")
+    examples = txt.read_examples(path, cfg.data)
+    ids = txt.tokenize(bundle.tokenizer, examples.texts, cfg.data.max_length)
+    return txt.TokenizedDataset(ids, txt.label_ids(examples, labels)), collate, 0, list(examples.texts), 0

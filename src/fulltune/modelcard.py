@@ -31,7 +31,9 @@ def card_facts(cfg: Any, data: Any, state: Any) -> dict[str, Any]:
         source = {"dataset_name": d.dataset_name, "dataset_config": d.dataset_config, "train_split": d.train_split}
     else:
         source = {k: getattr(d, k) for k in ("data_dir", "train_file", "val_file", "test_file") if getattr(d, k)}
-    sizes = {split: len(getattr(data, split)) for split in ("train", "val", "test") if getattr(data, split) is not None}
+    from fulltune.tasks import split_size
+
+    sizes = {w: split_size(getattr(data, w)) for w in ("train", "val", "test") if getattr(data, w) is not None}
     facts: dict[str, Any] = {"data": {"source": source, "sizes": sizes, "val_source": data.info.get("val_source")}}
     if state.history:
         facts["last_val"] = state.history[-1]
@@ -215,7 +217,8 @@ def render(meta: dict[str, Any]) -> str:
     if source:
         lines += [f"- {k}: `{v}`" for k, v in source.items() if v is not None]
     if data.get("sizes"):
-        lines.append("- Examples: " + ", ".join(f"{k} {v:,}" for k, v in data["sizes"].items()))
+        sizes = ("streamed" if v is None else f"{v:,}" for v in data["sizes"].values())
+        lines.append("- Examples: " + ", ".join(f"{k} {v}" for k, v in zip(data["sizes"], sizes, strict=True)))
     if data.get("val_source"):
         lines.append(f"- Validation split: {data['val_source']}")
     if not source and not data.get("sizes"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,13 +161,6 @@ def perplexity(
     }
 
 
-def _iter_text_chunks(path: str | Path, chunk_chars: int) -> Iterator[str]:
-    """Runs of whole lines of about ``chunk_chars`` characters, read lazily (see `fulltune.data.lm.line_chunks`)."""
-    # newline=None: universal newlines, "\r\n" and "\r" arrive as "\n" (as in training's read_text)
-    with open(path, encoding="utf-8", newline=None) as f:
-        yield from line_chunks(f, chunk_chars)
-
-
 def tokenize_text_file(
     path: str | Path, tokenizer: Any, add_bos: bool = True, chunk_chars: int = 1_000_000
 ) -> torch.LongTensor:
@@ -180,11 +173,21 @@ def tokenize_text_file(
     space to every call (SentencePiece Llama 2) see one extra space at each chunk boundary. Only the tokenizer's
     BOS (if ``add_bos`` and it has one) is added, once, at the very start; no EOS is appended.
     """
+    # newline=None: universal newlines, "\r\n" and "\r" arrive as "\n" (as in training's read_text)
+    with open(path, encoding="utf-8", newline=None) as f:
+        return tokenize_lines(f, tokenizer, add_bos, chunk_chars)
+
+
+def tokenize_lines(
+    lines: Iterable[str], tokenizer: Any, add_bos: bool = True, chunk_chars: int = 1_000_000
+) -> torch.LongTensor:
+    """What `tokenize_text_file` gives for a file holding `lines` (each with its line end), from any iterable of
+    lines (a dataset split's rows, say)."""
     pieces: list[torch.Tensor] = []
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_bos and bos is not None:
         pieces.append(torch.tensor([bos], dtype=torch.long))
-    for text in _iter_text_chunks(path, chunk_chars):
+    for text in line_chunks(lines, chunk_chars):
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no max-length warning
         pieces.append(torch.tensor(ids, dtype=torch.long))
     if not pieces:

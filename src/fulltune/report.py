@@ -102,7 +102,10 @@ class RunLogger:
                 f"step {state.optimizer_step} on"
             )
         trainable, total = _count(run.model)
-        sizes = {s: len(getattr(data, s)) for s in ("train", "val", "test") if getattr(data, s, None) is not None}
+        from fulltune.tasks import split_size
+
+        present = [w for w in ("train", "val", "test") if getattr(data, w, None) is not None]
+        sizes = {w: split_size(getattr(data, w)) for w in present}
         metric = cfg.training.metric
         if metric == "auto":
             from fulltune.tasks import TASKS
@@ -383,10 +386,14 @@ def run_header(trainer: Any) -> str:
 
     cfg, t, data = trainer.cfg, trainer.cfg.training, trainer.data
     global_batch = cfg.data.batch_size * t.gradient_accumulation_steps * world_size()
-    val = f", {len(data.val)} val" if data.val is not None else ""
+    from fulltune.tasks import split_size
+
+    n_train, n_val = (split_size(s) if s is not None else None for s in (data.train, data.val))
+    val = "" if data.val is None else f", {'streamed' if n_val is None else n_val} val"
     share = 100 * trainer.trainable_params / trainer.total_params
+    train = f"{n_train} train examples" if n_train is not None else "streamed train examples (length unknown)"
     return (
-        f"task {trainer.task_name} | method {cfg.method.name} | {len(data.train)} train examples{val}"
+        f"task {trainer.task_name} | method {cfg.method.name} | {train}{val}"
         f" | device {trainer.device} | precision {trainer.precision.name}{trainer.precision.note}\n"
         f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation "
         f"{t.gradient_accumulation_steps} x world size {world_size()} | {trainer.steps_per_epoch} optimizer steps "

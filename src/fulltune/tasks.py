@@ -30,6 +30,14 @@ class TaskData:
     with_seeds: bool = False
     num_workers: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    sampler: Any = None
+    """A stream's own epoch order (data.streaming: set_epoch(epoch, skip_batches), len = batches per epoch), which
+    the trainer uses in place of a ResumableBatchSampler."""
+
+
+def split_size(dataset: Any) -> int | None:
+    """Examples in a split; None for a stream whose length is not known."""
+    return len(dataset) if hasattr(dataset, "__len__") else getattr(dataset, "num_examples", None)
 
 
 def infer_task(cfg: Config) -> str:
@@ -69,6 +77,8 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
         from fulltune.data import hf_datasets
 
         labels, raw = hf_datasets.read_labels(cfg, task)
+        if labels is None:  # causal LM
+            return None, raw
     elif task == "image_classification":
         if not cfg.data.data_dir:
             raise ConfigError("image_classification needs data.data_dir (or --data_dir) with train/<class>/ folders")
@@ -130,6 +140,10 @@ def _tokenized(examples: txt.TextExamples, vocab: list[str], tokenizer: Any, max
 
 
 def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> TaskData:
+    if cfg.data.streaming:
+        from fulltune.data import hf_stream
+
+        return hf_stream.build_text_data(cfg, bundle, labels, raw)
     files, train = raw
     d = cfg.data
     # From data.dataset_name the splits arrive already read (TextExamples); files are read here.
@@ -159,6 +173,11 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> Ta
 def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
     """Packed blocks of data.seq_len tokens; data.max_samples / max_eval_samples keep that many blocks (seeded)."""
     d = cfg.data
+    if d.dataset_name:
+        from fulltune.data import hf_datasets, hf_stream
+
+        build = hf_stream.build_lm_data if d.streaming else hf_datasets.build_lm_data
+        return build(cfg, bundle, raw)
     files: dict[str, str | None] = {}
     for split in ("train", "val", "test"):
         files[split] = getattr(d, f"{split}_file")
@@ -263,6 +282,10 @@ def data_loader(
     if data.num_workers > 0:
         kwargs["prefetch_factor"] = 4
         kwargs["persistent_workers"] = False
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        # A stream: in training it yields whole batches in its own seeded, resumable order; else it is batched here.
+        size = None if batch_sampler is not None else batch_size
+        return torch.utils.data.DataLoader(dataset, batch_size=size, **kwargs)
     if batch_sampler is not None:
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)

@@ -62,7 +62,7 @@ class Trainer:
     model: nn.Module
     plan: TrainablePlan
     data: TaskData
-    sampler: ResumableBatchSampler
+    sampler: ResumableBatchSampler | Any
     batches_per_epoch: int
     steps_per_epoch: int
     optimizer: torch.optim.Optimizer
@@ -119,7 +119,7 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.data = self.task.build_data(cfg, self.bundle, self._labels, self._raw)
-        self.sampler = ResumableBatchSampler(
+        self.sampler = self.data.sampler or ResumableBatchSampler(  # (a stream brings its own order)
             len(self.data.train),
             cfg.data.batch_size,
             seed=cfg.training.seed,

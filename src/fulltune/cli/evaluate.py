@@ -10,8 +10,17 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a data split or file")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or export folder (e.g. RUN/best)")
     p.add_argument("--data_dir", help="data folder holding the split")
-    p.add_argument("--split", default="test", help="split to evaluate: dev, val, validation, test or train")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="split to evaluate: dev, val, validation, test or train (from a dataset: also any split it has)",
+    )
     p.add_argument("--file", help="a table (classifiers) or text file (perplexity) instead of data_dir/split")
+    p.add_argument(
+        "--dataset_name",
+        help="a `datasets` hub id or save_to_disk folder, read with the run's columns (default without --data_dir "
+        "or --file: the run's data.dataset_name)",
+    )
     p.add_argument(
         "--output_dir", help="where the results go (default: <run>/eval/<checkpoint name>-<split or file stem>)"
     )
@@ -35,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         block_size=args.block_size,
         stride=args.stride,
+        dataset_name=args.dataset_name,
     )
     labels = metrics.get("labels") or None
-    print(f"evaluation of {args.checkpoint} on {args.file or args.split}:")
+    print(f"evaluation of {args.checkpoint} on {args.file or metrics.get('dataset') or args.split}:")
     print(format_table(metrics, labels))
     if "output_dir" in metrics:
         print(

@@ -16,6 +16,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--text", help="one text to classify")
     p.add_argument("--file", help="a file with one text (or prompt) per line")
     p.add_argument("--prompt", help="causal LM: the prompt to continue")
+    p.add_argument(
+        "--dataset_name",
+        help="a `datasets` hub id or save_to_disk folder: predict every row of --split (its text or image column)",
+    )
+    p.add_argument("--split", default="test", help="with --dataset_name: the split (train, val, test or its own name)")
     p.add_argument("--top_k", type=int, default=5, help="labels per input")
     p.add_argument("--max_new_tokens", type=int, default=64, help="causal LM: tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="causal LM: 0 is greedy decoding")
@@ -34,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from fulltune.runtime import resolve_device
 
     bundle = load_exported(args.checkpoint, resolve_device(args.device))
+    if args.dataset_name:
+        return _predict_dataset(bundle, args)
     if bundle.task == "causal_lm":
         for prompt in text_inputs(args.prompt or args.text, args.file):
             text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
@@ -47,6 +54,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         inputs = text_inputs(args.text, args.file)
         shown = inputs
+    for name, top in zip(shown, classify(bundle, inputs, args.top_k), strict=True):
+        _print({"input": name, "top_k": [{"label": lb, "probability": round(p, 4)} for lb, p in top]})
+    return 0
+
+
+def _predict_dataset(bundle: Any, args: argparse.Namespace) -> int:
+    """One line per row of a dataset split, read with the run's columns."""
+    from fulltune.config import config_from_dict
+    from fulltune.data import hf_eval
+    from fulltune.predict import classify, generate
+
+    cfg = config_from_dict(bundle.extra["fulltune_config"])
+    split = hf_eval.open_split(cfg, args.split, args.dataset_name)
+    inputs, shown = hf_eval.predict_inputs(cfg, split, bundle.task)
+    if bundle.task == "causal_lm":
+        for prompt in inputs:
+            text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
+            _print({"prompt": prompt, "generated": text})
+        return 0
     for name, top in zip(shown, classify(bundle, inputs, args.top_k), strict=True):
         _print({"input": name, "top_k": [{"label": lb, "probability": round(p, 4)} for lb, p in top]})
     return 0

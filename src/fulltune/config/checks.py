@@ -27,6 +27,7 @@ def validate(cfg: Config) -> None:
         (cfg.method.trainable_layers >= 0, "method.trainable_layers must be >= 0"),
         (d.max_length >= 2 and d.seq_len >= 2, "data.max_length and data.seq_len must be >= 2"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (not d.streaming or d.dataset_name, "data.streaming=true streams data.dataset_name; give data.dataset_name"),
     ]
     for ok, message in checks:
         if not ok:
@@ -65,6 +66,7 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
         ("logging.log_every_steps", cfg.logging.log_every_steps, *ge(1)),
         ("data.eval_batch_size", d.eval_batch_size, *optional_ge(1)),
         ("data.max_samples", d.max_samples, *optional_ge(1)),
+        ("data.shuffle_buffer", d.shuffle_buffer, *ge(0)),
         (
             "data.max_eval_samples",
             d.max_eval_samples,

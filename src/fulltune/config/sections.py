@@ -85,6 +85,13 @@ class DataConfig:
     """Test split (default: test, when it exists and has labels)."""
     image_column: str = "image"
     """Image task from data.dataset_name: the column holding the images (an `Image` feature)."""
+    streaming: bool = False
+    """Read data.dataset_name as a stream (sets larger than memory; text classification and causal LM, one process):
+    batches come in the seeded stream order (group_by_length is off), max_samples / max_eval_samples keep the first
+    N examples, and a stream of unknown length (causal LM blocks, a hold-out, no split size) needs
+    training.max_steps."""
+    shuffle_buffer: int = 10_000
+    """Streaming: examples in the seeded shuffle buffer (shard order is shuffled too); 0 streams in order."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 
 from fulltune.config import Config, ConfigError
 from fulltune.data import images as img
+from fulltune.data import lm
 from fulltune.data import text as txt
 from fulltune.data.text import DataError
 
@@ -37,22 +38,42 @@ def _is_saved_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
-def load_all_splits(cfg: Config) -> dict[str, Any]:
-    """Every split of data.dataset_name, as (memory-mapped) map-style `datasets.Dataset`s."""
+def load_all_splits(cfg: Config, streaming: bool | None = None) -> dict[str, Any]:
+    """Every split of data.dataset_name: (memory-mapped) map-style `datasets.Dataset`s; with `streaming` (default:
+    data.streaming) a hub or builder source gives `IterableDataset`s (a saved folder stays memory-mapped)."""
     ds_lib = _datasets()
     d = cfg.data
     name = str(d.dataset_name)
+    stream = d.streaming if streaming is None else streaming
     try:
         if _is_saved_folder(Path(name)):
             loaded = ds_lib.load_from_disk(name)
         else:
-            loaded = ds_lib.load_dataset(name, d.dataset_config, data_files=d.data_files)
+            loaded = ds_lib.load_dataset(name, d.dataset_config, data_files=d.data_files, streaming=stream)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"data.dataset_name '{name}': cannot load it ({first})") from None
-    if isinstance(loaded, ds_lib.Dataset):  # a single saved split
+    if isinstance(loaded, (ds_lib.Dataset, ds_lib.IterableDataset)):  # a single saved split
         return {d.train_split: loaded}
     return dict(loaded)
+
+
+def column_names(ds: Any) -> list[str]:
+    """A split's column names; a stream without declared features is asked for its first row."""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    return list(next(iter(ds.take(1)), {}))
+
+
+def column_values(ds: Any, name: str) -> Any:
+    """The values of one column, in row order: read at once from a table, one row at a time from a stream."""
+    if isinstance(ds, _datasets().Dataset):
+        return ds[name]
+    return (row[name] for row in ds.select_columns([name]))
+
+
+def features(ds: Any) -> dict[str, Any]:
+    return dict(ds.features or {})
 
 
 def _pick(splits: dict[str, Any], wanted: str | None, defaults: tuple[str, ...], key: str, name: str) -> str | None:
@@ -77,31 +98,33 @@ class HubSplits:
 
 
 def _check_columns(ds: Any, columns: list[tuple[str, str]], name: str, split: str) -> None:
+    have = column_names(ds)
     for col, key in columns:
-        if col not in ds.column_names:
+        if col not in have:
             raise DataError(
-                f"data.dataset_name '{name}' split '{split}': no column '{col}' ({key}); "
-                f"it has: {', '.join(ds.column_names)}"
+                f"data.dataset_name '{name}' split '{split}': no column '{col}' ({key}); it has: {', '.join(have)}"
             )
 
 
 def _has_labels(ds: Any, label_column: str) -> bool:
     """Unlabelled test splits (GLUE's hold -1 or None) are not used for test metrics."""
-    if label_column not in ds.column_names:
+    if label_column not in column_names(ds):
         return False
-    return all(v is not None and v != -1 for v in ds[label_column])
+    return all(v is not None and v != -1 for v in column_values(ds, label_column))
 
 
-def open_splits(cfg: Config) -> HubSplits:
+def open_splits(cfg: Config, labelled: bool = True, streaming: bool | None = None) -> HubSplits:
+    """The train, validation and test splits; `labelled` (classification) keeps a default test split only when it
+    carries labels and reads the label names of a ClassLabel column."""
     d = cfg.data
     name = str(d.dataset_name)
-    splits = load_all_splits(cfg)
+    splits = load_all_splits(cfg, streaming)
     train = _pick(splits, d.train_split, (), "data.train_split", name)
     val = _pick(splits, d.val_split, VAL_SPLITS, "data.val_split", name)
     test = _pick(splits, d.test_split, ("test",), "data.test_split", name)
-    if test is not None and d.test_split is None and not _has_labels(splits[test], d.label_column):
+    if labelled and test is not None and d.test_split is None and not _has_labels(splits[test], d.label_column):
         test = None  # the default test split is used only when it carries labels
-    feature = splits[train].features.get(d.label_column)
+    feature = features(splits[train]).get(d.label_column) if labelled else None
     names = list(feature.names) if type(feature).__name__ == "ClassLabel" else None
     return HubSplits(
         name,
@@ -113,26 +136,28 @@ def open_splits(cfg: Config) -> HubSplits:
     )
 
 
-def is_image_dataset(cfg: Config) -> bool:
-    """True when the train split's data.image_column is an `Image` feature."""
+def infer_task(cfg: Config) -> str:
+    """image_classification when the train split's data.image_column is an `Image` feature; causal_lm when it has
+    a text (or response) column and no label column; else text_classification."""
+    d = cfg.data
     splits = load_all_splits(cfg)
-    train = splits.get(cfg.data.train_split)
+    train = splits.get(d.train_split)
     if train is None:
         raise DataError(
-            f"data.dataset_name '{cfg.data.dataset_name}' has no split '{cfg.data.train_split}' "
-            f"(data.train_split); it has: {', '.join(splits)}"
+            f"data.dataset_name '{d.dataset_name}' has no split '{d.train_split}' (data.train_split); "
+            f"it has: {', '.join(splits)}"
         )
-    feature = train.features.get(cfg.data.image_column)
-    return type(feature).__name__ == "Image"
-
-
-def infer_task(cfg: Config) -> str:
-    return "image_classification" if is_image_dataset(cfg) else "text_classification"
+    if type(features(train).get(d.image_column)).__name__ == "Image":
+        return "image_classification"
+    have = column_names(train)
+    if d.label_column not in have and (d.text_column in have or d.response_column in have):
+        return "causal_lm"
+    return "text_classification"
 
 
 def _label_names(ds: Any, hub: HubSplits, split: str, column: str) -> list[str]:
     out = []
-    for r, value in enumerate(ds[column], start=1):
+    for r, value in enumerate(column_values(ds, column), start=1):
         if value is None or (hub.class_names is not None and value < 0) or str(value).strip() == "":
             raise DataError(f"data.dataset_name '{hub.name}' split '{split}' row {r}: empty label in column '{column}'")
         out.append(hub.class_names[value] if hub.class_names is not None else str(value).strip())
@@ -148,7 +173,7 @@ def text_examples(hub: HubSplits, which: str, cfg: Config) -> txt.TextExamples |
     d = cfg.data
     _check_columns(ds, [(d.text_column, "data.text_column"), (d.label_column, "data.label_column")], hub.name, split)
     texts = []
-    for r, text in enumerate(ds[d.text_column], start=1):
+    for r, text in enumerate(column_values(ds, d.text_column), start=1):
         if text is None or (isinstance(text, str) and not text.strip()):
             raise DataError(
                 f"data.dataset_name '{hub.name}' split '{split}' row {r}: empty text in column '{d.text_column}'"
@@ -165,13 +190,14 @@ def label_vocabulary(hub: HubSplits, train_labels: list[str]) -> list[str]:
     return txt.label_vocabulary(train_labels)
 
 
-def read_labels(cfg: Config, task: str) -> tuple[list[str], Any]:
-    """What tasks.read_labels returns for files: the label vocabulary and what was read."""
-    if task not in ("text_classification", "image_classification"):
-        raise ConfigError(
-            f"data.dataset_name serves text_classification and image_classification; for {task} give "
-            "data.train_file (a .txt or .jsonl file)"
-        )
+def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
+    """What tasks.read_labels returns for files: the label vocabulary (None for causal LM) and what was read."""
+    if task == "causal_lm":
+        return None, open_splits(cfg, labelled=False)
+    if cfg.data.streaming:
+        from fulltune.data import hf_stream
+
+        return hf_stream.read_labels(cfg, task)
     hub = open_splits(cfg)
     if task == "text_classification":
         train = text_examples(hub, "train", cfg)
@@ -310,4 +336,61 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: HubSplits
         with_seeds=True,
         num_workers=_workers(cfg, 2),
         info=info,
+    )
+
+
+# ---------------------------------------------------------------- causal LM
+
+
+def lm_records(rows: Any, cfg: Config, where: str) -> Any:
+    """Each row is one record, as a JSONL line is for the local reader: (prompt, response) when the response column
+    holds a value (the loss on the response only), else (text, None)."""
+    d = cfg.data
+    for r, row in enumerate(rows, start=1):
+        if row.get(d.response_column) is not None:
+            yield str(row.get(d.prompt_column) or ""), str(row[d.response_column])
+        elif row.get(d.text_column) is not None:
+            yield str(row[d.text_column]), None
+        else:
+            raise DataError(
+                f"{where} row {r}: no '{d.text_column}' value (data.text_column) and no "
+                f"'{d.prompt_column}'/'{d.response_column}' values; it has: {', '.join(row)}"
+            )
+
+
+def lm_rows(ds: Any, cfg: Config) -> Any:
+    """The rows of a split with only the columns an LM record reads (images and labels are never decoded)."""
+    d = cfg.data
+    keep = [c for c in (d.text_column, d.prompt_column, d.response_column) if c in column_names(ds)]
+    return ds.select_columns(keep) if keep else ds
+
+
+def build_lm_data(cfg: Config, bundle: Any, hub: HubSplits) -> Any:
+    """tasks.build_lm_data for a `datasets` source: the same tokenisation, packing, caps and cache as a JSONL file
+    of `text` (or prompt/response) records, one record per row. The cache is keyed by the split's fingerprint."""
+    from fulltune.tasks import TaskData, _workers
+
+    d = cfg.data
+    cache = Path(cfg.output_dir) / "cache"
+
+    def blocks(which: str, cap: int | None) -> lm.BlockDataset | None:
+        ds = getattr(hub, which)
+        if ds is None:
+            return None
+        where = f"data.dataset_name '{hub.name}' split '{hub.split_names[which]}'"
+        fingerprint = getattr(ds, "_fingerprint", None)
+        key = f"{hub.name}:{hub.split_names[which]}:{fingerprint}".encode() if fingerprint else None
+        try:
+            records = lambda: lm_records(lm_rows(ds, cfg), cfg, where)  # noqa: E731
+            return lm.cached_blocks(key, records, d, bundle.tokenizer, cache, cap, cfg.training.seed)
+        except DataError as err:  # (pack's "fewer than one block" names no source)
+            message = str(err)
+            raise DataError(message if message.startswith(where) else f"{where}: {message}") from None
+
+    return TaskData(
+        train=blocks("train", d.max_samples),
+        val=blocks("val", d.max_eval_samples),
+        test=blocks("test", None),
+        collate=lm.collate_blocks,
+        num_workers=_workers(cfg, 0),
     )

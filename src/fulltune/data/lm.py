@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,20 +154,36 @@ def load_blocks(
     """Tokenise and pack `path`, reusing a cache keyed by the file's bytes, the tokenizer, seq_len, the cap and the
     JSON field names. `max_blocks` keeps that many blocks drawn (by `seed`) from the whole file, in file order: the
     first N blocks would all come from the file's beginning (one chapter, one play, one topic)."""
+    return cached_blocks(
+        path.read_bytes(), lambda: read_records(path, cfg), cfg, tokenizer, cache_dir, max_blocks, seed
+    )
+
+
+def cached_blocks(
+    source_key: bytes | None,
+    records: Callable[[], Iterable[tuple[str, str | None]]],
+    cfg: DataConfig,
+    tokenizer: Any,
+    cache_dir: Path | None,
+    max_blocks: int | None = None,
+    seed: int = 0,
+) -> BlockDataset:
+    """Pack the token stream of `records()` into blocks, cached under `source_key` (the source's bytes or
+    fingerprint; None: no cache) with everything else that shapes the blocks."""
     key = hashlib.sha1()
-    key.update(path.read_bytes())
+    key.update(source_key or b"")
     key.update(f"{_tokenizer_fingerprint(tokenizer)}:{framing_tokens(tokenizer)}:{cfg.seq_len}".encode())
     key.update(f"{max_blocks}:{seed if max_blocks is not None else ''}".encode())
     key.update(f"{cfg.text_column}:{cfg.prompt_column}:{cfg.response_column}".encode())
     # safetensors, never a pickle: a cache folder can be shared or planted, and loading it must not run code
-    cache = cache_dir / f"lm-{key.hexdigest()[:16]}.safetensors" if cache_dir else None
+    cache = cache_dir / f"lm-{key.hexdigest()[:16]}.safetensors" if cache_dir and source_key is not None else None
     if cache is not None and cache.is_file():
         try:
             blob = load_tensors(cache)
             return BlockDataset(blob["input_ids"], blob["labels"])
         except (StateFileError, KeyError):
             pass  # a damaged cache is rebuilt below
-    x, y = pack(*tokenize_records(read_records(path, cfg), tokenizer), cfg.seq_len)
+    x, y = pack(*tokenize_records(list(records()), tokenizer), cfg.seq_len)
     if max_blocks is not None and max_blocks < len(x):
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_blocks].sort().values
         x, y = x[keep], y[keep]  # (max_blocks, seq_len); indexing copies, so the cache holds only these
@@ -177,3 +193,25 @@ def load_blocks(
         save_file({"input_ids": x.contiguous(), "labels": y.contiguous()}, str(tmp))
         tmp.replace(cache)
     return BlockDataset(x, y)
+
+
+def stream_blocks(records: Iterable[tuple[str, str | None]], tokenizer: Any, seq_len: int) -> Iterator[dict[str, Any]]:
+    """The blocks `pack` would cut from the token stream of `records`, packed as the records come (a stream's
+    records never all sit in memory); the ragged tail is dropped."""
+    held_ids: list[torch.Tensor] = []
+    held_labels: list[torch.Tensor] = []
+    held = 0
+    for record in records:
+        ids, labels = tokenize_records([record], tokenizer)
+        held_ids.append(ids)
+        held_labels.append(labels)
+        held += ids.numel()
+        if held < seq_len:
+            continue
+        ids, labels = torch.cat(held_ids), torch.cat(held_labels)
+        n = held // seq_len
+        for i in range(n):
+            cut = slice(i * seq_len, (i + 1) * seq_len)
+            yield {"input_ids": ids[cut].clone(), "labels": labels[cut].clone()}
+        held_ids, held_labels = [ids[n * seq_len :]], [labels[n * seq_len :]]
+        held -= n * seq_len
