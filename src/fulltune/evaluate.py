@@ -154,9 +154,19 @@ def evaluate_checkpoint(
 
 
 def _perplexity(
-    bundle: Any, cfg: Any, hub: Any, data_dir: str | None, split: str, file: str | None, out: Path, batch_size: int,
-    dev: Any, precision: Any, block_size: int | None, stride: int | None,
-) -> dict[str, Any]:  # fmt: skip
+    bundle: Any,
+    cfg: Any,
+    hub: Any,
+    data_dir: str | None,
+    split: str,
+    file: str | None,
+    out: Path,
+    batch_size: int,
+    dev: Any,
+    precision: Any,
+    block_size: int | None,
+    stride: int | None,
+) -> dict[str, Any]:
     """Perplexity of a causal LM on a text file (or a dataset split, scored as the file of its rows)."""
     from fulltune.data import text as txt
     from fulltune.errors import DataError

@@ -69,9 +69,11 @@ def image_dataset(cfg: Config, split: HubSplit, labels: list[str], spec: Any) ->
     """A labelled image split as the evaluation dataset of an image folder, and a name for each row."""
     d = cfg.data
     hf._check_columns(
-        split.ds, [(d.image_column, "data.image_column"), (d.label_column, "data.label_column")], split.hub.name,
+        split.ds,
+        [(d.image_column, "data.image_column"), (d.label_column, "data.label_column")],
+        split.hub.name,
         split.hub.split_names["train"],
-    )  # fmt: skip
+    )
     ids = hf._image_ids(split.hub, split.ds, "train", labels, d.label_column)
     rows = list(range(len(split.ds)))
     dataset = hf.HubImageDataset(split.ds, rows, ids, spec, None, split.shown, d.image_column)

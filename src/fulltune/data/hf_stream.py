@@ -160,6 +160,11 @@ def _batches_per_epoch(cfg: Config, num_examples: int | None, why: str) -> int:
         raise DataError(f"data.dataset_name '{cfg.data.dataset_name}': the training split is empty")
     if num_examples is not None:
         return math.ceil(num_examples / cfg.data.batch_size)
+    if t.progressive_unfreezing.enabled or cfg.method.head_init == "linear_probe":
+        raise ConfigError(
+            f"data.streaming: the training stream of '{cfg.data.dataset_name}' has no known length ({why}), so the "
+            "run is one epoch; training.progressive_unfreezing and method.head_init=linear_probe schedule by epochs"
+        )
     if t.max_steps is None:
         raise ConfigError(
             f"data.streaming: the length of the training stream of '{cfg.data.dataset_name}' is not known ({why}); "
@@ -249,7 +254,8 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSpli
     n = None if holdout else known_size(hub.train)
     if n is not None and d.max_samples is not None:
         n = min(n, d.max_samples)
-    order = StreamOrder(_batches_per_epoch(cfg, n, f"data.val_fraction={d.val_fraction} holds out part of it"))
+    why = f"data.val_fraction={d.val_fraction} holds out part of it" if holdout else "its dataset info gives no size"
+    order = StreamOrder(_batches_per_epoch(cfg, n, why))
     tok = bundle.tokenizer
     train = StreamTrain(
         _passes(train_rows, cfg),
