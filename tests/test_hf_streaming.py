@@ -221,3 +221,33 @@ def evaluate_checkpoint_lm(ckpt: Path, tmp_path: Path, **kwargs) -> dict:
 
     out = tmp_path / ("e-" + "-".join(sorted(kwargs)))
     return evaluate_checkpoint(ckpt, output_dir=out, device="cpu", block_size=32, **kwargs)
+
+
+bees_pair = test_hf_datasets.bees_pair  # a fixture: 20 + 6 hymenoptera images as folders and a save_to_disk folder
+
+
+def test_image_stream_in_order_gives_the_map_style_pixels_and_resumes_bit_identically(tmp_path, bees_pair):
+    from fulltune.data.sampler import sample_seed
+
+    _, hub = bees_pair
+    src = {"data__dataset_name": str(hub)}
+    plain = setup(test_hf_datasets._image_cfg(tmp_path / "a", src))
+    streamed = setup(test_hf_datasets._image_cfg(tmp_path / "b", src, **STREAM, data__shuffle_buffer=0))
+    assert streamed.task_name == "image_classification" and len(streamed.sampler) == 5
+    items = _streamed(streamed, 1)  # epoch 1: augmented with the seeds the map-style sampler gives epoch 1
+    assert len(items) == 20
+    for i, item in enumerate(items):
+        ref = plain.data.train[(i, sample_seed(0, 1, i))]
+        assert item["labels"] == ref["labels"] and torch.equal(item["pixel_values"], ref["pixel_values"])
+    val = list(streamed.data.val)
+    assert len(val) == 6 and all(
+        torch.equal(v["pixel_values"], plain.data.val[i]["pixel_values"]) for i, v in enumerate(val)
+    )
+
+    cfg = lambda out: test_hf_datasets._image_cfg(out, src, **STREAM, data__shuffle_buffer=8)  # noqa: E731
+    train(cfg(tmp_path / "run"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "run" / "checkpoint-step-2", resumed / "checkpoint-step-2")
+    train(cfg(resumed), resume="auto")
+    assert_same_weights(tmp_path / "run" / "checkpoint-step-4", resumed / "checkpoint-step-4")

@@ -112,9 +112,10 @@ def _workers(cfg: Config, default: int) -> int:
 
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.ImageFolder) -> TaskData:
     if cfg.data.dataset_name:
-        from fulltune.data import hf_datasets
+        from fulltune.data import hf_datasets, hf_stream
 
-        return hf_datasets.build_image_data(cfg, bundle, labels, train)
+        build = hf_stream.build_image_data if cfg.data.streaming else hf_datasets.build_image_data
+        return build(cfg, bundle, labels, train)
     root = Path(cfg.data.data_dir)
     val = img.scan_split(root / "val", labels) if (root / "val").is_dir() else None
     test = img.scan_split(root / "test", labels) if (root / "test").is_dir() else None

@@ -86,7 +86,7 @@ class DataConfig:
     image_column: str = "image"
     """Image task from data.dataset_name: the column holding the images (an `Image` feature)."""
     streaming: bool = False
-    """Read data.dataset_name as a stream (sets larger than memory; text classification and causal LM, one process):
+    """Read data.dataset_name as a stream (sets larger than memory; one process):
     batches come in the seeded stream order (group_by_length is off), max_samples / max_eval_samples keep the first
     N examples, and a stream of unknown length (causal LM blocks, a hold-out, no split size) needs
     training.max_steps."""

@@ -12,17 +12,22 @@ training.max_steps steps over passes that follow each other, each pass reshuffle
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
+import random
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fulltune.config import Config, ConfigError
 from fulltune.data import hf_datasets as hf
+from fulltune.data import images as img
 from fulltune.data import lm
 from fulltune.data import text as txt
+from fulltune.data.sampler import sample_seed
 from fulltune.errors import DataError
 
 SHARDS = 64
@@ -78,12 +83,13 @@ class StreamOrder:
 class StreamTrain(torch.utils.data.IterableDataset):
     """Training batches (lists of examples, collated by the loader) in the seeded stream order, from the epoch and
     the batches already done that `order` holds. `num_examples` set: one pass per epoch; None: the passes follow
-    each other and the run's batches are counted from its start."""
+    each other and the run's batches are counted from its start. `examples(rows, pass)` turns a pass's rows into
+    examples (the pass number seeds image augmentation; evaluation passes None)."""
 
     def __init__(
         self,
         rows: Callable[[int], Iterable[dict[str, Any]]],
-        examples: Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]],
+        examples: Callable[[Iterable[dict[str, Any]], int | None], Iterator[dict[str, Any]]],
         order: StreamOrder,
         batch_size: int,
         num_examples: int | None,
@@ -99,7 +105,7 @@ class StreamTrain(torch.utils.data.IterableDataset):
     def _items(self, first_pass: int) -> Iterator[dict[str, Any]]:
         for n_pass in itertools.count(first_pass):
             count = 0
-            for item in self.examples(self.rows(n_pass)):
+            for item in self.examples(self.rows(n_pass), n_pass):
                 count += 1
                 yield item
             if count == 0:
@@ -128,7 +134,7 @@ class StreamEval(torch.utils.data.IterableDataset):
     def __init__(
         self,
         rows: Callable[[], Iterable[dict[str, Any]]],
-        examples: Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]],
+        examples: Callable[[Iterable[dict[str, Any]], int | None], Iterator[dict[str, Any]]],
         num_examples: int | None,
         limit: int | None = None,
     ) -> None:
@@ -138,7 +144,7 @@ class StreamEval(torch.utils.data.IterableDataset):
         self.limit = limit
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return itertools.islice(self.examples(self.rows()), self.limit)
+        return itertools.islice(self.examples(self.rows(), None), self.limit)
 
 
 def _passes(base: Any, cfg: Config) -> Callable[[int], Any]:
@@ -177,16 +183,14 @@ def _batches_per_epoch(cfg: Config, num_examples: int | None, why: str) -> int:
 
 
 def read_labels(cfg: Config, task: str) -> tuple[list[str], hf.HubSplits]:
-    """The label vocabulary of a streamed text set: a ClassLabel's names, else one pass over the label column."""
-    if task != "text_classification":
-        raise ConfigError(
-            f"data.streaming serves text_classification and causal_lm, not {task}; set data.streaming=false "
-            "(a save_to_disk folder is memory-mapped, never held in memory)"
-        )
+    """The label vocabulary of a streamed set: a ClassLabel's names, else one pass over the label column."""
     _one_process()
     hub = hf.open_splits(cfg)
     d = cfg.data
-    wanted = [(d.text_column, "data.text_column"), (d.label_column, "data.label_column")]
+    column = (d.text_column, "data.text_column")
+    if task == "image_classification":
+        column = (d.image_column, "data.image_column")
+    wanted = [column, (d.label_column, "data.label_column")]
     for which in ("train", "val", "test"):
         if getattr(hub, which) is not None:
             hf._check_columns(getattr(hub, which), wanted, hub.name, str(hub.split_names[which]))
@@ -214,7 +218,7 @@ def _text_examples(cfg: Config, hub: hf.HubSplits, labels: list[str], tokenizer:
     d = cfg.data
     index = {name: i for i, name in enumerate(labels)}
 
-    def examples(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def examples(rows: Iterable[dict[str, Any]], n_pass: int | None) -> Iterator[dict[str, Any]]:
         for r, row in enumerate(rows, start=1):
             text = row[d.text_column]
             if text is None or not str(text).strip():
@@ -313,7 +317,7 @@ def build_lm_data(cfg: Config, bundle: Any, hub: hf.HubSplits) -> Any:
 
     def blocks(which: str) -> Callable:
         where = f"data.dataset_name '{hub.name}' split '{hub.split_names[which]}'"
-        return lambda rows: lm.stream_blocks(hf.lm_records(rows, cfg, where), bundle.tokenizer, d.seq_len)
+        return lambda rows, n_pass: lm.stream_blocks(hf.lm_records(rows, cfg, where), bundle.tokenizer, d.seq_len)
 
     def stream(which: str, limit: int | None) -> StreamEval | None:
         ds = getattr(hub, which)
@@ -332,4 +336,86 @@ def build_lm_data(cfg: Config, bundle: Any, hub: hf.HubSplits) -> Any:
         collate=lm.collate_blocks,
         info={"streaming": True},
         sampler=order,
+    )
+
+
+# ---------------------------------------------------------------- images
+
+
+def _image_rows(ds: Any, column: str) -> Any:
+    """A stream of the split with its images undecoded ({'bytes', 'path'}): each is opened as a file is."""
+    return as_stream(ds).cast_column(column, hf._datasets().Image(decode=False))
+
+
+def _image_name(row: dict[str, Any], index: int, column: str) -> str:
+    """What the image-folder hold-out hashes: the file name, or the row's position when the image has none."""
+    path = row[column].get("path")
+    return Path(path).name if path else f"row-{index}"
+
+
+def _image_examples(cfg: Config, hub: hf.HubSplits, labels: list[str], spec: Any, where: str) -> Callable:
+    """Rows -> pixel values and label ids as HubImageDataset makes them; a training pass augments example i of
+    pass p with the seed the map-style sampler gives index i in epoch p."""
+    d = cfg.data
+    index = {name: i for i, name in enumerate(labels)}
+
+    def examples(rows: Iterable[dict[str, Any]], n_pass: int | None) -> Iterator[dict[str, Any]]:
+        for r, row in enumerate(rows):
+            name = _label_name(row[d.label_column], hub)
+            if name not in index:
+                raise DataError(f"{where} example {r + 1} (stream order): label {name!r} is not a train label")
+            cell = row[d.image_column]
+            source = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
+            try:
+                im = img.load_rgb(source, spec.size, draft=n_pass is not None)
+            except DataError:
+                raise DataError(f"{where} example {r + 1} (stream order): the image cannot be decoded") from None
+            if n_pass is None:
+                pixels = img.eval_transform(im, spec)
+            else:
+                rng = random.Random(sample_seed(cfg.training.seed, n_pass, r))
+                pixels = img.train_transform(im, spec, d.augmentation, rng)
+            yield {"pixel_values": pixels, "labels": index[name]}
+
+    return examples
+
+
+def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSplits) -> Any:
+    """tasks.build_image_data for a stream; the image folders' hold-out rule (a hash of the file name)."""
+    from fulltune.tasks import TaskData
+
+    d = cfg.data
+    where = {w: f"data.dataset_name '{hub.name}' split '{hub.split_names[w]}'" for w in ("train", "val", "test")}
+    spec, col = bundle.image_spec, d.image_column
+    holdout = hub.val is None and d.val_fraction > 0
+    in_val = lambda row, i: txt.hash_fraction(_image_name(row, i, col)) < d.val_fraction  # noqa: E731
+    train_rows = _image_rows(hub.train, col)
+    if holdout:
+        train_rows = train_rows.filter(lambda row, i: not in_val(row, i), with_indices=True)
+    if d.max_samples is not None:
+        train_rows = train_rows.take(d.max_samples)
+    n = None if holdout else known_size(hub.train)
+    if n is not None and d.max_samples is not None:
+        n = min(n, d.max_samples)
+    why = f"data.val_fraction={d.val_fraction} holds out part of it" if holdout else "its dataset info gives no size"
+    order = StreamOrder(_batches_per_epoch(cfg, n, why))
+    examples = _image_examples(cfg, hub, labels, spec, where["train"])
+    train = StreamTrain(_passes(train_rows, cfg), examples, order, d.batch_size, n, where["train"])
+    info: dict[str, Any] = {"streaming": True, "skipped_images": []}
+    val = None
+    if hub.val is not None:
+        val_rows, val_n = _image_rows(hub.val, col), known_size(hub.val)
+        val = StreamEval(lambda: val_rows, _image_examples(cfg, hub, labels, spec, where["val"]), val_n)
+    elif holdout:
+        held = _image_rows(hub.train, col).filter(in_val, with_indices=True)
+        val = StreamEval(lambda: held, _image_examples(cfg, hub, labels, spec, where["train"]), None)
+        info["val_source"] = f"{d.val_fraction:.0%} of train (by file-name hash)"
+    test = None
+    if hub.test is not None:
+        test_rows = _image_rows(hub.test, col)
+        test = StreamEval(
+            lambda: test_rows, _image_examples(cfg, hub, labels, spec, where["test"]), known_size(hub.test)
+        )
+    return TaskData(
+        train=train, val=val, test=test, collate=img.collate_images, labels=labels, info=info, sampler=order
     )
