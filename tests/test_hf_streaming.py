@@ -193,6 +193,9 @@ def test_evaluate_and_predict_from_a_dataset_split_match_the_local_file(tmp_path
     assert from_run["dataset"] == f"{hub}[validation]" and from_run["examples"] == 60
     for key in ("accuracy", "macro_f1", "loss", "confusion_matrix", "predictions"):
         assert from_file[key] == from_run[key], key
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--dataset_name", str(hub), "--split", "validation"]
+    assert main([*argv, "--output_dir", str(tmp_path / "e3"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["accuracy"] == from_file["accuracy"]
     capsys.readouterr()
     rc = main(["predict", "--checkpoint", str(ckpt), "--dataset_name", str(hub), "--split", "validation"])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -251,3 +254,15 @@ def test_image_stream_in_order_gives_the_map_style_pixels_and_resumes_bit_identi
     shutil.copytree(tmp_path / "run" / "checkpoint-step-2", resumed / "checkpoint-step-2")
     train(cfg(resumed), resume="auto")
     assert_same_weights(tmp_path / "run" / "checkpoint-step-4", resumed / "checkpoint-step-4")
+
+
+def test_streaming_needs_a_dataset_name_and_refuses_epoch_schedules_without_a_length(tmp_path, sst2_pair):
+    with pytest.raises(ConfigError, match="data.streaming=true streams data.dataset_name"):
+        load_config(None, {"data.streaming": True})
+    only_train = tmp_path / "only_train"
+    datasets.load_from_disk(str(sst2_pair[1]))["train"].save_to_disk(str(only_train))
+    src = {"data__dataset_name": str(only_train)}
+    with pytest.raises(
+        ConfigError, match="progressive_unfreezing and method.head_init=linear_probe schedule by epochs"
+    ):
+        setup(_text_cfg(tmp_path / "a", src, **STREAM, training__progressive_unfreezing__enabled=True))
