@@ -83,17 +83,20 @@ class StreamOrder:
 class StreamTrain(torch.utils.data.IterableDataset):
     """Training batches (lists of examples, collated by the loader) in the seeded stream order, from the epoch and
     the batches already done that `order` holds. `num_examples` set: one pass per epoch; None: the passes follow
-    each other and the run's batches are counted from its start. `examples(rows, pass)` turns a pass's rows into
-    examples (the pass number seeds image augmentation; evaluation passes None)."""
+    each other and the run's batches are counted from its start. `examples(rows, pass, start)` turns a pass's rows
+    (from its row `start` on) into examples (the pass number seeds image augmentation; evaluation passes None).
+    With `rows_are_examples` (classification: one example per row) a resume skips rows, never tokenised or
+    decoded; causal LM blocks are made and dropped."""
 
     def __init__(
         self,
         rows: Callable[[int], Iterable[dict[str, Any]]],
-        examples: Callable[[Iterable[dict[str, Any]], int | None], Iterator[dict[str, Any]]],
+        examples: Callable[[Iterable[dict[str, Any]], int | None, int], Iterator[dict[str, Any]]],
         order: StreamOrder,
         batch_size: int,
         num_examples: int | None,
         where: str,
+        rows_are_examples: bool = True,
     ) -> None:
         self.rows = rows
         self.examples = examples
@@ -101,12 +104,20 @@ class StreamTrain(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.num_examples = num_examples
         self.where = where
+        self.rows_are_examples = rows_are_examples
 
-    def _items(self, first_pass: int) -> Iterator[dict[str, Any]]:
+    def _items(self, first_pass: int, skip: int) -> Iterator[dict[str, Any]]:
+        """The examples from pass `first_pass` on (one pass when the length is known), the first `skip` dropped."""
         for n_pass in itertools.count(first_pass):
-            count = 0
-            for item in self.examples(self.rows(n_pass), n_pass):
+            rows = iter(self.rows(n_pass))
+            skipped = sum(1 for _ in itertools.islice(rows, skip)) if self.rows_are_examples else 0
+            skip -= skipped
+            count = skipped
+            for item in self.examples(rows, n_pass, skipped):
                 count += 1
+                if skip:
+                    skip -= 1
+                    continue
                 yield item
             if count == 0:
                 raise DataError(f"{self.where}: one pass of the stream gives no training example")
@@ -116,9 +127,9 @@ class StreamTrain(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         o, bs = self.order, self.batch_size
         if self.num_examples is not None:
-            items = itertools.islice(self._items(o.epoch), o.skip_batches * bs, None)
+            items = self._items(o.epoch, o.skip_batches * bs)
         else:  # (the run's one epoch spans passes: skip every batch done since the start)
-            items = itertools.islice(self._items(0), (o.epoch * len(o) + o.skip_batches) * bs, None)
+            items = self._items(0, (o.epoch * len(o) + o.skip_batches) * bs)
         for _ in range(len(o) - o.skip_batches):
             batch = list(itertools.islice(items, bs))
             if not batch:
@@ -134,7 +145,7 @@ class StreamEval(torch.utils.data.IterableDataset):
     def __init__(
         self,
         rows: Callable[[], Iterable[dict[str, Any]]],
-        examples: Callable[[Iterable[dict[str, Any]], int | None], Iterator[dict[str, Any]]],
+        examples: Callable[[Iterable[dict[str, Any]], int | None, int], Iterator[dict[str, Any]]],
         num_examples: int | None,
         limit: int | None = None,
     ) -> None:
@@ -144,7 +155,7 @@ class StreamEval(torch.utils.data.IterableDataset):
         self.limit = limit
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return itertools.islice(self.examples(self.rows(), None), self.limit)
+        return itertools.islice(self.examples(self.rows(), None, 0), self.limit)
 
 
 def _passes(base: Any, cfg: Config) -> Callable[[int], Any]:
@@ -218,8 +229,8 @@ def _text_examples(cfg: Config, hub: hf.HubSplits, labels: list[str], tokenizer:
     d = cfg.data
     index = {name: i for i, name in enumerate(labels)}
 
-    def examples(rows: Iterable[dict[str, Any]], n_pass: int | None) -> Iterator[dict[str, Any]]:
-        for r, row in enumerate(rows, start=1):
+    def examples(rows: Iterable[dict[str, Any]], n_pass: int | None, start: int) -> Iterator[dict[str, Any]]:
+        for r, row in enumerate(rows, start=start + 1):
             text = row[d.text_column]
             if text is None or not str(text).strip():
                 raise DataError(f"{where} example {r} (stream order): empty text in column '{d.text_column}'")
@@ -317,7 +328,9 @@ def build_lm_data(cfg: Config, bundle: Any, hub: hf.HubSplits) -> Any:
 
     def blocks(which: str) -> Callable:
         where = f"data.dataset_name '{hub.name}' split '{hub.split_names[which]}'"
-        return lambda rows, n_pass: lm.stream_blocks(hf.lm_records(rows, cfg, where), bundle.tokenizer, d.seq_len)
+        return lambda rows, n_pass, start: lm.stream_blocks(
+            hf.lm_records(rows, cfg, where), bundle.tokenizer, d.seq_len
+        )
 
     def stream(which: str, limit: int | None) -> StreamEval | None:
         ds = getattr(hub, which)
@@ -328,7 +341,7 @@ def build_lm_data(cfg: Config, bundle: Any, hub: hf.HubSplits) -> Any:
 
     train_rows = as_stream(hf.lm_rows(hub.train, cfg))
     where = f"data.dataset_name '{hub.name}' split '{hub.split_names['train']}'"
-    train = StreamTrain(_passes(train_rows, cfg), blocks("train"), order, d.batch_size, None, where)
+    train = StreamTrain(_passes(train_rows, cfg), blocks("train"), order, d.batch_size, None, where, False)
     return TaskData(
         train=train,
         val=stream("val", d.max_eval_samples),
@@ -359,8 +372,8 @@ def _image_examples(cfg: Config, hub: hf.HubSplits, labels: list[str], spec: Any
     d = cfg.data
     index = {name: i for i, name in enumerate(labels)}
 
-    def examples(rows: Iterable[dict[str, Any]], n_pass: int | None) -> Iterator[dict[str, Any]]:
-        for r, row in enumerate(rows):
+    def examples(rows: Iterable[dict[str, Any]], n_pass: int | None, start: int) -> Iterator[dict[str, Any]]:
+        for r, row in enumerate(rows, start=start):
             name = _label_name(row[d.label_column], hub)
             if name not in index:
                 raise DataError(f"{where} example {r + 1} (stream order): label {name!r} is not a train label")
