@@ -13,7 +13,7 @@ from test_lean_optimizer import step_beside_fp32_adamw
 from torch import nn
 
 from fulltune.lean import BF16AdamW
-from fulltune.lean_kernel import compiled_update, random_bits, update_lowp
+from fulltune.lean_kernel import compiled_update, random_bits, update_lowp, update_lowp_
 
 
 def chunk(n: int, seed: int, v_dtype: torch.dtype = torch.bfloat16, kahan: bool = False):
@@ -75,23 +75,19 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 1)).bfloat16()
 
 
-def test_compiled_kernel_equals_eager_bit_for_bit():
-    p, grad, m, v, comp, hp = chunk(3000, 2)
-    args = (
-        p,
-        grad,
-        m,
-        v,
-        None,
-        hp,
-        torch.tensor(11, dtype=torch.int32),
-        torch.tensor(64, dtype=torch.int32),
-        "stochastic",
-    )
-    eager = update_lowp(*args)
-    compiled = compiled_update()(*args)
-    for a, b in zip(eager[:3], compiled[:3], strict=True):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("n", [3000, 64])
+def test_compiled_kernel_equals_eager_bit_for_bit(n):
+    """The compiled in-place update writes exactly the eager function's bits into the buffers it was given."""
+    p, grad, m, v, _, hp = chunk(n, 2)
+    rest = (hp, torch.tensor(11, dtype=torch.int32), torch.tensor(64, dtype=torch.int32), "stochastic")
+    expected = update_lowp(p, grad, m, v, None, *rest)
+    bufs = [t.clone() for t in (p, m, v)]
+    compiled_update()(bufs[0], grad, bufs[1], bufs[2], None, *rest)
+    for want, got in zip(expected[:3], bufs, strict=True):
+        assert torch.equal(want, got)
+    eager = [t.clone() for t in (p, m, v)]
+    update_lowp_(eager[0], grad, eager[1], eager[2], None, *rest)
+    assert all(torch.equal(a, b) for a, b in zip(eager, bufs, strict=True))
 
 
 def train(model, opt, steps, start=0):

@@ -256,15 +256,17 @@ class BF16AdamW(torch.optim.Optimizer):
         mixed = _mix_seed(group["seed"], self._param_index[id(p)], step) & 0xFFFFFFFF
         seed = torch.tensor(mixed - (1 << 32) if mixed >= 1 << 31 else mixed, dtype=torch.int32, device=p.device)
         tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
-        size = self.chunk_size or (1 << 20 if p.device.type == "cpu" else 1 << 24)
-        flat = [t.view(-1) for t in tensors] if all(t.is_contiguous() for t in tensors) else None
-        if flat is None:
+        if not all(t.is_contiguous() for t in tensors):
             return False
+        # the kernel updates in place and holds no temporaries, so a whole tensor is one call; chunks only keep the
+        # element index (int32 inside the kernel) in range
+        size = self.chunk_size or (1 << 30)
+        flat = [t.detach().view(-1) for t in tensors]
         for start in range(0, p.numel(), size):
             chunk = [t[start : start + size] for t in flat]
             offset = torch.tensor(start, dtype=torch.int32, device=p.device)
             try:
-                out = lean_kernel.compiled_update()(
+                lean_kernel.compiled_update()(
                     *chunk[:4], chunk[4] if comp is not None else None, hp, seed, offset, group["rounding"]
                 )
             except Exception as err:  # no C++ compiler, an unsupported backend: the eager path is always there
@@ -279,9 +281,6 @@ class BF16AdamW(torch.optim.Optimizer):
                 )
                 self.compiled = False
                 return False
-            for dst, src in zip(chunk[:1] + chunk[2:], out, strict=False):
-                if src is not None:
-                    dst.copy_(src)
         return True
 
 

@@ -70,11 +70,31 @@ def update_lowp(
     return _round(target, bits, 15), m_new, v_new, None
 
 
+def update_lowp_(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    comp: Tensor | None,
+    hp: Tensor,
+    seed: Tensor,
+    offset: Tensor,
+    rounding: str,
+) -> None:
+    """`update_lowp` written back into p, m, v (and comp) in place. Compiled, this is one loop that reads and writes
+    each buffer once: no output tensors to allocate (each a page-faulting mmap for a big parameter) and no copy
+    pass afterwards, which together cost twice the update itself."""
+    new = update_lowp(p, g, m, v, comp, hp, seed, offset, rounding)
+    for dst, src in zip((p, m, v, comp), new, strict=True):
+        if dst is not None:
+            dst.copy_(src)
+
+
 _compiled: dict[str, Any] = {}
 
 
 def compiled_update() -> Any:
-    """torch.compile(update_lowp), built once per process; dynamic shapes, so one kernel serves every chunk size."""
+    """torch.compile(update_lowp_), built once per process; dynamic shapes, so one kernel serves every size."""
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(update_lowp, dynamic=True)
+        _compiled["fn"] = torch.compile(update_lowp_, dynamic=True)
     return _compiled["fn"]
