@@ -13,7 +13,7 @@ from test_lean_optimizer import step_beside_fp32_adamw
 from torch import nn
 
 from fulltune.lean import BF16AdamW
-from fulltune.lean_kernel import compiled_update, random_bits, update_lowp, update_lowp_
+from fulltune.lean_kernel import compiled_update, random_bits, random_bits_inplace, update_lowp, update_lowp_
 
 
 def chunk(n: int, seed: int, v_dtype: torch.dtype = torch.bfloat16, kahan: bool = False):
@@ -35,6 +35,20 @@ def test_random_bits_are_uniform_and_depend_on_seed_and_position():
     for shift in (0, 7, 15):  # the three 16-bit windows the update uses
         window = ((bits >> shift) & 0xFFFF).float() / 65536
         assert abs(window.mean().item() - 0.5) < 0.01 and abs(window.var().item() - 1 / 12) < 0.002
+
+
+def test_eager_bits_equal_the_kernel_bits_and_chunking_changes_nothing():
+    for seed, start, n in ((7, 0, 1000), (-(1 << 31), 12345, 77), ((1 << 31) - 1, 5, 300)):
+        want = random_bits(n, torch.tensor(start, dtype=torch.int32), torch.tensor(seed, dtype=torch.int32), "cpu")
+        assert torch.equal(random_bits_inplace(n, start, seed, "cpu"), want)
+    results = []
+    for chunk_size in (None, 100, 999):  # eager bf16 stochastic updates, whole tensors or chunked
+        model = mlp()
+        opt = BF16AdamW(model.parameters(), lr=1e-3, state_dtype="bf16", rounding="stochastic", chunk_size=chunk_size)
+        train(model, opt, 3)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
 
 
 def test_stochastic_rounding_is_unbiased():

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fulltune import lean_kernel
+
 __all__ = ["BF16AdamW", "build_lean_optimizer", "lean_bytes_per_param"]
 
 _ROUNDINGS = ("kahan", "stochastic", "nearest")
@@ -58,8 +60,10 @@ class BF16AdamW(torch.optim.Optimizer):
 
     Each parameter is updated on its own, in chunks of `chunk_size` elements: upcast weight/grad/moments to
     fp32, do the AdamW math, downcast. So no fp32 copy of all weights (or of one big tensor) exists at once;
-    the temporaries are about 28 bytes per chunk element. Default (None): 2**20 on CPU, where that memory
-    shows, 2**24 on accelerators, where each chunk costs ~30 kernel launches.
+    the temporaries are about 28 bytes per chunk element. Default (None): 2**18 on CPU, where that memory
+    shows (7 MiB; 2**20 held 0.5 bytes/param more at the peak of a 53M-parameter model), 2**24 on accelerators,
+    where each chunk costs ~30 kernel launches. With `compiled=True` the update holds no temporaries and
+    chunks only bound the kernel's int32 element index (default 2**30).
     With fp32 parameters the step is op-for-op `torch.optim.AdamW(foreach=False)` (states always fp32).
 
     `rounding` (how the fp32 result goes back into the bf16 weight):
@@ -74,8 +78,9 @@ class BF16AdamW(torch.optim.Optimizer):
     compensation) is stored with stochastic rounding. Rounded to nearest, a value that changes by less than
     half an ulp per step never changes: with a steady gradient bf16 exp_avg stalls 2-4% short of it
     (0.1 * gap < 2**-9 * m), and the compensation's own error keeps one sign (constant gradient, lr 1e-5,
-    weights at 1.0: 12% of 3000 steps' movement lost; stochastically: 4e-5). The random bits come from a
-    generator seeded with (group["seed"], parameter index, step), so a resumed run is bit-identical.
+    weights at 1.0: 12% of 3000 steps' movement lost; stochastically: 4e-5). The random bits of element i are an
+    integer hash of (i, seed of (group["seed"], parameter index, step)), `lean_kernel.random_bits`: no RNG state
+    to save (a resumed run is bit-identical), and chunking or update order cannot change them.
 
     `state_dtype` (moments of bf16 parameters; fp32 parameters always keep fp32 moments):
       - "mixed" (default): exp_avg bf16, exp_avg_sq fp32. Unbiased bf16 rounding adds noise that the EMA
@@ -127,7 +132,7 @@ class BF16AdamW(torch.optim.Optimizer):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
-        # bf16 parameters updated by one torch.compile'd kernel (fulltune.lean_kernel): same math, other random bits
+        # bf16 parameters updated by one torch.compile'd kernel (fulltune.lean_kernel): same math and random bits
         self.compiled = compiled
         self._param_index: dict[int, int] = {}
         defaults = dict(
@@ -215,23 +220,25 @@ class BF16AdamW(torch.optim.Optimizer):
         exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
         if low_precision and self.compiled and self._step_compiled(p, grad, state, group, step, step_size, bc2_sqrt):
             return
-        needs_rng = low_precision and rounding != "nearest"
-        gen = None
-        if needs_rng:
-            gen = torch.Generator(device=p.device)
-            gen.manual_seed(_mix_seed(group["seed"], self._param_index[id(p)], step))
+        seed = None
+        if low_precision and rounding != "nearest":
+            seed = lean_kernel.seed32(_mix_seed(group["seed"], self._param_index[id(p)], step))
 
         hp = dict(lr=lr, wd=wd, eps=eps, beta1=beta1, beta2=beta2, step_size=step_size, bc2_sqrt=bc2_sqrt)
         tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
-        size = self.chunk_size or (1 << 20 if p.device.type == "cpu" else 1 << 24)
+        size = self.chunk_size or (1 << 18 if p.device.type == "cpu" else 1 << 24)
         if size < p.numel() and all(t.is_contiguous() for t in tensors):
             # chunking bounds the fp32 temporaries to a few chunk-sized buffers even for a huge embedding
             chunks = zip(*(t.view(-1).split(size) for t in tensors), strict=True)
         else:
             chunks = [tensors]
+        start = 0
         for chunk in chunks:
             p_c, g_c, m_c, v_c, *c_c = chunk
-            _adamw_chunk(p_c, g_c, m_c, v_c, c_c[0] if c_c else None, hp, rounding, gen)
+            # the rounding bits of element i are hash(seed, i) (as in the compiled kernel): chunking cannot change them
+            rand = None if seed is None else lean_kernel.random_bits_inplace(p_c.numel(), start, seed, p.device)
+            _adamw_chunk(p_c, g_c, m_c, v_c, c_c[0] if c_c else None, hp, rounding, rand)
+            start += p_c.numel()
 
     def _step_compiled(
         self,
@@ -244,7 +251,6 @@ class BF16AdamW(torch.optim.Optimizer):
         bc2_sqrt: float,
     ) -> bool:
         """The update through fulltune.lean_kernel; False (and eager from then on) if the kernel cannot be built."""
-        from fulltune import lean_kernel
 
         exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
         beta1, beta2 = group["betas"]
@@ -253,8 +259,8 @@ class BF16AdamW(torch.optim.Optimizer):
             dtype=torch.float32,
             device=p.device,
         )
-        mixed = _mix_seed(group["seed"], self._param_index[id(p)], step) & 0xFFFFFFFF
-        seed = torch.tensor(mixed - (1 << 32) if mixed >= 1 << 31 else mixed, dtype=torch.int32, device=p.device)
+        mixed = lean_kernel.seed32(_mix_seed(group["seed"], self._param_index[id(p)], step))
+        seed = torch.tensor(mixed, dtype=torch.int32, device=p.device)
         tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
         if not all(t.is_contiguous() for t in tensors):
             return False
@@ -292,17 +298,16 @@ def _adamw_chunk(
     comp: Tensor | None,
     hp: dict[str, float],
     rounding: str,
-    gen: torch.Generator | None,
+    rand: Tensor | None,
 ) -> None:
-    """One AdamW update of (a chunk of) one parameter, all math in fp32, results stored in place."""
+    """One AdamW update of (a chunk of) one parameter, all math in fp32, results stored in place. `rand`: 32 random
+    bits per element (int32, shaped like the flat chunk) for stochastic rounding, None to round to nearest."""
     lr, wd, eps, beta1, beta2 = hp["lr"], hp["wd"], hp["eps"], hp["beta1"], hp["beta2"]
     step_size, bc2_sqrt = hp["step_size"], hp["bc2_sqrt"]
-    # One draw of 31 random bits per element serves every bf16 buffer written below (random numbers cost more
-    # than the rest of the update on CPU): each store takes its own 16-bit window, uniform on its own, which is
-    # all unbiased rounding needs.
-    rand = None
-    if gen is not None:
-        rand = torch.randint(0, 1 << 31, p.shape, dtype=torch.int32, device=p.device, generator=gen)
+    # One hash of 32 random bits per element serves every bf16 buffer written below: each store takes its own
+    # 16-bit window, uniform on its own, which is all unbiased rounding needs.
+    if rand is not None:
+        rand = rand.view(p.shape)
 
     def store(dst: Tensor, src: Tensor, shift: int) -> None:  # fp32 -> bf16 buffer, unbiased unless "nearest"
         if rand is None:

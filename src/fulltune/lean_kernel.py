@@ -30,6 +30,22 @@ def random_bits(n: int, offset: Tensor, seed: Tensor, device: torch.device) -> T
     return (x >> 16) ^ x
 
 
+def random_bits_inplace(n: int, start: int, seed: int, device: torch.device) -> Tensor:
+    """`random_bits(n, start, seed)` for the eager update: the same bits, from one buffer and one temporary updated in
+    place (each out-of-place op would allocate, and on CPU page-fault, another n * 4 bytes)."""
+    x = torch.arange(start, start + n, dtype=torch.int32, device=device).mul_(_GOLDEN).add_(seed)
+    tmp = torch.empty_like(x)
+    for _ in range(2):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp)).mul_(_MIX)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
+
+
+def seed32(mixed: int) -> int:
+    """The low 32 bits of a 64-bit seed as a signed int32 value (the kernel's integer type)."""
+    low = mixed & 0xFFFFFFFF
+    return low - (1 << 32) if low >= 1 << 31 else low
+
+
 def _round(x: Tensor, bits: Tensor | None, shift: int) -> Tensor:
     """fp32 -> bf16: unbiased stochastic rounding with a 16-bit window of `bits`, or to nearest when bits is None."""
     if bits is None:
