@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fulltune import lean_kernel
 
-__all__ = ["BF16AdamW", "build_lean_optimizer", "lean_bytes_per_param"]
+__all__ = ["BF16AdamW", "build_lean_optimizer", "lean_bytes_per_param", "wants_compiled_step"]
 
 _ROUNDINGS = ("kahan", "stochastic", "nearest")
 # state_dtype -> (exp_avg dtype, exp_avg_sq dtype) for low-precision parameters.
@@ -33,6 +33,17 @@ def lean_bytes_per_param(state_dtype: str = "mixed", rounding: str = "kahan") ->
     m_dtype, v_dtype = _STATE_DTYPES[state_dtype]
     comp = 2 if rounding == "kahan" else 0
     return 2 + m_dtype.itemsize + v_dtype.itemsize + comp
+
+
+# training.lean_compiled_step "auto" compiles the update from this many trainable parameters: below it the one-off
+# build (20-60 s on a cold cache) costs more than the eager update's extra time over a short run.
+COMPILED_STEP_MIN_PARAMS = 20_000_000
+
+
+def wants_compiled_step(setting: str, n_params: int) -> bool:
+    """Whether BF16AdamW runs its update as the compiled kernel (`training.lean_compiled_step`: auto, on, off); the
+    trainer and the benchmarks both ask here."""
+    return setting == "on" or (setting == "auto" and n_params >= COMPILED_STEP_MIN_PARAMS)
 
 
 def _mix_seed(*values: int) -> int:
