@@ -56,6 +56,28 @@ def _mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+class _Scratch:
+    """The eager update's temporaries, kept between chunks and calls: up to 8 flat buffers of one chunk's size
+    (4 bytes per element each; 8 MiB at the CPU default chunk). Fresh ones would cost an allocation per chunk, and
+    with large allocations served by mmap each one page-faults on first touch: that was half the eager update's
+    time. `view(t)` hands out, in order, buffers shaped like `t` for one chunk."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+    def view(self, like: Tensor) -> Callable[[torch.dtype], Tensor]:
+        slots = iter(range(1 << 30))
+
+        def take(dtype: torch.dtype) -> Tensor:
+            key = (next(slots), dtype, like.device)
+            buf = self._bufs.get(key)
+            if buf is None or buf.numel() < like.numel():
+                buf = self._bufs[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+            return buf[: like.numel()].view(like.shape)
+
+        return take
+
+
 def _copy_stochastic_(dst: Tensor, src: Tensor, noise: Tensor) -> None:
     """Write fp32 `src` into bf16 `dst`, rounding up or down with probability proportional to the distance.
 
@@ -146,6 +168,7 @@ class BF16AdamW(torch.optim.Optimizer):
         # bf16 parameters updated by one torch.compile'd kernel (fulltune.lean_kernel): same math and random bits
         self.compiled = compiled
         self._param_index: dict[int, int] = {}
+        self._scratch = _Scratch()
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -246,9 +269,13 @@ class BF16AdamW(torch.optim.Optimizer):
         start = 0
         for chunk in chunks:
             p_c, g_c, m_c, v_c, *c_c = chunk
-            # the rounding bits of element i are hash(seed, i) (as in the compiled kernel): chunking cannot change them
-            rand = None if seed is None else lean_kernel.random_bits_inplace(p_c.numel(), start, seed, p.device)
-            _adamw_chunk(p_c, g_c, m_c, v_c, c_c[0] if c_c else None, hp, rounding, rand)
+            scratch = self._scratch.view(p_c)
+            rand = None
+            if seed is not None:  # element i's rounding bits are hash(seed, i), as in the kernel: chunking is moot
+                bits, tmp = scratch(torch.int32), scratch(torch.int32)
+                flat = lean_kernel.random_bits_inplace(p_c.numel(), start, seed, p.device, bits.view(-1), tmp.view(-1))
+                rand = flat.view(p_c.shape)
+            _adamw_chunk(p_c, g_c, m_c, v_c, c_c[0] if c_c else None, hp, rounding, rand, scratch)
             start += p_c.numel()
 
     def _step_compiled(
@@ -310,33 +337,36 @@ def _adamw_chunk(
     hp: dict[str, float],
     rounding: str,
     rand: Tensor | None,
+    scratch: Callable[[torch.dtype], Tensor],
 ) -> None:
     """One AdamW update of (a chunk of) one parameter, all math in fp32, results stored in place. `rand`: 32 random
-    bits per element (int32, shaped like the flat chunk) for stochastic rounding, None to round to nearest."""
+    bits per element (int32, shaped like p) for stochastic rounding, None to round to nearest. `scratch(dtype)`:
+    the next reusable temporary shaped like p (the update's temporaries, without an allocation per chunk)."""
     lr, wd, eps, beta1, beta2 = hp["lr"], hp["wd"], hp["eps"], hp["beta1"], hp["beta2"]
     step_size, bc2_sqrt = hp["step_size"], hp["bc2_sqrt"]
     # One hash of 32 random bits per element serves every bf16 buffer written below: each store takes its own
     # 16-bit window, uniform on its own, which is all unbiased rounding needs.
-    if rand is not None:
-        rand = rand.view(p.shape)
+    noise = None if rand is None else scratch(torch.int32)
 
     def store(dst: Tensor, src: Tensor, shift: int) -> None:  # fp32 -> bf16 buffer, unbiased unless "nearest"
         if rand is None:
             dst.copy_(src)
         else:
-            _copy_stochastic_(dst, src, (rand >> shift).bitwise_and_(0xFFFF))
+            _copy_stochastic_(dst, src, torch.bitwise_right_shift(rand, shift, out=noise).bitwise_and_(0xFFFF))
 
-    g = grad.float()  # aliases grad when already fp32: only read below
-    m = exp_avg.float()  # aliases the state when it is fp32, so the in-place update is the state update
+    def fp32(t: Tensor) -> Tensor:  # an fp32 tensor aliases itself (the fp32 state is then updated in place)
+        return t if t.dtype == torch.float32 else scratch(torch.float32).copy_(t)
+
+    g = fp32(grad)  # aliases grad when already fp32: only read below
+    m = fp32(exp_avg)
     m.lerp_(g, 1 - beta1)
     if m is not exp_avg:
         store(exp_avg, m, 0)
-    v = exp_avg_sq.float()
+    v = fp32(exp_avg_sq)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if v is not exp_avg_sq:
         store(exp_avg_sq, v, 7)
-    del g
-    denom = v.sqrt_() if v is not exp_avg_sq else v.sqrt()
+    denom = v.sqrt_() if v is not exp_avg_sq else torch.sqrt(v, out=scratch(torch.float32))
     denom.div_(bc2_sqrt).add_(eps)
 
     if rounding == "fp32":  # same ops, same order as torch.optim.AdamW's single-tensor path
@@ -345,8 +375,8 @@ def _adamw_chunk(
         p.addcdiv_(m, denom, value=-step_size)
         return
 
-    target = p.float()
-    delta = m.div_(denom) if m is not exp_avg else m.div(denom)
+    target = fp32(p)
+    delta = m.div_(denom) if m is not exp_avg else torch.div(m, denom, out=denom)
     del denom
     delta.mul_(-step_size)
     if wd != 0:

@@ -30,11 +30,15 @@ def random_bits(n: int, offset: Tensor, seed: Tensor, device: torch.device) -> T
     return (x >> 16) ^ x
 
 
-def random_bits_inplace(n: int, start: int, seed: int, device: torch.device) -> Tensor:
-    """`random_bits(n, start, seed)` for the eager update: the same bits, from one buffer and one temporary updated in
-    place (each out-of-place op would allocate, and on CPU page-fault, another n * 4 bytes)."""
-    x = torch.arange(start, start + n, dtype=torch.int32, device=device).mul_(_GOLDEN).add_(seed)
-    tmp = torch.empty_like(x)
+def random_bits_inplace(
+    n: int, start: int, seed: int, device: torch.device, out: Tensor | None = None, tmp: Tensor | None = None
+) -> Tensor:
+    """`random_bits(n, start, seed)` for the eager update: the same bits, computed in `out` with one temporary `tmp`
+    (flat int32 buffers of n elements, allocated when None); each out-of-place op would allocate, and on CPU
+    page-fault, another n * 4 bytes."""
+    x = torch.empty(n, dtype=torch.int32, device=device) if out is None else out
+    torch.arange(start, start + n, dtype=torch.int32, device=device, out=x).mul_(_GOLDEN).add_(seed)
+    tmp = torch.empty_like(x) if tmp is None else tmp
     for _ in range(2):
         x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp)).mul_(_MIX)
     return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
