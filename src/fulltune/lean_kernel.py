@@ -58,6 +58,12 @@ def _round(x: Tensor, bits: Tensor | None, shift: int) -> Tensor:
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+def _round_nearest(x: Tensor) -> Tensor:
+    """fp32 -> the nearest bf16 value (ties to even), still in fp32: integer ops no compiler folds away."""
+    bits = x.view(torch.int32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) & -65536).view(torch.float32)
+
+
 def update_lowp(
     p: Tensor,
     g: Tensor,
@@ -84,9 +90,11 @@ def update_lowp(
     m_new = _round(m32, bits, 0) if m.dtype == torch.bfloat16 else m32
     v_new = _round(v32, bits, 7) if v.dtype == torch.bfloat16 else v32
     if rounding == "kahan":
-        p_new = target.to(torch.bfloat16)  # Kahan rounds the weight to nearest: the compensation keeps the rest
-        comp_new = _round(target - p_new.float(), bits, 15)
-        return p_new, m_new, v_new, comp_new
+        # Kahan rounds the weight to nearest and the compensation keeps the rest. The rounding is done on the bits:
+        # inductor computes `target.to(bf16).float()` as target itself (it keeps bf16 values in fp32 registers),
+        # which left the compensation at 0 and lost every update below half an ulp
+        p_near = _round_nearest(target)
+        return p_near.to(torch.bfloat16), m_new, v_new, _round(target - p_near, bits, 15)
     return _round(target, bits, 15), m_new, v_new, None
 
 
