@@ -1,17 +1,20 @@
 """Peak memory per trainable parameter: standard full fine-tuning (fp32 weights, torch AdamW(fused=True), normal
 backward) against lean mode (bf16 weights, BF16AdamW, optimizer step fused into backward, gradient checkpointing)
 on a parameter-dominated job: a ~110M-parameter Llama with batch 2 x 16 tokens, so activations are negligible.
-Two cheaper BF16AdamW settings run too (see MODES), and every mode trains the same steps from the same weights.
+"lean" compiles its update as the trainer does (from 20M parameters), "lean-eager" does not, two cheaper BF16AdamW
+settings run too (see MODES), and every mode trains the same steps from the same weights.
 
 Each mode runs in a fresh subprocess; its peak is `ru_maxrss` at the end minus `ru_maxrss` once torch and
-transformers are imported and a tiny model of the same kind has trained two steps (so lazily loaded code is
-not counted), divided by the trainable parameter count. glibc is told to serve every allocation over
-64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes, not allocator leftovers. The
-"held" column counts bytes exactly (weights + gradients + optimizer state) right after the last backward.
-s/step is not a speed benchmark: one thread, and every fresh mmap-served buffer page-faults.
+transformers are imported and a tiny model of the same kind has trained two steps (so lazily loaded code and the
+compiled update's build are not counted), divided by the trainable parameter count. glibc is told to serve every
+allocation over 64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes, not allocator
+leftovers. The "held" column counts bytes exactly (weights + gradients + optimizer state) right after the last
+backward. s/step runs one thread, and every fresh mmap-served buffer page-faults; compare modes by the ratio to
+standard within one invocation (`--repeats N` alternates the modes N times and prints medians).
+`--glibc-default-malloc --threads 2` times the modes as the trainer runs (the bytes/param columns then mean nothing).
 
     .venv/bin/python bench/lean_memory.py            # ~3-5 minutes on 2 busy CPU cores
-    .venv/bin/python bench/lean_memory.py --steps 4 --layers 4   # quicker, smaller model
+    .venv/bin/python bench/lean_memory.py --steps 4 --layers 4 --modes standard,lean,lean-eager --repeats 3
 """
 
 from __future__ import annotations
