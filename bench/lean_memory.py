@@ -1,17 +1,20 @@
 """Peak memory per trainable parameter: standard full fine-tuning (fp32 weights, torch AdamW(fused=True), normal
 backward) against lean mode (bf16 weights, BF16AdamW, optimizer step fused into backward, gradient checkpointing)
 on a parameter-dominated job: a ~110M-parameter Llama with batch 2 x 16 tokens, so activations are negligible.
-Two cheaper BF16AdamW settings run too (see MODES), and every mode trains the same steps from the same weights.
+"lean" compiles its update as the trainer does (from 20M parameters), "lean-eager" does not, two cheaper BF16AdamW
+settings run too (see MODES), and every mode trains the same steps from the same weights.
 
 Each mode runs in a fresh subprocess; its peak is `ru_maxrss` at the end minus `ru_maxrss` once torch and
-transformers are imported and a tiny model of the same kind has trained two steps (so lazily loaded code is
-not counted), divided by the trainable parameter count. glibc is told to serve every allocation over
-64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes, not allocator leftovers. The
-"held" column counts bytes exactly (weights + gradients + optimizer state) right after the last backward.
-s/step is not a speed benchmark: one thread, and every fresh mmap-served buffer page-faults.
+transformers are imported and a tiny model of the same kind has trained two steps (so lazily loaded code and the
+compiled update's build are not counted), divided by the trainable parameter count. glibc is told to serve every
+allocation over 64 KiB with mmap, so freed tensors go back to the OS and RSS follows live bytes, not allocator
+leftovers. The "held" column counts bytes exactly (weights + gradients + optimizer state) right after the last
+backward. s/step runs one thread, and every fresh mmap-served buffer page-faults; compare modes by the ratio to
+standard within one invocation (`--repeats N` alternates the modes N times and prints medians).
+`--glibc-default-malloc --threads 2` times the modes as the trainer runs (the bytes/param columns then mean nothing).
 
     .venv/bin/python bench/lean_memory.py            # ~3-5 minutes on 2 busy CPU cores
-    .venv/bin/python bench/lean_memory.py --steps 4 --layers 4   # quicker, smaller model
+    .venv/bin/python bench/lean_memory.py --steps 4 --layers 4 --modes standard,lean,lean-eager --repeats 3
 """
 
 from __future__ import annotations
@@ -25,22 +28,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# mode -> (BF16AdamW state_dtype, rounding, description); "lean" is what `training.memory: lean` does by default.
+# mode -> (BF16AdamW state_dtype, rounding, training.lean_compiled_step, description). "lean" is what
+# `training.memory: lean` does by default; like the trainer, "auto" compiles the update from 20M parameters.
 MODES = {
-    "standard": (None, None, "fp32 weights, torch AdamW(fused=True), normal backward"),
+    "standard": (None, None, None, "fp32 weights, torch AdamW(fused=True), normal backward"),
     "lean": (
         "bf16",
         "stochastic",
-        "bf16 weights, BF16AdamW (bf16 moments, stochastic rounding), fused step, "
-        "checkpointing: the trainer's default lean mode (6 bytes/param held)",
+        "auto",
+        "bf16 weights, BF16AdamW (bf16 moments, stochastic rounding), fused step, checkpointing, the update "
+        "compiled from 20M parameters: the trainer's default lean mode (6 bytes/param held)",
     ),
-    "lean-compiled": (
-        "bf16",
-        "stochastic",
-        "lean with the update as one compiled kernel (training.lean_compiled_step, auto-on from 20M parameters)",
-    ),
-    "lean-bf16-kahan": ("bf16", "kahan", "lean with Kahan compensation instead of stochastic rounding (8 bytes)"),
-    "lean-mixed-kahan": ("mixed", "kahan", "lean with exp_avg_sq fp32 and Kahan compensation (10 bytes)"),
+    "lean-eager": ("bf16", "stochastic", "off", "lean with the eager update (training.lean_compiled_step: off)"),
+    "lean-bf16-kahan": ("bf16", "kahan", "auto", "lean with Kahan compensation instead of stochastic rounding (8 B)"),
+    "lean-mixed-kahan": ("mixed", "kahan", "auto", "lean with exp_avg_sq fp32 and Kahan compensation (10 bytes)"),
 }
 
 
@@ -61,12 +62,14 @@ def llama_config(vocab: int, hidden: int, intermediate: int, layers: int) -> Any
     )
 
 
-def build(mode: str, cfg: Any, lr: float) -> tuple[Any, Any, Any]:
-    """The model, optimizer and (lean) fused-step handle of one mode, with deterministic initial weights."""
+def build(mode: str, cfg: Any, lr: float, n_params: int | None = None) -> tuple[Any, Any, Any]:
+    """The model, optimizer and (lean) fused-step handle of one mode, with deterministic initial weights.
+
+    n_params: the parameter count that decides whether the update is compiled (default: this model's)."""
     import torch
     from transformers import LlamaForCausalLM
 
-    from fulltune.lean import BF16AdamW
+    from fulltune.lean import BF16AdamW, wants_compiled_step
     from fulltune.lean_fused import attach_fused_step
     from fulltune.methods import enable_gradient_checkpointing
 
@@ -84,14 +87,15 @@ def build(mode: str, cfg: Any, lr: float) -> tuple[Any, Any, Any]:
     if not lean:
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True), None
     enable_gradient_checkpointing(model)  # as the trainer does in lean mode
-    state_dtype, rounding, _ = MODES[mode]
+    state_dtype, rounding, compiled_step, _ = MODES[mode]
+    n_params = n_params or sum(p.numel() for p in model.parameters())
     opt = BF16AdamW(
         model.parameters(),
         lr=lr,
         weight_decay=0.01,
         state_dtype=state_dtype,
         rounding=rounding,
-        compiled=mode == "lean-compiled",
+        compiled=wants_compiled_step(compiled_step, n_params),
     )
     return model, opt, attach_fused_step(model, opt)
 
@@ -124,12 +128,17 @@ def held_bytes(model: Any, opt: Any) -> int:
 
 def worker(args: argparse.Namespace) -> dict:
     import torch
+    from transformers import LlamaForCausalLM
 
     from fulltune.runtime import maxrss_bytes
 
     torch.set_num_threads(args.threads)
-    # warm up on a tiny model of the same kind (lazy imports, kernels, thread pools) before reading the baseline
-    tiny = build(args.mode, llama_config(64, 64, 64, 1), lr=1e-4)
+    cfg = llama_config(args.vocab, args.hidden, args.intermediate, args.layers)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    # warm up on a tiny model of the same kind (lazy imports, kernels, thread pools, the compiled update if the big
+    # model gets one) before reading the baseline
+    tiny = build(args.mode, llama_config(64, 64, 64, 1), lr=1e-4, n_params=n_params)
     train(*tiny, [torch.randint(0, 64, (1, 4))], steps=2)
     del tiny
     g = torch.Generator().manual_seed(0)
@@ -137,9 +146,7 @@ def worker(args: argparse.Namespace) -> dict:
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.n_batches)]
     baseline = maxrss_bytes()
 
-    model, opt, handle = build(
-        args.mode, llama_config(args.vocab, args.hidden, args.intermediate, args.layers), args.lr
-    )
+    model, opt, handle = build(args.mode, cfg, args.lr)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     held = []  # standard: grads + state present after backward; lean: grads already consumed
     start = time.perf_counter()
@@ -152,6 +159,7 @@ def worker(args: argparse.Namespace) -> dict:
         assert handle.step_count == args.steps and not handle.nonfinite()
     return {
         "mode": args.mode,
+        "compiled": bool(getattr(opt, "compiled", False)),
         "params": n_params,
         "baseline": baseline,
         "peak": peak,
@@ -177,6 +185,13 @@ def main() -> None:
     # ops 100x slower; memory, the point here, does not depend on it
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over the modes (alternating); medians are shown")
+    ap.add_argument(
+        "--glibc-default-malloc",
+        action="store_true",
+        help="speed only: leave glibc's allocator as the trainer runs it (RSS then keeps allocator leftovers, so "
+        "the bytes/param columns no longer measure live memory)",
+    )
     ap.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -185,52 +200,76 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if not args.glibc_default_malloc:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     keys = ("steps", "n_batches", "batch", "seq", "vocab", "hidden", "intermediate", "layers", "lr", "threads")
     passthrough = [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-    results = {}
-    for mode in args.modes.split(","):
-        t0 = time.perf_counter()
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", mode, *passthrough],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"# {mode}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    rounds: list[dict[str, dict]] = []
+    for i in range(args.repeats):
+        rounds.append({})
+        for mode in args.modes.split(","):
+            t0 = time.perf_counter()
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", mode, *passthrough],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            rounds[-1][mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"# round {i + 1}, {mode}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    report(rounds, args)
 
-    n = next(iter(results.values()))["params"]
+
+def report(rounds: list[dict[str, dict]], args: argparse.Namespace) -> None:
+    """Medians over the rounds; a mode's time ratio is taken against standard's time in the same round."""
+    from statistics import median
+
+    from vs_hf_trainer import cpu_kind
+
+    def bpp(r: dict) -> float:
+        return (r["peak"] - r["baseline"]) / r["params"]
+
+    first = rounds[0]
+    n = next(iter(first.values()))["params"]
+    malloc = "glibc default malloc (bytes/param not comparable)" if args.glibc_default_malloc else "mmap > 64 KiB"
     print(
-        f"\n{n / 1e6:.1f}M trainable parameters, batch {args.batch} x {args.seq} tokens, {args.steps} steps, "
+        f"\nCPU: {cpu_kind()}; {args.threads} thread(s), {malloc}; {len(rounds)} round(s), modes alternating\n"
+        f"{n / 1e6:.1f}M trainable parameters, batch {args.batch} x {args.seq} tokens, {args.steps} steps, "
         f"lr {args.lr}\n"
     )
     print(
         "| mode | peak RSS delta, bytes/param | held after backward, bytes/param | loss step 1 | "
-        f"loss step {args.steps} | eval loss after | s/step |"
+        f"loss step {args.steps} | eval loss after | s/step | s/step / standard's |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for mode, r in results.items():
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, r in first.items():
+        runs = [rd[mode] for rd in rounds]
+        ratio = "-"
+        if "standard" in first:
+            ratio = f"{median(rd[mode]['step_s'] / rd['standard']['step_s'] for rd in rounds):.2f}"
+        name = f"{mode} (compiled update)" if r.get("compiled") else mode
         print(
-            f"| {mode} | {(r['peak'] - r['baseline']) / r['params']:.2f} | {r['held'] / r['params']:.2f} | "
-            f"{r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {r['final_loss']:.4f} | {r['step_s']:.2f} |"
+            f"| {name} | {median(bpp(x) for x in runs):.2f} | {r['held'] / r['params']:.2f} | "
+            f"{r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {r['final_loss']:.4f} | "
+            f"{median(x['step_s'] for x in runs):.2f} | {ratio} |"
         )
-    if "standard" in results:
-        std = results["standard"]
-        std_bpp = (std["peak"] - std["baseline"]) / std["params"]
-        print()
-        for mode, r in results.items():
-            if mode == "standard":
-                continue
-            bpp = (r["peak"] - r["baseline"]) / r["params"]
-            rel = r["final_loss"] / std["final_loss"] - 1
-            print(
-                f"- {mode}: {bpp / std_bpp:.2f}x standard's peak bytes/param (target <= 0.5); eval loss "
-                f"{rel:+.2%} vs standard (target within 2%)"
-            )
+    if "standard" not in first:
+        return
+    std = first["standard"]
+    print()
+    for mode, r in first.items():
+        if mode == "standard":
+            continue
+        rel = r["final_loss"] / std["final_loss"] - 1
+        mem = median(bpp(rd[mode]) / bpp(rd["standard"]) for rd in rounds)
+        print(
+            f"- {mode}: {mem:.2f}x standard's peak bytes/param (target <= 0.5); eval loss "
+            f"{rel:+.2%} vs standard (target within 2%)"
+        )
 
 
 if __name__ == "__main__":

@@ -114,7 +114,9 @@ def test_kahan_keeps_updates_below_bf16_resolution() -> None:
     assert torch.all(stored == 1.0) and torch.all(effective == 1.0)  # every update lost
     stored, effective = results["kahan"]
     assert torch.all(stored == 1.0)  # still under half an ulp from 1.0, but kept in the compensation:
-    assert (1.0 - effective.mean().item()) == pytest.approx(moved, rel=1e-3)
+    # Adam's exact movement is 100 * lr; fp32 AdamW itself overshoots it by 0.14% (its own rounding at 1.0,
+    # where an fp32 ulp is 0.6% of a step), Kahan's effective weight lands within 0.05% on average
+    assert (1.0 - effective.mean().item()) == pytest.approx(100 * 1e-5, rel=1e-3)
     assert (1.0 - effective).std().item() < 0.02 * moved
     stored, _ = results["stochastic"]
     assert (1.0 - stored.mean().item()) == pytest.approx(moved, rel=0.1)  # right on average only

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BF16AdamW", "build_lean_optimizer", "lean_bytes_per_param"]
+from fulltune import lean_kernel
+
+__all__ = ["BF16AdamW", "build_lean_optimizer", "lean_bytes_per_param", "wants_compiled_step"]
 
 _ROUNDINGS = ("kahan", "stochastic", "nearest")
 # state_dtype -> (exp_avg dtype, exp_avg_sq dtype) for low-precision parameters.
@@ -33,6 +35,17 @@ def lean_bytes_per_param(state_dtype: str = "mixed", rounding: str = "kahan") ->
     return 2 + m_dtype.itemsize + v_dtype.itemsize + comp
 
 
+# training.lean_compiled_step "auto" compiles the update from this many trainable parameters: below it the one-off
+# build (20-60 s on a cold cache) costs more than the eager update's extra time over a short run.
+COMPILED_STEP_MIN_PARAMS = 20_000_000
+
+
+def wants_compiled_step(setting: str, n_params: int) -> bool:
+    """Whether BF16AdamW runs its update as the compiled kernel (`training.lean_compiled_step`: auto, on, off); the
+    trainer and the benchmarks both ask here."""
+    return setting == "on" or (setting == "auto" and n_params >= COMPILED_STEP_MIN_PARAMS)
+
+
 def _mix_seed(*values: int) -> int:
     # splitmix64-style mixing: a stateless per-(seed, parameter, step) stream, so stochastic rounding needs no
     # saved RNG state for a bit-identical resume and does not depend on the order parameters are updated in.
@@ -41,6 +54,28 @@ def _mix_seed(*values: int) -> int:
         h = ((h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
         h ^= h >> 31
     return h & ((1 << 63) - 1)
+
+
+class _Scratch:
+    """The eager update's temporaries, kept between chunks and calls: up to 8 flat buffers of one chunk's size
+    (4 bytes per element each; 8 MiB at the CPU default chunk). Fresh ones would cost an allocation per chunk, and
+    with large allocations served by mmap each one page-faults on first touch: that was half the eager update's
+    time. `view(t)` hands out, in order, buffers shaped like `t` for one chunk."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+    def view(self, like: Tensor) -> Callable[[torch.dtype], Tensor]:
+        slots = iter(range(1 << 30))
+
+        def take(dtype: torch.dtype) -> Tensor:
+            key = (next(slots), dtype, like.device)
+            buf = self._bufs.get(key)
+            if buf is None or buf.numel() < like.numel():
+                buf = self._bufs[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+            return buf[: like.numel()].view(like.shape)
+
+        return take
 
 
 def _copy_stochastic_(dst: Tensor, src: Tensor, noise: Tensor) -> None:
@@ -58,8 +93,10 @@ class BF16AdamW(torch.optim.Optimizer):
 
     Each parameter is updated on its own, in chunks of `chunk_size` elements: upcast weight/grad/moments to
     fp32, do the AdamW math, downcast. So no fp32 copy of all weights (or of one big tensor) exists at once;
-    the temporaries are about 28 bytes per chunk element. Default (None): 2**20 on CPU, where that memory
-    shows, 2**24 on accelerators, where each chunk costs ~30 kernel launches.
+    the temporaries are about 28 bytes per chunk element. Default (None): 2**18 on CPU, where that memory
+    shows (7 MiB; 2**20 held 0.5 bytes/param more at the peak of a 53M-parameter model), 2**24 on accelerators,
+    where each chunk costs ~30 kernel launches. With `compiled=True` the update holds no temporaries and
+    chunks only bound the kernel's int32 element index (default 2**30).
     With fp32 parameters the step is op-for-op `torch.optim.AdamW(foreach=False)` (states always fp32).
 
     `rounding` (how the fp32 result goes back into the bf16 weight):
@@ -74,8 +111,9 @@ class BF16AdamW(torch.optim.Optimizer):
     compensation) is stored with stochastic rounding. Rounded to nearest, a value that changes by less than
     half an ulp per step never changes: with a steady gradient bf16 exp_avg stalls 2-4% short of it
     (0.1 * gap < 2**-9 * m), and the compensation's own error keeps one sign (constant gradient, lr 1e-5,
-    weights at 1.0: 12% of 3000 steps' movement lost; stochastically: 4e-5). The random bits come from a
-    generator seeded with (group["seed"], parameter index, step), so a resumed run is bit-identical.
+    weights at 1.0: 12% of 3000 steps' movement lost; stochastically: 4e-5). The random bits of element i are an
+    integer hash of (i, seed of (group["seed"], parameter index, step)), `lean_kernel.random_bits`: no RNG state
+    to save (a resumed run is bit-identical), and chunking or update order cannot change them.
 
     `state_dtype` (moments of bf16 parameters; fp32 parameters always keep fp32 moments):
       - "mixed" (default): exp_avg bf16, exp_avg_sq fp32. Unbiased bf16 rounding adds noise that the EMA
@@ -127,9 +165,10 @@ class BF16AdamW(torch.optim.Optimizer):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
-        # bf16 parameters updated by one torch.compile'd kernel (fulltune.lean_kernel): same math, other random bits
+        # bf16 parameters updated by one torch.compile'd kernel (fulltune.lean_kernel): same math and random bits
         self.compiled = compiled
         self._param_index: dict[int, int] = {}
+        self._scratch = _Scratch()
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -215,23 +254,29 @@ class BF16AdamW(torch.optim.Optimizer):
         exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
         if low_precision and self.compiled and self._step_compiled(p, grad, state, group, step, step_size, bc2_sqrt):
             return
-        needs_rng = low_precision and rounding != "nearest"
-        gen = None
-        if needs_rng:
-            gen = torch.Generator(device=p.device)
-            gen.manual_seed(_mix_seed(group["seed"], self._param_index[id(p)], step))
+        seed = None
+        if low_precision and rounding != "nearest":
+            seed = lean_kernel.seed32(_mix_seed(group["seed"], self._param_index[id(p)], step))
 
         hp = dict(lr=lr, wd=wd, eps=eps, beta1=beta1, beta2=beta2, step_size=step_size, bc2_sqrt=bc2_sqrt)
         tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
-        size = self.chunk_size or (1 << 20 if p.device.type == "cpu" else 1 << 24)
+        size = self.chunk_size or (1 << 18 if p.device.type == "cpu" else 1 << 24)
         if size < p.numel() and all(t.is_contiguous() for t in tensors):
             # chunking bounds the fp32 temporaries to a few chunk-sized buffers even for a huge embedding
             chunks = zip(*(t.view(-1).split(size) for t in tensors), strict=True)
         else:
             chunks = [tensors]
+        start = 0
         for chunk in chunks:
             p_c, g_c, m_c, v_c, *c_c = chunk
-            _adamw_chunk(p_c, g_c, m_c, v_c, c_c[0] if c_c else None, hp, rounding, gen)
+            scratch = self._scratch.view(p_c)
+            rand = None
+            if seed is not None:  # element i's rounding bits are hash(seed, i), as in the kernel: chunking is moot
+                bits, tmp = scratch(torch.int32), scratch(torch.int32)
+                flat = lean_kernel.random_bits_inplace(p_c.numel(), start, seed, p.device, bits.view(-1), tmp.view(-1))
+                rand = flat.view(p_c.shape)
+            _adamw_chunk(p_c, g_c, m_c, v_c, c_c[0] if c_c else None, hp, rounding, rand, scratch)
+            start += p_c.numel()
 
     def _step_compiled(
         self,
@@ -244,7 +289,6 @@ class BF16AdamW(torch.optim.Optimizer):
         bc2_sqrt: float,
     ) -> bool:
         """The update through fulltune.lean_kernel; False (and eager from then on) if the kernel cannot be built."""
-        from fulltune import lean_kernel
 
         exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
         beta1, beta2 = group["betas"]
@@ -253,18 +297,20 @@ class BF16AdamW(torch.optim.Optimizer):
             dtype=torch.float32,
             device=p.device,
         )
-        mixed = _mix_seed(group["seed"], self._param_index[id(p)], step) & 0xFFFFFFFF
-        seed = torch.tensor(mixed - (1 << 32) if mixed >= 1 << 31 else mixed, dtype=torch.int32, device=p.device)
+        mixed = lean_kernel.seed32(_mix_seed(group["seed"], self._param_index[id(p)], step))
+        seed = torch.tensor(mixed, dtype=torch.int32, device=p.device)
         tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
-        size = self.chunk_size or (1 << 20 if p.device.type == "cpu" else 1 << 24)
-        flat = [t.view(-1) for t in tensors] if all(t.is_contiguous() for t in tensors) else None
-        if flat is None:
+        if not all(t.is_contiguous() for t in tensors):
             return False
+        # the kernel updates in place and holds no temporaries, so a whole tensor is one call; chunks only keep the
+        # element index (int32 inside the kernel) in range
+        size = self.chunk_size or (1 << 30)
+        flat = [t.detach().view(-1) for t in tensors]
         for start in range(0, p.numel(), size):
             chunk = [t[start : start + size] for t in flat]
             offset = torch.tensor(start, dtype=torch.int32, device=p.device)
             try:
-                out = lean_kernel.compiled_update()(
+                lean_kernel.compiled_update()(
                     *chunk[:4], chunk[4] if comp is not None else None, hp, seed, offset, group["rounding"]
                 )
             except Exception as err:  # no C++ compiler, an unsupported backend: the eager path is always there
@@ -279,9 +325,6 @@ class BF16AdamW(torch.optim.Optimizer):
                 )
                 self.compiled = False
                 return False
-            for dst, src in zip(chunk[:1] + chunk[2:], out, strict=False):
-                if src is not None:
-                    dst.copy_(src)
         return True
 
 
@@ -293,35 +336,37 @@ def _adamw_chunk(
     comp: Tensor | None,
     hp: dict[str, float],
     rounding: str,
-    gen: torch.Generator | None,
+    rand: Tensor | None,
+    scratch: Callable[[torch.dtype], Tensor],
 ) -> None:
-    """One AdamW update of (a chunk of) one parameter, all math in fp32, results stored in place."""
+    """One AdamW update of (a chunk of) one parameter, all math in fp32, results stored in place. `rand`: 32 random
+    bits per element (int32, shaped like p) for stochastic rounding, None to round to nearest. `scratch(dtype)`:
+    the next reusable temporary shaped like p (the update's temporaries, without an allocation per chunk)."""
     lr, wd, eps, beta1, beta2 = hp["lr"], hp["wd"], hp["eps"], hp["beta1"], hp["beta2"]
     step_size, bc2_sqrt = hp["step_size"], hp["bc2_sqrt"]
-    # One draw of 31 random bits per element serves every bf16 buffer written below (random numbers cost more
-    # than the rest of the update on CPU): each store takes its own 16-bit window, uniform on its own, which is
-    # all unbiased rounding needs.
-    rand = None
-    if gen is not None:
-        rand = torch.randint(0, 1 << 31, p.shape, dtype=torch.int32, device=p.device, generator=gen)
+    # One hash of 32 random bits per element serves every bf16 buffer written below: each store takes its own
+    # 16-bit window, uniform on its own, which is all unbiased rounding needs.
+    noise = None if rand is None else scratch(torch.int32)
 
     def store(dst: Tensor, src: Tensor, shift: int) -> None:  # fp32 -> bf16 buffer, unbiased unless "nearest"
         if rand is None:
             dst.copy_(src)
         else:
-            _copy_stochastic_(dst, src, (rand >> shift).bitwise_and_(0xFFFF))
+            _copy_stochastic_(dst, src, torch.bitwise_right_shift(rand, shift, out=noise).bitwise_and_(0xFFFF))
 
-    g = grad.float()  # aliases grad when already fp32: only read below
-    m = exp_avg.float()  # aliases the state when it is fp32, so the in-place update is the state update
+    def fp32(t: Tensor) -> Tensor:  # an fp32 tensor aliases itself (the fp32 state is then updated in place)
+        return t if t.dtype == torch.float32 else scratch(torch.float32).copy_(t)
+
+    g = fp32(grad)  # aliases grad when already fp32: only read below
+    m = fp32(exp_avg)
     m.lerp_(g, 1 - beta1)
     if m is not exp_avg:
         store(exp_avg, m, 0)
-    v = exp_avg_sq.float()
+    v = fp32(exp_avg_sq)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if v is not exp_avg_sq:
         store(exp_avg_sq, v, 7)
-    del g
-    denom = v.sqrt_() if v is not exp_avg_sq else v.sqrt()
+    denom = v.sqrt_() if v is not exp_avg_sq else torch.sqrt(v, out=scratch(torch.float32))
     denom.div_(bc2_sqrt).add_(eps)
 
     if rounding == "fp32":  # same ops, same order as torch.optim.AdamW's single-tensor path
@@ -330,8 +375,8 @@ def _adamw_chunk(
         p.addcdiv_(m, denom, value=-step_size)
         return
 
-    target = p.float()
-    delta = m.div_(denom) if m is not exp_avg else m.div(denom)
+    target = fp32(p)
+    delta = m.div_(denom) if m is not exp_avg else torch.div(m, denom, out=denom)
     del denom
     delta.mul_(-step_size)
     if wd != 0:

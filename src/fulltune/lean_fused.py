@@ -61,8 +61,10 @@ class FusedStepHandle:
             flag = self.found_nonfinite.get(p.device)
             if flag is None:
                 flag = self.found_nonfinite[p.device] = torch.zeros((), dtype=torch.bool, device=p.device)
-            # a sum is NaN/inf iff some element is (or it overflows, itself a red flag); no n-byte mask needed
-            flag.logical_or_(~torch.isfinite(grad.sum(dtype=torch.float32)))
+            # a sum is NaN/inf iff some element is (or it overflows, itself a red flag); no n-byte mask needed.
+            # Summed in the gradient's own dtype (CPU and CUDA accumulate bf16 in fp32): sum(dtype=float32)
+            # first made an fp32 copy, 2x the gradient's bytes, the largest temporary of the whole step.
+            flag.logical_or_(~torch.isfinite(grad.sum()))
         if self._max_norm is not None:
             norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
             grad.mul_(torch.clamp(self._max_norm / (norm + 1e-6), max=1.0))

@@ -32,10 +32,9 @@ def build_optimizer(
         except RuntimeError as err:
             raise ConfigError(f"training.lean_optimizer=adamw8bit: {err}") from err
     if lean:
-        from fulltune.lean import BF16AdamW
+        from fulltune.lean import BF16AdamW, wants_compiled_step
 
-        n = sum(p.numel() for g in clean for p in g["params"])
-        compiled = t.lean_compiled_step == "on" or (t.lean_compiled_step == "auto" and n >= 20_000_000)
+        compiled = wants_compiled_step(t.lean_compiled_step, sum(p.numel() for g in clean for p in g["params"]))
         return BF16AdamW(
             clean,
             lr=t.base_learning_rate,

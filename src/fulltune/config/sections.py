@@ -256,7 +256,7 @@ class TrainingConfig:
     """lean: update each tensor in backward and free its gradient at once (needs accumulation 1, one process;
     max_grad_norm then clips each tensor's gradient norm, not the global one)."""
     lean_compiled_step: Literal["auto", "on", "off"] = "auto"
-    """BF16AdamW's update as one torch.compile'd kernel (~3x less time per element on CPU, a one-off build of
+    """BF16AdamW's update as one torch.compile'd kernel (~5x less time per element on CPU, a one-off build of
     20-60 s); auto: on from 20M trainable parameters, where the build pays for itself within a few steps."""
     compile: bool = False
     """torch.compile the model."""
