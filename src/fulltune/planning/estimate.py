@@ -150,20 +150,23 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     optimizer = 8.0  # AdamW: exp_avg and exp_avg_sq in fp32
     grads, fused = f.trainable * 4.0, False
     if lean:
-        from fulltune.lean import lean_bytes_per_param
+        from fulltune.lean import lean_bytes_per_param, wants_compiled_step
 
         if t.lean_optimizer == "adamw8bit":  # bitsandbytes: two 8-bit moments, stepped after backward
             optimizer = 2.0
         else:  # BF16AdamW with the trainer's own state dtype and rounding; minus the bf16 weight itself
             optimizer = float(lean_bytes_per_param(t.lean_state_dtype, t.lean_rounding) - 2)
             fused = t.lean_fused_step and t.gradient_accumulation_steps == 1  # as lean.fuses_step decides
-        # BF16AdamW steps each tensor in chunks of up to 2**20 elements, with ~28 bytes of fp32 temporaries per
-        # element. Fused into backward (the trainer's default), a tensor's bf16 gradient is applied and freed as soon
-        # as it is final: about one is alive at a time, but on top of the activations still held for the rest of
-        # backward. Otherwise every bf16 gradient is held until the step after backward.
-        # + a fixed ~4 MiB that the first BF16AdamW step adds on CPU in every dry run (measured on BERT, CLIP and Llama
-        # alike, 2.8-4.1 MiB; not traced to one tensor).
-        step = 28 * min(f.largest_trainable, 2**20) + 4 * 2**20
+        # BF16AdamW's eager update steps each tensor in chunks of up to 2**18 elements on CPU (2**24 on
+        # accelerators) through reused fp32 scratch buffers of ~28 bytes per chunk element (7 MiB on CPU); compiled
+        # (auto from 20M trainable parameters) it updates in place and holds none. Fused into backward (the
+        # trainer's default), a tensor's bf16 gradient is applied and freed as soon as it is final: about one is
+        # alive at a time, but on top of the activations still held for the rest of backward. Otherwise every bf16
+        # gradient is held until the step after backward. + a fixed ~4 MiB that the first BF16AdamW step adds on CPU
+        # in every dry run (measured on BERT, CLIP and Llama alike, 2.8-4.1 MiB; not traced to one tensor).
+        compiled = wants_compiled_step(t.lean_compiled_step, f.trainable)
+        chunk = 2**18 if device_type == "cpu" else 2**24
+        step = (0 if compiled else 28 * min(f.largest_trainable, chunk)) + 4 * 2**20
         grads = 2.0 * (f.largest_trainable if fused else f.trainable) + step
     activations = activation_bytes(f, cfg, task, cfg.data.batch_size, d)
     # From the second micro-batch on, accumulated gradients sit under a whole forward and backward; a fused step
