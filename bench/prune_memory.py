@@ -101,7 +101,7 @@ def child_prune(importance: str, work: Path, materialize: bool) -> dict:
     from fulltune.cli.prune import _load_base
     from fulltune.config import load_config
     from fulltune.data import lm
-    from fulltune.prune import PruneConfig, count_parameters, prune_model
+    from fulltune.prune import PruneConfig, parameter_count, prune_model
     from fulltune.prune_guide import builtin_text
     from fulltune.prune_io import save_pruned
 
@@ -131,7 +131,7 @@ def child_prune(importance: str, work: Path, materialize: bool) -> dict:
     base = rss_now()
     tic = time.perf_counter()
     model, _ = _load_base(str(work / "base"), torch.device("cpu"), "auto")  # as `fulltune prune --torch_dtype auto`
-    params = count_parameters(model)
+    params = parameter_count(model)
     if materialize:  # weights in anonymous memory, not file pages mapped from the checkpoint (which RSS counts only
         with torch.no_grad():  # once touched): the pruning's peak is then weights + what pruning adds
             for p in model.parameters():
