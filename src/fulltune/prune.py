@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fulltune.filepages import release_file_pages
+
 SHAPES_KEY = "fulltune_layer_shapes"
 REPORT_FILE = "fulltune_prune_report.json"
 
@@ -111,10 +113,14 @@ def parameter_count(model: nn.Module) -> int:
 def _slice_linear(lin: nn.Linear, index: torch.Tensor, dim: int) -> None:
     """Keep rows (dim 0: output features, bias too) or columns (dim 1: input features) ``index`` of ``lin``."""
     index = index.to(lin.weight.device)
+    old = [lin.weight, lin.bias]
     with torch.no_grad():
         lin.weight = nn.Parameter(lin.weight.index_select(dim, index).clone(), requires_grad=lin.weight.requires_grad)
         if dim == 0 and lin.bias is not None:
             lin.bias = nn.Parameter(lin.bias.index_select(0, index).clone(), requires_grad=lin.bias.requires_grad)
+    for p in old:  # a memory-mapped checkpoint's pages of the replaced tensors leave the resident set
+        if p is not None and p is not lin.weight and p is not lin.bias:
+            release_file_pages(p.detach())
     if dim == 0:
         lin.out_features = int(index.numel())
     else:
