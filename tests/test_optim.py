@@ -30,20 +30,25 @@ def test_schedule_multiplies_each_groups_scale() -> None:
     assert opt.param_groups[0]["lr_scale"] == 0.5  # never overwritten
 
 
-def test_optimizer_step_clips_steps_and_frees_like_plain_torch() -> None:
+@pytest.mark.parametrize("fused", [False, True])  # fused AdamW clips inside its kernel (grad_scale)
+def test_optimizer_step_clips_steps_and_frees_like_plain_torch(fused: bool) -> None:
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     reference = nn.Linear(4, 3)
     reference.load_state_dict(model.state_dict())
     x = torch.randn(5, 4)
-    opts = [torch.optim.AdamW(m.parameters(), lr=0.1) for m in (model, reference)]
+    # eps=1: the update depends on the gradients' scale, so a wrong clipping factor shows
+    opts = [
+        torch.optim.AdamW(m.parameters(), lr=0.1, eps=1.0, fused=f or None)
+        for m, f in ((model, fused), (reference, False))
+    ]
     for m in (model, reference):
         (m(x) * 100).square().sum().backward()
     norm = optimizer_step(model, opts[0], max_grad_norm=1.0)
     expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
     opts[1].step()
     assert norm is not None and float(norm) == pytest.approx(float(expected)) and float(norm) > 1.0
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters()) and getattr(opts[0], "grad_scale", None) is None
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q)
     assert optimizer_step(model, opts[0]) is None  # nothing clips: no norm

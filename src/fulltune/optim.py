@@ -71,16 +71,24 @@ def optimizer_step(
     The trainer, the memory planner's dry run and the benchmarks all step through here.
     """
     norm = None
+    # Fused AdamW divides every gradient by its `grad_scale` inside its one kernel (the hook GradScaler uses): the
+    # clipping coefficient goes there, which saves a pass that scales every gradient.
+    clip_in_kernel = scaler is None and type(optimizer) is torch.optim.AdamW and optimizer.defaults.get("fused")
     if max_grad_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
         grads = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm, foreach=True)
+        if clip_in_kernel:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True)
+            optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_grad_norm, min=1.0)  # clip_grad_norm_'s factor
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm, foreach=True)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
+        optimizer.grad_scale = None
     optimizer.zero_grad(set_to_none=True)
     return norm
 
