@@ -31,3 +31,27 @@ def test_a_failed_write_keeps_the_old_folder(tmp_path: Path) -> None:
         raise RuntimeError("killed mid-save")
     assert (final / "weights").read_text() == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-epoch-1"]
+
+
+def test_recovery_removes_fsdp_shard_staging_of_a_dead_save(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from fulltune.rundir import recover_run_dir
+    from fulltune.sharded import staging_dir
+
+    mine = staging_dir(tmp_path / "checkpoint-step-4")  # without a process group: this process's pid
+    assert mine == tmp_path / f".checkpoint-step-4.shards.tmp-{os.getpid()}"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".checkpoint-step-4.shards.tmp-{int(dead.stdout)}"  # a kill inside an FSDP save left it
+    (left / "shards").mkdir(parents=True)
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        live = tmp_path / f".checkpoint-step-6.shards.tmp-{other.pid}"  # another process's save in progress
+        live.mkdir()
+        try:
+            actions = recover_run_dir(tmp_path, log=lambda _: None)
+        finally:
+            other.kill()
+    assert not left.exists() and live.exists()
+    assert actions == [f"removed {left} (left by an interrupted save)"]

@@ -164,3 +164,13 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's `value` on every rank (itself without a process group)."""
+    if not is_distributed():
+        return value
+    on_gpu = dist.get_backend() == "nccl"
+    t = torch.tensor([value], dtype=torch.int64, device=torch.cuda.current_device() if on_gpu else "cpu")
+    dist.broadcast(t, src=0)
+    return int(t.item())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fulltune.config import ConfigError
-from fulltune.runtime import barrier, rank, world_size
+from fulltune.runtime import barrier, broadcast_int, rank, world_size
 
 FORMAT = "fulltune-sharded-v1"
 SHARDED_DIR = "sharded"
@@ -245,6 +246,13 @@ def _dtype(reader: ShardReader, key: str) -> torch.dtype:
     return getattr(torch, reader.pieces[key][0]["dtype"])
 
 
+def staging_dir(path: Path) -> Path:
+    """Where every rank writes its shards before rank 0 moves them into `path`: `.NAME.shards.tmp-PID` with rank 0's
+    pid, so that start-up recovery (`rundir.recover_run_dir`) removes it once that process is gone (a kill inside
+    the save), as it removes every other temporary folder of a save."""
+    return path.parent / f".{path.name}.shards.tmp-{broadcast_int(os.getpid())}"
+
+
 def save_fsdp_checkpoint(
     path: Path,
     model: nn.Module,
@@ -280,7 +288,7 @@ def save_fsdp_checkpoint(
             )
         barrier()
         return
-    staging = path.parent / f".{path.name}.shards"
+    staging = staging_dir(path)
     if rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
