@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import test_hf_datasets
@@ -18,6 +20,22 @@ from test_train import assert_same_weights
 from fulltune.config import ConfigError, load_config
 from fulltune.data import text as txt
 from fulltune.train import setup, train
+
+
+def copy_checkpoint(run: Path, step: int, out: Path) -> Path:
+    """A fresh run folder `out` holding only `run`'s checkpoint-step-`step` (what a resume finds after a kill)."""
+    out.mkdir()
+    shutil.copytree(run / f"checkpoint-step-{step}", out / f"checkpoint-step-{step}")
+    return out
+
+
+def assert_resume_is_exact(cfg: Callable[[Path], Any], tmp_path: Path, at: int, end: int) -> None:
+    """A run to step `end`, and one resumed from its step-`at` checkpoint, end with identical weights."""
+    train(cfg(tmp_path / "run"))
+    resumed = copy_checkpoint(tmp_path / "run", at, tmp_path / "resumed")
+    train(cfg(resumed), resume="auto")
+    assert_same_weights(tmp_path / "run" / f"checkpoint-step-{end}", resumed / f"checkpoint-step-{end}")
+
 
 datasets = pytest.importorskip("datasets")
 STREAM = {"data__streaming": True}
@@ -82,9 +100,7 @@ def test_seeded_stream_is_reproducible_and_resumes_bit_identically(tmp_path, sst
     train(_text_cfg(tmp_path / "run1", src, **STREAM, data__shuffle_buffer=64))
     train(_text_cfg(tmp_path / "run2", src, **STREAM, data__shuffle_buffer=64))
     assert_same_weights(tmp_path / "run1" / "checkpoint-step-4", tmp_path / "run2" / "checkpoint-step-4")
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "run1" / "checkpoint-step-2", resumed / "checkpoint-step-2")
+    resumed = copy_checkpoint(tmp_path / "run1", 2, tmp_path / "resumed")
     state = json.loads((resumed / "checkpoint-step-2/training_state/trainer_state.json").read_text())
     assert state["batches_done"] == 2 and state["epoch"] == 0  # mid-epoch
     train(_text_cfg(resumed, src, **STREAM, data__shuffle_buffer=64), resume="auto")
@@ -116,12 +132,7 @@ def test_builder_stream_of_unknown_length_runs_passes_and_resumes(tmp_path, text
     with pytest.raises(ConfigError, match="set training.max_steps"):
         setup(cfg(tmp_path / "b", training__max_steps=None))
 
-    train(cfg(tmp_path / "run"))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "run" / "checkpoint-step-3", resumed / "checkpoint-step-3")
-    train(cfg(resumed), resume="auto")  # 36 examples skipped: one pass and 4 of the next
-    assert_same_weights(tmp_path / "run" / "checkpoint-step-6", resumed / "checkpoint-step-6")
+    assert_resume_is_exact(cfg, tmp_path, at=3, end=6)  # 36 examples skipped: one pass and 4 of the next
 
 
 @pytest.fixture
@@ -173,12 +184,7 @@ def test_causal_lm_from_a_dataset_packs_the_local_readers_blocks_and_streams_the
         setup(_lm_cfg(tmp_path / "f", data__dataset_name=str(s["rows"]), **STREAM, data__max_samples=8))
 
     cfg = lambda out: _lm_cfg(out, data__dataset_name=str(s["rows"]), **STREAM, data__shuffle_buffer=16)  # noqa: E731
-    train(cfg(tmp_path / "run"))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "run" / "checkpoint-step-2", resumed / "checkpoint-step-2")
-    train(cfg(resumed), resume="auto")
-    assert_same_weights(tmp_path / "run" / "checkpoint-step-4", resumed / "checkpoint-step-4")
+    assert_resume_is_exact(cfg, tmp_path, at=2, end=4)
 
 
 def test_evaluate_and_predict_from_a_dataset_split_match_the_local_file(tmp_path, sst2_pair, capsys):
@@ -248,12 +254,7 @@ def test_image_stream_in_order_gives_the_map_style_pixels_and_resumes_bit_identi
     )
 
     cfg = lambda out: test_hf_datasets._image_cfg(out, src, **STREAM, data__shuffle_buffer=8)  # noqa: E731
-    train(cfg(tmp_path / "run"))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "run" / "checkpoint-step-2", resumed / "checkpoint-step-2")
-    train(cfg(resumed), resume="auto")
-    assert_same_weights(tmp_path / "run" / "checkpoint-step-4", resumed / "checkpoint-step-4")
+    assert_resume_is_exact(cfg, tmp_path, at=2, end=4)
 
 
 def test_streaming_needs_a_dataset_name_and_refuses_epoch_schedules_without_a_length(tmp_path, sst2_pair):
