@@ -90,11 +90,7 @@ def family_config(tmp_path: Path, family: str, method: str, **extra: object):
 
 
 # Lean mode as the trainer runs it by default (bf16 weights and moments, the step fused into backward,
-# checkpointing), and with accumulation (the step after backward: every bf16 gradient held). Lean's peaks are small
-# (30-60 MiB) and its first optimizer step adds 4-10 MiB that varies between environments and with the machine's
-# load (a quiet run in the working venv measured 0.925-1.001 of the estimate; a fresh clone's venv under load
-# 0.845-0.908), so lean is held to 25%, the other methods to 15%.
-LEAN_TOLERANCE = 0.25
+# checkpointing), and with accumulation (the step after backward: every bf16 gradient held).
 LEAN = {"training.memory": "lean"}
 LEAN_ACCUMULATING = LEAN | {"training.gradient_accumulation_steps": 2}
 CASES = (
@@ -128,10 +124,10 @@ def test_estimates_within_15_percent_of_dry_runs(tmp_path: Path) -> None:
             f"{family:6} {method:19} estimate {human_bytes(est.peak):>11} measured "
             f"{human_bytes(result['measured']):>11} ratio {ratio:.3f}"
         )
-        if abs(ratio - 1) > (LEAN_TOLERANCE if "lean" in method else 0.15):
+        if abs(ratio - 1) > 0.15:
             bad.append(rows[-1])
     print("\n".join(rows))
-    assert not bad, "estimates off by more than 15% (lean: 25%):\n" + "\n".join(bad)
+    assert not bad, "estimates off by more than 15%:\n" + "\n".join(bad)
 
 
 def test_counts_match_the_real_model(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The dry run: a few optimizer steps of the configured training on random inputs, in a process forked from one
-clean server per method, measuring the peak memory the steps add (CUDA: max_memory_allocated; CPU: peak RSS)."""
+clean server per method, measuring the peak memory the steps add (CUDA: max_memory_allocated; CPU: the peak of
+anonymous resident memory)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,16 @@ from fulltune.planning.facts import Facts, inspect_model, prepare
 
 
 def _rss() -> tuple[int, int]:
-    """(current, peak) resident set size in bytes, from /proc: getrusage's ru_maxrss of a process started with
-    fork+exec may be its parent's peak (Linux keeps the larger of the two)."""
+    """(anonymous, peak anonymous) resident set size in bytes, from /proc. The peak is the peak RSS (VmHWM) less the
+    file-backed and shared pages resident at the end: shared libraries' code pages that the steps fault in (more or
+    fewer with what the page cache holds, as the kernel maps cached neighbours of each faulted page) are shared and
+    evictable, not memory that training holds; they only grow, so this is the anonymous memory at the peak, or a
+    little under it. getrusage's ru_maxrss (the fallback) of a process started with fork+exec may be its parent's
+    peak (Linux keeps the larger of the two)."""
     try:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
+        kib = {k: int(status[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile", "RssShmem", "VmHWM")}
+        return kib["RssAnon"], kib["VmHWM"] - kib["RssFile"] - kib["RssShmem"]
     except (OSError, KeyError, ValueError):
         from fulltune.runtime import maxrss_bytes
 
@@ -66,21 +72,32 @@ def _random_batch(task: str, f: Facts, micro_batch: int, num_labels: int) -> dic
     }
 
 
-def _warm_up(device: torch.device, precision: Any) -> None:
-    """One tiny transformer step: kernels, threads and autocast get set up outside the measurement."""
-    warm = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).to(device)
+def _warm_up(device: torch.device, precision: Any, t: Any) -> None:
+    """One tiny transformer step, stepped as the training steps (`t`: the TrainingConfig; lean mode's bf16 weights,
+    its optimizer and the step fused into backward): kernels, threads, autocast and the optimizer's one-off state
+    (BF16AdamW's scratch and random-bit buffers) get set up outside the measurement."""
+    from fulltune.lean_fused import attach_fused_step, fuses_step
+    from fulltune.optim import build_optimizer, optimizer_step
+
+    lean = t.memory == "lean"
+    warm = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).to(device, torch.bfloat16 if lean else None)
+    optimizer = build_optimizer([{"params": list(warm.parameters())}], t, device, lean=lean)
+    fused = attach_fused_step(warm, optimizer, per_param_max_norm=t.max_grad_norm) if fuses_step(t, optimizer) else None
     with precision.autocast():
-        warm(torch.randn(2, 8, 32, device=device)).float().sum().backward()
-    torch.optim.AdamW(warm.parameters(), fused=True).step()
+        warm(torch.randn(2, 8, 32, device=device, dtype=torch.bfloat16 if lean else None)).float().sum().backward()
+    if fused is None:
+        optimizer_step(warm, optimizer, None, t.max_grad_norm)
+    else:
+        fused.remove()
 
 
 def dry_run(
     cfg: Config, task: str, labels: list[str] | None, facts: Facts, device: torch.device, steps: int = 2
 ) -> dict[str, Any]:
     """Peak memory of `steps` optimizer steps of the configured training on random inputs, the model prepared and
-    stepped by the trainer's own functions. CUDA: torch.cuda.max_memory_allocated. CPU: the peak RSS during the
-    steps over the RSS after building model and optimizer and a one-sample forward and backward, plus the weights'
-    bytes (part of that baseline, so counted, not measured)."""
+    stepped by the trainer's own functions. CUDA: torch.cuda.max_memory_allocated. CPU: the peak anonymous RSS during
+    the steps over the anonymous RSS after building model and optimizer and a one-sample forward and backward, plus
+    the weights' bytes (part of that baseline, so counted, not measured)."""
     from fulltune.lean_fused import attach_fused_step, fuses_step
     from fulltune.methods import param_groups
     from fulltune.optim import build_optimizer, optimizer_step
@@ -90,7 +107,7 @@ def dry_run(
     t, precision, task_fns = cfg.training, resolve_precision(cfg.hardware.mixed_precision, device), TASKS[task]
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
-    _warm_up(device, precision)
+    _warm_up(device, precision, t)
     seed_everything(t.seed)
     model, plan = prepare(cfg, task, labels, device)
     optimizer = build_optimizer(param_groups(model, plan, cfg), t, device, lean=t.memory == "lean")
@@ -138,7 +155,7 @@ def dry_run(
             "how": "torch.cuda.max_memory_allocated",
         }
     how = (
-        "CPU: peak RSS over the RSS after building and a one-sample warm-up, + the weights"
+        "CPU: peak anonymous RSS over that after building and a one-sample warm-up, + the weights"
         if reset
         else "CPU: peak RSS of the process"
     )

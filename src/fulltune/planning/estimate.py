@@ -162,8 +162,10 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
         # (auto from 20M trainable parameters) it updates in place and holds none. Fused into backward (the
         # trainer's default), a tensor's bf16 gradient is applied and freed as soon as it is final: about one is
         # alive at a time, but on top of the activations still held for the rest of backward. Otherwise every bf16
-        # gradient is held until the step after backward. + a fixed ~4 MiB that the first BF16AdamW step adds on CPU
-        # in every dry run (measured on BERT, CLIP and Llama alike, 2.8-4.1 MiB; not traced to one tensor).
+        # gradient is held until the step after backward. + a fixed 4 MiB: what the dry runs of lean mode measure
+        # beyond the tensors tallied here (CPU, anonymous memory: 1-2 MiB on small BERT and CLIP, 5-6 MiB on a
+        # small Llama; not traced to one tensor, and not a one-off of the optimizer's first step, which the dry
+        # run's warm-up now takes outside the measurement).
         compiled = wants_compiled_step(t.lean_compiled_step, f.trainable)
         chunk = 2**18 if device_type == "cpu" else 2**24
         step = (0 if compiled else 28 * min(f.largest_trainable, chunk)) + 4 * 2**20
