@@ -1,6 +1,6 @@
 """The dry run: a few optimizer steps of the configured training on random inputs, in a process forked from one
-clean server per method, measuring the peak memory the steps add (CUDA: max_memory_allocated; CPU: the peak of
-anonymous resident memory)."""
+clean server per method, measuring the peak memory the steps add (CUDA: max_memory_allocated; CPU: peak RSS, the
+pages of shared libraries left out)."""
 
 from __future__ import annotations
 
@@ -22,17 +22,32 @@ from fulltune.config import Config, config_from_dict, to_dict
 from fulltune.planning.facts import Facts, inspect_model, prepare
 
 
+def _library_pages() -> int:
+    """Resident bytes of shared libraries and executables mapped into this process (/proc/self/smaps), 0 if unknown.
+    The steps fault in library pages of the kernels they run, more or fewer with what the page cache holds (the
+    kernel maps cached neighbours of each faulted page): shared, evictable, and not memory that training holds.
+    File pages of anything else count: a memory-mapped weight that the optimizer writes turns from file to anonymous
+    memory without changing the RSS."""
+    total, library = 0, False
+    try:
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split(maxsplit=5)
+            if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                path = head[5] if len(head) == 6 else ""
+                library = path.startswith("/") and ("x" in head[1] or ".so" in Path(path).name)
+            elif library and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
 def _rss() -> tuple[int, int]:
-    """(anonymous, peak anonymous) resident set size in bytes, from /proc. The peak is the peak RSS (VmHWM) less the
-    file-backed and shared pages resident at the end: shared libraries' code pages that the steps fault in (more or
-    fewer with what the page cache holds, as the kernel maps cached neighbours of each faulted page) are shared and
-    evictable, not memory that training holds; they only grow, so this is the anonymous memory at the peak, or a
-    little under it. getrusage's ru_maxrss (the fallback) of a process started with fork+exec may be its parent's
-    peak (Linux keeps the larger of the two)."""
+    """(current, peak) resident set size in bytes, from /proc. getrusage's ru_maxrss (the fallback) of a process
+    started with fork+exec may be its parent's peak (Linux keeps the larger of the two)."""
     try:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        kib = {k: int(status[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile", "RssShmem", "VmHWM")}
-        return kib["RssAnon"], kib["VmHWM"] - kib["RssFile"] - kib["RssShmem"]
+        return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         from fulltune.runtime import maxrss_bytes
 
@@ -95,9 +110,10 @@ def dry_run(
     cfg: Config, task: str, labels: list[str] | None, facts: Facts, device: torch.device, steps: int = 2
 ) -> dict[str, Any]:
     """Peak memory of `steps` optimizer steps of the configured training on random inputs, the model prepared and
-    stepped by the trainer's own functions. CUDA: torch.cuda.max_memory_allocated. CPU: the peak anonymous RSS during
-    the steps over the anonymous RSS after building model and optimizer and a one-sample forward and backward, plus
-    the weights' bytes (part of that baseline, so counted, not measured)."""
+    stepped by the trainer's own functions. CUDA: torch.cuda.max_memory_allocated. CPU: the peak RSS during the
+    steps over the RSS after building model and optimizer and a one-sample forward and backward, the growth of
+    shared libraries' pages left out (`_library_pages`), plus the weights' bytes (part of that baseline, so counted,
+    not measured)."""
     from fulltune.lean_fused import attach_fused_step, fuses_step
     from fulltune.methods import param_groups
     from fulltune.optim import build_optimizer, optimizer_step
@@ -133,7 +149,7 @@ def dry_run(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    reset, base = (_reset_peak_rss(), _rss()[0]) if device.type != "cuda" else (True, 0)
+    reset, base = (_reset_peak_rss(), _rss()[0] - _library_pages()) if device.type != "cuda" else (True, 0)
     seconds = []
     for _ in range(steps):  # the trainer's sequence: micro-steps, then clip, step and zero_grad
         began = time.perf_counter()
@@ -155,11 +171,12 @@ def dry_run(
             "how": "torch.cuda.max_memory_allocated",
         }
     how = (
-        "CPU: peak anonymous RSS over that after building and a one-sample warm-up, + the weights"
+        "CPU: peak RSS over the RSS after building and a one-sample warm-up, libraries' code pages left out, + the "
+        "weights"
         if reset
         else "CPU: peak RSS of the process"
     )
-    return {"measured": _rss()[1] - base + weights, "step_seconds": seconds[-1], "how": how}
+    return {"measured": _rss()[1] - _library_pages() - base + weights, "step_seconds": seconds[-1], "how": how}
 
 
 def _in_fork(job: dict[str, Any]) -> dict[str, Any]:
