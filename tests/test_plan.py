@@ -209,3 +209,11 @@ def test_cli_json_and_table(tmp_path: Path, text_data: Path, capsys: pytest.Capt
         run_cli(["plan", "--config", str(cfg_path), "--memory_budget", "plenty"], capsys)
     with pytest.raises(ConfigError, match="--methods"):
         run_cli(["plan", "--config", str(cfg_path), "--methods", "full,qlora", "--no_dry_run"], capsys)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_library_pages_are_part_of_the_rss() -> None:
+    from fulltune.planning.dryrun import _library_pages, _rss
+
+    library, (rss, peak) = _library_pages(), _rss()
+    assert 2**20 < library < rss <= peak  # torch's own libraries alone are tens of MiB once imported
