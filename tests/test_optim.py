@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fulltune.optim import lr_factor, optimizer_step, set_lr
+from fulltune.optim import grad_norm, lr_factor, optimizer_step, set_lr
 
 
 def test_warmup_then_cosine_and_linear() -> None:
@@ -52,3 +52,13 @@ def test_optimizer_step_clips_steps_and_frees_like_plain_torch(fused: bool) -> N
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q)
     assert optimizer_step(model, opts[0]) is None  # nothing clips: no norm
+
+
+def test_grad_norm_matches_torch_and_keeps_nonfinite() -> None:
+    torch.manual_seed(0)
+    grads = [torch.randn(300, 7), torch.randn(11), torch.randn(2, 3, 4).transpose(0, 2)]  # a non-contiguous one too
+    expected = torch.nn.utils.get_total_norm(grads)
+    torch.testing.assert_close(grad_norm(grads), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_norm([g.bfloat16() for g in grads]), expected.bfloat16(), rtol=1e-2, atol=0)
+    assert not torch.isfinite(grad_norm([*grads, torch.tensor([float("inf")])]))
+    assert torch.isnan(grad_norm([*grads, torch.tensor([float("nan")])]))

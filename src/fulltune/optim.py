@@ -62,6 +62,16 @@ def build_optimizer(
     )
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of `grads` as a 0-d tensor (no host sync). Plain fp32 CPU tensors go through BLAS's dot
+    product, 2x (large tensors) to 5x (small ones) faster than torch's norm kernel on CPU, which sums in double;
+    anything else (CUDA, bf16, FSDP's DTensors) through `torch.nn.utils.get_total_norm`."""
+    if grads and all(type(g) is torch.Tensor and g.device.type == "cpu" and g.dtype == torch.float32 for g in grads):
+        flat = [g.reshape(-1) for g in grads]
+        return torch.stack([torch.dot(g, g) for g in flat]).sum().sqrt()
+    return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+
 def optimizer_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any = None, max_grad_norm: float | None = None
 ) -> torch.Tensor | None:
@@ -79,7 +89,7 @@ def optimizer_step(
             scaler.unscale_(optimizer)
         grads = [p for p in model.parameters() if p.grad is not None]
         if clip_in_kernel:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True)
+            norm = grad_norm([p.grad for p in grads])
             optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_grad_norm, min=1.0)  # clip_grad_norm_'s factor
         else:
             norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm, foreach=True)
