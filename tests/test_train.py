@@ -234,3 +234,21 @@ def test_compile_switch_trains_like_eager(tmp_path, text_data):
     train(_text_cfg(tmp_path / "eager", text_data, **common))
     train(_text_cfg(tmp_path / "compiled", text_data, training__compile=True, **common))
     assert_same_weights(tmp_path / "eager/checkpoint-epoch-1", tmp_path / "compiled/checkpoint-epoch-1", atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_allocator_choice_is_said_and_respects_the_environment(monkeypatch):
+    from types import SimpleNamespace
+
+    from fulltune.runtime import configure_cpu
+
+    hw = SimpleNamespace(num_threads=None, cpu_allocator="auto")
+    assert configure_cpu(SimpleNamespace(num_threads=None, cpu_allocator="system"), torch.device("cpu")) == ""
+    assert configure_cpu(hw, torch.device("cuda")) == ""  # only CPU training changes the process's malloc
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert "MALLOC_*" in configure_cpu(hw, torch.device("cpu"))  # the user's own setting wins
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    import ctypes
+
+    if hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+        assert configure_cpu(hw, torch.device("cpu")).startswith("CPU allocator: freed memory kept")

@@ -399,6 +399,7 @@ def run_header(trainer: Any) -> str:
         f"{t.gradient_accumulation_steps} x world size {world_size()} | {trainer.steps_per_epoch} optimizer steps "
         f"per epoch, {trainer.state.total_steps} in all\n"
         f"parameters that train: {trainer.trainable_params:,} of {trainer.total_params:,} ({share:.2f}%)\n"
+        + (trainer.allocator_note + "\n" if getattr(trainer, "allocator_note", "") else "")
         + describe_lean_mode(t, trainer.device, trainer.fused is not None, trainer.optimizer)
         + describe_groups(trainer.optimizer.param_groups, t.base_learning_rate)
     )

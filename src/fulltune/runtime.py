@@ -46,6 +46,37 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def configure_cpu(hardware: Any, device: torch.device) -> str:
+    """Thread count and, for training on a CPU, glibc's handling of freed memory (`hardware.cpu_allocator`); returns
+    what the log says about the allocator ('' when nothing changed).
+
+    By default glibc serves each block over 32 MiB (and, by its sliding threshold, smaller ones) with its own mmap
+    and returns it on free, and trims the heap's free top: every step then page-faults its gradients and
+    activations in afresh (the embedding gradient of a 22.7M-parameter BERT alone, 47 MB, costs 12 ms to allocate
+    and zero instead of 1 ms). With mmap off and trimming at most above 2 GiB of free top, freed blocks are reused."""
+    if hardware.num_threads:
+        torch.set_num_threads(hardware.num_threads)
+    if hardware.cpu_allocator != "auto" or device.type != "cpu" or not sys.platform.startswith("linux"):
+        return ""
+    if any(k in os.environ for k in MALLOC_ENV):
+        return "CPU allocator: glibc as set by MALLOC_* in the environment"
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # glibc's own symbol: musl's mallopt does nothing of this
+            return ""
+        m_trim_threshold, m_mmap_max = -1, -4
+        if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+            return ""
+    except (OSError, AttributeError):
+        return ""
+    return "CPU allocator: freed memory kept for reuse (glibc: no mmap for large blocks, no trimming below 2 GiB)"
+
+
 @dataclass
 class Precision:
     """The precision a run uses: the autocast dtype (None: plain fp32) and whether fp16 loss scaling is on."""

@@ -31,6 +31,7 @@ from fulltune.runtime import (
     Precision,
     barrier,
     check_hardware,
+    configure_cpu,
     is_main,
     peak_memory_bytes,
     rank,
@@ -55,6 +56,7 @@ class Trainer:
     cfg: Config
     device: torch.device
     precision: Precision
+    allocator_note: str
     parallel: str
     task_name: str
     task: Task
@@ -101,10 +103,8 @@ class Trainer:
         distributed = ddist.init_distributed(cfg, self.device)
         ddist.check_supported(cfg)
         self.precision = resolve_precision(cfg.hardware.mixed_precision, self.device)
-        if cfg.hardware.num_threads:
-            torch.set_num_threads(cfg.hardware.num_threads)
-        # Under torchrun without a parallel mode, plain DDP is the sensible default.
-        parallel = cfg.training.parallel
+        self.allocator_note = configure_cpu(cfg.hardware, self.device)  # threads; glibc keeps freed memory on CPU
+        parallel = cfg.training.parallel  # under torchrun without a parallel mode, plain DDP is the sensible default
         self.parallel = (parallel if parallel != "none" else "ddp") if distributed else "none"
         # Check --resume before any slow work, so a wrong path fails at once.
         self.resume_point = ckpt.find_resume_point(self.resume, self.out) if self.resume else None
