@@ -391,7 +391,8 @@ def prepare_model(
     cfg: Config, task: str, labels: list[str] | None, device: torch.device
 ) -> tuple[ModelBundle, nn.Module, TrainablePlan]:
     """The model as training uses it: built, with gradient checkpointing (always in lean mode), LoRA adapters,
-    lean mode's bf16 weights, on `device` (left where it is on the meta device), and the plan of what trains.
+    lean mode's bf16 weights, on `device` (left where it is on the meta device), CPU dropout on a CPU
+    (`hardware.cpu_dropout`), and the plan of what trains.
 
     The trainer, the memory planner's dry run and the benchmarks all call this, so they measure the same model.
     Returns (bundle, model, plan); `model` is `bundle.model` or its peft wrapper.
@@ -407,6 +408,10 @@ def prepare_model(
         model.to(torch.bfloat16)
     if device.type != "meta":
         model.to(device)
+    if device.type == "cpu" and cfg.hardware.cpu_dropout == "auto":
+        from fulltune.cpu_dropout import use_cpu_dropout
+
+        use_cpu_dropout(model)
     plan = plan_trainable(model, cfg)
     master_weights(model, plan, cfg)  # fp32 where standard mode trains (model.torch_dtype may load bf16)
     return bundle, model, plan
