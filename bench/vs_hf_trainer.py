@@ -9,6 +9,8 @@ memory is per line), several repeats; medians and the ratio fulltune / Trainer a
   trainer_best_fp32  the same without bf16: on a CPU without bf16 units (AVX2 only) bf16 autocast is emulated and
                    about 10x slower, so there this is Trainer's real best
   fulltune         fulltune with its defaults
+  fulltune_fp32    fulltune without bf16 (what it picks on a CPU without bf16 units): on a CPU with bf16 units,
+                   `--lines trainer_best_fp32,fulltune_fp32` shows the fp32 pair that an AVX2 machine would run
 
 The machine decides which Trainer lines are fair (`runtime.cpu_has_fast_bf16`): where the CPU has bf16 units
 (AVX512-BF16 / AMX) Trainer's best is trainer_best (bf16); where bf16 is emulated (AVX2 only) it is
@@ -36,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
-LINES = ("trainer_default", "trainer_best", "trainer_best_fp32", "fulltune")
+LINES = ("trainer_default", "trainer_best", "trainer_best_fp32", "fulltune", "fulltune_fp32")
 
 
 def read_tsv(path: Path, limit: int | None = None) -> tuple[list[str], list[int]]:
@@ -101,7 +103,7 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = Tr
     return {"samples_per_s": rows / train_time, "train_time_s": train_time, "dev_accuracy": correct / len(dev_texts)}
 
 
-def run_fulltune(seed: int, rows: int, workdir: Path) -> dict:
+def run_fulltune(seed: int, rows: int, workdir: Path, precision: str = "auto") -> dict:
     from fulltune.config import load_config
     from fulltune.train import train
 
@@ -128,6 +130,7 @@ def run_fulltune(seed: int, rows: int, workdir: Path) -> dict:
             "logging.tensorboard": False,
             "checkpoint.save_every_epochs": 0,
             "checkpoint.save_best": False,
+            "hardware.mixed_precision": precision,
         },
     )
     summary = train(cfg)
@@ -143,8 +146,8 @@ def one(line: str, seed: int, rows: int) -> None:
     """Run one line in this process and print its result as JSON on the last line."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if line == "fulltune":
-            result = run_fulltune(seed, rows, work)
+        if line.startswith("fulltune"):
+            result = run_fulltune(seed, rows, work, "no" if line == "fulltune_fp32" else "auto")
         else:
             result = run_trainer(line.startswith("trainer_best"), seed, rows, work, bf16=line == "trainer_best")
     result.update({"line": line, "seed": seed, "peak_rss_mb": peak_rss_mb()})
@@ -199,6 +202,10 @@ def main() -> int:
             )
     table = summarize(results, lines, fair="trainer_best_fp32" if slow_bf16 else "trainer_best")
     print(f"\nCPU: {kind}; {len(seeds)} seed(s), lines alternating\n" + table)
+    fp32 = {ln: [r["samples_per_s"] for r in results if r["line"] == ln] for ln in ("fulltune_fp32", LINES[2])}
+    if all(fp32.values()):
+        ratio = statistics.median(fp32["fulltune_fp32"]) / statistics.median(fp32[LINES[2]])
+        print(f"fulltune_fp32 / trainer_best_fp32 (both without bf16): {ratio:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps({"cpu": kind, "results": results}, indent=2))
     return 0
