@@ -90,7 +90,7 @@ def run_fulltune(line: str, a: argparse.Namespace, work: Path, model_cfg: dict) 
 
     sets = {
         "task": "causal_lm",
-        "output_dir": str(work / "run"),
+        "output_dir": str(work / f"run-{line}"),  # one run per folder: each line its own
         "model.tiny_config": model_cfg,
         "model.tokenizer": str(work / "tok"),
         "model.dropout": 0.0,
@@ -112,7 +112,7 @@ def run_fulltune(line: str, a: argparse.Namespace, work: Path, model_cfg: dict) 
         "checkpoint.save_best": False,
     }
     summary = train(load_config(None, sets))
-    rows = [json.loads(r) for r in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(r) for r in (work / f"run-{line}" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time_s" in r]
     first, last = rows[0], rows[-1]  # log points at steps warmup, 2*warmup, ...: host syncs
     steady_s = last["time_s"] - first["time_s"]

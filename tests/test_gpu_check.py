@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 
@@ -19,7 +17,8 @@ def test_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-@pytest.mark.slow
+# In `make test` (about 25 s): marked slow, it once went unrun while two changes broke it (the gpu marker's skip and
+# the one-run-per-folder rule).
 def test_dry_mode_runs_every_path_on_the_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
