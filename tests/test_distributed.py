@@ -138,3 +138,45 @@ def test_failing_rank_stops_all_ranks(tmp_path, text_data):
     assert time.monotonic() - start < 200
     assert "SIGKILL" in proc.stderr or "-9" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out" / "checkpoint-step-2").exists()  # the killed save left no half checkpoint
+
+
+def test_ddp_trains_a_head_that_leaves_parameters_unused(tmp_path, image_data):
+    """CLIPForImageClassification never uses the vision tower's post_layernorm: DDP is told to expect that (and only
+    for such a model), so two processes train where plain DDP would stop at the first step."""
+    from conftest import TINY_BERT, TINY_CLIP, base_overrides
+
+    from fulltune.config import load_config
+    from fulltune.distributed import unreached_parameters
+    from fulltune.methods import prepare_model
+    from fulltune.tasks import TASKS
+
+    def unreached(tiny, task, batch):
+        cfg = load_config(None, base_overrides(tmp_path / "probe", tiny))
+        _, model, _ = prepare_model(cfg, task, ["a", "b"], torch.device("cpu"))
+        state = torch.get_rng_state()
+        names = unreached_parameters(model, lambda m: TASKS[task].loss(m, batch, 0.0)[0])
+        assert torch.equal(torch.get_rng_state(), state) and all(p.grad is None for p in model.parameters())
+        return names
+
+    pixels = {"pixel_values": torch.randn(1, 3, 32, 32), "labels": torch.tensor([1])}
+    assert unreached(TINY_CLIP, "image_classification", pixels) == {
+        "vision_model.post_layernorm.weight",
+        "vision_model.post_layernorm.bias",
+    }
+    ids = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    assert unreached(TINY_BERT, "text_classification", ids | {"labels": torch.tensor([0])}) == set()
+    args = [
+        "train",
+        "--data_dir",
+        str(image_data),
+        "--output_dir",
+        str(tmp_path / "run"),
+        f"model.tiny_config={json.dumps(TINY_CLIP)}",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "hardware.mixed_precision=no",
+        "data.batch_size=2",
+        "training.num_epochs=1",
+        "data.num_workers=0",
+    ]
+    ok(run_fulltune(args, nproc=2))

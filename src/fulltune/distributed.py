@@ -61,10 +61,56 @@ def check_supported(cfg: Config) -> None:
         raise ConfigError("training.compile with training.parallel is not supported yet")
 
 
+def unreached_parameters(model: nn.Module, loss_of: Any) -> set[str]:
+    """Names of the parameters that `loss_of(model)` (a 0-d loss) does not depend on, read from the autograd graph of
+    one forward with every parameter requiring grad (restored after), the RNG state untouched. A head that leaves
+    part of its backbone out (CLIPForImageClassification averages the patch tokens and never uses the vision tower's
+    post_layernorm) has such parameters: they never get a gradient, which plain DDP refuses."""
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    reached: set[int] = set()
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        devices = [p.device for p in params.values() if p.device.type == "cuda"][:1]
+        with torch.random.fork_rng(devices=devices):
+            loss = loss_of(model)
+        stack, seen = [loss.grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if hasattr(fn, "variable"):  # AccumulateGrad: a leaf, here a parameter
+                reached.add(id(fn.variable))
+            stack.extend(f for f, _ in fn.next_functions)
+        del loss
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+    return {n for n, p in params.items() if id(p) not in reached}
+
+
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP; with find_unused_parameters where the model has parameters the loss never reaches (see
+    `unreached_parameters`, recorded by `wrap_model`): DDP then marks them ready itself on every step."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    unused = bool(getattr(model, "_fulltune_unreached", ()))
+    return DDP(model, device_ids=ids, find_unused_parameters=unused)
+
+
 def wrap_model(
-    model: nn.Module, cfg: Config, device: torch.device, block_prefixes: list[str], precision: Any
+    model: nn.Module,
+    cfg: Config,
+    device: torch.device,
+    block_prefixes: list[str],
+    precision: Any,
+    probe: tuple[Any, dict[str, Any]] | None = None,
 ) -> nn.Module:
-    """DDP, or FSDP2 with `fully_shard` on every transformer block and then the root."""
+    """DDP, or FSDP2 with `fully_shard` on every transformer block and then the root. `probe`, a task's loss function
+    and one example's batch, lets DDP find parameters that no loss reaches (`unreached_parameters`)."""
     if cfg.training.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -77,10 +123,11 @@ def wrap_model(
             fully_shard(model.get_submodule(_module_path(model, prefix)), mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    if probe is not None:
+        loss, batch = probe
+        with precision.autocast():
+            model._fulltune_unreached = sorted(unreached_parameters(model, lambda m: loss(m, batch, 0.0)[0]))
+    return _ddp(model, device)
 
 
 def _module_path(model: nn.Module, prefix: str) -> str:
@@ -98,9 +145,7 @@ def rewrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP fixes the set of parameters it all-reduces at construction: rebuild it when that set changes."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    inner = model.module if isinstance(model, DDP) else model
-    ids = [device.index] if device.type == "cuda" else None
-    return DDP(inner, device_ids=ids)
+    return _ddp(model.module if isinstance(model, DDP) else model, device)
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -74,9 +74,7 @@ class Trainer:
     log: RunLogger
 
     def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False) -> None:
-        self.cfg = cfg
-        self.resume = resume
-        self.overwrite = overwrite
+        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
         self.out = Path(cfg.output_dir)
         self.fused: Any = None
         """lean mode's FusedStepHandle when the optimizer step runs inside backward, else None."""
@@ -148,7 +146,8 @@ class Trainer:
         self.optimizer = build_optimizer(groups, t, self.device, lean=t.memory == "lean", fused=self.parallel != "fsdp")
         if self.parallel == "ddp":
             apply_trainable(self.model, self.plan.trainable_at(0))  # DDP all-reduces what requires grad when built
-            self.model = ddist.wrap_model(self.model, cfg, self.device, block_prefixes, self.precision)
+            probe = (self.task.loss, to_device(self.data.collate([self.data.train[0]]), self.device))  # one example
+            self.model = ddist.wrap_model(self.model, cfg, self.device, block_prefixes, self.precision, probe)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.needs_scaler else None
 
     def _setup_state(self) -> None:
