@@ -16,6 +16,7 @@ from torch import nn
 
 from fulltune.config import Config, UnfreezeStep
 from fulltune.errors import ConfigError
+from fulltune.filepages import own_memory
 from fulltune.layermap import LayerMap, is_under, layer_map, strip_peft_prefix
 from fulltune.models import ModelBundle, build_model
 
@@ -392,7 +393,8 @@ def prepare_model(
 ) -> tuple[ModelBundle, nn.Module, TrainablePlan]:
     """The model as training uses it: built, with gradient checkpointing (always in lean mode), LoRA adapters,
     lean mode's bf16 weights, on `device` (left where it is on the meta device), CPU dropout on a CPU
-    (`hardware.cpu_dropout`), and the plan of what trains.
+    (`hardware.cpu_dropout`), the weights that train in memory of their own on a CPU (not in the weight file's
+    mapping: `filepages.own_memory`), and the plan of what trains.
 
     The trainer, the memory planner's dry run and the benchmarks all call this, so they measure the same model.
     Returns (bundle, model, plan); `model` is `bundle.model` or its peft wrapper.
@@ -414,4 +416,6 @@ def prepare_model(
         use_cpu_dropout(model)
     plan = plan_trainable(model, cfg)
     master_weights(model, plan, cfg)  # fp32 where standard mode trains (model.torch_dtype may load bf16)
+    if device.type == "cpu":
+        own_memory(model, plan.eligible)  # what trains leaves the weight file's mapping (frozen weights stay)
     return bundle, model, plan
