@@ -1,6 +1,7 @@
 """CPU dropout (`cpu_dropout.CPUDropout`): drops with probability p, unbiased, backward through the same mask,
-seeded by torch's generator (so resume is exact), identity in eval; the trainer's model preparation swaps it in
-on a CPU unless `hardware.cpu_dropout: torch`."""
+seeded by torch's generator (so resume is exact), identity in eval; the attention function computes SDPA's
+attention (padding, causal, GQA) and drops attention probabilities the same way; the trainer's model preparation
+swaps both in on a CPU unless `hardware.cpu_dropout: torch`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from conftest import TINY_BERT, base_overrides
 from torch import nn
 
 from fulltune.config import load_config
-from fulltune.cpu_dropout import CPUDropout, use_cpu_dropout
+from fulltune.cpu_dropout import ATTENTION, CPUDropout, attention, use_cpu_dropout
 from fulltune.methods import prepare_model
 
 
@@ -59,7 +60,63 @@ def test_model_preparation_swaps_dropout_on_cpu(tmp_path, setting: str, expected
     _, model, _ = prepare_model(cfg, "text_classification", ["neg", "pos"], torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
     assert layers and all(type(m) is expected for m in layers)
+    assert model.config._attn_implementation == (ATTENTION if setting == "auto" else "sdpa")
     reference = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.2), nn.Dropout(0.0))
     keys = list(reference.state_dict())
     assert use_cpu_dropout(reference) == 1 and list(reference.state_dict()) == keys  # no state of its own
     assert type(reference[1]) is CPUDropout and reference[1].p == 0.2 and type(reference[2]) is nn.Dropout
+
+
+class _Attn(nn.Module):
+    def __init__(self, groups: int = 1, causal: bool = False) -> None:
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = groups, causal
+
+
+def _sdpa_reference(q, k, v, mask, causal, groups):
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("case", ["padding", "causal", "gqa", "float-mask"])
+def test_attention_is_sdpa_attention_with_the_cpu_masks(case: str) -> None:
+    torch.manual_seed(0)
+    groups, causal = (2, True) if case == "gqa" else (1, case == "causal")
+    q = torch.randn(3, 4, 6, 8, requires_grad=True)
+    k = torch.randn(3, 4 // groups, 6, 8, requires_grad=True)
+    v = torch.randn(3, 4 // groups, 6, 8, requires_grad=True)
+    mask = None
+    if case == "padding":
+        mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+        mask[0, ..., 4:] = False  # the first example's last two tokens are padding
+    elif case == "float-mask":
+        mask = torch.zeros(3, 1, 6, 6)
+        mask[1, ..., :2] = torch.finfo(torch.float32).min
+    module = _Attn(groups, causal)
+    expected = _sdpa_reference(q, k, v, mask, causal, groups)
+    # Dropout too small to drop anything (round(p * 2**16) == 0): the custom path runs, masks scale by exactly 1.
+    out, weights = attention(module, q, k, v, mask, dropout=1e-9, scaling=None)
+    assert weights is None and out.shape == (3, 6, 4, 8)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_drops_probabilities_and_passes_the_rest_to_sdpa() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(8, 4, 32, 16) for _ in range(3))
+    ones = torch.ones_like(v)
+    module = _Attn()
+    # With v all ones each output element is the sum of its row's kept probabilities, times the keep scale.
+    rows, _ = attention(module, q, k, ones, None, dropout=0.5)
+    assert not torch.allclose(rows, torch.ones_like(rows))  # something was dropped
+    assert abs(rows.mean().item() - 1.0) < 0.02  # unbiased: E[sum of kept p / (1 - 0.5)] = 1
+    torch.manual_seed(5)
+    first, _ = attention(module, q, k, v, None, dropout=0.1)
+    torch.manual_seed(5)
+    assert torch.equal(attention(module, q, k, v, None, dropout=0.1)[0], first)  # seeded by torch's generator
+    plain = attention(module, q, k, v, None, dropout=0.0)[0]  # no dropout (evaluation): transformers' SDPA
+    torch.testing.assert_close(plain, _sdpa_reference(q, k, v, None, False, 1))

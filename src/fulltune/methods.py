@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from fulltune.config import Config, UnfreezeStep
+from fulltune.cpu_dropout import use_cpu_dropout
 from fulltune.errors import ConfigError
 from fulltune.filepages import own_memory
 from fulltune.layermap import LayerMap, is_under, layer_map, strip_peft_prefix
 from fulltune.models import ModelBundle, build_model
+from fulltune.qkv import fuse_qkv
 
 METHODS = ("linear_probe", "partial", "lora", "full")
 """The values of method.name, cheapest first (the order `compare` runs them in)."""
@@ -392,9 +394,9 @@ def prepare_model(
     cfg: Config, task: str, labels: list[str] | None, device: torch.device
 ) -> tuple[ModelBundle, nn.Module, TrainablePlan]:
     """The model as training uses it: built, with gradient checkpointing (always in lean mode), LoRA adapters,
-    lean mode's bf16 weights, on `device` (left where it is on the meta device), CPU dropout on a CPU
-    (`hardware.cpu_dropout`), the weights that train in memory of their own on a CPU (not in the weight file's
-    mapping: `filepages.own_memory`), and the plan of what trains.
+    lean mode's bf16 weights, on `device` (left where it is on the meta device), and on a CPU: CPU dropout
+    (`hardware.cpu_dropout`), fused q/k/v projections (`hardware.fused_qkv`) and the weights that train in memory of
+    their own (not in the weight file's mapping: `filepages.own_memory`); and the plan of what trains.
 
     The trainer, the memory planner's dry run and the benchmarks all call this, so they measure the same model.
     Returns (bundle, model, plan); `model` is `bundle.model` or its peft wrapper.
@@ -411,9 +413,9 @@ def prepare_model(
     if device.type != "meta":
         model.to(device)
     if device.type == "cpu" and cfg.hardware.cpu_dropout == "auto":
-        from fulltune.cpu_dropout import use_cpu_dropout
-
         use_cpu_dropout(model)
+    if device.type == "cpu" and cfg.hardware.fused_qkv == "auto" and not cfg.training.compile:
+        fuse_qkv(model)
     plan = plan_trainable(model, cfg)
     master_weights(model, plan, cfg)  # fp32 where standard mode trains (model.torch_dtype may load bf16)
     if device.type == "cpu":

@@ -280,7 +280,12 @@ class HardwareConfig:
     cpu_dropout: Literal["auto", "torch"] = "auto"
     """auto: training on a CPU draws dropout masks four elements per 64-bit random number (`cpu_dropout.CPUDropout`:
     drop probability p to within 2**-17, 2x faster forward and backward than torch's; a tenth of a step on BERT-sized
-    models with short texts). torch: torch's own dropout (one random number per element)."""
+    models with short texts), attention-probability dropout included (`cpu_dropout.attention`: SDPA's CPU kernel
+    has no dropout and falls back to fp32 math). torch: torch's own dropout (one random number per element) and
+    SDPA."""
+    fused_qkv: Literal["auto", "off"] = "auto"
+    """auto: training on a CPU computes each attention's q, k and v projections as one matrix product where they read
+    the same input (`qkv.fuse_qkv`; parameters and state dict unchanged; not with `training.compile`). off: three."""
     cpu_allocator: Literal["auto", "system"] = "auto"
     """auto: training on a CPU under glibc keeps freed memory in the process (large blocks from the heap, no trimming),
     so each step reuses the last step's pages instead of faulting fresh ones in (about 10% of a step on small

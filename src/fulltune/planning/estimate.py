@@ -24,6 +24,8 @@ class Dtypes:
     residual: int  # the residual stream (and norms' inputs): fp32 unless lean's bf16 weights
     casts: bool  # autocast over fp32 weights: each linear keeps its own low-precision copy of input and weight
     cuda: bool
+    cpu_attention: bool = False  # cpu_dropout.attention where attention dropout is on: products in `compute`
+    fused_qkv: bool = False  # qkv.fuse_qkv: q, k and v share one low-precision copy of their input
 
 
 def dtypes_for(cfg: Config, device_type: str) -> Dtypes:
@@ -32,8 +34,15 @@ def dtypes_for(cfg: Config, device_type: str) -> Dtypes:
     lean, mode = cfg.training.memory == "lean", cfg.hardware.mixed_precision
     if mode == "auto":  # as runtime.resolve_precision decides, without asking a GPU that may not be here
         mode = "bf16" if device_type == "cuda" or cpu_has_fast_bf16() else "no"
-    low = mode != "no"
-    return Dtypes(2 if low or lean else 4, 2 if lean else 4, low and not lean, device_type == "cuda")
+    low, cpu, hw = mode != "no", device_type == "cpu", cfg.hardware
+    return Dtypes(
+        2 if low or lean else 4,
+        2 if lean else 4,
+        low and not lean,
+        device_type == "cuda",
+        cpu_attention=cpu and hw.cpu_dropout == "auto",
+        fused_qkv=cpu and hw.fused_qkv == "auto" and not cfg.training.compile,
+    )
 
 
 def _math_attention(f: Facts, d: Dtypes) -> bool:
@@ -41,18 +50,25 @@ def _math_attention(f: Facts, d: Dtypes) -> bool:
     return f.eager_attention or (not d.cuda and f.attn_dropout > 0)
 
 
+def _cpu_attention(f: Facts, d: Dtypes) -> bool:
+    """fulltune's CPU attention replaces SDPA's math kernel: q, k, v and the products stay in the compute dtype."""
+    return d.cpu_attention and f.attn_dropout > 0 and not f.eager_attention
+
+
 def block_bytes(f: Facts, d: Dtypes, lora_dropout: float = 0.0) -> tuple[float, float]:
     """Activation bytes per token that one block keeps for backward, and the share of its MLP half. Tallied from
     the tensors autograd saves in BERT-, CLIP- and Llama-style blocks (torch.autograd.graph.saved_tensors_hooks)."""
     h, i, a, S = f.hidden, f.intermediate, f.heads, f.tokens
     kv = h * f.kv_heads // a
-    math_attention = _math_attention(f, d)
+    math_attention, ours = _math_attention(f, d), _cpu_attention(f, d)
     # LayerNorm: input + mean/rstd; Llama's RMSNorm: input, rstd, and the fp32 normalised copy if its weight trains.
     norm = (4 if d.casts else d.residual) * h + (4 + (0 if f.lora_rank else 4 * h) if f.rms_norm else 8)
-    if math_attention:  # q, k, v (fp32 on CPU even under autocast), probabilities, dropout mask, dropped ones
-        attention = (4 if d.casts and not d.cuda else d.compute) * (h + 2 * kv) + 4 * a * S * (
-            3 if f.attn_dropout > 0 else 1
-        )
+    # Under math attention, what the attention's output is produced in (SDPA's math kernel: fp32 on CPU).
+    attn_out = d.compute if ours or not (d.casts and not d.cuda) else 4
+    if ours:  # q, k, v; the fp32 softmax output, then the dropout mask and the dropped ones in the compute dtype
+        attention = d.compute * (h + 2 * kv) + a * S * (4 + 2 * d.compute)
+    elif math_attention:  # q, k, v (fp32 on CPU even under autocast), probabilities, dropout mask, dropped ones
+        attention = attn_out * (h + 2 * kv) + 4 * a * S * (3 if f.attn_dropout > 0 else 1)
     else:  # fused kernel: q, k, v, output and a log-sum-exp per head
         attention = d.compute * (2 * h + 2 * kv) + 4 * a
     dropout = h * (1 if d.cuda else d.compute) if f.hidden_dropout > 0 else 0  # CPU masks have the data's dtype
@@ -61,8 +77,8 @@ def block_bytes(f: Facts, d: Dtypes, lora_dropout: float = 0.0) -> tuple[float, 
     # Linear layers sharing an input: (features, consumers, bytes of the input as produced; 0 = kept already).
     norm_out = 4 if d.casts else d.residual
     groups = [
-        (h, 3, norm_out),
-        (h, 1, (4 if d.casts and not d.cuda else d.compute) if math_attention else 0),
+        (h, 1 if d.fused_qkv and not f.lora_rank else 3, norm_out),
+        (h, 1, attn_out if math_attention else 0),
         (h, 2 if f.gated else 1, norm_out),
         (i, 1, d.compute),
     ]
@@ -116,7 +132,9 @@ def activation_bytes(f: Facts, cfg: Config, task: str, micro_batch: int, d: Dtyp
     # stream (the block's input, its normalised copy, its output), then q/k/v with the scores and probabilities, or
     # the MLP's intermediates: the activation's input and output; three for quick_gelu and SwiGLU, whose temporaries
     # are freed as soon as the next one exists.
-    scores = 3 * 4 * f.heads * S if _math_attention(f, d) else 0
+    # (fulltune's CPU attention: bf16 scores, fp32 then bf16 probabilities, then the mask's random numbers,
+    # comparison and values: 7 bytes at its fullest, 9 as measured with the allocator's slack.)
+    scores = (9 if _cpu_attention(f, d) else 3 * 4) * f.heads * S if _math_attention(f, d) else 0
     mlp = (3 if composite else 2) * f.intermediate * d.compute
     working = tokens * (3 * 4 * h + max(4 * h * d.compute + scores, mlp))
     return max(kept + transient, working if flowing < f.layers else 0)
