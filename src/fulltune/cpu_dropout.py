@@ -41,15 +41,7 @@ class CPUDropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace or not x.is_floating_point():
             return super().forward(x)
-        dropped = round(self.p * _LEVELS)
-        if dropped >= _LEVELS:
-            return x * 0
-        n = x.numel()
-        # randint's upper bound is exclusive: 2**64 - 1 values, so one of the 2**64 bit patterns never comes up.
-        draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-        numbers = draws.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-        mask = (numbers >= dropped - _LEVELS // 2).to(x.dtype).mul_(_LEVELS / (_LEVELS - dropped))
-        return _MaskedScale.apply(x, mask)
+        return _drop(x, self.p)
 
 
 def use_cpu_dropout(model: nn.Module) -> int:
@@ -84,18 +76,20 @@ ATTENTION = "fulltune_cpu"
 """The name under which `attention` is registered with transformers' attention (and mask) interfaces."""
 
 
-def _drop(x: Tensor, p: float) -> Tensor:
-    """Dropout of `x` in training mode with the 16-bit masks above."""
+def _drop(x: Tensor, p: float, owned: bool = False) -> Tensor:
+    """Dropout of `x` in training mode with the 16-bit masks above; `owned`: x is the caller's own temporary, which
+    is then masked in place where no gradient needs it."""
     dropped = round(p * _LEVELS)
     if dropped >= _LEVELS:
         return x * 0
     n = x.numel()
+    # randint's upper bound is exclusive: 2**64 - 1 values, so one of the 2**64 bit patterns never comes up.
     draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-    numbers = draws.view(torch.int16)[:n].view(x.shape)
+    numbers = draws.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
     mask = (numbers >= dropped - _LEVELS // 2).to(x.dtype).mul_(_LEVELS / (_LEVELS - dropped))
     del draws, numbers
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return x.mul_(mask)  # (x is this function's own temporary: nothing else reads it)
+    if owned and not (torch.is_grad_enabled() and x.requires_grad):
+        return x.mul_(mask)
     return _MaskedScale.apply(x, mask)
 
 
@@ -141,7 +135,7 @@ def attention(
             scores = scores + attention_mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     del scores
-    probs = _drop(probs.to(query.dtype), dropout)
+    probs = _drop(probs.to(query.dtype), dropout, owned=True)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
