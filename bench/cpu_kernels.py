@@ -1,6 +1,7 @@
 """What fulltune's CPU kernels buy, measured in one process: the bench job's model (all-MiniLM-L6-v2, batch 32,
-bf16 autocast, fused AdamW) trained step by step in four copies (torch's SDPA or fulltune's CPU attention,
-three q/k/v products or one), the copies taking turns in a shuffled order on the same batches.
+bf16 autocast, fused AdamW) trained step by step in six copies (torch's SDPA or fulltune's CPU attention, three
+q/k/v products or one, the last layer for every token or the first only), the copies taking turns in a shuffled
+order on the same batches.
 
 Separate processes on the shared development machines differ by 5-10% between runs; copies in one process that
 take turns see the same machine, so their ratios hold to a percent or two.
@@ -27,6 +28,7 @@ def main() -> int:
 
     from fulltune.cpu_dropout import ATTENTION, use_cpu_dropout
     from fulltune.filepages import own_memory
+    from fulltune.first_token import first_token_layer
     from fulltune.models import packaged_minilm_path
     from fulltune.optim import optimizer_step
     from fulltune.qkv import fuse_qkv
@@ -39,13 +41,17 @@ def main() -> int:
     base = AutoModelForSequenceClassification.from_pretrained(str(packaged_minilm_path()), num_labels=2).train()
     own_memory(base, {n for n, _ in base.named_parameters()})
     variants = {}
-    for name, attention, fused in (("sdpa", 0, 0), ("attention", 1, 0), ("fused_qkv", 0, 1), ("both", 1, 1)):
+    kinds = {"sdpa": (0, 0, 0), "attention": (1, 0, 0), "fused_qkv": (0, 1, 0), "first_token": (0, 0, 1)}
+    kinds.update(both=(1, 1, 0), all=(1, 1, 1))
+    for name, (attention, fused, first) in kinds.items():
         model = copy.deepcopy(base)
         use_cpu_dropout(model)
         if not attention:
             model.set_attn_implementation("sdpa")
         if fused:
             fuse_qkv(model)
+        if first:
+            first_token_layer(model)
         assert (model.config._attn_implementation == ATTENTION) == bool(attention)
         variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True))
 

@@ -106,6 +106,10 @@ def activation_bytes(f: Facts, cfg: Config, task: str, micro_batch: int, d: Dtyp
     # Checkpointing keeps each block's input only and recomputes one block at a time during backward.
     checkpointed = flowing and (cfg.training.gradient_checkpointing or cfg.training.memory == "lean")
     kept = flowing * tokens * h * d.residual if checkpointed else flowing * full_block
+    if f.first_token and flowing and not checkpointed:  # the top block keeps k and v (and their inputs) per token
+        kv = h * f.kv_heads // f.heads
+        k_v = 2 * kv * (4 if _math_attention(f, d) and not _cpu_attention(f, d) and not d.cuda else d.compute)
+        kept -= full_block - tokens * (k_v + (4 * h if d.casts else 0)) - (2 * f.block_linear_params if d.casts else 0)
     kept += micro_batch * h * 8  # the classifier's input and dropout mask
     norm = 4 * h + (4 + 4 * h if f.rms_norm else 8)
     top_transient = 0.0
@@ -114,7 +118,7 @@ def activation_bytes(f: Facts, cfg: Config, task: str, micro_batch: int, d: Dtyp
         # with the gradients of the log-softmax output and input: two more fp32 copies of the logits.
         kept += tokens * (norm + h * d.compute + f.vocab * (d.compute + 4))
         top_transient = tokens * 8 * f.vocab
-    elif flowing and f.family in ("bert", "generic"):
+    elif flowing and f.family in ("bert", "generic") and not f.first_token:
         kept += tokens * d.residual * h  # the pooler's first-token slice keeps the whole last hidden state alive
     if f.first_layer == 0:  # trainable embeddings: their norm, dropout mask, ids; or the patch convolution's input
         kept += tokens * (2 * norm if f.pixels else norm + (h * d.compute if f.hidden_dropout else 0) + 16)

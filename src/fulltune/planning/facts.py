@@ -41,6 +41,7 @@ class Facts:
     attn_dropout: float
     hidden_dropout: float
     eager_attention: bool
+    first_token: bool = False  # first_token.first_token_layer: the last block computes the first token only
 
 
 def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.device) -> tuple[nn.Module, Any]:
@@ -124,6 +125,7 @@ def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
         attn_dropout=float(_get(config, "attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", default=0)),
         hidden_dropout=float(_get(config, "hidden_dropout_prob", "hidden_dropout", "resid_pdrop", default=0)),
         eager_attention=getattr(model.config, "_attn_implementation", "sdpa") == "eager",
+        first_token=any(type(m).__name__.startswith("FirstToken") for m in model.modules()),
     )
 
 
