@@ -72,9 +72,31 @@ def configure_cpu(hardware: Any, device: torch.device) -> str:
         m_trim_threshold, m_mmap_max = -1, -4
         if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
             return ""
+        global _malloc_trim
+        _malloc_trim = libc.malloc_trim
     except (OSError, AttributeError):
         return ""
-    return "CPU allocator: freed memory kept for reuse (glibc: no mmap for large blocks, no trimming below 2 GiB)"
+    return (
+        "CPU allocator: freed memory kept for reuse (glibc: no mmap for large blocks, no trimming below 2 GiB; "
+        f"free pages handed back every {HEAP_TRIM_EVERY} steps)"
+    )
+
+
+HEAP_TRIM_EVERY = 16
+"""Optimizer steps between two `trim_heap` calls that hand free pages back."""
+_malloc_trim: Any = None
+
+
+def trim_heap(step: int) -> None:
+    """Every `HEAP_TRIM_EVERY` steps, where `configure_cpu` set glibc up to keep freed memory: hand the pages of
+    free blocks back to the system (`malloc_trim(0)`, between steps, when the step's temporaries are free).
+
+    Without it the heap only grows: batches of ever new lengths leave free blocks that the next sizes do not fit,
+    and the resident set creeps up (the bench job: 1.47-1.66 GB at its end against 1.44-1.50 GB with this; the
+    demo's 6 epochs: 4.2 GB against 3.8 GB measured with a 25-step interval). The pages handed back are faulted in
+    again when reused: within the run-to-run noise of the bench job's speed."""
+    if _malloc_trim is not None and step % HEAP_TRIM_EVERY == 0:
+        _malloc_trim(0)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from fulltune.runtime import (
     resolve_precision,
     seed_everything,
     to_device,
+    trim_heap,
     unwrap,
     world_size,
 )
@@ -278,13 +279,13 @@ class Trainer:
         """Log, save and evaluate where this step falls on their intervals; True when training should stop."""
         cfg, s = self.cfg, self.state
         step = s.optimizer_step
+        trim_heap(step)  # on a CPU: every few steps, free pages go back to the system
         if step % cfg.logging.log_every_steps == 0:
             self._check_finite()
             rate = self.throughput.window_rate(s.samples_seen)
             norm = None if self.last_grad_norm is None else float(self.last_grad_norm)
             self.log.scalars(step, self.optimizer, rate, peak_memory_bytes(self.device), grad_norm=norm)
-        # Evaluate before saving: the checkpoint then holds this step's evaluation (best metric, patience), so a
-        # resume from it never skips an evaluation, and best/ comes out the same as without the interruption.
+        # Evaluate, then save: the checkpoint holds this step's evaluation, so a resume skips none and best/ matches.
         every = cfg.training.eval_every_steps
         stop = bool(every and step % every == 0 and self.evaluate())
         if cfg.checkpoint.save_every_steps and step % cfg.checkpoint.save_every_steps == 0:
