@@ -112,4 +112,5 @@ def all_tokens(model: nn.Module) -> None:
     """Undo `first_token_layer`: the last layer computes every position again."""
     for module in model.modules():
         if isinstance(module, _FirstTokenLayer):
-            module.__class__ = type(module).__mro__[2]
+            mro = type(module).__mro__
+            module.__class__ = mro[mro.index(_FirstTokenLayer) + 1]
