@@ -25,7 +25,7 @@ from transformers import (
 from fulltune.config import load_config
 from fulltune.cpu_dropout import use_cpu_dropout
 from fulltune.first_token import all_tokens, first_token_layer
-from fulltune.methods import prepare_model
+from fulltune.methods import describe_speedups, prepare_model
 from fulltune.qkv import fuse_qkv
 
 SIZES = dict(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
@@ -116,3 +116,4 @@ def test_model_preparation(tmp_path, extra: dict, applied: bool) -> None:
     cfg = load_config(None, base_overrides(tmp_path / "run", TINY_BERT, **extra))
     _, model, _ = prepare_model(cfg, "text_classification", ["neg", "pos"], torch.device("cpu"))
     assert _last_class(model).startswith("FirstToken") == applied
+    assert ("last layer for the first token only" in describe_speedups(model)) == applied  # the run header's line

@@ -255,9 +255,10 @@ def test_cpu_allocator_choice_is_said_and_respects_the_environment(monkeypatch):
         assert configure_cpu(hw, torch.device("cpu")).startswith("CPU allocator: freed memory kept")
 
 
-def test_heap_trim_hands_free_pages_back():
+def test_heap_trim_hands_free_pages_back(monkeypatch):
     """With fulltune's allocator settings freed blocks stay resident; `trim_heap` on its step interval gives their
-    pages back (what keeps long runs' resident set from creeping up), and does nothing between intervals."""
+    pages back (what keeps long runs' resident set from creeping up), does nothing between intervals, and nothing
+    until the resident set has grown again."""
     import ctypes
     from types import SimpleNamespace
 
@@ -266,6 +267,7 @@ def test_heap_trim_hands_free_pages_back():
     if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
         pytest.skip("glibc only")
     configure_cpu(SimpleNamespace(num_threads=None, cpu_allocator="auto"), torch.device("cpu"))
+    monkeypatch.setattr("fulltune.runtime._trimmed_rss", 0)  # no trim before this one
 
     def rss() -> int:
         with open("/proc/self/statm") as f:
@@ -280,3 +282,8 @@ def test_heap_trim_hands_free_pages_back():
     trim_heap(HEAP_TRIM_EVERY)
     assert rss() < before - 100 * 2**20, (before, rss())
     assert all(float(b[7]) == 1.0 for b in keep)  # what is still in use is untouched
+    more = [torch.ones(2**20) for _ in range(8)]  # 32 MiB more: well under HEAP_GROWTH
+    del more
+    low = rss()
+    trim_heap(2 * HEAP_TRIM_EVERY)
+    assert rss() > low - 16 * 2**20

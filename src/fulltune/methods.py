@@ -426,3 +426,24 @@ def prepare_model(
     if device.type == "cpu":
         own_memory(model, plan.eligible)  # what trains leaves the weight file's mapping (frozen weights stay)
     return bundle, model, plan
+
+
+def describe_speedups(model: nn.Module) -> str:
+    """The run header's line on what `prepare_model` chose for speed (empty when it chose nothing)."""
+    from fulltune.cpu_dropout import ATTENTION, CPUDropout
+    from fulltune.first_token import _FirstTokenLayer
+    from fulltune.qkv import QKVLinear
+    from fulltune.runtime import unwrap
+
+    base = unwrap(model)  # DDP / compiled wrappers
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    kinds = {type(m) for m in model.modules()}
+    chosen = [
+        ("CPU dropout masks", CPUDropout in kinds),
+        ("fulltune's CPU attention", getattr(getattr(base, "config", None), "_attn_implementation", "") == ATTENTION),
+        ("q/k/v as one product", QKVLinear in kinds),
+        ("last layer for the first token only", any(issubclass(k, _FirstTokenLayer) for k in kinds)),
+    ]
+    names = [name for name, on in chosen if on]
+    return f"speed: {', '.join(names)}\n" if names else ""
+

@@ -381,7 +381,7 @@ def done_line(summary: dict[str, Any]) -> str:
 def run_header(trainer: Any) -> str:
     """What is about to run: task, data, device, precision, batch arithmetic, what trains, the LR groups."""
     from fulltune.lean_fused import describe_lean_mode
-    from fulltune.methods import describe_groups
+    from fulltune.methods import describe_groups, describe_speedups
     from fulltune.runtime import world_size
 
     cfg, t, data = trainer.cfg, trainer.cfg.training, trainer.data
@@ -400,6 +400,7 @@ def run_header(trainer: Any) -> str:
         f"per epoch, {trainer.state.total_steps} in all\n"
         f"parameters that train: {trainer.trainable_params:,} of {trainer.total_params:,} ({share:.2f}%)\n"
         + (trainer.allocator_note + "\n" if getattr(trainer, "allocator_note", "") else "")
+        + describe_speedups(trainer.model)
         + describe_lean_mode(t, trainer.device, trainer.fused is not None, trainer.optimizer)
         + describe_groups(trainer.optimizer.param_groups, t.base_learning_rate)
     )
