@@ -284,7 +284,7 @@ CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
         1,
         ("bees", "no readable images"),
     ),
-    "prepare-images into a non-empty folder": (_prepare_nonempty, 1, ("not empty", "--overwrite")),
+    "prepare-images into a non-empty folder": (_prepare_nonempty, 2, ("files fulltune did not write", "keep.txt")),
     "prepare-images --num_classes 5": (_prepare_too_many_classes, 1, ("--num_classes 5", "only 2 classes")),
     # ---- checkpoints
     "truncated model.safetensors": (_resume_damaged(_truncate("model.safetensors")), 2, ("model.safetensors",)),

@@ -217,7 +217,8 @@ def test_export_errors_are_one_line(tmp_path, full_run, monkeypatch, capsys):
     assert main(["export", str(run), "--output_dir", str(tmp_path / "c"), "--push_to_hub", "me/model"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fulltune: error:")]
     assert len(lines) == 4
-    assert "holds no LoRA adapter" in lines[0] and "not a run folder" in lines[1] and "outside the source" in lines[2]
+    assert "holds no LoRA adapter" in lines[0] and "not a run folder" in lines[1]
+    assert "lies inside the input" in lines[2]
     assert "HF_HUB_OFFLINE is set" in lines[3] and not (tmp_path / "c").exists()  # checked before exporting
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")

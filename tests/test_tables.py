@@ -14,6 +14,7 @@ from conftest import write_images
 from fulltune.config import DataConfig
 from fulltune.data.images import prepare_images
 from fulltune.data.text import DataError, label_vocabulary, read_examples
+from fulltune.rundir import OUTPUT_RECORD
 
 ADVERSARIAL = [
     "a tab\there and\tthere",
@@ -122,7 +123,7 @@ def test_prepare_images_keeps_every_file_and_never_leaks(tmp_path):
     counts = prepare_images(src, out, (0.8, 0.1, 0.1), seed=0)
     # ants: 15 -> 11/2/2; bees: 5 -> 3/1/1 (a small class still gets a val and a test image)
     assert counts == {"train": 14, "val": 3, "test": 3, "skipped_unreadable": 1}
-    written = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    written = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != OUTPUT_RECORD)
     assert len(written) == 20  # every readable image, none overwritten
     names = [(p.parts[1], p.name) for p in written]
     assert len(set(names)) == 20  # one image, one split
@@ -131,5 +132,5 @@ def test_prepare_images_keeps_every_file_and_never_leaks(tmp_path):
         prepare_images(src, out, (0.8, 0.1, 0.1), seed=0)
     counts = prepare_images(src, out, (0.5, 0.5, 0.0), seed=0, overwrite=True, num_classes=1)
     assert counts["train"] + counts["val"] == 15 and counts["test"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]  # the old test/ went with --overwrite
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_RECORD, "train", "val"]  # the old test/ went
     assert [p.name for p in (out / "train").iterdir()] == ["ants"]

@@ -12,6 +12,7 @@ from typing import Any
 
 from fulltune.config import load_config
 from fulltune.data.docstrings import build_docstring_dataset
+from fulltune.rundir import claim_output
 
 # The embedded default. Measured on a 2-core CPU: see README ("The demo").
 DEMO_SETTINGS: dict[str, Any] = {
@@ -31,8 +32,13 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
+DEMO_ENTRIES = ("data", "run")
+"""What the demo writes into its output folder: the data set, and the run (with its test evaluation)."""
+
+
 def build_demo_data(output_dir: str | Path = "outputs/demo") -> Path:
     """Only the docstring data set (seconds): OUTPUT/data/{train,val,test}.jsonl, to train other configs on."""
+    claim_output(Path(output_dir), "demo", entries=DEMO_ENTRIES)
     out = Path(output_dir) / "data"
     files = build_docstring_dataset(out)
     counts = {split: sum(1 for _ in open(p, encoding="utf-8")) for split, p in files.items()}
@@ -47,6 +53,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str]
     from fulltune.train import train
 
     out = Path(output_dir)
+    claim_output(out, "demo", entries=DEMO_ENTRIES)  # new, empty, or the demo's own earlier output
     start = time.perf_counter()
     files = build_docstring_dataset(out / "data")
     counts = {split: sum(1 for _ in open(p, encoding="utf-8")) for split, p in files.items()}

@@ -14,10 +14,13 @@ from typing import Any
 import torch
 
 from fulltune.metrics import classification_metrics
+from fulltune.rundir import atomic_output, claim_output
 
 
-def write_classification_report(metrics: dict[str, Any], labels: list[str], out_dir: Path) -> None:
-    """metrics.json, confusion_matrix.csv and confusion_matrix.png in out_dir."""
+def write_classification_report(
+    metrics: dict[str, Any], labels: list[str], out_dir: Path, title: str | None = None
+) -> None:
+    """metrics.json, confusion_matrix.csv and confusion_matrix.png in out_dir (`title`: the name the plot shows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     named = {k: v for k, v in metrics.items() if k not in ("targets", "predictions", "top_k")}
     named["labels"] = labels
@@ -32,7 +35,7 @@ def write_classification_report(metrics: dict[str, Any], labels: list[str], out_
         metrics["confusion_matrix"],
         labels,
         out_dir / "confusion_matrix.png",
-        f"confusion matrix: {out_dir.name} ({metrics['examples']} examples)",
+        f"confusion matrix: {title or out_dir.name} ({metrics['examples']} examples)",
     )
 
 
@@ -137,13 +140,15 @@ def evaluate_checkpoint(
     precision = resolve_precision(cfg.hardware.mixed_precision, dev)
     labels = bundle.extra.get("labels")
     out = Path(output_dir) if output_dir else default_output_dir(checkpoint, split, file)
+    claim_output(out, "evaluate", inputs=(checkpoint, data_dir, file))
     if bundle.task == "causal_lm":
         return _perplexity(bundle, cfg, hub, data_dir, split, file, out, batch_size, dev, precision, block_size, stride)
     dataset, collate, workers, inputs, skipped = _classification_inputs(bundle, cfg, hub, data_dir, split, file, labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
-    write_classification_report(metrics, labels, out)
-    write_predictions(out / "predictions.jsonl", inputs, metrics, labels)
+    with atomic_output(out, "evaluate") as tmp:
+        write_classification_report(metrics, labels, tmp, title=out.name)
+        write_predictions(tmp / "predictions.jsonl", inputs, metrics, labels)
     metrics["output_dir"] = str(out)
     metrics["labels"] = labels
     if hub is not None:
@@ -192,8 +197,8 @@ def _perplexity(
         autocast_ctx=precision.autocast,
     )
     metrics.update(source)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with atomic_output(out, "evaluate") as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fulltune.checkpoint import RUN_META, atomic_dir, list_checkpoints
+from fulltune.checkpoint import RUN_META, list_checkpoints
 from fulltune.config import ConfigError
 from fulltune.modelcard import pruned_meta, write_model_card
+from fulltune.rundir import atomic_output, claim_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a shipped folder carries besides the weights: tokenizer and image processor files (copied as they are).
@@ -166,12 +167,10 @@ def export(source: str | Path, output_dir: str | Path, dtype: str = "float32", l
         raise ConfigError(f"export --dtype {dtype}: expected one of {', '.join(DTYPES)}")
     src = resolve_source(source)
     out = Path(output_dir)
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise ConfigError(f"export --output_dir '{out}' must lie outside the source folder '{src}'")
+    claim_output(out, "export", inputs=(source, src))
     meta = _read_meta(src)
     task = meta.get("task", "causal_lm")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(out) as tmp:
+    with atomic_output(out, "export") as tmp:
         notes = [f"Exported by `fulltune export` from `{src}`, weights in {dtype}."]
         if lora == "adapter":
             _export_adapter(src, tmp, DTYPES[dtype], meta)

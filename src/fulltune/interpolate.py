@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from fulltune.config import Config, ConfigError, config_from_dict
+from fulltune.rundir import atomic_output, claim_output, claim_output_dir
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -115,6 +116,7 @@ def wise_ft(
     from fulltune.zeroshot import is_embedding_classifier
 
     finetuned = Path(finetuned)
+    claim_output(Path(output_dir), "interpolate", inputs=(zeroshot, finetuned, data_dir))
     if not is_embedding_classifier(finetuned):
         raise ConfigError(
             f"--finetuned '{finetuned}' is not a CLIP model with a zero-shot-style head: WiSE-FT needs a "
@@ -150,8 +152,7 @@ def wise_ft(
     meta["wise_ft"] = result
     meta["val_metrics"] = {k: v for k, v in best.items() if k != "alpha"} or None
     out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with ckpt.atomic_dir(out) as tmp:
+    with atomic_output(out, "interpolate") as tmp:
         ckpt.export_model(bundle.model, bundle, tmp, meta)
         if (finetuned / "config.yaml").is_file():
             shutil.copy(finetuned / "config.yaml", tmp / "config.yaml")
@@ -176,7 +177,7 @@ def wise_ft_run(zeroshot_export: Path, finetuned_export: Path, run_dir: Path, da
     <run_dir>/best, and write summary.json as a training run would (val and test at that alpha)."""
     start = time.perf_counter()
     has_val = (Path(data_dir) / "val").is_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(run_dir, None, inputs=(zeroshot_export, finetuned_export, data_dir))  # like a training run
     result = wise_ft(
         str(zeroshot_export),
         finetuned_export,

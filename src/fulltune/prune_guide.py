@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fulltune.rundir import atomic_dir
+
 BUILTIN_TRAIN_CHARS = 160_000
 """Characters of the docstring train split used for calibration and recovery training (~40k tokens)."""
 BUILTIN_EVAL_CHARS = 70_000
@@ -79,8 +81,6 @@ class GuideLog:
 def publish_recovered(recovered: Path, out_dir: Path) -> Path:
     """OUTPUT/recovered: the recovered model's exported files (hard links where the file system allows them)."""
     target = out_dir / "recovered"
-    if target.exists():
-        shutil.rmtree(target)
 
     def link(src: str, dst: str) -> Any:
         try:
@@ -88,5 +88,7 @@ def publish_recovered(recovered: Path, out_dir: Path) -> Path:
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(recovered, target, copy_function=link, ignore=shutil.ignore_patterns("training_state"))
+    with atomic_dir(target) as tmp:  # an earlier recovered model stays whole until the new one is in place
+        copy_ignore = shutil.ignore_patterns("training_state")
+        shutil.copytree(recovered, tmp, copy_function=link, ignore=copy_ignore, dirs_exist_ok=True)
     return target

@@ -1,15 +1,20 @@
-"""A run folder as a whole: atomic folder writes with fsync (a kill at any instant leaves the old or the new folder
-whole), recovery of what an interrupted save left behind, and one run per folder (`claim_output_dir`).
+"""Output folders as a whole: atomic folder writes with fsync (a kill at any instant leaves the old or the new folder
+whole), recovery of what an interrupted save left behind, and the one rule every writing command follows
+(`claim_output`): it writes only into a new or empty folder, or into a folder holding its own earlier output,
+recognised by the record it left there (`fulltune_output.json`), and never into, inside or above its own inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 import os
 import re
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,42 +130,256 @@ def recover_run_dir(output_dir: Path, log: Any = print) -> list[str]:
     return actions
 
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "train.log", "labels.json", "config.yaml", "best", "tensorboard")
-"""What `train` writes into a run folder (besides checkpoint-*): the files that make a folder another run's."""
+OUTPUT_RECORD = "fulltune_output.json"
+"""Written by every command at the top of the folder it owns: which command, and which entries it writes."""
+
+TRAIN_ENTRIES = (
+    "config.yaml",
+    "labels.json",
+    "train.log",
+    "metrics.jsonl",
+    "run_history.jsonl",
+    "summary.json",
+    "report.html",
+    ".report.html.tmp",
+    "curves.png",
+    "report",
+    "tensorboard",
+    "mlruns",
+    "wandb",
+    "cache",
+    "eval",
+    "best",
+    "checkpoint-*",
+    "compare.log",
+)
+"""What `train` writes into a run folder (compare.log: the output of the `compare` process that started it)."""
+
+_TRAIN_RUN_FILES = ("summary.json", "metrics.jsonl", "train.log", "labels.json", "best", "tensorboard", "checkpoint-*")
+"""What shows that a run took place in a folder (its config, data cache or evaluations alone do not)."""
 
 
-def _run_files(out: Path) -> list[Path]:
-    found = [p for p in sorted(out.glob("checkpoint-*")) if p.is_dir()]
-    return found + [out / n for n in RUN_FILES if (out / n).exists() and n != "config.yaml"]
+@dataclass
+class OutputFolder:
+    """The outcome of `claim_output`: the folder, the command that owns it, and what an earlier run left."""
+
+    path: Path
+    command: str
+    previous: list[str]
+    """Top-level entries an earlier run of the same command wrote (empty for a new or empty folder)."""
+    entries: tuple[str, ...]
+    """Names (or patterns) of the top-level entries this command writes; empty for a whole-folder output."""
+
+    def remove_previous(self, log: Any = print) -> None:
+        """Delete what the earlier run of this command wrote, and nothing else. Each entry is first renamed to a
+        temporary name, so a kill midway leaves no half-deleted folder under a name fulltune reads."""
+        for name in self.previous:
+            entry = self.path / name
+            doomed = self.path / f".{name}.del-{os.getpid()}"
+            entry.rename(doomed)
+            fsync_dir(self.path)
+            if doomed.is_dir() and not doomed.is_symlink():
+                shutil.rmtree(doomed)
+            else:
+                doomed.unlink()
+        if self.previous:
+            log(f"--overwrite: removed what the earlier `fulltune {self.command}` wrote in {self.path}")
+        self.previous = []
 
 
-def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool = False, log: Any = print) -> None:
-    """Make `output_dir` this run's own, before anything is written: clean what a killed save left (logged); a
-    fresh run into a folder that holds another run's checkpoints, best/, metrics or summary is an error naming the
-    choices, unless `overwrite`, which removes those files (and only those: fulltune's own)."""
-    out = Path(output_dir)
+def _is_temporary(name: str) -> bool:
+    """Names fulltune gives to folders and files being written or deleted (`.NAME.tmp-PID` and the like)."""
+    return bool(_STALE.match(name)) or (name.startswith(".") and ".shards.tmp-" in name)
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """The output record of `folder` (None where there is none, or where it is not one fulltune wrote)."""
+    path = Path(folder) / OUTPUT_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("command"), str):
+        return None
+    entries = record.get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        return None
+    return record
+
+
+def owner_of(folder: Path) -> str | None:
+    """The command whose output `folder` holds: from its record, or `train` for a run of an older fulltune."""
+    record = read_record(folder)
+    if record is not None:
+        return record["command"]
+    # No record: a run of an older fulltune, or a folder only train has written to so far (its data cache).
+    names = [p.name for p in Path(folder).iterdir() if not _is_temporary(p.name)] if Path(folder).is_dir() else []
+    if names and all(_owned(n, TRAIN_ENTRIES) for n in names):
+        return "train"
+    return None
+
+
+def _owned(name: str, patterns: Iterable[str]) -> bool:
+    return name == OUTPUT_RECORD or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _describe(folder: Path, names: list[str]) -> str:
+    """What a folder fulltune will not write into holds, in a user's words."""
+    runs = [n for n in names if (folder / n).is_dir() and owner_of(folder / n)]
+    rest = [n for n in names if n not in runs]
+    parts = []
+    if runs:
+        parts.append(f"{len(runs)} fulltune output folder{'s' if len(runs) > 1 else ''} ({_listing(runs)})")
+    if rest:
+        parts.append(f"files fulltune did not write ({_listing(rest)})")
+    return " and ".join(parts)
+
+
+def check_inputs(out: Path, inputs: Iterable[Any], flag: str = "--output_dir") -> None:
+    """An output folder equal to, inside or above one of the command's inputs is refused (with or without
+    --overwrite): writing there could replace or delete what the command reads."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        src = Path(str(given)).expanduser()
+        if not src.exists():
+            continue  # a hub id, or nothing on disk that writing could harm
+        src = src.resolve()
+        where = "is" if target == src else "lies inside" if src in target.parents else "contains"
+        if target == src or src in target.parents or target in src.parents:
+            raise ConfigError(f"{flag} '{out}' {where} the input '{given}': choose an output folder outside the inputs")
+
+
+def claim_output(
+    out: Path,
+    command: str,
+    inputs: Iterable[Any] = (),
+    entries: Iterable[str] = (),
+    flag: str = "--output_dir",
+    write_record: bool = True,
+) -> OutputFolder:
+    """The one rule of every command that writes a folder: `out` must be new, empty, or hold this command's own
+    earlier output (its record names the command); it must not be, lie inside or contain an input. Anything
+    else is a ConfigError naming the folder, what it holds and what to do. `entries`: the top-level names or
+    patterns the command writes into a shared folder (its record lists them; files beside them are left alone);
+    none for a command whose output is the whole folder (written by `atomic_output`), which refuses an earlier
+    output with files it did not write. Leftovers of a killed write beside or inside `out` are cleaned first."""
+    out = Path(out)
+    entries = tuple(entries)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir '{out}' is a file, not a folder")
+        raise ConfigError(f"{flag} '{out}' is a file, not a folder")
+    check_inputs(out, inputs, flag)
     main = int(os.environ.get("RANK", "0")) == 0
-    if not out.is_dir():
-        return
     if main:
-        recover_run_dir(out, log)
-    if resume is not None:
-        return
-    others = _run_files(out)
-    if not others:
-        return
-    if not overwrite:
-        names = ", ".join(p.name for p in others[:4]) + (", ..." if len(others) > 4 else "")
-        raise ConfigError(
-            f"output_dir '{out}' holds another run ({names}): continue it with --resume auto, choose a new "
-            "--output_dir, or pass --overwrite to delete that run's files"
-        )
+        recover_beside(out)
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if main and present:
+        recover_run_dir(out)
+        present = sorted(p.name for p in out.iterdir())
+    present = [n for n in present if not _is_temporary(n)]
+    claim = OutputFolder(out, command, [], entries)
+    if present:
+        owner = owner_of(out)
+        if owner != command:
+            what = f"the output of `fulltune {owner}`" if owner else _describe(out, present)
+            raise ConfigError(
+                f"{flag} '{out}' holds {what}: fulltune {command} writes only into a new or empty folder, or "
+                f"into its own earlier output; choose another {flag}"
+            )
+        record = read_record(out)
+        mine = tuple(record["entries"]) if record else TRAIN_ENTRIES
+        foreign = [n for n in present if not _owned(n, mine)]
+        if foreign and not entries:
+            raise ConfigError(
+                f"{flag} '{out}' holds the earlier output of `fulltune {command}` and files it did not write "
+                f"({_listing(foreign)}): move them out, or choose another {flag}"
+            )
+        claim.previous = [n for n in present if n != OUTPUT_RECORD and _owned(n, mine)]
+    if entries and write_record and main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_record(out, command, entries)
+    return claim
+
+
+def _write_record(folder: Path, command: str, entries: Iterable[str], files: list[str] | None = None) -> None:
+    record: dict[str, Any] = {"format": 1, "command": command, "entries": sorted(set(entries))}
+    if files is not None:
+        record["files"] = files
+    if read_record(folder) == record:
+        return  # a resume or rerun leaves the folder as it found it
+    tmp = folder / f".{OUTPUT_RECORD}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    fsync_file(tmp)
+    os.replace(tmp, folder / OUTPUT_RECORD)
+    fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, command: str) -> Iterator[Path]:
+    """Write a whole-folder output (an export, an evaluation, a split image set): yield a temporary folder beside
+    `out`; on success its record lists every file and it replaces `out` by renames (see `atomic_dir`), so a kill
+    at any instant leaves the old output or the new one. Call `claim_output(out, command, ...)` first."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        yield tmp
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        _write_record(tmp, command, sorted({f.split("/")[0] for f in files}), files)
+
+
+def recover_beside(out: Path) -> list[str]:
+    """Leftovers of an interrupted `atomic_dir(out)` beside `out` (`.NAME.tmp-PID`, `.NAME.old-PID` of a process
+    that is gone): the old folder goes back when `out` is missing, the rest is removed. Only `out`'s own."""
+    out = Path(out)
+    actions: list[str] = []
+    if not out.parent.is_dir():
+        return actions
+    for entry in sorted(out.parent.glob(f".{glob_escape(out.name)}.*-*")):
+        m = _STALE.match(entry.name)
+        if m is None or m["name"] != out.name or not entry.is_dir() or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not out.exists():
+            entry.rename(out)
+            fsync_dir(out.parent)
+            actions.append(f"restored {out} from {entry.name} (a write was interrupted between its renames)")
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            actions.append(f"removed {entry} (left by an interrupted write)")
+    for action in actions:
+        print(action, flush=True)
+    return actions
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def claim_output_dir(
+    output_dir: Path,
+    resume: str | None,
+    overwrite: bool = False,
+    log: Any = print,
+    inputs: Iterable[Any] = (),
+) -> None:
+    """Make `output_dir` this training run's own, before anything is written (`claim_output` with train's
+    entries): a fresh run into a folder that holds an earlier run is an error naming the choices, unless
+    `overwrite`, which removes what that run wrote (and only that)."""
+    claim = claim_output(output_dir, "train", inputs, TRAIN_ENTRIES, write_record=False)
+    main = int(os.environ.get("RANK", "0")) == 0
+    earlier = [n for n in claim.previous if _owned(n, _TRAIN_RUN_FILES) and n != OUTPUT_RECORD]
+    if resume is None and earlier:
+        if not overwrite:
+            raise ConfigError(
+                f"output_dir '{output_dir}' holds another run ({_listing(earlier)}): continue it with --resume "
+                "auto, choose a new --output_dir, or pass --overwrite to delete that run's files"
+            )
+        if main:
+            claim.remove_previous(log)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     if main:
-        for p in others + [out / "config.yaml"]:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        log(f"--overwrite: removed the previous run's files from {out}")
+        _write_record(Path(output_dir), "train", TRAIN_ENTRIES)

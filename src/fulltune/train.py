@@ -19,6 +19,7 @@ from fulltune import checkpoint as ckpt
 from fulltune import distributed as ddist
 from fulltune.config import Config, save_config
 from fulltune.data.sampler import ResumableBatchSampler
+from fulltune.data.text import run_inputs
 from fulltune.errors import TrainingError
 from fulltune.lean_fused import fuses_step
 from fulltune.methods import TrainablePlan, apply_trainable, param_groups, prepare_model
@@ -188,8 +189,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Train as configured; return the summary (also written to summary.json)."""
         check_hardware(self.cfg)
-        ckpt.claim_output_dir(self.out, self.resume, self.overwrite)  # one run per folder
-        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.claim_output_dir(self.out, self.resume, self.overwrite, inputs=run_inputs(self.cfg))  # one run a folder
         self.setup()
         self._start()
         stop = False

@@ -22,6 +22,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from fulltune.config import Config, ConfigError, save_config
+from fulltune.data.text import run_inputs
 from fulltune.models import ModelBundle, image_spec_for, load_tokenizer
 
 CLIP_TYPES = ("clip", "clip_vision_model")
@@ -257,7 +258,7 @@ def zero_shot_run(cfg: Config) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     cfg.method.head_init = "zeroshot"
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt.claim_output_dir(out, None, inputs=run_inputs(cfg))  # written like a training run's folder
     seed_everything(cfg.training.seed)
     task = infer_task(cfg)
     if task != "image_classification":

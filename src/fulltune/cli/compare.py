@@ -10,9 +10,11 @@ from typing import Any
 from fulltune.cli.flags import add_config_flags, flag_overrides
 from fulltune.compare import DEFAULT_LR_MULT, learning_rates, parse_methods, run_all, settings_of, write_comparison
 from fulltune.compare_clip import clip_notes, run_clip_rows, split_clip_rows
-from fulltune.compare_variants import VARIANT_METHODS, num_classes
+from fulltune.compare_variants import VARIANT_METHODS, num_classes, variant
 from fulltune.config import load_config
+from fulltune.data.text import run_inputs
 from fulltune.methods import METHODS
+from fulltune.rundir import claim_output
 
 # Flags that stand for config keys, as in `fulltune train`; --output_dir is the comparison's own.
 DATA_FLAGS = ("data_dir", "train_file", "val_file", "test_file", "model", "task")
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     base = load_config(args.config, overrides)  # a bad config fails here, before any run starts
     root = Path(args.output_dir or base.output_dir)
     lrs = learning_rates(args.lr_per_method, methods, base.training.base_learning_rate)
-    root.mkdir(parents=True, exist_ok=True)
+    labels = [variant(m).label for m in methods] + clip_rows
+    claim_output(root, "compare", run_inputs(base), entries=["comparison.*", *labels])
     rows = run_all(args.config, overrides, root, methods, lrs, args.skip_done)
     full_lr = learning_rates(args.lr_per_method, ["full"], base.training.base_learning_rate)["full"]
     rows += run_clip_rows(args.config, overrides, args.skip_done, root, clip_rows, full_lr, rows)

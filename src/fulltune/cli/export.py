@@ -21,7 +21,9 @@ def register(subparsers: Any) -> None:
         help="a run folder (its best/, else its newest checkpoint), a checkpoint or best/ folder, a "
         "`fulltune prune` output or its pruned/ folder",
     )
-    p.add_argument("--output_dir", required=True, help="the folder to write (replaced if it exists)")
+    p.add_argument(
+        "--output_dir", required=True, help="the folder to write: new, empty, or an earlier export (replaced whole)"
+    )
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the floating-point weights")
     p.add_argument(
         "--lora",

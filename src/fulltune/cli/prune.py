@@ -19,8 +19,11 @@ import torch
 
 from fulltune.config import Config, load_config, parse_override
 from fulltune.errors import ConfigError
+from fulltune.rundir import atomic_dir, claim_output
 
 RESULTS_FILE = "prune_results.json"
+PRUNE_ENTRIES = ("logs", "builtin_text", "cache", "pruned", "recovery", "recovered", RESULTS_FILE)
+"""What `fulltune prune` writes into its output folder (its record lists them; other files there are left alone)."""
 EVAL_BATCH_SIZE = 8  # windows per forward pass; `fulltune evaluate` uses the same by default
 
 # --finetune_* flag -> (config key, default of the seed script). The defaults apply only without --config: a
@@ -283,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     out = output_dir(args)
     pruned_dir = out / "pruned"
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, "prune", (args.base_model, args.data_file, args.eval_file), PRUNE_ENTRIES)
     guide = GuideLog(out)  # OUTPUT/logs/training.log, the log the guide greps
     measure = args.eval_file is not None or args.test_after_prune or args.finetune
     if args.data_file is None or args.eval_file is None:
@@ -295,7 +298,6 @@ def run(args: argparse.Namespace) -> int:
     precision = resolve_precision(cfg.hardware.mixed_precision, device)
     block = cfg.data.seq_len  # all three perplexities, and `fulltune evaluate` on the recovered run, use it
     seed_everything(cfg.training.seed)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
 
@@ -324,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
         guide.perplexity("pruned", rows[-1]["perplexity"], rows[-1]["tokens"])
         timings["eval_pruned_s"] = time.perf_counter() - tic
     if args.save_model or args.finetune:
-        save_pruned(model, tokenizer, pruned_dir, report)
+        with atomic_dir(pruned_dir) as tmp:  # a rerun replaces the earlier pruned model whole
+            save_pruned(model, tokenizer, tmp, report)
         guide.line(f"pruned model written to {pruned_dir}")
 
     recovered = None

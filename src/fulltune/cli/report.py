@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.errors import ConfigError
+from fulltune.rundir import owner_of
 
 
 def register(subparsers: Any) -> None:
@@ -21,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "summary.json").is_file():
         raise ConfigError(f"'{run_dir}' is not a fulltune run folder (no metrics.jsonl or summary.json in it)")
+    if owner_of(run_dir) != "train":  # report.html, curves.png and report/ are what `train` writes there
+        raise ConfigError(f"'{run_dir}' holds the output of `fulltune {owner_of(run_dir)}`, not a training run")
     path = build_report(run_dir)
     print(f"written: {path}, {run_dir / 'curves.png'}")
     return 0

@@ -20,6 +20,7 @@ from fulltune.config import AugmentationConfig
 from fulltune.data.text import hash_fraction
 from fulltune.errors import DataError
 from fulltune.models import ImageSpec
+from fulltune.rundir import atomic_output, claim_output
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -237,47 +238,50 @@ def prepare_images(
     """Copy SRC/<class>/** into OUT/{train,val,test}/<class>/, reproducibly (a seeded shuffle per class).
 
     Every readable image is kept (files of nested folders get their folder names in theirs, so none overwrites
-    another); each image lands in exactly one split; no empty class folder is written. An output folder that already
-    holds files is refused unless `overwrite`, which first removes its train/, val/ and test/ folders.
+    another); each image lands in exactly one split; no empty class folder is written. The output folder follows the
+    rule of every command (`rundir.claim_output`): new, empty, or an earlier split of this command, which only
+    `overwrite` replaces (atomically).
     `num_classes`: keep only the first N classes (sorted by name)."""
     src, out = Path(src), Path(out)
     if abs(sum(split) - 1.0) > 1e-6 or any(s < 0 for s in split):
         raise DataError(f"--split {split}: expected three non-negative fractions that add up to 1, e.g. 0.8,0.1,0.1")
     if num_classes is not None and num_classes < 1:
         raise DataError(f"--num_classes must be >= 1, got {num_classes}")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--output_dir '{out}' is a file, not a folder")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise DataError(f"--output_dir '{out}' is inside the source folder '{src}'; choose a folder outside it")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise DataError(
-                f"--output_dir '{out}' is not empty: choose a new folder, or pass --overwrite to replace "
-                "its train/, val/ and test/ folders"
-            )
-        for part in ("train", "val", "test"):
-            shutil.rmtree(out / part, ignore_errors=True)
+    claim = claim_output(out, "prepare-images", inputs=(src,))
+    if claim.previous and not overwrite:
+        raise DataError(
+            f"--output_dir '{out}' is not empty: it holds an earlier `fulltune prepare-images` split; choose a new "
+            "folder, or pass --overwrite to replace it"
+        )
     folder = scan_split(src)
     classes = folder.classes[:num_classes] if num_classes is not None else folder.classes
     if num_classes is not None and num_classes > len(folder.classes):
         raise DataError(f"--num_classes {num_classes}: '{src}' has only {len(folder.classes)} classes")
     counts = {"train": 0, "val": 0, "test": 0, "skipped_unreadable": len(folder.skipped)}
-    for c, name in enumerate(classes):
-        files = sorted(p for p, label in folder.samples if label == c)
-        # Seeded by class name and seed so adding a class never reshuffles the others.
-        random.Random(f"{seed}:{name}").shuffle(files)
-        n_train, n_val, _ = _split_sizes(len(files), split)
-        parts = {"train": files[:n_train], "val": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
-        taken: set[str] = set()
-        for part, paths in parts.items():
-            if not paths:
-                continue  # never an empty class folder: train would reject it
-            dest = out / part / name
-            dest.mkdir(parents=True, exist_ok=True)
-            for p in paths:
-                shutil.copy2(p, dest / _flat_name(p.relative_to(src / name), taken))
-            counts[part] += len(paths)
+    with atomic_output(out, "prepare-images") as tmp:  # a kill leaves the earlier split or the new one
+        for c, name in enumerate(classes):
+            _copy_class(src, tmp, name, [p for p, label in folder.samples if label == c], split, seed, counts)
     return counts
+
+
+def _copy_class(
+    src: Path, out: Path, name: str, files: list[Path], split: tuple[float, float, float], seed: int, counts: dict
+) -> None:
+    """One class's images into out/{train,val,test}/<name>/ (a seeded shuffle; no empty class folder)."""
+    files = sorted(files)
+    # Seeded by class name and seed so adding a class never reshuffles the others.
+    random.Random(f"{seed}:{name}").shuffle(files)
+    n_train, n_val, _ = _split_sizes(len(files), split)
+    parts = {"train": files[:n_train], "val": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
+    taken: set[str] = set()
+    for part, paths in parts.items():
+        if not paths:
+            continue  # never an empty class folder: train would reject it
+        dest = out / part / name
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            shutil.copy2(p, dest / _flat_name(p.relative_to(src / name), taken))
+        counts[part] += len(paths)
 
 
 def holdout_images(folder: ImageFolder, fraction: float) -> tuple[ImageFolder, ImageFolder]:

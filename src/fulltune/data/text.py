@@ -25,6 +25,19 @@ TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "j
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation", "dev"), "test": ("test",)}
 
 
+def run_inputs(cfg: Any) -> list[str]:
+    """What a run reads from disk or the hub: the split files or folders of data.data_dir (train.csv, val/, ...: a
+    data folder may hold the run's output folder beside them), the data files, the `datasets` source and the model.
+    An output folder may be none of them, nor lie inside or above one (`rundir.claim_output`)."""
+    d = cfg.data
+    found: list[str] = [p for p in (d.train_file, d.val_file, d.test_file, d.dataset_name) if p]
+    root = Path(d.data_dir) if d.data_dir else None
+    if root is not None and root.is_dir():
+        stems = {stem for names in SPLIT_NAMES.values() for stem in names}
+        found += [str(p) for p in sorted(root.iterdir()) if p.name.split(".")[0] in stems]
+    return found + [cfg.model.name_or_path]
+
+
 def find_split_file(data_dir: str | Path, split: str) -> Path | None:
     root = Path(data_dir)
     for stem in SPLIT_NAMES[split]:

@@ -1,0 +1,233 @@
+"""No command deletes or mixes what it did not write. Every command that writes a folder (train, evaluate, export,
+interpolate, prune, compare, demo, prepare-images, report) is pointed at (a) another command's output, (b) the parent
+of two runs with a user's file beside them, (c) its own input, (d) a folder inside its input and (e) a folder of
+unknown files, with and without --overwrite where it has one: the whole tree is hashed before and after, and each
+refusal is one `fulltune: error:` line that names the folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_bert_train_args, write_images, write_text_split
+
+from fulltune.cli import main
+from fulltune.rundir import OUTPUT_RECORD, owner_of
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file and folder under `root` with its content's SHA-256 ("dir" for folders)."""
+    found = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        found[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return found
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """data/ (a text table set), photos/ (two image classes), runs/runA and runs/runB (tiny BERT runs) with
+    runs/NOTES.txt beside them, exp/ (an export of runA) and user/ (a folder of a user's own files)."""
+    root = tmp_path_factory.mktemp("world")
+    (root / "data").mkdir()
+    for split, n, seed in (("train", 16, 0), ("val", 8, 1), ("test", 8, 2)):
+        write_text_split(root / "data" / f"{split}.tsv", n, seed)
+    write_images(root / "photos", 3, 0)
+    for name in ("runA", "runB"):
+        argv = tiny_bert_train_args(root / "data", root / "runs" / name, "training.max_steps=2")
+        assert main(argv) == 0
+    (root / "runs" / "NOTES.txt").write_text("my notes\n")
+    assert main(["export", str(root / "runs" / "runA"), "--output_dir", str(root / "exp")]) == 0
+    (root / "user").mkdir()
+    (root / "user" / "thesis.tex").write_text("\\section{Results}\n")
+    (root / "user" / "figures").mkdir()
+    (root / "user" / "figures" / "plot.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def _commands(w: Path) -> dict[str, tuple[list[str] | None, tuple[str, ...]]]:
+    """command -> (argv without --output_dir, its inputs); report takes its folder as the argument."""
+    run_a, best = w / "runs" / "runA", w / "runs" / "runA" / "best"
+    train = tiny_bert_train_args(w / "data", w / "unused", "training.max_steps=1")
+    i = train.index("--output_dir")
+    del train[i : i + 2]  # each case gives its own
+    return {
+        "train": (train, (str(w / "data" / "train.tsv"), str(w / "data" / "val.tsv"))),  # a data folder's splits
+        "evaluate": (
+            ["evaluate", "--checkpoint", str(best), "--data_dir", str(w / "data")],
+            (str(best), str(w / "data")),
+        ),
+        "export": (["export", str(run_a)], (str(run_a),)),
+        "interpolate": (["interpolate", "--zeroshot", str(best), "--finetuned", str(best)], (str(best),)),
+        "prune": (["prune", "--base_model", str(best), "--pruning_ratio", "0.5"], (str(best),)),
+        "compare": (["compare", "--methods", "linear_probe", *train[1:]], (str(w / "data" / "train.tsv"),)),
+        "demo": (["demo", "--data_only"], ()),
+        "prepare-images": (["prepare-images", str(w / "photos")], (str(w / "photos"),)),
+    }
+
+
+OVERWRITE = {"train", "prepare-images"}
+"""Commands with an --overwrite flag: each case is also tried with it."""
+
+
+def _targets(w: Path, inputs: tuple[str, ...]) -> dict[str, Path]:
+    targets = {
+        "another command's output": w / "exp",
+        "another run": w / "runs" / "runB",
+        "the parent of two runs and a user's file": w / "runs",
+        "a folder of unknown files": w / "user",
+    }
+    for source in inputs:
+        targets[f"its input {Path(source).name}"] = Path(source)
+        if Path(source).is_dir():
+            targets[f"a folder inside its input {Path(source).name}"] = Path(source) / "sub"
+        targets[f"the folder above its input {Path(source).name}"] = Path(source).parent
+    return targets
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "evaluate", "export", "interpolate", "prune", "compare", "demo", "prepare-images"]
+)
+def test_every_command_refuses_what_it_did_not_write(world, command, capsys):
+    argv, inputs = _commands(world)[command]
+    for what, target in _targets(world, inputs).items():
+        if command == "export" and target == world / "exp":
+            continue  # export's own earlier output: replacing it is allowed (test below)
+        for extra in ([], ["--overwrite"]) if command in OVERWRITE else ([],):
+            if command == "train" and target == world / "runs" / "runB" and extra:
+                continue  # train's own kind of output: --overwrite replaces it (test below)
+            before = _tree(world)
+            code, err = _run(capsys, *argv, "--output_dir", str(target), *extra)
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+            assert code != 0, f"{command} into {what} ({target}) {extra}: exit 0"
+            assert len(lines) == 1 and lines[0].startswith("fulltune: error:"), (command, what, err)
+            assert str(target) in lines[0] or target.name in lines[0], (command, what, lines[0])
+            assert _tree(world) == before, f"{command} into {what} {extra} changed the tree"
+
+
+def test_report_writes_only_into_a_training_run(world, capsys):
+    for target in (world / "exp", world / "runs", world / "user"):
+        before = _tree(world)
+        code, err = _run(capsys, "report", str(target))
+        assert code == 2 and err.count("\n") == 1 and err.startswith("fulltune: error:"), err
+        assert _tree(world) == before
+    code, _ = _run(capsys, "report", str(world / "runs" / "runA"))
+    assert code == 0 and owner_of(world / "runs" / "runA") == "train"
+
+
+def test_prepare_images_never_deletes_its_source(world, capsys):
+    """The photos folder inside the output folder, with --overwrite: refused before anything is removed."""
+    parent = world.parent / "photos_parent"
+    write_images(parent / "PHOTOS", 2, 3)
+    before = _tree(parent)
+    code, err = _run(capsys, "prepare-images", str(parent / "PHOTOS"), "--output_dir", str(parent), "--overwrite")
+    assert code == 2 and "contains the input" in err and err.count("\n") == 1
+    assert _tree(parent) == before
+
+
+def test_export_to_the_parent_of_its_run_is_refused(tmp_path, text_data, capsys):
+    """The reproduction: train outputs/runA, a note beside it, export outputs/runA --output_dir outputs."""
+    outputs = tmp_path / "outputs"
+    assert main(tiny_bert_train_args(text_data, outputs / "runA", "training.max_steps=1")) == 0
+    (outputs / "NOTES.txt").write_text("notes\n")
+    before = _tree(outputs)
+    code, err = _run(capsys, "export", str(outputs / "runA"), "--output_dir", str(outputs))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("fulltune: error:"), err
+    assert str(outputs) in err
+    assert _tree(outputs) == before
+
+
+def test_rerunning_into_its_own_output(world, tmp_path, capsys):
+    """export, evaluate, prepare-images and demo --data_only replace their own earlier output; files a user put
+    beside a shared output (demo) stay; files a user put inside a whole-folder output make a rerun refuse."""
+    out = tmp_path / "exported"
+    for _ in range(2):
+        assert _run(capsys, "export", str(world / "runs" / "runA"), "--output_dir", str(out))[0] == 0
+    record = json.loads((out / OUTPUT_RECORD).read_text())
+    assert record["command"] == "export" and "model.safetensors" in record["files"]
+    (out / "mine.txt").write_text("keep me")
+    before = _tree(out)
+    code, err = _run(capsys, "export", str(world / "runs" / "runA"), "--output_dir", str(out))
+    assert code == 2 and "mine.txt" in err and _tree(out) == before
+
+    ev = tmp_path / "eval"
+    for _ in range(2):
+        argv = ["evaluate", "--checkpoint", str(world / "runs" / "runA" / "best"), "--data_dir", str(world / "data")]
+        assert _run(capsys, *argv, "--output_dir", str(ev))[0] == 0
+    assert owner_of(ev) == "evaluate" and (ev / "metrics.json").is_file()
+
+    split = tmp_path / "split"
+    for extra in ([], ["--overwrite"]):
+        assert _run(capsys, "prepare-images", str(world / "photos"), "--output_dir", str(split), *extra)[0] == 0
+    code, err = _run(capsys, "prepare-images", str(world / "photos"), "--output_dir", str(split))
+    assert code == 1 and "--overwrite" in err  # its own earlier split: replaced only when asked
+
+    demo = tmp_path / "demo"
+    assert _run(capsys, "demo", "--data_only", "--output_dir", str(demo))[0] == 0
+    (demo / "NOTES.txt").write_text("mine")
+    assert _run(capsys, "demo", "--data_only", "--output_dir", str(demo))[0] == 0
+    assert (demo / "NOTES.txt").read_text() == "mine" and owner_of(demo) == "demo"
+
+
+def test_train_overwrite_removes_only_what_the_run_wrote(tmp_path, text_data, capsys):
+    out = tmp_path / "run"
+    args = tiny_bert_train_args(text_data, out, "training.max_steps=1")
+    assert main(args) == 0
+    assert _run(capsys, "evaluate", "--checkpoint", str(out / "best"), "--data_dir", str(text_data))[0] == 0
+    (out / "eval" / "best-test" / "stale.txt").write_text("old")
+    (out / "NOTES.txt").write_text("mine")
+    code, err = _run(capsys, *args, "--overwrite")
+    assert code == 0, err
+    assert (out / "NOTES.txt").read_text() == "mine"
+    assert not (out / "eval").exists()  # the earlier run's evaluations went with it
+    assert owner_of(out) == "train"
+
+
+def test_a_kill_mid_export_leaves_the_old_export_or_the_new(world, tmp_path):
+    """FULLTUNE_KILL_AT kills the export between its two renames; the next export restores, then replaces."""
+    out = tmp_path / "exported"
+    assert main(["export", str(world / "runs" / "runA"), "--output_dir", str(out)]) == 0
+    old = _tree(out)
+    env = dict(os.environ, FULLTUNE_KILL_AT="between-renames:1")
+    cmd = [sys.executable, "-m", "fulltune", "export", str(world / "runs" / "runB"), "--output_dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert not out.exists() and any(p.name.startswith(".exported.old-") for p in tmp_path.iterdir())
+    cmd[4] = str(world / "runs" / "runA")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "restored" in proc.stdout
+    assert _tree(out).keys() == old.keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+def test_compare_into_a_finished_run_is_refused(world, capsys):
+    before = _tree(world)
+    args = tiny_bert_train_args(world / "data", world / "runs" / "runA")[1:]
+    code, err = _run(capsys, "compare", "--methods", "full", *args)
+    assert code == 2 and "fulltune train" in err and err.count("\n") == 1
+    assert _tree(world) == before
+
+
+def test_a_data_folder_may_hold_the_run_but_not_inside_a_split(tmp_path, text_data, image_data, capsys):
+    """What a run reads is its data folder's split files and folders: a run folder beside them is fine (data in the
+    working folder, outputs under it), one inside an image split folder is not."""
+    from fulltune.config import load_config
+    from fulltune.data.text import run_inputs
+
+    assert main(tiny_bert_train_args(text_data, text_data / "outputs" / "run", "training.max_steps=1")) == 0
+    cfg = load_config(None, {"data.data_dir": str(image_data)})
+    assert {Path(p).name for p in run_inputs(cfg)} >= {"train", "val", "test"}
+    before = _tree(image_data)
+    code, err = _run(capsys, *tiny_bert_train_args(image_data, image_data / "train" / "run"))
+    assert code == 2 and "lies inside the input" in err and _tree(image_data) == before
