@@ -81,6 +81,8 @@ def test_overrides_and_aliases():
         ("hardware.mixed_precision=fp8", "hardware.mixed_precision"),
         ("nonsense", "expected key=value"),
         ("training.layerwise_lr=5", "expected a mapping"),
+        ("training.base_learning_rate=inf", "base_learning_rate must be a finite number"),
+        ('training.layer_groups_lr={"head": .nan}', "layer_groups_lr.head must be a finite number"),
     ],
 )
 def test_config_errors_name_the_key(override, needle):

@@ -134,3 +134,20 @@ def test_prepare_images_keeps_every_file_and_never_leaks(tmp_path):
     assert counts["train"] + counts["val"] == 15 and counts["test"] == 0
     assert sorted(p.name for p in out.iterdir()) == [OUTPUT_RECORD, "train", "val"]  # the old test/ went
     assert [p.name for p in (out / "train").iterdir()] == ["ants"]
+
+
+def test_label_order_is_the_same_in_every_process():
+    """'1' and '01' are equal as integers: they stay two classes, in one order whatever PYTHONHASHSEED is."""
+    import os
+    import subprocess
+    import sys
+
+    assert label_vocabulary(["1", "01", "2", "1"]) == ["01", "1", "2"]
+    code = "from fulltune.data.text import label_vocabulary as v; print(v(['2', '1', '01', '001', '10']))"
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=str(seed)), capture_output=True, text=True
+        ).stdout
+        for seed in (0, 1, 5, 7)
+    }
+    assert seen == {"['001', '01', '1', '2', '10']\n"}

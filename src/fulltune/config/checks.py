@@ -3,6 +3,7 @@ any folder is created; each error names the key, the value and what is allowed."
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fulltune.config.sections import (
@@ -18,7 +19,7 @@ def validate(cfg: Config) -> None:
         (d.batch_size >= 1, "data.batch_size must be >= 1"),
         (t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps must be >= 1"),
         (t.num_epochs >= 1 or (t.max_steps or 0) >= 1, "training.num_epochs must be >= 1"),
-        (t.base_learning_rate > 0, "training.base_learning_rate must be > 0"),
+        (0 < t.base_learning_rate < math.inf, "training.base_learning_rate must be a finite number > 0"),
         (0 <= t.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)"),
         (0 <= t.label_smoothing < 1, "training.label_smoothing must be in [0, 1)"),
         (0 < t.layerwise_lr.decay_rate <= 1, "training.layerwise_lr.decay_rate must be in (0, 1]"),
@@ -42,8 +43,8 @@ def validate(cfg: Config) -> None:
 
         for name, lr in list(t.layer_groups_lr.items()):
             t.layer_groups_lr[name] = _coerce(lr, float, f"training.layer_groups_lr.{name}")
-            if t.layer_groups_lr[name] <= 0:
-                raise ConfigError(f"training.layer_groups_lr.{name} must be > 0, got {lr}")
+            if not 0 < t.layer_groups_lr[name] < math.inf:  # NaN fails too
+                raise ConfigError(f"training.layer_groups_lr.{name} must be a finite number > 0, got {lr}")
 
 
 METRICS = {

@@ -230,10 +230,12 @@ def read_examples(path: Path, cfg: DataConfig, need_labels: bool = True) -> Text
 
 
 def label_vocabulary(labels: list[str]) -> list[str]:
-    """Sorted label names; numerically when every label is an ASCII integer (so '10' comes after '9')."""
+    """Sorted label names; numerically when every label is an ASCII integer (so '10' comes after '9'). Labels
+    equal as integers ('1' and '01') stay two classes, ordered by their text: the order is total, the same in
+    every process whatever its string hash seed."""
     unique = set(labels)
     if all(re.fullmatch(r"-?[0-9]+", lbl) for lbl in unique):
-        return sorted(unique, key=int)
+        return sorted(unique, key=lambda lbl: (int(lbl), lbl))
     return sorted(unique)
 
 
