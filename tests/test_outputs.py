@@ -191,6 +191,7 @@ def test_train_overwrite_removes_only_what_the_run_wrote(tmp_path, text_data, ca
     assert (out / "NOTES.txt").read_text() == "mine"
     assert not (out / "eval").exists()  # the earlier run's evaluations went with it
     assert owner_of(out) == "train"
+    assert len((out / "run_history.jsonl").read_text().splitlines()) == 1  # the new run's start only
 
 
 def test_a_kill_mid_export_leaves_the_old_export_or_the_new(world, tmp_path):
@@ -231,3 +232,26 @@ def test_a_data_folder_may_hold_the_run_but_not_inside_a_split(tmp_path, text_da
     before = _tree(image_data)
     code, err = _run(capsys, *tiny_bert_train_args(image_data, image_data / "train" / "run"))
     assert code == 2 and "lies inside the input" in err and _tree(image_data) == before
+
+
+def test_a_second_process_cannot_share_a_run_folder(tmp_path, text_data, capsys):
+    """While one process trains in a folder (its lock held), another `train --resume auto` there is refused and
+    changes nothing; once the first has ended (the OS drops its lock, even on SIGKILL), the second goes ahead."""
+    out = tmp_path / "run"
+    args = tiny_bert_train_args(text_data, out, "training.max_steps=2")
+    assert main(args) == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from pathlib import Path; from fulltune.rundir import _lock_run; "
+         f"_lock_run(Path({str(out)!r})); print('locked', flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _tree(out)
+        code, err = _run(capsys, "train", "--resume", "auto", *args[1:-1], "training.max_steps=3")
+        assert code == 2 and "in use by another fulltune process" in err and f"pid {holder.pid}" in err, err
+        assert err.count("\n") == 1 and _tree(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _run(capsys, "train", "--resume", "auto", *args[1:-1], "training.max_steps=3")[0] == 0

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from fulltune import checkpoint as ckpt
 from fulltune.cli import main
+from fulltune.rundir import LOCK_FILE
 
 
 class Payload:
@@ -160,10 +161,11 @@ def test_damaged_newest_checkpoint_is_skipped_by_auto_and_named_when_explicit(tm
     *_, good, newest = ckpt.list_checkpoints(out)
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     code, err = _cli(capsys, "train", "--resume", str(newest), *args)
     assert code == 2 and str(weights) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    assert after == before  # nothing touched (but the lock file, which names the process holding the folder)
 
     more = _overrides(out, text_data, training__num_epochs=2, checkpoint__save_every_steps=1, checkpoint__keep_last=0)
     code = main(["train", "--resume", "auto", *more])
@@ -355,7 +357,7 @@ def test_sigkill_at_random_instants_then_resume_is_bit_identical(tmp_path, image
             assert finals == [p.name for p in ckpt.list_checkpoints(ref)]
             for name in finals:
                 assert _same(ref / name, out / name), f"{out / name} differs"
-            stale = [p.name for p in out.iterdir() if p.name.startswith(".")]
+            stale = [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
             assert not stale, stale
     finally:
         zygote.close()

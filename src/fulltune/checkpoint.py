@@ -24,7 +24,14 @@ from fulltune.config import Config, save_config, to_dict
 from fulltune.errors import ConfigError, TrainingError
 from fulltune.modelcard import write_model_card
 from fulltune.models import ModelBundle, save_image_processor
-from fulltune.rundir import _kill_point, atomic_dir, claim_output_dir, fsync_dir, recover_run_dir  # noqa: F401
+from fulltune.rundir import (  # noqa: F401
+    _kill_point,
+    atomic_dir,
+    claim_output_dir,
+    fsync_dir,
+    recover_run_dir,
+    release_run_lock,
+)
 from fulltune.runtime import rng_state, set_rng_state, unwrap
 from fulltune.safestate import (
     StateFileError,

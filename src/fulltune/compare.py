@@ -29,7 +29,7 @@ from fulltune.compare_variants import (
 from fulltune.config import Config, load_config, save_config, to_dict
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
-from fulltune.rundir import claim_output_dir
+from fulltune.rundir import claim_output_dir, release_run_lock
 from fulltune.runtime import maxrss_bytes
 from fulltune.units import human_bytes
 
@@ -157,6 +157,7 @@ def run_method(cfg: Config, skip_done: bool = False) -> dict[str, Any]:
             "a new --output_dir, pass --skip_done to reuse finished runs, or remove the folder yourself",
         }
     claim_output_dir(run_dir, None, inputs=run_inputs(cfg))  # a train run's folder from its first file on
+    release_run_lock(run_dir)  # the training process takes it
     save_config(cfg, run_dir / "config.yaml")
     log = run_dir / "compare.log"
     cmd = [sys.executable, "-m", "fulltune", "train", "--config", str(run_dir / "config.yaml")]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from fulltune.config import Config, ConfigError, config_from_dict
-from fulltune.rundir import atomic_output, claim_output, claim_output_dir
+from fulltune.rundir import atomic_output, claim_output, claim_output_dir, release_run_lock
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -210,4 +210,5 @@ def wise_ft_run(zeroshot_export: Path, finetuned_export: Path, run_dir: Path, da
     if "test" in result:
         summary["test"] = result["test"] | {"weights": "best"}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    release_run_lock(run_dir)
     return summary

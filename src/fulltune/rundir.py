@@ -188,8 +188,9 @@ class OutputFolder:
 
 
 def _is_temporary(name: str) -> bool:
-    """Names fulltune gives to folders and files being written or deleted (`.NAME.tmp-PID` and the like)."""
-    return bool(_STALE.match(name)) or (name.startswith(".") and ".shards.tmp-" in name)
+    """Names fulltune gives to folders and files being written or deleted (`.NAME.tmp-PID` and the like), and the
+    run folder's lock file."""
+    return bool(_STALE.match(name)) or (name.startswith(".") and ".shards.tmp-" in name) or name == LOCK_FILE
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -367,10 +368,13 @@ def claim_output_dir(
     inputs: Iterable[Any] = (),
 ) -> None:
     """Make `output_dir` this training run's own, before anything is written (`claim_output` with train's
-    entries): a fresh run into a folder that holds an earlier run is an error naming the choices, unless
-    `overwrite`, which removes what that run wrote (and only that)."""
-    claim = claim_output(output_dir, "train", inputs, TRAIN_ENTRIES, write_record=False)
+    entries), and hold its lock for the run (`release_run_lock` at the end; the OS releases it when the process
+    dies): a second process is refused. A fresh run into a folder that holds an earlier run is an error naming
+    the choices, unless `overwrite`, which removes what that run wrote (and only that)."""
     main = int(os.environ.get("RANK", "0")) == 0
+    claim = claim_output(output_dir, "train", inputs, TRAIN_ENTRIES, write_record=False)
+    if main:  # after the checks, which write nothing: a refused folder gets no lock file
+        _lock_run(Path(output_dir))
     earlier = [n for n in claim.previous if _owned(n, _TRAIN_RUN_FILES) and n != OUTPUT_RECORD]
     if resume is None and earlier:
         if not overwrite:
@@ -383,3 +387,41 @@ def claim_output_dir(
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     if main:
         _write_record(Path(output_dir), "train", TRAIN_ENTRIES)
+
+
+LOCK_FILE = ".fulltune.lock"
+_LOCKS: dict[Path, int] = {}
+"""Run folders whose lock this process holds (a second claim from the same process, as tests make, reuses it)."""
+
+
+def _lock_run(folder: Path) -> None:
+    """An exclusive lock on `folder/.fulltune.lock` (fcntl.flock: released by the OS when the process ends,
+    however it ends), or a ConfigError naming the process that holds it."""
+    key = folder.resolve()
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"output_dir '{folder}' is in use by another fulltune process (pid {holder}): wait for it to end, "
+            "or choose another --output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def release_run_lock(folder: Path) -> None:
+    """Let go of `folder`'s lock at the end of a run (another process may then resume or overwrite it)."""
+    fd = _LOCKS.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)

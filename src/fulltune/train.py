@@ -185,11 +185,9 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------------------ the run
-
     def train(self) -> dict[str, Any]:
-        """Train as configured; return the summary (also written to summary.json)."""
         check_hardware(self.cfg)
-        ckpt.claim_output_dir(self.out, self.resume, self.overwrite, inputs=run_inputs(self.cfg))  # one run a folder
+        ckpt.claim_output_dir(self.out, self.resume, self.overwrite, inputs=run_inputs(self.cfg))  # locked till done
         self.setup()
         self._start()
         stop = False
@@ -445,6 +443,8 @@ def setup(cfg: Config, resume: str | None = None) -> Trainer:
 
 
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Train as configured; return a summary (best validation and test metrics, timings, paths). A folder holding
-    another run is refused unless `resume` continues it or `overwrite` replaces it."""
-    return Trainer(cfg, resume, overwrite).train()
+    """Train as configured, in a locked run folder (see rundir.claim_output_dir); return a summary."""
+    try:
+        return Trainer(cfg, resume, overwrite).train()
+    finally:
+        ckpt.release_run_lock(cfg.output_dir)

@@ -306,4 +306,5 @@ def zero_shot_run(cfg: Config) -> dict[str, Any]:
         }
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    ckpt.release_run_lock(out)
     return summary
