@@ -83,6 +83,7 @@ def test_overrides_and_aliases():
         ("training.layerwise_lr=5", "expected a mapping"),
         ("training.base_learning_rate=inf", "base_learning_rate must be a finite number"),
         ('training.layer_groups_lr={"head": .nan}', "layer_groups_lr.head must be a finite number"),
+        ("hardware.num_threads=100000", "hardware.num_threads"),
     ],
 )
 def test_config_errors_name_the_key(override, needle):

@@ -255,3 +255,18 @@ def test_a_second_process_cannot_share_a_run_folder(tmp_path, text_data, capsys)
         holder.kill()
         holder.wait()
     assert _run(capsys, "train", "--resume", "auto", *args[1:-1], "training.max_steps=3")[0] == 0
+
+
+def test_a_kill_mid_line_in_metrics_jsonl_costs_only_that_line(tmp_path, text_data, capsys):
+    out = tmp_path / "run"
+    args = tiny_bert_train_args(text_data, out, "training.max_steps=2", "training.num_epochs=3")
+    assert main(args) == 0
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"split": "train", "step": 9, "lo')  # what a kill mid-write leaves
+    assert (
+        _run(capsys, "train", "--resume", "auto", *args[1:-2], "training.max_steps=3", "training.num_epochs=3")[0] == 0
+    )
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    broken = [ln for ln in lines if not ln.startswith("{") or not ln.endswith("}")]
+    assert broken == ['{"split": "train", "step": 9, "lo']
+    assert any(json.loads(ln).get("step") == 3 for ln in lines if ln not in broken)

@@ -151,3 +151,10 @@ def test_label_order_is_the_same_in_every_process():
         for seed in (0, 1, 5, 7)
     }
     assert seen == {"['001', '01', '1', '2', '10']\n"}
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("sentence,sentence,label\na,b,1\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 1: the header names column 'sentence' twice"):
+        read_examples(path, DataConfig(text_column="sentence"))

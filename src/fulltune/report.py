@@ -42,6 +42,8 @@ class RunLogger:
         if not enabled:
             return
         self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        if self.jsonl.tell() and _last_byte(out / "metrics.jsonl") != b"\n":
+            self.jsonl.write("\n")  # a kill mid-line left a fragment: the resumed run's first record starts anew
         self.logfile = open(out / "train.log", "a", encoding="utf-8")
         if cfg.logging.tensorboard and "tensorboard" in cfg.logging.report_to:
             from torch.utils.tensorboard import SummaryWriter
@@ -423,3 +425,9 @@ def run_summary(trainer: Any) -> dict[str, Any]:
         "output_dir": str(trainer.out),
         "last_checkpoint": str(trainer.last_good) if trainer.last_good else None,
     }
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)

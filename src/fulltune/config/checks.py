@@ -86,7 +86,8 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
             lambda v: 0 < v[0] <= v[1] <= 1,
             "two fractions 0 < a <= b <= 1",
         ),
-        ("hardware.num_threads", h.num_threads, *optional_ge(1)),
+        # More threads than 64 per core only slows a run down, and OpenMP crashes far beyond it.
+        ("hardware.num_threads", h.num_threads, lambda v: v is None or 1 <= v <= 64 * _cores(), "1 to 64 x cores"),
         ("training.adam_beta1", t.adam_beta1, *unit),
         ("training.adam_beta2", t.adam_beta2, *unit),
         ("training.adam_epsilon", t.adam_epsilon, lambda v: v > 0, "> 0"),
@@ -159,3 +160,9 @@ def _validate_head_init(cfg: Config) -> None:
                 f"method.head_init_epochs={m.head_init_epochs} leaves no epoch of fine-tuning in "
                 f"training.num_epochs={cfg.training.num_epochs}"
             )
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1

@@ -146,6 +146,9 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> 
     if not records:
         raise DataError(f"'{path}' is empty")
     columns = records[0]
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:  # a dict of the row would keep the last such column, silently
+        raise DataError(f"'{path}' line {lines[0]}: the header names column {', '.join(map(repr, twice))} twice")
     rows = []
     for record, line in zip(records[1:], lines[1:], strict=True):
         if len(record) != len(columns):
