@@ -270,3 +270,29 @@ def test_a_kill_mid_line_in_metrics_jsonl_costs_only_that_line(tmp_path, text_da
     broken = [ln for ln in lines if not ln.startswith("{") or not ln.endswith("}")]
     assert broken == ['{"split": "train", "step": 9, "lo']
     assert any(json.loads(ln).get("step") == 3 for ln in lines if ln not in broken)
+
+
+def test_a_folder_with_only_pickled_weights_is_refused_everywhere(world, tmp_path, capsys):
+    """export, train model.name_or_path=<folder> and prune --base_model on a folder whose weights are only a
+    pytorch_model.bin: one line naming the file, and the pickle is never opened (it would write a marker)."""
+    import pickle
+    import shutil
+
+    from test_trust import Payload
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(world / "runs" / "runA" / "best", folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "code_ran"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    train = tiny_bert_train_args(world / "data", tmp_path / "run", f"model.name_or_path={folder}")
+    train.remove(next(a for a in train if a.startswith("model.tiny_config=")))
+    for argv in (
+        ["export", str(folder), "--output_dir", str(tmp_path / "exp")],
+        train,
+        ["prune", "--base_model", str(folder), "--output_dir", str(tmp_path / "pruned")],
+    ):
+        code, err = _run(capsys, *argv)
+        assert code == 2 and "pytorch_model.bin" in err and err.count("\n") == 1, (argv[0], err)
+    assert not marker.exists()

@@ -19,6 +19,7 @@ from fulltune.checkpoint import RUN_META, list_checkpoints
 from fulltune.config import ConfigError
 from fulltune.modelcard import pruned_meta, write_model_card
 from fulltune.rundir import atomic_output, claim_output
+from fulltune.safestate import require_safetensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a shipped folder carries besides the weights: tokenizer and image processor files (copied as they are).
@@ -137,7 +138,8 @@ def _load_plain(src: Path, task: str) -> tuple[nn.Module, bool]:
     cls = {"image_classification": tf.AutoModelForImageClassification, "causal_lm": tf.AutoModelForCausalLM}.get(
         task, tf.AutoModelForSequenceClassification
     )
-    return cls.from_pretrained(str(src), dtype=torch.float32).eval(), False
+    require_safetensors(src, "export: the source")
+    return cls.from_pretrained(str(src), dtype=torch.float32, use_safetensors=True).eval(), False
 
 
 def _copy_processors(src: Path, dst: Path) -> None:

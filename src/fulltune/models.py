@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fulltune.config import Config, ConfigError
+from fulltune.safestate import require_safetensors
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -207,9 +208,11 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
         import transformers
 
         transformers.logging.set_verbosity_error()  # "newly initialised head" warnings are expected here
+        require_safetensors(path, "model.name_or_path")
         model = cls.from_pretrained(
             path,
             config=config,
+            use_safetensors=True,
             ignore_mismatched_sizes=True,
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fulltune.prune import REPORT_FILE, SHAPES_KEY, _head_dim, _set_attention_attrs, decoder_layers, get_layer_shapes
+from fulltune.safestate import require_safetensors
 
 UNEVEN_NOTE = (
     "The layers of this pruned model have shapes a standard transformers config cannot describe: "
@@ -147,7 +148,9 @@ def load_pruned(
         dtype = torch_dtype if torch_dtype is not None else "auto"
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
-        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype).to(device).eval()
+        require_safetensors(path)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True)
+        return model.to(device).eval()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = decoder_layers(model)

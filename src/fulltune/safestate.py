@@ -172,3 +172,24 @@ def file_digest(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(folder: str | Path, what: str = "model folder") -> None:
+    """A local model folder must hold its weights as safetensors: one holding only pickled weights
+    (pytorch_model.bin and the like, which can run code when loaded) is refused, naming the file. Hub ids and
+    folders without weight files pass (transformers itself is then asked for safetensors only)."""
+    from fulltune.errors import ConfigError
+
+    path = Path(folder)
+    if not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_WEIGHTS and p.is_file())
+    if pickled:
+        raise ConfigError(
+            f"{what} '{path}' holds its weights only as {pickled[0]}, a pickle that can run code when loaded; "
+            "fulltune loads safetensors only: convert it where you trust it (save_pretrained(..., "
+            "safe_serialization=True))"
+        )

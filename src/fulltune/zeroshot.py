@@ -24,6 +24,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from fulltune.config import Config, ConfigError, save_config
 from fulltune.data.text import run_inputs
 from fulltune.models import ModelBundle, image_spec_for, load_tokenizer
+from fulltune.safestate import require_safetensors
 
 CLIP_TYPES = ("clip", "clip_vision_model")
 EMBEDDING_CLASSIFIER_TYPE = "clip_vision_model"
@@ -133,8 +134,9 @@ def _load_clip(cfg: Config, path: str | None, config: Any) -> nn.Module:
         )
     tf.logging.set_verbosity_error()
     try:
+        require_safetensors(path, "model.name_or_path")
         clip, info = tf.CLIPModel.from_pretrained(
-            path, config=config, revision=cfg.model.revision, output_loading_info=True
+            path, config=config, revision=cfg.model.revision, output_loading_info=True, use_safetensors=True
         )
     finally:
         tf.logging.set_verbosity_warning()

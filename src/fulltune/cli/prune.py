@@ -20,6 +20,7 @@ import torch
 from fulltune.config import Config, load_config, parse_override
 from fulltune.errors import ConfigError
 from fulltune.rundir import atomic_dir, claim_output
+from fulltune.safestate import require_safetensors
 
 RESULTS_FILE = "prune_results.json"
 PRUNE_ENTRIES = ("logs", "builtin_text", "cache", "pruned", "recovery", "recovered", RESULTS_FILE)
@@ -164,7 +165,8 @@ def _load_base(path: str, device: torch.device, torch_dtype: str = "float32") ->
         if Path(name).is_dir() and is_pruned_folder(name):
             model = load_pruned(name, torch_dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            require_safetensors(name, "--base_model")
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
     except OSError as err:
         raise ConfigError(f"--base_model '{path}': cannot load a causal LM ({str(err).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer
