@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from fulltune.errors import StateFileError
+from fulltune.errors import ConfigError, StateFileError
 
 FORMAT = "fulltune-state-1"
 
@@ -181,8 +181,6 @@ def require_safetensors(folder: str | Path, what: str = "model folder") -> None:
     """A local model folder must hold its weights as safetensors: one holding only pickled weights
     (pytorch_model.bin and the like, which can run code when loaded) is refused, naming the file. Hub ids and
     folders without weight files pass (transformers itself is then asked for safetensors only)."""
-    from fulltune.errors import ConfigError
-
     path = Path(folder)
     if not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
         return
