@@ -158,3 +158,28 @@ def test_a_header_naming_a_column_twice_is_refused(tmp_path):
     path.write_text("sentence,sentence,label\na,b,1\n", encoding="utf-8")
     with pytest.raises(DataError, match="line 1: the header names column 'sentence' twice"):
         read_examples(path, DataConfig(text_column="sentence"))
+
+
+def test_lm_records_must_hold_strings(tmp_path):
+    from fulltune.data.lm import read_records
+
+    path = tmp_path / "train.jsonl"
+    for row, key in (
+        ({"text": None}, "text"),
+        ({"text": ["a", "b"]}, "text"),
+        ({"prompt": "q", "response": 3}, "response"),
+    ):
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=f"line 1: '{key}' is .*, expected a string"):
+            read_records(path, DataConfig())
+    path.write_text('{"prompt": "q", "response": "a"}\n{"text": "t"}\n')
+    assert read_records(path, DataConfig()) == [("q", "a"), ("t", None)]
+
+
+def test_hidden_class_folders_are_said(tmp_path):
+    from fulltune.data.images import scan_split
+
+    write_images(tmp_path / "train", 2, 0)
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    with pytest.warns(UserWarning, match=r"hidden folders are not classes: \.ipynb_checkpoints"):
+        assert scan_split(tmp_path / "train").classes == ["ants", "bees"]

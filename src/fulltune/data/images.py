@@ -65,6 +65,9 @@ def scan_split(root: Path, classes: list[str] | None = None) -> ImageFolder:
     if not root.is_dir():
         raise DataError(f"image folder '{root}' does not exist")
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    hidden = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("."))
+    if hidden:  # .ipynb_checkpoints, .git and the like: never classes, but said
+        warnings.warn(f"image folder '{root}': hidden folders are not classes: {', '.join(hidden)}", stacklevel=2)
     if not found:
         raise DataError(f"image folder '{root}' has no class folders (expected {root}/<class>/<image>)")
     if classes is not None:

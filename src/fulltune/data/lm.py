@@ -8,6 +8,7 @@ block is never a target.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -33,11 +34,18 @@ def read_records(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
             raise DataError(f"'{path}' is empty")
         return [(text, None)]
     out: list[tuple[str, str | None]] = []
+
+    def field(row: dict, key: str, lineno: int, default: Any = None) -> str:
+        value = row.get(key, default)
+        if not isinstance(value, str):  # null, a number or a list would be trained as "None", "3" or "['a']"
+            raise DataError(f"'{path}' line {lineno}: '{key}' is {json.dumps(value)[:40]}, expected a string")
+        return value
+
     for lineno, row in jsonl_objects(path, path.read_text(encoding="utf-8")):
         if cfg.response_column in row:
-            out.append((str(row.get(cfg.prompt_column, "")), str(row[cfg.response_column])))
+            out.append((field(row, cfg.prompt_column, lineno, ""), field(row, cfg.response_column, lineno)))
         elif cfg.text_column in row:
-            out.append((str(row[cfg.text_column]), None))
+            out.append((field(row, cfg.text_column, lineno), None))
         else:
             raise DataError(
                 f"'{path}' line {lineno}: expected a '{cfg.text_column}' field or "
