@@ -296,3 +296,26 @@ def test_a_folder_with_only_pickled_weights_is_refused_everywhere(world, tmp_pat
         code, err = _run(capsys, *argv)
         assert code == 2 and "pytorch_model.bin" in err and err.count("\n") == 1, (argv[0], err)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("point", ["record-written", "record-renamed"])
+def test_a_kill_while_best_gains_its_test_metrics_leaves_best_loadable(tmp_path, text_data, capsys, point):
+    """The run record of best/ is rewritten with the test metrics at the very end of a run: a SIGKILL on either side
+    of its rename leaves best/ verifiable (evaluate loads it), and --resume auto ends with the same weights."""
+    from safetensors.torch import load_file
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert main(tiny_bert_train_args(text_data, ref, "training.max_steps=2")) == 0
+    argv = tiny_bert_train_args(text_data, out, "training.max_steps=2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fulltune", *argv], env=dict(os.environ, FULLTUNE_KILL_AT=f"{point}:1"), timeout=300
+    )
+    assert proc.returncode == -9
+    code, err = _run(capsys, "evaluate", "--checkpoint", str(out / "best"), "--data_dir", str(text_data))
+    assert code == 0, err
+    assert main(["train", "--resume", "auto", *argv[1:]]) == 0
+    assert not list((out / "best").glob("*.new"))
+    for name in ("model.safetensors",):
+        a, b = load_file(str(ref / "best" / name)), load_file(str(out / "best" / name))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((out / "best" / "fulltune_run.json").read_text())["test_metrics"]

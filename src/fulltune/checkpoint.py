@@ -22,6 +22,7 @@ from torch import nn
 
 from fulltune.config import Config, save_config, to_dict
 from fulltune.errors import ConfigError, TrainingError
+from fulltune.manifest import MANIFEST, recover_pending, replace_in_checkpoint, write_manifest  # noqa: F401
 from fulltune.modelcard import write_model_card
 from fulltune.models import ModelBundle, save_image_processor
 from fulltune.rundir import (  # noqa: F401
@@ -45,8 +46,6 @@ from fulltune.safestate import (
 
 STATE_DIR = "training_state"
 RUN_META = "fulltune_run.json"
-MANIFEST = "fulltune_manifest.json"
-"""Every file of a checkpoint or export with its size and SHA-256; written last, checked on load."""
 LEGACY_PICKLES = ("optimizer.pt", "rng.pt")
 
 
@@ -169,33 +168,6 @@ def save_checkpoint(
         write_manifest(tmp)
 
 
-def write_manifest(folder: Path) -> None:
-    # The model card (README.md) is left out: it is documentation, refreshed once the run's test metrics exist.
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, "README.md"))
-    manifest = {
-        "format": 1,
-        "files": {
-            p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files
-        },
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-def refresh_manifest(folder: Path, names: list[str]) -> None:
-    """Re-record the size and SHA-256 of files fulltune itself rewrote in a finished folder (the run record gains
-    the test metrics once they exist); a folder without a manifest is left as it is."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return
-    manifest = read_json(path)
-    for name in names:
-        f = Path(folder) / name
-        manifest["files"][name] = {"bytes": f.stat().st_size, "sha256": file_digest(f)}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
-
-
 class DamagedCheckpoint(ConfigError):
     """A checkpoint that is incomplete, damaged or unsafe to load; the message names the folder and the file."""
 
@@ -207,6 +179,7 @@ def verify_checkpoint(path: Path, resumable: bool = True) -> None:
     """Check a checkpoint (or an export when `resumable=False`) against its manifest: every file present with its
     size and SHA-256, readable safetensors headers, and, for a resume point, the complete training state."""
     path = Path(path)
+    recover_pending(path)
     state_dir = path / STATE_DIR
     for legacy in LEGACY_PICKLES:
         if (state_dir / legacy).exists() and not (state_dir / "optimizer.json").exists():

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fulltune.checkpoint import RUN_META, list_checkpoints
+from fulltune.checkpoint import MANIFEST, RUN_META, list_checkpoints, verify_checkpoint
 from fulltune.config import ConfigError
 from fulltune.modelcard import pruned_meta, write_model_card
 from fulltune.rundir import atomic_output, claim_output
@@ -170,6 +170,8 @@ def export(source: str | Path, output_dir: str | Path, dtype: str = "float32", l
     src = resolve_source(source)
     out = Path(output_dir)
     claim_output(out, "export", inputs=(source, src))
+    if (src / MANIFEST).is_file():  # a checkpoint or best/: ship it only whole (a pruned folder has no manifest)
+        verify_checkpoint(src, resumable=False)
     meta = _read_meta(src)
     task = meta.get("task", "causal_lm")
     with atomic_output(out, "export") as tmp:

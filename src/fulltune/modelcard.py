@@ -285,10 +285,10 @@ def refresh_with_test(run_dir: Path) -> None:
         return
     meta = json.loads(meta_path.read_text())
     meta["test_metrics"] = {k: v for k, v in test.items() if k != "weights"}
-    meta_path.write_text(json.dumps(meta, indent=2, default=str))
-    from fulltune.checkpoint import refresh_manifest
+    from fulltune.checkpoint import replace_in_checkpoint
 
-    refresh_manifest(folder, [meta_path.name])  # the checkpoint stays verifiable
+    # The record and its manifest entry change together; the card (README.md, outside the manifest) after them.
+    replace_in_checkpoint(folder, meta_path.name, json.dumps(meta, indent=2, default=str))
     write_model_card(folder, meta)
 
 
