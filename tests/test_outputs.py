@@ -319,3 +319,32 @@ def test_a_kill_while_best_gains_its_test_metrics_leaves_best_loadable(tmp_path,
         a, b = load_file(str(ref / "best" / name)), load_file(str(out / "best" / name))
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert json.loads((out / "best" / "fulltune_run.json").read_text())["test_metrics"]
+
+
+def test_a_resume_from_another_task_or_label_set_is_refused(tmp_path, text_data, capsys):
+    """--resume with a checkpoint written for another model family, task or label set: one line, nothing loaded
+    (before, missing weights were filled randomly and the run went on as if resumed)."""
+    from conftest import TINY_LLAMA
+
+    first = tmp_path / "first"
+    assert main(tiny_bert_train_args(text_data, first, "training.max_steps=2")) == 0
+    point = sorted(first.glob("checkpoint-*"))[-1]
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "train.txt").write_text("to be or not to be, that is the question\n" * 40)
+    relabelled = tmp_path / "relabelled"
+    relabelled.mkdir()
+    for split in ("train", "val"):
+        rows = (text_data / f"{split}.tsv").read_text().splitlines()
+        (relabelled / f"{split}.tsv").write_text("\n".join([rows[0]] + [r[:-1] + "xy"[int(r[-1])] for r in rows[1:]]))
+    llama = [
+        "train", "--data_dir", str(lm), "--output_dir", str(tmp_path / "b"), "task=causal_lm",
+        f"model.tiny_config={json.dumps(TINY_LLAMA)}", "model.tokenizer=sentence-transformers/all-MiniLM-L6-v2",
+        "logging.progress_bar=false", "logging.tensorboard=false", "hardware.mixed_precision=no", "data.seq_len=16",
+    ]  # fmt: skip
+    for argv, needle in (
+        (llama, "a different model family"),
+        (tiny_bert_train_args(relabelled, tmp_path / "c", "training.max_steps=3"), "different labels"),
+    ):
+        code, err = _run(capsys, argv[0], "--resume", str(point), *argv[1:])
+        assert code == 2 and needle in err and err.count("\n") == 1, err

@@ -249,8 +249,13 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if (missing or unexpected) and hasattr(model, "from_pretrained"):
         # transformers saves some families (ViT in v5) under their legacy parameter names: let it map them back.
-        loaded = type(model).from_pretrained(str(folder), config=model.config, use_safetensors=True)
-        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        loaded, info = type(model).from_pretrained(
+            str(folder), config=model.config, use_safetensors=True, output_loading_info=True
+        )
+        if info["missing_keys"] or info["mismatched_keys"]:  # it filled them randomly: no resume of these weights
+            missing, unexpected = list(info["missing_keys"]) + [k for k, *_ in info["mismatched_keys"]], unexpected
+        else:
+            missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
         del loaded
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not any(m.endswith(t) for t in tied)]
@@ -258,6 +263,29 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
         raise ConfigError(
             f"checkpoint '{folder}' does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+def _check_fits(path: Path, model: nn.Module) -> None:
+    """A resume point written for another task (architecture), model family or label set is refused before any
+    weight is read: filling the weights that do not fit with random ones would pass for a resume."""
+    hf = model.get_base_model() if is_peft(model) else model
+    config = getattr(hf, "config", None)
+    if config is None:
+        return
+    try:
+        saved = read_json(path / "config.json")
+    except StateFileError as err:
+        raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+    classes = [c.__name__ for c in type(hf).__mro__]  # FSDP's and LoRA's wrappers subclass the model's class
+    ours, arch = {str(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}, saved.get("architectures")
+    family = saved.get("model_type")
+    for what, theirs, mine, same in (
+        ("a different model family", family, config.model_type, family == config.model_type),
+        ("a different task", arch, classes[0], not arch or arch[0] in classes),
+        ("different labels", saved.get("id2label"), ours, saved.get("id2label") in (None, ours)),
+    ):
+        if not same:
+            raise ConfigError(f"checkpoint '{path}' was written for {what} ({theirs}; this run: {mine})")
 
 
 def _read_state(state_dir: Path, name: str, path: Path) -> Any:
@@ -289,6 +317,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     state_dir = path / STATE_DIR
     base = unwrap(model)
+    _check_fits(path, base)
     blob = _read_state(state_dir, "optimizer", path)
     formats = ("by_name", "by_index", "sharded")
     if (
