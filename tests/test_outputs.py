@@ -348,3 +348,27 @@ def test_a_resume_from_another_task_or_label_set_is_refused(tmp_path, text_data,
     ):
         code, err = _run(capsys, argv[0], "--resume", str(point), *argv[1:])
         assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_a_weight_file_planted_beside_a_checkpoint_is_never_read(tmp_path, text_data):
+    """Two copies of a run resumed to the same end, one with a planted zz_extra.safetensors beside its newest
+    checkpoint's weights (every tensor set to 7): the same final weights (only manifest-listed files are read)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fulltune import checkpoint as ckpt
+
+    clean, planted = tmp_path / "clean", tmp_path / "planted"
+    extra = ("training.max_steps=2", "checkpoint.save_every_steps=1", "checkpoint.keep_last=0")
+    assert main(tiny_bert_train_args(text_data, clean, *extra)) == 0
+    shutil.copytree(clean, planted)
+    point = ckpt.list_checkpoints(planted)[0]
+    weights = load_file(str(point / "model.safetensors"))
+    save_file({k: v * 0 + 7 for k, v in weights.items()}, str(point / "zz_extra.safetensors"))
+    for out in (clean, planted):  # both from step 1 to step 2 again
+        argv = tiny_bert_train_args(text_data, out, *extra)
+        assert main(["train", "--resume", str(ckpt.list_checkpoints(out)[0]), *argv[1:]]) == 0
+    a = load_file(str(ckpt.list_checkpoints(clean)[-1] / "model.safetensors"))
+    b = load_file(str(ckpt.list_checkpoints(planted)[-1] / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)

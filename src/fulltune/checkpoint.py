@@ -22,7 +22,7 @@ from torch import nn
 
 from fulltune.config import Config, save_config, to_dict
 from fulltune.errors import ConfigError, TrainingError
-from fulltune.manifest import MANIFEST, recover_pending, replace_in_checkpoint, write_manifest  # noqa: F401
+from fulltune.manifest import MANIFEST, listed_files, recover_pending, write_manifest
 from fulltune.modelcard import write_model_card
 from fulltune.models import ModelBundle, save_image_processor
 from fulltune.rundir import (  # noqa: F401
@@ -232,7 +232,7 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
+    files = listed_files(folder, "*.safetensors")
     if not files:
         raise ConfigError(f"checkpoint '{folder}' has no .safetensors weights")
     state: dict[str, torch.Tensor] = {}

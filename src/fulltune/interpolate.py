@@ -18,13 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from fulltune.config import Config, ConfigError, config_from_dict
+from fulltune.manifest import listed_files
 from fulltune.rundir import atomic_output, claim_output, claim_output_dir, release_run_lock
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(Path(folder).glob("*.safetensors"))
+    files = listed_files(Path(folder), "*.safetensors")
     if not files:
         raise ConfigError(f"'{folder}' has no .safetensors weights")
     state: dict[str, torch.Tensor] = {}

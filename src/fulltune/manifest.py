@@ -70,3 +70,14 @@ def recover_pending(folder: Path) -> None:
         os.replace(p, folder / p.name[: -len(".new")])
     os.replace(pending, folder / MANIFEST)
     fsync_dir(folder)
+
+
+def listed_files(folder: Path, pattern: str) -> list[Path]:
+    """The files of `folder` matching `pattern` that its manifest lists (all of them where it has none): a file
+    planted beside a checkpoint's weights is never read."""
+    folder = Path(folder)
+    found = sorted(folder.glob(pattern))
+    if not (folder / MANIFEST).is_file():
+        return found
+    listed = read_json(folder / MANIFEST).get("files", {})
+    return [p for p in found if p.relative_to(folder).as_posix() in listed]

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fulltune.manifest import replace_in_checkpoint
+
 CARD_FILE = "README.md"
 PIPELINE_TAGS = {
     "text_classification": "text-classification",
@@ -285,8 +287,6 @@ def refresh_with_test(run_dir: Path) -> None:
         return
     meta = json.loads(meta_path.read_text())
     meta["test_metrics"] = {k: v for k, v in test.items() if k != "weights"}
-    from fulltune.checkpoint import replace_in_checkpoint
-
     # The record and its manifest entry change together; the card (README.md, outside the manifest) after them.
     replace_in_checkpoint(folder, meta_path.name, json.dumps(meta, indent=2, default=str))
     write_model_card(folder, meta)
