@@ -138,7 +138,6 @@ def _load_plain(src: Path, task: str) -> tuple[nn.Module, bool]:
     cls = {"image_classification": tf.AutoModelForImageClassification, "causal_lm": tf.AutoModelForCausalLM}.get(
         task, tf.AutoModelForSequenceClassification
     )
-    require_safetensors(src, "export: the source")
     return cls.from_pretrained(str(src), dtype=torch.float32, use_safetensors=True).eval(), False
 
 
@@ -170,6 +169,7 @@ def export(source: str | Path, output_dir: str | Path, dtype: str = "float32", l
     src = resolve_source(source)
     out = Path(output_dir)
     claim_output(out, "export", inputs=(source, src))
+    require_safetensors(src, "export: the source")
     if (src / MANIFEST).is_file():  # a checkpoint or best/: ship it only whole (a pruned folder has no manifest)
         verify_checkpoint(src, resumable=False)
     meta = _read_meta(src)
