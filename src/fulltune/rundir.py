@@ -106,16 +106,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover_run_dir(output_dir: Path, log: Any = print) -> list[str]:
+def recover_run_dir(output_dir: Path, log: Any = print, only: str | None = None) -> list[str]:
     """Finish what a killed save left: a `.NAME.old-PID` whose `NAME` is missing is renamed back (the kill came
-    between the two renames); every other temporary folder is removed. Returns the actions, each also logged."""
+    between the two renames); every other temporary folder is removed (`only`: those of that one NAME). Returns the
+    actions, each also logged."""
     out = Path(output_dir)
     actions: list[str] = []
     if not out.is_dir():
         return actions
     for entry in sorted(out.iterdir()):
         m = _STALE.match(entry.name)
-        if m is None or not entry.is_dir() or _alive(int(m["pid"])):
+        if m is None or not entry.is_dir() or _alive(int(m["pid"])) or only not in (None, m["name"]):
             continue
         final = out / m["name"]
         if m["kind"] == "old" and not final.exists():
@@ -167,8 +168,6 @@ class OutputFolder:
     command: str
     previous: list[str]
     """Top-level entries an earlier run of the same command wrote (empty for a new or empty folder)."""
-    entries: tuple[str, ...]
-    """Names (or patterns) of the top-level entries this command writes; empty for a whole-folder output."""
 
     def remove_previous(self, log: Any = print) -> None:
         """Delete what the earlier run of this command wrote, and nothing else. Each entry is first renamed to a
@@ -283,7 +282,7 @@ def claim_output(
         recover_run_dir(out)
         present = sorted(p.name for p in out.iterdir())
     present = [n for n in present if not _is_temporary(n)]
-    claim = OutputFolder(out, command, [], entries)
+    claim = OutputFolder(out, command, [])
     if present:
         owner = owner_of(out)
         if owner != command:
@@ -336,28 +335,7 @@ def atomic_output(out: Path, command: str) -> Iterator[Path]:
 def recover_beside(out: Path) -> list[str]:
     """Leftovers of an interrupted `atomic_dir(out)` beside `out` (`.NAME.tmp-PID`, `.NAME.old-PID` of a process
     that is gone): the old folder goes back when `out` is missing, the rest is removed. Only `out`'s own."""
-    out = Path(out)
-    actions: list[str] = []
-    if not out.parent.is_dir():
-        return actions
-    for entry in sorted(out.parent.glob(f".{glob_escape(out.name)}.*-*")):
-        m = _STALE.match(entry.name)
-        if m is None or m["name"] != out.name or not entry.is_dir() or _alive(int(m["pid"])):
-            continue
-        if m["kind"] == "old" and not out.exists():
-            entry.rename(out)
-            fsync_dir(out.parent)
-            actions.append(f"restored {out} from {entry.name} (a write was interrupted between its renames)")
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-            actions.append(f"removed {entry} (left by an interrupted write)")
-    for action in actions:
-        print(action, flush=True)
-    return actions
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
+    return recover_run_dir(Path(out).parent, only=Path(out).name)
 
 
 def claim_output_dir(
