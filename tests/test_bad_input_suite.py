@@ -414,6 +414,7 @@ def test_bad_images_are_skipped_and_counted_in_train_evaluate_predict(tmp_path, 
         (d / "truncated.jpeg").write_bytes(good.read_bytes()[:-300])
         (d / "empty.png").write_bytes(b"")
         Image.new("1", (30000, 30000)).save(d / "bomb.png", optimize=True)
+        _broken_stream_png(next(d.glob("*.png")), d / "broken_stream.png")
     args = _tiny_images_run(root, tmp_path)
     assert main([*args, "training.num_epochs=1"]) == 0
     out = capsys.readouterr().out
@@ -421,8 +422,23 @@ def test_bad_images_are_skipped_and_counted_in_train_evaluate_predict(tmp_path, 
     assert main(["evaluate", "--checkpoint", str(tmp_path / "out" / "best"), "--data_dir", str(root)]) == 0
     assert main(["predict", "--checkpoint", str(tmp_path / "out" / "best"), "--image", str(root / "test")]) == 0
     printed = capsys.readouterr()
-    assert "bomb.png" in printed.err and "truncated.jpeg" in printed.err
+    assert "bomb.png" in printed.err and "truncated.jpeg" in printed.err and "broken_stream.png" in printed.err
     assert len([ln for ln in printed.out.splitlines() if ln.startswith('{"input"')]) == 4
+    # evaluation never scores another image in place of one that fails to decode: skipped and counted
+    evaluated = tmp_path / "out" / "eval" / "best-test"
+    rows = [json.loads(ln) for ln in (evaluated / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and not any("broken_stream" in str(r) for r in rows)
+    assert all(Path(r["input"]).parent.name == r["label"] for r in rows)
+    assert json.loads((evaluated / "metrics.json").read_text())["examples"] == 4
+
+
+def _broken_stream_png(good: Path, out: Path) -> None:
+    """A PNG whose header parses and whose end marker is there (the cheap check passes) but whose pixel data is
+    zeroed: it fails only when decoded."""
+    data = bytearray(good.read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start : start + 24] = bytes(24)
+    out.write_bytes(bytes(data))
 
 
 def test_case_count():

@@ -76,7 +76,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str]
     samples = [json.loads(line) for line in open(files["test"], encoding="utf-8")][:: max(1, counts["test"] // 5)][:5]
     print("\na few predictions (top 3):")
     for row, top in zip(samples, classify(bundle, [s["text"] for s in samples], top_k=3), strict=True):
-        guess = ", ".join(f"{lb} {p:.2f}" for lb, p in top)
+        guess = ", ".join(f"{lb} {p:.2f}" for lb, p in top or [])
         first_line = row["text"].splitlines()[0][:70]
         print(f"  [{row['label']:>15}] {first_line!r:74} -> {guess}")
     minutes = (time.perf_counter() - start) / 60

@@ -19,8 +19,11 @@ def classification_metrics(
     model: nn.Module, loader: Any, num_classes: int, device: torch.device, precision: Precision, top_k: int = 0
 ) -> dict[str, Any]:
     """Streamed metrics, plus each example's gold and predicted class ("targets", "predictions"); with top_k > 0
-    also each example's top-k class ids and probabilities ("top_k")."""
+    also each example's top-k class ids and probabilities ("top_k"). Examples labelled SKIPPED_LABEL (-100: an image
+    that failed to decode) are not scored: their positions in the loader's order are listed in "skipped"."""
     model.eval()
+    skipped: list[int] = []
+    seen = 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -31,6 +34,11 @@ def classification_metrics(
         labels = batch.pop("labels")
         with precision.autocast():
             logits = model(**batch).logits.float()  # (batch, num_classes)
+        keep = labels >= 0
+        if not bool(keep.all()):
+            skipped.extend(seen + int(i) for i in (~keep).nonzero().flatten().tolist())
+            logits, labels = logits[keep], labels[keep]
+        seen += len(keep)
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
         pred = logits.argmax(-1)
         confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
@@ -42,6 +50,7 @@ def classification_metrics(
     metrics = summarize_confusion(confusion.cpu(), int(top5), float(loss_sum))
     metrics["targets"] = torch.cat(targets).tolist() if targets else []
     metrics["predictions"] = torch.cat(predictions).tolist() if predictions else []
+    metrics["skipped"] = skipped
     if top_k > 0:
         metrics["top_k"] = [
             list(zip(i, v, strict=True))
@@ -49,6 +58,13 @@ def classification_metrics(
             for i, v in zip(t.indices.tolist(), t.values.tolist(), strict=True)
         ]
     return metrics
+
+
+def scored_positions(metrics: dict[str, Any]) -> list[int]:
+    """Loader positions of the examples classification_metrics scored (those of "targets"); skipped ones left out."""
+    skipped = set(metrics.get("skipped", ()))
+    total = len(metrics["targets"]) + len(skipped)
+    return [i for i in range(total) if i not in skipped]
 
 
 def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: float) -> dict[str, Any]:

@@ -15,10 +15,19 @@ from fulltune.errors import DataError
 from fulltune.models import ModelBundle
 
 
-def _image_inputs(bundle: ModelBundle, paths: list[Path]) -> torch.Tensor:
-    return torch.stack(
-        [img.eval_transform(img.load_rgb(p, bundle.image_spec.size, draft=False), bundle.image_spec) for p in paths]
-    )
+def _image_inputs(bundle: ModelBundle, paths: list[Path], skip: bool) -> tuple[torch.Tensor | None, list[bool]]:
+    """Pixel values of the images that decode, and which did. With skip=False an image that fails is an error."""
+    pixels, ok = [], []
+    for p in paths:
+        try:
+            pixels.append(img.eval_transform(img.load_rgb(p, bundle.image_spec.size, draft=False), bundle.image_spec))
+            ok.append(True)
+        except DataError as err:
+            if not skip:
+                raise
+            print(f"skipped unreadable image: {err}", file=sys.stderr)
+            ok.append(False)
+    return (torch.stack(pixels) if pixels else None), ok
 
 
 def image_paths(target: str) -> list[Path]:
@@ -64,26 +73,38 @@ def max_length(bundle: ModelBundle) -> int:
 
 
 @torch.no_grad()
-def classify(bundle: ModelBundle, inputs: list[Any], top_k: int, batch_size: int = 32) -> list[list[tuple[str, float]]]:
-    """Top-k (label, probability) for each input (image paths or texts)."""
+def classify(
+    bundle: ModelBundle, inputs: list[Any], top_k: int, batch_size: int = 32, skip_unreadable: bool = False
+) -> list[list[tuple[str, float]] | None]:
+    """Top-k (label, probability) for each input (image paths or texts). With skip_unreadable, an image that fails to
+    decode gets None (said on stderr) instead of ending the command."""
     if top_k < 1:
         raise DataError(f"--top_k must be >= 1, got {top_k}")
     model, device = bundle.model, next(bundle.model.parameters()).device
     id2label = bundle.model.config.id2label
     k = min(top_k, len(id2label))
-    results = []
+    results: list[list[tuple[str, float]] | None] = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
+        ok = [True] * len(chunk)
         if bundle.task == "image_classification":
-            logits = model(pixel_values=_image_inputs(bundle, chunk).to(device)).logits
+            pixels, ok = _image_inputs(bundle, chunk, skip_unreadable)
+            if pixels is None:
+                results.extend([None] * len(chunk))
+                continue
+            logits = model(pixel_values=pixels.to(device)).logits
         else:
             enc = bundle.tokenizer(
                 chunk, truncation=True, max_length=max_length(bundle), padding=True, return_tensors="pt"
             ).to(device)
             logits = model(**enc).logits
-        probs = logits.float().softmax(-1)
-        top = probs.topk(k, dim=-1)
-        for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        top = logits.float().softmax(-1).topk(k, dim=-1)
+        rows = iter(zip(top.values.tolist(), top.indices.tolist(), strict=True))
+        for decoded in ok:
+            if not decoded:
+                results.append(None)
+                continue
+            values, indices = next(rows)
             results.append([(id2label[i], v) for i, v in zip(indices, values, strict=True)])
     return results
 

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fulltune.metrics import scored_positions
 from fulltune.report_plots import (  # noqa: F401 (re-exported: evaluate and tests draw through here)
     curve_series,
     fmt,
@@ -105,7 +106,8 @@ def write_eval_record(
         return
     examples = {}
     if describe is not None and "predictions" in metrics:
-        examples = pair_examples(metrics["targets"], metrics["predictions"], describe)
+        positions = scored_positions(metrics)  # an image skipped in evaluation has no target
+        examples = pair_examples(metrics["targets"], metrics["predictions"], lambda i: describe(positions[i]))
     record = {
         "labels": labels,
         "confusion_matrix": metrics["confusion_matrix"],

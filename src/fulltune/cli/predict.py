@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from fulltune.errors import ConfigError
@@ -54,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         inputs = text_inputs(args.text, args.file)
         shown = inputs
-    for name, top in zip(shown, classify(bundle, inputs, args.top_k), strict=True):
+    folder = bool(args.image) and Path(args.image).is_dir()  # a folder skips an image that fails to decode
+    for name, top in zip(shown, classify(bundle, inputs, args.top_k, skip_unreadable=folder), strict=True):
+        if top is None:
+            continue
         _print({"input": name, "top_k": [{"label": lb, "probability": round(p, 4)} for lb, p in top]})
     return 0
 
@@ -73,6 +77,8 @@ def _predict_dataset(bundle: Any, args: argparse.Namespace) -> int:
             text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
             _print({"prompt": prompt, "generated": text})
         return 0
-    for name, top in zip(shown, classify(bundle, inputs, args.top_k), strict=True):
+    for name, top in zip(shown, classify(bundle, inputs, args.top_k, skip_unreadable=True), strict=True):
+        if top is None:
+            continue
         _print({"input": name, "top_k": [{"label": lb, "probability": round(p, 4)} for lb, p in top]})
     return 0

@@ -255,7 +255,12 @@ class HubImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Any) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         train = self.aug is not None and seed is not None
-        im = self.image(index, draft=train)
+        try:
+            im = self.image(index, draft=train)
+        except DataError as err:
+            if train:
+                raise
+            return img.skipped_item(self.spec, err)  # evaluation skips and counts it, never substitutes
         if train:
             pixels = img.train_transform(im, self.spec, self.aug, random.Random(seed))
         else:

@@ -23,6 +23,8 @@ from fulltune.models import ImageSpec
 from fulltune.rundir import atomic_output, claim_output
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SKIPPED_LABEL = -100
+"""The label of an evaluation item whose image fails to decode: scored by nothing, counted as skipped."""
 
 
 def _complete(path: Path, fmt: str | None) -> bool:
@@ -40,7 +42,8 @@ def _complete(path: Path, fmt: str | None) -> bool:
 
 def _readable(path: Path) -> bool:
     """Cheap check that PIL can decode the file: a parsed header of a sane size (no decompression bomb), and a JPEG
-    or PNG that is not truncated. What still fails to decode later is replaced in training (see ImageDataset)."""
+    or PNG that is not truncated. What still fails to decode later is replaced in training and skipped in
+    evaluation (see ImageDataset)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -176,6 +179,8 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             im = load_rgb(path, self.spec.size, draft=train)
         except DataError as err:
+            if not train:  # evaluation never scores one image in place of another
+                return skipped_item(self.spec, err)
             # Damage the header check could not see: one bad file never ends a run. The next decodable image
             # stands in (the same one every time, so a resumed run sees exactly what the first one saw).
             warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
@@ -193,6 +198,14 @@ class ImageDataset(torch.utils.data.Dataset):
         else:
             pixels = eval_transform(im, self.spec)
         return {"pixel_values": pixels, "labels": label}
+
+
+def skipped_item(spec: ImageSpec, err: DataError) -> dict[str, Any]:
+    """An evaluation item for an image that fails to decode: blank pixels of the right shape and SKIPPED_LABEL, which
+    classification_metrics drops (the row is counted as skipped, never scored)."""
+    warnings.warn(f"skipped unreadable image: {err}", stacklevel=2)
+    blank = Image.new("RGB", (spec.size, spec.size))
+    return {"pixel_values": eval_transform(blank, spec), "labels": SKIPPED_LABEL}
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
