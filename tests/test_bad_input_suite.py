@@ -143,6 +143,16 @@ def _binary_yaml(world, tmp):
     return ["train", "--config", str(f), "--data_dir", str(world["data"]), "--output_dir", str(tmp / "out")]
 
 
+def _alias_bomb_yaml(world, tmp):
+    """804 bytes of YAML whose aliases nest nine deep: 9**9 strings once expanded (a "billion laughs" file)."""
+    lines = ["model:", "  tiny_config:", '    a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"    {name}: &{name} [{','.join(['*' + prev] * 9)}]")
+    f = tmp / "config.yaml"
+    f.write_text("\n".join([*lines, ""]))
+    return ["train", "--config", str(f), "--data_dir", str(world["data"]), "--output_dir", str(tmp / "out")]
+
+
 def _file_as_output(world, tmp):
     (tmp / "afile").write_text("x")
     return ["train", *_overrides(tmp / "afile", world["data"])]
@@ -206,6 +216,7 @@ CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
     "num_epochs=many": (lambda w, t: _train(w, t, "training.num_epochs=many"), 2, ("training.num_epochs",)),
     "unknown key": (lambda w, t: _train(w, t, "training.learning_rat=1"), 2, ("training.learning_rat",)),
     "binary yaml": (_binary_yaml, 2, ("config.yaml",)),
+    "yaml alias bomb": (_alias_bomb_yaml, 2, ("config.yaml", "expands to over", "aliases")),
     "missing config": (lambda w, t: ["train", "--config", str(t / "nope.yaml")], 2, ("nope.yaml", "does not exist")),
     # ---- data tables
     "ragged tsv": (
@@ -371,7 +382,7 @@ def test_bad_input(name, world, tmp_path, capsys):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert _fingerprint(world["run"]) == before  # the existing run's checkpoints are untouched
-    if name.startswith(("log_every", "binary yaml", "adam", "metric")):
+    if name.startswith(("log_every", "binary yaml", "yaml alias", "adam", "metric")):
         assert not (tmp_path / "out").exists()  # config errors come before any folder is made
 
 

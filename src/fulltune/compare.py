@@ -27,6 +27,7 @@ from fulltune.compare_variants import (
     variant,
 )
 from fulltune.config import Config, load_config, save_config, to_dict
+from fulltune.config.load import read_yaml
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
 from fulltune.rundir import claim_output_dir, release_run_lock
@@ -128,8 +129,8 @@ def folder_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
 
 def _reusable(run_dir: Path, cfg: Config) -> bool:
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        saved = read_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml"))
+    except (OSError, yaml.YAMLError, ConfigError):
         return False
     return (run_dir / "summary.json").is_file() and saved == to_dict(cfg)
 

@@ -348,6 +348,35 @@ def _canonical_tree(raw: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+MAX_CONFIG_VALUES = 100_000
+"""A config holds a few hundred values; YAML aliases nested inside each other can make a tiny file stand for
+billions (a "billion laughs" file), which writing config.yaml would expand. Beyond this many, it is refused."""
+
+
+def _bounded(value: Any, where: str) -> Any:
+    """`value` (parsed YAML) unchanged, or ConfigError when it expands, aliases followed, to over MAX_CONFIG_VALUES."""
+    seen, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{where}: expands to over {MAX_CONFIG_VALUES:,} values (YAML aliases nested in each other?); "
+                "a config is a few hundred"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load of untrusted text (no code runs), refused when its aliases expand it beyond any real config."""
+    return _bounded(yaml.safe_load(text), where)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`training.base_learning_rate=1e-5` -> ('training.base_learning_rate', 1e-5), values parsed as YAML."""
     if "=" not in text:
@@ -357,7 +386,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{text}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw, f"override '{key}'") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -371,7 +400,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = read_yaml(p.read_text(encoding="utf-8"), f"config file '{p}'")
         except UnicodeDecodeError as err:
             raise ConfigError(f"config file '{p}': not UTF-8 text (byte {err.start}); is it a YAML file?") from None
         except yaml.YAMLError as err:
