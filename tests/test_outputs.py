@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -372,3 +373,22 @@ def test_a_weight_file_planted_beside_a_checkpoint_is_never_read(tmp_path, text_
     a = load_file(str(ckpt.list_checkpoints(clean)[-1] / "model.safetensors"))
     b = load_file(str(ckpt.list_checkpoints(planted)[-1] / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_evaluate_never_replaces_an_evaluation_of_other_data_unasked(world, tmp_path, capsys):
+    """Two files with one stem evaluated in turn keep both results (the second goes to <name>-2); evaluating the
+    same file again replaces its own result and says so."""
+    best = tmp_path / "run" / "best"
+    shutil.copytree(world / "runs" / "runA" / "best", best)
+    for name, seed in (("a", 3), ("b", 4)):
+        (tmp_path / name).mkdir()
+        write_text_split(tmp_path / name / "test.tsv", 6 if name == "a" else 4, seed)
+    for name in ("a", "b"):
+        assert _run(capsys, "evaluate", "--checkpoint", str(best), "--file", str(tmp_path / name / "test.tsv"))[0] == 0
+    first, second = tmp_path / "run" / "eval" / "best-test", tmp_path / "run" / "eval" / "best-test-2"
+    assert json.loads((first / "metrics.json").read_text())["examples"] == 6
+    assert json.loads((second / "metrics.json").read_text())["examples"] == 4
+    assert json.loads((second / "metrics.json").read_text())["evaluated"]["file"] == str(tmp_path / "b" / "test.tsv")
+    code, err = _run(capsys, "evaluate", "--checkpoint", str(best), "--file", str(tmp_path / "b" / "test.tsv"))
+    assert code == 0 and f"replacing the earlier evaluation in {second}" in err
+    assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == ["best-test", "best-test-2"]

@@ -91,6 +91,42 @@ def default_output_dir(checkpoint: str | Path, split: str, file: str | None) -> 
     return ckpt.parent / "eval" / f"{ckpt.name}-{Path(file).stem if file else split}"
 
 
+def _source(checkpoint: str | Path, data_dir: str | None, split: str, file: str | None, dataset: Any) -> dict:
+    """What an evaluation scored, as its metrics.json records it ("evaluated")."""
+    where = {"data_dir": data_dir, "file": file}
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        **{k: str(Path(v).resolve()) if v else None for k, v in where.items()},
+        "split": split,
+        "dataset": dataset,
+    }
+
+
+def _evaluated(out: Path) -> dict | None:
+    """The "evaluated" record of an earlier evaluation in `out` ({} when it has none), None when there is none."""
+    try:
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("evaluated") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _choose_output(output_dir: str | Path | None, default: Path, source: dict) -> Path:
+    """The evaluation folder: --output_dir, else `default`; an earlier evaluation of other data there is never
+    replaced unasked (the default moves on to <name>-2, -3, ...), and a replacement is said."""
+    out = Path(output_dir) if output_dir else default
+    n = 1
+    while not output_dir and _evaluated(out) not in (None, source):
+        n += 1
+        out = default.with_name(f"{default.name}-{n}")
+    earlier = _evaluated(out)
+    if earlier is not None:
+        what = earlier.get("file") or earlier.get("dataset") or earlier.get("split") or "unrecorded data"
+        print(f"replacing the earlier evaluation in {out} (of {what})", file=sys.stderr)
+    elif n > 1:
+        print(f"{default} holds an evaluation of other data: this one goes to {out}", file=sys.stderr)
+    return out
+
+
 def write_predictions(path: Path, inputs: list[str], metrics: dict[str, Any], labels: list[str]) -> None:
     """predictions.jsonl: one row per example (input text or image path, gold label, top-k labels with probability)."""
     with open(path, "w", encoding="utf-8") as f:
@@ -139,14 +175,17 @@ def evaluate_checkpoint(
         split = _canonical_split(split, file)
     precision = resolve_precision(cfg.hardware.mixed_precision, dev)
     labels = bundle.extra.get("labels")
-    out = Path(output_dir) if output_dir else default_output_dir(checkpoint, split, file)
+    source = _source(checkpoint, data_dir, split, file, hub.shown if hub is not None else None)
+    out = _choose_output(output_dir, default_output_dir(checkpoint, split, file), source)
     claim_output(out, "evaluate", inputs=(checkpoint, data_dir, file))
     if bundle.task == "causal_lm":
-        return _perplexity(bundle, cfg, hub, data_dir, split, file, out, batch_size, dev, precision, block_size, stride)
+        args = (bundle, cfg, hub, data_dir, split, file, out, batch_size, dev, precision, block_size, stride, source)
+        return _perplexity(*args)
     dataset, collate, workers, inputs, skipped = _classification_inputs(bundle, cfg, hub, data_dir, split, file, labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
     inputs = [inputs[i] for i in scored_positions(metrics)]  # an image that fails to decode is skipped, counted
+    metrics["evaluated"] = source
     with atomic_output(out, "evaluate") as tmp:
         write_classification_report(metrics, labels, tmp, title=out.name)
         write_predictions(tmp / "predictions.jsonl", inputs, metrics, labels)
@@ -172,6 +211,7 @@ def _perplexity(
     precision: Any,
     block_size: int | None,
     stride: int | None,
+    evaluated: dict,
 ) -> dict[str, Any]:
     """Perplexity of a causal LM on a text file (or a dataset split, scored as the file of its rows)."""
     from fulltune.data import text as txt
@@ -198,6 +238,7 @@ def _perplexity(
         autocast_ctx=precision.autocast,
     )
     metrics.update(source)
+    metrics["evaluated"] = evaluated
     with atomic_output(out, "evaluate") as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
