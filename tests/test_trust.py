@@ -151,6 +151,34 @@ def test_lm_cache_is_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
+def test_a_cache_file_a_killed_process_was_writing_is_removed(tmp_path):
+    """A temporary LM cache file left by a process that died mid-write goes when the cache is next written;
+    one a live process is writing stays."""
+    from fulltune.config import DataConfig, load_config
+    from fulltune.data import lm
+    from fulltune.models import load_tokenizer
+
+    text = tmp_path / "train.txt"
+    text.write_text("one two three four five six seven eight nine ten\n" * 20)
+    tok = load_tokenizer(load_config(None, base_overrides(tmp_path, TINY_LLAMA)), None)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = cache / f".lm-0123456789abcdef.safetensors.tmp-{dead.pid}"
+    stale.write_bytes(b"half a cache")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = cache / f".lm-fedcba9876543210.safetensors.tmp-{live.pid}"
+        busy.write_bytes(b"being written")
+        lm.load_blocks(text, DataConfig(seq_len=16), tok, cache)
+        assert not stale.exists() and busy.exists()
+        assert [p.name for p in cache.glob("lm-*.safetensors")]  # the new cache itself was written
+    finally:
+        live.kill()
+        live.wait()
+
+
 # --------------------------------------------------------------------------------------- damaged checkpoints
 
 

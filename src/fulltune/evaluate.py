@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fulltune.metrics import classification_metrics, scored_positions
+from fulltune.metrics import classification_metrics
 from fulltune.rundir import atomic_output, claim_output
 
 
@@ -22,7 +22,7 @@ def write_classification_report(
 ) -> None:
     """metrics.json, confusion_matrix.csv and confusion_matrix.png in out_dir (`title`: the name the plot shows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    named = {k: v for k, v in metrics.items() if k not in ("targets", "predictions", "top_k", "skipped")}
+    named = {k: v for k, v in metrics.items() if k not in ("targets", "predictions", "top_k", "skipped", "positions")}
     named["labels"] = labels
     named["per_class_accuracy"] = dict(zip(labels, metrics["per_class_accuracy"], strict=True))
     (out_dir / "metrics.json").write_text(json.dumps(named, indent=2))
@@ -184,7 +184,7 @@ def evaluate_checkpoint(
     dataset, collate, workers, inputs, skipped = _classification_inputs(bundle, cfg, hub, data_dir, split, file, labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
-    inputs = [inputs[i] for i in scored_positions(metrics)]  # an image that fails to decode is skipped, counted
+    inputs = [inputs[i] for i in metrics["positions"]]  # an image that fails to decode is skipped, counted
     metrics["evaluated"] = source
     with atomic_output(out, "evaluate") as tmp:
         write_classification_report(metrics, labels, tmp, title=out.name)

@@ -20,7 +20,8 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """Streamed metrics, plus each example's gold and predicted class ("targets", "predictions"); with top_k > 0
     also each example's top-k class ids and probabilities ("top_k"). Examples labelled SKIPPED_LABEL (-100: an image
-    that failed to decode) are not scored: their positions in the loader's order are listed in "skipped"."""
+    that failed to decode) are not scored: their positions in the loader's order are listed in "skipped", those of
+    the scored ones in "positions"."""
     model.eval()
     skipped: list[int] = []
     seen = 0
@@ -51,6 +52,8 @@ def classification_metrics(
     metrics["targets"] = torch.cat(targets).tolist() if targets else []
     metrics["predictions"] = torch.cat(predictions).tolist() if predictions else []
     metrics["skipped"] = skipped
+    dropped = set(skipped)
+    metrics["positions"] = [i for i in range(seen) if i not in dropped]  # loader positions of "targets"
     if top_k > 0:
         metrics["top_k"] = [
             list(zip(i, v, strict=True))
@@ -58,13 +61,6 @@ def classification_metrics(
             for i, v in zip(t.indices.tolist(), t.values.tolist(), strict=True)
         ]
     return metrics
-
-
-def scored_positions(metrics: dict[str, Any]) -> list[int]:
-    """Loader positions of the examples classification_metrics scored (those of "targets"); skipped ones left out."""
-    skipped = set(metrics.get("skipped", ()))
-    total = len(metrics["targets"]) + len(skipped)
-    return [i for i in range(total) if i not in skipped]
 
 
 def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: float) -> dict[str, Any]:

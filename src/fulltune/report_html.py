@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fulltune.metrics import scored_positions
 from fulltune.report_plots import (  # noqa: F401 (re-exported: evaluate and tests draw through here)
     curve_series,
     fmt,
@@ -106,7 +105,7 @@ def write_eval_record(
         return
     examples = {}
     if describe is not None and "predictions" in metrics:
-        positions = scored_positions(metrics)  # an image skipped in evaluation has no target
+        positions = metrics.get("positions") or range(len(metrics["targets"]))  # a skipped image has no target
         examples = pair_examples(metrics["targets"], metrics["predictions"], lambda i: describe(positions[i]))
     record = {
         "labels": labels,

@@ -108,15 +108,15 @@ def _alive(pid: int) -> bool:
 
 def recover_run_dir(output_dir: Path, log: Any = print, only: str | None = None) -> list[str]:
     """Finish what a killed save left: a `.NAME.old-PID` whose `NAME` is missing is renamed back (the kill came
-    between the two renames); every other temporary folder is removed (`only`: those of that one NAME). Returns the
-    actions, each also logged."""
+    between the two renames); every other temporary folder or file is removed (`only`: those of that one NAME).
+    Returns the actions, each also logged."""
     out = Path(output_dir)
     actions: list[str] = []
     if not out.is_dir():
         return actions
     for entry in sorted(out.iterdir()):
         m = _STALE.match(entry.name)
-        if m is None or not entry.is_dir() or _alive(int(m["pid"])) or only not in (None, m["name"]):
+        if m is None or entry.is_symlink() or _alive(int(m["pid"])) or only not in (None, m["name"]):
             continue
         final = out / m["name"]
         if m["kind"] == "old" and not final.exists():
@@ -124,7 +124,10 @@ def recover_run_dir(output_dir: Path, log: Any = print, only: str | None = None)
             fsync_dir(out)
             actions.append(f"restored {final} from {entry.name} (a save was interrupted between its renames)")
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
             actions.append(f"removed {entry} (left by an interrupted save)")
     for action in actions:
         log(action)

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from fulltune.config import DataConfig
 from fulltune.data.text import jsonl_objects
 from fulltune.errors import DataError
+from fulltune.rundir import recover_run_dir
 from fulltune.safestate import StateFileError, load_tensors
 
 IGNORE = -100
@@ -197,7 +198,8 @@ def cached_blocks(
         x, y = x[keep], y[keep]  # (max_blocks, seq_len); indexing copies, so the cache holds only these
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # ranks writing the same cache must not share a temp file
+        recover_run_dir(cache.parent)  # a cache a killed process was writing is removed, never left for ever
+        tmp = cache.parent / f".{cache.name}.tmp-{os.getpid()}"  # ranks writing one cache never share a temp file
         save_file({"input_ids": x.contiguous(), "labels": y.contiguous()}, str(tmp))
         tmp.replace(cache)
     return BlockDataset(x, y)
