@@ -400,6 +400,30 @@ def test_environment_errors_are_one_line():
     assert user_error(KeyError("x")) is None  # a bug keeps its traceback
 
 
+def test_a_full_disk_inside_safetensors_is_one_line(world, tmp_path, capsys, monkeypatch):
+    """ENOSPC raised by safetensors' writer (a SafetensorError, not an OSError) during a checkpoint save and an
+    export: the same one line as any full disk, naming the folder being written; nothing half-written is left."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    for argv, folder in (
+        (["export", str(world["run"]), "--output_dir", str(tmp_path / "exp")], "exp"),
+        (_train(world, tmp_path, "training.max_steps=1"), "/out/"),  # best/ or a checkpoint, whichever is first
+    ):
+        capsys.readouterr()
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("fulltune: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "No space left on device" in lines[0] and folder in lines[0], lines[0]
+    assert not (tmp_path / "exp").exists() and not list(tmp_path.glob(".exp.tmp-*"))
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_output(world, tmp_path, capsys):
     ro = tmp_path / "ro"

@@ -3,6 +3,10 @@ exit; any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import os
+import re
+from typing import Any
+
 
 class FulltuneError(Exception):
     """Base of every expected failure; the message names the file, row or key and what was expected."""
@@ -26,3 +30,13 @@ class TrainingError(FulltuneError, RuntimeError):
 
 class StateFileError(DataError):
     """A state file is missing, truncated, or not what fulltune wrote; the message names the file."""
+
+
+def as_os_error(err: BaseException, path: Any = None) -> OSError | None:
+    """The OSError behind a SafetensorError raised by the OS ("... No space left on device (os error 28)"), naming
+    `path` when given, so that a full disk during a save reads like any other full disk; None for other errors."""
+    found = re.search(r"\(os error (\d+)\)", str(err)) if type(err).__name__ == "SafetensorError" else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), *([os.fspath(path)] if path is not None else []))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fulltune.errors import ConfigError
+from fulltune.errors import ConfigError, as_os_error
 from fulltune.safestate import fsync_file
 
 
@@ -37,8 +37,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = as_os_error(err, final)  # a full disk inside safetensors' writer names the folder being written
+        if full is not None:
+            raise full from None
         raise
     _kill_point("before-rename")
     old = None

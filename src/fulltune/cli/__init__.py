@@ -31,7 +31,7 @@ from fulltune.cli import (
 )
 from fulltune.cli import config as config_command
 from fulltune.cli.options import finish_parser, normalize_argv
-from fulltune.errors import ConfigError, FulltuneError
+from fulltune.errors import ConfigError, FulltuneError, as_os_error
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -87,6 +87,7 @@ def user_error(err: BaseException) -> tuple[str, int] | None:
     """(message, exit code) when `err` is a failure the user caused; None for a bug (which keeps its traceback)."""
     if isinstance(err, FulltuneError):
         return str(err), err.exit_code
+    err = as_os_error(err) or err  # the OS error safetensors' writer wraps (a full disk, a read-only folder)
     if isinstance(err, OSError) and err.errno in USER_ERRNOS:
         what = err.strerror or USER_ERRNOS[err.errno]
         paths = [p for p in (err.filename, err.filename2) if p is not None]
