@@ -392,3 +392,27 @@ def test_evaluate_never_replaces_an_evaluation_of_other_data_unasked(world, tmp_
     code, err = _run(capsys, "evaluate", "--checkpoint", str(best), "--file", str(tmp_path / "b" / "test.tsv"))
     assert code == 0 and f"replacing the earlier evaluation in {second}" in err
     assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == ["best-test", "best-test-2"]
+
+
+def test_a_resume_on_relabelled_data_is_refused_and_a_changed_learning_rate_is_said(tmp_path, text_data, capsys):
+    """Same labels, one row relabelled since the checkpoint: refused with one line naming the file (the resumed run
+    could not end as the uninterrupted one). A new learning rate is allowed and said in train.log."""
+    out = tmp_path / "run"
+    assert main(tiny_bert_train_args(text_data, out, "training.max_steps=2", "training.num_epochs=3")) == 0
+    capsys.readouterr()
+    resume = tiny_bert_train_args(text_data, out, "training.max_steps=3", "training.num_epochs=3")
+    changed = [*resume, "training.base_learning_rate=0.03"]
+    assert main([changed[0], "--resume", "auto", *changed[1:]]) == 0
+    log = (out / "train.log").read_text()
+    assert "changed since the checkpoint: training.base_learning_rate: 5e-05 -> 0.03" in log, log[-2000:]
+    assert "training.max_steps: 2 -> 3" in log
+    rows = (text_data / "train.tsv").read_text().splitlines()
+    flipped = rows[1][:-1] + ("1" if rows[1].endswith("0") else "0")
+    (text_data / "train.tsv").write_text("\n".join([rows[0], flipped, *rows[2:]]) + "\n")
+    more = [*resume[:-2], "training.max_steps=4", "training.num_epochs=3", "training.base_learning_rate=0.03"]
+    before = _tree(out)
+    code, err = _run(capsys, more[0], "--resume", "auto", *more[1:])
+    assert code == 2 and "trained on other data: train.tsv changed" in err and err.count("\n") == 1, err
+    assert {k: v for k, v in _tree(out).items() if "lock" not in k} == {
+        k: v for k, v in before.items() if "lock" not in k
+    }

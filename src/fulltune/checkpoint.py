@@ -25,6 +25,7 @@ from fulltune.errors import ConfigError, TrainingError
 from fulltune.manifest import MANIFEST, listed_files, recover_pending, write_manifest
 from fulltune.modelcard import write_model_card
 from fulltune.models import ModelBundle, save_image_processor
+from fulltune.resume import check_fits
 from fulltune.rundir import (  # noqa: F401
     _kill_point,
     atomic_dir,
@@ -66,6 +67,8 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, str] = field(default_factory=dict)
+    """The run's data fingerprint (`resume.data_fingerprint`): a resume on other data is refused."""
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -266,26 +269,15 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
 
 
 def _check_fits(path: Path, model: nn.Module) -> None:
-    """A resume point written for another task (architecture), model family or label set is refused before any
-    weight is read: filling the weights that do not fit with random ones would pass for a resume."""
+    """The model fits the checkpoint (`resume.check_fits`), its config.json read or named as damaged."""
     hf = model.get_base_model() if is_peft(model) else model
-    config = getattr(hf, "config", None)
-    if config is None:
+    if getattr(hf, "config", None) is None:
         return
     try:
         saved = read_json(path / "config.json")
     except StateFileError as err:
         raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
-    classes = [c.__name__ for c in type(hf).__mro__]  # FSDP's and LoRA's wrappers subclass the model's class
-    ours, arch = {str(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}, saved.get("architectures")
-    family = saved.get("model_type")
-    for what, theirs, mine, same in (
-        ("a different model family", family, config.model_type, family == config.model_type),
-        ("a different task", arch, classes[0], not arch or arch[0] in classes),
-        ("different labels", saved.get("id2label"), ours, saved.get("id2label") in (None, ours)),
-    ):
-        if not same:
-            raise ConfigError(f"checkpoint '{path}' was written for {what} ({theirs}; this run: {mine})")
+    check_fits(path, hf, saved)
 
 
 def _read_state(state_dir: Path, name: str, path: Path) -> Any:

@@ -28,6 +28,7 @@ from fulltune.modelcard import card_facts
 from fulltune.models import ModelBundle, count_parameters, load_exported
 from fulltune.optim import build_optimizer, lr_factor, optimizer_step, set_lr, warmup_steps
 from fulltune.report import RunLogger, Throughput, done_line, run_header, run_summary
+from fulltune.resume import check_resume, data_fingerprint
 from fulltune.runtime import (
     Precision,
     barrier,
@@ -106,8 +107,7 @@ class Trainer:
         self.allocator_note = configure_cpu(cfg.hardware, self.device)  # threads; glibc keeps freed memory on CPU
         parallel = cfg.training.parallel  # under torchrun without a parallel mode, plain DDP is the sensible default
         self.parallel = (parallel if parallel != "none" else "ddp") if distributed else "none"
-        # Check --resume before any slow work, so a wrong path fails at once.
-        self.resume_point = ckpt.find_resume_point(self.resume, self.out) if self.resume else None
+        self.resume_point = ckpt.find_resume_point(self.resume, self.out) if self.resume else None  # before slow work
         seed_everything(cfg.training.seed)
 
     def _setup_model(self) -> None:
@@ -158,11 +158,12 @@ class Trainer:
         if t.max_steps is not None:
             total = min(total, t.max_steps) if t.num_epochs else t.max_steps
         self.state = ckpt.TrainState(total_steps=total, micro_batch_size=cfg.data.batch_size, world_size=world_size())
-        point = self.resume_point
+        self.state.data, point, self.changed = data_fingerprint(cfg), self.resume_point, []
         if point is None:
             return
-        self.state = ckpt.load_checkpoint(point, self.model, self.optimizer, self.scaler)
-        self.state.total_steps = total
+        data, self.state = self.state.data, ckpt.load_checkpoint(point, self.model, self.optimizer, self.scaler)
+        self.changed = check_resume(point, self.state.data, data, cfg)  # other data refused; changed settings said
+        self.state.total_steps, self.state.data = total, data
         self.state.batches_done = ckpt.convert_position(self.state, cfg.data.batch_size, world_size(), point)
 
     def _setup_step(self) -> None:
@@ -195,8 +196,7 @@ class Trainer:
             # A resume from the last step of an epoch still finishes that epoch (its evaluation and checkpoint).
             if stop or (self.state.optimizer_step >= self.state.total_steps and self.state.batches_done == 0):
                 break
-            stop = self._train_epoch(epoch)
-            stop = self._end_epoch(epoch, stop)
+            stop = self._end_epoch(epoch, self._train_epoch(epoch))
         self._check_finite()
         self.log.close_progress()
         summary = self._summary()
@@ -215,7 +215,7 @@ class Trainer:
             (self.out / "labels.json").write_text(json.dumps(self.data.labels))
         self.trainable_params = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
         self.total_params = count_parameters(self.model)[1]
-        self.log.info(run_header(self))
+        self.log.info(run_header(self) + "".join(f"changed since the checkpoint: {c}\n" for c in self.changed))
         for skipped in self.data.info.get("skipped_images", []):
             self.log.info(f"skipped unreadable image: {skipped}")
         self.warmup = warmup_steps(t, s.total_steps)
