@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from conftest import TINY_BERT, TINY_LLAMA, TINY_VIT, base_overrides
 from safetensors.torch import load_file
@@ -249,8 +251,12 @@ def test_recovery_restores_best_and_removes_temporaries(tmp_path):
 ZYGOTE = r"""
 import contextlib, json, os, sys, traceback
 import torch, transformers
-from transformers.models.vit import modeling_vit  # noqa: F401  (imported once, here, not in every child)
+# imported once, here, not in every child
+from transformers.models.bert import modeling_bert  # noqa: F401
+from transformers.models.llama import modeling_llama  # noqa: F401
+from transformers.models.vit import modeling_vit  # noqa: F401
 from fulltune.config import load_config
+from fulltune.evaluate import evaluate_checkpoint
 from fulltune.train import train
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
@@ -264,7 +270,10 @@ for line in sys.stdin:
             os.dup2(log, 2)
             os.environ.update(job["env"])
             torch.set_num_threads(1)
-            train(load_config(None, job["overrides"]), resume=job["resume"])
+            if "evaluate" in job:
+                evaluate_checkpoint(**job["evaluate"])
+            else:
+                train(load_config(None, job["overrides"]), resume=job["resume"])
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -276,7 +285,18 @@ for line in sys.stdin:
     print(json.dumps({"status": os.waitstatus_to_exitcode(status)}), flush=True)
 """
 
-KILL_POINTS = ("inside-save", "before-rename", "between-renames", "after-rename", "deleting-old")
+KILL_POINTS = (
+    "inside-save",  # between the optimizer and RNG states of a resumable checkpoint
+    "inside-export",  # after the weights of a checkpoint or best/, before its tokenizer, card and manifest
+    "before-rename",
+    "between-renames",  # the old folder renamed away, the new one not yet in place
+    "after-rename",
+    "deleting-old",
+    "record-written",  # the end-of-run refresh of best/'s run record with the test metrics
+    "record-renamed",
+    "summary-written",
+)
+ONCE_PER_RUN = ("record-written", "record-renamed", "summary-written")
 
 
 class Zygote:
@@ -297,9 +317,15 @@ class Zygote:
         assert self.proc.stdout and json.loads(self.proc.stdout.readline())["ready"]
 
     def run(self, overrides: dict, resume: str | None, env: dict[str, str], kill_after: float | None) -> int:
-        assert self.proc.stdin and self.proc.stdout
         log = str(Path(overrides["output_dir"]).parent / f"{Path(overrides['output_dir']).name}.log")
-        job = {"overrides": overrides, "resume": resume, "env": env, "log": log}
+        return self.submit({"overrides": overrides, "resume": resume, "env": env, "log": log}, kill_after)
+
+    def evaluate(self, log: Path, **kwargs: Any) -> int:
+        """`fulltune evaluate` (evaluate_checkpoint's keyword arguments) in a forked child; its exit status."""
+        return self.submit({"evaluate": kwargs, "env": {}, "log": str(log)}, None)
+
+    def submit(self, job: dict, kill_after: float | None) -> int:
+        assert self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         pid = json.loads(self.proc.stdout.readline())["pid"]
@@ -331,56 +357,89 @@ def _same(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_sigkill_at_random_instants_then_resume_is_bit_identical(tmp_path, image_data):
-    """20+ SIGKILLs (seeded): at random times, and at named points inside every kind of save (between the two
-    renames of best/, while deleting an old checkpoint, ...), each followed by `--resume auto`. A tiny ViT on 12
-    images with random augmentation (so the RNG states matter), a checkpoint every 2 steps, an evaluation (and a
-    new best/) at every step."""
+def _kill_runs(kind: str, tmp: Path, image_data: Path, text_data: Path) -> tuple[Any, dict[str, Any]]:
+    """(overrides for an output folder, what `evaluate` takes besides the checkpoint) of a tiny run of `kind` with
+    a checkpoint every 2 steps and an evaluation (and a new best/) at every step, test split at the end."""
+    common = {
+        "data__batch_size": 4,
+        "data__num_workers": 0,
+        "training__num_epochs": 2,
+        "training__eval_every_steps": 1,
+        "training__metric": "loss",
+        "checkpoint__save_every_steps": 2,
+        "checkpoint__keep_last": 2,
+        "hardware__num_threads": 1,
+        "training__base_learning_rate": 3e-3,
+        "training__warmup_ratio": 0.0,
+    }
+    if kind == "image":  # random augmentation: the RNG states matter
+        return (lambda out: base_overrides(out, TINY_VIT, data__data_dir=str(image_data), **common)), {
+            "data_dir": str(image_data)
+        }
+    if kind == "text":
+        extra = {"data__data_dir": str(text_data), "data__text_column": "sentence"}
+        return (lambda out: base_overrides(out, TINY_BERT, **extra, **common)), {"data_dir": str(text_data)}
+    lm = tmp / "lm"
+    lm.mkdir()
+    words = "to be or not to be that is the question whether tis nobler in the mind to suffer".split()
+    rng = random.Random(0)
+    for split, n in (("train", 60), ("val", 12), ("test", 12)):
+        (lm / f"{split}.txt").write_text("".join(" ".join(rng.choices(words, k=9)) + "\n" for _ in range(n)))
+    extra = {
+        "task": "causal_lm",
+        "data__data_dir": str(lm),
+        "data__seq_len": 16,
+        "model__tokenizer": "sentence-transformers/all-MiniLM-L6-v2",
+    }
+    return (lambda out: base_overrides(out, TINY_LLAMA, **extra, **common)), {"data_dir": str(lm), "split": "val"}
 
-    def overrides(out: Path) -> dict:
-        return base_overrides(
-            out,
-            TINY_VIT,
-            data__data_dir=str(image_data),
-            data__batch_size=4,
-            data__num_workers=0,
-            training__num_epochs=2,
-            training__eval_every_steps=1,
-            training__metric="loss",
-            checkpoint__save_every_steps=2,
-            checkpoint__keep_last=2,
-            hardware__num_threads=1,
-            training__base_learning_rate=3e-3,
-            training__warmup_ratio=0.0,
-        )
 
+@pytest.mark.parametrize("kind", ["image", "text", "causal_lm"])
+def test_sigkill_at_random_instants_then_resume_is_bit_identical(tmp_path, image_data, text_data, kind):
+    """10+ SIGKILLs per kind of run (seeded; 30+ over image, text and causal-LM runs): at random times, and at named
+    points inside every kind of save (inside a checkpoint, inside best/, between the two renames, while deleting an
+    old checkpoint, while best/ gains its test metrics at the end, while summary.json is written), each followed by
+    `evaluate` on best/ (it loads after every kill) and `--resume auto`. Every chain ends bit-identical to an
+    uninterrupted run: best/, every checkpoint kept, and best/'s test metrics."""
+    overrides, evaluation = _kill_runs(kind, tmp_path, image_data, text_data)
     zygote = Zygote(tmp_path / "zygote.log")
     try:
         began = time.perf_counter()
         assert zygote.run(overrides(tmp_path / "ref"), None, {}, None) == 0, (tmp_path / "ref.log").read_text()
         duration = time.perf_counter() - began
         ref = tmp_path / "ref"
-        rng = random.Random(0)
-        kills, chains, attempts = 0, 0, 0
-        while kills < 20 and chains < 10:
+        rng = random.Random(kind)
+        kills, chains, attempts, evaluated, fired, next_point = 0, 0, 0, 0, set(), 0
+        while kills < 10 and chains < 8:
             out = tmp_path / f"chain{chains}"
             chains += 1
             for attempt in range(12):
                 attempts += 1
                 env: dict[str, str] = {}
                 timer = None
-                if attempt < 7 and attempt % 2 == 0:
-                    point = KILL_POINTS[(chains + attempt // 2) % len(KILL_POINTS)]
-                    env["FULLTUNE_KILL_AT"] = f"{point}:{rng.randint(1, 2)}"
-                elif attempt < 7:
-                    timer = rng.uniform(0.0, 0.5 * duration)
+                if attempt < 9 and attempt % 3 != 2:
+                    point = KILL_POINTS[next_point % len(KILL_POINTS)]  # each point in turn, across chains
+                    next_point += 1
+                    nth = 1 if attempt or point in ONCE_PER_RUN else rng.randint(1, 3)  # a resumed run is short
+                    env["FULLTUNE_KILL_AT"] = f"{point}:{nth}"
+                elif attempt < 9:
+                    timer = rng.uniform(0.0, duration)
                 status = zygote.run(overrides(out), "auto" if attempt else None, env, timer)
                 if status == 0:
                     break
                 assert status == -9, f"attempt {attempts} failed: {(tmp_path / f'{out.name}.log').read_text()[-3000:]}"
                 kills += 1
+                fired.add(env.get("FULLTUNE_KILL_AT", "timer:").split(":")[0])
+                if (out / "best").is_dir() or list(out.glob(".best.old-*")):
+                    log = tmp_path / f"eval{attempts}.log"
+                    target = tmp_path / f"eval{attempts}"
+                    code = zygote.evaluate(log, checkpoint=str(out / "best"), output_dir=str(target), **evaluation)
+                    assert code == 0, f"best/ of {out} after kill {kills} ({env}): {log.read_text()[-3000:]}"
+                    evaluated += 1
             assert (out / "summary.json").is_file()
             assert _same(ref / "best", out / "best"), f"{out}: best/ differs"
+            record, reference = (json.loads((r / "best" / "fulltune_run.json").read_text()) for r in (out, ref))
+            assert record["test_metrics"] == reference["test_metrics"]
             finals = [p.name for p in ckpt.list_checkpoints(out)]
             assert finals == [p.name for p in ckpt.list_checkpoints(ref)]
             for name in finals:
@@ -389,5 +448,6 @@ def test_sigkill_at_random_instants_then_resume_is_bit_identical(tmp_path, image
             assert not stale, stale
     finally:
         zygote.close()
-    print(f"{kills} kills in {chains} chains, {attempts} attempts, {time.perf_counter() - began:.1f} s")
-    assert kills >= 20
+    print(f"{kind}: {kills} kills in {chains} chains, {attempts} attempts, best/ evaluated {evaluated} times, ")
+    print(f"{time.perf_counter() - began:.1f} s; killed at {sorted(fired)}")
+    assert kills >= 10 and evaluated >= kills // 2 and len(fired) >= 8 and "timer" in fired

@@ -33,6 +33,7 @@ from fulltune.rundir import (  # noqa: F401
     fsync_dir,
     recover_run_dir,
     release_run_lock,
+    write_atomic,
 )
 from fulltune.runtime import rng_state, set_rng_state, unwrap
 from fulltune.safestate import (
@@ -105,6 +106,7 @@ def export_model(
         del plain
     else:
         model.save_pretrained(str(out_dir))
+    _kill_point("inside-export")
     if bundle.tokenizer is not None:
         bundle.tokenizer.save_pretrained(str(out_dir))
     if bundle.image_spec is not None:

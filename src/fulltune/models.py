@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fulltune.config import Config, ConfigError
+from fulltune.rundir import recover_beside
 from fulltune.safestate import require_safetensors
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm")
@@ -314,6 +315,8 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
 
     path = Path(path)
     meta_path = path / "fulltune_run.json"
+    if not path.exists():  # a save killed between its two renames left the folder as .NAME.old-PID: put it back
+        recover_beside(path)
     if not (path / "config.json").is_file() or not meta_path.is_file():
         raise ConfigError(
             f"checkpoint '{path}' is not a fulltune checkpoint (expected config.json and fulltune_run.json in it)"

@@ -57,6 +57,19 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace the file `path` whole: written beside as `.NAME.tmp-PID`, fsynced, renamed over it, so a kill at any
+    instant leaves the old file or the new one, never a truncated one that a later run would trust
+    (`recover_run_dir` removes the temporary a kill left)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    fsync_file(tmp)
+    _kill_point(f"{path.stem}-written")
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def _kill_point(name: str) -> None:
     """Test hook: FULLTUNE_KILL_AT=NAME:N kills this process with SIGKILL the N-th time it passes `name`."""
     spec = os.environ.get("FULLTUNE_KILL_AT")

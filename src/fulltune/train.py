@@ -417,7 +417,7 @@ class Trainer:
         if test is not None:
             summary["test"] = test
         if is_main():
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            ckpt.write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))  # read as "run finished"
         self.log.info(done_line(summary))
         return summary
 

@@ -15,7 +15,6 @@ import importlib
 import inspect
 import io
 import json
-import os
 import pkgutil
 import platform
 import sys
@@ -24,6 +23,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from fulltune.rundir import write_atomic
 
 # Chosen so that every family has 140-660 texts and a frozen-encoder probe lands near 79% (see
 # bench/docstring_probe.py). Left out on purpose: packages whose docstrings keep naming themselves and
@@ -265,12 +266,6 @@ def _sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated file that a later run would trust
-
-
 def build_docstring_dataset(out_dir: str | Path) -> dict[str, Path]:
     """Write train/val/test.jsonl ({"text", "label"} per line) plus manifest.json into out_dir.
 
@@ -305,9 +300,9 @@ def build_docstring_dataset(out_dir: str | Path) -> dict[str, Path]:
     }
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        _write_atomic(paths[split], blobs[split])
+        write_atomic(paths[split], blobs[split])
     # The manifest goes last: its presence vouches for the three files written before it.
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return paths
 
 
