@@ -27,7 +27,7 @@ from fulltune.compare_variants import (
     variant,
 )
 from fulltune.config import Config, load_config, save_config, to_dict
-from fulltune.config.load import read_yaml
+from fulltune.config.yamlfile import read_yaml
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
 from fulltune.rundir import claim_output_dir, release_run_lock

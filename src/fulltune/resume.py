@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from fulltune.config import Config, to_dict
-from fulltune.config.load import read_yaml
+from fulltune.config.yamlfile import read_yaml
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
 from fulltune.safestate import file_digest

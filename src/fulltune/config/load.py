@@ -20,6 +20,7 @@ from fulltune.config.checks import validate
 from fulltune.config.sections import (
     Config,
 )
+from fulltune.config.yamlfile import read_yaml
 from fulltune.errors import ConfigError
 
 # Spellings from the seed documents and from Hugging Face's TrainingArguments, mapped to fulltune's keys
@@ -346,35 +347,6 @@ def _canonical_tree(raw: dict[str, Any]) -> dict[str, Any]:
         _set_dotted(tree, target, value)
     _seed_semantics(tree)
     return tree
-
-
-MAX_CONFIG_VALUES = 100_000
-"""A config holds a few hundred values; YAML aliases nested inside each other can make a tiny file stand for
-billions (a "billion laughs" file), which writing config.yaml would expand. Beyond this many, it is refused."""
-
-
-def _bounded(value: Any, where: str) -> Any:
-    """`value` (parsed YAML) unchanged, or ConfigError when it expands, aliases followed, to over MAX_CONFIG_VALUES."""
-    seen, stack = 0, [value]
-    while stack:
-        item = stack.pop()
-        seen += 1
-        if seen > MAX_CONFIG_VALUES:
-            raise ConfigError(
-                f"{where}: expands to over {MAX_CONFIG_VALUES:,} values (YAML aliases nested in each other?); "
-                "a config is a few hundred"
-            )
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return value
-
-
-def read_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load of untrusted text (no code runs), refused when its aliases expand it beyond any real config."""
-    return _bounded(yaml.safe_load(text), where)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
