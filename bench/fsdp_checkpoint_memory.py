@@ -33,14 +33,15 @@ def worker(a: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(BENCH))
+    from fulltune.train.optim import optimizer_step
+    from fulltune.train.tasks import TASKS
+    from fulltune.train.trainer import setup
     from synthetic_lm import write_corpus, write_tokenizer
 
     from fulltune.config import load_config
-    from fulltune.optim import optimizer_step
-    from fulltune.runtime import barrier, rank, to_device
-    from fulltune.sharded import save_fsdp_checkpoint
-    from fulltune.tasks import TASKS
-    from fulltune.train import setup
+    from fulltune.runtime.device import to_device
+    from fulltune.runtime.ranks import barrier, rank
+    from fulltune.state.sharded import save_fsdp_checkpoint
 
     work = Path(a.work)
     if rank() == 0:

@@ -1,7 +1,8 @@
 """Prune-then-recover on a small Llama-style model, end to end with fulltune and no download.
 
 No pretrained LM can be fetched here, so the script first makes one: a byte-level BPE tokenizer and a ~4M-parameter
-Llama (GQA) trained with `fulltune.train.train` on the first 90% of tiny Shakespeare. It then runs `fulltune prune`
+Llama (GQA) trained with `fulltune.train.trainer.train` on the first 90% of tiny Shakespeare. It then runs
+`fulltune prune`
 (25% of KV groups and MLP channels, Taylor importance) with recovery training, and, as a control, gives the unpruned
 model the same extra training: recovered vs control is the cost of pruning, pruned vs original what recovery had to
 win back. Perplexities are on the held-out last 10% of the text.
@@ -95,8 +96,9 @@ def train_tokenizer(text_file: Path, out: Path) -> Path:
 
 
 def pretrain(train_file: Path, tokenizer: Path, out: Path) -> Path:
+    from fulltune.train.trainer import train
+
     from fulltune.config import load_config
-    from fulltune.train import train
 
     cfg = load_config(
         None,
@@ -115,9 +117,10 @@ def pretrain(train_file: Path, tokenizer: Path, out: Path) -> Path:
 
 def control(base: Path, train_file: Path, out: Path) -> Path:
     """The unpruned model given exactly the recovery run's training."""
+    from fulltune.train.trainer import train
+
     from fulltune.cli.prune import FINETUNE_FLAGS, SCRIPT_DEFAULTS
     from fulltune.config import load_config
-    from fulltune.train import train
 
     values = {FINETUNE_FLAGS[flag][0]: v for flag, v in RECOVERY.items()}
     cfg = load_config(
@@ -136,7 +139,7 @@ def control(base: Path, train_file: Path, out: Path) -> Path:
 
 
 def perplexity_of(folder: Path, heldout: Path) -> dict[str, Any]:
-    from fulltune.evaluate import evaluate_checkpoint
+    from fulltune.eval.evaluate import evaluate_checkpoint
 
     return evaluate_checkpoint(folder, file=str(heldout), output_dir=folder.parent / "eval-heldout")
 

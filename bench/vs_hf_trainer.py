@@ -49,7 +49,7 @@ def read_tsv(path: Path, limit: int | None = None) -> tuple[list[str], list[int]
 
 
 def peak_rss_mb() -> float:
-    from fulltune.runtime import maxrss_bytes
+    from fulltune.runtime.memory import maxrss_bytes
 
     return maxrss_bytes() / 2**20
 
@@ -64,7 +64,7 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = Tr
         TrainingArguments,
     )
 
-    from fulltune.models import packaged_minilm_path
+    from fulltune.model.build import packaged_minilm_path
 
     path = str(packaged_minilm_path())
     tok = AutoTokenizer.from_pretrained(path)
@@ -104,8 +104,9 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = Tr
 
 
 def run_fulltune(seed: int, rows: int, workdir: Path, precision: str = "auto") -> dict:
+    from fulltune.train.trainer import train
+
     from fulltune.config import load_config
-    from fulltune.train import train
 
     train_file = workdir / "train.tsv"
     with open(SST2 / "train.tsv", encoding="utf-8") as src, open(train_file, "w", encoding="utf-8") as dst:
@@ -169,7 +170,7 @@ def main() -> int:
     if args.one:
         one(args.one, args.seed, args.rows)
         return 0
-    from fulltune.runtime import cpu_has_fast_bf16
+    from fulltune.runtime.device import cpu_has_fast_bf16
 
     slow_bf16 = not cpu_has_fast_bf16()
     kind = cpu_kind()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fulltune.checkpoint import atomic_dir
+from fulltune.state.checkpoint import atomic_dir
 
 
 def test_replaces_the_old_folder_whole(tmp_path: Path) -> None:
@@ -38,8 +38,8 @@ def test_recovery_removes_fsdp_shard_staging_of_a_dead_save(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    from fulltune.rundir import recover_run_dir
-    from fulltune.sharded import staging_dir
+    from fulltune.files.rundir import recover_run_dir
+    from fulltune.state.sharded import staging_dir
 
     mine = staging_dir(tmp_path / "checkpoint-step-4")  # without a process group: this process's pid
     assert mine == tmp_path / f".checkpoint-step-4.shards.tmp-{os.getpid()}"

@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import TINY_CLIP, tiny_bert_train_args, write_images
 
-from fulltune import checkpoint as ckpt
 from fulltune.cli import main
+from fulltune.state import checkpoint as ckpt
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -120,7 +120,7 @@ def test_checkpoint_that_is_not_one(capsys, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, text_data, tmp_path, monkeypatch):
-    import fulltune.tasks as tasks
+    import fulltune.train.tasks as tasks
 
     real = tasks.TASKS["text_classification"]
     calls = {"n": 0}

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import TINY_BERT, base_overrides, write_images, write_text_split
 
-from fulltune import checkpoint as ckpt
 from fulltune.cli import main, user_error
+from fulltune.state import checkpoint as ckpt
 
 
 def _overrides(out: Path, data: Path, **extra) -> list[str]:

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import NEGATIVE, POSITIVE, TINY_GPT2, TINY_LLAMA, TINY_QWEN2, base_overrides, config_kwargs
+from fulltune.train.tasks import count_tokens, lm_loss
+from fulltune.train.trainer import setup, train
 from test_train import assert_same_weights
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -20,11 +22,9 @@ from fulltune import cli
 from fulltune.config import DataConfig, load_config
 from fulltune.data import lm
 from fulltune.data.text import DataError
-from fulltune.evaluate import evaluate_checkpoint
-from fulltune.models import load_exported
-from fulltune.perplexity import perplexity, tokenize_text_file
-from fulltune.tasks import count_tokens, lm_loss
-from fulltune.train import setup, train
+from fulltune.eval.evaluate import evaluate_checkpoint
+from fulltune.eval.perplexity import perplexity, tokenize_text_file
+from fulltune.model.build import load_exported
 
 BOS, EOS = 1, 2
 

@@ -13,8 +13,8 @@ from conftest import TINY_BERT, base_overrides
 from torch import nn
 
 from fulltune.config import load_config
-from fulltune.cpu_dropout import ATTENTION, CPUDropout, attention, use_cpu_dropout
-from fulltune.methods import prepare_model
+from fulltune.model.methods import prepare_model
+from fulltune.speed.cpu_dropout import ATTENTION, CPUDropout, attention, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fulltune.filepages import _file_ranges, _in_ranges, own_memory, release_file_pages
+from fulltune.speed.filepages import _file_ranges, _in_ranges, own_memory, release_file_pages
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
 

@@ -23,10 +23,10 @@ from transformers import (
 )
 
 from fulltune.config import load_config
-from fulltune.cpu_dropout import use_cpu_dropout
-from fulltune.first_token import all_tokens, first_token_layer
-from fulltune.methods import describe_speedups, prepare_model
-from fulltune.qkv import fuse_qkv
+from fulltune.model.methods import describe_speedups, prepare_model
+from fulltune.speed.cpu_dropout import use_cpu_dropout
+from fulltune.speed.first_token import all_tokens, first_token_layer
+from fulltune.speed.qkv import fuse_qkv
 
 SIZES = dict(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
 

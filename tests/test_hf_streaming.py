@@ -15,11 +15,11 @@ import pytest
 import test_hf_datasets
 import torch
 from conftest import TINY_BERT, TINY_LLAMA, base_overrides
+from fulltune.train.trainer import setup, train
 from test_train import assert_same_weights
 
 from fulltune.config import ConfigError, load_config
 from fulltune.data import text as txt
-from fulltune.train import setup, train
 
 
 def copy_checkpoint(run: Path, step: int, out: Path) -> Path:
@@ -189,7 +189,7 @@ def test_causal_lm_from_a_dataset_packs_the_local_readers_blocks_and_streams_the
 
 def test_evaluate_and_predict_from_a_dataset_split_match_the_local_file(tmp_path, sst2_pair, capsys):
     from fulltune.cli import main
-    from fulltune.evaluate import evaluate_checkpoint
+    from fulltune.eval.evaluate import evaluate_checkpoint
 
     local, hub = sst2_pair
     train(_text_cfg(tmp_path / "run", {"data__dataset_name": str(hub)}, training__max_steps=2))
@@ -226,7 +226,7 @@ def test_evaluate_a_causal_lm_on_a_dataset_split_scores_the_file_of_its_rows(tmp
 
 
 def evaluate_checkpoint_lm(ckpt: Path, tmp_path: Path, **kwargs) -> dict:
-    from fulltune.evaluate import evaluate_checkpoint
+    from fulltune.eval.evaluate import evaluate_checkpoint
 
     out = tmp_path / ("e-" + "-".join(sorted(kwargs)))
     return evaluate_checkpoint(ckpt, output_dir=out, device="cpu", block_size=32, **kwargs)

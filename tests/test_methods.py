@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_CLIP, TINY_LLAMA, TINY_VIT, tiny_bert_text_config
+from fulltune.train.optim import lr_factor
+from fulltune.train.trainer import setup, train
 from safetensors.torch import load_file
 
-from fulltune import train as train_module
 from fulltune.config import ConfigError, load_config
-from fulltune.layermap import layer_map
-from fulltune.methods import enable_gradient_checkpointing, plan_trainable, wrap_lora
-from fulltune.models import build_model
-from fulltune.optim import lr_factor
-from fulltune.safestate import load_state
-from fulltune.train import setup, train
+from fulltune.files.safestate import load_state
+from fulltune.model.build import build_model
+from fulltune.model.layermap import layer_map
+from fulltune.model.methods import enable_gradient_checkpointing, plan_trainable, wrap_lora
+from fulltune.train import trainer as train_module
 
 BERT_LAYERS = 2  # TINY_BERT's blocks
 
@@ -288,7 +288,7 @@ def test_lora_export_loads_plain_and_gives_the_adapter_logits(tmp_path, text_dat
     torch.testing.assert_close(plain, expected, atol=1e-5, rtol=0)
     # evaluate and predict take the LoRA run's export like any other.
     from fulltune.cli import main
-    from fulltune.evaluate import evaluate_checkpoint
+    from fulltune.eval.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(folder, data_dir=str(text_data), split="test", output_dir=tmp_path / "eval")
     assert metrics["examples"] == 8

@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_bert_train_args, write_images, write_text_split
 
 from fulltune.cli import main
-from fulltune.rundir import OUTPUT_RECORD, owner_of
+from fulltune.files.rundir import OUTPUT_RECORD, owner_of
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -242,7 +242,7 @@ def test_a_second_process_cannot_share_a_run_folder(tmp_path, text_data, capsys)
     args = tiny_bert_train_args(text_data, out, "training.max_steps=2")
     assert main(args) == 0
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from pathlib import Path; from fulltune.rundir import _lock_run; "
+        [sys.executable, "-c", f"from pathlib import Path; from fulltune.files.rundir import _lock_run; "
          f"_lock_run(Path({str(out)!r})); print('locked', flush=True); import time; time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -358,7 +358,7 @@ def test_a_weight_file_planted_beside_a_checkpoint_is_never_read(tmp_path, text_
 
     from safetensors.torch import load_file, save_file
 
-    from fulltune import checkpoint as ckpt
+    from fulltune.state import checkpoint as ckpt
 
     clean, planted = tmp_path / "clean", tmp_path / "planted"
     extra = ("training.max_steps=2", "checkpoint.save_every_steps=1", "checkpoint.keep_last=0")

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from fulltune.perplexity import iter_windows, perplexity, tokenize_text_file  # noqa: E402
+from fulltune.eval.perplexity import iter_windows, perplexity, tokenize_text_file  # noqa: E402
 
 N_TOKENS = 203  # not a multiple of the block size below
 BLOCK = 32

@@ -13,10 +13,10 @@ from conftest import base_overrides, call_cli
 from fulltune import planning as plan
 from fulltune.config import load_config
 from fulltune.errors import ConfigError
-from fulltune.methods import METHODS, plan_trainable, wrap_lora
-from fulltune.models import build_model
+from fulltune.model.build import build_model
+from fulltune.model.methods import METHODS, plan_trainable, wrap_lora
 from fulltune.planning.dryrun import dry_runs
-from fulltune.runtime import cpu_has_fast_bf16
+from fulltune.runtime.device import cpu_has_fast_bf16
 from fulltune.units import human_bytes, parse_memory
 
 # Small enough for a loaded 2-core machine, big enough that activations (not fixed overheads) dominate the peak.

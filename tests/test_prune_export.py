@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
+from fulltune.prune.folder import is_pruned_folder, load_pruned, save_pruned
+from fulltune.prune.structured import PruneConfig, prune_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-from fulltune.prune import PruneConfig, prune_model
-from fulltune.prune_io import is_pruned_folder, load_pruned, save_pruned
 
 
 def tiny_llama() -> LlamaForCausalLM:

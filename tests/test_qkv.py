@@ -13,8 +13,8 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from fulltune.config import load_config
-from fulltune.methods import prepare_model
-from fulltune.qkv import QKVLinear, fuse_qkv
+from fulltune.model.methods import prepare_model
+from fulltune.speed.qkv import QKVLinear, fuse_qkv
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:

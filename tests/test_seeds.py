@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_CLIP
+from fulltune.train.trainer import setup, train
 
 from fulltune.config import load as config_load
 from fulltune.config import load_config
-from fulltune.methods import param_groups, plan_trainable
-from fulltune.train import setup, train
+from fulltune.model.methods import param_groups, plan_trainable
 
 SEEDS = Path(__file__).parent / "fixtures" / "seeds"
 # CLIP with 12 vision blocks, as the seeds' ViT-B/32, so that `vision_model.encoder.layers.11` exists.
@@ -86,7 +86,7 @@ def test_explicit_enabled_false_keeps_early_stopping_off():
 
 
 def test_mixed_precision_true_means_the_seeds_amp(tmp_path, image_data):
-    from fulltune.runtime import resolve_precision
+    from fulltune.runtime.device import resolve_precision
 
     cfg = load_config(SEEDS / "002_oom_mixed_precision.yaml")
     assert cfg.hardware.mixed_precision == "amp"

@@ -1,4 +1,5 @@
-"""Sharded training state (fulltune.sharded) in one process: save and load restore weights and AdamW state bit for bit,
+"""Sharded training state (fulltune.state.sharded) in one process: save and load restore weights and AdamW state bit
+for bit,
 rows are read back across any split of the saved shards (what a resume on another world size does), and the
 Hugging Face export consolidated from shards loads in plain transformers, split into several files when asked.
 The 2-process FSDP runs are in test_distributed.py."""
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fulltune.config import ConfigError
-from fulltune.sharded import FORMAT, ShardReader, export_from_shards, load_sharded_state, save_sharded_state
+from fulltune.state.sharded import FORMAT, ShardReader, export_from_shards, load_sharded_state, save_sharded_state
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:

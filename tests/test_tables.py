@@ -14,7 +14,7 @@ from conftest import write_images
 from fulltune.config import DataConfig
 from fulltune.data.images import prepare_images
 from fulltune.data.text import DataError, label_vocabulary, read_examples
-from fulltune.rundir import OUTPUT_RECORD
+from fulltune.files.rundir import OUTPUT_RECORD
 
 ADVERSARIAL = [
     "a tab\there and\tthere",

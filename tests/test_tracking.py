@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_BERT, base_overrides, tiny_bert_text_config
+from fulltune.train.trainer import train
 
 from fulltune.config import ConfigError, load_config
-from fulltune.train import train
 
 mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")
@@ -150,7 +150,7 @@ def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path, text_data):
 
 
 def test_wandb_without_login_is_one_line(tmp_path, monkeypatch):
-    from fulltune.tracking import start_trackers
+    from fulltune.report.trackers import start_trackers
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_CLIP, TINY_VIT, base_overrides, tiny_bert_text_config
+from fulltune.train.tasks import TASKS
+from fulltune.train.trainer import setup, train
 from safetensors.torch import load_file
 
-from fulltune import checkpoint as ckpt
-from fulltune import safestate
 from fulltune.config import load_config
-from fulltune.tasks import TASKS
-from fulltune.train import setup, train
+from fulltune.files import safestate as safestate
+from fulltune.state import checkpoint as ckpt
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -241,7 +241,7 @@ def test_compile_switch_trains_like_eager(tmp_path, text_data):
 def test_cpu_allocator_choice_is_said_and_respects_the_environment(monkeypatch):
     from types import SimpleNamespace
 
-    from fulltune.runtime import configure_cpu
+    from fulltune.runtime.memory import configure_cpu
 
     hw = SimpleNamespace(num_threads=None, cpu_allocator="auto")
     assert configure_cpu(SimpleNamespace(num_threads=None, cpu_allocator="system"), torch.device("cpu")) == ""
@@ -262,12 +262,12 @@ def test_heap_trim_hands_free_pages_back(monkeypatch):
     import ctypes
     from types import SimpleNamespace
 
-    from fulltune.runtime import HEAP_TRIM_EVERY, configure_cpu, trim_heap
+    from fulltune.runtime.memory import HEAP_TRIM_EVERY, configure_cpu, trim_heap
 
     if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
         pytest.skip("glibc only")
     configure_cpu(SimpleNamespace(num_threads=None, cpu_allocator="auto"), torch.device("cpu"))
-    monkeypatch.setattr("fulltune.runtime._trimmed_rss", 0)  # no trim before this one
+    monkeypatch.setattr("fulltune.runtime.memory._trimmed_rss", 0)  # no trim before this one
 
     def rss() -> int:
         with open("/proc/self/statm") as f:

@@ -19,9 +19,9 @@ import torch
 from conftest import TINY_BERT, TINY_LLAMA, TINY_VIT, base_overrides
 from safetensors.torch import load_file
 
-from fulltune import checkpoint as ckpt
 from fulltune.cli import main
-from fulltune.rundir import LOCK_FILE
+from fulltune.files.rundir import LOCK_FILE
+from fulltune.state import checkpoint as ckpt
 
 
 class Payload:
@@ -109,7 +109,8 @@ def test_planted_pickles_never_run(tmp_path, text_data, capsys):
         assert _cli(capsys, "evaluate", "--checkpoint", str(folder), "--data_dir", str(text_data))[0] == 0
         assert _cli(capsys, "predict", "--checkpoint", str(folder), "--text", "a great film")[0] == 0
     # compare reuses a finished run folder (it reads summary.json and config.yaml only)
-    from fulltune.compare import run_method
+    from fulltune.compare.runner import run_method
+
     from fulltune.config import load_config
 
     cfg = load_config(out / "config.yaml")
@@ -136,7 +137,7 @@ def test_lm_cache_is_never_unpickled(tmp_path):
     """The LM block cache: a pickle planted under the old .pt name or the new .safetensors name is never run."""
     from fulltune.config import DataConfig, load_config
     from fulltune.data import lm
-    from fulltune.models import load_tokenizer
+    from fulltune.model.build import load_tokenizer
 
     marker = tmp_path / "MARKER"
     payload = pickle.dumps(Payload(marker))
@@ -158,7 +159,7 @@ def test_a_cache_file_a_killed_process_was_writing_is_removed(tmp_path):
     one a live process is writing stays."""
     from fulltune.config import DataConfig, load_config
     from fulltune.data import lm
-    from fulltune.models import load_tokenizer
+    from fulltune.model.build import load_tokenizer
 
     text = tmp_path / "train.txt"
     text.write_text("one two three four five six seven eight nine ten\n" * 20)
@@ -222,7 +223,8 @@ def test_run_folder_belongs_to_one_run(tmp_path, text_data, capsys):
 
 
 def test_compare_never_deletes_a_folder_it_did_not_create(tmp_path):
-    from fulltune.compare import run_method
+    from fulltune.compare.runner import run_method
+
     from fulltune.config import load_config
 
     run = tmp_path / "full"
@@ -256,8 +258,8 @@ from transformers.models.bert import modeling_bert  # noqa: F401
 from transformers.models.llama import modeling_llama  # noqa: F401
 from transformers.models.vit import modeling_vit  # noqa: F401
 from fulltune.config import load_config
-from fulltune.evaluate import evaluate_checkpoint
-from fulltune.train import train
+from fulltune.eval.evaluate import evaluate_checkpoint
+from fulltune.train.trainer import train
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     job = json.loads(line)

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import base_overrides
+from fulltune.train.trainer import train
 from test_train import assert_same_weights
 from tiny_clip import make_tiny_clip
 
 from fulltune.config import ConfigError, load_config
-from fulltune.models import build_model, load_exported
-from fulltune.train import train
+from fulltune.model.build import build_model, load_exported
 
 CLASS_NAMES = ["ants", "bees", "ant", "bee", "honey"]
 
@@ -170,10 +170,11 @@ for path in sys.argv[1:]:
 def test_train_export_interpolate_and_plain_load(tmp_path, clip_dir, image_data):
     """full + zero-shot head trains; WiSE-FT alpha 0 / 1 give the two endpoints exactly; the exports load with
     plain transformers (CLIPVisionModelWithProjection + the classifier tensors) and name their labels."""
+    from fulltune.compare.clip_rows import clip_notes, run_clip_rows
+    from fulltune.compare.runner import markdown
+
     from fulltune.cli import main
-    from fulltune.compare import markdown
-    from fulltune.compare_clip import clip_notes, run_clip_rows
-    from fulltune.interpolate import read_weights
+    from fulltune.clip.interpolate import read_weights
 
     cfg = clip_cfg(
         tmp_path / "full_zs_head",
@@ -278,8 +279,8 @@ def test_train_export_interpolate_and_plain_load(tmp_path, clip_dir, image_data)
 
 
 def test_interpolate_rejects_a_random_head_run(tmp_path, clip_dir, image_data, capsys):
-    from fulltune import checkpoint as ckpt
     from fulltune.cli import main
+    from fulltune.state import checkpoint as ckpt
 
     cfg = clip_cfg(tmp_path / "ft", clip_dir, image_data)  # head_init random: CLIPForImageClassification
     bundle = build_model(cfg, "image_classification", ["ants", "bees"])
@@ -304,7 +305,7 @@ def test_interpolate_rejects_a_random_head_run(tmp_path, clip_dir, image_data, c
 def test_lp_ft_schedule_on_partial(tmp_path, clip_dir, image_data):
     """partial + linear_probe: the head alone first, then the top block, what sits above it (post-layernorm, the
     projection) and the head; the text tower is nowhere."""
-    from fulltune.methods import plan_trainable
+    from fulltune.model.methods import plan_trainable
 
     cfg = clip_cfg(
         tmp_path,

@@ -109,7 +109,7 @@ def run_command(func: Any, args: Any, debug: bool = False) -> int:
         known = user_error(err)
         if known is None or debug:
             raise
-        from fulltune.runtime import rank, world_size
+        from fulltune.runtime.ranks import rank, world_size
 
         message, code = known
         where = f"[rank {rank()}] " if world_size() > 1 else ""

@@ -1,5 +1,5 @@
 """`fulltune compare`: train one config under several methods (same data, seed and budget), each in its own
-process and run folder, and tabulate them (the runs and tables are `fulltune.compare`)."""
+process and run folder, and tabulate them (the runs and tables are `fulltune.compare.runner`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.cli.flags import add_config_flags, flag_overrides
-from fulltune.compare import DEFAULT_LR_MULT, learning_rates, parse_methods, run_all, settings_of, write_comparison
-from fulltune.compare_clip import clip_notes, run_clip_rows, split_clip_rows
-from fulltune.compare_variants import VARIANT_METHODS, num_classes, variant
+from fulltune.compare.clip_rows import clip_notes, run_clip_rows, split_clip_rows
+from fulltune.compare.runner import (
+    DEFAULT_LR_MULT,
+    learning_rates,
+    parse_methods,
+    run_all,
+    settings_of,
+    write_comparison,
+)
+from fulltune.compare.variants import VARIANT_METHODS, num_classes, variant
 from fulltune.config import load_config
 from fulltune.data.text import run_inputs
-from fulltune.methods import METHODS
-from fulltune.rundir import claim_output
+from fulltune.files.rundir import claim_output
+from fulltune.model.methods import METHODS
 
 # Flags that stand for config keys, as in `fulltune train`; --output_dir is the comparison's own.
 DATA_FLAGS = ("data_dir", "train_file", "val_file", "test_file", "model", "task")

@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fulltune.evaluate import evaluate_checkpoint, format_table
+    from fulltune.eval.evaluate import evaluate_checkpoint, format_table
 
     metrics = evaluate_checkpoint(
         args.checkpoint,

@@ -1,11 +1,12 @@
-"""`fulltune export RUN_OR_CHECKPOINT --output_dir DIR`: a clean folder to ship (the machinery is `fulltune.export`)."""
+"""`fulltune export RUN_OR_CHECKPOINT --output_dir DIR`: a clean folder to ship (the machinery is
+`fulltune.state.export`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from fulltune.export import DTYPES, export, hub_token, push_to_hub
+from fulltune.state.export import DTYPES, export, hub_token, push_to_hub
 
 
 def register(subparsers: Any) -> None:

@@ -1,12 +1,12 @@
 """`fulltune interpolate` (WiSE-FT): (1 - alpha) x zero-shot + alpha x fine-tuned CLIP weights, one alpha or a sweep
-evaluated on a split; the result is an ordinary export (the machinery is `fulltune.interpolate`)."""
+evaluated on a split; the result is an ordinary export (the machinery is `fulltune.clip.interpolate`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from fulltune.interpolate import format_sweep, parse_alphas, wise_ft
+from fulltune.clip.interpolate import format_sweep, parse_alphas, wise_ft
 
 
 def register(subparsers: Any) -> None:

@@ -35,9 +35,9 @@ def _print(row: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fulltune.models import load_exported
-    from fulltune.predict import classify, generate, image_paths, text_inputs
-    from fulltune.runtime import resolve_device
+    from fulltune.eval.predict import classify, generate, image_paths, text_inputs
+    from fulltune.model.build import load_exported
+    from fulltune.runtime.device import resolve_device
 
     bundle = load_exported(args.checkpoint, resolve_device(args.device))
     if args.dataset_name:
@@ -67,7 +67,7 @@ def _predict_dataset(bundle: Any, args: argparse.Namespace) -> int:
     """One line per row of a dataset split, read with the run's columns."""
     from fulltune.config import config_from_dict
     from fulltune.data import hf_eval
-    from fulltune.predict import classify, generate
+    from fulltune.eval.predict import classify, generate
 
     cfg = config_from_dict(bundle.extra["fulltune_config"])
     split = hf_eval.open_split(cfg, args.split, args.dataset_name)

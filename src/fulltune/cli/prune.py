@@ -19,8 +19,8 @@ import torch
 
 from fulltune.config import Config, load_config, parse_override
 from fulltune.errors import ConfigError
-from fulltune.rundir import atomic_dir, claim_output
-from fulltune.safestate import require_safetensors
+from fulltune.files.rundir import atomic_dir, claim_output
+from fulltune.files.safestate import require_safetensors
 
 RESULTS_FILE = "prune_results.json"
 PRUNE_ENTRIES = ("logs", "builtin_text", "cache", "pruned", "recovery", "recovered", RESULTS_FILE)
@@ -80,7 +80,7 @@ def register(subparsers: Any) -> None:
         "--data_file",
         dest="data_file",
         help="text or JSONL file for calibration and recovery training "
-        "(default: fulltune's built-in English text, see fulltune.prune_guide)",
+        "(default: fulltune's built-in English text, see fulltune.prune.guide)",
     )
     p.add_argument(
         "--val_file",
@@ -153,8 +153,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def _load_base(path: str, device: torch.device, torch_dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fulltune.models import resolve_model_path
-    from fulltune.prune_io import is_pruned_folder, load_pruned
+    from fulltune.model.build import resolve_model_path
+    from fulltune.prune.folder import is_pruned_folder, load_pruned
 
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
         raise ConfigError(f"--base_model '{path}': no such folder")
@@ -174,7 +174,7 @@ def _load_base(path: str, device: torch.device, torch_dtype: str = "float32") ->
 
 def _perplexity(model: torch.nn.Module, ids: torch.Tensor, block: int, device: torch.device, precision: Any) -> dict:
     from fulltune.errors import DataError
-    from fulltune.perplexity import perplexity
+    from fulltune.eval.perplexity import perplexity
 
     if ids.numel() < 2:
         raise DataError(f"--eval_file: {ids.numel()} token(s), too short to measure perplexity")
@@ -207,7 +207,7 @@ def format_results(rows: list[dict[str, Any]]) -> str:
 def _prune(args: argparse.Namespace, model: Any, tokenizer: Any, cfg: Config, out: Path) -> dict[str, Any]:
     """Prune `model` in place as the flags say (Taylor importance from calibration blocks of --data_file)."""
     from fulltune.data import lm
-    from fulltune.prune import PruneConfig, prune_model
+    from fulltune.prune.structured import PruneConfig, prune_model
 
     calibration = None
     if args.importance == "taylor":
@@ -235,9 +235,9 @@ def _recover(
     cfg: Config, device: Any, precision: Any, eval_ids: Any, block: int, timings: dict[str, float]
 ) -> tuple[Path, dict[str, Any]]:
     """Recovery training of the pruned model with fulltune's trainer; its folder and its perplexity row."""
-    from fulltune.models import load_exported
-    from fulltune.prune import parameter_count
-    from fulltune.train import train
+    from fulltune.model.build import load_exported
+    from fulltune.prune.structured import parameter_count
+    from fulltune.train.trainer import train
 
     tic = time.perf_counter()
     summary = train(cfg, overwrite=True)  # OUTPUT/recovery belongs to this command: a rerun replaces it
@@ -279,11 +279,12 @@ def _results(
 
 
 def run(args: argparse.Namespace) -> int:
-    from fulltune.perplexity import tokenize_text_file
-    from fulltune.prune import parameter_count
-    from fulltune.prune_guide import GuideLog, builtin_text, publish_recovered
-    from fulltune.prune_io import save_pruned
-    from fulltune.runtime import resolve_device, resolve_precision, seed_everything
+    from fulltune.eval.perplexity import tokenize_text_file
+    from fulltune.prune.folder import save_pruned
+    from fulltune.prune.guide import GuideLog, builtin_text, publish_recovered
+    from fulltune.prune.structured import parameter_count
+    from fulltune.runtime.device import resolve_device, resolve_precision
+    from fulltune.runtime.rng import seed_everything
 
     _check_args(args)
     out = output_dir(args)

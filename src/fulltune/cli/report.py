@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.errors import ConfigError
-from fulltune.rundir import owner_of
+from fulltune.files.rundir import owner_of
 
 
 def register(subparsers: Any) -> None:
@@ -17,7 +17,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fulltune.report_html import build_report
+    from fulltune.report.html import build_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "summary.json").is_file():

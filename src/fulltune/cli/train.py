@@ -32,10 +32,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # validate here, before any process or folder is started
     require_training_data(cfg)
     if args.nproc and args.nproc > 0:
-        from fulltune.distributed import launch
+        from fulltune.runtime.distributed import launch
 
         return launch(args.nproc, _without_nproc(list(args.argv)))
-    from fulltune.train import train
+    from fulltune.train.trainer import train
 
     train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0

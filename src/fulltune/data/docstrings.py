@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from fulltune.rundir import write_atomic
+from fulltune.files.rundir import write_atomic
 
 # Chosen so that every family has 140-660 texts and a frozen-encoder probe lands near 79% (see
 # bench/docstring_probe.py). Left out on purpose: packages whose docstrings keep naming themselves and

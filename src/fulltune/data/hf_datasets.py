@@ -290,7 +290,7 @@ def _file_names(ds: Any, column: str) -> list[str]:
 
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: HubSplits) -> Any:
     """tasks.build_image_data for a `datasets` source; the same hold-out rule as image folders (file-name hash)."""
-    from fulltune.tasks import TaskData, _workers
+    from fulltune.train.tasks import TaskData, _workers
 
     d = cfg.data
     spec = bundle.image_spec
@@ -373,7 +373,7 @@ def lm_rows(ds: Any, cfg: Config) -> Any:
 def build_lm_data(cfg: Config, bundle: Any, hub: HubSplits) -> Any:
     """tasks.build_lm_data for a `datasets` source: the same tokenisation, packing, caps and cache as a JSONL file
     of `text` (or prompt/response) records, one record per row. The cache is keyed by the split's fingerprint."""
-    from fulltune.tasks import TaskData, _workers
+    from fulltune.train.tasks import TaskData, _workers
 
     d = cfg.data
     cache = Path(cfg.output_dir) / "cache"

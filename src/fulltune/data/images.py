@@ -19,8 +19,8 @@ from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 from fulltune.config import AugmentationConfig
 from fulltune.data.text import hash_fraction
 from fulltune.errors import DataError
-from fulltune.models import ImageSpec
-from fulltune.rundir import atomic_output, claim_output
+from fulltune.files.rundir import atomic_output, claim_output
+from fulltune.model.build import ImageSpec
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SKIPPED_LABEL = -100

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from fulltune.config import DataConfig
 from fulltune.data.text import jsonl_objects
 from fulltune.errors import DataError
-from fulltune.rundir import recover_run_dir
-from fulltune.safestate import StateFileError, load_tensors
+from fulltune.files.rundir import recover_run_dir
+from fulltune.files.safestate import StateFileError, load_tensors
 
 IGNORE = -100
 _CHUNK_CHARS = 200_000

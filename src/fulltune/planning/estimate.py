@@ -29,7 +29,7 @@ class Dtypes:
 
 
 def dtypes_for(cfg: Config, device_type: str) -> Dtypes:
-    from fulltune.runtime import cpu_has_fast_bf16
+    from fulltune.runtime.device import cpu_has_fast_bf16
 
     lean, mode = cfg.training.memory == "lean", cfg.hardware.mixed_precision
     if mode == "auto":  # as runtime.resolve_precision decides, without asking a GPU that may not be here
@@ -172,7 +172,7 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     optimizer = 8.0  # AdamW: exp_avg and exp_avg_sq in fp32
     grads, fused = f.trainable * 4.0, False
     if lean:
-        from fulltune.lean import lean_bytes_per_param, wants_compiled_step
+        from fulltune.train.lean import lean_bytes_per_param, wants_compiled_step
 
         if t.lean_optimizer == "adamw8bit":  # bitsandbytes: two 8-bit moments, stepped after backward
             optimizer = 2.0

@@ -47,7 +47,7 @@ class Facts:
 def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.device) -> tuple[nn.Module, Any]:
     """The model exactly as `fulltune train` prepares it (`methods.prepare_model`), with every parameter the method
     may ever train set trainable: progressive unfreezing ends there, so that is the peak to plan for."""
-    from fulltune.methods import apply_trainable, prepare_model
+    from fulltune.model.methods import apply_trainable, prepare_model
 
     _, model, plan = prepare_model(cfg, task, labels, device)
     apply_trainable(model, plan.eligible)
@@ -59,8 +59,8 @@ def _meta_config(cfg: Config) -> Config:
     of reading weights. A pruned folder (per-layer widths) has no such config and is built for real."""
     from transformers import AutoConfig
 
-    from fulltune.models import resolve_model_path
-    from fulltune.prune_io import is_pruned_folder
+    from fulltune.model.build import resolve_model_path
+    from fulltune.prune.folder import is_pruned_folder
 
     path = None if cfg.model.tiny_config is not None else resolve_model_path(cfg.model.name_or_path)
     if path is None or (Path(path).is_dir() and is_pruned_folder(path)):
@@ -82,7 +82,7 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
 
 def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
     """Facts of cfg.method.name's model: the trainable set is exactly the one `fulltune train` would train."""
-    from fulltune.layermap import strip_peft_prefix
+    from fulltune.model.layermap import strip_peft_prefix
 
     with torch.device("meta"):
         model, plan = prepare(_meta_config(cfg), task, labels, torch.device("meta"))

@@ -13,7 +13,7 @@ import torch
 
 from fulltune.config import Config
 from fulltune.errors import ConfigError
-from fulltune.methods import METHODS
+from fulltune.model.methods import METHODS
 from fulltune.planning.dryrun import dry_runs
 from fulltune.planning.estimate import Estimate, dtypes_for, estimate
 from fulltune.planning.facts import Facts, count_examples, inspect_model
@@ -212,7 +212,7 @@ def plan(
     performance: str | None = None,
 ) -> dict[str, Any]:
     """Estimate every method for `cfg`, measure those that fit, recommend one: the report `cmd_plan` prints."""
-    from fulltune.tasks import infer_task
+    from fulltune.train.tasks import infer_task
 
     device_type = (
         "cuda"

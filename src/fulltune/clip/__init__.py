@@ -1,0 +1,1 @@
+"""CLIP specifics: the zero-shot classifier and weight-space interpolation (WiSE-FT)."""

@@ -1,0 +1,1 @@
+"""`fulltune compare`: each method trained and measured, side by side."""

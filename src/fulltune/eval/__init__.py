@@ -1,0 +1,1 @@
+"""Measuring a model: metrics, evaluate, predict, perplexity."""

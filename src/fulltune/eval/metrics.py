@@ -1,0 +1,124 @@
+"""Metrics over a data loader, streamed (memory does not grow with the data set): top-1/top-5, per-class
+accuracy, macro-F1 and the confusion matrix for classifiers; token-level loss and perplexity for causal LMs.
+The trainer's validation and the `evaluate` command both compute them here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from fulltune.runtime.device import Precision, to_device
+
+
+@torch.no_grad()
+def classification_metrics(
+    model: nn.Module, loader: Any, num_classes: int, device: torch.device, precision: Precision, top_k: int = 0
+) -> dict[str, Any]:
+    """Streamed metrics, plus each example's gold and predicted class ("targets", "predictions"); with top_k > 0
+    also each example's top-k class ids and probabilities ("top_k"). Examples labelled SKIPPED_LABEL (-100: an image
+    that failed to decode) are not scored: their positions in the loader's order are listed in "skipped", those of
+    the scored ones in "positions"."""
+    model.eval()
+    skipped: list[int] = []
+    seen = 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    top5 = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    k = min(5, num_classes)
+    targets, predictions, tops = [], [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        labels = batch.pop("labels")
+        with precision.autocast():
+            logits = model(**batch).logits.float()  # (batch, num_classes)
+        keep = labels >= 0
+        if not bool(keep.all()):
+            skipped.extend(seen + int(i) for i in (~keep).nonzero().flatten().tolist())
+            logits, labels = logits[keep], labels[keep]
+        seen += len(keep)
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        pred = logits.argmax(-1)
+        confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+        top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum()
+        targets.append(labels)
+        predictions.append(pred)  # (batch,) ints stay on the device: one copy to the host at the end
+        if top_k > 0:
+            tops.append(logits.softmax(-1).topk(min(top_k, num_classes), dim=-1))
+    metrics = summarize_confusion(confusion.cpu(), int(top5), float(loss_sum))
+    metrics["targets"] = torch.cat(targets).tolist() if targets else []
+    metrics["predictions"] = torch.cat(predictions).tolist() if predictions else []
+    metrics["skipped"] = skipped
+    dropped = set(skipped)
+    metrics["positions"] = [i for i in range(seen) if i not in dropped]  # loader positions of "targets"
+    if top_k > 0:
+        metrics["top_k"] = [
+            list(zip(i, v, strict=True))
+            for t in tops
+            for i, v in zip(t.indices.tolist(), t.values.tolist(), strict=True)
+        ]
+    return metrics
+
+
+def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: float) -> dict[str, Any]:
+    """Metrics from a confusion matrix (rows: true class, columns: predicted class).
+
+    macro_f1 follows scikit-learn's `f1_score(average="macro")`: the mean over the classes that occur among the
+    labels or the predictions (a class predicted but absent from the labels counts, with F1 0). Top-5 accuracy is
+    only reported where there are more than five classes (else it is always 1)."""
+    total = int(confusion.sum())
+    correct = int(confusion.diag().sum())
+    support = confusion.sum(1).double()
+    predicted = confusion.sum(0).double()
+    tp = confusion.diag().double()
+    per_class = torch.where(support > 0, tp / support.clamp(min=1), torch.full_like(tp, float("nan")))
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+    present = (support > 0) | (predicted > 0)
+    metrics: dict[str, Any] = {"accuracy": correct / max(total, 1)}
+    if confusion.shape[0] > 5:
+        metrics["top5_accuracy"] = top5_correct / max(total, 1)
+    metrics.update(
+        {
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "loss": loss_sum / max(total, 1),
+            "examples": total,
+            "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
+            "confusion_matrix": confusion.tolist(),
+        }
+    )
+    return metrics
+
+
+@torch.no_grad()
+def lm_metrics(model: nn.Module, loader: Any, device: torch.device, precision: Precision) -> dict[str, Any]:
+    """Mean next-token NLL over all labelled tokens of the packed blocks, and its exp (perplexity)."""
+    from fulltune.train.tasks import lm_loss
+
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    for batch in loader:
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
+        batch = to_device(batch, device)
+        with precision.autocast():
+            loss, _ = lm_loss(model, batch, 0.0)
+        nll += loss.double()
+    mean = float(nll) / max(tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens}
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Scalar metrics only (no matrices or per-class lists), for logs and summaries."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def improves(value: float, best: float | None, higher_is_better: bool, min_delta: float = 0.0) -> bool:
+    """Whether a validation value beats the best so far by more than `min_delta` (the first one always does)."""
+    if best is None:
+        return True
+    return value > best + min_delta if higher_is_better else value < best - min_delta

@@ -1,0 +1,128 @@
+"""`fulltune predict`: top-k labels with probabilities for images or texts, or generated text for causal LMs,
+from an exported checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fulltune.data import images as img
+from fulltune.errors import DataError
+from fulltune.model.build import ModelBundle
+
+
+def _image_inputs(bundle: ModelBundle, paths: list[Path], skip: bool) -> tuple[torch.Tensor | None, list[bool]]:
+    """Pixel values of the images that decode, and which did. With skip=False an image that fails is an error."""
+    pixels, ok = [], []
+    for p in paths:
+        try:
+            pixels.append(img.eval_transform(img.load_rgb(p, bundle.image_spec.size, draft=False), bundle.image_spec))
+            ok.append(True)
+        except DataError as err:
+            if not skip:
+                raise
+            print(f"skipped unreadable image: {err}", file=sys.stderr)
+            ok.append(False)
+    return (torch.stack(pixels) if pixels else None), ok
+
+
+def image_paths(target: str) -> list[Path]:
+    p = Path(target)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in img.IMAGE_EXTENSIONS)
+        good = [f for f in files if img._readable(f)]
+        for f in files:
+            if f not in set(good):
+                print(f"skipped unreadable image: {f}", file=sys.stderr)
+        if not good:
+            raise DataError(f"folder '{p}' has no readable images" if files else f"folder '{p}' has no images")
+        return good
+    if not p.is_file():
+        raise DataError(f"image '{p}' does not exist")
+    if not img._readable(p):
+        raise DataError(f"image '{p}' cannot be decoded (damaged, truncated, or over PIL's pixel limit)")
+    return [p]
+
+
+def text_inputs(text: str | None, file: str | None) -> list[str]:
+    if text is not None:
+        return [text]
+    if file is None:
+        raise DataError("give --text, --file, --image or --prompt")
+    p = Path(file)
+    if not p.is_file():
+        raise DataError(f"file '{p}' does not exist")
+    raw = p.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"file '{p}' is not UTF-8 text (byte offset {err.start}); convert it to UTF-8") from None
+    lines = [line.strip() for line in content.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"file '{p}' is empty")
+    return lines
+
+
+def max_length(bundle: ModelBundle) -> int:
+    """The run's data.max_length (from the export's fulltune_run.json): inputs are cut where training cut them."""
+    return int(((bundle.extra.get("fulltune_config") or {}).get("data") or {}).get("max_length") or 512)
+
+
+@torch.no_grad()
+def classify(
+    bundle: ModelBundle, inputs: list[Any], top_k: int, batch_size: int = 32, skip_unreadable: bool = False
+) -> list[list[tuple[str, float]] | None]:
+    """Top-k (label, probability) for each input (image paths or texts). With skip_unreadable, an image that fails to
+    decode gets None (said on stderr) instead of ending the command."""
+    if top_k < 1:
+        raise DataError(f"--top_k must be >= 1, got {top_k}")
+    model, device = bundle.model, next(bundle.model.parameters()).device
+    id2label = bundle.model.config.id2label
+    k = min(top_k, len(id2label))
+    results: list[list[tuple[str, float]] | None] = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        ok = [True] * len(chunk)
+        if bundle.task == "image_classification":
+            pixels, ok = _image_inputs(bundle, chunk, skip_unreadable)
+            if pixels is None:
+                results.extend([None] * len(chunk))
+                continue
+            logits = model(pixel_values=pixels.to(device)).logits
+        else:
+            enc = bundle.tokenizer(
+                chunk, truncation=True, max_length=max_length(bundle), padding=True, return_tensors="pt"
+            ).to(device)
+            logits = model(**enc).logits
+        top = logits.float().softmax(-1).topk(k, dim=-1)
+        rows = iter(zip(top.values.tolist(), top.indices.tolist(), strict=True))
+        for decoded in ok:
+            if not decoded:
+                results.append(None)
+                continue
+            values, indices = next(rows)
+            results.append([(id2label[i], v) for i, v in zip(indices, values, strict=True)])
+    return results
+
+
+@torch.no_grad()
+def generate(
+    bundle: ModelBundle, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0
+) -> str:
+    """Greedy decoding at temperature 0, else sampling with temperature and nucleus top_p."""
+    model, tok = bundle.model, bundle.tokenizer
+    device = next(model.parameters()).device
+    full = tok(prompt, return_tensors="pt")
+    # Only what generate() takes: BERT-style tokenizers add token_type_ids, which causal LMs reject.
+    enc = {k: full[k].to(device) for k in ("input_ids", "attention_mask") if k in full}
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id or tok.eos_token_id}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False)
+    out = model.generate(**enc, **kwargs, use_cache=True)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -1,0 +1,449 @@
+"""What trains: full / partial / linear_probe / LoRA, the progressive-unfreezing schedule, and the optimizer's
+parameter groups (layer-wise LR decay, no weight decay on biases and norms).
+
+Freezing uses `requires_grad` only; the optimizer holds every parameter that may ever train, so unfreezing needs
+no rebuild and a resumed run has the same optimizer layout.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fulltune.config import Config, UnfreezeStep
+from fulltune.errors import ConfigError
+from fulltune.model.build import ModelBundle, build_model
+from fulltune.model.layermap import LayerMap, is_under, layer_map, strip_peft_prefix
+from fulltune.speed.cpu_dropout import use_cpu_dropout
+from fulltune.speed.filepages import own_memory
+from fulltune.speed.first_token import first_token_layer
+from fulltune.speed.qkv import fuse_qkv
+
+METHODS = ("linear_probe", "partial", "lora", "full")
+"""The values of method.name, cheapest first (the order `compare` runs them in)."""
+HEAD_ALIASES = ("classifier", "head")
+LORA_METHODS = ("lora", "qlora")
+"""Methods that train LoRA adapters over a frozen base (qlora: a 4-bit NF4 base)."""
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward, with torch's non-reentrant checkpoint.
+
+    Non-reentrant checkpointing gives gradients to parameters inside a block whether or not the block's input
+    requires grad, so LoRA needs no `enable_input_require_grads`. transformers installs that hook on text models
+    anyway; we remove it, because it makes the embedding output require grad and so runs backward through every
+    frozen block below the trainable ones (a linear probe would pay for a full backward).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+        model.disable_input_require_grads()
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_targets(model: nn.Module, lmap: LayerMap | None = None) -> list[str]:
+    """Default LoRA targets: the leaf names of every linear layer inside the blocks.
+
+    Per family that is the attention and MLP projections (CLIP/ViT: q/k/v/out|o_proj, fc1, fc2; BERT: query, key,
+    value, dense; Llama: q/k/v/o_proj, gate/up/down_proj). Reading them off the model keeps working when
+    transformers renames modules (ViT's query/key/value became q_proj/k_proj/v_proj in v5).
+    """
+    lmap = lmap or layer_map(model)
+    prefixes = lmap.block_prefixes
+    targets = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and any(name.startswith(p + ".") for p in prefixes)
+        }
+    )
+    if not targets:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"no linear layers found inside the blocks of this {getattr(model.config, 'model_type', '?')} model; "
+            f"set method.lora.target_modules (linear layers in this model: {', '.join(linear) or 'none'})"
+        )
+    return targets
+
+
+def wrap_lora(model: nn.Module, cfg: Config, task: str) -> nn.Module:
+    """Wrap with peft LoRA adapters; a classification head trains fully (modules_to_save), an LM head stays."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.method.lora
+    lmap = layer_map(model)
+    if cfg.method.name == "qlora":  # 4-bit base: norms/embeddings to fp32, input grads for checkpointing
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+    # Head modules by their top-level name ('classifier', 'score'; DistilBERT also 'pre_classifier').
+    heads = sorted({n.split(".", 1)[0] for n in lmap.head}) if task != "causal_lm" else []
+    peft_cfg = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules or lora_targets(model, lmap),
+        modules_to_save=heads or None,
+        bias="none",
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:  # peft checks its config here: "Target modules {...} not found in the base model"
+        raise ConfigError(f"method.lora.target_modules={peft_cfg.target_modules}: {str(err).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class TrainablePlan:
+    """Which parameters the method may ever train (`eligible`), and which train at a given epoch."""
+
+    lmap: LayerMap
+    eligible: set[str]
+    schedule: list[UnfreezeStep]
+
+    def trainable_at(self, epoch: int) -> set[str]:
+        if not self.schedule:
+            return set(self.eligible)
+        names: set[str] = set()
+        for step in self.schedule:
+            if step.epoch <= epoch:
+                names |= self.resolve(step.layers)
+        return names & self.eligible
+
+    def resolve(self, layers: list[str]) -> set[str]:
+        """Parameter names that schedule entries select: 'all', 'classifier'/'head', or module prefixes."""
+        out: set[str] = set()
+        for layer in layers:
+            if layer == "all":
+                out |= set(self.lmap.layer_of)
+            elif layer in HEAD_ALIASES and self.lmap.head:
+                out |= self.lmap.head
+            else:
+                out |= {n for n in self.lmap.layer_of if is_under(strip_peft_prefix(n), layer)}
+        return out
+
+
+def layer_names(lmap: LayerMap) -> list[str]:
+    """The names a user may put in an unfreeze schedule, bottom to top."""
+    return ["classifier", "all"] + lmap.names()
+
+
+def _auto_schedule(lmap: LayerMap, every: int) -> list[UnfreezeStep]:
+    """ULMFiT-style: the head first, then one more block from the top every `every` epochs (the top block
+    together with what sits above it: final norm, pooler), and the embeddings last."""
+    steps = [UnfreezeStep(epoch=0, layers=["classifier"])]
+    for k, prefix in enumerate(reversed(lmap.block_prefixes), start=1):
+        steps.append(UnfreezeStep(epoch=k * every, layers=[prefix] + (lmap.top_prefixes if k == 1 else [])))
+    steps.append(UnfreezeStep(epoch=(lmap.num_layers + 1) * every, layers=["all"]))
+    return steps
+
+
+def probe_schedule(cfg: Config) -> list[UnfreezeStep]:
+    """LP-FT (method.head_init=linear_probe): the head alone for head_init_epochs, then all the method trains.
+
+    An epoch schedule like progressive unfreezing, so a resumed run recomputes what trains from the epoch alone.
+    """
+    if cfg.method.head_init != "linear_probe":
+        return []
+    return [
+        UnfreezeStep(epoch=0, layers=["classifier"]),
+        UnfreezeStep(epoch=cfg.method.head_init_epochs, layers=["all"]),
+    ]
+
+
+def _proportional_schedule(lmap: LayerMap, num_epochs: int) -> list[UnfreezeStep]:
+    """Seed 001's rule: at epoch e the top int(e / num_epochs * L) blocks train, the head always (the top block
+    brings what sits above the blocks with it); the embeddings stay frozen, as in the seed."""
+    steps = [UnfreezeStep(epoch=0, layers=["classifier"])]
+    blocks = list(reversed(lmap.block_prefixes))
+    done = 0
+    for epoch in range(1, num_epochs):
+        k = min(int(epoch / num_epochs * len(blocks)), len(blocks))
+        if k > done:
+            new = blocks[done:k] + (lmap.top_prefixes if done == 0 else [])
+            steps.append(UnfreezeStep(epoch=epoch, layers=new))
+            done = k
+    return steps
+
+
+def _eligible(model: nn.Module, cfg: Config, lmap: LayerMap) -> set[str]:
+    method = cfg.method
+    names = [n for n, _ in model.named_parameters()]
+    if method.name in LORA_METHODS:
+        # peft has already frozen the base: eligible is what it left trainable (adapters and head copies).
+        eligible = {n for n, p in model.named_parameters() if p.requires_grad}
+    elif method.name == "linear_probe":
+        eligible = set(lmap.head)
+        if not eligible:
+            raise ConfigError("method.name=linear_probe: this model has no classification head to train")
+    elif method.name == "partial":
+        k = method.trainable_layers
+        if k > lmap.num_layers:
+            raise ConfigError(f"method.trainable_layers={k} but the model has only {lmap.num_layers} blocks")
+        # Blocks L-K+1..L, what sits above them (layer L+1) and the head (also mapped to L+1).
+        eligible = {n for n in names if lmap.layer_of[n] > lmap.num_layers - k}
+    else:
+        eligible = set(names)
+    if method.freeze:
+        try:
+            patterns = [re.compile(p) for p in method.freeze]
+        except re.error as err:
+            raise ConfigError(f"method.freeze: bad regex ({err})") from None
+        eligible = {n for n in eligible if not any(p.search(strip_peft_prefix(n)) for p in patterns)}
+    if not eligible:
+        raise ConfigError(f"method.name={method.name} with method.freeze={method.freeze} leaves nothing to train")
+    return eligible
+
+
+def plan_trainable(model: nn.Module, cfg: Config) -> TrainablePlan:
+    """The eligible set from method.name (and method.freeze), the schedule from training.progressive_unfreezing."""
+    lmap = layer_map(model)
+    eligible = _eligible(model, cfg, lmap)
+    pu = cfg.training.progressive_unfreezing
+    probe = probe_schedule(cfg)
+    if not pu.enabled and not probe:
+        return TrainablePlan(lmap, eligible, [])
+    if probe:
+        schedule = probe
+    elif pu.unfreeze_schedule:
+        schedule = pu.unfreeze_schedule
+    elif pu.auto == "proportional":
+        schedule = _proportional_schedule(lmap, cfg.training.num_epochs)
+    else:
+        schedule = _auto_schedule(lmap, int(pu.auto or 1))
+    plan = TrainablePlan(lmap, eligible, schedule)
+    for step in schedule:
+        for layer in step.layers:
+            selected = plan.resolve([layer])
+            if not selected:
+                raise ConfigError(
+                    f"training.progressive_unfreezing: layer '{layer}' (epoch {step.epoch}) matches no parameter; "
+                    f"layer names of this model: {', '.join(layer_names(lmap))}"
+                )
+            if not selected & eligible:
+                raise ConfigError(
+                    f"training.progressive_unfreezing: layer '{layer}' (epoch {step.epoch}) holds no parameter that "
+                    f"method.name={cfg.method.name} trains"
+                )
+    if not plan.trainable_at(0):
+        raise ConfigError(
+            "training.progressive_unfreezing: nothing trains in epoch 0; the schedule needs an entry with epoch: 0 "
+            "(e.g. {epoch: 0, layers: [classifier]})"
+        )
+    return plan
+
+
+def master_weights(model: nn.Module, plan: TrainablePlan, cfg: Config) -> None:
+    """fp32 master weights where standard mode needs them, whatever model.torch_dtype loaded.
+
+    Standard mode steps fp32 weights (AdamW updates below bf16's resolution would round away): full / partial /
+    linear-probe runs hold the whole model in fp32 (frozen blocks too, so that every layer's input has one dtype
+    without autocast); LoRA / QLoRA upcast only what trains (adapters, the head) and keep the frozen base in its
+    loaded dtype (bf16 halves it; 4-bit stays 4-bit). Lean mode keeps bf16 weights on purpose: nothing changes.
+    """
+    if cfg.training.memory == "lean" or cfg.model.torch_dtype == "float32":
+        return
+    if cfg.method.name not in LORA_METHODS:
+        model.float()
+        return
+    for name, p in model.named_parameters():
+        if name in plan.eligible and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def apply_trainable(model: nn.Module, names: set[str]) -> bool:
+    """Set requires_grad: True exactly for `names`. Returns whether any flag changed."""
+    changed = False
+    for n, p in model.named_parameters():
+        changed |= p.requires_grad != (n in names)
+        p.requires_grad_(n in names)
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------------------- groups
+
+
+def _group_label(layers: set[int], has_head: bool, num_layers: int) -> str:
+    """'embeddings', 'block3', 'block6+top', 'blocks1-6', 'body', 'head', 'all' ... from the layer indices held."""
+    blocks = sorted(i for i in layers if 1 <= i <= num_layers)
+    if layers == set(range(num_layers + 2)):
+        return "all" if has_head else "body"
+    parts = ["embeddings"] if 0 in layers else []
+    if blocks:
+        contiguous = blocks == list(range(blocks[0], blocks[-1] + 1))
+        parts.append(
+            f"block{blocks[0]}"
+            if len(blocks) == 1
+            else f"blocks{blocks[0]}-{blocks[-1]}"
+            if contiguous
+            else "blocks" + ",".join(map(str, blocks))
+        )
+    if num_layers + 1 in layers:
+        parts.append("top")
+    if has_head:
+        parts.append("head")
+    return "+".join(parts)
+
+
+_THIRDS = ("bottom", "middle", "top")
+
+
+def layer_group_rates(lmap: LayerMap, rates: dict[str, float]) -> dict[int, float]:
+    """training.layer_groups_lr as {layer index 0..L+1 (L+1 also the head, see `layer_group_rate`): rate}.
+
+    Keys: bottom / middle / top (thirds of the L blocks; bottom also holds the embeddings, top what sits above the
+    blocks), "embeddings", block ranges "i-j" or "i" (0-based, inclusive), and "head" (read by the caller).
+    """
+    L = lmap.num_layers
+    out: dict[int, float] = {}
+    for key, rate in rates.items():
+        if key == "head":
+            continue
+        if key in _THIRDS:
+            which = _THIRDS.index(key)
+            layers = [i for i in range(1, L + 1) if min(2, (i - 1) * 3 // max(L, 1)) == which]
+            layers += [0] if which == 0 else [L + 1] if which == 2 else []
+        elif key == "embeddings":
+            layers = [0]
+        elif re.fullmatch(r"\d+(-\d+)?", key):
+            lo, _, hi = key.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if not first <= last < L:
+                raise ConfigError(f"training.layer_groups_lr.{key}: blocks are numbered 0..{L - 1} in this model")
+            layers = list(range(first + 1, last + 2))
+        else:
+            raise ConfigError(
+                f"training.layer_groups_lr.{key}: expected bottom, middle, top, head, embeddings or a "
+                f"block range such as 0-3 (this model has {L} blocks)"
+            )
+        for i in layers:
+            out[i] = rate
+    return out
+
+
+def param_groups(model: nn.Module, plan: TrainablePlan, cfg: Config) -> list[dict[str, Any]]:
+    """Optimizer groups over every eligible parameter, one per (LR scale, weight decay on/off), bottom to top.
+
+    Each group carries `lr_scale` (block i of L: decay ** (L - i); head: head_lr_mult); schedules multiply it,
+    never overwrite it. Weight decay applies to matrices only: biases, norm weights and learned vectors (CLIP's
+    class embedding, ViT's cls token) get none.
+    """
+    t = cfg.training
+    decay = t.layerwise_lr.decay_rate if t.layerwise_lr.enabled else 1.0
+    lmap = plan.lmap
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    explicit = layer_group_rates(lmap, t.layer_groups_lr) if t.layer_groups_lr else {}
+    for name, p in model.named_parameters():
+        if name not in plan.eligible:
+            continue
+        scale = lmap.scale(name, decay, t.head_lr_mult)
+        if t.layer_groups_lr:  # explicit rates (seed 001's discriminative fine-tuning), as multiples of the base
+            rate = t.layer_groups_lr.get("head") if name in lmap.head else explicit.get(lmap.layer_of[name])
+            scale = scale if rate is None else rate / t.base_learning_rate
+        # Matrices decay; vectors do not, whatever their padding dims: ViT's cls token is (1, 1, hidden).
+        decayed = sum(d > 1 for d in p.shape) >= 2
+        group = groups.setdefault(
+            (round(scale, 12), decayed),
+            {
+                "params": [],
+                "names": [],
+                "lr_scale": scale,
+                "weight_decay": t.weight_decay if decayed else 0.0,
+                "_layers": set(),
+                "_head": False,
+            },
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+        if name in lmap.head:
+            group["_head"] = True
+        else:
+            group["_layers"].add(lmap.layer_of[name])
+    ordered = []
+    for (_, decayed), g in groups.items():
+        layers, has_head = g.pop("_layers"), g.pop("_head")
+        g["name"] = _group_label(layers, has_head, lmap.num_layers) + ("" if decayed else "_no_decay")
+        # Bottom to top by the lowest layer held (a head-only group last), decayed before not.
+        ordered.append(((min(layers) if layers else lmap.num_layers + 2, not decayed), g))
+    return [g for _, g in sorted(ordered, key=lambda pair: pair[0])]
+
+
+def describe_groups(groups: list[dict[str, Any]], base_lr: float) -> str:
+    lines = [f"{'group':<26}{'tensors':>8}{'params':>12}{'lr':>12}{'wd':>8}"]
+    for g in groups:
+        n = sum(p.numel() for p in g["params"])
+        lr = base_lr * g["lr_scale"]
+        lines.append(f"{g['name']:<26}{len(g['params']):>8}{n:>12,}{lr:>12.3g}{g['weight_decay']:>8.3g}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- preparation
+
+
+def prepare_model(
+    cfg: Config, task: str, labels: list[str] | None, device: torch.device
+) -> tuple[ModelBundle, nn.Module, TrainablePlan]:
+    """The model as training uses it: built, with gradient checkpointing (always in lean mode), LoRA adapters,
+    lean mode's bf16 weights, on `device` (left where it is on the meta device), a first-token classifier's last
+    layer for that token only (`training.first_token_only`), and on a CPU: CPU dropout
+    (`hardware.cpu_dropout`), fused q/k/v projections (`hardware.fused_qkv`) and the weights that train in memory of
+    their own (not in the weight file's mapping: `filepages.own_memory`); and the plan of what trains.
+
+    The trainer, the memory planner's dry run and the benchmarks all call this, so they measure the same model.
+    Returns (bundle, model, plan); `model` is `bundle.model` or its peft wrapper.
+    """
+    bundle = build_model(cfg, task, labels)
+    model = bundle.model
+    lean = cfg.training.memory == "lean"
+    if cfg.training.gradient_checkpointing or lean:
+        enable_gradient_checkpointing(model)
+    if cfg.method.name in LORA_METHODS:
+        model = wrap_lora(model, cfg, task)
+    if lean:
+        model.to(torch.bfloat16)
+    if device.type != "meta":
+        model.to(device)
+    if device.type == "cpu" and cfg.hardware.cpu_dropout == "auto":
+        use_cpu_dropout(model)
+    if device.type == "cpu" and cfg.hardware.fused_qkv == "auto" and not cfg.training.compile:
+        fuse_qkv(model)
+    # Not in lean mode: there a dry run's peak RSS grew 15% with it (BERT, 3 layers), a cause not yet found.
+    if cfg.training.first_token_only == "auto" and task == "text_classification" and cfg.training.memory != "lean":
+        first_token_layer(model)
+    plan = plan_trainable(model, cfg)
+    master_weights(model, plan, cfg)  # fp32 where standard mode trains (model.torch_dtype may load bf16)
+    if device.type == "cpu":
+        own_memory(model, plan.eligible)  # what trains leaves the weight file's mapping (frozen weights stay)
+    return bundle, model, plan
+
+
+def describe_speedups(model: nn.Module) -> str:
+    """The run header's line on what `prepare_model` chose for speed (empty when it chose nothing)."""
+    from fulltune.runtime.device import unwrap
+    from fulltune.speed.cpu_dropout import ATTENTION, CPUDropout
+    from fulltune.speed.first_token import _FirstTokenLayer
+    from fulltune.speed.qkv import QKVLinear
+
+    base = unwrap(model)  # DDP / compiled wrappers
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    kinds = {type(m) for m in model.modules()}
+    chosen = [
+        ("CPU dropout masks", CPUDropout in kinds),
+        ("fulltune's CPU attention", getattr(getattr(base, "config", None), "_attn_implementation", "") == ATTENTION),
+        ("q/k/v as one product", QKVLinear in kinds),
+        ("last layer for the first token only", any(issubclass(k, _FirstTokenLayer) for k in kinds)),
+    ]
+    names = [name for name, on in chosen if on]
+    return f"speed: {', '.join(names)}\n" if names else ""
+

@@ -1,0 +1,1 @@
+"""Structured pruning of causal LMs, the pruned folders it writes, and the recovery guide's flow."""

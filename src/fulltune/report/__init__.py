@@ -1,0 +1,1 @@
+"""What a run tells people: the run logger (metrics.jsonl, TensorBoard, trackers), report.html and its plots."""

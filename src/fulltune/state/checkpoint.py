@@ -1,0 +1,445 @@
+"""Checkpoints: one folder is enough to resume (weights, optimizer, scaler, counters, RNG states, data position,
+config) and is also an ordinary `save_pretrained` folder that plain transformers loads.
+
+Every folder is written under a temporary name and renamed into place, so a crash mid-save never leaves a
+half-written checkpoint under a final name, and never touches the previous good one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fulltune.config import Config, save_config, to_dict
+from fulltune.errors import ConfigError, TrainingError
+from fulltune.files.manifest import MANIFEST, listed_files, recover_pending, write_manifest
+from fulltune.files.rundir import (  # noqa: F401
+    _kill_point,
+    atomic_dir,
+    claim_output_dir,
+    fsync_dir,
+    recover_run_dir,
+    release_run_lock,
+    write_atomic,
+)
+from fulltune.files.safestate import (
+    StateFileError,
+    check_tensors_header,
+    file_digest,
+    load_state,
+    load_tensors,
+    read_json,
+    save_state,
+)
+from fulltune.model.build import ModelBundle, save_image_processor
+from fulltune.runtime.device import unwrap
+from fulltune.runtime.rng import rng_state, set_rng_state
+from fulltune.state.modelcard import write_model_card
+from fulltune.state.resume import check_fits
+
+STATE_DIR = "training_state"
+RUN_META = "fulltune_run.json"
+LEGACY_PICKLES = ("optimizer.pt", "rng.pt")
+
+
+@dataclass
+class TrainState:
+    """Counters that say where a run is; saved as JSON in every checkpoint."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    """Micro-batches of the current epoch already consumed (a resume skips them)."""
+    optimizer_step: int = 0
+    total_steps: int = 0
+    samples_seen: int = 0
+    micro_batch_size: int = 0
+    """Micro-batch size and world size when saved: a resume on another world size converts batches_done."""
+    world_size: int = 1
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, str] = field(default_factory=dict)
+    """The run's data fingerprint (`resume.data_fingerprint`): a resume on other data is refused."""
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def export_model(
+    model: nn.Module,
+    bundle: ModelBundle,
+    out_dir: Path,
+    meta: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+    shards: Path | None = None,
+) -> None:
+    """Write a save_pretrained folder: LoRA adapters merged into a plain model, the adapter alone under adapter/.
+
+    `model_state` is the full state dict gathered from a sharded (FSDP) model; one ordinary folder whatever the
+    world size.
+    """
+    model = unwrap(model)
+    if shards is not None:  # FSDP's sharded training state: weights consolidated file by file, nothing gathered
+        from fulltune.state.sharded import export_from_shards
+
+        model.config.save_pretrained(str(out_dir))
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(str(out_dir))
+        export_from_shards(shards, out_dir)
+    elif model_state is not None:
+        model.save_pretrained(str(out_dir), state_dict=model_state)
+    elif is_peft(model):
+        model.save_pretrained(str(out_dir / "adapter"))
+        plain = copy.deepcopy(model).merge_and_unload()
+        plain.save_pretrained(str(out_dir))
+        del plain
+    else:
+        model.save_pretrained(str(out_dir))
+    _kill_point("inside-export")
+    if bundle.tokenizer is not None:
+        bundle.tokenizer.save_pretrained(str(out_dir))
+    if bundle.image_spec is not None:
+        save_image_processor(bundle.image_spec, model.config, out_dir)
+    from fulltune.prune.folder import export_note
+
+    note = export_note(model.config)  # a pruned model with per-layer widths: say how it loads
+    if note:
+        meta = {**meta, **note}
+        (out_dir / "README.md").write_text("# fulltune export of a pruned model\n\n" + note["loading"] + "\n")
+    (out_dir / RUN_META).write_text(json.dumps(meta, indent=2, default=str))
+    write_model_card(out_dir, meta)
+
+
+def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return {n: p.detach().contiguous().cpu() for n, p in unwrap(model).named_parameters() if id(p) in ids}
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    bundle: ModelBundle,
+    optimizer: torch.optim.Optimizer | None,
+    scaler: Any,
+    state: TrainState,
+    cfg: Config,
+    meta: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    param_names: list[str] | None = None,
+    sharded_dir: Path | None = None,
+) -> None:
+    """Write one checkpoint; `optimizer=None` writes an export only (best/). Rank 0 only; under FSDP the caller
+    gathers `model_state` / `optimizer_state` (keyed by parameter name) on every rank first, or every rank has
+    written its shards into `sharded_dir` (fulltune.state.sharded), which moves into the checkpoint.
+
+    No pickle: the optimizer and RNG states are safetensors + JSON (see safestate.py), and a manifest of every
+    file's size and SHA-256 is written last, so a load can tell a complete checkpoint from a damaged one."""
+    with atomic_dir(path) as tmp:
+        export_model(model, bundle, tmp, meta, model_state, shards=sharded_dir)
+        save_config(cfg, tmp / "config.yaml")
+        if optimizer is not None:
+            state_dir = tmp / STATE_DIR
+            state_dir.mkdir()
+            if sharded_dir is not None:  # FSDP: every rank's rows, written by fulltune.state.sharded
+                from fulltune.state.sharded import SHARDED_DIR
+
+                shutil.move(str(sharded_dir), str(state_dir / SHARDED_DIR))
+                blob = {"format": "sharded"}
+            elif optimizer_state is not None:
+                blob = {"format": "by_name", "state": optimizer_state}
+            else:
+                blob = {"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}
+            save_state(blob, state_dir, "optimizer")
+            _kill_point("inside-save")
+            save_state(
+                {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}, state_dir, "rng"
+            )
+            if is_peft(unwrap(model)):
+                # The merged export cannot be un-merged: keep the adapter-side tensors exactly as they train.
+                save_file(_trainable_state(model, optimizer), str(state_dir / "trainable.safetensors"))
+            (state_dir / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        write_manifest(tmp)
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint that is incomplete, damaged or unsafe to load; the message names the folder and the file."""
+
+
+_VERIFIED: dict[Path, int] = {}
+
+
+def verify_checkpoint(path: Path, resumable: bool = True) -> None:
+    """Check a checkpoint (or an export when `resumable=False`) against its manifest: every file present with its
+    size and SHA-256, readable safetensors headers, and, for a resume point, the complete training state."""
+    path = Path(path)
+    recover_pending(path)
+    state_dir = path / STATE_DIR
+    for legacy in LEGACY_PICKLES:
+        if (state_dir / legacy).exists() and not (state_dir / "optimizer.json").exists():
+            raise DamagedCheckpoint(
+                f"checkpoint '{path}': {STATE_DIR}/{legacy} is a pickle (written by an older fulltune, or planted); "
+                "it is never loaded, because unpickling can run code"
+            )
+    mpath = path / MANIFEST
+    try:
+        stamp = mpath.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: {MANIFEST} is missing") from None
+    if _VERIFIED.get(path.resolve()) == stamp:
+        return
+    try:
+        manifest = read_json(mpath)
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except (StateFileError, KeyError, TypeError, AssertionError):
+        raise DamagedCheckpoint(f"checkpoint '{path}': {MANIFEST} is damaged") from None
+    required = ["config.json", RUN_META]
+    if resumable:
+        required += [f"{STATE_DIR}/{n}" for n in ("trainer_state.json", "optimizer.json", "rng.json")]
+    for name in required:
+        if name not in files:
+            raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: {name} is not in its manifest")
+    if not any(n.endswith(".safetensors") and "/" not in n for n in files):
+        raise DamagedCheckpoint(f"checkpoint '{path}' has no .safetensors weights")
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: '{f}' is missing")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise DamagedCheckpoint(
+                f"checkpoint '{path}' is damaged: '{f}' has {size} bytes, {info.get('bytes')} were written"
+            )
+        if file_digest(f) != info.get("sha256"):
+            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: '{f}' does not match its SHA-256 in {MANIFEST}")
+        if name.endswith(".safetensors"):
+            try:
+                check_tensors_header(f)
+            except StateFileError as err:
+                raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+    _VERIFIED[path.resolve()] = stamp
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / STATE_DIR / "trainer_state.json").is_file()
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = listed_files(folder, "*.safetensors")
+    if not files:
+        raise ConfigError(f"checkpoint '{folder}' has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_tensors(f))
+        except StateFileError as err:
+            raise DamagedCheckpoint(f"checkpoint '{folder}': {err}") from None
+    return state
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
+    state = _read_weights(folder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if (missing or unexpected) and hasattr(model, "from_pretrained"):
+        # transformers saves some families (ViT in v5) under their legacy parameter names: let it map them back.
+        loaded, info = type(model).from_pretrained(
+            str(folder), config=model.config, use_safetensors=True, output_loading_info=True
+        )
+        if info["missing_keys"] or info["mismatched_keys"]:  # it filled them randomly: no resume of these weights
+            missing, unexpected = list(info["missing_keys"]) + [k for k, *_ in info["mismatched_keys"]], unexpected
+        else:
+            missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        del loaded
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [m for m in missing if m not in tied and not any(m.endswith(t) for t in tied)]
+    if unexpected or missing:
+        raise ConfigError(
+            f"checkpoint '{folder}' does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def _check_fits(path: Path, model: nn.Module) -> None:
+    """The model fits the checkpoint (`resume.check_fits`), its config.json read or named as damaged."""
+    hf = model.get_base_model() if is_peft(model) else model
+    if getattr(hf, "config", None) is None:
+        return
+    try:
+        saved = read_json(path / "config.json")
+    except StateFileError as err:
+        raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+    check_fits(path, hf, saved)
+
+
+def _read_state(state_dir: Path, name: str, path: Path) -> Any:
+    try:
+        return load_state(state_dir, name)
+    except StateFileError as err:
+        raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+
+
+def read_train_state(path: Path) -> TrainState:
+    f = Path(path) / STATE_DIR / "trainer_state.json"
+    try:
+        saved = read_json(f)
+        known = {field.name for field in fields(TrainState)}  # counters this version no longer keeps are ignored
+        return TrainState(**{k: v for k, v in saved.items() if k in known})
+    except StateFileError as err:
+        raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+    except (TypeError, AttributeError):
+        raise DamagedCheckpoint(f"checkpoint '{path}': '{f}' does not hold fulltune's training counters") from None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> TrainState:
+    """Restore weights, optimizer, scaler and RNG states in place; return the counters. Nothing is unpickled."""
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise ConfigError(f"'{path}' is not a fulltune checkpoint (no {STATE_DIR}/trainer_state.json)")
+    verify_checkpoint(path)
+    from fulltune.runtime import distributed as ddist
+
+    state_dir = path / STATE_DIR
+    base = unwrap(model)
+    _check_fits(path, base)
+    blob = _read_state(state_dir, "optimizer", path)
+    formats = ("by_name", "by_index", "sharded")
+    if (
+        not isinstance(blob, dict)
+        or blob.get("format") not in formats
+        or ("state" not in blob) != (blob["format"] == "sharded")
+    ):
+        raise DamagedCheckpoint(
+            f"checkpoint '{path}': '{state_dir / 'optimizer.json'}' does not hold an optimizer state"
+        )
+    rng = _read_state(state_dir, "rng", path)
+    if not isinstance(rng, dict) or "rng" not in rng:
+        raise DamagedCheckpoint(f"checkpoint '{path}': '{state_dir / 'rng.json'}' does not hold RNG states")
+    train_state = read_train_state(path)
+    if blob["format"] == "sharded":  # any world size reads its own rows
+        from fulltune.state.sharded import SHARDED_DIR, load_sharded_state
+
+        load_sharded_state(state_dir / SHARDED_DIR, base, optimizer)
+    elif ddist.is_fsdp(base):
+        if blob["format"] != "by_name":
+            raise ConfigError(
+                f"checkpoint '{path}' was not written by an FSDP run; resume it with parallel ddp or none"
+            )
+        ddist.load_full_model_state(base, _read_weights(path))
+        ddist.load_full_optimizer_state(base, optimizer, blob["state"])
+    elif is_peft(base):
+        try:
+            adapter = load_tensors(state_dir / "trainable.safetensors")
+        except StateFileError as err:
+            raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+        missing, unexpected = base.load_state_dict(adapter, strict=False)
+        if unexpected:
+            raise ConfigError(f"checkpoint '{path}': adapter tensors do not fit this model ({unexpected[:5]})")
+    else:
+        _load_weights(base, path)
+    try:
+        if not ddist.is_fsdp(base) and blob["format"] != "sharded":
+            if blob["format"] == "by_name":  # written by an FSDP run: map names onto this optimizer
+                ddist.load_full_optimizer_state(base, optimizer, blob["state"])
+            else:
+                optimizer.load_state_dict(blob["state"])
+        if scaler is not None and rng.get("scaler") is not None:
+            scaler.load_state_dict(rng["scaler"])
+        set_rng_state(rng["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"checkpoint '{path}': its optimizer or RNG state does not fit this run ({err})") from None
+    return train_state
+
+
+def _step_of(p: Path) -> int:
+    try:
+        return int(read_json(p / STATE_DIR / "trainer_state.json")["optimizer_step"])
+    except (StateFileError, KeyError, TypeError, ValueError):
+        m = re.fullmatch(r"checkpoint-step-(\d+)", p.name)
+        return int(m[1]) if m else -1
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Resumable checkpoints in a run folder, oldest first (by optimizer step); temporary folders never count."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and is_checkpoint(p)]
+    return sorted(found, key=lambda p: (_step_of(p), p.stat().st_mtime))
+
+
+def _newest_good(found: list[Path]) -> Path | None:
+    for p in reversed(found):
+        try:
+            verify_checkpoint(p)
+            read_train_state(p)
+        except DamagedCheckpoint as err:
+            print(f"warning: skipping damaged checkpoint {p}: {err}", flush=True)
+            continue
+        return p
+    return None
+
+
+def find_resume_point(resume: str, output_dir: Path) -> Path | None:
+    """`--resume auto`: newest good checkpoint in output_dir (None if there is none; damaged ones are skipped with a
+    warning); a run folder: its newest good one; or a checkpoint folder itself (verified: damage is an error)."""
+    if resume == "auto":
+        if int(os.environ.get("RANK", "0")) == 0:  # one process repairs; the others only read
+            recover_run_dir(output_dir)
+        found = list_checkpoints(output_dir)
+        point = _newest_good(found)
+        if point is None and found:
+            raise DamagedCheckpoint(f"--resume auto: every checkpoint in '{output_dir}' is damaged (see the warnings)")
+        return point
+    p = Path(resume)
+    if is_checkpoint(p):
+        verify_checkpoint(p)
+        read_train_state(p)
+        return p
+    if p.is_dir():
+        found = list_checkpoints(p)
+        if found:
+            point = _newest_good(found)
+            if point is None:
+                raise DamagedCheckpoint(f"--resume '{resume}': every checkpoint in it is damaged (see the warnings)")
+            return point
+    raise ConfigError(f"--resume '{resume}': not a checkpoint folder, nor a run folder holding checkpoints")
+
+
+def delete_old_checkpoints(output_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints. Each is first renamed to a temporary name, so a kill
+    during the deletion never leaves a half-deleted folder that looks like a checkpoint."""
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        doomed = old.parent / f".{old.name}.del-{os.getpid()}"
+        old.rename(doomed)
+        fsync_dir(old.parent)
+        _kill_point("deleting-old")
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def run_meta(task: str, labels: list[str] | None, cfg: Config, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    meta = {"task": task, "labels": labels, "method": cfg.method.name, "fulltune_config": to_dict(cfg)}
+    meta.update(extra or {})
+    return meta
+
+
+def convert_position(state: TrainState, micro: int, world: int, point: Path) -> int:
+    """Batches already done this epoch, in this run's batch size and world size (the global batch must match)."""
+    saved_micro, saved_world = state.micro_batch_size or micro, state.world_size or 1
+    if saved_micro * saved_world != micro * world:
+        raise TrainingError(
+            f"checkpoint '{point}' was written with a global batch of {saved_micro} x {saved_world} processes; "
+            f"this run has {micro} x {world}: set data.batch_size so that the global batch is the same"
+        )
+    state.micro_batch_size, state.world_size = micro, world
+    return state.batches_done

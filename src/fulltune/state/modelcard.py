@@ -1,0 +1,317 @@
+"""Model cards: the README.md of every exported folder (best/, checkpoints, compare's runs, pruned and recovered
+models, `fulltune export`): base model, task, labels, data, method and key hyper-parameters, metrics with their
+split, how to load it with plain transformers, and limits. Rendered from the folder's fulltune_run.json facts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fulltune.files.manifest import replace_in_checkpoint
+
+CARD_FILE = "README.md"
+PIPELINE_TAGS = {
+    "text_classification": "text-classification",
+    "image_classification": "image-classification",
+    "causal_lm": "text-generation",
+}
+AUTO_CLASSES = {
+    "text_classification": "AutoModelForSequenceClassification",
+    "image_classification": "AutoModelForImageClassification",
+    "causal_lm": "AutoModelForCausalLM",
+}
+
+
+def card_facts(cfg: Any, data: Any, state: Any) -> dict[str, Any]:
+    """What a card needs beyond the config, gathered by the trainer for each export: data sizes and source, the
+    latest validation metrics."""
+    d = cfg.data
+    source: dict[str, Any] = {}
+    if d.dataset_name:
+        source = {"dataset_name": d.dataset_name, "dataset_config": d.dataset_config, "train_split": d.train_split}
+    else:
+        source = {k: getattr(d, k) for k in ("data_dir", "train_file", "val_file", "test_file") if getattr(d, k)}
+    from fulltune.train.tasks import split_size
+
+    sizes = {w: split_size(getattr(data, w)) for w in ("train", "val", "test") if getattr(data, w) is not None}
+    facts: dict[str, Any] = {"data": {"source": source, "sizes": sizes, "val_source": data.info.get("val_source")}}
+    if state.history:
+        facts["last_val"] = state.history[-1]
+    return facts
+
+
+def _base_model(config: dict[str, Any]) -> str:
+    model = config.get("model", {})
+    if model.get("tiny_config"):
+        kind = model["tiny_config"].get("model_type", "?")
+        return f"a randomly initialised `{kind}` (model.tiny_config; no pretrained weights)"
+    return f"`{model.get('name_or_path')}`"
+
+
+def _hub_base_model(config: dict[str, Any]) -> str | None:
+    """The base model's hub id for the card's metadata (not a local folder, not a random init)."""
+    model = config.get("model", {})
+    name = model.get("name_or_path")
+    if model.get("tiny_config") or not name or name.startswith((".", "/", "~")) or Path(name).exists():
+        return None
+    return name
+
+
+def _hyper_parameters(config: dict[str, Any], task: str) -> list[tuple[str, Any]]:
+    t, d, m = config.get("training", {}), config.get("data", {}), config.get("method", {})
+    rows: list[tuple[str, Any]] = [
+        ("method", m.get("name")),
+        ("learning rate (peak)", t.get("base_learning_rate")),
+        ("schedule", f"{t.get('lr_scheduler')}, warmup {t.get('warmup_steps') or t.get('warmup_ratio')}"),
+        ("epochs / max steps", f"{t.get('num_epochs')} / {t.get('max_steps')}"),
+        ("micro-batch x accumulation", f"{d.get('batch_size')} x {t.get('gradient_accumulation_steps')}"),
+        ("weight decay", t.get("weight_decay")),
+        ("max grad norm", t.get("max_grad_norm")),
+        ("label smoothing", t.get("label_smoothing")),
+        ("precision", config.get("hardware", {}).get("mixed_precision")),
+        ("memory mode", t.get("memory")),
+        ("seed", t.get("seed")),
+    ]
+    if m.get("name") == "partial":
+        rows.append(("trainable top blocks", m.get("trainable_layers")))
+    if m.get("name") == "lora":
+        lora = m.get("lora", {})
+        rows.append(("LoRA r / alpha / dropout", f"{lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')}"))
+    if t.get("layerwise_lr", {}).get("enabled"):
+        rows.append(("layer-wise LR decay", t["layerwise_lr"].get("decay_rate")))
+    if t.get("progressive_unfreezing", {}).get("enabled"):
+        rows.append(("progressive unfreezing", "on"))
+    if task == "text_classification":
+        rows.append(("max tokens per text", d.get("max_length")))
+    elif task == "causal_lm":
+        rows.append(("tokens per block", d.get("seq_len")))
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _metric_rows(meta: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    rows = []
+    if meta.get("val_metrics"):
+        rows.append(
+            ("validation", f"best of the run, optimizer step {meta.get('optimizer_step')}", meta["val_metrics"])
+        )
+    elif meta.get("last_val"):
+        last = {k: v for k, v in meta["last_val"].items() if k not in ("step", "epoch")}
+        rows.append(("validation", f"latest evaluation, optimizer step {meta['last_val'].get('step')}", last))
+    if meta.get("test_metrics"):
+        rows.append(("test", "these weights", meta["test_metrics"]))
+    for name, metrics in (meta.get("extra_metrics") or {}).items():
+        rows.append((name, "", metrics))
+    return rows
+
+
+def _load_snippet(task: str, meta: dict[str, Any]) -> str:
+    cls = AUTO_CLASSES.get(task, "AutoModel")
+    if meta.get("pruned_layout"):
+        return (
+            "This folder keeps the pruned per-layer widths, which plain `from_pretrained` cannot build. Load it with\n"
+            "fulltune, or make a plain-transformers copy with `fulltune export THIS_FOLDER --output_dir DIR`:\n\n"
+            '```python\nfrom fulltune.prune.folder import load_pruned\nmodel = load_pruned("PATH")\n```\n'
+        )
+    if meta.get("adapter_only"):
+        return (
+            "This folder holds a LoRA adapter (peft), not full weights:\n\n```python\n"
+            "from peft import AutoPeftModelFor"
+            f"{'SequenceClassification' if task == 'text_classification' else 'CausalLM'} as Model\n"
+            'model = Model.from_pretrained("PATH")  # fetches the base model named in adapter_config.json\n```\n'
+        )
+    if task == "image_classification":
+        body = (
+            "from PIL import Image\nfrom transformers import AutoImageProcessor, AutoModelForImageClassification\n\n"
+            'processor = AutoImageProcessor.from_pretrained("PATH")\n'
+            'model = AutoModelForImageClassification.from_pretrained("PATH")\n'
+            'logits = model(**processor(Image.open("photo.jpg"), return_tensors="pt")).logits\n'
+            "print(model.config.id2label[int(logits.argmax(-1))])"
+        )
+    elif task == "causal_lm":
+        body = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")\nmodel = AutoModelForCausalLM.from_pretrained("PATH")\n'
+            'ids = model.generate(**tokenizer("Once upon a time", return_tensors="pt"), max_new_tokens=40)\n'
+            "print(tokenizer.decode(ids[0]))"
+        )
+    else:
+        body = (
+            f"from transformers import AutoTokenizer, {cls}\n\n"
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")\n'
+            f'model = {cls}.from_pretrained("PATH")\n'
+            'logits = model(**tokenizer(["a text to classify"], return_tensors="pt")).logits\n'
+            "print(model.config.id2label[int(logits.argmax(-1))])"
+        )
+    return f"With plain `transformers` (fulltune is not needed), PATH being this folder:\n\n```python\n{body}\n```\n"
+
+
+def _limits(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    task = meta.get("task")
+    sizes = (meta.get("data") or {}).get("sizes") or {}
+    out = []
+    if sizes.get("train") is not None:
+        out.append(
+            f"Fine-tuned on {sizes['train']:,} training examples: expect it to do well only on data like "
+            "them (same domain, language, label set and input length or image kind)."
+        )
+    if config.get("model", {}).get("tiny_config"):
+        out.append("The base was a randomly initialised test-sized model: this is not a useful model.")
+    if task in ("text_classification", "image_classification"):
+        out.append(
+            "It always answers with one of its labels, even for inputs that belong to none of them; "
+            "its probabilities are not calibrated."
+        )
+    if task == "text_classification":
+        max_len = config.get("data", {}).get("max_length")
+        out.append(
+            f"Texts longer than {max_len} tokens were truncated in training; so are they at inference by "
+            "the tokenizer's settings."
+        )
+    if meta.get("pruned_layout") or meta.get("pruned"):
+        out.append(
+            "Structured pruning removes attention groups and MLP channels: measure perplexity and your own "
+            "task before use; recovery training on a small set only partly restores the original quality."
+        )
+    out.append(
+        "Metrics above come from the splits named, not from an independent benchmark; the model inherits "
+        "the biases of its base model and of its training data. Not for decisions about people."
+    )
+    return out
+
+
+def render(meta: dict[str, Any]) -> str:
+    """The README.md text of an exported folder, from its fulltune_run.json facts."""
+    config = meta.get("fulltune_config") or {}
+    task = meta.get("task") or config.get("task") or "?"
+    labels = meta.get("labels")
+    data = meta.get("data") or {}
+    front = ["---", "library_name: transformers", "tags:", "- fulltune", f"- {PIPELINE_TAGS.get(task, task)}"]
+    if task in PIPELINE_TAGS:
+        front.append(f"pipeline_tag: {PIPELINE_TAGS[task]}")
+    base = _hub_base_model(config)
+    if base:
+        front.append(f"base_model: {base}")
+    hub_data = (data.get("source") or {}).get("dataset_name")
+    if hub_data and not Path(str(hub_data)).exists():
+        front += ["datasets:", f"- {hub_data}"]
+    front.append("---")
+    title = meta.get("title") or f"{task.replace('_', ' ')} fine-tuned with fulltune ({meta.get('method', '?')})"
+    lines = [*front, "", f"# {title}", ""]
+    lines += ["## Model", "", f"- Base model: {_base_model(config)}", f"- Task: {task}"]
+    if labels:
+        lines.append(f"- Labels ({len(labels)}): " + ", ".join(f"`{lb}`" for lb in labels))
+    if meta.get("total_parameters"):
+        lines.append(f"- Parameters: {meta['total_parameters']:,} ({meta.get('trainable_parameters', 0):,} trained)")
+    if meta.get("optimizer_step") is not None:
+        lines.append(f"- Weights after optimizer step {meta['optimizer_step']} (epoch {meta.get('epoch')})")
+    for note in meta.get("notes") or []:
+        lines.append(f"- {note}")
+    lines += ["", "## Data", ""]
+    source = data.get("source") or {}
+    if source:
+        lines += [f"- {k}: `{v}`" for k, v in source.items() if v is not None]
+    if data.get("sizes"):
+        sizes = ("streamed" if v is None else f"{v:,}" for v in data["sizes"].values())
+        lines.append("- Examples: " + ", ".join(f"{k} {v}" for k, v in zip(data["sizes"], sizes, strict=True)))
+    if data.get("val_source"):
+        lines.append(f"- Validation split: {data['val_source']}")
+    if not source and not data.get("sizes"):
+        lines.append("- Not recorded for this folder.")
+    if config:
+        lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in _hyper_parameters(config, task)]
+        lines.append("\nThe full configuration is in `fulltune_run.json` (`fulltune_config`).")
+    lines += ["", "## Metrics", ""]
+    metric_rows = _metric_rows(meta)
+    if metric_rows:
+        lines += ["| split | weights | metric | value |", "|---|---|---|---|"]
+        for split, which, metrics in metric_rows:
+            lines += [
+                f"| {split} | {which} | {k} | {_fmt(v)} |"
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and k not in ("step", "epoch")
+            ]
+    else:
+        lines.append("No evaluation was recorded for these weights.")
+    lines += ["", "## How to load", "", _load_snippet(task, meta), "## Limits", ""]
+    lines += [f"- {text}" for text in _limits(meta, config)]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(folder: str | Path, meta: dict[str, Any]) -> Path:
+    """README.md in `folder` (already holding config.json): a pruned layout is told apart from config.json."""
+    from fulltune.prune.folder import is_pruned_folder
+
+    if is_pruned_folder(folder):
+        meta = {**meta, "pruned_layout": True}
+    adapter = Path(folder) / "adapter"
+    if (adapter / "adapter_config.json").is_file():  # a LoRA run: merged weights here, the adapter alone below
+        meta = {
+            **meta,
+            "notes": [
+                *(meta.get("notes") or []),
+                "LoRA adapter merged into these weights; the adapter alone (peft) is in adapter/.",
+            ],
+        }
+        (adapter / CARD_FILE).write_text(render({**meta, "adapter_only": True}), encoding="utf-8")
+    path = Path(folder) / CARD_FILE
+    path.write_text(render(meta), encoding="utf-8")
+    return path
+
+
+def refresh_with_test(run_dir: Path) -> None:
+    """After the test split is measured (summary.json), add its metrics to the card of the weights it measured."""
+    summary_path = Path(run_dir) / "summary.json"
+    if not summary_path.is_file():
+        return
+    summary = json.loads(summary_path.read_text())
+    test = summary.get("test")
+    if not test:
+        return
+    if test.get("weights") == "best":
+        folder = Path(run_dir) / "best"
+    elif summary.get("last_checkpoint"):
+        folder = Path(summary["last_checkpoint"])
+    else:
+        return
+    meta_path = folder / "fulltune_run.json"
+    if not meta_path.is_file():
+        return
+    meta = json.loads(meta_path.read_text())
+    meta["test_metrics"] = {k: v for k, v in test.items() if k != "weights"}
+    # The record and its manifest entry change together; the card (README.md, outside the manifest) after them.
+    replace_in_checkpoint(folder, meta_path.name, json.dumps(meta, indent=2, default=str))
+    write_model_card(folder, meta)
+
+
+def pruned_meta(base: str, report: dict[str, Any] | None, total_parameters: int | None = None) -> dict[str, Any]:
+    """Card facts of a `fulltune prune` output folder (`base`: the model it was pruned from)."""
+    meta: dict[str, Any] = {
+        "task": "causal_lm",
+        "method": "structured pruning",
+        "pruned": True,
+        "pruned_layout": True,
+        "title": f"{base} structurally pruned with fulltune",
+        "labels": None,
+        "fulltune_config": {"model": {"name_or_path": base}, "task": "causal_lm"},
+        "total_parameters": total_parameters,
+        "trainable_parameters": 0,
+    }
+    if report is not None:
+        cfg = report.get("config", {})
+        meta["notes"] = [
+            f"Pruned from {report['params_before']:,} to {report['params_after']:,} parameters "
+            f"(ratio {cfg.get('pruning_ratio')}, importance {cfg.get('importance')}, "
+            f"MLP pruned: {cfg.get('prune_mlp')},"
+            f" layers {report.get('layer_range')})",
+            "No training after pruning in this folder (recovery training, if run, is in recovery/).",
+        ]
+    return meta
