@@ -24,15 +24,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import torch
-    from fulltune.train.optim import optimizer_step
     from transformers import AutoModelForSequenceClassification
 
-    from fulltune.model.build import packaged_minilm_path
+    from fulltune.model.bundle import packaged_minilm_path
     from fulltune.runtime.memory import configure_cpu
     from fulltune.speed.cpu_dropout import ATTENTION, use_cpu_dropout
     from fulltune.speed.filepages import own_memory
     from fulltune.speed.first_token import first_token_layer
     from fulltune.speed.qkv import fuse_qkv
+    from fulltune.train.optim import optimizer_step
 
     class Hardware:  # the trainer's allocator choice for CPU training
         num_threads, cpu_allocator = args.threads, "auto"

@@ -33,15 +33,15 @@ def worker(a: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(BENCH))
-    from fulltune.train.optim import optimizer_step
-    from fulltune.train.tasks import TASKS
-    from fulltune.train.trainer import setup
     from synthetic_lm import write_corpus, write_tokenizer
 
     from fulltune.config import load_config
     from fulltune.runtime.device import to_device
     from fulltune.runtime.ranks import barrier, rank
-    from fulltune.state.sharded import save_fsdp_checkpoint
+    from fulltune.state.checkpoint import save_fsdp_checkpoint
+    from fulltune.train.optim import optimizer_step
+    from fulltune.train.tasks import TASKS
+    from fulltune.train.trainer import setup
 
     work = Path(a.work)
     if rank() == 0:

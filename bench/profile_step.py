@@ -30,12 +30,11 @@ def main() -> int:
     if not SST2.is_dir():
         print(f"skipped: {SST2} is not present")
         return 0
+    from fulltune.config import load_config
+    from fulltune.runtime.device import to_device
     from fulltune.train.optim import optimizer_step
     from fulltune.train.tasks import TASKS
     from fulltune.train.trainer import setup
-
-    from fulltune.config import load_config
-    from fulltune.runtime.device import to_device
 
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.tsv"

@@ -3,7 +3,7 @@
 A first subprocess writes a random-init Llama of about 1.2B parameters (Llama-3.2-1B's shape: hidden 2048, MLP 8192,
 16 layers, 32/8 heads, vocabulary 128,256, tied embeddings) as a bf16 checkpoint. Each importance criterion then
 runs in a fresh subprocess: it loads the checkpoint as `fulltune prune --torch_dtype auto` does (in its own dtype,
-bf16) and prunes 25% of KV groups and MLP channels in every layer with `fulltune.prune.structured.prune_model`. Taylor
+bf16) and prunes 25% of KV groups and MLP channels in every layer with `fulltune.model.pruning.prune_model`. Taylor
 importance backpropagates one batch of 4 calibration blocks of 128 tokens of fulltune's built-in text.
 
 Magnitude runs twice: on the weights as `fulltune prune` loads them (safetensors maps the checkpoint file; RSS counts
@@ -84,7 +84,7 @@ def child_build(layers: int, work: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fulltune.model.build import packaged_minilm_path
+    from fulltune.model.bundle import packaged_minilm_path
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(llama_config(layers), dtype=torch.bfloat16)
@@ -96,14 +96,14 @@ def child_build(layers: int, work: Path) -> dict:
 def child_prune(importance: str, work: Path, materialize: bool) -> dict:
     import torch
     import transformers
-    from fulltune.prune.folder import save_pruned
-    from fulltune.prune.guide import builtin_text
-    from fulltune.prune.structured import PruneConfig, parameter_count, prune_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fulltune.cli.prune import _load_base
     from fulltune.config import load_config
     from fulltune.data import lm
+    from fulltune.model.pruning import PruneConfig, parameter_count, prune_model
+    from fulltune.prune.folder import save_pruned
+    from fulltune.prune.guide import builtin_text
 
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
@@ -164,10 +164,10 @@ def child_prune(importance: str, work: Path, materialize: bool) -> dict:
 
 def child_recover(work: Path, steps: int) -> dict:
     import torch
-    from fulltune.prune.guide import builtin_text
-    from fulltune.train.trainer import train
 
     from fulltune.config import load_config
+    from fulltune.prune.guide import builtin_text
+    from fulltune.train.trainer import train
 
     torch.set_num_threads(2)
     train_text, _, _ = builtin_text(work)

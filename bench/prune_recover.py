@@ -96,9 +96,8 @@ def train_tokenizer(text_file: Path, out: Path) -> Path:
 
 
 def pretrain(train_file: Path, tokenizer: Path, out: Path) -> Path:
-    from fulltune.train.trainer import train
-
     from fulltune.config import load_config
+    from fulltune.train.trainer import train
 
     cfg = load_config(
         None,
@@ -117,10 +116,9 @@ def pretrain(train_file: Path, tokenizer: Path, out: Path) -> Path:
 
 def control(base: Path, train_file: Path, out: Path) -> Path:
     """The unpruned model given exactly the recovery run's training."""
-    from fulltune.train.trainer import train
-
     from fulltune.cli.prune import FINETUNE_FLAGS, SCRIPT_DEFAULTS
     from fulltune.config import load_config
+    from fulltune.train.trainer import train
 
     values = {FINETUNE_FLAGS[flag][0]: v for flag, v in RECOVERY.items()}
     cfg = load_config(

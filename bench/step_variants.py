@@ -135,7 +135,7 @@ def main() -> int:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from fulltune.model.build import packaged_minilm_path
+    from fulltune.model.bundle import packaged_minilm_path
 
     hf_logging.set_verbosity_error()
     path = str(packaged_minilm_path())

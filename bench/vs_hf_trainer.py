@@ -64,7 +64,7 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = Tr
         TrainingArguments,
     )
 
-    from fulltune.model.build import packaged_minilm_path
+    from fulltune.model.bundle import packaged_minilm_path
 
     path = str(packaged_minilm_path())
     tok = AutoTokenizer.from_pretrained(path)
@@ -104,9 +104,8 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = Tr
 
 
 def run_fulltune(seed: int, rows: int, workdir: Path, precision: str = "auto") -> dict:
-    from fulltune.train.trainer import train
-
     from fulltune.config import load_config
+    from fulltune.train.trainer import train
 
     train_file = workdir / "train.tsv"
     with open(SST2 / "train.tsv", encoding="utf-8") as src, open(train_file, "w", encoding="utf-8") as dst:

@@ -39,7 +39,7 @@ def test_recovery_removes_fsdp_shard_staging_of_a_dead_save(tmp_path: Path) -> N
     import sys
 
     from fulltune.files.rundir import recover_run_dir
-    from fulltune.state.sharded import staging_dir
+    from fulltune.state.checkpoint import staging_dir
 
     mine = staging_dir(tmp_path / "checkpoint-step-4")  # without a process group: this process's pid
     assert mine == tmp_path / f".checkpoint-step-4.shards.tmp-{os.getpid()}"

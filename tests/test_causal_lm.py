@@ -13,18 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import NEGATIVE, POSITIVE, TINY_GPT2, TINY_LLAMA, TINY_QWEN2, base_overrides, config_kwargs
-from fulltune.train.tasks import count_tokens, lm_loss
-from fulltune.train.trainer import setup, train
 from test_train import assert_same_weights
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fulltune import cli
 from fulltune.config import DataConfig, load_config
 from fulltune.data import lm
+from fulltune.data.lm import tokenize_text_file
 from fulltune.data.text import DataError
 from fulltune.eval.evaluate import evaluate_checkpoint
-from fulltune.eval.perplexity import perplexity, tokenize_text_file
-from fulltune.model.build import load_exported
+from fulltune.eval.losses import count_tokens, lm_loss
+from fulltune.eval.perplexity import perplexity
+from fulltune.model.exported import load_exported
+from fulltune.train.trainer import setup, train
 
 BOS, EOS = 1, 2
 

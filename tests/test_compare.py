@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 from conftest import TINY_BERT, parse_cli
-from fulltune.compare.runner import learning_rates, parse_methods
 
+from fulltune.compare.runner import learning_rates, parse_methods
 from fulltune.errors import ConfigError
 
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import yaml
 from conftest import parse_cli
-from fulltune.compare.runner import learning_rates, markdown, parse_methods
-from fulltune.compare.variants import UNTRAINED, parse_variants
 from test_compare import write_compare_config
 
+from fulltune.compare.runner import learning_rates, markdown, parse_methods
+from fulltune.compare.variants import UNTRAINED, parse_variants
 from fulltune.config import ConfigError
 
 

@@ -144,11 +144,11 @@ def test_ddp_trains_a_head_that_leaves_parameters_unused(tmp_path, image_data):
     """CLIPForImageClassification never uses the vision tower's post_layernorm: DDP is told to expect that (and only
     for such a model), so two processes train where plain DDP would stop at the first step."""
     from conftest import TINY_BERT, TINY_CLIP, base_overrides
-    from fulltune.train.tasks import TASKS
 
     from fulltune.config import load_config
     from fulltune.model.methods import prepare_model
     from fulltune.runtime.distributed import unreached_parameters
+    from fulltune.train.tasks import TASKS
 
     def unreached(tiny, task, batch):
         cfg = load_config(None, base_overrides(tmp_path / "probe", tiny))

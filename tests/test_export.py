@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_CLIP, base_overrides, write_text_split
-from fulltune.train.trainer import train
 from PIL import Image
 from safetensors.torch import load_file
 
 from fulltune.cli import main
 from fulltune.config import ConfigError, load_config
-from fulltune.model.build import load_exported
+from fulltune.model.exported import load_exported
 from fulltune.state.export import export, push_to_hub, unprune
+from fulltune.train.trainer import train
 
 # Logits of each folder, computed in a process where fulltune cannot be imported.
 PLAIN_LOGITS = """
@@ -171,9 +171,11 @@ def test_image_export_gives_the_checkpoint_logits(tmp_path, image_data):
 
 
 def test_pruned_folder_has_a_card_and_exports_to_plain_transformers(tmp_path):
-    from fulltune.prune.folder import load_pruned, save_pruned
-    from fulltune.prune.structured import PruneConfig, get_layer_shapes, prune_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fulltune.model.pruned import load_pruned
+    from fulltune.model.pruning import PruneConfig, get_layer_shapes, prune_model
+    from fulltune.prune.folder import save_pruned
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from fulltune.train.trainer import setup, train  # noqa: E402
 from synthetic_lm import write_corpus, write_tokenizer  # noqa: E402
 
 from fulltune.config import MethodConfig, load_config  # noqa: E402
+from fulltune.train.trainer import setup, train  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

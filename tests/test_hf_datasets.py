@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_CLIP, base_overrides
-from fulltune.train.trainer import setup, train
 from test_train import assert_same_weights
 
 from fulltune.config import load_config
 from fulltune.data import images as img
 from fulltune.data.text import DataError
+from fulltune.train.trainer import setup, train
 
 datasets = pytest.importorskip("datasets")
 

@@ -15,11 +15,11 @@ import pytest
 import test_hf_datasets
 import torch
 from conftest import TINY_BERT, TINY_LLAMA, base_overrides
-from fulltune.train.trainer import setup, train
 from test_train import assert_same_weights
 
 from fulltune.config import ConfigError, load_config
 from fulltune.data import text as txt
+from fulltune.train.trainer import setup, train
 
 
 def copy_checkpoint(run: Path, step: int, out: Path) -> Path:

@@ -9,6 +9,9 @@ import copy
 
 import pytest
 import torch
+from test_lean_optimizer import step_beside_fp32_adamw
+from torch import nn
+
 from fulltune.train.lean import BF16AdamW
 from fulltune.train.lean_kernel import (
     compiled_update,
@@ -17,8 +20,6 @@ from fulltune.train.lean_kernel import (
     update_lowp,
     update_lowp_,
 )
-from test_lean_optimizer import step_beside_fp32_adamw
-from torch import nn
 
 
 def chunk(n: int, seed: int, v_dtype: torch.dtype = torch.bfloat16, kahan: bool = False):

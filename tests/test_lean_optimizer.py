@@ -10,10 +10,11 @@ import io
 import pytest
 import torch
 from conftest import TINY_BERT
-from fulltune.train.lean import BF16AdamW, build_lean_optimizer, lean_bytes_per_param
-from fulltune.train.lean_fused import attach_fused_step
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
+
+from fulltune.train.lean import BF16AdamW, build_lean_optimizer, lean_bytes_per_param
+from fulltune.train.lean_fused import attach_fused_step
 
 
 def mlp(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:

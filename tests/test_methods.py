@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_CLIP, TINY_LLAMA, TINY_VIT, tiny_bert_text_config
-from fulltune.train.optim import lr_factor
-from fulltune.train.trainer import setup, train
 from safetensors.torch import load_file
 
 from fulltune.config import ConfigError, load_config
@@ -25,6 +23,8 @@ from fulltune.model.build import build_model
 from fulltune.model.layermap import layer_map
 from fulltune.model.methods import enable_gradient_checkpointing, plan_trainable, wrap_lora
 from fulltune.train import trainer as train_module
+from fulltune.train.optim import lr_factor
+from fulltune.train.trainer import setup, train
 
 BERT_LAYERS = 2  # TINY_BERT's blocks
 

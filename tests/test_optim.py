@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from fulltune.train.optim import grad_norm, lr_factor, optimizer_step, set_lr
 from torch import nn
+
+from fulltune.train.optim import grad_norm, lr_factor, optimizer_step, set_lr
 
 
 def test_warmup_then_cosine_and_linear() -> None:

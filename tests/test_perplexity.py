@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from fulltune.eval.perplexity import iter_windows, perplexity, tokenize_text_file  # noqa: E402
+from fulltune.data.lm import tokenize_text_file
+from fulltune.eval.perplexity import iter_windows, perplexity  # noqa: E402
 
 N_TOKENS = 203  # not a multiple of the block size below
 BLOCK = 32

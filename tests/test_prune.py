@@ -11,14 +11,6 @@ from conftest import TINY_LLAMA_GQA, config_kwargs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fulltune.prune.folder import is_pruned_folder, load_pruned, save_pruned
-from fulltune.prune.structured import (
-    PruneConfig,
-    allocate_layer_ratios,
-    get_layer_shapes,
-    parameter_count,
-    prune_model,
-)
 from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
@@ -27,6 +19,16 @@ from transformers import (  # noqa: E402
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from fulltune.model.pruned import is_pruned_folder, load_pruned
+from fulltune.model.pruning import (
+    PruneConfig,
+    allocate_layer_ratios,
+    get_layer_shapes,
+    parameter_count,
+    prune_model,
+)
+from fulltune.prune.folder import save_pruned
 
 TINY = config_kwargs(TINY_LLAMA_GQA)
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = (

@@ -7,9 +7,11 @@ import json
 
 import pytest
 import torch
-from fulltune.prune.folder import is_pruned_folder, load_pruned, save_pruned
-from fulltune.prune.structured import PruneConfig, prune_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from fulltune.model.pruned import is_pruned_folder, load_pruned
+from fulltune.model.pruning import PruneConfig, prune_model
+from fulltune.prune.folder import save_pruned
 
 
 def tiny_llama() -> LlamaForCausalLM:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fulltune.prune.folder import is_pruned_folder
 from test_causal_lm import make_bpe_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fulltune import cli
 from fulltune.data.docstrings import build_docstring_dataset
+from fulltune.model.pruned import is_pruned_folder
 from fulltune.prune import guide as prune_guide
 
 # The six command lines of 003 as printed there (方案1, 方案2, 场景1-4); `python llama3_..._gqa_aware.py` becomes

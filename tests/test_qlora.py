@@ -40,10 +40,10 @@ def test_qlora_trains_lora_on_a_4bit_base(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("QLoRA needs CUDA")
     pytest.importorskip("bitsandbytes")
-    from fulltune.train.trainer import setup, train
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fulltune.model.build import packaged_minilm_path
+    from fulltune.model.bundle import packaged_minilm_path
+    from fulltune.train.trainer import setup, train
 
     base = tmp_path / "base"
     config = LlamaConfig(

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_CLIP, base_overrides, write_text_split
-from fulltune.report.html import build_comparison, build_report, per_class
-from fulltune.train.trainer import train
 from PIL import Image
 
 from fulltune.cli import main
 from fulltune.config import load_config
 from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.eval.metrics import summarize_confusion
+from fulltune.report.html import build_comparison, build_report, per_class
+from fulltune.train.trainer import train
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220), (220, 40, 220), (120, 120, 120)]
 CLASSES = ["red", "green", "blue", "yellow", "cyan", "magenta", "grey"]
@@ -141,7 +141,7 @@ def test_predict_equals_the_transformers_pipeline_on_an_image(image_run):
     from transformers import pipeline
 
     from fulltune.eval.predict import classify
-    from fulltune.model.build import load_exported
+    from fulltune.model.exported import load_exported
 
     export = image_run / "best"
     image = next((image_run.parent / "data" / "test" / "blue").glob("*.jpg"))
@@ -159,7 +159,7 @@ def test_predict_equals_the_transformers_pipeline_on_a_text(tmp_path):
     from transformers import pipeline
 
     from fulltune.eval.predict import classify
-    from fulltune.model.build import load_exported
+    from fulltune.model.exported import load_exported
 
     for split, n, seed in (("train", 16, 0), ("val", 4, 1)):
         write_text_split(tmp_path / f"{split}.tsv", n, seed)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_CLIP
-from fulltune.train.trainer import setup, train
 
 from fulltune.config import load as config_load
 from fulltune.config import load_config
 from fulltune.model.methods import param_groups, plan_trainable
+from fulltune.train.trainer import setup, train
 
 SEEDS = Path(__file__).parent / "fixtures" / "seeds"
 # CLIP with 12 vision blocks, as the seeds' ViT-B/32, so that `vision_model.encoder.layers.11` exists.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from conftest import TINY_BERT, base_overrides
-from fulltune.train.trainer import setup
 
 from fulltune.config import load_config
+from fulltune.train.trainer import setup
 
 
 def _cfg(tmp_path, text_data, **extra):

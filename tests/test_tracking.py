@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_BERT, base_overrides, tiny_bert_text_config
-from fulltune.train.trainer import train
 
 from fulltune.config import ConfigError, load_config
+from fulltune.train.trainer import train
 
 mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_CLIP, TINY_VIT, base_overrides, tiny_bert_text_config
-from fulltune.train.tasks import TASKS
-from fulltune.train.trainer import setup, train
 from safetensors.torch import load_file
 
 from fulltune.config import load_config
 from fulltune.files import safestate as safestate
 from fulltune.state import checkpoint as ckpt
+from fulltune.train.tasks import TASKS
+from fulltune.train.trainer import setup, train
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

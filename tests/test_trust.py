@@ -110,7 +110,6 @@ def test_planted_pickles_never_run(tmp_path, text_data, capsys):
         assert _cli(capsys, "predict", "--checkpoint", str(folder), "--text", "a great film")[0] == 0
     # compare reuses a finished run folder (it reads summary.json and config.yaml only)
     from fulltune.compare.runner import run_method
-
     from fulltune.config import load_config
 
     cfg = load_config(out / "config.yaml")
@@ -137,7 +136,7 @@ def test_lm_cache_is_never_unpickled(tmp_path):
     """The LM block cache: a pickle planted under the old .pt name or the new .safetensors name is never run."""
     from fulltune.config import DataConfig, load_config
     from fulltune.data import lm
-    from fulltune.model.build import load_tokenizer
+    from fulltune.model.bundle import load_tokenizer
 
     marker = tmp_path / "MARKER"
     payload = pickle.dumps(Payload(marker))
@@ -159,7 +158,7 @@ def test_a_cache_file_a_killed_process_was_writing_is_removed(tmp_path):
     one a live process is writing stays."""
     from fulltune.config import DataConfig, load_config
     from fulltune.data import lm
-    from fulltune.model.build import load_tokenizer
+    from fulltune.model.bundle import load_tokenizer
 
     text = tmp_path / "train.txt"
     text.write_text("one two three four five six seven eight nine ten\n" * 20)
@@ -224,7 +223,6 @@ def test_run_folder_belongs_to_one_run(tmp_path, text_data, capsys):
 
 def test_compare_never_deletes_a_folder_it_did_not_create(tmp_path):
     from fulltune.compare.runner import run_method
-
     from fulltune.config import load_config
 
     run = tmp_path / "full"

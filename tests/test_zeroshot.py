@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import base_overrides
-from fulltune.train.trainer import train
 from test_train import assert_same_weights
 from tiny_clip import make_tiny_clip
 
 from fulltune.config import ConfigError, load_config
-from fulltune.model.build import build_model, load_exported
+from fulltune.model.build import build_model
+from fulltune.model.exported import load_exported
+from fulltune.train.trainer import train
 
 CLASS_NAMES = ["ants", "bees", "ant", "bee", "honey"]
 
@@ -170,11 +171,10 @@ for path in sys.argv[1:]:
 def test_train_export_interpolate_and_plain_load(tmp_path, clip_dir, image_data):
     """full + zero-shot head trains; WiSE-FT alpha 0 / 1 give the two endpoints exactly; the exports load with
     plain transformers (CLIPVisionModelWithProjection + the classifier tensors) and name their labels."""
-    from fulltune.compare.clip_rows import clip_notes, run_clip_rows
-    from fulltune.compare.runner import markdown
-
     from fulltune.cli import main
     from fulltune.clip.interpolate import read_weights
+    from fulltune.compare.clip_rows import clip_notes, run_clip_rows
+    from fulltune.compare.runner import markdown
 
     cfg = clip_cfg(
         tmp_path / "full_zs_head",

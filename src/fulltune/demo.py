@@ -49,7 +49,7 @@ def build_demo_data(output_dir: str | Path = "outputs/demo") -> Path:
 def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str] | None = None) -> dict[str, Any]:
     from fulltune.eval.evaluate import evaluate_checkpoint, format_table
     from fulltune.eval.predict import classify
-    from fulltune.model.build import load_exported
+    from fulltune.model.exported import load_exported
     from fulltune.train.trainer import train
 
     out = Path(output_dir)

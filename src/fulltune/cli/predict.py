@@ -36,7 +36,7 @@ def _print(row: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fulltune.eval.predict import classify, generate, image_paths, text_inputs
-    from fulltune.model.build import load_exported
+    from fulltune.model.exported import load_exported
     from fulltune.runtime.device import resolve_device
 
     bundle = load_exported(args.checkpoint, resolve_device(args.device))

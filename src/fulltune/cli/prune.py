@@ -153,8 +153,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def _load_base(path: str, device: torch.device, torch_dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fulltune.model.build import resolve_model_path
-    from fulltune.prune.folder import is_pruned_folder, load_pruned
+    from fulltune.model.bundle import resolve_model_path
+    from fulltune.model.pruned import is_pruned_folder, load_pruned
 
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
         raise ConfigError(f"--base_model '{path}': no such folder")
@@ -207,7 +207,7 @@ def format_results(rows: list[dict[str, Any]]) -> str:
 def _prune(args: argparse.Namespace, model: Any, tokenizer: Any, cfg: Config, out: Path) -> dict[str, Any]:
     """Prune `model` in place as the flags say (Taylor importance from calibration blocks of --data_file)."""
     from fulltune.data import lm
-    from fulltune.prune.structured import PruneConfig, prune_model
+    from fulltune.model.pruning import PruneConfig, prune_model
 
     calibration = None
     if args.importance == "taylor":
@@ -235,8 +235,8 @@ def _recover(
     cfg: Config, device: Any, precision: Any, eval_ids: Any, block: int, timings: dict[str, float]
 ) -> tuple[Path, dict[str, Any]]:
     """Recovery training of the pruned model with fulltune's trainer; its folder and its perplexity row."""
-    from fulltune.model.build import load_exported
-    from fulltune.prune.structured import parameter_count
+    from fulltune.model.exported import load_exported
+    from fulltune.model.pruning import parameter_count
     from fulltune.train.trainer import train
 
     tic = time.perf_counter()
@@ -279,10 +279,10 @@ def _results(
 
 
 def run(args: argparse.Namespace) -> int:
-    from fulltune.eval.perplexity import tokenize_text_file
+    from fulltune.data.lm import tokenize_text_file
+    from fulltune.model.pruning import parameter_count
     from fulltune.prune.folder import save_pruned
     from fulltune.prune.guide import GuideLog, builtin_text, publish_recovered
-    from fulltune.prune.structured import parameter_count
     from fulltune.runtime.device import resolve_device, resolve_precision
     from fulltune.runtime.rng import seed_everything
 

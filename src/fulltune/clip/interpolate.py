@@ -71,8 +71,9 @@ def parse_alphas(text: str) -> list[float]:
 def _zeroshot_weights(base: str, finetuned_meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Weights of the zero-shot endpoint: a fulltune export as it is, or a CLIP model (folder or hub id) given a
     zero-shot head for the fine-tuned run's labels, prompts and class names."""
-    from fulltune.clip.zeroshot import build_embedding_classifier
-    from fulltune.model.build import _load_config, resolve_model_path
+    from fulltune.model.build import _load_config
+    from fulltune.model.bundle import resolve_model_path
+    from fulltune.model.clip import build_embedding_classifier
 
     folder = Path(base)
     if (folder / "fulltune_run.json").is_file():
@@ -111,8 +112,8 @@ def wise_ft(
 ) -> dict[str, Any]:
     """Interpolate, evaluate each alpha on data_dir/split when given (the best accuracy wins, then the lower loss,
     then the alpha nearest 0.5), export the chosen one to output_dir; return the sweep and the choice."""
-    from fulltune.clip.zeroshot import is_embedding_classifier
-    from fulltune.model.build import load_exported
+    from fulltune.model.clip import is_embedding_classifier
+    from fulltune.model.exported import load_exported
     from fulltune.runtime.device import resolve_device
     from fulltune.state import checkpoint as ckpt
 

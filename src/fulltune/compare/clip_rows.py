@@ -35,7 +35,8 @@ def _clip_row(
     rows: list[dict[str, Any]],
 ) -> dict[str, Any]:
     from fulltune.clip.interpolate import wise_ft_run
-    from fulltune.clip.zeroshot import is_embedding_classifier, zero_shot_run
+    from fulltune.clip.zeroshot import zero_shot_run
+    from fulltune.model.clip import is_embedding_classifier
 
     run_dir = root / name
     out = f"output_dir={json.dumps(str(run_dir))}"

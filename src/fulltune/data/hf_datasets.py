@@ -194,11 +194,7 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     """What tasks.read_labels returns for files: the label vocabulary (None for causal LM) and what was read."""
     if task == "causal_lm":
         return None, open_splits(cfg, labelled=False)
-    if cfg.data.streaming:
-        from fulltune.data import hf_stream
-
-        return hf_stream.read_labels(cfg, task)
-    hub = open_splits(cfg)
+    hub = open_splits(cfg)  # (a stream's labels: hf_stream.read_labels)
     if task == "text_classification":
         train = text_examples(hub, "train", cfg)
         assert train is not None
@@ -290,7 +286,7 @@ def _file_names(ds: Any, column: str) -> list[str]:
 
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: HubSplits) -> Any:
     """tasks.build_image_data for a `datasets` source; the same hold-out rule as image folders (file-name hash)."""
-    from fulltune.train.tasks import TaskData, _workers
+    from fulltune.data.records import TaskData, worker_count
 
     d = cfg.data
     spec = bundle.image_spec
@@ -339,7 +335,7 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: HubSplits
         collate=img.collate_images,
         labels=labels,
         with_seeds=True,
-        num_workers=_workers(cfg, 2),
+        num_workers=worker_count(cfg, 2),
         info=info,
     )
 
@@ -373,7 +369,7 @@ def lm_rows(ds: Any, cfg: Config) -> Any:
 def build_lm_data(cfg: Config, bundle: Any, hub: HubSplits) -> Any:
     """tasks.build_lm_data for a `datasets` source: the same tokenisation, packing, caps and cache as a JSONL file
     of `text` (or prompt/response) records, one record per row. The cache is keyed by the split's fingerprint."""
-    from fulltune.train.tasks import TaskData, _workers
+    from fulltune.data.records import TaskData, worker_count
 
     d = cfg.data
     cache = Path(cfg.output_dir) / "cache"
@@ -397,5 +393,5 @@ def build_lm_data(cfg: Config, bundle: Any, hub: HubSplits) -> Any:
         val=blocks("val", d.max_eval_samples),
         test=blocks("test", None),
         collate=lm.collate_blocks,
-        num_workers=_workers(cfg, 0),
+        num_workers=worker_count(cfg, 0),
     )

@@ -82,7 +82,7 @@ def image_dataset(cfg: Config, split: HubSplit, labels: list[str], spec: Any) ->
 
 def lm_token_ids(cfg: Config, split: HubSplit, tokenizer: Any) -> torch.Tensor:
     """The split's token ids as `tokenize_text_file` gives for a file of its rows (one row per line)."""
-    from fulltune.eval.perplexity import tokenize_lines
+    from fulltune.data.lm import tokenize_lines
 
     d = cfg.data
     hf._check_columns(split.ds, [(d.text_column, "data.text_column")], split.hub.name, split.hub.split_names["train"])

@@ -255,7 +255,7 @@ def _in_holdout(cfg: Config) -> Callable[[dict[str, Any]], bool]:
 
 
 def build_text_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSplits) -> Any:
-    from fulltune.train.tasks import TaskData
+    from fulltune.data.records import TaskData
 
     d = cfg.data
     where = {w: f"data.dataset_name '{hub.name}' split '{hub.split_names[w]}'" for w in ("train", "val", "test")}
@@ -315,7 +315,7 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSpli
 def build_lm_data(cfg: Config, bundle: Any, hub: hf.HubSplits) -> Any:
     """Packed blocks of data.seq_len tokens from the rows as they stream (the rows of each pass reshuffled): the
     blocks of the map-style reader, in stream order."""
-    from fulltune.train.tasks import TaskData
+    from fulltune.data.records import TaskData
 
     _one_process()
     d = cfg.data
@@ -395,7 +395,7 @@ def _image_examples(cfg: Config, hub: hf.HubSplits, labels: list[str], spec: Any
 
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSplits) -> Any:
     """tasks.build_image_data for a stream; the image folders' hold-out rule (a hash of the file name)."""
-    from fulltune.train.tasks import TaskData
+    from fulltune.data.records import TaskData
 
     d = cfg.data
     where = {w: f"data.dataset_name '{hub.name}' split '{hub.split_names[w]}'" for w in ("train", "val", "test")}

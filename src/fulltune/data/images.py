@@ -8,7 +8,7 @@ import math
 import random
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,18 @@ from fulltune.config import AugmentationConfig
 from fulltune.data.text import hash_fraction
 from fulltune.errors import DataError
 from fulltune.files.rundir import atomic_output, claim_output
-from fulltune.model.build import ImageSpec
+
+
+@dataclass
+class ImageSpec:
+    """How images are turned into pixel_values for this model."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    processor: Any = field(default=None, repr=False, compare=False)
+    """The transformers image processor that evaluation and prediction use (the one the export saves)."""
+
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SKIPPED_LABEL = -100

@@ -158,7 +158,7 @@ def evaluate_checkpoint(
     """`fulltune evaluate`: metrics of an exported checkpoint on a split of a data folder (or one file), or on a
     split of a `datasets` source: `dataset_name`, else the run's data.dataset_name when no folder or file is given."""
     from fulltune.config import ConfigError, config_from_dict
-    from fulltune.model.build import load_exported
+    from fulltune.model.exported import load_exported
     from fulltune.runtime.device import resolve_device, resolve_precision
 
     if batch_size < 1:
@@ -215,8 +215,9 @@ def _perplexity(
 ) -> dict[str, Any]:
     """Perplexity of a causal LM on a text file (or a dataset split, scored as the file of its rows)."""
     from fulltune.data import text as txt
+    from fulltune.data.lm import tokenize_text_file
     from fulltune.errors import DataError
-    from fulltune.eval.perplexity import perplexity, tokenize_text_file
+    from fulltune.eval.perplexity import perplexity
 
     if hub is not None:
         from fulltune.data import hf_eval

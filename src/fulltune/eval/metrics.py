@@ -97,7 +97,7 @@ def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: fl
 @torch.no_grad()
 def lm_metrics(model: nn.Module, loader: Any, device: torch.device, precision: Precision) -> dict[str, Any]:
     """Mean next-token NLL over all labelled tokens of the packed blocks, and its exp (perplexity)."""
-    from fulltune.train.tasks import lm_loss
+    from fulltune.eval.losses import lm_loss
 
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from fulltune.data.lm import line_chunks
 
 
 @dataclass(frozen=True)
@@ -161,35 +158,3 @@ def perplexity(
     }
 
 
-def tokenize_text_file(
-    path: str | Path, tokenizer: Any, add_bos: bool = True, chunk_chars: int = 1_000_000
-) -> torch.LongTensor:
-    """Tokenise a whole UTF-8 text file into one 1-D LongTensor of ids.
-
-    The file is read and tokenised in chunks of whole lines (about ``chunk_chars`` characters each) so memory stays
-    bounded by the chunk plus the int64 ids. Line breaks are kept as ``"\\n"`` characters in the text the tokenizer
-    sees (``"\\r\\n"`` is normalised to ``"\\n"``), nothing is stripped or joined, so the ids match tokenising the
-    whole file at once for byte-level BPE tokenizers (GPT-2, Llama 3, Qwen). Tokenizers that prepend a dummy prefix
-    space to every call (SentencePiece Llama 2) see one extra space at each chunk boundary. Only the tokenizer's
-    BOS (if ``add_bos`` and it has one) is added, once, at the very start; no EOS is appended.
-    """
-    # newline=None: universal newlines, "\r\n" and "\r" arrive as "\n" (as in training's read_text)
-    with open(path, encoding="utf-8", newline=None) as f:
-        return tokenize_lines(f, tokenizer, add_bos, chunk_chars)
-
-
-def tokenize_lines(
-    lines: Iterable[str], tokenizer: Any, add_bos: bool = True, chunk_chars: int = 1_000_000
-) -> torch.LongTensor:
-    """What `tokenize_text_file` gives for a file holding `lines` (each with its line end), from any iterable of
-    lines (a dataset split's rows, say)."""
-    pieces: list[torch.Tensor] = []
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if add_bos and bos is not None:
-        pieces.append(torch.tensor([bos], dtype=torch.long))
-    for text in line_chunks(lines, chunk_chars):
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no max-length warning
-        pieces.append(torch.tensor(ids, dtype=torch.long))
-    if not pieces:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat(pieces)

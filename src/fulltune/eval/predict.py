@@ -12,7 +12,7 @@ import torch
 
 from fulltune.data import images as img
 from fulltune.errors import DataError
-from fulltune.model.build import ModelBundle
+from fulltune.model.bundle import ModelBundle
 
 
 def _image_inputs(bundle: ModelBundle, paths: list[Path], skip: bool) -> tuple[torch.Tensor | None, list[bool]]:

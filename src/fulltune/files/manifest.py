@@ -9,8 +9,23 @@ import json
 import os
 from pathlib import Path
 
-from fulltune.files.rundir import _kill_point, fsync_dir
-from fulltune.files.safestate import file_digest, fsync_file, read_json
+from fulltune.errors import ConfigError
+from fulltune.files.rundir import (  # noqa: F401
+    _kill_point,
+    atomic_dir,
+    claim_output_dir,
+    fsync_dir,
+    recover_run_dir,
+    release_run_lock,
+    write_atomic,
+)
+from fulltune.files.safestate import (
+    StateFileError,
+    check_tensors_header,
+    file_digest,
+    fsync_file,
+    read_json,
+)
 
 MANIFEST = "fulltune_manifest.json"
 """Every file of a checkpoint or export with its size and SHA-256; written last, checked on load."""
@@ -81,3 +96,71 @@ def listed_files(folder: Path, pattern: str) -> list[Path]:
         return found
     listed = read_json(folder / MANIFEST).get("files", {})
     return [p for p in found if p.relative_to(folder).as_posix() in listed]
+
+
+STATE_DIR = "training_state"
+
+
+RUN_META = "fulltune_run.json"
+
+
+LEGACY_PICKLES = ("optimizer.pt", "rng.pt")
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint that is incomplete, damaged or unsafe to load; the message names the folder and the file."""
+
+
+_VERIFIED: dict[Path, int] = {}
+
+
+def verify_checkpoint(path: Path, resumable: bool = True) -> None:
+    """Check a checkpoint (or an export when `resumable=False`) against its manifest: every file present with its
+    size and SHA-256, readable safetensors headers, and, for a resume point, the complete training state."""
+    path = Path(path)
+    recover_pending(path)
+    state_dir = path / STATE_DIR
+    for legacy in LEGACY_PICKLES:
+        if (state_dir / legacy).exists() and not (state_dir / "optimizer.json").exists():
+            raise DamagedCheckpoint(
+                f"checkpoint '{path}': {STATE_DIR}/{legacy} is a pickle (written by an older fulltune, or planted); "
+                "it is never loaded, because unpickling can run code"
+            )
+    mpath = path / MANIFEST
+    try:
+        stamp = mpath.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: {MANIFEST} is missing") from None
+    if _VERIFIED.get(path.resolve()) == stamp:
+        return
+    try:
+        manifest = read_json(mpath)
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except (StateFileError, KeyError, TypeError, AssertionError):
+        raise DamagedCheckpoint(f"checkpoint '{path}': {MANIFEST} is damaged") from None
+    required = ["config.json", RUN_META]
+    if resumable:
+        required += [f"{STATE_DIR}/{n}" for n in ("trainer_state.json", "optimizer.json", "rng.json")]
+    for name in required:
+        if name not in files:
+            raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: {name} is not in its manifest")
+    if not any(n.endswith(".safetensors") and "/" not in n for n in files):
+        raise DamagedCheckpoint(f"checkpoint '{path}' has no .safetensors weights")
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: '{f}' is missing")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise DamagedCheckpoint(
+                f"checkpoint '{path}' is damaged: '{f}' has {size} bytes, {info.get('bytes')} were written"
+            )
+        if file_digest(f) != info.get("sha256"):
+            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: '{f}' does not match its SHA-256 in {MANIFEST}")
+        if name.endswith(".safetensors"):
+            try:
+                check_tensors_header(f)
+            except StateFileError as err:
+                raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
+    _VERIFIED[path.resolve()] = stamp

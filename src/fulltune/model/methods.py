@@ -16,7 +16,8 @@ from torch import nn
 
 from fulltune.config import Config, UnfreezeStep
 from fulltune.errors import ConfigError
-from fulltune.model.build import ModelBundle, build_model
+from fulltune.model.build import build_model
+from fulltune.model.bundle import ModelBundle
 from fulltune.model.layermap import LayerMap, is_under, layer_map, strip_peft_prefix
 from fulltune.speed.cpu_dropout import use_cpu_dropout
 from fulltune.speed.filepages import own_memory
@@ -446,4 +447,3 @@ def describe_speedups(model: nn.Module) -> str:
     ]
     names = [name for name, on in chosen if on]
     return f"speed: {', '.join(names)}\n" if names else ""
-

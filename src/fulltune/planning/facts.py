@@ -59,8 +59,8 @@ def _meta_config(cfg: Config) -> Config:
     of reading weights. A pruned folder (per-layer widths) has no such config and is built for real."""
     from transformers import AutoConfig
 
-    from fulltune.model.build import resolve_model_path
-    from fulltune.prune.folder import is_pruned_folder
+    from fulltune.model.bundle import resolve_model_path
+    from fulltune.model.pruned import is_pruned_folder
 
     path = None if cfg.model.tiny_config is not None else resolve_model_path(cfg.model.name_or_path)
     if path is None or (Path(path).is_dir() and is_pruned_folder(path)):

@@ -105,7 +105,7 @@ class RunLogger:
                 f"step {state.optimizer_step} on"
             )
         trainable, total = _count(run.model)
-        from fulltune.train.tasks import split_size
+        from fulltune.data.records import split_size
 
         present = [w for w in ("train", "val", "test") if getattr(data, w, None) is not None]
         sizes = {w: split_size(getattr(data, w)) for w in present}
@@ -389,7 +389,7 @@ def run_header(trainer: Any) -> str:
 
     cfg, t, data = trainer.cfg, trainer.cfg.training, trainer.data
     global_batch = cfg.data.batch_size * t.gradient_accumulation_steps * world_size()
-    from fulltune.train.tasks import split_size
+    from fulltune.data.records import split_size
 
     n_train, n_val = (split_size(s) if s is not None else None for s in (data.train, data.val))
     val = "" if data.val is None else f", {'streamed' if n_val is None else n_val} val"

@@ -22,7 +22,14 @@ from torch import nn
 
 from fulltune.config import Config, save_config, to_dict
 from fulltune.errors import ConfigError, TrainingError
-from fulltune.files.manifest import MANIFEST, listed_files, recover_pending, write_manifest
+from fulltune.files.manifest import (
+    RUN_META,
+    STATE_DIR,
+    DamagedCheckpoint,
+    listed_files,
+    verify_checkpoint,
+    write_manifest,
+)
 from fulltune.files.rundir import (  # noqa: F401
     _kill_point,
     atomic_dir,
@@ -34,22 +41,20 @@ from fulltune.files.rundir import (  # noqa: F401
 )
 from fulltune.files.safestate import (
     StateFileError,
-    check_tensors_header,
-    file_digest,
     load_state,
     load_tensors,
     read_json,
     save_state,
 )
-from fulltune.model.build import ModelBundle, save_image_processor
+from fulltune.model.bundle import ModelBundle, save_image_processor
+from fulltune.model.pruned import export_note
+from fulltune.runtime import distributed as ddist
 from fulltune.runtime.device import unwrap
+from fulltune.runtime.ranks import barrier, broadcast_int, rank
 from fulltune.runtime.rng import rng_state, set_rng_state
 from fulltune.state.modelcard import write_model_card
 from fulltune.state.resume import check_fits
-
-STATE_DIR = "training_state"
-RUN_META = "fulltune_run.json"
-LEGACY_PICKLES = ("optimizer.pt", "rng.pt")
+from fulltune.state.sharded import SHARDED_DIR, export_from_shards, load_sharded_state, save_sharded_state
 
 
 @dataclass
@@ -92,8 +97,6 @@ def export_model(
     """
     model = unwrap(model)
     if shards is not None:  # FSDP's sharded training state: weights consolidated file by file, nothing gathered
-        from fulltune.state.sharded import export_from_shards
-
         model.config.save_pretrained(str(out_dir))
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(str(out_dir))
@@ -112,7 +115,6 @@ def export_model(
         bundle.tokenizer.save_pretrained(str(out_dir))
     if bundle.image_spec is not None:
         save_image_processor(bundle.image_spec, model.config, out_dir)
-    from fulltune.prune.folder import export_note
 
     note = export_note(model.config)  # a pruned model with per-layer widths: say how it loads
     if note:
@@ -154,8 +156,6 @@ def save_checkpoint(
             state_dir = tmp / STATE_DIR
             state_dir.mkdir()
             if sharded_dir is not None:  # FSDP: every rank's rows, written by fulltune.state.sharded
-                from fulltune.state.sharded import SHARDED_DIR
-
                 shutil.move(str(sharded_dir), str(state_dir / SHARDED_DIR))
                 blob = {"format": "sharded"}
             elif optimizer_state is not None:
@@ -172,65 +172,6 @@ def save_checkpoint(
                 save_file(_trainable_state(model, optimizer), str(state_dir / "trainable.safetensors"))
             (state_dir / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
         write_manifest(tmp)
-
-
-class DamagedCheckpoint(ConfigError):
-    """A checkpoint that is incomplete, damaged or unsafe to load; the message names the folder and the file."""
-
-
-_VERIFIED: dict[Path, int] = {}
-
-
-def verify_checkpoint(path: Path, resumable: bool = True) -> None:
-    """Check a checkpoint (or an export when `resumable=False`) against its manifest: every file present with its
-    size and SHA-256, readable safetensors headers, and, for a resume point, the complete training state."""
-    path = Path(path)
-    recover_pending(path)
-    state_dir = path / STATE_DIR
-    for legacy in LEGACY_PICKLES:
-        if (state_dir / legacy).exists() and not (state_dir / "optimizer.json").exists():
-            raise DamagedCheckpoint(
-                f"checkpoint '{path}': {STATE_DIR}/{legacy} is a pickle (written by an older fulltune, or planted); "
-                "it is never loaded, because unpickling can run code"
-            )
-    mpath = path / MANIFEST
-    try:
-        stamp = mpath.stat().st_mtime_ns
-    except FileNotFoundError:
-        raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: {MANIFEST} is missing") from None
-    if _VERIFIED.get(path.resolve()) == stamp:
-        return
-    try:
-        manifest = read_json(mpath)
-        files = manifest["files"]
-        assert isinstance(files, dict)
-    except (StateFileError, KeyError, TypeError, AssertionError):
-        raise DamagedCheckpoint(f"checkpoint '{path}': {MANIFEST} is damaged") from None
-    required = ["config.json", RUN_META]
-    if resumable:
-        required += [f"{STATE_DIR}/{n}" for n in ("trainer_state.json", "optimizer.json", "rng.json")]
-    for name in required:
-        if name not in files:
-            raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: {name} is not in its manifest")
-    if not any(n.endswith(".safetensors") and "/" not in n for n in files):
-        raise DamagedCheckpoint(f"checkpoint '{path}' has no .safetensors weights")
-    for name, info in files.items():
-        f = path / name
-        if not f.is_file():
-            raise DamagedCheckpoint(f"checkpoint '{path}' is incomplete: '{f}' is missing")
-        size = f.stat().st_size
-        if size != info.get("bytes"):
-            raise DamagedCheckpoint(
-                f"checkpoint '{path}' is damaged: '{f}' has {size} bytes, {info.get('bytes')} were written"
-            )
-        if file_digest(f) != info.get("sha256"):
-            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: '{f}' does not match its SHA-256 in {MANIFEST}")
-        if name.endswith(".safetensors"):
-            try:
-                check_tensors_header(f)
-            except StateFileError as err:
-                raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
-    _VERIFIED[path.resolve()] = stamp
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -308,7 +249,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if not is_checkpoint(path):
         raise ConfigError(f"'{path}' is not a fulltune checkpoint (no {STATE_DIR}/trainer_state.json)")
     verify_checkpoint(path)
-    from fulltune.runtime import distributed as ddist
 
     state_dir = path / STATE_DIR
     base = unwrap(model)
@@ -328,8 +268,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise DamagedCheckpoint(f"checkpoint '{path}': '{state_dir / 'rng.json'}' does not hold RNG states")
     train_state = read_train_state(path)
     if blob["format"] == "sharded":  # any world size reads its own rows
-        from fulltune.state.sharded import SHARDED_DIR, load_sharded_state
-
         load_sharded_state(state_dir / SHARDED_DIR, base, optimizer)
     elif ddist.is_fsdp(base):
         if blob["format"] != "by_name":
@@ -443,3 +381,58 @@ def convert_position(state: TrainState, micro: int, world: int, point: Path) -> 
         )
     state.micro_batch_size, state.world_size = micro, world
     return state.batches_done
+
+
+def staging_dir(path: Path) -> Path:
+    """Where every rank writes its shards before rank 0 moves them into `path`: `.NAME.shards.tmp-PID` with rank 0's
+    pid, so that start-up recovery (`rundir.recover_run_dir`) removes it once that process is gone (a kill inside
+    the save), as it removes every other temporary folder of a save."""
+    return path.parent / f".{path.name}.shards.tmp-{broadcast_int(os.getpid())}"
+
+
+def save_fsdp_checkpoint(
+    path: Path,
+    model: nn.Module,
+    bundle: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    state: Any,
+    cfg: Any,
+    meta: dict[str, Any],
+) -> None:
+    """One FSDP checkpoint (a collective: every rank calls it). checkpoint.fsdp_state=sharded: all ranks write their
+    shards into a staging folder beside `path`, then rank 0 writes the rest (export consolidated from the shards,
+    config, counters, RNG) and moves the shards in. full: the whole model and optimizer state are gathered to rank
+    0, which writes them (what fulltune did before; kept for comparison and for old readers)."""
+
+    if cfg.checkpoint.fsdp_state == "full":
+        full_model = ddist.full_model_state(model)
+        full_optim = ddist.full_optimizer_state(model, optimizer)
+        if rank() == 0:
+            save_checkpoint(
+                path,
+                model,
+                bundle,
+                optimizer,
+                scaler,
+                state,
+                cfg,
+                meta,
+                model_state=full_model,
+                optimizer_state=full_optim,
+            )
+        barrier()
+        return
+    staging = staging_dir(path)
+    if rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    save_sharded_state(staging, model, optimizer)
+    barrier()
+    if rank() == 0:
+        try:
+            save_checkpoint(path, model, bundle, optimizer, scaler, state, cfg, meta, sharded_dir=staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    barrier()

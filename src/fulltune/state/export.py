@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from fulltune.config import ConfigError
+from fulltune.files.manifest import MANIFEST, RUN_META, verify_checkpoint
 from fulltune.files.rundir import atomic_output, claim_output
 from fulltune.files.safestate import require_safetensors
-from fulltune.state.checkpoint import MANIFEST, RUN_META, list_checkpoints, verify_checkpoint
+from fulltune.state.checkpoint import list_checkpoints
 from fulltune.state.modelcard import pruned_meta, write_model_card
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,7 +42,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def resolve_source(source: str | Path) -> Path:
     """The exported folder behind a run folder, checkpoint, best/ or prune output."""
-    from fulltune.prune.folder import is_pruned_folder
+    from fulltune.model.pruned import is_pruned_folder
 
     p = Path(source)
     if not p.is_dir():
@@ -89,7 +90,7 @@ def unprune(model: nn.Module) -> nn.Module:
     gives act(0) * 0 = 0 into zero down_proj columns; so every output is unchanged."""
     from transformers import AutoModelForCausalLM
 
-    from fulltune.prune.structured import SHAPES_KEY, _head_dim, decoder_layers, get_layer_shapes
+    from fulltune.model.pruning import SHAPES_KEY, _head_dim, decoder_layers, get_layer_shapes
 
     shapes = get_layer_shapes(model)
     n_q = max(s["num_attention_heads"] for s in shapes)
@@ -131,7 +132,7 @@ def _load_plain(src: Path, task: str) -> tuple[nn.Module, bool]:
     """The folder's model in float32, and whether it was a pruned layout (now padded)."""
     import transformers as tf
 
-    from fulltune.prune.folder import is_pruned_folder, load_pruned
+    from fulltune.model.pruned import is_pruned_folder, load_pruned
 
     if is_pruned_folder(src):
         return unprune(load_pruned(src, torch_dtype=torch.float32)), True

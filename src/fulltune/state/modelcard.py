@@ -33,7 +33,7 @@ def card_facts(cfg: Any, data: Any, state: Any) -> dict[str, Any]:
         source = {"dataset_name": d.dataset_name, "dataset_config": d.dataset_config, "train_split": d.train_split}
     else:
         source = {k: getattr(d, k) for k in ("data_dir", "train_file", "val_file", "test_file") if getattr(d, k)}
-    from fulltune.train.tasks import split_size
+    from fulltune.data.records import split_size
 
     sizes = {w: split_size(getattr(data, w)) for w in ("train", "val", "test") if getattr(data, w) is not None}
     facts: dict[str, Any] = {"data": {"source": source, "sizes": sizes, "val_source": data.info.get("val_source")}}
@@ -118,7 +118,7 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
         return (
             "This folder keeps the pruned per-layer widths, which plain `from_pretrained` cannot build. Load it with\n"
             "fulltune, or make a plain-transformers copy with `fulltune export THIS_FOLDER --output_dir DIR`:\n\n"
-            '```python\nfrom fulltune.prune.folder import load_pruned\nmodel = load_pruned("PATH")\n```\n'
+            '```python\nfrom fulltune.model.pruned import load_pruned\nmodel = load_pruned("PATH")\n```\n'
         )
     if meta.get("adapter_only"):
         return (
@@ -248,7 +248,7 @@ def render(meta: dict[str, Any]) -> str:
 
 def write_model_card(folder: str | Path, meta: dict[str, Any]) -> Path:
     """README.md in `folder` (already holding config.json): a pruned layout is told apart from config.json."""
-    from fulltune.prune.folder import is_pruned_folder
+    from fulltune.model.pruned import is_pruned_folder
 
     if is_pruned_folder(folder):
         meta = {**meta, "pruned_layout": True}

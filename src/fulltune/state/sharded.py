@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fulltune.config import ConfigError
-from fulltune.runtime.ranks import barrier, broadcast_int, rank, world_size
+from fulltune.runtime.ranks import rank, world_size
 
 FORMAT = "fulltune-sharded-v1"
 SHARDED_DIR = "sharded"
@@ -244,60 +242,3 @@ def export_from_shards(folder: Path, out_dir: Path, max_file_bytes: int = 1 << 3
 
 def _dtype(reader: ShardReader, key: str) -> torch.dtype:
     return getattr(torch, reader.pieces[key][0]["dtype"])
-
-
-def staging_dir(path: Path) -> Path:
-    """Where every rank writes its shards before rank 0 moves them into `path`: `.NAME.shards.tmp-PID` with rank 0's
-    pid, so that start-up recovery (`rundir.recover_run_dir`) removes it once that process is gone (a kill inside
-    the save), as it removes every other temporary folder of a save."""
-    return path.parent / f".{path.name}.shards.tmp-{broadcast_int(os.getpid())}"
-
-
-def save_fsdp_checkpoint(
-    path: Path,
-    model: nn.Module,
-    bundle: Any,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
-    state: Any,
-    cfg: Any,
-    meta: dict[str, Any],
-) -> None:
-    """One FSDP checkpoint (a collective: every rank calls it). checkpoint.fsdp_state=sharded: all ranks write their
-    shards into a staging folder beside `path`, then rank 0 writes the rest (export consolidated from the shards,
-    config, counters, RNG) and moves the shards in. full: the whole model and optimizer state are gathered to rank
-    0, which writes them (what fulltune did before; kept for comparison and for old readers)."""
-    from fulltune.runtime import distributed as ddist
-    from fulltune.state import checkpoint as ckpt
-
-    if cfg.checkpoint.fsdp_state == "full":
-        full_model = ddist.full_model_state(model)
-        full_optim = ddist.full_optimizer_state(model, optimizer)
-        if rank() == 0:
-            ckpt.save_checkpoint(
-                path,
-                model,
-                bundle,
-                optimizer,
-                scaler,
-                state,
-                cfg,
-                meta,
-                model_state=full_model,
-                optimizer_state=full_optim,
-            )
-        barrier()
-        return
-    staging = staging_dir(path)
-    if rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier()
-    save_sharded_state(staging, model, optimizer)
-    barrier()
-    if rank() == 0:
-        try:
-            ckpt.save_checkpoint(path, model, bundle, optimizer, scaler, state, cfg, meta, sharded_dir=staging)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    barrier()

@@ -5,39 +5,19 @@ examples (or tokens) a loss is averaged over. No class hierarchy: the trainer pi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fulltune.config import METRICS, Config, ConfigError
 from fulltune.data import images as img
 from fulltune.data import lm
 from fulltune.data import text as txt
+from fulltune.data.records import TaskData, worker_count
 from fulltune.errors import DataError
-
-
-@dataclass
-class TaskData:
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset | None
-    test: torch.utils.data.Dataset | None
-    collate: Callable
-    labels: list[str] | None = None
-    lengths: list[int] | None = None
-    with_seeds: bool = False
-    num_workers: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
-    sampler: Any = None
-    """A stream's own epoch order (data.streaming: set_epoch(epoch, skip_batches), len = batches per epoch), which
-    the trainer uses in place of a ResumableBatchSampler."""
-
-
-def split_size(dataset: Any) -> int | None:
-    """Examples in a split; None for a stream whose length is not known."""
-    return len(dataset) if hasattr(dataset, "__len__") else getattr(dataset, "num_examples", None)
+from fulltune.eval.losses import classification_loss, count_examples, count_tokens, lm_loss
 
 
 def infer_task(cfg: Config) -> str:
@@ -74,9 +54,10 @@ def _infer_task(cfg: Config) -> str:
 def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     """Label vocabulary from the train split, and whatever was read so it is not read twice."""
     if cfg.data.dataset_name:
-        from fulltune.data import hf_datasets
+        from fulltune.data import hf_datasets, hf_stream
 
-        labels, raw = hf_datasets.read_labels(cfg, task)
+        streamed = cfg.data.streaming and task != "causal_lm"
+        labels, raw = (hf_stream if streamed else hf_datasets).read_labels(cfg, task)
         if labels is None:  # causal LM
             return None, raw
     elif task == "image_classification":
@@ -106,10 +87,6 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
 # ---------------------------------------------------------------- datasets (after the model and tokenizer exist)
 
 
-def _workers(cfg: Config, default: int) -> int:
-    return default if cfg.data.num_workers < 0 else cfg.data.num_workers
-
-
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.ImageFolder) -> TaskData:
     if cfg.data.dataset_name:
         from fulltune.data import hf_datasets, hf_stream
@@ -131,7 +108,7 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.Ima
         collate=img.collate_images,
         labels=labels,
         with_seeds=True,
-        num_workers=_workers(cfg, 2),
+        num_workers=worker_count(cfg, 2),
         info=info,
     )
 
@@ -166,7 +143,7 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> Ta
         collate=txt.PadCollator(tok.pad_token_id),
         labels=labels,
         lengths=train_ds.lengths,
-        num_workers=_workers(cfg, 0),
+        num_workers=worker_count(cfg, 0),
         info=info,
     )
 
@@ -201,43 +178,11 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
         val=blocks("val", d.max_eval_samples),
         test=blocks("test", None),
         collate=lm.collate_blocks,
-        num_workers=_workers(cfg, 0),
+        num_workers=worker_count(cfg, 0),
     )
 
 
 # ---------------------------------------------------------------- losses: (sum of losses, what was counted)
-
-
-def classification_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over the batch and its logits (batch, num_classes)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum", label_smoothing=label_smoothing)
-    return loss, logits
-
-
-def lm_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over the labelled tokens (labels -100 are skipped)."""
-    # use_cache=False: no key/value cache is built in training (a pruned folder's config may still ask for one).
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (batch, seq, vocab)
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = batch["labels"][:, 1:].reshape(-1)
-    loss = F.cross_entropy(
-        shift_logits, shift_labels, reduction="sum", ignore_index=lm.IGNORE, label_smoothing=label_smoothing
-    )
-    return loss, logits
-
-
-def count_examples(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["labels"].shape[0])
-
-
-def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != lm.IGNORE).sum())
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from fulltune.config import Config, save_config
+from fulltune.data.records import TaskData
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.data.text import run_inputs
 from fulltune.errors import TrainingError
 from fulltune.eval.metrics import classification_metrics, improves, lm_metrics, scalar_metrics
-from fulltune.model.build import ModelBundle, count_parameters, load_exported
+from fulltune.model.bundle import ModelBundle, count_parameters
+from fulltune.model.exported import load_exported
 from fulltune.model.methods import TrainablePlan, apply_trainable, param_groups, prepare_model
 from fulltune.report.logger import RunLogger, Throughput, done_line, run_header, run_summary
 from fulltune.runtime import distributed as ddist
@@ -29,13 +31,13 @@ from fulltune.runtime.memory import configure_cpu, peak_memory_bytes, trim_heap
 from fulltune.runtime.ranks import barrier, is_main, rank, world_size
 from fulltune.runtime.rng import seed_everything
 from fulltune.state import checkpoint as ckpt
+from fulltune.state.checkpoint import save_fsdp_checkpoint
 from fulltune.state.modelcard import card_facts
 from fulltune.state.resume import check_resume, data_fingerprint
-from fulltune.state.sharded import save_fsdp_checkpoint
 from fulltune.train.accuracy import TrainAccuracy, log_train_accuracy
 from fulltune.train.lean_fused import fuses_step
 from fulltune.train.optim import build_optimizer, lr_factor, optimizer_step, set_lr, warmup_steps
-from fulltune.train.tasks import TASKS, Task, TaskData, data_loader, infer_task, read_labels, validation_metric
+from fulltune.train.tasks import TASKS, Task, data_loader, infer_task, read_labels, validation_metric
 
 
 class Trainer:
