@@ -12,7 +12,11 @@ from typing import Any
 
 from fulltune.config import load_config
 from fulltune.data.docstrings import build_docstring_dataset
+from fulltune.eval.evaluate import evaluate_checkpoint, format_table
+from fulltune.eval.predict import classify
 from fulltune.files.rundir import claim_output
+from fulltune.model.exported import load_exported
+from fulltune.train.trainer import train
 
 # The embedded default. Measured on a 2-core CPU: see README ("The demo").
 DEMO_SETTINGS: dict[str, Any] = {
@@ -47,10 +51,6 @@ def build_demo_data(output_dir: str | Path = "outputs/demo") -> Path:
 
 
 def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str] | None = None) -> dict[str, Any]:
-    from fulltune.eval.evaluate import evaluate_checkpoint, format_table
-    from fulltune.eval.predict import classify
-    from fulltune.model.exported import load_exported
-    from fulltune.train.trainer import train
 
     out = Path(output_dir)
     claim_output(out, "demo", entries=DEMO_ENTRIES)  # new, empty, or the demo's own earlier output

@@ -17,9 +17,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from fulltune.clip.zeroshot import evaluate_model
 from fulltune.config import Config, ConfigError, config_from_dict
+from fulltune.data import images as img
 from fulltune.files.manifest import listed_files
 from fulltune.files.rundir import atomic_output, claim_output, claim_output_dir, release_run_lock
+from fulltune.model.build import _load_config
+from fulltune.model.bundle import resolve_model_path
+from fulltune.model.clip import build_embedding_classifier, is_embedding_classifier
+from fulltune.model.exported import load_exported
+from fulltune.runtime.device import resolve_device
+from fulltune.state import checkpoint as ckpt
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -71,9 +79,6 @@ def parse_alphas(text: str) -> list[float]:
 def _zeroshot_weights(base: str, finetuned_meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Weights of the zero-shot endpoint: a fulltune export as it is, or a CLIP model (folder or hub id) given a
     zero-shot head for the fine-tuned run's labels, prompts and class names."""
-    from fulltune.model.build import _load_config
-    from fulltune.model.bundle import resolve_model_path
-    from fulltune.model.clip import build_embedding_classifier
 
     folder = Path(base)
     if (folder / "fulltune_run.json").is_file():
@@ -91,8 +96,6 @@ def _zeroshot_weights(base: str, finetuned_meta: dict[str, Any]) -> dict[str, to
 
 
 def _evaluate(bundle: Any, cfg: Config, data_dir: str, split: str, batch_size: int) -> dict[str, Any]:
-    from fulltune.clip.zeroshot import evaluate_model
-    from fulltune.data import images as img
 
     folder = img.scan_split(Path(data_dir) / split, bundle.extra["labels"])
     cfg.data.eval_batch_size = batch_size
@@ -112,10 +115,6 @@ def wise_ft(
 ) -> dict[str, Any]:
     """Interpolate, evaluate each alpha on data_dir/split when given (the best accuracy wins, then the lower loss,
     then the alpha nearest 0.5), export the chosen one to output_dir; return the sweep and the choice."""
-    from fulltune.model.clip import is_embedding_classifier
-    from fulltune.model.exported import load_exported
-    from fulltune.runtime.device import resolve_device
-    from fulltune.state import checkpoint as ckpt
 
     finetuned = Path(finetuned)
     claim_output(Path(output_dir), "interpolate", inputs=(zeroshot, finetuned, data_dir))

@@ -13,16 +13,22 @@ import torch
 from torch import nn
 
 from fulltune.config import Config, ConfigError, save_config
+from fulltune.data import images as img
 from fulltune.data.text import run_inputs
+from fulltune.eval.evaluate import classification_metrics
+from fulltune.model.build import build_model
+from fulltune.model.bundle import count_parameters
+from fulltune.runtime.device import resolve_device, resolve_precision
+from fulltune.runtime.memory import peak_memory_bytes
+from fulltune.runtime.rng import seed_everything
+from fulltune.state import checkpoint as ckpt
+from fulltune.train.tasks import TASKS, infer_task, read_labels
 
 # ------------------------------------------------------------------------------------------ the zero-shot model
 
 
 def evaluate_model(model: nn.Module, dataset: Any, cfg: Config, num_classes: int) -> dict[str, Any]:
     """Classification metrics of `model` on an image dataset (scalars only)."""
-    from fulltune.data import images as img
-    from fulltune.eval.evaluate import classification_metrics
-    from fulltune.runtime.device import resolve_device, resolve_precision
 
     device = resolve_device(cfg.hardware.device)
     model.to(device)
@@ -41,13 +47,6 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Config, num_classes: int
 def zero_shot_run(cfg: Config) -> dict[str, Any]:
     """Build the zero-shot classifier (no training), evaluate it on val and test, export it to <output_dir>/best and
     write config.yaml and summary.json like a training run (what compare's `zero_shot` row reads)."""
-    from fulltune.model.build import build_model
-    from fulltune.model.bundle import count_parameters
-    from fulltune.runtime.device import resolve_device
-    from fulltune.runtime.memory import peak_memory_bytes
-    from fulltune.runtime.rng import seed_everything
-    from fulltune.state import checkpoint as ckpt
-    from fulltune.train.tasks import TASKS, infer_task, read_labels
 
     start = time.perf_counter()
     cfg = copy.deepcopy(cfg)

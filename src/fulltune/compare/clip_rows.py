@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fulltune.clip.interpolate import wise_ft_run
+from fulltune.clip.zeroshot import zero_shot_run
 from fulltune.compare.runner import _from_summary, _num, run_method
 from fulltune.config import load_config
 from fulltune.errors import ConfigError, DataError
+from fulltune.model.clip import is_embedding_classifier
 
 # Rows for CLIP models besides the methods (docs/clip_zeroshot.md): the zero-shot model without training, full
 # fine-tuning from the zero-shot head, LP-FT, and WiSE-FT (zero-shot and fine-tuned weights interpolated).
@@ -34,9 +37,6 @@ def _clip_row(
     lr: float,
     rows: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    from fulltune.clip.interpolate import wise_ft_run
-    from fulltune.clip.zeroshot import zero_shot_run
-    from fulltune.model.clip import is_embedding_classifier
 
     run_dir = root / name
     out = f"output_dir={json.dumps(str(run_dir))}"

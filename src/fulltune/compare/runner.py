@@ -31,6 +31,8 @@ from fulltune.config.yamlfile import read_yaml
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
 from fulltune.files.rundir import claim_output_dir, release_run_lock
+from fulltune.report.html import build_comparison
+from fulltune.runtime.device import resolve_device, resolve_precision
 from fulltune.runtime.memory import maxrss_bytes
 from fulltune.units import human_bytes
 
@@ -324,8 +326,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[str, Any]:
-    from fulltune.runtime.device import resolve_device, resolve_precision
-
     d, t = cfg.data, cfg.training
     device = resolve_device(cfg.hardware.device)
     data = d.data_dir or d.train_file or "?"
@@ -399,7 +399,6 @@ def write_comparison(root: Path, settings: dict[str, Any], rows: list[dict[str, 
     table = markdown(rows, settings) + notes
     (root / "comparison.md").write_text(table, encoding="utf-8")
     plot(rows, root / "comparison.png")
-    from fulltune.report.html import build_comparison
 
     build_comparison(root, rows, settings)
     return table

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.config import Config, ConfigError
+from fulltune.eval.metrics import scalar_metrics
+from fulltune.train.tasks import validation_metric
+from fulltune.train.trainer import setup
 
 VARIANT_METHODS = ("linear_probe", "partial", "lora", "qlora", "full")
 UNTRAINED = "untrained head"
@@ -73,9 +76,6 @@ def parse_variants(text: str) -> list[Variant]:
 def untrained_row(cfg: Config) -> dict[str, Any]:
     """The model as it starts a run (pretrained weights, a fresh head seeded like the runs'), evaluated on the
     validation and test splits without any training step: the seeds' "pretrained / zero-shot" baseline row."""
-    from fulltune.eval.metrics import scalar_metrics
-    from fulltune.train.tasks import validation_metric
-    from fulltune.train.trainer import setup
 
     tic = time.perf_counter()
     run = setup(cfg)

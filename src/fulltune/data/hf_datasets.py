@@ -20,6 +20,7 @@ from fulltune.config import Config, ConfigError
 from fulltune.data import images as img
 from fulltune.data import lm
 from fulltune.data import text as txt
+from fulltune.data.records import TaskData, worker_count
 from fulltune.data.text import DataError
 
 VAL_SPLITS = ("validation", "val", "valid", "dev")
@@ -286,7 +287,6 @@ def _file_names(ds: Any, column: str) -> list[str]:
 
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: HubSplits) -> Any:
     """tasks.build_image_data for a `datasets` source; the same hold-out rule as image folders (file-name hash)."""
-    from fulltune.data.records import TaskData, worker_count
 
     d = cfg.data
     spec = bundle.image_spec
@@ -369,7 +369,6 @@ def lm_rows(ds: Any, cfg: Config) -> Any:
 def build_lm_data(cfg: Config, bundle: Any, hub: HubSplits) -> Any:
     """tasks.build_lm_data for a `datasets` source: the same tokenisation, packing, caps and cache as a JSONL file
     of `text` (or prompt/response) records, one record per row. The cache is keyed by the split's fingerprint."""
-    from fulltune.data.records import TaskData, worker_count
 
     d = cfg.data
     cache = Path(cfg.output_dir) / "cache"

@@ -17,6 +17,7 @@ import torch
 from fulltune.config import Config
 from fulltune.data import hf_datasets as hf
 from fulltune.data import text as txt
+from fulltune.data.lm import tokenize_lines
 from fulltune.errors import DataError
 
 
@@ -82,7 +83,6 @@ def image_dataset(cfg: Config, split: HubSplit, labels: list[str], spec: Any) ->
 
 def lm_token_ids(cfg: Config, split: HubSplit, tokenizer: Any) -> torch.Tensor:
     """The split's token ids as `tokenize_text_file` gives for a file of its rows (one row per line)."""
-    from fulltune.data.lm import tokenize_lines
 
     d = cfg.data
     hf._check_columns(split.ds, [(d.text_column, "data.text_column")], split.hub.name, split.hub.split_names["train"])

@@ -27,16 +27,16 @@ from fulltune.data import hf_datasets as hf
 from fulltune.data import images as img
 from fulltune.data import lm
 from fulltune.data import text as txt
+from fulltune.data.records import TaskData
 from fulltune.data.sampler import sample_seed
 from fulltune.errors import DataError
+from fulltune.runtime.ranks import world_size
 
 SHARDS = 64
 """Shards a saved folder is read in: the shuffle permutes them, then mixes examples in the buffer."""
 
 
 def _one_process() -> None:
-    from fulltune.runtime.ranks import world_size
-
     if world_size() > 1:
         raise ConfigError(
             "data.streaming runs on one process (a stream is not split across ranks); run without torchrun or set "
@@ -255,8 +255,6 @@ def _in_holdout(cfg: Config) -> Callable[[dict[str, Any]], bool]:
 
 
 def build_text_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSplits) -> Any:
-    from fulltune.data.records import TaskData
-
     d = cfg.data
     where = {w: f"data.dataset_name '{hub.name}' split '{hub.split_names[w]}'" for w in ("train", "val", "test")}
     holdout = hub.val is None and d.val_fraction > 0
@@ -315,7 +313,6 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSpli
 def build_lm_data(cfg: Config, bundle: Any, hub: hf.HubSplits) -> Any:
     """Packed blocks of data.seq_len tokens from the rows as they stream (the rows of each pass reshuffled): the
     blocks of the map-style reader, in stream order."""
-    from fulltune.data.records import TaskData
 
     _one_process()
     d = cfg.data
@@ -395,7 +392,6 @@ def _image_examples(cfg: Config, hub: hf.HubSplits, labels: list[str], spec: Any
 
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSplits) -> Any:
     """tasks.build_image_data for a stream; the image folders' hold-out rule (a hash of the file name)."""
-    from fulltune.data.records import TaskData
 
     d = cfg.data
     where = {w: f"data.dataset_name '{hub.name}' split '{hub.split_names[w]}'" for w in ("train", "val", "test")}

@@ -13,8 +13,19 @@ from typing import Any
 
 import torch
 
+from fulltune.config import ConfigError, config_from_dict
+from fulltune.data import hf_eval
+from fulltune.data import images as img
+from fulltune.data import text as txt
+from fulltune.data.lm import tokenize_text_file
+from fulltune.data.text import SPLIT_NAMES
+from fulltune.errors import DataError
 from fulltune.eval.metrics import classification_metrics
+from fulltune.eval.perplexity import perplexity
 from fulltune.files.rundir import atomic_output, claim_output
+from fulltune.model.exported import load_exported
+from fulltune.report.html import plot_confusion_png
+from fulltune.runtime.device import resolve_device, resolve_precision
 
 
 def write_classification_report(
@@ -40,8 +51,6 @@ def write_classification_report(
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str = "confusion matrix") -> None:
-    from fulltune.report.html import plot_confusion_png
-
     plot_confusion_png(matrix, labels, path, title)
 
 
@@ -63,8 +72,6 @@ def format_table(metrics: dict[str, Any], labels: list[str] | None = None) -> st
 
 def _canonical_split(split: str, file: str | None) -> str:
     """train / val / test; dev, valid and validation name val. Any other name is an error (unless --file)."""
-    from fulltune.config import ConfigError
-    from fulltune.data.text import SPLIT_NAMES
 
     for name, aliases in SPLIT_NAMES.items():
         if split in aliases:
@@ -76,8 +83,6 @@ def _canonical_split(split: str, file: str | None) -> str:
 
 
 def _split_folder(root: Path, split: str) -> Path:
-    from fulltune.data.text import SPLIT_NAMES
-
     for name in SPLIT_NAMES.get(split, (split,)):
         if (root / name).is_dir():
             return root / name
@@ -157,9 +162,6 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """`fulltune evaluate`: metrics of an exported checkpoint on a split of a data folder (or one file), or on a
     split of a `datasets` source: `dataset_name`, else the run's data.dataset_name when no folder or file is given."""
-    from fulltune.config import ConfigError, config_from_dict
-    from fulltune.model.exported import load_exported
-    from fulltune.runtime.device import resolve_device, resolve_precision
 
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
@@ -168,8 +170,6 @@ def evaluate_checkpoint(
     cfg = config_from_dict(bundle.extra["fulltune_config"])
     hub = None
     if dataset_name or (cfg.data.dataset_name and not data_dir and not file):
-        from fulltune.data import hf_eval
-
         hub = hf_eval.open_split(cfg, split, dataset_name)
     else:
         split = _canonical_split(split, file)
@@ -214,14 +214,8 @@ def _perplexity(
     evaluated: dict,
 ) -> dict[str, Any]:
     """Perplexity of a causal LM on a text file (or a dataset split, scored as the file of its rows)."""
-    from fulltune.data import text as txt
-    from fulltune.data.lm import tokenize_text_file
-    from fulltune.errors import DataError
-    from fulltune.eval.perplexity import perplexity
 
     if hub is not None:
-        from fulltune.data import hf_eval
-
         ids, source = hf_eval.lm_token_ids(cfg, hub, bundle.tokenizer), {"dataset": hub.shown}
     else:
         found = [Path(data_dir) / f"{stem}.txt" for stem in txt.SPLIT_NAMES[split]] if data_dir else []
@@ -249,14 +243,9 @@ def _classification_inputs(
     bundle: Any, cfg: Any, hub: Any, data_dir: str | None, split: str, file: str | None, labels: list[str]
 ) -> tuple[Any, Any, int, list[str], int]:
     """(dataset, collate, workers, input names, skipped images) of the split to classify."""
-    from fulltune.data import images as img
-    from fulltune.data import text as txt
-    from fulltune.errors import DataError
 
     if bundle.task == "image_classification":
         if hub is not None:
-            from fulltune.data import hf_eval
-
             dataset, inputs = hf_eval.image_dataset(cfg, hub, labels, bundle.image_spec)
             return dataset, img.collate_images, 2, inputs, 0
         if not data_dir:
@@ -268,8 +257,6 @@ def _classification_inputs(
         return dataset, img.collate_images, 2, [str(path) for path, _ in folder.samples], len(folder.skipped)
     collate = txt.PadCollator(bundle.tokenizer.pad_token_id)
     if hub is not None:
-        from fulltune.data import hf_eval
-
         dataset, texts = hf_eval.text_dataset(cfg, hub, labels, bundle.tokenizer)
         return dataset, collate, 0, texts, 0
     path = Path(file) if file else (txt.find_split_file(data_dir, split) if data_dir else None)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fulltune.eval.losses import lm_loss
 from fulltune.runtime.device import Precision, to_device
 
 
@@ -97,7 +98,6 @@ def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: fl
 @torch.no_grad()
 def lm_metrics(model: nn.Module, loader: Any, device: torch.device, precision: Precision) -> dict[str, Any]:
     """Mean next-token NLL over all labelled tokens of the packed blocks, and its exp (perplexity)."""
-    from fulltune.eval.losses import lm_loss
 
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)

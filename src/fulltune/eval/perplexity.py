@@ -156,5 +156,3 @@ def perplexity(
         "block_size": block_size,
         "stride": stride_eff,
     }
-
-

@@ -22,6 +22,8 @@ from fulltune.model.bundle import (
     resolve_dtype,
     resolve_model_path,
 )
+from fulltune.model.clip import build_for_head_init
+from fulltune.model.pruned import is_pruned_folder, load_pruned
 
 _DROPOUT_KEYS = (
     "hidden_dropout_prob",
@@ -128,7 +130,6 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
         _apply_dropout(config, cfg.model.dropout)
     if task == "causal_lm":
         config.use_cache = False
-    from fulltune.model.clip import build_for_head_init
 
     if (bundle := build_for_head_init(cfg, task, path, config, labels)) is not None:
         return bundle  # CLIP with a zero-shot head on its image embedding (method.head_init)
@@ -144,8 +145,6 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
         if dtype != "auto":
             model = model.to(dtype)
     elif task == "causal_lm" and _is_pruned(path):
-        from fulltune.model.pruned import load_pruned
-
         if quant is not None:
             raise ConfigError(
                 f"method.name=qlora: '{path}' is a pruned folder with per-layer widths, which "
@@ -183,6 +182,4 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
 
 
 def _is_pruned(path: str) -> bool:
-    from fulltune.model.pruned import is_pruned_folder
-
     return Path(path).is_dir() and is_pruned_folder(path)

@@ -9,12 +9,15 @@ from pathlib import Path
 import torch
 
 from fulltune.config import ConfigError
+from fulltune.files.manifest import MANIFEST, verify_checkpoint
 from fulltune.files.rundir import recover_beside
 from fulltune.model.bundle import (
     ModelBundle,
     image_spec_for,
     resolve_dtype,
 )
+from fulltune.model.clip import CLIPEmbeddingClassifier, is_embedding_classifier
+from fulltune.model.pruned import is_pruned_folder, load_pruned
 
 
 def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dtype: str | None = None) -> ModelBundle:
@@ -30,7 +33,6 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
         raise ConfigError(
             f"checkpoint '{path}' is not a fulltune checkpoint (expected config.json and fulltune_run.json in it)"
         )
-    from fulltune.files.manifest import MANIFEST, verify_checkpoint
 
     if (path / MANIFEST).is_file():  # written by this fulltune: every file checked against its size and SHA-256
         verify_checkpoint(path, resumable=False)
@@ -47,15 +49,11 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
     name = torch_dtype or meta.get("fulltune_config", {}).get("model", {}).get("torch_dtype") or "float32"
     dtype = resolve_dtype(name)
     if task == "causal_lm":
-        from fulltune.model.pruned import is_pruned_folder, load_pruned
-
         if is_pruned_folder(path):
             model = load_pruned(path, torch_dtype=dtype)
         else:
             model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **safe)
     elif task == "image_classification":
-        from fulltune.model.clip import CLIPEmbeddingClassifier, is_embedding_classifier
-
         cls = CLIPEmbeddingClassifier if is_embedding_classifier(path) else tf.AutoModelForImageClassification
         model = cls.from_pretrained(str(path), dtype=dtype, **safe)
     else:

@@ -19,10 +19,11 @@ from fulltune.errors import ConfigError
 from fulltune.model.build import build_model
 from fulltune.model.bundle import ModelBundle
 from fulltune.model.layermap import LayerMap, is_under, layer_map, strip_peft_prefix
-from fulltune.speed.cpu_dropout import use_cpu_dropout
+from fulltune.runtime.device import unwrap
+from fulltune.speed.cpu_dropout import ATTENTION, CPUDropout, use_cpu_dropout
 from fulltune.speed.filepages import own_memory
-from fulltune.speed.first_token import first_token_layer
-from fulltune.speed.qkv import fuse_qkv
+from fulltune.speed.first_token import _FirstTokenLayer, first_token_layer
+from fulltune.speed.qkv import QKVLinear, fuse_qkv
 
 METHODS = ("linear_probe", "partial", "lora", "full")
 """The values of method.name, cheapest first (the order `compare` runs them in)."""
@@ -431,10 +432,6 @@ def prepare_model(
 
 def describe_speedups(model: nn.Module) -> str:
     """The run header's line on what `prepare_model` chose for speed (empty when it chose nothing)."""
-    from fulltune.runtime.device import unwrap
-    from fulltune.speed.cpu_dropout import ATTENTION, CPUDropout
-    from fulltune.speed.first_token import _FirstTokenLayer
-    from fulltune.speed.qkv import QKVLinear
 
     base = unwrap(model)  # DDP / compiled wrappers
     base = base.get_base_model() if hasattr(base, "get_base_model") else base

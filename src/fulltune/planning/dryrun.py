@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from fulltune.config import Config, config_from_dict, to_dict
+from fulltune.model.methods import param_groups
 from fulltune.planning.facts import Facts, inspect_model, prepare
+from fulltune.runtime.device import resolve_precision
+from fulltune.runtime.memory import maxrss_bytes
+from fulltune.runtime.rng import seed_everything
+from fulltune.train.lean_fused import attach_fused_step, fuses_step
+from fulltune.train.optim import build_optimizer, optimizer_step
+from fulltune.train.tasks import TASKS
 
 
 def _library_pages() -> int:
@@ -49,8 +56,6 @@ def _rss() -> tuple[int, int]:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
         return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        from fulltune.runtime.memory import maxrss_bytes
-
         peak = maxrss_bytes()
         return peak, peak
 
@@ -91,8 +96,6 @@ def _warm_up(device: torch.device, precision: Any, t: Any) -> None:
     """One tiny transformer step, stepped as the training steps (`t`: the TrainingConfig; lean mode's bf16 weights,
     its optimizer and the step fused into backward): kernels, threads, autocast and the optimizer's one-off state
     (BF16AdamW's scratch and random-bit buffers) get set up outside the measurement."""
-    from fulltune.train.lean_fused import attach_fused_step, fuses_step
-    from fulltune.train.optim import build_optimizer, optimizer_step
 
     lean = t.memory == "lean"
     warm = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).to(device, torch.bfloat16 if lean else None)
@@ -114,12 +117,6 @@ def dry_run(
     steps over the RSS after building model and optimizer and a one-sample forward and backward, the growth of
     shared libraries' pages left out (`_library_pages`), plus the weights' bytes (part of that baseline, so counted,
     not measured)."""
-    from fulltune.model.methods import param_groups
-    from fulltune.runtime.device import resolve_precision
-    from fulltune.runtime.rng import seed_everything
-    from fulltune.train.lean_fused import attach_fused_step, fuses_step
-    from fulltune.train.optim import build_optimizer, optimizer_step
-    from fulltune.train.tasks import TASKS
 
     t, precision, task_fns = cfg.training, resolve_precision(cfg.hardware.mixed_precision, device), TASKS[task]
     if cfg.hardware.num_threads:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from fulltune.config import Config
 from fulltune.planning.facts import Facts
+from fulltune.runtime.device import cpu_has_fast_bf16
+from fulltune.train.lean import lean_bytes_per_param, wants_compiled_step
 
 # What the steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers. CPU: heap slack and
 # autograd records (1-3 MiB in dry runs of small models). Not counted, on either: the process itself (Python, the
@@ -29,8 +31,6 @@ class Dtypes:
 
 
 def dtypes_for(cfg: Config, device_type: str) -> Dtypes:
-    from fulltune.runtime.device import cpu_has_fast_bf16
-
     lean, mode = cfg.training.memory == "lean", cfg.hardware.mixed_precision
     if mode == "auto":  # as runtime.resolve_precision decides, without asking a GPU that may not be here
         mode = "bf16" if device_type == "cuda" or cpu_has_fast_bf16() else "no"
@@ -172,8 +172,6 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     optimizer = 8.0  # AdamW: exp_avg and exp_avg_sq in fp32
     grads, fused = f.trainable * 4.0, False
     if lean:
-        from fulltune.train.lean import lean_bytes_per_param, wants_compiled_step
-
         if t.lean_optimizer == "adamw8bit":  # bitsandbytes: two 8-bit moments, stepped after backward
             optimizer = 2.0
         else:  # BF16AdamW with the trainer's own state dtype and rounding; minus the bf16 weight itself

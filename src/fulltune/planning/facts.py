@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from fulltune.config import Config
-from fulltune.errors import ConfigError
+from fulltune.data.images import IMAGE_EXTENSIONS
+from fulltune.data.text import cap, label_vocabulary, read_examples, split_files
+from fulltune.errors import ConfigError, DataError
+from fulltune.model.bundle import resolve_model_path
+from fulltune.model.layermap import strip_peft_prefix
+from fulltune.model.methods import apply_trainable, prepare_model
+from fulltune.model.pruned import is_pruned_folder
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,6 @@ class Facts:
 def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.device) -> tuple[nn.Module, Any]:
     """The model exactly as `fulltune train` prepares it (`methods.prepare_model`), with every parameter the method
     may ever train set trainable: progressive unfreezing ends there, so that is the peak to plan for."""
-    from fulltune.model.methods import apply_trainable, prepare_model
 
     _, model, plan = prepare_model(cfg, task, labels, device)
     apply_trainable(model, plan.eligible)
@@ -58,9 +63,6 @@ def _meta_config(cfg: Config) -> Config:
     """The same model as an inline config, which build_model makes with from_config (so on the meta device) instead
     of reading weights. A pruned folder (per-layer widths) has no such config and is built for real."""
     from transformers import AutoConfig
-
-    from fulltune.model.bundle import resolve_model_path
-    from fulltune.model.pruned import is_pruned_folder
 
     path = None if cfg.model.tiny_config is not None else resolve_model_path(cfg.model.name_or_path)
     if path is None or (Path(path).is_dir() and is_pruned_folder(path)):
@@ -82,7 +84,6 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
 
 def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
     """Facts of cfg.method.name's model: the trainable set is exactly the one `fulltune train` would train."""
-    from fulltune.model.layermap import strip_peft_prefix
 
     with torch.device("meta"):
         model, plan = prepare(_meta_config(cfg), task, labels, torch.device("meta"))
@@ -132,9 +133,6 @@ def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
 def count_examples(cfg: Config, task: str) -> tuple[int | None, list[str] | None, str]:
     """(training examples, class names, where the count came from) from file listings and the training table only;
     (None, None, why) when the data is not there."""
-    from fulltune.data.images import IMAGE_EXTENSIONS
-    from fulltune.data.text import cap, label_vocabulary, read_examples, split_files
-    from fulltune.errors import DataError
 
     d = cfg.data
     try:

@@ -17,6 +17,7 @@ from fulltune.model.methods import METHODS
 from fulltune.planning.dryrun import dry_runs
 from fulltune.planning.estimate import Estimate, dtypes_for, estimate
 from fulltune.planning.facts import Facts, count_examples, inspect_model
+from fulltune.train.tasks import infer_task
 from fulltune.units import human_bytes as human
 
 FIT_FRACTION = 0.9  # leave 10% of the budget to fragmentation, the CUDA context, data loading
@@ -212,7 +213,6 @@ def plan(
     performance: str | None = None,
 ) -> dict[str, Any]:
     """Estimate every method for `cfg`, measure those that fit, recommend one: the report `cmd_plan` prints."""
-    from fulltune.train.tasks import infer_task
 
     device_type = (
         "cuda"

@@ -12,6 +12,7 @@ from fulltune.model.pruned import UNIFORM_NOTE, export_note, make_config_standar
 from fulltune.model.pruning import (
     REPORT_FILE,
 )
+from fulltune.state.modelcard import pruned_meta, write_model_card
 
 
 def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, report: dict | None = None) -> Path:
@@ -30,7 +31,6 @@ def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, re
         tokenizer.save_pretrained(out)
     if report is not None:
         (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    from fulltune.state.modelcard import pruned_meta, write_model_card
 
     base = getattr(model.config, "_name_or_path", "") or "?"
     meta = pruned_meta(base, report, sum(p.numel() for p in model.parameters()))

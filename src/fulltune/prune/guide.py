@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fulltune.data.docstrings import build_docstring_dataset
 from fulltune.files.rundir import atomic_dir
 
 BUILTIN_TRAIN_CHARS = 160_000
@@ -43,7 +44,6 @@ def _texts(path: Path, limit: int) -> str:
 
 def builtin_text(out_dir: Path) -> tuple[Path, Path, str]:
     """(training/calibration text file, evaluation text file, a line saying what they are), written under out_dir."""
-    from fulltune.data.docstrings import build_docstring_dataset
 
     root = out_dir / "builtin_text"
     splits = build_docstring_dataset(root / "docstrings")

@@ -21,6 +21,9 @@ from typing import Any
 import torch
 
 from fulltune.config import Config
+from fulltune.data.records import split_size
+from fulltune.report.html import build_report, fmt, read_jsonl, write_eval_record
+from fulltune.report.trackers import start_trackers
 
 
 class RunLogger:
@@ -50,7 +53,6 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=cfg.logging.log_dir or str(out / "tensorboard"))
-        from fulltune.report.trackers import start_trackers
 
         self.trackers = start_trackers(cfg, out)
 
@@ -83,7 +85,6 @@ class RunLogger:
     def started(self, run: Any, resume: str | None = None) -> None:
         """Record a start or a resume (from where, at which step; a changed schedule is said) in train.log,
         run_history.jsonl and the report; remember how to show example inputs of each split."""
-        from fulltune.report.html import read_jsonl
 
         data = getattr(run, "data", None)
         self.labels = getattr(data, "labels", None)
@@ -105,15 +106,10 @@ class RunLogger:
                 f"step {state.optimizer_step} on"
             )
         trainable, total = _count(run.model)
-        from fulltune.data.records import split_size
 
         present = [w for w in ("train", "val", "test") if getattr(data, w, None) is not None]
         sizes = {w: split_size(getattr(data, w)) for w in present}
-        metric = cfg.training.metric
-        if metric == "auto":
-            from fulltune.train.tasks import TASKS
-
-            metric = TASKS[run.task_name].default_metric
+        metric = run.metric_name
         event = {
             "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             "event": "resume" if resumed else "start",
@@ -151,8 +147,6 @@ class RunLogger:
         self._rebuild()
 
     def _rebuild(self, with_png: bool = False) -> None:
-        from fulltune.report.html import build_report
-
         try:
             build_report(self.out, with_png=with_png)
         except (OSError, ValueError, KeyError, TypeError) as err:  # a report must never stop training
@@ -162,7 +156,6 @@ class RunLogger:
         """Keep what the report shows of an evaluation (report/<name>.json: confusion matrix, confused examples)."""
         if not self.enabled:
             return
-        from fulltune.report.html import write_eval_record
 
         split = split or name
         write_eval_record(self.out, name, metrics, self.labels, self.describe.get(split), split=split, **extra)
@@ -285,10 +278,6 @@ class RunLogger:
             self._rebuild(with_png=True)
         if self.writer:
             self.writer.close()
-        if self.enabled:
-            from fulltune.state.modelcard import refresh_with_test
-
-            refresh_with_test(self.out)  # the test metrics join the card of the weights they measured
         if self.trackers:
             self._finish_trackers()
 
@@ -365,7 +354,6 @@ def _describer(dataset: Any, tokenizer: Any) -> Any:
 
 def done_line(summary: dict[str, Any]) -> str:
     """The last log line, rounded for people (summary.json keeps full precision)."""
-    from fulltune.report.html import fmt
 
     best = summary.get("best_val") or {}
     metric = next((k for k in best if k != "step"), None)
@@ -379,53 +367,6 @@ def done_line(summary: dict[str, Any]) -> str:
     if summary.get("wall_time_s") is not None:
         parts.append(f"{summary['wall_time_s']:.1f} s")
     return " | ".join(parts) + f" | report: {Path(summary.get('output_dir', '.')) / 'report.html'}"
-
-
-def run_header(trainer: Any) -> str:
-    """What is about to run: task, data, device, precision, batch arithmetic, what trains, the LR groups."""
-    from fulltune.model.methods import describe_groups, describe_speedups
-    from fulltune.runtime.ranks import world_size
-    from fulltune.train.lean_fused import describe_lean_mode
-
-    cfg, t, data = trainer.cfg, trainer.cfg.training, trainer.data
-    global_batch = cfg.data.batch_size * t.gradient_accumulation_steps * world_size()
-    from fulltune.data.records import split_size
-
-    n_train, n_val = (split_size(s) if s is not None else None for s in (data.train, data.val))
-    val = "" if data.val is None else f", {'streamed' if n_val is None else n_val} val"
-    share = 100 * trainer.trainable_params / trainer.total_params
-    train = f"{n_train} train examples" if n_train is not None else "streamed train examples (length unknown)"
-    return (
-        f"task {trainer.task_name} | method {cfg.method.name} | {train}{val}"
-        f" | device {trainer.device} | precision {trainer.precision.name}{trainer.precision.note}\n"
-        f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation "
-        f"{t.gradient_accumulation_steps} x world size {world_size()} | {trainer.steps_per_epoch} optimizer steps "
-        f"per epoch, {trainer.state.total_steps} in all\n"
-        f"parameters that train: {trainer.trainable_params:,} of {trainer.total_params:,} ({share:.2f}%)\n"
-        + (trainer.allocator_note + "\n" if getattr(trainer, "allocator_note", "") else "")
-        + describe_speedups(trainer.model)
-        + describe_lean_mode(t, trainer.device, trainer.fused is not None, trainer.optimizer)
-        + describe_groups(trainer.optimizer.param_groups, t.base_learning_rate)
-    )
-
-
-def run_summary(trainer: Any) -> dict[str, Any]:
-    """The end-of-run numbers every run reports (summary.json adds throughput and test metrics to these)."""
-    from fulltune.runtime.memory import peak_memory_bytes
-
-    s = trainer.state
-    return {
-        "task": trainer.task_name,
-        "method": trainer.cfg.method.name,
-        "optimizer_steps": s.optimizer_step,
-        "epochs_done": s.epoch,
-        "best_val": {trainer.metric_name: s.best_metric, "step": s.best_step},
-        "trainable_parameters": trainer.trainable_params,
-        "total_parameters": trainer.total_params,
-        "peak_memory_bytes": peak_memory_bytes(trainer.device),
-        "output_dir": str(trainer.out),
-        "last_checkpoint": str(trainer.last_good) if trainer.last_good else None,
-    }
 
 
 def _last_byte(path: Path) -> bytes:

@@ -56,8 +56,14 @@ class _FirstTokenLayer(nn.Module):
             attention_mask = attention_mask[:, :, :1]  # the first query's row of the mask
         function = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
         context, _ = function(
-            sa, query, key, value, attention_mask, dropout=sa.dropout.p if sa.training else 0.0,
-            scaling=sa.scaling, **kwargs,
+            sa,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=sa.dropout.p if sa.training else 0.0,
+            scaling=sa.scaling,
+            **kwargs,
         )
         attended = attention.output(context.reshape(batch, 1, -1), first)
         return self.feed_forward_chunk(attended)  # type: ignore[attr-defined]

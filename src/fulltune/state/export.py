@@ -19,6 +19,8 @@ from fulltune.config import ConfigError
 from fulltune.files.manifest import MANIFEST, RUN_META, verify_checkpoint
 from fulltune.files.rundir import atomic_output, claim_output
 from fulltune.files.safestate import require_safetensors
+from fulltune.model.pruned import is_pruned_folder, load_pruned
+from fulltune.model.pruning import SHAPES_KEY, _head_dim, decoder_layers, get_layer_shapes
 from fulltune.state.checkpoint import list_checkpoints
 from fulltune.state.modelcard import pruned_meta, write_model_card
 
@@ -42,7 +44,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def resolve_source(source: str | Path) -> Path:
     """The exported folder behind a run folder, checkpoint, best/ or prune output."""
-    from fulltune.model.pruned import is_pruned_folder
 
     p = Path(source)
     if not p.is_dir():
@@ -90,8 +91,6 @@ def unprune(model: nn.Module) -> nn.Module:
     gives act(0) * 0 = 0 into zero down_proj columns; so every output is unchanged."""
     from transformers import AutoModelForCausalLM
 
-    from fulltune.model.pruning import SHAPES_KEY, _head_dim, decoder_layers, get_layer_shapes
-
     shapes = get_layer_shapes(model)
     n_q = max(s["num_attention_heads"] for s in shapes)
     n_kv = max(s["num_key_value_heads"] for s in shapes)
@@ -131,8 +130,6 @@ def unprune(model: nn.Module) -> nn.Module:
 def _load_plain(src: Path, task: str) -> tuple[nn.Module, bool]:
     """The folder's model in float32, and whether it was a pruned layout (now padded)."""
     import transformers as tf
-
-    from fulltune.model.pruned import is_pruned_folder, load_pruned
 
     if is_pruned_folder(src):
         return unprune(load_pruned(src, torch_dtype=torch.float32)), True

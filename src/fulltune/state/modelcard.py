@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fulltune.data.records import split_size
 from fulltune.files.manifest import replace_in_checkpoint
+from fulltune.model.pruned import is_pruned_folder
 
 CARD_FILE = "README.md"
 PIPELINE_TAGS = {
@@ -33,7 +35,6 @@ def card_facts(cfg: Any, data: Any, state: Any) -> dict[str, Any]:
         source = {"dataset_name": d.dataset_name, "dataset_config": d.dataset_config, "train_split": d.train_split}
     else:
         source = {k: getattr(d, k) for k in ("data_dir", "train_file", "val_file", "test_file") if getattr(d, k)}
-    from fulltune.data.records import split_size
 
     sizes = {w: split_size(getattr(data, w)) for w in ("train", "val", "test") if getattr(data, w) is not None}
     facts: dict[str, Any] = {"data": {"source": source, "sizes": sizes, "val_source": data.info.get("val_source")}}
@@ -248,7 +249,6 @@ def render(meta: dict[str, Any]) -> str:
 
 def write_model_card(folder: str | Path, meta: dict[str, Any]) -> Path:
     """README.md in `folder` (already holding config.json): a pruned layout is told apart from config.json."""
-    from fulltune.model.pruned import is_pruned_folder
 
     if is_pruned_folder(folder):
         meta = {**meta, "pruned_layout": True}

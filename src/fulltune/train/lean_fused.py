@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fulltune.runtime.device import cpu_has_fast_bf16
+from fulltune.runtime.ranks import world_size
+
 
 class FusedStepHandle:
     """Result of `attach_fused_step`: hook handles plus counters the training loop reads.
@@ -184,8 +187,6 @@ def describe_lean_mode(t: Any, device: torch.device, fused: bool, optimizer: Any
         how = f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, gradient checkpointing"
     else:
         how = "bf16 weights, bitsandbytes 8-bit AdamW, gradient checkpointing"
-    from fulltune.runtime.device import cpu_has_fast_bf16
-    from fulltune.runtime.ranks import world_size
 
     if getattr(optimizer, "compiled", False):
         how += ", compiled update kernel"

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from fulltune.config import METRICS, Config, ConfigError
+from fulltune.data import hf_datasets, hf_stream, lm
 from fulltune.data import images as img
-from fulltune.data import lm
 from fulltune.data import text as txt
 from fulltune.data.records import TaskData, worker_count
 from fulltune.errors import DataError
@@ -35,8 +35,6 @@ def _infer_task(cfg: Config) -> str:
         return cfg.task
     d = cfg.data
     if d.dataset_name:
-        from fulltune.data import hf_datasets
-
         return hf_datasets.infer_task(cfg)
     if d.data_dir and (Path(d.data_dir) / "train").is_dir():
         return "image_classification"
@@ -54,8 +52,6 @@ def _infer_task(cfg: Config) -> str:
 def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     """Label vocabulary from the train split, and whatever was read so it is not read twice."""
     if cfg.data.dataset_name:
-        from fulltune.data import hf_datasets, hf_stream
-
         streamed = cfg.data.streaming and task != "causal_lm"
         labels, raw = (hf_stream if streamed else hf_datasets).read_labels(cfg, task)
         if labels is None:  # causal LM
@@ -89,8 +85,6 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
 
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.ImageFolder) -> TaskData:
     if cfg.data.dataset_name:
-        from fulltune.data import hf_datasets, hf_stream
-
         build = hf_stream.build_image_data if cfg.data.streaming else hf_datasets.build_image_data
         return build(cfg, bundle, labels, train)
     root = Path(cfg.data.data_dir)
@@ -119,8 +113,6 @@ def _tokenized(examples: txt.TextExamples, vocab: list[str], tokenizer: Any, max
 
 def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> TaskData:
     if cfg.data.streaming:
-        from fulltune.data import hf_stream
-
         return hf_stream.build_text_data(cfg, bundle, labels, raw)
     files, train = raw
     d = cfg.data
@@ -152,8 +144,6 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
     """Packed blocks of data.seq_len tokens; data.max_samples / max_eval_samples keep that many blocks (seeded)."""
     d = cfg.data
     if d.dataset_name:
-        from fulltune.data import hf_datasets, hf_stream
-
         build = hf_stream.build_lm_data if d.streaming else hf_datasets.build_lm_data
         return build(cfg, bundle, raw)
     files: dict[str, str | None] = {}

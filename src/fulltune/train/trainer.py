@@ -24,7 +24,7 @@ from fulltune.eval.metrics import classification_metrics, improves, lm_metrics, 
 from fulltune.model.bundle import ModelBundle, count_parameters
 from fulltune.model.exported import load_exported
 from fulltune.model.methods import TrainablePlan, apply_trainable, param_groups, prepare_model
-from fulltune.report.logger import RunLogger, Throughput, done_line, run_header, run_summary
+from fulltune.report.logger import RunLogger, Throughput, done_line
 from fulltune.runtime import distributed as ddist
 from fulltune.runtime.device import Precision, check_hardware, resolve_device, resolve_precision, to_device, unwrap
 from fulltune.runtime.memory import configure_cpu, peak_memory_bytes, trim_heap
@@ -32,10 +32,11 @@ from fulltune.runtime.ranks import barrier, is_main, rank, world_size
 from fulltune.runtime.rng import seed_everything
 from fulltune.state import checkpoint as ckpt
 from fulltune.state.checkpoint import save_fsdp_checkpoint
-from fulltune.state.modelcard import card_facts
+from fulltune.state.modelcard import card_facts, refresh_with_test
 from fulltune.state.resume import check_resume, data_fingerprint
 from fulltune.train.accuracy import TrainAccuracy, log_train_accuracy
-from fulltune.train.lean_fused import fuses_step
+from fulltune.train.header import run_header, run_summary
+from fulltune.train.lean_fused import attach_fused_step, fuses_step
 from fulltune.train.optim import build_optimizer, lr_factor, optimizer_step, set_lr, warmup_steps
 from fulltune.train.tasks import TASKS, Task, data_loader, infer_task, read_labels, validation_metric
 
@@ -166,7 +167,6 @@ class Trainer:
 
     def _attach_fused(self) -> None:
         """(Re)hook lean mode's in-backward optimizer step onto the parameters that train now."""
-        from fulltune.train.lean_fused import attach_fused_step
 
         if self.fused is not None:
             self.fused.remove()
@@ -191,6 +191,8 @@ class Trainer:
         self.log.close_progress()
         summary = self._summary()
         self.log.close()
+        if is_main():
+            refresh_with_test(self.out)  # the test metrics join the card of the weights they measured
         return summary
 
     def _start(self) -> None:
