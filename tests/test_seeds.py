@@ -97,7 +97,7 @@ def test_mixed_precision_true_means_the_seeds_amp(tmp_path, image_data):
         assert p.dtype == torch.float16 and p.needs_scaler
     cfg = load_config(SEEDS / "002_oom_mixed_precision.yaml", _overrides(tmp_path / "run", image_data))
     train(cfg)
-    assert "mixed_precision: true as in the seeds" in (tmp_path / "run" / "train.log").read_text()
+    assert "mixed_precision: true means fp16 as in torch.cuda.amp" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_enabled_alone_uses_the_automatic_schedule(tmp_path, image_data):

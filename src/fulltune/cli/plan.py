@@ -69,7 +69,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--performance",
         choices=("enough", "best"),
-        help="the seeds' performance axis: good enough (LoRA) or the best result (full)",
+        help="what matters more: a good enough result (LoRA) or the best result (full)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=32")

@@ -1,6 +1,6 @@
-"""What `fulltune compare` compares beyond one run per method (issue 13): method variants such as `lora:r=8` and
-`lora:r=16` (each its own run folder, lora-r8), and the row the seeds' tables start from: the model evaluated with
-its fresh, untrained head (a pretrained causal LM as it is), no training.
+"""What `fulltune compare` compares beyond one run per method: method variants such as `lora:r=8` and `lora:r=16`
+(each its own run folder, lora-r8), and the row the guides' comparison tables start from: the model evaluated with its
+fresh, untrained head (a pretrained causal LM as it is), no training.
 
 A variant is `METHOD[:key=value[;key=value...]]`. Keys are config keys under the method's section: r, alpha, dropout,
 target_modules for lora/qlora (method.lora.*), trainable_layers for partial (method.*); a dotted key is used as is.
@@ -75,7 +75,7 @@ def parse_variants(text: str) -> list[Variant]:
 
 def untrained_row(cfg: Config) -> dict[str, Any]:
     """The model as it starts a run (pretrained weights, a fresh head seeded like the runs'), evaluated on the
-    validation and test splits without any training step: the seeds' "pretrained / zero-shot" baseline row."""
+    validation and test splits without any training step: the guides' "pretrained / zero-shot" baseline row."""
 
     tic = time.perf_counter()
     run = setup(cfg)

@@ -350,7 +350,7 @@ def param_groups(model: nn.Module, plan: TrainablePlan, cfg: Config) -> list[dic
         if name not in plan.eligible:
             continue
         scale = lmap.scale(name, decay, t.head_lr_mult)
-        if t.layer_groups_lr:  # explicit rates (seed 001's discriminative fine-tuning), as multiples of the base
+        if t.layer_groups_lr:  # explicit rates (the CLIP guide's discriminative fine-tuning), as multiples of the base
             rate = t.layer_groups_lr.get("head") if name in lmap.head else explicit.get(lmap.layer_of[name])
             scale = scale if rate is None else rate / t.base_learning_rate
         # Matrices decay; vectors do not, whatever their padding dims: ViT's cls token is (1, 1, hidden).

@@ -55,10 +55,10 @@ def with_method(
 
 
 def _order(n: int | None, full_fits: bool, performance: str | None = None) -> tuple[list[str], str]:
-    """The seeds' decision rules (002's decision tree, 000's advice), and which one fired.
+    """The decision rules of the fine-tuning tutorial (its decision tree) and of the CLIP guide, and which one fired.
 
     data: under 1k examples LoRA/QLoRA; 1k-10k LoRA (recommended) or full; over 10k full where memory allows.
-    memory (measured, not the seeds' 16/24 GB marks, which were for their CLIP job): each method in this order only
+    memory (measured, not the guides' 16/24 GB marks, which were for their CLIP job): each method in this order only
     where it fits (at some micro-batch); QLoRA (4-bit base, CUDA) where not even LoRA fits. performance: "enough"
     LoRA, "best" full.
     """
@@ -142,7 +142,7 @@ def recommend(
     device_type: str,
     performance: str | None = None,
 ) -> Recommendation:
-    """The first method of the seeds' decision rules that fits, at the largest micro-batch that fits (halving from
+    """The first method of the decision rules (`_order`) that fits, at the largest micro-batch that fits (halving from
     the configured one), accumulating to the configured global batch; checkpointing only if nothing fits without.
     QLoRA (CUDA only) is priced from LoRA's estimate; the reasons say which rule fired."""
     limit, global_batch = FIT_FRACTION * budget, cfg.data.batch_size * cfg.training.gradient_accumulation_steps
@@ -164,7 +164,7 @@ def recommend(
                 skipped = [x for x in order[: order.index(method)] if x in results]
                 if method == "qlora":
                     notes.append(
-                        "rule memory: not even LoRA fits the budget -> QLoRA (4-bit NF4 base: the seeds' "
+                        "rule memory: not even LoRA fits the budget -> QLoRA (4-bit NF4 base: the tutorial's "
                         "choice under 16 GB)"
                     )
                 speeds = ", ".join(f"{k} {e.forward_passes:.1f}" for k, (e, _) in results.items())

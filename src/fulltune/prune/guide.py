@@ -1,4 +1,5 @@
-"""What `fulltune prune` needs to run the pruning guide's commands as typed (seed 003): calibration, recovery and
+"""What `fulltune prune` needs to run the pruning guide's commands as typed (the pruned-Llama
+recovery guide): calibration, recovery and
 evaluation text that ships with fulltune when no --data_file / --eval_file is given, and the guide's output layout
 (a log holding the perplexity lines the guide greps for, the pruned model, the recovered model).
 

@@ -60,16 +60,16 @@ class Precision:
 
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:
-    """auto -> bf16 where the hardware has it (CUDA with bf16, CPU with bf16 units), else fp32. amp (the seeds'
-    `mixed_precision: true`, torch.cuda.amp) -> fp16 with a grad scaler on CUDA, bf16 where fp16 is not available."""
+    """auto -> bf16 where the hardware has it (CUDA with bf16, CPU with bf16 units), else fp32. amp (`mixed_precision:
+    true` as torch.cuda.amp scripts mean it) -> fp16 with a grad scaler on CUDA, bf16 where fp16 is not available."""
     note = ""
     if mode == "amp":
         if device.type == "cuda":
-            mode, note = "fp16", " (mixed_precision: true as in the seeds: fp16 autocast + GradScaler)"
+            mode, note = "fp16", " (mixed_precision: true as torch.cuda.amp means it: fp16 autocast + GradScaler)"
         else:
             mode, note = (
                 "bf16",
-                f" (mixed_precision: true as in the seeds means fp16, which needs CUDA: bf16 on {device.type})",
+                f" (mixed_precision: true means fp16 as in torch.cuda.amp, which needs CUDA: bf16 on {device.type})",
             )
     if mode == "auto":
         if device.type == "cuda":
