@@ -1,7 +1,6 @@
-"""What `fulltune prune` needs to run the pruning guide's commands as typed (the pruned-Llama
-recovery guide): calibration, recovery and
-evaluation text that ships with fulltune when no --data_file / --eval_file is given, and the guide's output layout
-(a log holding the perplexity lines the guide greps for, the pruned model, the recovered model).
+"""What `fulltune prune` needs to run the pruned-Llama recovery guide's commands as typed: calibration, recovery
+and evaluation text that ships with fulltune when no --data_file / --eval_file is given, and the guide's output
+layout (a log holding the perplexity lines the guide greps for, the pruned model, the recovered model).
 
 The built-in text is English prose built offline from the docstrings of Python's standard library (the corpus
 `fulltune demo` trains on, fulltune.data.docstrings): its train split calibrates and trains, its test split is held
