@@ -148,3 +148,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, text_data, tmp_pa
     assert "loss became nan at optimizer step 5" in err and "checkpoint-step-4" in err
     kept = ckpt.list_checkpoints(out)
     assert [p.name for p in kept] == ["checkpoint-step-2", "checkpoint-step-4"]
+
+
+def test_demo_without_its_model_extra_is_one_line(capsys, tmp_path, monkeypatch):
+    """The demo's weights are the extra fulltune[demo]: without it, one line naming the extra, nothing written."""
+    from fulltune import demo
+
+    monkeypatch.setattr(demo, "packaged_minilm_path", lambda: None)
+    code, err = run_cli(capsys, "demo", "--output_dir", str(tmp_path / "demo"))
+    assert code == 2 and "fulltune[demo]" in err and not (tmp_path / "demo").exists()

