@@ -10,12 +10,12 @@ import pytest
 
 from fulltune.cli import build_parser, main
 from fulltune.cli.options import _subparsers, describe_keys, normalize_argv, render_config
-from fulltune.config import ConfigError, _flatten, load_config, to_dict
+from fulltune.config import ConfigError, dotted_items, load_config, to_dict
 
 
 def test_config_lists_every_key_load_config_accepts():
     listed = describe_keys()
-    accepted = {k for k, _ in _flatten(to_dict(load_config()))}
+    accepted = {k for k, _ in dotted_items(to_dict(load_config()))}
     assert set(listed) == accepted
     assert len(listed) > 80
     for key, (default, doc) in listed.items():

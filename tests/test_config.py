@@ -1,13 +1,17 @@
-"""Config loading: shipped example configs parse, seed-document keys and aliases load, overrides and errors."""
+"""Config loading: shipped example configs parse, foreign names (HF Trainer's, other configs', the layout of a CLIP
+fine-tuning config.yaml) load as fulltune's keys, overrides and errors."""
 
 from __future__ import annotations
 
+import ast
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+import yaml
 
-from fulltune.config import _coerce, config_from_dict, load_config, to_dict
+from fulltune.config import coerce, config_from_dict, dotted_items, load_config, names, to_dict
 from fulltune.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -114,7 +118,7 @@ def test_config_errors_name_the_key(override, needle):
     ],
 )
 def test_coerce_accepts_what_yaml_gives(value, tp, expected):
-    assert _coerce(value, tp, "k") == expected
+    assert coerce(value, tp, "k") == expected
 
 
 @pytest.mark.parametrize(
@@ -133,4 +137,132 @@ def test_coerce_accepts_what_yaml_gives(value, tp, expected):
 )
 def test_coerce_rejects_with_the_key_and_what_was_expected(value, tp, message):
     with pytest.raises(ConfigError, match=f"config key 'section.key'.*{message}"):
-        _coerce(value, tp, "section.key")
+        coerce(value, tp, "section.key")
+
+
+# ------------------------------------------------------------------------------------------------ foreign names
+
+# A value other than the default for every key a foreign name becomes (fp16/bf16 and optim take their own values).
+TARGET_VALUES: dict[str, Any] = {
+    "checkpoint.keep_last": 5,
+    "checkpoint.save_every_epochs": 2,
+    "checkpoint.save_every_steps": 7,
+    "data.batch_size": 8,
+    "data.data_dir": "somewhere",
+    "data.eval_batch_size": 4,
+    "data.image_size": 64,
+    "data.label_column": "y",
+    "data.max_eval_samples": 9,
+    "data.max_length": 64,
+    "data.max_samples": 11,
+    "data.num_classes": 3,
+    "data.num_workers": 2,
+    "data.seq_len": 256,
+    "data.test_file": "t.csv",
+    "data.text_column": "x",
+    "data.train_file": "a.csv",
+    "data.val_file": "b.csv",
+    "hardware.mixed_precision": "bf16",
+    "logging.log_dir": "logs",
+    "logging.log_every_steps": 3,
+    "method.lora.alpha": 4.0,
+    "method.lora.dropout": 0.2,
+    "method.lora.r": 4,
+    "method.lora.target_modules": ["q", "v"],
+    "method.name": "partial",
+    "model.name_or_path": "foo/bar",
+    "output_dir": "out",
+    "training.adam_epsilon": 1e-6,
+    "training.base_learning_rate": 2e-5,
+    "training.early_stopping": {"enabled": True, "patience": 4},
+    "training.early_stopping.patience": 4,
+    "training.eval_every_steps": 6,
+    "training.gradient_accumulation_steps": 2,
+    "training.gradient_checkpointing": True,
+    "training.label_smoothing": 0.1,
+    "training.layer_groups_lr": {"head": 1e-4},
+    "training.layerwise_lr": {"enabled": True, "decay_rate": 0.9},
+    "training.layerwise_lr.decay_rate": 0.9,
+    "training.lr_scheduler": "linear",
+    "training.max_grad_norm": 0.5,
+    "training.max_steps": 12,
+    "training.metric": "macro_f1",
+    "training.num_epochs": 5,
+    "training.progressive_unfreezing": {"enabled": True, "auto": 2},
+    "training.seed": 7,
+    "training.warmup_ratio": 0.2,
+    "training.warmup_steps": 10,
+    "training.weight_decay": 0.05,
+}
+
+
+def _fulltune_keys() -> set[str]:
+    keys = {k for k, _ in dotted_items(to_dict(load_config()))}
+    return keys | {k.rsplit(".", 1)[0] for k in keys if "." in k}  # and the sections
+
+
+def test_foreign_names_are_each_said_once_and_none_is_a_fulltune_key():
+    in_sections = [f"{s}.{n}" for s, ns in names.HF_TRAINER_IN_SECTIONS.items() for n in ns]
+    tables = [list(names.HF_TRAINER), in_sections, list(names.SPELLINGS), list(names.CLIP_LAYOUT)]
+    every = [name for table in tables for name in table]
+    assert len(every) == len(set(every)), sorted(n for n in every if every.count(n) > 1)
+    keys = _fulltune_keys()
+    assert not set(every) & keys  # nothing maps to itself, no key of fulltune's is read as another
+    assert set(names.HF_TRAINER_IN_SECTIONS) <= keys
+    for name, target in [*names.ALIASES.items(), *names.CLIP_LAYOUT.items()]:
+        assert target in keys, (name, target)
+    assert set(names.ALIASES) == {*names.HF_TRAINER, *in_sections, *names.SPELLINGS}
+
+
+@pytest.mark.parametrize("name", sorted(names.ALIASES))
+def test_each_alias_loads_as_its_key(name):
+    target = names.ALIASES[name]
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("fp16", "bf16"):
+        value, expected = True, leaf
+    elif leaf == "optim":
+        value, expected = "adamw_torch", False
+    else:
+        value = expected = TARGET_VALUES[target]
+    assert load_config(None, {name: value}) == load_config(None, {target: expected})
+    assert load_config(None, [f"{name}={json.dumps(value)}"]) == load_config(None, {target: expected})
+
+
+@pytest.mark.parametrize("source", sorted(names.CLIP_LAYOUT))
+def test_each_clip_layout_key_loads_as_its_key_and_says_so(tmp_path, capsys, source):
+    target = names.CLIP_LAYOUT[source]
+    value = TARGET_VALUES[target]
+    tree: dict[str, Any] = {}
+    node = tree
+    for part in source.split(".")[:-1]:
+        node = node.setdefault(part, {})
+    node[source.rsplit(".", 1)[-1]] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    names._SAID.clear()
+    assert load_config(path) == load_config(None, {target: value})
+    err = capsys.readouterr().err
+    assert f"read as the layout of a CLIP fine-tuning config.yaml: {source} -> {target}\n" in err
+    assert "seed" not in err
+
+
+def test_mapping_under_an_alias_names_the_key_it_stands_for(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("learning_rate: {head: 1.0e-4}\n")
+    with pytest.raises(ConfigError, match=r"config key 'training.base_learning_rate': expected a number"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="optim .* fulltune trains with AdamW"):
+        load_config(None, {"optim": ["adamw_torch"]})
+
+
+def test_config_package_imports_fulltune_modules_at_the_top_only():
+    package = Path(__file__).resolve().parents[1] / "src" / "fulltune" / "config"
+    inside = [
+        f"{path.name}:{node.lineno} in {fn.name}"
+        for path in sorted(package.glob("*.py"))
+        for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(fn)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    ]
+    assert not inside  # an import inside a function there would hide a cycle (checks <-> load was one)

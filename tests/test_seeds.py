@@ -9,8 +9,7 @@ import pytest
 import torch
 from conftest import TINY_CLIP
 
-from fulltune.config import load as config_load
-from fulltune.config import load_config
+from fulltune.config import load_config, names
 from fulltune.model.methods import param_groups, plan_trainable
 from fulltune.train.trainer import setup, train
 
@@ -50,7 +49,7 @@ def test_seed_snippet_loads_and_trains_one_step(tmp_path, image_data, fixture):
 
 
 def test_seed_layouts_map_onto_fulltune_keys(capsys):
-    config_load._LOGGED_LAYOUTS.clear()  # each mapping is said once per process; earlier tests may have said it
+    names._SAID.clear()  # each mapping is said once per process; earlier tests may have said it
     cfg = load_config(SEEDS / "000_layerwise_lr.yaml")
     assert cfg.training.layerwise_lr.enabled and cfg.training.layerwise_lr.decay_rate == 0.95
     cfg = load_config(SEEDS / "000_progressive_unfreezing.yaml")
@@ -71,9 +70,11 @@ def test_seed_layouts_map_onto_fulltune_keys(capsys):
     cfg = load_config(SEEDS / "002_advice_training.yaml")
     assert cfg.training.early_stopping.enabled and cfg.training.gradient_accumulation_steps == 2
     err = capsys.readouterr().err
-    assert "seed layout: layerwise_lr -> training.layerwise_lr" in err
-    assert "seed layout: progressive_unfreezing -> training.progressive_unfreezing" in err
-    assert "seed layout: gradient_accumulation -> training.gradient_accumulation_steps" in err
+    layout = "read as the layout of a CLIP fine-tuning config.yaml: "
+    assert layout + "layerwise_lr -> training.layerwise_lr" in err
+    assert layout + "progressive_unfreezing -> training.progressive_unfreezing" in err
+    assert layout + "gradient_accumulation -> training.gradient_accumulation_steps" in err
+    assert "seed" not in err
     assert "turns early stopping on" in err
     # once per process: loading again logs nothing new
     load_config(SEEDS / "000_layerwise_lr.yaml")

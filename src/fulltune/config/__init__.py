@@ -1,18 +1,19 @@
-"""Typed run configuration: the sections (`sections`), loading with aliases and overrides (`load`), and the checks
-(`checks`). Everything a caller needs is importable from `fulltune.config`.
+"""Typed run configuration: the sections (`sections`), foreign names and the keys they become (`names`), values
+checked against the sections' types (`coercion`), loading with overrides (`load`), and the checks (`checks`).
+Everything a caller needs is importable from `fulltune.config`.
 """
 
 from fulltune.config.checks import METRICS, check_ranges, validate
+from fulltune.config.coercion import coerce
 from fulltune.config.load import (
-    ALIASES,
-    _coerce,
-    _flatten,
     config_from_dict,
+    dotted_items,
     load_config,
     parse_override,
     save_config,
     to_dict,
 )
+from fulltune.config.names import ALIASES
 from fulltune.config.sections import (
     DEFAULT_PROMPT_TEMPLATES,
     AugmentationConfig,
@@ -51,10 +52,10 @@ __all__ = [
     "ProgressiveUnfreezingConfig",
     "TrainingConfig",
     "UnfreezeStep",
-    "_coerce",
-    "_flatten",
     "check_ranges",
+    "coerce",
     "config_from_dict",
+    "dotted_items",
     "load_config",
     "parse_override",
     "save_config",

@@ -3,12 +3,13 @@ any folder is created; each error names the key, the value and what is allowed."
 
 from __future__ import annotations
 
+import codecs
 import math
+import os
 from typing import Any
 
-from fulltune.config.sections import (
-    Config,
-)
+from fulltune.config.coercion import coerce
+from fulltune.config.sections import Config
 from fulltune.errors import ConfigError
 
 
@@ -39,10 +40,8 @@ def validate(cfg: Config) -> None:
     if isinstance(pu.auto, int) and pu.auto < 1:
         raise ConfigError(f"training.progressive_unfreezing.auto must be >= 1 or 'proportional', got {pu.auto}")
     if t.layer_groups_lr is not None:
-        from fulltune.config.load import _coerce  # (load imports this module)
-
         for name, lr in list(t.layer_groups_lr.items()):
-            t.layer_groups_lr[name] = _coerce(lr, float, f"training.layer_groups_lr.{name}")
+            t.layer_groups_lr[name] = coerce(lr, float, f"training.layer_groups_lr.{name}")
             if not 0 < t.layer_groups_lr[name] < math.inf:  # NaN fails too
                 raise ConfigError(f"training.layer_groups_lr.{name} must be a finite number > 0, got {lr}")
 
@@ -117,14 +116,10 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
 
 def check_ranges(cfg: Config) -> None:
     """Every numeric value in its range, the metric known to the task: one error naming key, value and range."""
-    import math
-
     for key, value, ok, allowed in _ranges(cfg):
         bad_float = isinstance(value, float) and not math.isfinite(value)
         if bad_float or not ok(value):
             raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {allowed}")
-    import codecs
-
     try:
         codecs.lookup(cfg.data.encoding)
     except LookupError:
@@ -163,6 +158,4 @@ def _validate_head_init(cfg: Config) -> None:
 
 
 def _cores() -> int:
-    import os
-
     return os.cpu_count() or 1

@@ -181,8 +181,8 @@ class ProgressiveUnfreezingConfig:
     unfreeze_schedule: list[UnfreezeStep] = field(default_factory=list)
     """Explicit schedule: [{epoch: 0, layers: [classifier]}, {epoch: 2, layers: [...]}, ...]."""
     auto: int | Literal["proportional"] | None = None
-    """Shorthand: start with the head, unfreeze one more block from the top every N epochs; `proportional` (seed 001):
-    at epoch e the top int(e / num_epochs * L) blocks train, with the head (enabled alone: auto 1)."""
+    """Shorthand: start with the head, unfreeze one more block from the top every N epochs; `proportional`: at epoch
+    e the top int(e / num_epochs * L) blocks train, with the head (enabled alone: auto 1)."""
 
 
 @dataclass
@@ -232,7 +232,7 @@ class TrainingConfig:
     layerwise_lr: LayerwiseLRConfig = field(default_factory=LayerwiseLRConfig)
     """Layer-wise learning-rate decay."""
     layer_groups_lr: dict[str, float] | None = None
-    """Discriminative learning rates (seed 001): explicit rates per layer range, e.g. {bottom: 1e-6, middle: 5e-6,
+    """Discriminative learning rates: explicit rates per layer range, e.g. {bottom: 1e-6, middle: 5e-6,
     top: 1e-5, head: 1e-4} (thirds of the blocks; bottom includes the embeddings, top what sits above the blocks)
     or {"0-3": 1e-6, "4-11": 1e-5, head: 1e-4} (block ranges, 0-based, embeddings as "embeddings"). Replaces
     base_learning_rate x layerwise decay; the schedule still scales every group."""
@@ -277,8 +277,9 @@ class HardwareConfig:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     mixed_precision: Literal["auto", "bf16", "fp16", "amp", "no"] = "auto"
-    """auto: bf16 where the hardware has it, else fp32. fp16 uses a grad scaler (CUDA only). amp (what the seeds'
-    `mixed_precision: true` means): fp16 + grad scaler on CUDA, bf16 where fp16 is not available. true=amp, false=no."""
+    """auto: bf16 where the hardware has it, else fp32. fp16 uses a grad scaler (CUDA only). amp (what
+    `mixed_precision: true` means in a CLIP fine-tuning config.yaml): fp16 + grad scaler on CUDA, bf16 where fp16 is
+    not available. true=amp, false=no."""
     num_threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
     cpu_dropout: Literal["auto", "torch"] = "auto"
