@@ -17,6 +17,7 @@ import torch
 from conftest import TINY_BERT, base_overrides, write_images, write_text_split
 
 from fulltune.cli import main, user_error
+from fulltune.files.manifest import MANIFEST
 from fulltune.state import checkpoint as ckpt
 
 
@@ -320,7 +321,7 @@ CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
         2,
         ("fulltune_run.json",),
     ),
-    "missing manifest": (_resume_damaged(_delete(ckpt.MANIFEST)), 2, (ckpt.MANIFEST, "missing")),
+    "missing manifest": (_resume_damaged(_delete(MANIFEST)), 2, (MANIFEST, "missing")),
     "legacy pickled optimizer.pt": (_resume_damaged(_legacy), 2, ("optimizer.pt", "pickle")),
     "resume a folder that is no checkpoint": (lambda w, t: _train(w, t, "--resume", str(t)), 2, ("--resume",)),
     "evaluate a truncated best/": (_evaluate_damaged(_truncate("model.safetensors")), 2, ("model.safetensors",)),

@@ -20,7 +20,7 @@ from conftest import TINY_BERT, TINY_LLAMA, TINY_VIT, base_overrides
 from safetensors.torch import load_file
 
 from fulltune.cli import main
-from fulltune.files.rundir import LOCK_FILE
+from fulltune.files.rundir import LOCK_FILE, recover_run_dir
 from fulltune.state import checkpoint as ckpt
 
 
@@ -240,7 +240,7 @@ def test_recovery_restores_best_and_removes_temporaries(tmp_path):
     (out / ".checkpoint-step-4.tmp-999999999").mkdir()  # killed inside a save
     (out / ".checkpoint-step-2.del-999999999").mkdir()  # killed while deleting an old checkpoint
     logged: list[str] = []
-    ckpt.recover_run_dir(out, logged.append)
+    recover_run_dir(out, logged.append)
     assert (out / "best" / "model.safetensors").read_bytes() == b"old best"
     assert sorted(p.name for p in out.iterdir()) == ["best"]
     assert len(logged) == 3 and any("restored" in m for m in logged)

@@ -16,6 +16,7 @@ from fulltune.config import Config, ConfigError, save_config
 from fulltune.data import images as img
 from fulltune.data.text import run_inputs
 from fulltune.eval.evaluate import classification_metrics
+from fulltune.files.rundir import atomic_dir, claim_output_dir, release_run_lock
 from fulltune.model.build import build_model
 from fulltune.model.bundle import count_parameters
 from fulltune.runtime.device import resolve_device, resolve_precision
@@ -52,7 +53,7 @@ def zero_shot_run(cfg: Config) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     cfg.method.head_init = "zeroshot"
     out = Path(cfg.output_dir)
-    ckpt.claim_output_dir(out, None, inputs=run_inputs(cfg))  # written like a training run's folder
+    claim_output_dir(out, None, inputs=run_inputs(cfg))  # written like a training run's folder
     seed_everything(cfg.training.seed)
     task = infer_task(cfg)
     if task != "image_classification":
@@ -86,7 +87,7 @@ def zero_shot_run(cfg: Config) -> dict[str, Any]:
             "class_names": bundle.extra["class_names"],
         },
     )
-    with ckpt.atomic_dir(out / "best") as tmp:
+    with atomic_dir(out / "best") as tmp:
         ckpt.export_model(bundle.model, bundle, tmp, meta)
         save_config(cfg, tmp / "config.yaml")
     save_config(cfg, out / "config.yaml")
@@ -100,5 +101,5 @@ def zero_shot_run(cfg: Config) -> dict[str, Any]:
         }
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    ckpt.release_run_lock(out)
+    release_run_lock(out)
     return summary

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fulltune.errors import ConfigError
 from fulltune.files.rundir import (  # noqa: F401
-    _kill_point,
+    kill_point,
     atomic_dir,
     claim_output_dir,
     fsync_dir,
@@ -62,9 +62,9 @@ def replace_in_checkpoint(folder: Path, name: str, text: str) -> None:
         fsync_file(tmp)
         os.replace(tmp, pending)  # from here on the change is committed: recovery rolls it forward
         fsync_dir(folder)
-    _kill_point("record-written")
+    kill_point("record-written")
     os.replace(new_file, folder / name)
-    _kill_point("record-renamed")
+    kill_point("record-renamed")
     if pending.is_file():
         os.replace(pending, mpath)
     fsync_dir(folder)

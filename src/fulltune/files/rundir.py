@@ -43,16 +43,16 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         if full is not None:
             raise full from None
         raise
-    _kill_point("before-rename")
+    kill_point("before-rename")
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
-        _kill_point("between-renames")
+        kill_point("between-renames")
     tmp.rename(final)
     fsync_dir(final.parent)
-    _kill_point("after-rename")
+    kill_point("after-rename")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -65,12 +65,12 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     fsync_file(tmp)
-    _kill_point(f"{path.stem}-written")
+    kill_point(f"{path.stem}-written")
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
-def _kill_point(name: str) -> None:
+def kill_point(name: str) -> None:
     """Test hook: FULLTUNE_KILL_AT=NAME:N kills this process with SIGKILL the N-th time it passes `name`."""
     spec = os.environ.get("FULLTUNE_KILL_AT")
     if not spec:

@@ -30,14 +30,11 @@ from fulltune.files.manifest import (
     verify_checkpoint,
     write_manifest,
 )
-from fulltune.files.rundir import (  # noqa: F401
-    _kill_point,
+from fulltune.files.rundir import (
+    kill_point,
     atomic_dir,
-    claim_output_dir,
     fsync_dir,
     recover_run_dir,
-    release_run_lock,
-    write_atomic,
 )
 from fulltune.files.safestate import (
     StateFileError,
@@ -110,7 +107,7 @@ def export_model(
         del plain
     else:
         model.save_pretrained(str(out_dir))
-    _kill_point("inside-export")
+    kill_point("inside-export")
     if bundle.tokenizer is not None:
         bundle.tokenizer.save_pretrained(str(out_dir))
     if bundle.image_spec is not None:
@@ -163,7 +160,7 @@ def save_checkpoint(
             else:
                 blob = {"format": "by_index", "state": optimizer.state_dict(), "param_names": param_names}
             save_state(blob, state_dir, "optimizer")
-            _kill_point("inside-save")
+            kill_point("inside-save")
             save_state(
                 {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}, state_dir, "rng"
             )
@@ -361,7 +358,7 @@ def delete_old_checkpoints(output_dir: Path, keep_last: int) -> None:
         doomed = old.parent / f".{old.name}.del-{os.getpid()}"
         old.rename(doomed)
         fsync_dir(old.parent)
-        _kill_point("deleting-old")
+        kill_point("deleting-old")
         shutil.rmtree(doomed, ignore_errors=True)
 
 

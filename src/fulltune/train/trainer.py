@@ -21,6 +21,7 @@ from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.data.text import run_inputs
 from fulltune.errors import TrainingError
 from fulltune.eval.metrics import classification_metrics, improves, lm_metrics, scalar_metrics
+from fulltune.files.rundir import claim_output_dir, release_run_lock, write_atomic
 from fulltune.model.bundle import ModelBundle, count_parameters
 from fulltune.model.exported import load_exported
 from fulltune.model.methods import TrainablePlan, apply_trainable, param_groups, prepare_model
@@ -178,7 +179,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the run
     def train(self) -> dict[str, Any]:
         check_hardware(self.cfg)
-        ckpt.claim_output_dir(self.out, self.resume, self.overwrite, inputs=run_inputs(self.cfg))  # locked till done
+        claim_output_dir(self.out, self.resume, self.overwrite, inputs=run_inputs(self.cfg))  # locked till done
         self.setup()
         self._start()
         stop = False
@@ -409,7 +410,7 @@ class Trainer:
         if test is not None:
             summary["test"] = test
         if is_main():
-            ckpt.write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))  # read as "run finished"
+            write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))  # read as "run finished"
         self.log.info(done_line(summary))
         return summary
 
@@ -439,4 +440,4 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
     try:
         return Trainer(cfg, resume, overwrite).train()
     finally:
-        ckpt.release_run_lock(cfg.output_dir)
+        release_run_lock(cfg.output_dir)
