@@ -11,10 +11,10 @@ from pathlib import Path
 
 from fulltune.errors import ConfigError
 from fulltune.files.rundir import (  # noqa: F401
-    kill_point,
     atomic_dir,
     claim_output_dir,
     fsync_dir,
+    kill_point,
     recover_run_dir,
     release_run_lock,
     write_atomic,

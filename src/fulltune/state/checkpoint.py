@@ -31,9 +31,9 @@ from fulltune.files.manifest import (
     write_manifest,
 )
 from fulltune.files.rundir import (
-    kill_point,
     atomic_dir,
     fsync_dir,
+    kill_point,
     recover_run_dir,
 )
 from fulltune.files.safestate import (
