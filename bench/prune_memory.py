@@ -98,7 +98,7 @@ def child_prune(importance: str, work: Path, materialize: bool) -> dict:
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fulltune.cli.prune import _load_base
+    from fulltune.prune.pipeline import _load_base
     from fulltune.config import load_config
     from fulltune.data import lm
     from fulltune.model.pruning import PruneConfig, parameter_count, prune_model

@@ -116,7 +116,7 @@ def pretrain(train_file: Path, tokenizer: Path, out: Path) -> Path:
 
 def control(base: Path, train_file: Path, out: Path) -> Path:
     """The unpruned model given exactly the recovery run's training."""
-    from fulltune.cli.prune import FINETUNE_FLAGS, SCRIPT_DEFAULTS
+    from fulltune.prune.flags import FINETUNE_FLAGS, SCRIPT_DEFAULTS
     from fulltune.config import load_config
     from fulltune.train.trainer import train
 

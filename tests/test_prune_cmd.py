@@ -13,7 +13,7 @@ from conftest import TINY_LLAMA, call_cli, config_kwargs, parse_cli
 from test_causal_lm import make_bpe_tokenizer, write_corpus
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fulltune.cli.prune import RESULTS_FILE, recovery_config
+from fulltune.prune.pipeline import RESULTS_FILE, recovery_config
 from fulltune.errors import ConfigError, DataError
 from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.model.exported import load_exported

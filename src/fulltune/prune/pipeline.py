@@ -1,0 +1,266 @@
+"""What `fulltune prune` runs: structured pruning of a Llama-family decoder, perplexity before and after, and
+recovery training through fulltune's own trainer, with the recovery guide's flags (`--base_model`, `--finetune_*`,
+...).
+
+Output folder: pruned/ (a folder fulltune loads again), recovery/ (the training run), prune_results.json."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fulltune.config import Config, load_config, parse_override
+from fulltune.data import lm
+from fulltune.data.lm import tokenize_text_file
+from fulltune.errors import ConfigError, DataError
+from fulltune.eval.perplexity import perplexity
+from fulltune.files.rundir import atomic_dir, claim_output
+from fulltune.files.safestate import require_safetensors
+from fulltune.model.bundle import resolve_model_path
+from fulltune.model.exported import load_exported
+from fulltune.model.pruned import is_pruned_folder, load_pruned
+from fulltune.model.pruning import PruneConfig, parameter_count, prune_model
+from fulltune.prune.flags import FINETUNE_FLAGS, SCRIPT_DEFAULTS
+from fulltune.prune.folder import save_pruned
+from fulltune.prune.guide import GuideLog, builtin_text, publish_recovered
+from fulltune.runtime.device import resolve_device, resolve_precision
+from fulltune.runtime.rng import seed_everything
+from fulltune.train.trainer import train
+
+RESULTS_FILE = "prune_results.json"
+PRUNE_ENTRIES = ("logs", "builtin_text", "cache", "pruned", "recovery", "recovered", RESULTS_FILE)
+"""What `fulltune prune` writes into its output folder (its record lists them; other files there are left alone)."""
+EVAL_BATCH_SIZE = 8  # windows per forward pass; `fulltune evaluate` uses the same by default
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    return Path(args.output_dir) if args.output_dir else Path("outputs") / args.save_ckpt_log_name
+
+
+def recovery_config(args: argparse.Namespace, pruned_dir: Path) -> Config:
+    """The recovery run: seed defaults (or --config), then the flags typed, then key=value, then what must hold."""
+    values: dict[str, Any] = {} if args.config else dict(SCRIPT_DEFAULTS)
+    for flag, (key, default) in FINETUNE_FLAGS.items():
+        typed = getattr(args, flag)
+        if typed is not None:
+            values[key] = typed
+        elif not args.config:
+            values[key] = default
+    values.update(parse_override(o) for o in args.overrides or [])
+    values.update(
+        {
+            "task": "causal_lm",
+            "model.name_or_path": str(pruned_dir),
+            "model.tiny_config": None,
+            "model.tokenizer": None,
+            "model.torch_dtype": args.torch_dtype,
+            "data.train_file": args.data_file,
+            "output_dir": str(output_dir(args) / "recovery"),
+        }
+    )
+    return load_config(args.config, values)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.pruning_ratio < 1.0:
+        raise ConfigError(f"--pruning_ratio {args.pruning_ratio}: expected a fraction in [0, 1)")
+    if args.layer_start < 0 or (args.layer_end is not None and args.layer_end <= args.layer_start):
+        raise ConfigError(f"--layer_start {args.layer_start} / --layer_end {args.layer_end}: expected 0 <= start < end")
+    if args.importance_samples < 1 or args.importance_seq_len < 2:
+        raise ConfigError("--importance_samples must be >= 1 and --importance_seq_len >= 2")
+    for flag in ("data_file", "eval_file"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise DataError(f"--{flag} '{path}' does not exist")
+
+
+def _load_base(path: str, device: torch.device, torch_dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"--base_model '{path}': no such folder")
+    name = resolve_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+        if Path(name).is_dir() and is_pruned_folder(name):
+            model = load_pruned(name, torch_dtype=dtype)
+        else:
+            require_safetensors(name, "--base_model")
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
+    except OSError as err:
+        raise ConfigError(f"--base_model '{path}': cannot load a causal LM ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _perplexity(model: torch.nn.Module, ids: torch.Tensor, block: int, device: torch.device, precision: Any) -> dict:
+
+    if ids.numel() < 2:
+        raise DataError(f"--eval_file: {ids.numel()} token(s), too short to measure perplexity")
+    out = perplexity(
+        model, ids, block_size=block, batch_size=EVAL_BATCH_SIZE, device=device, autocast_ctx=precision.autocast
+    )
+    print(f"  perplexity {out['perplexity']:.4f} over {out['tokens']:,} tokens")
+    return out
+
+
+def _recovered_folder(summary: dict[str, Any]) -> Path:
+    """best/ (chosen on a validation file, if the run had one), else the run's last checkpoint."""
+    best = Path(summary["output_dir"]) / "best"
+    if best.is_dir():
+        return best
+    if not summary.get("last_checkpoint"):
+        raise ConfigError("the recovery run wrote no checkpoint (checkpoint.save_every_epochs=0?); nothing to evaluate")
+    return Path(summary["last_checkpoint"])
+
+
+def format_results(rows: list[dict[str, Any]]) -> str:
+    lines = [f"  {'model':<10}{'parameters':>14}{'perplexity':>13}{'tokens':>11}"]
+    for r in rows:
+        ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") is not None else "-"
+        tokens = f"{r['tokens']:,}" if r.get("tokens") is not None else "-"
+        lines.append(f"  {r['model']:<10}{r['parameters']:>14,}{ppl:>13}{tokens:>11}")
+    return "\n".join(lines)
+
+
+def _prune(args: argparse.Namespace, model: Any, tokenizer: Any, cfg: Config, out: Path) -> dict[str, Any]:
+    """Prune `model` in place as the flags say (Taylor importance from calibration blocks of --data_file)."""
+
+    calibration = None
+    if args.importance == "taylor":
+        data_cfg = dataclasses.replace(cfg.data, seq_len=args.importance_seq_len)
+        calibration = lm.load_blocks(
+            Path(args.data_file), data_cfg, tokenizer, out / "cache", args.importance_samples, cfg.training.seed
+        ).input_ids  # (n, seq_len)
+    prune_cfg = PruneConfig(
+        pruning_ratio=args.pruning_ratio,
+        importance=args.importance,
+        prune_mlp=args.prune_mlp,
+        layer_start=args.layer_start,
+        layer_end=args.layer_end,
+        layer_ratios=args.layer_ratios,
+        calibration_block_size=args.importance_seq_len,
+        num_calibration_samples=args.importance_samples,
+    )
+    try:
+        return prune_model(model, prune_cfg, calibration)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--base_model '{args.base_model}': cannot prune it ({err})") from None
+
+
+def _recover(
+    cfg: Config, device: Any, precision: Any, eval_ids: Any, block: int, timings: dict[str, float]
+) -> tuple[Path, dict[str, Any]]:
+    """Recovery training of the pruned model with fulltune's trainer; its folder and its perplexity row."""
+
+    tic = time.perf_counter()
+    summary = train(cfg, overwrite=True)  # OUTPUT/recovery belongs to this command: a rerun replaces it
+    timings["recovery_train_s"] = time.perf_counter() - tic
+    recovered = _recovered_folder(summary)
+    bundle = load_exported(recovered, device)
+    print(f"recovered model ({recovered}):")
+    tic = time.perf_counter()
+    row = {
+        "model": "recovered",
+        "parameters": parameter_count(bundle.model),
+        **_perplexity(bundle.model, eval_ids, block, device, precision),
+    }
+    timings["eval_recovered_s"] = time.perf_counter() - tic
+    return recovered, row
+
+
+def _results(
+    args: argparse.Namespace,
+    block: int,
+    rows: list[dict[str, Any]],
+    pruned_dir: Path,
+    recovered: Path | None,
+    report: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """prune_results.json: the perplexity rows, where the models went, the pruning report, timings."""
+    return {
+        "base_model": args.base_model,
+        "eval_file": args.eval_file,
+        "block_size": block,
+        "results": rows,
+        "pruned_model": str(pruned_dir) if pruned_dir.is_dir() else None,
+        "recovered_model": str(recovered) if recovered else None,
+        "prune": {k: report[k] for k in ("params_before", "params_after", "config", "layer_range")},
+        "layers": report["layers"],
+        "timings_s": timings,
+    }
+
+
+def run_prune(args: argparse.Namespace) -> int:
+
+    _check_args(args)
+    out = output_dir(args)
+    pruned_dir = out / "pruned"
+    claim_output(out, "prune", (args.base_model, args.data_file, args.eval_file), PRUNE_ENTRIES)
+    guide = GuideLog(out)  # OUTPUT/logs/training.log, the log the guide greps
+    measure = args.eval_file is not None or args.test_after_prune or args.finetune
+    if args.data_file is None or args.eval_file is None:
+        train_text, eval_text, what = builtin_text(out)
+        args.data_file, args.eval_file = args.data_file or str(train_text), args.eval_file or str(eval_text)
+        guide.line(f"text: {what}")
+    cfg = recovery_config(args, pruned_dir)  # validated before any slow step
+    device = resolve_device(cfg.hardware.device)
+    precision = resolve_precision(cfg.hardware.mixed_precision, device)
+    block = cfg.data.seq_len  # all three perplexities, and `fulltune evaluate` on the recovered run, use it
+    seed_everything(cfg.training.seed)
+    timings: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+
+    tic = time.perf_counter()
+    model, tokenizer = _load_base(args.base_model, device, args.torch_dtype)
+    guide.line(f"model {args.base_model}: {parameter_count(model):,} parameters in {next(model.parameters()).dtype}")
+    eval_ids = tokenize_text_file(args.eval_file, tokenizer) if measure else None
+    if eval_ids is not None:
+        print(f"original model ({args.base_model}):")
+        rows.append({"model": "original", "parameters": parameter_count(model)})
+        rows[-1] |= _perplexity(model, eval_ids, block, device, precision)
+        guide.perplexity("original", rows[-1]["perplexity"], rows[-1]["tokens"])
+        timings["eval_original_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    report = _prune(args, model, tokenizer, cfg, out)
+    timings["prune_s"] = time.perf_counter() - tic
+    guide.line(
+        f"pruned: {report['params_before']:,} -> {report['params_after']:,} parameters "
+        f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)"
+    )
+    if eval_ids is not None:
+        tic = time.perf_counter()
+        rows.append({"model": "pruned", "parameters": report["params_after"]})
+        rows[-1] |= _perplexity(model, eval_ids, block, device, precision)
+        guide.perplexity("pruned", rows[-1]["perplexity"], rows[-1]["tokens"])
+        timings["eval_pruned_s"] = time.perf_counter() - tic
+    if args.save_model or args.finetune:
+        with atomic_dir(pruned_dir) as tmp:  # a rerun replaces the earlier pruned model whole
+            save_pruned(model, tokenizer, tmp, report)
+        guide.line(f"pruned model written to {pruned_dir}")
+
+    recovered = None
+    if args.finetune:
+        del model  # the run loads its own copy from pruned/
+        gc.collect()
+        recovered, row = _recover(cfg, device, precision, eval_ids, block, timings)
+        rows.append(row)
+        guide.perplexity("recovered", row["perplexity"], row["tokens"])
+        guide.line(f"recovered model written to {publish_recovered(recovered, out)}")
+
+    results = _results(args, block, rows, pruned_dir, recovered, report, timings)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    if rows:
+        guide.line(format_results(rows))
+    guide.line(f"written: {out / RESULTS_FILE}; log: {guide.path}")
+    guide.close()
+    return 0
