@@ -1,7 +1,8 @@
 """Training-set accuracy per epoch, from the logits the training step already computed (no extra forward).
 
-The CLIP fine-tuning guide watches the gap between training and validation accuracy to spot overfitting. The counts stay on the
-device during the epoch (no host sync per step); `take` reads them once at the epoch's end. Causal LMs get none.
+The CLIP fine-tuning guide watches the gap between training and validation accuracy to spot overfitting. The counts
+stay on the device during the epoch (no host sync per step); `take` reads them once at the epoch's end. Causal LMs get
+none.
 Dropout and augmentation are on in training, so this is the accuracy of the batches as trained on, the usual figure.
 """
 
