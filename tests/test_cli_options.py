@@ -9,8 +9,9 @@ import argparse
 import pytest
 
 from fulltune.cli import build_parser, main
-from fulltune.cli.options import _subparsers, describe_keys, normalize_argv, render_config
+from fulltune.cli.options import _subparsers, normalize_argv, render_config
 from fulltune.config import ConfigError, dotted_items, load_config, to_dict
+from fulltune.config.describe import describe_keys
 
 
 def test_config_lists_every_key_load_config_accepts():

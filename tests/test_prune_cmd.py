@@ -13,12 +13,12 @@ from conftest import TINY_LLAMA, call_cli, config_kwargs, parse_cli
 from test_causal_lm import make_bpe_tokenizer, write_corpus
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fulltune.prune.pipeline import RESULTS_FILE, recovery_config
 from fulltune.errors import ConfigError, DataError
 from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.model.exported import load_exported
 from fulltune.model.pruned import is_pruned_folder, load_pruned
 from fulltune.model.pruning import get_layer_shapes
+from fulltune.prune.pipeline import RESULTS_FILE, recovery_config
 
 QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "hardware.mixed_precision=no"]
 

@@ -7,18 +7,14 @@ from config.py.
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import inspect
 import json
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fulltune.config import ALIASES, Config, to_dict
-from fulltune.config import sections as config_module
+from fulltune.config.describe import describe_keys
 from fulltune.errors import ConfigError, DataError
 
 # Help for flags that were registered without any: every flag says what it does.
@@ -116,46 +112,6 @@ def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str
 
 
 # ---------------------------------------------------------------- the config's keys, defaults and descriptions
-
-
-def field_docs(module: Any = config_module) -> dict[str, dict[str, str]]:
-    """{class name: {field: docstring}} from the string literal under each dataclass field of config.py."""
-    tree = ast.parse(inspect.getsource(module))
-    docs: dict[str, dict[str, str]] = {}
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        fields = docs.setdefault(node.name, {})
-        body = node.body
-        for stmt, nxt in zip(body, [*body[1:], None], strict=True):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                fields[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _is_section(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def describe_keys(cls: type = Config, prefix: str = "") -> dict[str, tuple[Any, str]]:
-    """Every dotted config key -> (default, one-line description), in the order of config.py."""
-    docs = field_docs()
-    hints = typing.get_type_hints(cls)
-    defaults = to_dict(cls())
-    out: dict[str, tuple[Any, str]] = {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if _is_section(tp):
-            out.update(describe_keys(tp, f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = (defaults[f.name], docs.get(cls.__name__, {}).get(f.name, ""))
-    return out
 
 
 def render_config(cfg: Config) -> str:
