@@ -37,7 +37,7 @@ print(f"python {platform.python_version()} | torch {torch.__version__} | transfo
 PY
 
 echo "== gpu tests =="
-"$PY" -m pytest tests/test_gpu.py -m gpu -q -rs --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log"
+"$PY" -m pytest tests/e2e/test_gpu.py -m gpu -q -rs --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== throughput =="

@@ -98,12 +98,12 @@ def child_prune(importance: str, work: Path, materialize: bool) -> dict:
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fulltune.prune.pipeline import _load_base
     from fulltune.config import load_config
     from fulltune.data import lm
     from fulltune.model.pruning import PruneConfig, parameter_count, prune_model
     from fulltune.prune.folder import save_pruned
     from fulltune.prune.guide import builtin_text
+    from fulltune.prune.pipeline import _load_base
 
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()

@@ -116,8 +116,8 @@ def pretrain(train_file: Path, tokenizer: Path, out: Path) -> Path:
 
 def control(base: Path, train_file: Path, out: Path) -> Path:
     """The unpruned model given exactly the recovery run's training."""
-    from fulltune.prune.flags import FINETUNE_FLAGS, SCRIPT_DEFAULTS
     from fulltune.config import load_config
+    from fulltune.prune.flags import FINETUNE_FLAGS, SCRIPT_DEFAULTS
     from fulltune.train.trainer import train
 
     values = {FINETUNE_FLAGS[flag][0]: v for flag, v in RECOVERY.items()}

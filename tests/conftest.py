@@ -103,7 +103,7 @@ def config_kwargs(tiny: dict, **overrides: object) -> dict:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` need CUDA: skipped, saying so, where there is none (bench/gpu_check.sh's CPU dry mode,
-    GPU_CHECK_DRY=1, runs them on the CPU instead: tests/test_gpu.py decides per test what it can check there)."""
+    GPU_CHECK_DRY=1, runs them on the CPU instead: tests/e2e/test_gpu.py decides per test what it can check there)."""
     import torch
 
     if torch.cuda.is_available() or os.environ.get("GPU_CHECK_DRY") == "1":

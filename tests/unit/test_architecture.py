@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Bottom to top. A module may import from its own layer and the layers below it.
 LAYERS: list[tuple[str, ...]] = [

@@ -14,7 +14,7 @@ import yaml
 from fulltune.config import coerce, config_from_dict, dotted_items, load_config, names, to_dict
 from fulltune.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -256,7 +256,7 @@ def test_mapping_under_an_alias_names_the_key_it_stands_for(tmp_path):
 
 
 def test_config_package_imports_fulltune_modules_at_the_top_only():
-    package = Path(__file__).resolve().parents[1] / "src" / "fulltune" / "config"
+    package = Path(__file__).resolve().parents[2] / "src" / "fulltune" / "config"
     inside = [
         f"{path.name}:{node.lineno} in {fn.name}"
         for path in sorted(package.glob("*.py"))

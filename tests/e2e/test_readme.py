@@ -1,6 +1,6 @@
 """The README's commands work as written: every ```bash block is run, in order, in a fresh copy of the repository's
 tracked files with `../shared` beside it, with `fulltune` on PATH. A block whose first line is the marker
-`# long: not run by tests/test_readme.py` is left out (installation, the 10-minute demo); a block that uses
+`# long: not run by tests/e2e/test_readme.py` is left out (installation, the 10-minute demo); a block that uses
 `../shared/data` is skipped when that folder is absent (FULLTUNE_SHARED names another folder to use as ../shared)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-LONG = "# long: not run by tests/test_readme.py"
+REPO = Path(__file__).resolve().parents[2]
+LONG = "# long: not run by tests/e2e/test_readme.py"
 
 
 def readme_blocks() -> list[str]:

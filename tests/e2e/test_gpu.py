@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from synthetic_lm import write_corpus, write_tokenizer  # noqa: E402
 
 from fulltune.config import MethodConfig, load_config  # noqa: E402

@@ -13,7 +13,7 @@ from fulltune.config import load_config, names
 from fulltune.model.methods import param_groups, plan_trainable
 from fulltune.train.trainer import setup, train
 
-SEEDS = Path(__file__).parent / "fixtures" / "seeds"
+SEEDS = Path(__file__).parents[1] / "fixtures" / "seeds"
 # CLIP with 12 vision blocks, as the seeds' ViT-B/32, so that `vision_model.encoder.layers.11` exists.
 CLIP12 = {
     **TINY_CLIP,
@@ -157,7 +157,7 @@ def test_bad_layer_group_is_one_line(tmp_path, image_data):
         setup(cfg)
 
 
-CLIP_FULL = Path(__file__).parents[1] / "configs" / "clip_full.yaml"
+CLIP_FULL = Path(__file__).parents[2] / "configs" / "clip_full.yaml"
 
 
 def test_clip_full_is_the_seeds_default_job(tmp_path, image_data):
