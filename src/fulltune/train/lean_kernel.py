@@ -10,7 +10,8 @@ index) computed in that loop, so no random tensor is stored. A bit-identical res
 int32 arithmetic wraps (two's complement) in eager PyTorch and in the vector code inductor emits, so the random bits
 are the same eager and compiled, and so are the results (tests/unit/test_lean_kernel.py) except where the fp32 math
 itself rounds differently: in exp_avg's lerp a cancellation (m ~ -g/9) can end one ulp of ~1e-11 apart (1 element
-in 5,000 random ones). The compiled update is written in place (`update_lowp_`) and vectorized 256 bits wide (`compiled_update`).
+in 5,000 random ones). The compiled update is written in place (`update_lowp_`) and vectorized 256 bits wide
+(`compiled_update`).
 """
 
 from __future__ import annotations
