@@ -26,33 +26,28 @@ def main() -> int:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from fulltune.config import load_config
     from fulltune.model.bundle import packaged_minilm_path
-    from fulltune.runtime.memory import configure_cpu
-    from fulltune.speed.cpu_dropout import ATTENTION, use_cpu_dropout
-    from fulltune.speed.filepages import own_memory
-    from fulltune.speed.first_token import first_token_layer
-    from fulltune.speed.qkv import fuse_qkv
+    from fulltune.speed.plan import apply, plan
     from fulltune.train.optim import optimizer_step
 
-    class Hardware:  # the trainer's allocator choice for CPU training
-        num_threads, cpu_allocator = args.threads, "auto"
-
-    configure_cpu(Hardware, torch.device("cpu"))
+    # The trainer's speed plan for this model on a CPU; each copy below leaves out what its variant compares.
+    cfg = load_config(None, {"hardware.num_threads": args.threads})
     base = AutoModelForSequenceClassification.from_pretrained(str(packaged_minilm_path()), num_labels=2).train()
-    own_memory(base, {n for n, _ in base.named_parameters()})
+    full = plan(cfg, "cpu", "text_classification", base)
+    process = ("num_threads", "cpu_allocator", "own_memory")  # once, for the copies' common source
+    patches = ("cpu_dropout", "cpu_attention", "fused_qkv", "first_token_only")
+    apply(base, full.leaving_out(*patches))
     variants = {}
     kinds = {"sdpa": (0, 0, 0), "attention": (1, 0, 0), "fused_qkv": (0, 1, 0), "first_token": (0, 0, 1)}
     kinds.update(both=(1, 1, 0), all=(1, 1, 1))
     for name, (attention, fused, first) in kinds.items():
         model = copy.deepcopy(base)
-        use_cpu_dropout(model)
-        if not attention:
-            model.set_attn_implementation("sdpa")
-        if fused:
-            fuse_qkv(model)
-        if first:
-            first_token_layer(model)
-        assert (model.config._attn_implementation == ATTENTION) == bool(attention)
+        off = [
+            c for c, on in (("cpu_attention", attention), ("fused_qkv", fused), ("first_token_only", first)) if not on
+        ]
+        applied = apply(model, full.leaving_out(*process, *off)).plan
+        assert all(applied.on(c) for c in patches if c not in off), applied
         variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True))
 
     def step(model, optimizer, ids: torch.Tensor) -> float:

@@ -4,7 +4,6 @@ mid-save loses nothing, and the export loads with plain transformers."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -235,55 +234,3 @@ def test_compile_switch_trains_like_eager(tmp_path, text_data):
     train(_text_cfg(tmp_path / "eager", text_data, **common))
     train(_text_cfg(tmp_path / "compiled", text_data, training__compile=True, **common))
     assert_same_weights(tmp_path / "eager/checkpoint-epoch-1", tmp_path / "compiled/checkpoint-epoch-1", atol=1e-5)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_cpu_allocator_choice_is_said_and_respects_the_environment(monkeypatch):
-    from types import SimpleNamespace
-
-    from fulltune.runtime.memory import configure_cpu
-
-    hw = SimpleNamespace(num_threads=None, cpu_allocator="auto")
-    assert configure_cpu(SimpleNamespace(num_threads=None, cpu_allocator="system"), torch.device("cpu")) == ""
-    assert configure_cpu(hw, torch.device("cuda")) == ""  # only CPU training changes the process's malloc
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert "MALLOC_*" in configure_cpu(hw, torch.device("cpu"))  # the user's own setting wins
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    import ctypes
-
-    if hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
-        assert configure_cpu(hw, torch.device("cpu")).startswith("CPU allocator: freed memory kept")
-
-
-def test_heap_trim_hands_free_pages_back(monkeypatch):
-    """With fulltune's allocator settings freed blocks stay resident; `trim_heap` on its step interval gives their
-    pages back (what keeps long runs' resident set from creeping up), does nothing between intervals, and nothing
-    until the resident set has grown again."""
-    import ctypes
-    from types import SimpleNamespace
-
-    from fulltune.runtime.memory import HEAP_TRIM_EVERY, configure_cpu, trim_heap
-
-    if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
-        pytest.skip("glibc only")
-    configure_cpu(SimpleNamespace(num_threads=None, cpu_allocator="auto"), torch.device("cpu"))
-    monkeypatch.setattr("fulltune.runtime.memory._trimmed_rss", 0)  # no trim before this one
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    blocks = [torch.ones(2**20) for _ in range(64)]  # 64 blocks of 4 MiB, then every other one freed: holes
-    keep = blocks[1::2]
-    del blocks
-    before = rss()
-    trim_heap(HEAP_TRIM_EVERY + 1)  # not on the interval: nothing
-    assert rss() > before - 16 * 2**20
-    trim_heap(HEAP_TRIM_EVERY)
-    assert rss() < before - 100 * 2**20, (before, rss())
-    assert all(float(b[7]) == 1.0 for b in keep)  # what is still in use is untouched
-    more = [torch.ones(2**20) for _ in range(8)]  # 32 MiB more: well under HEAP_GROWTH
-    del more
-    low = rss()
-    trim_heap(2 * HEAP_TRIM_EVERY)
-    assert rss() > low - 16 * 2**20

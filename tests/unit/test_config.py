@@ -172,6 +172,10 @@ TARGET_VALUES: dict[str, Any] = {
     "method.name": "partial",
     "model.name_or_path": "foo/bar",
     "output_dir": "out",
+    "speed.cpu_allocator": "off",
+    "speed.cpu_dropout": "off",
+    "speed.first_token_only": "off",
+    "speed.fused_qkv": "off",
     "training.adam_epsilon": 1e-6,
     "training.base_learning_rate": 2e-5,
     "training.early_stopping": {"enabled": True, "patience": 4},
@@ -203,7 +207,8 @@ def _fulltune_keys() -> set[str]:
 
 def test_foreign_names_are_each_said_once_and_none_is_a_fulltune_key():
     in_sections = [f"{s}.{n}" for s, ns in names.HF_TRAINER_IN_SECTIONS.items() for n in ns]
-    tables = [list(names.HF_TRAINER), in_sections, list(names.SPELLINGS), list(names.CLIP_LAYOUT)]
+    tables = [list(names.HF_TRAINER), in_sections, list(names.SPELLINGS), list(names.EARLIER_KEYS)]
+    tables.append(list(names.CLIP_LAYOUT))
     every = [name for table in tables for name in table]
     assert len(every) == len(set(every)), sorted(n for n in every if every.count(n) > 1)
     keys = _fulltune_keys()
@@ -211,7 +216,8 @@ def test_foreign_names_are_each_said_once_and_none_is_a_fulltune_key():
     assert set(names.HF_TRAINER_IN_SECTIONS) <= keys
     for name, target in [*names.ALIASES.items(), *names.CLIP_LAYOUT.items()]:
         assert target in keys, (name, target)
-    assert set(names.ALIASES) == {*names.HF_TRAINER, *in_sections, *names.SPELLINGS}
+    assert set(names.ALIASES) == {*names.HF_TRAINER, *in_sections, *names.SPELLINGS, *names.EARLIER_KEYS}
+    assert set(names.EARLIER_VALUES) <= keys
 
 
 @pytest.mark.parametrize("name", sorted(names.ALIASES))

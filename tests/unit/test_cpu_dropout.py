@@ -1,7 +1,7 @@
 """CPU dropout (`cpu_dropout.CPUDropout`): drops with probability p, unbiased, backward through the same mask,
 seeded by torch's generator (so resume is exact), identity in eval; the attention function computes SDPA's
 attention (padding, causal, GQA) and drops attention probabilities the same way; the trainer's model preparation
-swaps both in on a CPU unless `hardware.cpu_dropout: torch`."""
+swaps both in on a CPU unless `speed.cpu_dropout: off`."""
 
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def test_seeded_like_torch_and_identity_where_it_should_be() -> None:
     assert (inplace == 0).any()
 
 
-@pytest.mark.parametrize("setting,expected", [("auto", CPUDropout), ("torch", nn.Dropout)])
+@pytest.mark.parametrize("setting,expected", [("auto", CPUDropout), ("off", nn.Dropout)])
 def test_model_preparation_swaps_dropout_on_cpu(tmp_path, setting: str, expected: type) -> None:
-    cfg = load_config(None, base_overrides(tmp_path / "run", TINY_BERT, hardware__cpu_dropout=setting))
+    cfg = load_config(None, base_overrides(tmp_path / "run", TINY_BERT, speed__cpu_dropout=setting))
     _, model, _ = prepare_model(cfg, "text_classification", ["neg", "pos"], torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
     assert layers and all(type(m) is expected for m in layers)

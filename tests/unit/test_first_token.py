@@ -2,7 +2,7 @@
 and gradients as the full layer (BERT and RoBERTa, SDPA and eager attention, padded batches, fused q/k/v), the same
 state dict, the full layer back where hidden states are asked for or after `all_tokens`; models whose heads read
 other positions are left alone; the trainer's preparation applies it to text classification unless
-`training.first_token_only: off` or lean mode."""
+`speed.first_token_only: off` or lean mode."""
 
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from transformers import (
 )
 
 from fulltune.config import load_config
-from fulltune.model.methods import describe_speedups, prepare_model
+from fulltune.model.methods import prepare_model
 from fulltune.speed.cpu_dropout import use_cpu_dropout
 from fulltune.speed.first_token import all_tokens, first_token_layer
+from fulltune.speed.plan import describe
 from fulltune.speed.qkv import fuse_qkv
 
 SIZES = dict(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
@@ -54,7 +55,7 @@ def test_same_logits_and_gradients(attention: str, config_class, model_class) ->
     config = config_class(**SIZES, num_labels=3, max_position_embeddings=40, attn_implementation=attention)
     full = model_class(config).eval()  # eval: no dropout, so both draw nothing
     first = copy.deepcopy(full)
-    fuse_qkv(first)  # the last layer's group goes back to three products; the layers below stay fused
+    fuse_qkv(first)  # the last layer computes its projections on their own; the layers below stay fused
     assert first_token_layer(first) and _last_class(first).startswith("FirstToken")
     out_full, out_first = full(**_batch()), first(**_batch())
     torch.testing.assert_close(out_first.logits, out_full.logits, rtol=1e-5, atol=1e-7)
@@ -110,10 +111,11 @@ def test_other_models_left_alone(build) -> None:
 
 @pytest.mark.parametrize(
     "extra,applied",
-    [({}, True), ({"training__first_token_only": "off"}, False), ({"training__memory": "lean"}, False)],
+    [({}, True), ({"speed__first_token_only": "off"}, False), ({"training__memory": "lean"}, False)],
 )
 def test_model_preparation(tmp_path, extra: dict, applied: bool) -> None:
     cfg = load_config(None, base_overrides(tmp_path / "run", TINY_BERT, **extra))
-    _, model, _ = prepare_model(cfg, "text_classification", ["neg", "pos"], torch.device("cpu"))
+    bundle, model, _ = prepare_model(cfg, "text_classification", ["neg", "pos"], torch.device("cpu"))
     assert _last_class(model).startswith("FirstToken") == applied
-    assert ("last layer for the first token only" in describe_speedups(model)) == applied  # the run header's line
+    assert bundle.speed.plan.on("first_token_only") == applied
+    assert ("last layer for the first token only" in describe(bundle.speed.plan)) == applied  # the run header's line

@@ -1,6 +1,6 @@
 """Fused q/k/v projections (`qkv.fuse_qkv`): the same outputs and gradients as three products, the same parameters
 and state dict, projections with different inputs (cross-attention) or wrapped ones left as they were; the trainer's
-model preparation fuses on a CPU unless `hardware.fused_qkv: off`."""
+model preparation fuses on a CPU unless `speed.fused_qkv: off`."""
 
 from __future__ import annotations
 
@@ -97,6 +97,6 @@ def test_wrapped_or_mismatched_projections_are_left_alone() -> None:
 
 @pytest.mark.parametrize("setting,fused", [("auto", True), ("off", False)])
 def test_model_preparation_fuses_on_cpu(tmp_path, setting: str, fused: bool) -> None:
-    cfg = load_config(None, base_overrides(tmp_path / "run", TINY_BERT, hardware__fused_qkv=setting))
+    cfg = load_config(None, base_overrides(tmp_path / "run", TINY_BERT, speed__fused_qkv=setting))
     _, model, _ = prepare_model(cfg, "text_classification", ["neg", "pos"], torch.device("cpu"))
     assert any(type(m) is QKVLinear for m in model.modules()) == fused

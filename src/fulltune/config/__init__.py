@@ -28,6 +28,7 @@ from fulltune.config.sections import (
     MethodConfig,
     ModelConfig,
     ProgressiveUnfreezingConfig,
+    SpeedConfig,
     TrainingConfig,
     UnfreezeStep,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "ProgressiveUnfreezingConfig",
+    "SpeedConfig",
     "TrainingConfig",
     "UnfreezeStep",
     "check_ranges",

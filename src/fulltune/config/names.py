@@ -4,7 +4,9 @@
   fulltune sections HF_TRAINER_IN_SECTIONS lists (`training.learning_rate`, `data.max_train_samples`);
 - SPELLINGS: other training configs' names for a key of fulltune's sections (`training.lr`, `model.name`, `lora.r`);
 - CLIP_LAYOUT: the layout of a CLIP fine-tuning config.yaml, whose sections and keys sit at the top level or under
-  other names (`layerwise_lr:` at the top level is `training.layerwise_lr`).
+  other names (`layerwise_lr:` at the top level is `training.layerwise_lr`);
+- EARLIER_KEYS, EARLIER_VALUES: fulltune's own earlier keys and values for the speed choices' switches
+  (`hardware.cpu_dropout: torch` is `speed.cpu_dropout: off`).
 `translate` applies them to one key and its value; `apply_implied_settings` adds what a config means beyond its
 keys' names (a patience alone turns early stopping on).
 """
@@ -127,10 +129,30 @@ SPELLINGS: dict[str, str] = {
 }
 """Other training configs' names for keys of fulltune's sections (PEFT's lora_alpha, timm's layer_decay, ...)."""
 
+EARLIER_KEYS: dict[str, str] = {
+    "hardware.cpu_dropout": "speed.cpu_dropout",
+    "hardware.fused_qkv": "speed.fused_qkv",
+    "hardware.cpu_allocator": "speed.cpu_allocator",
+    "training.first_token_only": "speed.first_token_only",
+}
+"""fulltune's earlier keys for the speed choices' switches, now keys of the `speed` section (`auto | off`)."""
+
+_SWITCH_WORDS = {False: "off", True: "auto"}
+EARLIER_VALUES: dict[str, dict[Any, Any]] = {
+    "speed.cpu_dropout": {"torch": "off", **_SWITCH_WORDS},
+    "speed.fused_qkv": _SWITCH_WORDS,
+    "speed.cpu_allocator": {"system": "off", **_SWITCH_WORDS},
+    "speed.first_token_only": _SWITCH_WORDS,
+    "speed.own_memory": _SWITCH_WORDS,
+}
+"""Other spellings of a key's values, per fulltune key: the speed switches' earlier `torch` and `system` are off; an
+unquoted off / on, which YAML 1.1 reads as false / true, is off / auto."""
+
 ALIASES: dict[str, str] = {
     **HF_TRAINER,
     **{f"{section}.{name}": HF_TRAINER[name] for section, names in HF_TRAINER_IN_SECTIONS.items() for name in names},
     **SPELLINGS,
+    **EARLIER_KEYS,
 }
 """Every one-key alias, dotted -> fulltune's key (what a config key typed as a command-line flag may also be)."""
 
@@ -193,9 +215,18 @@ def _optim_value(value: Any) -> bool:
     return OPTIM_VALUES[value]
 
 
+def _earlier_value(key: str, value: Any) -> Any:
+    """`value` as fulltune's `key` spells it (EARLIER_VALUES: speed.cpu_dropout torch -> off)."""
+    try:
+        return EARLIER_VALUES.get(key, {}).get(value, value)
+    except TypeError:  # an unhashable value (a list, a mapping) is no spelling: the type check names it
+        return value
+
+
 def translate(dotted: str, value: Any) -> tuple[str, Any]:
     """A key as written and its value -> fulltune's key and value: moved by CLIP_LAYOUT (said once), then renamed
-    by ALIASES; `fp16: true` becomes mixed_precision fp16, `optim: adamw_torch` fused_optimizer false."""
+    by ALIASES; `fp16: true` becomes mixed_precision fp16, `optim: adamw_torch` fused_optimizer false,
+    `hardware.cpu_dropout: torch` speed.cpu_dropout off (EARLIER_VALUES)."""
     source = _layout_source(dotted)
     if source is not None:
         _say_once(f"read as the layout of {CLIP_LAYOUT_NAME}: {source} -> {CLIP_LAYOUT[source]}")
@@ -206,7 +237,7 @@ def translate(dotted: str, value: Any) -> tuple[str, Any]:
         value = leaf if value else "no"
     if leaf == "optim":
         value = _optim_value(value)
-    return key, value
+    return key, _earlier_value(key, value)
 
 
 def apply_implied_settings(tree: dict[str, Any]) -> None:

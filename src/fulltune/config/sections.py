@@ -260,10 +260,6 @@ class TrainingConfig:
     20-60 s); auto: on from 20M trainable parameters, where the build pays for itself within a few steps."""
     compile: bool = False
     """torch.compile the model."""
-    first_token_only: Literal["auto", "off"] = "auto"
-    """auto: a BERT-family sequence classifier (its head reads the first token only) computes its last encoder layer
-    for that token alone (`first_token.first_token_layer`: same logits and gradients, ~1/8 less work on 6 layers;
-    not in lean mode). off: every token."""
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     """Data parallelism under torchrun."""
     seed: int = 42
@@ -282,19 +278,33 @@ class HardwareConfig:
     not available. true=amp, false=no."""
     num_threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
-    cpu_dropout: Literal["auto", "torch"] = "auto"
-    """auto: training on a CPU draws dropout masks four elements per 64-bit random number (`cpu_dropout.CPUDropout`:
-    drop probability p to within 2**-17, 2x faster forward and backward than torch's; a tenth of a step on BERT-sized
-    models with short texts), attention-probability dropout included (`cpu_dropout.attention`: SDPA's CPU kernel
-    has no dropout and falls back to fp32 math). torch: torch's own dropout (one random number per element) and
-    SDPA."""
+
+
+@dataclass
+class SpeedConfig:
+    """The CPU/GPU speed choices (`speed.plan` decides where each applies and says why in the run header). Each is
+    `auto` (where it applies) or `off`; none changes what training computes beyond rounding and which random numbers
+    dropout draws. What each buys, measured: docs/performance.md."""
+
+    cpu_dropout: Literal["auto", "off"] = "auto"
+    """auto: training on a CPU draws dropout masks four elements per 64-bit random number (`cpu_dropout.CPUDropout`;
+    drop probability p to within 2**-17), attention-probability dropout included (`cpu_dropout.attention`, where SDPA
+    would fall back to its fp32 math kernel). off: torch's own dropout and SDPA."""
     fused_qkv: Literal["auto", "off"] = "auto"
     """auto: training on a CPU computes each attention's q, k and v projections as one matrix product where they read
     the same input (`qkv.fuse_qkv`; parameters and state dict unchanged; not with `training.compile`). off: three."""
-    cpu_allocator: Literal["auto", "system"] = "auto"
-    """auto: training on a CPU under glibc keeps freed memory in the process (large blocks from the heap, no trimming),
-    so each step reuses the last step's pages instead of faulting fresh ones in (about 10% of a step on small
-    models); not where MALLOC_* variables are set. system: glibc's defaults."""
+    cpu_allocator: Literal["auto", "off"] = "auto"
+    """auto: training on a CPU under glibc keeps freed memory in the process (large blocks from the heap, trimming
+    only when the heap has grown), so each step reuses the last step's pages instead of faulting fresh ones in; not
+    where MALLOC_* variables are set. off: glibc's defaults."""
+    first_token_only: Literal["auto", "off"] = "auto"
+    """auto: a BERT-family sequence classifier (its head reads the first token only) computes its last encoder layer
+    for that token alone (`first_token.first_token_layer`: same logits and gradients, less work; not in lean mode).
+    off: every token."""
+    own_memory: Literal["auto", "off"] = "auto"
+    """auto: training on a CPU (Linux) copies the weights that train out of the weight file's mapping at load
+    (`filepages.own_memory`), so the first optimizer step takes no copy-on-write fault per page. off: they stay
+    mapped until the first step writes them."""
 
 
 @dataclass
@@ -347,5 +357,6 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

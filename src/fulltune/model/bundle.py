@@ -15,6 +15,7 @@ from torch import nn
 
 from fulltune.config import Config, ConfigError
 from fulltune.data.images import ImageSpec
+from fulltune.speed.plan import Applied
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm")
 
@@ -62,6 +63,8 @@ class ModelBundle:
     image_spec: ImageSpec | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    speed: Applied | None = None
+    """The speed choices as `methods.prepare_model` applied them to `model` (`speed.plan`), with the heap trimmer."""
 
 
 def resolve_dtype(name: str) -> Any:

@@ -19,11 +19,8 @@ from fulltune.errors import ConfigError
 from fulltune.model.build import build_model
 from fulltune.model.bundle import ModelBundle
 from fulltune.model.layermap import LayerMap, is_under, layer_map, strip_peft_prefix
-from fulltune.runtime.device import unwrap
-from fulltune.speed.cpu_dropout import ATTENTION, CPUDropout, use_cpu_dropout
-from fulltune.speed.filepages import own_memory
-from fulltune.speed.first_token import _FirstTokenLayer, first_token_layer
-from fulltune.speed.qkv import QKVLinear, fuse_qkv
+from fulltune.speed.plan import apply as apply_speed
+from fulltune.speed.plan import plan as plan_speed
 
 METHODS = ("linear_probe", "partial", "lora", "full")
 """The values of method.name, cheapest first (the order `compare` runs them in)."""
@@ -397,10 +394,11 @@ def prepare_model(
     cfg: Config, task: str, labels: list[str] | None, device: torch.device
 ) -> tuple[ModelBundle, nn.Module, TrainablePlan]:
     """The model as training uses it: built, with gradient checkpointing (always in lean mode), LoRA adapters,
-    lean mode's bf16 weights, on `device` (left where it is on the meta device), a first-token classifier's last
-    layer for that token only (`training.first_token_only`), and on a CPU: CPU dropout
-    (`hardware.cpu_dropout`), fused q/k/v projections (`hardware.fused_qkv`) and the weights that train in memory of
-    their own (not in the weight file's mapping: `filepages.own_memory`); and the plan of what trains.
+    lean mode's bf16 weights, on `device` (left where it is on the meta device), fp32 master weights where standard
+    mode needs them, and the speed plan for `device` applied (`speed.plan`: CPU dropout, fused q/k/v, a first-token
+    classifier's last layer for that token only, the weights that train in memory of their own, the thread count
+    and the CPU allocator; `bundle.speed` holds what applied and why, and the heap trimmer); and the plan of what
+    trains.
 
     The trainer, the memory planner's dry run and the benchmarks all call this, so they measure the same model.
     Returns (bundle, model, plan); `model` is `bundle.model` or its peft wrapper.
@@ -416,31 +414,7 @@ def prepare_model(
         model.to(torch.bfloat16)
     if device.type != "meta":
         model.to(device)
-    if device.type == "cpu" and cfg.hardware.cpu_dropout == "auto":
-        use_cpu_dropout(model)
-    if device.type == "cpu" and cfg.hardware.fused_qkv == "auto" and not cfg.training.compile:
-        fuse_qkv(model)
-    # Not in lean mode: there a dry run's peak RSS grew 15% with it (BERT, 3 layers), a cause not yet found.
-    if cfg.training.first_token_only == "auto" and task == "text_classification" and cfg.training.memory != "lean":
-        first_token_layer(model)
     plan = plan_trainable(model, cfg)
     master_weights(model, plan, cfg)  # fp32 where standard mode trains (model.torch_dtype may load bf16)
-    if device.type == "cpu":
-        own_memory(model, plan.eligible)  # what trains leaves the weight file's mapping (frozen weights stay)
+    bundle.speed = apply_speed(model, plan_speed(cfg, device, task, model, trains=plan.eligible))
     return bundle, model, plan
-
-
-def describe_speedups(model: nn.Module) -> str:
-    """The run header's line on what `prepare_model` chose for speed (empty when it chose nothing)."""
-
-    base = unwrap(model)  # DDP / compiled wrappers
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    kinds = {type(m) for m in model.modules()}
-    chosen = [
-        ("CPU dropout masks", CPUDropout in kinds),
-        ("fulltune's CPU attention", getattr(getattr(base, "config", None), "_attn_implementation", "") == ATTENTION),
-        ("q/k/v as one product", QKVLinear in kinds),
-        ("last layer for the first token only", any(issubclass(k, _FirstTokenLayer) for k in kinds)),
-    ]
-    names = [name for name, on in chosen if on]
-    return f"speed: {', '.join(names)}\n" if names else ""

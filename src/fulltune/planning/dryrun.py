@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,9 @@ def dry_run(
         torch.set_num_threads(cfg.hardware.num_threads)
     _warm_up(device, precision, t)
     seed_everything(t.seed)
-    model, plan = prepare(cfg, task, labels, device)
+    # Measured under glibc's own allocator (the speed plan's cpu_allocator off): the peak of what the steps hold,
+    # not what a heap that keeps freed blocks has left over.
+    model, plan, _ = prepare(replace(cfg, speed=replace(cfg.speed, cpu_allocator="off")), task, labels, device)
     optimizer = build_optimizer(param_groups(model, plan, cfg), t, device, lean=t.memory == "lean")
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
     batch = {k: v.to(device) for k, v in _random_batch(task, facts, cfg.data.batch_size, len(labels or "ab")).items()}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fulltune.config import Config
 from fulltune.planning.facts import Facts
 from fulltune.runtime.device import cpu_has_fast_bf16
+from fulltune.speed.plan import plan
 from fulltune.train.lean import lean_bytes_per_param, wants_compiled_step
 
 # What the steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers. CPU: heap slack and
@@ -26,22 +27,23 @@ class Dtypes:
     residual: int  # the residual stream (and norms' inputs): fp32 unless lean's bf16 weights
     casts: bool  # autocast over fp32 weights: each linear keeps its own low-precision copy of input and weight
     cuda: bool
-    cpu_attention: bool = False  # cpu_dropout.attention where attention dropout is on: products in `compute`
-    fused_qkv: bool = False  # qkv.fuse_qkv: q, k and v share one low-precision copy of their input
+    cpu_attention: bool = False  # the speed plan's cpu_attention where attention dropout is on: products in `compute`
+    fused_qkv: bool = False  # the speed plan's fused_qkv: q, k and v share one low-precision copy of their input
 
 
-def dtypes_for(cfg: Config, device_type: str) -> Dtypes:
+def dtypes_for(cfg: Config, device_type: str, task: str) -> Dtypes:
     lean, mode = cfg.training.memory == "lean", cfg.hardware.mixed_precision
     if mode == "auto":  # as runtime.resolve_precision decides, without asking a GPU that may not be here
         mode = "bf16" if device_type == "cuda" or cpu_has_fast_bf16() else "no"
-    low, cpu, hw = mode != "no", device_type == "cpu", cfg.hardware
+    low = mode != "no"
+    speed = plan(cfg, device_type, task)  # for any model: the facts say which parts it has
     return Dtypes(
         2 if low or lean else 4,
         2 if lean else 4,
         low and not lean,
         device_type == "cuda",
-        cpu_attention=cpu and hw.cpu_dropout == "auto",
-        fused_qkv=cpu and hw.fused_qkv == "auto" and not cfg.training.compile,
+        cpu_attention=speed.on("cpu_attention"),
+        fused_qkv=speed.on("fused_qkv"),
     )
 
 
@@ -168,7 +170,7 @@ class Estimate:
 
 def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     """Peak memory of cfg.method.name at cfg.data.batch_size: weights + optimizer + max(activations, gradients)."""
-    t, lean, note, d = cfg.training, cfg.training.memory == "lean", "", dtypes_for(cfg, device_type)
+    t, lean, note, d = cfg.training, cfg.training.memory == "lean", "", dtypes_for(cfg, device_type, task)
     optimizer = 8.0  # AdamW: exp_avg and exp_avg_sq in fp32
     grads, fused = f.trainable * 4.0, False
     if lean:

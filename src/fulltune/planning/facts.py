@@ -18,6 +18,7 @@ from fulltune.model.bundle import resolve_model_path
 from fulltune.model.layermap import strip_peft_prefix
 from fulltune.model.methods import apply_trainable, prepare_model
 from fulltune.model.pruned import is_pruned_folder
+from fulltune.speed.plan import SpeedPlan
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,18 @@ class Facts:
     attn_dropout: float
     hidden_dropout: float
     eager_attention: bool
-    first_token: bool = False  # first_token.first_token_layer: the last block computes the first token only
+    first_token: bool = False  # the speed plan's first_token_only: the last block computes the first token only
 
 
-def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.device) -> tuple[nn.Module, Any]:
+def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.device) -> tuple[nn.Module, Any, SpeedPlan]:
     """The model exactly as `fulltune train` prepares it (`methods.prepare_model`), with every parameter the method
-    may ever train set trainable: progressive unfreezing ends there, so that is the peak to plan for."""
+    may ever train set trainable: progressive unfreezing ends there, so that is the peak to plan for; the plan of
+    what trains, and the speed plan as applied."""
 
-    _, model, plan = prepare_model(cfg, task, labels, device)
+    bundle, model, plan = prepare_model(cfg, task, labels, device)
     apply_trainable(model, plan.eligible)
-    return model, plan
+    assert bundle.speed is not None
+    return model, plan, bundle.speed.plan
 
 
 def _meta_config(cfg: Config) -> Config:
@@ -86,7 +89,7 @@ def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
     """Facts of cfg.method.name's model: the trainable set is exactly the one `fulltune train` would train."""
 
     with torch.device("meta"):
-        model, plan = prepare(_meta_config(cfg), task, labels, torch.device("meta"))
+        model, plan, speed = prepare(_meta_config(cfg), task, labels, torch.device("meta"))
     params = dict(model.named_parameters())  # deduplicates tied weights
     eligible = [params[n].numel() for n in plan.eligible]
     block = plan.lmap.block_prefixes[0] + "." if plan.lmap.block_prefixes else "\0"
@@ -126,7 +129,7 @@ def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
         attn_dropout=float(_get(config, "attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", default=0)),
         hidden_dropout=float(_get(config, "hidden_dropout_prob", "hidden_dropout", "resid_pdrop", default=0)),
         eager_attention=getattr(model.config, "_attn_implementation", "sdpa") == "eager",
-        first_token=any(type(m).__name__.startswith("FirstToken") for m in model.modules()),
+        first_token=speed.on("first_token_only"),
     )
 
 

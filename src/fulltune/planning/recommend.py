@@ -254,7 +254,7 @@ def plan(
         else:
             est.measured, est.step_seconds = result["measured"], result["step_seconds"]
         est.fits = est.best <= FIT_FRACTION * budget
-    d = dtypes_for(cfg, device_type)
+    d = dtypes_for(cfg, device_type, task)
     return {
         "model": "tiny_config" if cfg.model.tiny_config is not None else cfg.model.name_or_path,
         "task": task,

@@ -1,11 +1,11 @@
 """Dropout for training on a CPU: the same layer, its mask drawn from 16-bit random numbers, four per 64-bit draw.
 
-torch's CPU dropout draws one Mersenne-twister number per element (`bernoulli_`, about 6 ns an element on one core
-of the development machines): on a BERT-sized model with short sequences that is a tenth of a training step. Here
-one full-range 64-bit draw from the same generator gives four 16-bit numbers, and an element is dropped when its
-number falls under round(p * 65536): the drop probability is p to within 2**-17 (0.1 -> 0.1000061), the kept
-elements are scaled by 1 / (1 - that probability), so the layer stays unbiased. The draws come from torch's default
-CPU generator, so seeding and exact resume work as before; the masks are not the ones torch would draw.
+torch's CPU dropout draws one Mersenne-twister number per element (`bernoulli_`): on a BERT-sized model with short
+sequences that is a noticeable share of a training step. Here one full-range 64-bit draw from the same generator
+gives four 16-bit numbers, and an element is dropped when its number falls under round(p * 65536): the drop
+probability is p to within 2**-17 (0.1 -> 0.1000061), the kept elements are scaled by 1 / (1 - that probability),
+so the layer stays unbiased. The draws come from torch's default CPU generator, so seeding and exact resume work as
+before; the masks are not the ones torch would draw. What it buys, measured: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -44,11 +44,14 @@ class CPUDropout(nn.Dropout):
         return _drop(x, self.p)
 
 
-def use_cpu_dropout(model: nn.Module) -> int:
-    """Replace every plain `nn.Dropout` with p > 0 in `model` by a `CPUDropout` of the same p, and switch a
-    transformers model on SDPA attention to `attention` (SDPA itself whenever no attention dropout applies); returns
-    how many dropout layers were replaced. Neither holds parameters or buffers, and the attention implementation is
-    not part of a saved config.json, so state dicts, saving and loading are unchanged."""
+def dropout_layers(model: nn.Module) -> int:
+    """How many plain `nn.Dropout` layers with p > 0 `model` holds (what `swap_dropout` replaces)."""
+    return sum(type(m) is nn.Dropout and m.p > 0 for m in model.modules())
+
+
+def swap_dropout(model: nn.Module) -> int:
+    """Replace every plain `nn.Dropout` with p > 0 in `model` by a `CPUDropout` of the same p; returns how many. They
+    hold no parameters or buffers, so state dicts, saving and loading are unchanged."""
     swapped = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
@@ -57,19 +60,39 @@ def use_cpu_dropout(model: nn.Module) -> int:
                 replacement.train(child.training)
                 setattr(parent, name, replacement)
                 swapped += 1
-    _use_attention(model)
     return swapped
 
 
-def _use_attention(model: nn.Module) -> None:
-    base = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    if base is None or getattr(base.config, "_attn_implementation", None) != "sdpa":
-        return
+def _transformers_model(model: nn.Module) -> PreTrainedModel | None:
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def on_sdpa(model: nn.Module) -> bool:
+    """Whether `model` is (or wraps) a transformers model on SDPA attention, which `use_cpu_attention` switches."""
+    base = _transformers_model(model)
+    return base is not None and getattr(base.config, "_attn_implementation", None) == "sdpa"
+
+
+def use_cpu_attention(model: nn.Module) -> bool:
+    """Switch a transformers model on SDPA attention to `attention` (SDPA itself whenever no attention dropout
+    applies); True if it did. The attention implementation is not part of a saved config.json."""
+    if not on_sdpa(model):
+        return False
+    base = _transformers_model(model)
     register_attention()
     try:
-        base.set_attn_implementation(ATTENTION)
+        base.set_attn_implementation(ATTENTION)  # type: ignore[union-attr]
     except (ValueError, ImportError):  # a model that takes no custom attention keeps SDPA
-        return
+        return False
+    return base.config._attn_implementation == ATTENTION  # type: ignore[union-attr]
+
+
+def use_cpu_dropout(model: nn.Module) -> int:
+    """Both of `speed.cpu_dropout`: `swap_dropout` and `use_cpu_attention`; returns how many dropout layers were
+    replaced."""
+    swapped = swap_dropout(model)
+    use_cpu_attention(model)
+    return swapped
 
 
 ATTENTION = "fulltune_cpu"
@@ -107,12 +130,12 @@ def attention(
     """transformers' attention function for training on a CPU with attention dropout.
 
     There torch's SDPA falls back to its math kernel, which (for bf16 inputs) upcasts q, k and v to fp32, multiplies
-    in fp32 and draws the dropout mask with `bernoulli_`: 3.2 ms of forward and backward per BERT-mini layer at 32 x
-    14 tokens. The same attention as transformers' eager path under autocast (bf16 products, fp32 softmax) with the
-    16-bit masks above takes 2.5 ms (56 tokens: 21.8 -> 11.6). Anything else (no dropout, evaluation, another
-    device, an attention bias, a soft cap, a sliding window, attention weights asked for) goes to transformers'
-    SDPA; the masks it receives are SDPA's (a boolean mask is registered for this name), so both paths read the
-    same ones.
+    in fp32 and draws the dropout mask with `bernoulli_`. This is the same attention as transformers' eager path
+    under autocast (bf16 products, fp32 softmax) with the 16-bit masks above: less time per layer, more so the longer
+    the texts, and fewer bytes kept for backward (docs/performance.md). Anything else (no dropout, evaluation,
+    another device, an attention bias, a soft cap, a sliding window, attention weights asked for) goes to
+    transformers' SDPA; the masks it receives are SDPA's (a boolean mask is registered for this name), so both paths
+    read the same ones.
     """
     plain = dropout > 0 and query.device.type == "cpu"
     plain = plain and all(kwargs.get(k) is None for k in ("position_bias", "softcap", "sliding_window"))

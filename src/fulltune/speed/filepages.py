@@ -4,11 +4,11 @@ training writes memory of their own.
 `from_pretrained` maps safetensors files (private, copy-on-write) and its tensors point into the mapping; every
 page read becomes resident and stays so until the whole file is unmapped, even after the tensor that used it is
 gone. Pruning replaces most projection weights by smaller copies, so without this the process would hold the old
-weights' pages as well as the new copies (2.79 bytes/param at the peak of a 1.2B bf16 Llama instead of 2.12).
+weights' pages as well as the new copies.
 
 A weight that trains is written by the first optimizer step: in a private file mapping, each 4 KiB page then takes
-a copy-on-write fault of its own (all-MiniLM-L6-v2's 87 MB: ~310 ms inside the first step, against ~25 ms for one
-copy at load), and until then the kernel would show the weight any later change to the file on disk.
+a copy-on-write fault of its own, which makes the first step several times slower than one copy at load; and until
+then the kernel would show the weight any later change to the file on disk. Measured: docs/performance.md.
 """
 
 from __future__ import annotations

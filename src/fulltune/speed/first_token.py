@@ -5,13 +5,17 @@ layer's output ([CLS] or <s>). Tokens mix only inside attention, so the last lay
 but the unused rest of `last_hidden_state`: that layer needs keys and values for every token and everything else
 (the query, the attention output, the feed-forward block, their dropout and layer norms, forward and backward) for
 the first token alone. Per layer that is 2 of its 12 hidden-size-squared matrix products per token; on MiniLM-L6
-(6 layers) it takes about an eighth of the encoder's work out of a training step. The logits, the loss and every
-gradient are those of the full computation (up to rounding; with dropout on, the masks drawn differ).
+(6 layers) it takes about an eighth of the encoder's work out of a training step (measured: docs/performance.md).
+The logits, the loss and every gradient are those of the full computation (up to rounding; with dropout on, the
+masks drawn differ).
 
 Only the layer's class changes (a subclass of its own, `first_token_layer`), so parameters, names and the state
 dict stay; `all_tokens` restores it. The model's `last_hidden_state` then holds one position: the swap is for
 training and evaluating the classifier, never for models whose hidden states are read (token classification,
 embeddings, hidden states asked for: those calls take the full layer).
+
+Its query reads another input than its key and value, so where `qkv.fuse_qkv` made them one group the layer
+computes each projection on its own (`QKVLinear.alone`): the two patches can be applied in either order.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
+
+from fulltune.speed.qkv import QKVLinear
 
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 """`config.model_type`s whose `...ForSequenceClassification` head reads the first position only (BERT's pooler,
@@ -49,9 +55,9 @@ class _FirstTokenLayer(nn.Module):
         batch, length, _ = hidden_states.shape
         first = hidden_states[:, :1]
         heads = (-1, sa.attention_head_size)
-        query = sa.query(first).view(batch, 1, *heads).transpose(1, 2)
-        key = sa.key(hidden_states).view(batch, length, *heads).transpose(1, 2)
-        value = sa.value(hidden_states).view(batch, length, *heads).transpose(1, 2)
+        query = _project(sa.query, first).view(batch, 1, *heads).transpose(1, 2)
+        key = _project(sa.key, hidden_states).view(batch, length, *heads).transpose(1, 2)
+        value = _project(sa.value, hidden_states).view(batch, length, *heads).transpose(1, 2)
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] == length:
             attention_mask = attention_mask[:, :, :1]  # the first query's row of the mask
         function = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
@@ -67,6 +73,21 @@ class _FirstTokenLayer(nn.Module):
         )
         attended = attention.output(context.reshape(batch, 1, -1), first)
         return self.feed_forward_chunk(attended)  # type: ignore[attr-defined]
+
+
+def _project(projection: nn.Module, x: Tensor) -> Tensor:
+    """One projection of `x`: a fused q/k/v projection on its own (the query here reads another input)."""
+    return projection.alone(x) if isinstance(projection, QKVLinear) else projection(x)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def applies_to(model: nn.Module) -> bool:
+    """Whether `model` (a peft wrapper is looked through) is a first-token sequence classifier (`MODEL_TYPES`) whose
+    last layer `first_token_layer` can swap."""
+    return _layers(_base(model)) is not None
 
 
 def _layers(model: nn.Module) -> nn.ModuleList | None:
@@ -94,10 +115,8 @@ def _layers(model: nn.Module) -> nn.ModuleList | None:
 
 def first_token_layer(model: nn.Module) -> bool:
     """Make the last encoder layer of a first-token sequence classifier (`MODEL_TYPES`) compute the first token
-    only; True if it did (or had). A peft wrapper is looked through. q/k/v projections fused by `qkv.fuse_qkv` go
-    back to three products in that layer (its query reads another input than its key and value)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = _layers(base)
+    only; True if it did (or had). A peft wrapper is looked through."""
+    layers = _layers(_base(model))
     if layers is None:
         return False
     last = layers[-1]
@@ -107,10 +126,6 @@ def first_token_layer(model: nn.Module) -> bool:
     if cls not in _SWAPPED:
         _SWAPPED[cls] = type(f"FirstToken{cls.__name__}", (_FirstTokenLayer, cls), {})
     last.__class__ = _SWAPPED[cls]
-    for proj in (last.attention.self.query, last.attention.self.key, last.attention.self.value):
-        group = getattr(proj, "qkv_group", None)
-        if group is not None:
-            group.fused = False
     return True
 
 

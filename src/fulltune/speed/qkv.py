@@ -2,11 +2,13 @@
 
 Transformers call `query(x)`, `key(x)` and `value(x)` one after the other: three matrix products, under autocast
 three casts of `x` to bf16, and in backward three products for the input's gradient that autograd then adds up.
-On a CPU with short texts these fixed costs are a good part of a step (MiniLM-L6, 32 x 14 tokens: 3.0 -> 2.4 ms of
-forward and backward per layer, about 3% of the step). The projections keep their own parameters, names and state
-dict; only their class changes, to one whose first call computes all three outputs from the concatenated weights
-and whose two other calls, with the same input tensor, take theirs. When the inputs differ (cross-attention: q from
-the text, k and v from the encoder) the first mismatch turns the group back into three plain projections for good.
+On a CPU with short texts these fixed costs are a good part of a step; one product, one cast and one input
+gradient take them out (measured: docs/performance.md). The projections keep their own parameters, names and
+state dict; only their class changes, to one whose first call computes all three outputs from the concatenated
+weights and whose two other calls, with the same input tensor, take theirs. When the inputs differ
+(cross-attention: q from the text, k and v from the encoder) the first mismatch turns the group back into three
+plain projections for good. A caller that knows its inputs differ computes a projection on its own with
+`QKVLinear.alone`, which leaves the group as it is.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class QKVLinear(nn.Linear):
         out = group.take(self.qkv_index, x)
         return group.compute(self.qkv_index, x) if out is None else out
 
+    def alone(self, x: Tensor) -> Tensor:
+        """This projection of `x` as a plain `nn.Linear` computes it, outside its group (which is left as it is)."""
+        return F.linear(x, self.weight, self.bias)
+
 
 def _fusable(mods: list[nn.Module]) -> bool:
     if not all(type(m) is nn.Linear for m in mods):  # (LoRA-wrapped or quantised projections are left alone)
@@ -78,19 +84,32 @@ def _fusable(mods: list[nn.Module]) -> bool:
     )
 
 
-def fuse_qkv(model: nn.Module) -> int:
-    """Make every q / k / v triple of plain `nn.Linear` children (names in `TRIPLES`) compute as one product;
-    returns how many attentions were changed. Parameters, their names and the state dict stay as they were."""
-    fused = 0
+def _triples(model: nn.Module) -> list[list[nn.Linear]]:
+    """Every q / k / v triple of plain `nn.Linear` children (names in `TRIPLES`) that `fuse_qkv` can fuse."""
+    found, seen = [], set()
     for parent in model.modules():
         children = dict(parent.named_children())
         for names in TRIPLES:
             mods = [children.get(n) for n in names]
-            if any(m is None for m in mods) or not _fusable(mods):  # type: ignore[arg-type]
+            if any(m is None or id(m) in seen for m in mods) or not _fusable(mods):  # type: ignore[arg-type]
                 continue
-            group = _Group(mods)  # type: ignore[arg-type]
-            for index, m in enumerate(mods):
-                m.__class__ = QKVLinear  # type: ignore[union-attr]
-                m.qkv_group, m.qkv_index = group, index  # type: ignore[union-attr]
-            fused += 1
-    return fused
+            seen.update(id(m) for m in mods)
+            found.append(mods)
+    return found  # type: ignore[return-value]
+
+
+def fusable(model: nn.Module) -> int:
+    """How many attentions of `model` `fuse_qkv` would change."""
+    return len(_triples(model))
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Make every q / k / v triple of plain `nn.Linear` children (names in `TRIPLES`) compute as one product;
+    returns how many attentions were changed. Parameters, their names and the state dict stay as they were."""
+    triples = _triples(model)
+    for mods in triples:
+        group = _Group(mods)
+        for index, m in enumerate(mods):
+            m.__class__ = QKVLinear
+            m.qkv_group, m.qkv_index = group, index  # type: ignore[attr-defined]
+    return len(triples)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from fulltune.data.records import split_size
-from fulltune.model.methods import describe_groups, describe_speedups
+from fulltune.model.methods import describe_groups
 from fulltune.runtime.memory import peak_memory_bytes
 from fulltune.runtime.ranks import world_size
+from fulltune.speed.plan import describe
 from fulltune.train.lean_fused import describe_lean_mode
 
 
@@ -29,8 +30,7 @@ def run_header(trainer: Any) -> str:
         f"{t.gradient_accumulation_steps} x world size {world_size()} | {trainer.steps_per_epoch} optimizer steps "
         f"per epoch, {trainer.state.total_steps} in all\n"
         f"parameters that train: {trainer.trainable_params:,} of {trainer.total_params:,} ({share:.2f}%)\n"
-        + (trainer.allocator_note + "\n" if getattr(trainer, "allocator_note", "") else "")
-        + describe_speedups(trainer.model)
+        + describe(trainer.speed.plan)
         + describe_lean_mode(t, trainer.device, trainer.fused is not None, trainer.optimizer)
         + describe_groups(trainer.optimizer.param_groups, t.base_learning_rate)
     )

@@ -28,9 +28,10 @@ from fulltune.model.methods import TrainablePlan, apply_trainable, param_groups,
 from fulltune.report.logger import RunLogger, Throughput, done_line
 from fulltune.runtime import distributed as ddist
 from fulltune.runtime.device import Precision, check_hardware, resolve_device, resolve_precision, to_device, unwrap
-from fulltune.runtime.memory import configure_cpu, peak_memory_bytes, trim_heap
+from fulltune.runtime.memory import peak_memory_bytes
 from fulltune.runtime.ranks import barrier, is_main, rank, world_size
 from fulltune.runtime.rng import seed_everything
+from fulltune.speed.plan import Applied
 from fulltune.state import checkpoint as ckpt
 from fulltune.state.checkpoint import save_fsdp_checkpoint
 from fulltune.state.modelcard import card_facts, refresh_with_test
@@ -51,13 +52,13 @@ class Trainer:
     cfg: Config
     device: torch.device
     precision: Precision
-    allocator_note: str
     parallel: str
     task_name: str
     task: Task
     bundle: ModelBundle
     model: nn.Module
     plan: TrainablePlan
+    speed: Applied
     data: TaskData
     sampler: ResumableBatchSampler | Any
     batches_per_epoch: int
@@ -96,7 +97,6 @@ class Trainer:
         distributed = ddist.init_distributed(cfg, self.device)
         ddist.check_supported(cfg)
         self.precision = resolve_precision(cfg.hardware.mixed_precision, self.device)
-        self.allocator_note = configure_cpu(cfg.hardware, self.device)  # threads; glibc keeps freed memory on CPU
         parallel = cfg.training.parallel  # under torchrun without a parallel mode, plain DDP is the sensible default
         self.parallel = (parallel if parallel != "none" else "ddp") if distributed else "none"
         self.resume_point = ckpt.find_resume_point(self.resume, self.out) if self.resume else None  # before slow work
@@ -107,6 +107,7 @@ class Trainer:
         self.task = TASKS[self.task_name]
         self._labels, self._raw = read_labels(self.cfg, self.task_name)
         self.bundle, self.model, self.plan = prepare_model(self.cfg, self.task_name, self._labels, self.device)
+        self.speed = self.bundle.speed  # the speed choices as applied (threads and allocator too), the heap trimmer
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -270,7 +271,7 @@ class Trainer:
         """Log, save and evaluate where this step falls on their intervals; True when training should stop."""
         cfg, s = self.cfg, self.state
         step = s.optimizer_step
-        trim_heap(step)  # on a CPU: every few steps, free pages go back to the system
+        self.speed.trim_heap(step)  # on a CPU: every few steps, free pages go back to the system
         if step % cfg.logging.log_every_steps == 0:
             self._check_finite()
             rate = self.throughput.window_rate(s.samples_seen)
