@@ -69,7 +69,7 @@ def build(mode: str, cfg: Any, lr: float, n_params: int | None = None) -> tuple[
     import torch
     from transformers import LlamaForCausalLM
 
-    from fulltune.model.methods import enable_gradient_checkpointing
+    from fulltune.model.prepare import enable_gradient_checkpointing
     from fulltune.train.lean import BF16AdamW, wants_compiled_step
     from fulltune.train.lean_fused import attach_fused_step
 

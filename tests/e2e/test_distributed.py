@@ -146,7 +146,7 @@ def test_ddp_trains_a_head_that_leaves_parameters_unused(tmp_path, image_data):
     from conftest import TINY_BERT, TINY_CLIP, base_overrides
 
     from fulltune.config import load_config
-    from fulltune.model.methods import prepare_model
+    from fulltune.model.prepare import prepare_model
     from fulltune.runtime.distributed import unreached_parameters
     from fulltune.train.tasks import TASKS
 

@@ -21,7 +21,9 @@ from fulltune.config import ConfigError, load_config
 from fulltune.files.safestate import load_state
 from fulltune.model.build import build_model
 from fulltune.model.layermap import layer_map
-from fulltune.model.methods import enable_gradient_checkpointing, plan_trainable, wrap_lora
+from fulltune.model.lora import wrap_lora
+from fulltune.model.prepare import enable_gradient_checkpointing
+from fulltune.model.trainable import plan_trainable
 from fulltune.train import trainer as train_module
 from fulltune.train.optim import lr_factor
 from fulltune.train.trainer import setup, train

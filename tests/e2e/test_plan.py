@@ -14,7 +14,8 @@ from fulltune import planning as plan
 from fulltune.config import load_config
 from fulltune.errors import ConfigError
 from fulltune.model.build import build_model
-from fulltune.model.methods import METHODS, plan_trainable, wrap_lora
+from fulltune.model.lora import wrap_lora
+from fulltune.model.trainable import METHODS, plan_trainable
 from fulltune.planning.dryrun import dry_runs
 from fulltune.runtime.device import cpu_has_fast_bf16
 from fulltune.units import human_bytes, parse_memory

@@ -8,7 +8,7 @@ from pathlib import Path
 from test_plan import family_config
 
 from fulltune import planning as plan
-from fulltune.model.methods import METHODS
+from fulltune.model.trainable import METHODS
 from fulltune.planning.recommend import _qlora_estimate
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_CLIP
 
 from fulltune.config import load_config, names
-from fulltune.model.methods import param_groups, plan_trainable
+from fulltune.model.trainable import param_groups, plan_trainable
 from fulltune.train.trainer import setup, train
 
 SEEDS = Path(__file__).parents[1] / "fixtures" / "seeds"

@@ -305,7 +305,7 @@ def test_interpolate_rejects_a_random_head_run(tmp_path, clip_dir, image_data, c
 def test_lp_ft_schedule_on_partial(tmp_path, clip_dir, image_data):
     """partial + linear_probe: the head alone first, then the top block, what sits above it (post-layernorm, the
     projection) and the head; the text tower is nowhere."""
-    from fulltune.model.methods import plan_trainable
+    from fulltune.model.trainable import plan_trainable
 
     cfg = clip_cfg(
         tmp_path,

@@ -13,7 +13,7 @@ from conftest import TINY_BERT, base_overrides
 from torch import nn
 
 from fulltune.config import load_config
-from fulltune.model.methods import prepare_model
+from fulltune.model.prepare import prepare_model
 from fulltune.speed.cpu_dropout import ATTENTION, CPUDropout, attention, use_cpu_dropout
 
 

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from fulltune.config import load_config
-from fulltune.model.methods import prepare_model
+from fulltune.model.prepare import prepare_model
 from fulltune.speed.cpu_dropout import use_cpu_dropout
 from fulltune.speed.first_token import all_tokens, first_token_layer
 from fulltune.speed.plan import describe

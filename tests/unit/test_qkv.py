@@ -13,7 +13,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from fulltune.config import load_config
-from fulltune.model.methods import prepare_model
+from fulltune.model.prepare import prepare_model
 from fulltune.speed.qkv import QKVLinear, fuse_qkv
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from fulltune.config import ConfigError, config_from_dict, load_config, to_dict
-from fulltune.model.methods import prepare_model
+from fulltune.model.prepare import prepare_model
 from fulltune.planning.estimate import dtypes_for
 from fulltune.runtime.device import resolve_precision
 from fulltune.speed import allocator

@@ -21,7 +21,7 @@ from fulltune.compare.variants import VARIANT_METHODS, num_classes, variant
 from fulltune.config import load_config
 from fulltune.data.text import run_inputs
 from fulltune.files.rundir import claim_output
-from fulltune.model.methods import METHODS
+from fulltune.model.trainable import METHODS
 
 # Flags that stand for config keys, as in `fulltune train`; --output_dir is the comparison's own.
 DATA_FLAGS = ("data_dir", "train_file", "val_file", "test_file", "model", "task")

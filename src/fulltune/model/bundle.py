@@ -64,7 +64,7 @@ class ModelBundle:
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     speed: Applied | None = None
-    """The speed choices as `methods.prepare_model` applied them to `model` (`speed.plan`), with the heap trimmer."""
+    """The speed choices as `prepare_model` applied them to `model` (`speed.plan`), with the heap trimmer."""
 
 
 def resolve_dtype(name: str) -> Any:

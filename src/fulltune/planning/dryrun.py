@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fulltune.config import Config, config_from_dict, to_dict
-from fulltune.model.methods import param_groups
+from fulltune.model.trainable import param_groups
 from fulltune.planning.facts import Facts, inspect_model, prepare
 from fulltune.runtime.device import resolve_precision
 from fulltune.runtime.memory import maxrss_bytes

@@ -16,8 +16,9 @@ from fulltune.data.text import cap, label_vocabulary, read_examples, split_files
 from fulltune.errors import ConfigError, DataError
 from fulltune.model.bundle import resolve_model_path
 from fulltune.model.layermap import strip_peft_prefix
-from fulltune.model.methods import apply_trainable, prepare_model
+from fulltune.model.prepare import prepare_model
 from fulltune.model.pruned import is_pruned_folder
+from fulltune.model.trainable import apply_trainable
 from fulltune.speed.plan import SpeedPlan
 
 
@@ -52,7 +53,7 @@ class Facts:
 
 
 def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.device) -> tuple[nn.Module, Any, SpeedPlan]:
-    """The model exactly as `fulltune train` prepares it (`methods.prepare_model`), with every parameter the method
+    """The model exactly as `fulltune train` prepares it (`prepare_model`), with every parameter the method
     may ever train set trainable: progressive unfreezing ends there, so that is the peak to plan for; the plan of
     what trains, and the speed plan as applied."""
 

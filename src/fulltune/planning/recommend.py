@@ -13,7 +13,7 @@ import torch
 
 from fulltune.config import Config
 from fulltune.errors import ConfigError
-from fulltune.model.methods import METHODS
+from fulltune.model.trainable import METHODS
 from fulltune.planning.dryrun import dry_runs
 from fulltune.planning.estimate import Estimate, dtypes_for, estimate
 from fulltune.planning.facts import Facts, count_examples, inspect_model

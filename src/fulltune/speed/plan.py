@@ -1,7 +1,7 @@
 """The speed plan: every CPU/GPU speed choice of a run, decided in one place (`plan`), from the config, the device
 trained on, the task and the model; applied in one place (`apply`); said in one place (`describe`, the run header).
 
-The trainer (through `model.methods.prepare_model`), the memory planner, the benchmarks and the run header all read
+The trainer (through `model.prepare.prepare_model`), the memory planner, the benchmarks and the run header all read
 the plan: nothing else decides where a choice applies or recognises a patched module. Each choice has a switch in
 the `speed` config section (`auto | off`), the thread count aside (`hardware.num_threads`):
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fulltune.data.records import split_size
-from fulltune.model.methods import describe_groups
+from fulltune.model.trainable import describe_groups
 from fulltune.runtime.memory import peak_memory_bytes
 from fulltune.runtime.ranks import world_size
 from fulltune.speed.plan import describe

@@ -24,7 +24,8 @@ from fulltune.eval.metrics import classification_metrics, improves, lm_metrics, 
 from fulltune.files.rundir import claim_output_dir, release_run_lock, write_atomic
 from fulltune.model.bundle import ModelBundle, count_parameters
 from fulltune.model.exported import load_exported
-from fulltune.model.methods import TrainablePlan, apply_trainable, param_groups, prepare_model
+from fulltune.model.prepare import prepare_model
+from fulltune.model.trainable import TrainablePlan, apply_trainable, param_groups
 from fulltune.report.logger import RunLogger, Throughput, done_line
 from fulltune.runtime import distributed as ddist
 from fulltune.runtime.device import Precision, check_hardware, resolve_device, resolve_precision, to_device, unwrap

@@ -11,93 +11,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from fulltune.config import Config, UnfreezeStep
 from fulltune.errors import ConfigError
-from fulltune.model.build import build_model
-from fulltune.model.bundle import ModelBundle
 from fulltune.model.layermap import LayerMap, is_under, layer_map, strip_peft_prefix
-from fulltune.speed.plan import apply as apply_speed
-from fulltune.speed.plan import plan as plan_speed
+from fulltune.model.lora import LORA_METHODS
 
 METHODS = ("linear_probe", "partial", "lora", "full")
 """The values of method.name, cheapest first (the order `compare` runs them in)."""
 HEAD_ALIASES = ("classifier", "head")
-LORA_METHODS = ("lora", "qlora")
-"""Methods that train LoRA adapters over a frozen base (qlora: a 4-bit NF4 base)."""
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward, with torch's non-reentrant checkpoint.
-
-    Non-reentrant checkpointing gives gradients to parameters inside a block whether or not the block's input
-    requires grad, so LoRA needs no `enable_input_require_grads`. transformers installs that hook on text models
-    anyway; we remove it, because it makes the embedding output require grad and so runs backward through every
-    frozen block below the trainable ones (a linear probe would pay for a full backward).
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5; the old name warns
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
-        model.disable_input_require_grads()
 
 
 # ---------------------------------------------------------------------------------------------------------- LoRA
-
-
-def lora_targets(model: nn.Module, lmap: LayerMap | None = None) -> list[str]:
-    """Default LoRA targets: the leaf names of every linear layer inside the blocks.
-
-    Per family that is the attention and MLP projections (CLIP/ViT: q/k/v/out|o_proj, fc1, fc2; BERT: query, key,
-    value, dense; Llama: q/k/v/o_proj, gate/up/down_proj). Reading them off the model keeps working when
-    transformers renames modules (ViT's query/key/value became q_proj/k_proj/v_proj in v5).
-    """
-    lmap = lmap or layer_map(model)
-    prefixes = lmap.block_prefixes
-    targets = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and any(name.startswith(p + ".") for p in prefixes)
-        }
-    )
-    if not targets:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(
-            f"no linear layers found inside the blocks of this {getattr(model.config, 'model_type', '?')} model; "
-            f"set method.lora.target_modules (linear layers in this model: {', '.join(linear) or 'none'})"
-        )
-    return targets
-
-
-def wrap_lora(model: nn.Module, cfg: Config, task: str) -> nn.Module:
-    """Wrap with peft LoRA adapters; a classification head trains fully (modules_to_save), an LM head stays."""
-    from peft import LoraConfig, get_peft_model
-
-    lc = cfg.method.lora
-    lmap = layer_map(model)
-    if cfg.method.name == "qlora":  # 4-bit base: norms/embeddings to fp32, input grads for checkpointing
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
-    # Head modules by their top-level name ('classifier', 'score'; DistilBERT also 'pre_classifier').
-    heads = sorted({n.split(".", 1)[0] for n in lmap.head}) if task != "causal_lm" else []
-    peft_cfg = LoraConfig(
-        r=lc.r,
-        lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=lc.target_modules or lora_targets(model, lmap),
-        modules_to_save=heads or None,
-        bias="none",
-    )
-    try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as err:  # peft checks its config here: "Target modules {...} not found in the base model"
-        raise ConfigError(f"method.lora.target_modules={peft_cfg.target_modules}: {str(err).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
@@ -243,24 +169,6 @@ def plan_trainable(model: nn.Module, cfg: Config) -> TrainablePlan:
     return plan
 
 
-def master_weights(model: nn.Module, plan: TrainablePlan, cfg: Config) -> None:
-    """fp32 master weights where standard mode needs them, whatever model.torch_dtype loaded.
-
-    Standard mode steps fp32 weights (AdamW updates below bf16's resolution would round away): full / partial /
-    linear-probe runs hold the whole model in fp32 (frozen blocks too, so that every layer's input has one dtype
-    without autocast); LoRA / QLoRA upcast only what trains (adapters, the head) and keep the frozen base in its
-    loaded dtype (bf16 halves it; 4-bit stays 4-bit). Lean mode keeps bf16 weights on purpose: nothing changes.
-    """
-    if cfg.training.memory == "lean" or cfg.model.torch_dtype == "float32":
-        return
-    if cfg.method.name not in LORA_METHODS:
-        model.float()
-        return
-    for name, p in model.named_parameters():
-        if name in plan.eligible and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
-
-
 def apply_trainable(model: nn.Module, names: set[str]) -> bool:
     """Set requires_grad: True exactly for `names`. Returns whether any flag changed."""
     changed = False
@@ -388,33 +296,3 @@ def describe_groups(groups: list[dict[str, Any]], base_lr: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- preparation
-
-
-def prepare_model(
-    cfg: Config, task: str, labels: list[str] | None, device: torch.device
-) -> tuple[ModelBundle, nn.Module, TrainablePlan]:
-    """The model as training uses it: built, with gradient checkpointing (always in lean mode), LoRA adapters,
-    lean mode's bf16 weights, on `device` (left where it is on the meta device), fp32 master weights where standard
-    mode needs them, and the speed plan for `device` applied (`speed.plan`: CPU dropout, fused q/k/v, a first-token
-    classifier's last layer for that token only, the weights that train in memory of their own, the thread count
-    and the CPU allocator; `bundle.speed` holds what applied and why, and the heap trimmer); and the plan of what
-    trains.
-
-    The trainer, the memory planner's dry run and the benchmarks all call this, so they measure the same model.
-    Returns (bundle, model, plan); `model` is `bundle.model` or its peft wrapper.
-    """
-    bundle = build_model(cfg, task, labels)
-    model = bundle.model
-    lean = cfg.training.memory == "lean"
-    if cfg.training.gradient_checkpointing or lean:
-        enable_gradient_checkpointing(model)
-    if cfg.method.name in LORA_METHODS:
-        model = wrap_lora(model, cfg, task)
-    if lean:
-        model.to(torch.bfloat16)
-    if device.type != "meta":
-        model.to(device)
-    plan = plan_trainable(model, cfg)
-    master_weights(model, plan, cfg)  # fp32 where standard mode trains (model.torch_dtype may load bf16)
-    bundle.speed = apply_speed(model, plan_speed(cfg, device, task, model, trains=plan.eligible))
-    return bundle, model, plan
