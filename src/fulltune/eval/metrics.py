@@ -32,13 +32,15 @@ def classification_metrics(
     k = min(5, num_classes)
     targets, predictions, tops = [], [], []
     for batch in loader:
+        keep = batch["labels"] >= 0  # read on the host, before the copy: no device sync per batch
+        dropped = (~keep).nonzero().flatten().tolist()
         batch = to_device(batch, device)
         labels = batch.pop("labels")
         with precision.autocast():
             logits = model(**batch).logits.float()  # (batch, num_classes)
-        keep = labels >= 0
-        if not bool(keep.all()):
-            skipped.extend(seen + int(i) for i in (~keep).nonzero().flatten().tolist())
+        if dropped:
+            skipped.extend(seen + i for i in dropped)
+            keep = keep.to(device)
             logits, labels = logits[keep], labels[keep]
         seen += len(keep)
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
