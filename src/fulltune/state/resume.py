@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from fulltune.config import Config, to_dict
+from fulltune.config import Config, dotted_items, to_dict
 from fulltune.config.yamlfile import read_yaml
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
@@ -55,24 +55,17 @@ def check_resume(point: Path, saved: dict[str, str] | None, now: dict[str, str],
     return changed_settings(point, cfg)
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def changed_settings(point: Path, cfg: Config) -> list[str]:
     """`key: old -> new` for each setting that differs from the checkpoint's config.yaml (a changed learning rate,
     batch size, schedule...): allowed, and said."""
     path = Path(point) / "config.yaml"
     try:
-        saved = _flat(read_yaml(path.read_text(encoding="utf-8"), str(path)))
+        tree = read_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, ValueError):
         return []
-    now = _flat(to_dict(cfg))
+    if not isinstance(tree, dict):
+        return []
+    saved, now = dict(dotted_items(tree)), dict(dotted_items(to_dict(cfg)))
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
 
 
