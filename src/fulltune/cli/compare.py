@@ -8,20 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.cli.flags import add_config_flags, flag_overrides
-from fulltune.compare.clip_rows import clip_notes, run_clip_rows, split_clip_rows
-from fulltune.compare.runner import (
-    DEFAULT_LR_MULT,
-    learning_rates,
-    parse_methods,
-    run_all,
-    settings_of,
-    write_comparison,
-)
-from fulltune.compare.variants import VARIANT_METHODS, num_classes, variant
-from fulltune.config import load_config
-from fulltune.data.text import run_inputs
-from fulltune.files.rundir import claim_output
-from fulltune.model.trainable import METHODS
+from fulltune.config.methods import DEFAULT_LR_MULT, METHODS, VARIANT_METHODS
 
 # Flags that stand for config keys, as in `fulltune train`; --output_dir is the comparison's own.
 DATA_FLAGS = ("data_dir", "train_file", "val_file", "test_file", "model", "task")
@@ -59,6 +46,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fulltune.compare.clip_rows import clip_notes, run_clip_rows, split_clip_rows
+    from fulltune.compare.runner import learning_rates, parse_methods, run_all, settings_of, write_comparison
+    from fulltune.compare.variants import num_classes, variant
+    from fulltune.config import load_config
+    from fulltune.data.text import run_inputs
+    from fulltune.files.rundir import claim_output
+
     rest, clip_rows = split_clip_rows(args.methods)
     methods = parse_methods(rest) if rest or not clip_rows else []
     overrides = flag_overrides(args, DATA_FLAGS) + list(args.overrides or [])  # key=value wins over flags

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import typing
 from typing import Any
 
-from fulltune.state.export import DTYPES, export, hub_token, push_to_hub
+from fulltune.config import ModelConfig
+
+# The floating-point dtypes a model's weights may be in (model.torch_dtype's values but `auto`).
+DTYPES = tuple(d for d in typing.get_args(typing.get_type_hints(ModelConfig)["torch_dtype"]) if d != "auto")
 
 
 def register(subparsers: Any) -> None:
@@ -25,7 +29,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--output_dir", required=True, help="the folder to write: new, empty, or an earlier export (replaced whole)"
     )
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the floating-point weights")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the floating-point weights")
     p.add_argument(
         "--lora",
         choices=("merged", "adapter"),
@@ -38,6 +42,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fulltune.state.export import export, hub_token, push_to_hub
+
     token = hub_token() if args.push_to_hub else None  # before any slow work
     out = export(args.source, args.output_dir, dtype=args.dtype, lora=args.lora)
     files = sorted(p.name for p in out.iterdir())

@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fulltune.clip.interpolate import format_sweep, parse_alphas, wise_ft
-
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -30,6 +28,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fulltune.clip.interpolate import format_sweep, parse_alphas, wise_ft
+
     alphas = parse_alphas(args.alphas) if args.alphas else parse_alphas(str(args.alpha))
     result = wise_ft(
         args.zeroshot, args.finetuned, args.output_dir, alphas, args.data_dir, args.split, args.batch_size, args.device

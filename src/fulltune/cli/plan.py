@@ -9,8 +9,8 @@ import sys
 from typing import Any
 
 from fulltune.cli.flags import add_config_flags, config_from_args
+from fulltune.config.methods import METHODS
 from fulltune.errors import ConfigError
-from fulltune.model.trainable import METHODS
 from fulltune.units import human_bytes as human
 from fulltune.units import parse_memory
 

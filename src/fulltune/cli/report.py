@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.errors import ConfigError
-from fulltune.files.rundir import owner_of
 
 
 def register(subparsers: Any) -> None:
@@ -17,6 +16,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fulltune.files.rundir import owner_of
     from fulltune.report.html import build_report
 
     run_dir = Path(args.run_dir)

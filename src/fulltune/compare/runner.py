@@ -27,6 +27,7 @@ from fulltune.compare.variants import (
     variant,
 )
 from fulltune.config import Config, load_config, save_config, to_dict
+from fulltune.config.methods import DEFAULT_LR_MULT
 from fulltune.config.yamlfile import read_yaml
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
@@ -37,12 +38,6 @@ from fulltune.runtime.memory import maxrss_bytes
 from fulltune.units import human_bytes
 
 # Learning rate of each method as a multiple of training.base_learning_rate (read as full fine-tuning's LR).
-# LoRA's update starts at zero and is rank-limited: about ten times full's rate is the usual choice. A linear probe
-# trains only a new head on frozen features, which are often small (MiniLM's pooler outputs average |x| ~ 0.05):
-# AdamW moves each weight by about the LR per step, so at 10x the head barely leaves its initialisation in a few
-# epochs (measured: majority-class accuracy on the docstring demo at 1e-3; 1e-2 trains). `partial` trains
-# pretrained top blocks like full does and keeps full's rate.
-DEFAULT_LR_MULT = {"full": 1.0, "partial": 1.0, "lora": 10.0, "qlora": 10.0, "linear_probe": 100.0}
 
 
 def parse_methods(text: str) -> list[str]:

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.config import Config, ConfigError
+from fulltune.config.methods import VARIANT_METHODS
 from fulltune.eval.metrics import scalar_metrics
 from fulltune.train.tasks import validation_metric
 from fulltune.train.trainer import setup
 
-VARIANT_METHODS = ("linear_probe", "partial", "lora", "qlora", "full")
 UNTRAINED = "untrained head"
 
 

@@ -14,12 +14,11 @@ from typing import Any
 from torch import nn
 
 from fulltune.config import Config, UnfreezeStep
+from fulltune.config.methods import METHODS as METHODS  # the method names, where --help reads them
 from fulltune.errors import ConfigError
 from fulltune.model.layermap import LayerMap, is_under, layer_map, strip_peft_prefix
 from fulltune.model.lora import LORA_METHODS
 
-METHODS = ("linear_probe", "partial", "lora", "full")
-"""The values of method.name, cheapest first (the order `compare` runs them in)."""
 HEAD_ALIASES = ("classifier", "head")
 
 
