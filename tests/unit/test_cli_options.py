@@ -5,6 +5,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +16,8 @@ from fulltune.cli import build_parser, main
 from fulltune.cli.options import _subparsers, normalize_argv, render_config
 from fulltune.config import ConfigError, dotted_items, load_config, to_dict
 from fulltune.config.describe import describe_keys
+
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def test_config_lists_every_key_load_config_accepts():
@@ -77,8 +83,66 @@ def test_kebab_case_and_config_keys_as_flags():
     assert argv == ["train", "--output_dir", "o", "--data_dir=d", "learning_rate=1e-5", "training.num_epochs=2", "x=1"]
     args = parser.parse_args(argv)
     assert args.output_dir == "o" and args.data_dir == "d"
-    # evaluate takes no overrides: an unknown flag stays unknown (argparse names it)
-    assert normalize_argv(["evaluate", "--learning-rate", "1"], parser) == ["evaluate", "--learning-rate", "1"]
+    # evaluate takes no overrides: a config key is an unknown flag there
+    with pytest.raises(ConfigError, match="unknown flag --learning-rate for `fulltune evaluate`"):
+        normalize_argv(["evaluate", "--learning-rate", "1"], parser)
+
+
+def test_hf_trainer_flags_mix_with_fulltune_flags_in_any_order():
+    parser = build_parser()
+    argv = normalize_argv(
+        [
+            "train",
+            "--learning_rate",
+            "1e-4",
+            "--train_file",
+            "a=b.csv",
+            "--num_train_epochs",
+            "2",
+            "--bf16",
+            "max_steps=3",
+            "--output_dir",
+            "o",
+            "--text_column",
+            "review",
+            "--report_to=none",
+            "--gradient_checkpointing",
+            "false",
+            "--num_epochs",
+            "4",
+            "--training.compile",
+        ],
+        parser,
+    )
+    args = parser.parse_args(argv)
+    assert (args.train_file, args.output_dir) == ("a=b.csv", "o")
+    cfg = load_config(None, args.overrides)
+    t = cfg.training
+    assert (t.base_learning_rate, t.num_epochs, t.max_steps, t.gradient_checkpointing, t.compile) == (
+        1e-4,
+        4,
+        3,
+        False,
+        True,
+    )
+    assert (cfg.hardware.mixed_precision, cfg.data.text_column, cfg.logging.report_to) == ("bf16", "review", [])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "--lerning_rate", "1"], "did you mean --learning_rate (sets training.base_learning_rate)?"),
+        (["train", "--text_colum", "x"], "did you mean --text_column (sets data.text_column)"),
+        (["train", "--eval_strategy", "steps"], "set training.eval_every_steps=N"),
+        (["train", "--dropout", "0.1"], "--dropout is ambiguous: say which, e.g. --model.dropout or"),
+        (["train", "--learning_rate"], "--learning_rate: expected a value"),
+        (["predict", "--checkpont", "x"], "did you mean --checkpoint?"),
+    ],
+)
+def test_a_flag_mistake_is_one_line_with_the_key_to_use(argv, expected, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fulltune: error: ") and expected in err[0], err
 
 
 def test_every_help_shows_defaults_and_every_flag_has_help(capsys):
@@ -108,3 +172,16 @@ def test_train_without_data_is_one_line_and_creates_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fulltune: error: no training data")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["train", "--help"], ["compare", "--help"], ["train", "--bad_flag"]])
+def test_parsing_loads_neither_torch_nor_transformers(argv):
+    """`--version`, `--help` and argument errors import no heavy library (a timing would depend on the machine)."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fulltune", *argv], capture_output=True, text=True, env=env
+    )
+    assert done.returncode in (0, 2), done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
+    assert "fulltune.cli" in imported
+    assert not imported & {"torch", "transformers", "datasets", "numpy"}

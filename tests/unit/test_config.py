@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +149,8 @@ TARGET_VALUES: dict[str, Any] = {
     "checkpoint.save_every_epochs": 2,
     "checkpoint.save_every_steps": 7,
     "data.batch_size": 8,
+    "data.dataset_config": "plain_text",
+    "data.dataset_name": "some/set",
     "data.data_dir": "somewhere",
     "data.eval_batch_size": 4,
     "data.image_size": 64,
@@ -164,6 +167,8 @@ TARGET_VALUES: dict[str, Any] = {
     "data.val_file": "b.csv",
     "hardware.mixed_precision": "bf16",
     "logging.log_dir": "logs",
+    "logging.report_to": ["mlflow"],
+    "logging.run_name": "first",
     "logging.log_every_steps": 3,
     "method.lora.alpha": 4.0,
     "method.lora.dropout": 0.2,
@@ -176,7 +181,10 @@ TARGET_VALUES: dict[str, Any] = {
     "speed.cpu_dropout": "off",
     "speed.first_token_only": "off",
     "speed.fused_qkv": "off",
+    "training.adam_beta1": 0.8,
+    "training.adam_beta2": 0.99,
     "training.adam_epsilon": 1e-6,
+    "training.compile": True,
     "training.base_learning_rate": 2e-5,
     "training.early_stopping": {"enabled": True, "patience": 4},
     "training.early_stopping.patience": 4,
@@ -232,6 +240,14 @@ def test_each_alias_loads_as_its_key(name):
         value = expected = TARGET_VALUES[target]
     assert load_config(None, {name: value}) == load_config(None, {target: expected})
     assert load_config(None, [f"{name}={json.dumps(value)}"]) == load_config(None, {target: expected})
+
+
+def test_hf_trainer_names_without_a_key_say_what_to_use_and_report_to_reads_hf_values():
+    for name, hint in names.HF_TRAINER_ELSEWHERE.items():
+        with pytest.raises(ConfigError, match=re.escape(hint)):
+            load_config(None, {name: "steps"})
+    assert load_config(None, ["report_to=none"]).logging.report_to == []
+    assert load_config(None, ["report_to=mlflow,wandb"]).logging.report_to == ["mlflow", "wandb"]
 
 
 @pytest.mark.parametrize("source", sorted(names.CLIP_LAYOUT))

@@ -5,6 +5,9 @@ Every failure a user can cause (bad config, data, checkpoint, or environment: pe
 is a file) ends in one line `fulltune: error: ...` and a non-zero exit: 2 for a bad config or checkpoint
 (ConfigError), 1 for data, training and environment errors, 130 for Ctrl-C. A traceback only for bugs, or for
 anything with `--debug` / FULLTUNE_DEBUG=1.
+
+Parsing loads no torch or transformers (`--version`, `--help`, `config` and argument errors take well under a
+second): each command module imports what its `run` needs when it runs.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import errno
 import os
 import sys
+import typing
 import warnings
 from typing import Any
 
@@ -51,10 +55,19 @@ COMMANDS = (
 )
 
 
+LIGHT_COMMANDS = {"config"}
+"""Commands that load no model: transformers is not imported for them."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake as one line `fulltune: error: ...` that points at --help (exit status 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"fulltune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fulltune", description="Full fine-tuning of pretrained transformers, and its rivals."
-    )
+    parser = ArgumentParser(prog="fulltune", description="Full fine-tuning of pretrained transformers, and its rivals.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
@@ -118,20 +131,31 @@ def run_command(func: Any, args: Any, debug: bool = False) -> int:
         return code
 
 
+def quiet_libraries(datasets_too: bool = False) -> None:
+    """Our own progress bar and log lines say what happens: transformers' per-shard bars (and, for the Python API,
+    whose output lands in a notebook cell, datasets' bars) only add noise."""
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if datasets_too:
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     try:
-        argv = normalize_argv(argv, parser)  # --output-dir, --learning_rate 1e-5, ...
+        argv = normalize_argv(argv, parser)  # --output-dir, --learning_rate 1e-5, bare --bf16, key=value anywhere
     except ConfigError as err:
-        parser.error(str(err))
+        print(f"fulltune: error: {err}", file=sys.stderr)
+        return err.exit_code
     args = parser.parse_args(argv)
     args.argv = argv
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    import transformers
-
-    # Our own progress bar and log lines say what happens; transformers' per-shard bars only add noise.
-    transformers.utils.logging.disable_progress_bar()
+    if args.command not in LIGHT_COMMANDS:
+        quiet_libraries()
     return run_command(args.func, args, debug)
 
 

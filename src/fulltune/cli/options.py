@@ -7,6 +7,7 @@ from config.py.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 
 from fulltune.config import ALIASES, Config, to_dict
 from fulltune.config.describe import describe_keys
+from fulltune.config.names import HF_TRAINER_ELSEWHERE, PRECISION_SWITCHES, layout_key
 from fulltune.errors import ConfigError, DataError
 
 # Help for flags that were registered without any: every flag says what it does.
@@ -71,44 +73,134 @@ def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _config_keys() -> set[str]:
-    return set(describe_keys())
+BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+"""What a switch flag (`--bf16`, `--training.compile`) reads as its value; any other next word is not its value."""
+
+
+class ConfigFlags:
+    """The config keys a command line may type as flags: fulltune's dotted keys, every alias (config/names.py), and
+    a key's last part where only one key ends so (`--num_epochs`, `--text_column`)."""
+
+    def __init__(self) -> None:
+        self.described = describe_keys()
+        self.names = set(self.described) | set(ALIASES)
+        leaves: dict[str, list[str]] = {}
+        for key in self.described:
+            leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+        self.leaves = leaves
+
+    def key(self, name: str) -> str | None:
+        """The key (or alias) the flag `--name` sets; None when it names none; an error when it names several."""
+        if name in self.names:
+            return name
+        if name in HF_TRAINER_ELSEWHERE:
+            raise ConfigError(
+                f"--{name} (a Hugging Face Trainer argument) has no fulltune key: {HF_TRAINER_ELSEWHERE[name]}"
+            )
+        found = self.leaves.get(name, [])
+        if len(found) > 1:
+            raise ConfigError(f"--{name} is ambiguous: say which, e.g. " + " or ".join(f"--{k}" for k in found))
+        return found[0] if found else None
+
+    def is_switch(self, key: str) -> bool:
+        """Whether the key is a boolean (a bare `--key` means true)."""
+        leaf = key.rsplit(".", 1)[-1]
+        target = ALIASES.get(layout_key(key), layout_key(key))
+        return leaf in PRECISION_SWITCHES or isinstance(self.described.get(target, (None,))[0], bool)
+
+    def spellings(self) -> list[str]:
+        """Every way to type a config key as a flag (for did-you-mean)."""
+        return sorted(self.names | {leaf for leaf, keys in self.leaves.items() if len(keys) == 1})
+
+
+def _unknown_flag(flag: str, command: str, options: set[str], config: ConfigFlags | None) -> ConfigError:
+    """One line: the flag is unknown to the command, with the closest flags or config keys (difflib), one spelling
+    per key."""
+    name = flag[2:].replace("-", "_")
+    targets = {o[2:]: o[2:] for o in options if o.startswith("--")}  # spelling -> what it sets
+    if config is not None:
+        for spelled in config.spellings():
+            key = config.key(spelled) or spelled
+            targets.setdefault(spelled, ALIASES.get(key, key))
+    shown: dict[str, str] = {}
+    for close in difflib.get_close_matches(name, list(targets), n=10, cutoff=0.6):
+        target = targets[close]
+        shown.setdefault(target, f"--{close}" + (f" (sets {target})" if target != close else ""))
+    hint = "; did you mean " + " or ".join(list(shown.values())[:3]) + "?" if shown else ""
+    listed = " (`fulltune config` lists the config keys)" if config is not None else ""
+    return ConfigError(f"unknown flag {flag} for `fulltune {command}`{hint}{listed}")
+
+
+def _takes_value(action: argparse.Action) -> int:
+    """How many words after the flag are its value (0 for switches; -1: argparse decides, e.g. nargs='*')."""
+    if action.nargs is None:
+        return 1
+    if isinstance(action.nargs, int):
+        return action.nargs
+    return -1
 
 
 def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """`--output-dir` -> `--output_dir`; a config key typed as a flag (`--learning_rate 1e-5`,
-    `--training.num_epochs=2`) becomes the override `learning_rate=1e-5` when the command takes overrides."""
+    """`--output-dir` -> `--output_dir`; a config key or alias typed as a flag (`--learning_rate 1e-5`,
+    `--training.num_epochs=2`, a bare `--bf16`) becomes the override `learning_rate=1e-5` when the command takes
+    overrides, and every override goes last (argparse reads one run of positionals only), so flags and
+    `key=value` mix in any order. An unknown flag is a ConfigError with the closest names."""
     commands = _subparsers(parser)
-    sub = commands.get(next((a for a in argv if not a.startswith("-")), ""), None)
-    known = {s for p in (parser, sub) if p is not None for a in p._actions for s in a.option_strings}
+    command = next((a for a in argv if not a.startswith("-")), "")
+    sub = commands.get(command)
+    actions = {s: a for p in (parser, sub) if p is not None for a in p._actions for s in a.option_strings}
     takes_overrides = sub is not None and any(a.dest == "overrides" for a in sub._actions)
-    keys = _config_keys() | set(ALIASES)
+    config = ConfigFlags() if takes_overrides else None
     out: list[str] = []
+    overrides: list[str] = []
+    seen_command = False
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--":
-            out.extend(argv[i:])
+        i += 1
+        if arg == "--":  # what follows is positional
+            if takes_overrides:
+                overrides.extend(argv[i:])
+            else:
+                out.extend(argv[i - 1 :])
             break
-        if arg.startswith("--") and len(arg) > 2:
-            name, eq, value = arg[2:].partition("=")
-            snake = "--" + name.replace("-", "_")
-            if snake in known:
-                out.append(snake + eq + value)
-            elif takes_overrides and name.replace("-", "_") in keys:
-                key = name.replace("-", "_")
-                if not eq:
-                    if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                        raise ConfigError(f"--{name}: expected a value, e.g. --{name} VALUE or {key}=VALUE")
-                    i += 1
-                    value = argv[i]
-                out.append(f"{key}={value}")
+        if not arg.startswith("--") or len(arg) == 2:
+            if takes_overrides and seen_command:
+                overrides.append(arg)
             else:
                 out.append(arg)
-        else:
-            out.append(arg)
-        i += 1
-    return out
+                seen_command = seen_command or arg == command
+            continue
+        name, eq, value = arg[2:].partition("=")
+        snake = "--" + name.replace("-", "_")
+        action = actions.get(snake) or actions.get(arg.partition("=")[0])
+        if action is None and sub is not None:
+            prefixed = [o for o in actions if o.startswith(snake)]  # argparse's abbreviations (--out for --output_dir)
+            action = actions[prefixed[0]] if len(prefixed) == 1 else None
+            snake = prefixed[0] if action is not None else snake
+        if action is not None:
+            out.append(snake + eq + value)
+            count = _takes_value(action) if not eq else 0
+            out.extend(argv[i : i + max(count, 0)])
+            i += max(count, 0)
+            continue
+        key = config.key(name.replace("-", "_")) if config is not None else None
+        if key is None:
+            if sub is None:
+                out.append(arg)  # before the command: argparse says what is wrong
+                continue
+            raise _unknown_flag(arg.partition("=")[0], command, set(actions), config)
+        if not eq:
+            nxt = argv[i] if i < len(argv) else None
+            if config is not None and config.is_switch(key) and (nxt is None or nxt.lower() not in BOOLEAN_WORDS):
+                value = "true"
+            elif nxt is None or nxt.startswith("--"):
+                raise ConfigError(f"--{name}: expected a value, e.g. --{name} VALUE or {key}=VALUE")
+            else:
+                value = nxt
+                i += 1
+        overrides.append(f"{key}={value}")
+    return out + overrides
 
 
 # ---------------------------------------------------------------- the config's keys, defaults and descriptions

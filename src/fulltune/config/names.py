@@ -56,9 +56,44 @@ HF_TRAINER: dict[str, str] = {
     "model_name_or_path": "model.name_or_path",
     "label_column_name": "data.label_column",
     "text_column_name": "data.text_column",
+    "text_column": "data.text_column",
+    "label_column": "data.label_column",
+    "dataset_name": "data.dataset_name",
+    "dataset_config_name": "data.dataset_config",
+    "adam_beta1": "training.adam_beta1",
+    "adam_beta2": "training.adam_beta2",
+    "torch_compile": "training.compile",
+    "report_to": "logging.report_to",
+    "run_name": "logging.run_name",
+    "logging_dir": "logging.log_dir",
 }
 """Hugging Face Trainer's flat names -> fulltune's keys. `fp16`/`bf16: true` become mixed_precision fp16/bf16 (false:
-no); `optim` takes the AdamW names of OPTIM_VALUES."""
+no); `optim` takes the AdamW names of OPTIM_VALUES; `report_to` takes none, one tracker or a list."""
+
+PRECISION_SWITCHES = ("fp16", "bf16")
+"""HF Trainer's switches that set hardware.mixed_precision (true: that precision); on the command line a bare
+`--bf16` means true."""
+
+HF_TRAINER_ELSEWHERE: dict[str, str] = {
+    "eval_strategy": "fulltune evaluates after every epoch; to evaluate every N optimizer steps too, set "
+    "training.eval_every_steps=N (eval_steps)",
+    "evaluation_strategy": "fulltune evaluates after every epoch; to evaluate every N optimizer steps too, set "
+    "training.eval_every_steps=N (eval_steps)",
+    "save_strategy": "set checkpoint.save_every_epochs=N and/or checkpoint.save_every_steps=N (save_steps)",
+    "logging_strategy": "set logging.log_every_steps=N (logging_steps)",
+    "load_best_model_at_end": "fulltune keeps the best checkpoint in best/ (checkpoint.save_best) by training.metric",
+    "greater_is_better": "training.metric (metric_for_best_model) knows its direction",
+    "overwrite_output_dir": "pass --overwrite to `fulltune train`",
+    "do_train": "`fulltune train` trains; leave it out",
+    "do_eval": "`fulltune train` evaluates on the validation split; leave it out",
+    "do_predict": "use `fulltune evaluate` or `fulltune predict` on the run's best/",
+    "push_to_hub": "use `fulltune export RUN --output_dir DIR --push_to_hub REPO`",
+    "use_cpu": "set hardware.device=cpu",
+    "no_cuda": "set hardware.device=cpu",
+    "auto_find_batch_size": "`fulltune plan` recommends data.batch_size and training.gradient_accumulation_steps",
+    "cache_dir": "set the HF_HOME environment variable",
+}
+"""Hugging Face Trainer names that have no one key in fulltune, and what to use instead (the error says it)."""
 
 HF_TRAINER_IN_SECTIONS: dict[str, tuple[str, ...]] = {
     "training": (
@@ -223,20 +258,36 @@ def _earlier_value(key: str, value: Any) -> Any:
         return value
 
 
+def _report_to_value(value: Any) -> Any:
+    """HF Trainer's `report_to`: none -> [], one name (or `a,b`) -> a list."""
+    if value is None or value == "none":
+        return []
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
 def translate(dotted: str, value: Any) -> tuple[str, Any]:
     """A key as written and its value -> fulltune's key and value: moved by CLIP_LAYOUT (said once), then renamed
     by ALIASES; `fp16: true` becomes mixed_precision fp16, `optim: adamw_torch` fused_optimizer false,
-    `hardware.cpu_dropout: torch` speed.cpu_dropout off (EARLIER_VALUES)."""
+    `hardware.cpu_dropout: torch` speed.cpu_dropout off (EARLIER_VALUES). A Hugging Face Trainer name without a
+    fulltune key (HF_TRAINER_ELSEWHERE) is an error that says what to use."""
+    if dotted in HF_TRAINER_ELSEWHERE:
+        raise ConfigError(
+            f"'{dotted}' (a Hugging Face Trainer argument) has no fulltune key: {HF_TRAINER_ELSEWHERE[dotted]}"
+        )
     source = _layout_source(dotted)
     if source is not None:
         _say_once(f"read as the layout of {CLIP_LAYOUT_NAME}: {source} -> {CLIP_LAYOUT[source]}")
     dotted = layout_key(dotted)
     key = ALIASES.get(dotted, dotted)
     leaf = dotted.rsplit(".", 1)[-1]
-    if key == "hardware.mixed_precision" and leaf in ("fp16", "bf16") and isinstance(value, bool):
+    if key == "hardware.mixed_precision" and leaf in PRECISION_SWITCHES and isinstance(value, bool):
         value = leaf if value else "no"
     if leaf == "optim":
         value = _optim_value(value)
+    if leaf == "report_to" and key == "logging.report_to":
+        value = _report_to_value(value)
     return key, _earlier_value(key, value)
 
 
