@@ -150,7 +150,7 @@ def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str
     sub = commands.get(command)
     actions = {s: a for p in (parser, sub) if p is not None for a in p._actions for s in a.option_strings}
     takes_overrides = sub is not None and any(a.dest == "overrides" for a in sub._actions)
-    config = ConfigFlags() if takes_overrides else None
+    config: ConfigFlags | None = None  # read from config/sections.py when a flag is not the command's own
     out: list[str] = []
     overrides: list[str] = []
     seen_command = False
@@ -184,6 +184,7 @@ def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str
             out.extend(argv[i : i + max(count, 0)])
             i += max(count, 0)
             continue
+        config = config or (ConfigFlags() if takes_overrides else None)
         key = config.key(name.replace("-", "_")) if config is not None else None
         if key is None:
             if sub is None:

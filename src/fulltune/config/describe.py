@@ -39,16 +39,18 @@ def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def describe_keys(cls: type = Config, prefix: str = "") -> dict[str, tuple[Any, str]]:
+def describe_keys(
+    cls: type = Config, prefix: str = "", docs: dict[str, dict[str, str]] | None = None
+) -> dict[str, tuple[Any, str]]:
     """Every dotted config key -> (default, one-line description), in the order of config.py."""
-    docs = field_docs()
+    docs = field_docs() if docs is None else docs  # read once, not once per section
     hints = typing.get_type_hints(cls)
     defaults = to_dict(cls())
     out: dict[str, tuple[Any, str]] = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if _is_section(tp):
-            out.update(describe_keys(tp, f"{prefix}{f.name}."))
+            out.update(describe_keys(tp, f"{prefix}{f.name}.", docs))
         else:
             out[f"{prefix}{f.name}"] = (defaults[f.name], docs.get(cls.__name__, {}).get(f.name, ""))
     return out
