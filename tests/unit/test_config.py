@@ -288,3 +288,13 @@ def test_config_package_imports_fulltune_modules_at_the_top_only():
         if isinstance(node, (ast.Import, ast.ImportFrom))
     ]
     assert not inside  # an import inside a function there would hide a cycle (checks <-> load was one)
+
+
+def test_a_short_name_on_the_command_line_is_not_announced_as_a_config_layout(tmp_path, capsys):
+    names._SAID.clear()
+    assert load_config(None, ["num_epochs=2", "batch_size=4"]).training.num_epochs == 2
+    assert capsys.readouterr().err == ""
+    path = tmp_path / "clip.yaml"
+    path.write_text("num_epochs: 2\n")
+    assert load_config(path).training.num_epochs == 2
+    assert "read as the layout of a CLIP fine-tuning config.yaml: num_epochs" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import yaml
 
 from fulltune.config import ALIASES, Config, to_dict
 from fulltune.config.describe import describe_keys
-from fulltune.config.names import HF_TRAINER_ELSEWHERE, PRECISION_SWITCHES, layout_key
+from fulltune.config.names import CLIP_LAYOUT, HF_TRAINER_ELSEWHERE, PRECISION_SWITCHES, layout_key
 from fulltune.errors import ConfigError, DataError
 
 # Help for flags that were registered without any: every flag says what it does.
@@ -83,7 +83,8 @@ class ConfigFlags:
 
     def __init__(self) -> None:
         self.described = describe_keys()
-        self.names = set(self.described) | set(ALIASES)
+        layout = {k for k, target in CLIP_LAYOUT.items() if target in self.described}  # not its sections alone
+        self.names = set(self.described) | set(ALIASES) | layout
         leaves: dict[str, list[str]] = {}
         for key in self.described:
             leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
@@ -91,7 +92,7 @@ class ConfigFlags:
 
     def key(self, name: str) -> str | None:
         """The key (or alias) the flag `--name` sets; None when it names none; an error when it names several."""
-        if name in self.names:
+        if name in self.names or layout_key(name) in self.described:  # layerwise_lr.enabled: CLIP_LAYOUT
             return name
         if name in HF_TRAINER_ELSEWHERE:
             raise ConfigError(
@@ -102,11 +103,15 @@ class ConfigFlags:
             raise ConfigError(f"--{name} is ambiguous: say which, e.g. " + " or ".join(f"--{k}" for k in found))
         return found[0] if found else None
 
+    @staticmethod
+    def target(key: str) -> str:
+        """The fulltune key an alias (or a key of CLIP_LAYOUT) sets."""
+        return ALIASES.get(layout_key(key), layout_key(key))
+
     def is_switch(self, key: str) -> bool:
         """Whether the key is a boolean (a bare `--key` means true)."""
         leaf = key.rsplit(".", 1)[-1]
-        target = ALIASES.get(layout_key(key), layout_key(key))
-        return leaf in PRECISION_SWITCHES or isinstance(self.described.get(target, (None,))[0], bool)
+        return leaf in PRECISION_SWITCHES or isinstance(self.described.get(self.target(key), (None,))[0], bool)
 
     def spellings(self) -> list[str]:
         """Every way to type a config key as a flag (for did-you-mean)."""
@@ -120,8 +125,7 @@ def _unknown_flag(flag: str, command: str, options: set[str], config: ConfigFlag
     targets = {o[2:]: o[2:] for o in options if o.startswith("--")}  # spelling -> what it sets
     if config is not None:
         for spelled in config.spellings():
-            key = config.key(spelled) or spelled
-            targets.setdefault(spelled, ALIASES.get(key, key))
+            targets.setdefault(spelled, config.target(config.key(spelled) or spelled))
     shown: dict[str, str] = {}
     for close in difflib.get_close_matches(name, list(targets), n=10, cutoff=0.6):
         target = targets[close]

@@ -94,7 +94,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     tree = _canonical_tree(raw)
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     for key, value in items:
-        _set_dotted(tree, *translate(key, value))
+        _set_dotted(tree, *translate(key, value, say_layout=False))
     apply_implied_settings(tree)
     cfg = build(Config, tree)
     validate(cfg)

@@ -267,17 +267,18 @@ def _report_to_value(value: Any) -> Any:
     return value
 
 
-def translate(dotted: str, value: Any) -> tuple[str, Any]:
+def translate(dotted: str, value: Any, say_layout: bool = True) -> tuple[str, Any]:
     """A key as written and its value -> fulltune's key and value: moved by CLIP_LAYOUT (said once), then renamed
     by ALIASES; `fp16: true` becomes mixed_precision fp16, `optim: adamw_torch` fused_optimizer false,
     `hardware.cpu_dropout: torch` speed.cpu_dropout off (EARLIER_VALUES). A Hugging Face Trainer name without a
-    fulltune key (HF_TRAINER_ELSEWHERE) is an error that says what to use."""
+    fulltune key (HF_TRAINER_ELSEWHERE) is an error that says what to use. `say_layout`: say that a config file is
+    read as CLIP_LAYOUT (a key typed on the command line, `num_epochs=2`, is only a short name: nothing said)."""
     if dotted in HF_TRAINER_ELSEWHERE:
         raise ConfigError(
             f"'{dotted}' (a Hugging Face Trainer argument) has no fulltune key: {HF_TRAINER_ELSEWHERE[dotted]}"
         )
     source = _layout_source(dotted)
-    if source is not None:
+    if source is not None and say_layout:
         _say_once(f"read as the layout of {CLIP_LAYOUT_NAME}: {source} -> {CLIP_LAYOUT[source]}")
     dotted = layout_key(dotted)
     key = ALIASES.get(dotted, dotted)

@@ -3,6 +3,8 @@ wrapping a model with them."""
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from fulltune.config import Config
@@ -59,6 +61,8 @@ def wrap_lora(model: nn.Module, cfg: Config, task: str) -> nn.Module:
         bias="none",
     )
     try:
-        return get_peft_model(model, peft_cfg)
+        with warnings.catch_warnings():  # peft reads transformers' renamed is_gradient_checkpointing: not the user's
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, peft_cfg)
     except ValueError as err:  # peft checks its config here: "Target modules {...} not found in the base model"
         raise ConfigError(f"method.lora.target_modules={peft_cfg.target_modules}: {str(err).splitlines()[0]}") from None
