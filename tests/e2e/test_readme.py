@@ -1,7 +1,8 @@
 """The README's commands work as written: every ```bash block is run, in order, in a fresh copy of the repository's
 tracked files with `../shared` beside it, with `fulltune` on PATH. A block whose first line is the marker
 `# long: not run by tests/e2e/test_readme.py` is left out (installation, the 10-minute demo); a block that uses
-`../shared/data` is skipped when that folder is absent (FULLTUNE_SHARED names another folder to use as ../shared)."""
+`../shared/data` is skipped when that folder is absent (FULLTUNE_SHARED names another folder to use as ../shared).
+Every ```python block (the Python API, as a notebook cell) is run too, after them, by the same Python."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def readme_blocks() -> list[str]:
 
 
 BLOCKS = readme_blocks()
+PYTHON_BLOCKS = re.findall(
+    r"^```python\n(.*?)^```", (REPO / "README.md").read_text(encoding="utf-8"), flags=re.S | re.M
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,7 @@ def clone(tmp_path_factory) -> Path:
 def test_readme_has_runnable_blocks():
     runnable = [b for b in BLOCKS if not b.startswith(LONG)]
     assert len(runnable) >= 6 and any(b.startswith(LONG) for b in BLOCKS)
+    assert any("fulltune.train(" in b and "fulltune.predict(" in b for b in PYTHON_BLOCKS)
     commands = " ".join(runnable)
     for command in (
         "fulltune train",
@@ -65,14 +70,7 @@ def test_readme_has_runnable_blocks():
         assert command in commands, command
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(clone, index):
-    block = BLOCKS[index]
-    if block.startswith(LONG):
-        pytest.skip(block.splitlines()[0])
-    if "../shared/data" in block and not (clone / "shared" / "data").is_dir():
-        pytest.skip("../shared/data is not present beside the clone")
+def _env(clone: Path) -> dict[str, str]:
     env = dict(
         os.environ,
         PATH=f"{clone / 'bin'}:{os.environ['PATH']}",
@@ -82,9 +80,20 @@ def test_readme_block_runs(clone, index):
         TOKENIZERS_PARALLELISM="false",
     )
     env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_block_runs(clone, index):
+    block = BLOCKS[index]
+    if block.startswith(LONG):
+        pytest.skip(block.splitlines()[0])
+    if "../shared/data" in block and not (clone / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is not present beside the clone")
     script = "set -euo pipefail\n" + block
     result = subprocess.run(
-        ["bash", "-c", script], cwd=clone / "fulltune", env=env, capture_output=True, text=True, timeout=1800
+        ["bash", "-c", script], cwd=clone / "fulltune", env=_env(clone), capture_output=True, text=True, timeout=1800
     )
     assert result.returncode == 0, (
         f"README block {index} failed:\n{block}\n--- output ---\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -98,3 +107,29 @@ def test_readme_block_runs(clone, index):
         assert (out / "compare" / "comparison.html").is_file()
     if "fulltune prune" in block:
         assert "perplexity" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+def test_readme_python_block_runs(clone, index):
+    """A Python block runs as a notebook cell would (after the shell blocks it follows, whose data it reads), and
+    draws no progress bar."""
+    work = clone / "fulltune"
+    if not (work / "outputs" / "demo" / "data").is_dir():  # run alone: the data set of step 3
+        subprocess.run(
+            ["fulltune", "demo", "--data_only", "--output_dir", "outputs/demo"],
+            cwd=work,
+            env=_env(clone),
+            check=True,
+            capture_output=True,
+        )
+    result = subprocess.run(
+        [sys.executable, "-c", PYTHON_BLOCKS[index]],
+        cwd=work,
+        env=_env(clone),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, f"README Python block {index} failed:\n{result.stderr[-3000:]}"
+    assert "it/s]" not in result.stderr and "s/it]" not in result.stderr
