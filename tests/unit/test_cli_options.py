@@ -107,7 +107,7 @@ def test_hf_trainer_flags_mix_with_fulltune_flags_in_any_order():
             "review",
             "--report_to=none",
             "--gradient_checkpointing",
-            "false",
+            "0",
             "--num_epochs",
             "4",
             "--training.compile",

@@ -73,7 +73,16 @@ def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+BOOLEAN_WORDS = {
+    "true": "true",
+    "yes": "true",
+    "on": "true",
+    "1": "true",
+    "false": "false",
+    "no": "false",
+    "off": "false",
+    "0": "false",
+}
 """What a switch flag (`--bf16`, `--training.compile`) reads as its value; any other next word is not its value."""
 
 
@@ -197,8 +206,11 @@ def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str
             raise _unknown_flag(arg.partition("=")[0], command, set(actions), config)
         if not eq:
             nxt = argv[i] if i < len(argv) else None
-            if config is not None and config.is_switch(key) and (nxt is None or nxt.lower() not in BOOLEAN_WORDS):
-                value = "true"
+            if config is not None and config.is_switch(key):
+                word = BOOLEAN_WORDS.get((nxt or "").lower())  # `--bf16 false`; a bare `--bf16` is true
+                value = word or "true"
+                if word is not None:
+                    i += 1
             elif nxt is None or nxt.startswith("--"):
                 raise ConfigError(f"--{name}: expected a value, e.g. --{name} VALUE or {key}=VALUE")
             else:
