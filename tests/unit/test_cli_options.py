@@ -174,9 +174,12 @@ def test_train_without_data_is_one_line_and_creates_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["train", "--help"], ["compare", "--help"], ["train", "--bad_flag"]])
+@pytest.mark.parametrize(
+    "argv", [["--version"], ["train", "--help"], ["compare", "--help"], ["config"], ["train", "--bad_flag"]]
+)
 def test_parsing_loads_neither_torch_nor_transformers(argv):
-    """`--version`, `--help` and argument errors import no heavy library (a timing would depend on the machine)."""
+    """`--version`, `--help`, `config` and argument errors import no heavy library (a timing would depend on the
+    machine)."""
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "fulltune", *argv], capture_output=True, text=True, env=env
