@@ -187,23 +187,21 @@ def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str
         name, eq, value = arg[2:].partition("=")
         snake = "--" + name.replace("-", "_")
         action = actions.get(snake) or actions.get(arg.partition("=")[0])
-        if action is None and sub is not None:
+        key = None
+        if action is None and takes_overrides:
+            config = config or ConfigFlags()
+            key = config.key(name.replace("-", "_"))
+        if action is None and key is None and sub is not None:
             prefixed = [o for o in actions if o.startswith(snake)]  # argparse's abbreviations (--out for --output_dir)
-            action = actions[prefixed[0]] if len(prefixed) == 1 else None
-            snake = prefixed[0] if action is not None else snake
-        if action is not None:
+            if len(prefixed) != 1:
+                raise _unknown_flag(arg.partition("=")[0], command, set(actions), config)
+            snake, action = prefixed[0], actions[prefixed[0]]
+        if action is not None or key is None:  # the command's own flag (or, before the command, argparse's to judge)
             out.append(snake + eq + value)
-            count = _takes_value(action) if not eq else 0
+            count = _takes_value(action) if action is not None and not eq else 0
             out.extend(argv[i : i + max(count, 0)])
             i += max(count, 0)
             continue
-        config = config or (ConfigFlags() if takes_overrides else None)
-        key = config.key(name.replace("-", "_")) if config is not None else None
-        if key is None:
-            if sub is None:
-                out.append(arg)  # before the command: argparse says what is wrong
-                continue
-            raise _unknown_flag(arg.partition("=")[0], command, set(actions), config)
         if not eq:
             nxt = argv[i] if i < len(argv) else None
             if config is not None and config.is_switch(key):
