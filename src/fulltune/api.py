@@ -50,7 +50,7 @@ def _api_words(message: str) -> str:
 @contextmanager
 def _as_api() -> Iterator[None]:
     """Library progress bars off; fulltune's errors re-worded for Python (same class, same traceback)."""
-    quiet_libraries(datasets_too=True)
+    quiet_libraries()
     try:
         yield
     except FulltuneError as err:

@@ -131,17 +131,13 @@ def run_command(func: Any, args: Any, debug: bool = False) -> int:
         return code
 
 
-def quiet_libraries(datasets_too: bool = False) -> None:
-    """Our own progress bar and log lines say what happens: transformers' per-shard bars (and, for the Python API,
-    whose output lands in a notebook cell, datasets' bars) only add noise."""
+def quiet_libraries() -> None:
+    """Our own progress bar and log lines say what happens; transformers' per-shard bars only add noise (datasets'
+    bars are turned off where fulltune loads datasets, data/hf_datasets.py)."""
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    if datasets_too:
-        import datasets
-
-        datasets.disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
