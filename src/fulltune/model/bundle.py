@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fulltune.config import Config, ConfigError
+from fulltune.config import Config, ConfigError, DataConfig
 from fulltune.data.images import ImageSpec
+from fulltune.data.lm import declare_eos
 from fulltune.speed.plan import Applied
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm")
@@ -89,6 +90,18 @@ def load_tokenizer(cfg: Config, model_path: str | None) -> Any:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
+
+
+def set_end_token(model: nn.Module, tokenizer: Any, data: DataConfig) -> None:
+    """The causal LM's end of record (`declare_eos`) on its tokenizer and in its generation config, with the pad
+    token: `generate` (fulltune's, or plain transformers' on an export) stops where training records end."""
+    declare_eos(tokenizer, data)
+    generation = getattr(model, "generation_config", None)
+    for conf in (model.config, generation):
+        if conf is not None:
+            conf.eos_token_id = tokenizer.eos_token_id
+            conf.pad_token_id = tokenizer.pad_token_id
+            conf.bos_token_id = tokenizer.bos_token_id
 
 
 def image_spec_for(config: Any, path: str | None, size: int | None) -> ImageSpec:
