@@ -275,9 +275,11 @@ def cached_blocks(
     return BlockDataset(x, y)
 
 
-def stream_blocks(records: Iterable[tuple[str, str | None]], tokenizer: Any, seq_len: int) -> Iterator[dict[str, Any]]:
+def stream_blocks(
+    records: Iterable[tuple[str, str | None]], tokenizer: Any, seq_len: int, keep_tail: bool = False
+) -> Iterator[dict[str, Any]]:
     """The blocks `pack` would cut from the token stream of `records`, packed as the records come (a stream's
-    records never all sit in memory); the ragged tail is dropped."""
+    records never all sit in memory); the ragged tail is dropped, or kept padded as `pack` keeps it."""
     held_ids: list[torch.Tensor] = []
     held_labels: list[torch.Tensor] = []
     held = 0
@@ -295,3 +297,6 @@ def stream_blocks(records: Iterable[tuple[str, str | None]], tokenizer: Any, seq
             yield {"input_ids": ids[cut].clone(), "labels": labels[cut].clone()}
         held_ids, held_labels = [ids[n * seq_len :]], [labels[n * seq_len :]]
         held -= n * seq_len
+    if keep_tail and held >= 2:
+        ids, labels = pack(torch.cat(held_ids), torch.cat(held_labels), seq_len, keep_tail=True)
+        yield {"input_ids": ids[0], "labels": labels[0]}
