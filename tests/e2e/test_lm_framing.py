@@ -86,12 +86,12 @@ def test_predict_answers_as_plain_generate_and_stops(tmp_path, capsys):
 
     data = qa_pairs(tmp_path / "qa.jsonl")
     cfg = minilm_llama(
-        tmp_path / "run", data__train_file=str(data), data__max_samples=None, training__num_epochs=12,
-        training__base_learning_rate=1e-2, checkpoint__save_every_epochs=12,
+        tmp_path / "run", data__train_file=str(data), data__max_samples=None, training__num_epochs=6,
+        training__base_learning_rate=1e-2, checkpoint__save_every_epochs=6,
     )  # fmt: skip
     assert infer_task(cfg) == "causal_lm"  # prompt/response JSONL under task: auto
     train(cfg)
-    best = tmp_path / "run" / "checkpoint-epoch-12"
+    best = tmp_path / "run" / "checkpoint-epoch-6"
     sep = json.loads((best / "generation_config.json").read_text())["eos_token_id"]
     model, tok = AutoModelForCausalLM.from_pretrained(best), AutoTokenizer.from_pretrained(best)
     assert sep == tok.sep_token_id == tok.eos_token_id
