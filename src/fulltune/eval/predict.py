@@ -121,11 +121,8 @@ def generate(
     model, tok = bundle.model, bundle.tokenizer
     device = next(model.parameters()).device
     input_ids = frame_prompt(tok, prompt)[None].to(device)  # (1, prompt tokens)
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-    }
+    # The end and pad tokens come from the model's generation config (`set_end_token`), as in a plain `generate`.
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:

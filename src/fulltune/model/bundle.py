@@ -96,12 +96,15 @@ def set_end_token(model: nn.Module, tokenizer: Any, data: DataConfig) -> None:
     """The causal LM's end of record (`declare_eos`) on its tokenizer and in its generation config, with the pad
     token: `generate` (fulltune's, or plain transformers' on an export) stops where training records end."""
     declare_eos(tokenizer, data)
-    generation = getattr(model, "generation_config", None)
-    for conf in (model.config, generation):
-        if conf is not None:
-            conf.eos_token_id = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    for conf in (model.config, getattr(model, "generation_config", None)):
+        if conf is None:
+            continue
+        current = getattr(conf, "eos_token_id", None)
+        if eos not in (current if isinstance(current, list) else [current]):  # a list (chat models) is kept
+            conf.eos_token_id = eos
+        if getattr(conf, "pad_token_id", None) is None:
             conf.pad_token_id = tokenizer.pad_token_id
-            conf.bos_token_id = tokenizer.bos_token_id
 
 
 def image_spec_for(config: Any, path: str | None, size: int | None) -> ImageSpec:
