@@ -215,7 +215,7 @@ def _perplexity(
     stride: int | None,
     evaluated: dict,
 ) -> dict[str, Any]:
-    """Perplexity of a causal LM on a text or JSONL file (or a dataset split, scored as the file of its rows), as
+    """Perplexity of a causal LM on a text or JSONL file (or a dataset split, each row a record), as
     `eval.perplexity` defines it."""
 
     block = block_size or cfg.data.seq_len
