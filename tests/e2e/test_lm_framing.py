@@ -167,3 +167,10 @@ def test_bad_lm_inputs_end_as_one_line(tmp_path, capsys):
     for n in ("0", "-1"):
         line = error_line(capsys, ["predict", "--checkpoint", best, "--prompt", "a", "--max_new_tokens", n])
         assert "--max_new_tokens" in line
+    # prune's calibration blocks and perplexity read the text as training does
+    prune = ["prune", "--base_model", best, "--data_file", str(latin), "--eval_file", str(latin)]
+    prune += ["--importance_samples", "2", "--importance_seq_len", "16"]
+    calibration = error_line(capsys, [*prune, "--output_dir", str(tmp_path / "p1"), "data.seq_len=32"])
+    assert "latin.txt" in calibration  # taylor importance reads calibration blocks (no perplexity asked)
+    argv = [*prune, "--test_after_prune", "--output_dir", str(tmp_path / "p2"), "data.seq_len=32"]
+    assert cli.main([*argv, "data.encoding=latin-1"]) == 0
