@@ -19,7 +19,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fulltune import cli
 from fulltune.config import DataConfig, load_config
 from fulltune.data import lm
-from fulltune.data.lm import tokenize_text_file
 from fulltune.data.text import DataError
 from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.eval.losses import count_tokens, lm_loss
@@ -246,7 +245,8 @@ def test_evaluate_and_predict_on_the_exported_checkpoint(tmp_path, corpus, capsy
     best = tmp_path / "run" / "best"
     metrics = evaluate_checkpoint(best, file=str(corpus[1]), output_dir=tmp_path / "eval")
     bundle = load_exported(best)
-    direct = perplexity(bundle.model, tokenize_text_file(corpus[1], bundle.tokenizer), block_size=32)
+    ids, labels = lm.file_tokens(corpus[1], DataConfig(), bundle.tokenizer)
+    direct = perplexity(bundle.model, ids, block_size=32, labels=labels)
     assert metrics["tokens"] == direct["tokens"] > 0
     assert metrics["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-5)
     # the same through the command line, and generation from a prompt

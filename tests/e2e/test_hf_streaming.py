@@ -212,13 +212,15 @@ def test_evaluate_and_predict_from_a_dataset_split_match_the_local_file(tmp_path
 
 def test_evaluate_a_causal_lm_on_a_dataset_split_scores_the_file_of_its_rows(tmp_path, shared_data):
     lines = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8").splitlines()[:40]
-    (tmp_path / "val.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    # each row is one record, framed as a JSONL `text` record is (an end token after each)
+    rows = "".join(json.dumps({"text": line}) + "\n" for line in lines)
+    (tmp_path / "val.jsonl").write_text(rows, encoding="utf-8")
     hub = tmp_path / "wiki_hub"
     parts = {"train": lines[:30], "validation": lines}
     datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in parts.items()}).save_to_disk(str(hub))
     train(_lm_cfg(tmp_path / "run", data__dataset_name=str(hub), training__max_steps=2))
     ckpt = tmp_path / "run" / "checkpoint-step-2"
-    from_file = evaluate_checkpoint_lm(ckpt, tmp_path, file=str(tmp_path / "val.txt"))
+    from_file = evaluate_checkpoint_lm(ckpt, tmp_path, file=str(tmp_path / "val.jsonl"))
     from_hub = evaluate_checkpoint_lm(ckpt, tmp_path, dataset_name=str(hub), split="validation")
     assert from_hub["dataset"] == f"{hub}[validation]"
     assert from_file["tokens"] == from_hub["tokens"] > 300

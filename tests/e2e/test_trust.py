@@ -143,6 +143,7 @@ def test_lm_cache_is_never_unpickled(tmp_path):
     text = tmp_path / "train.txt"
     text.write_text("one two three four five six seven eight nine ten\n" * 20)
     tok = load_tokenizer(load_config(None, base_overrides(tmp_path, TINY_LLAMA)), None)
+    lm.declare_eos(tok, DataConfig())  # MiniLM's [SEP] ends each record
     cfg = DataConfig(seq_len=16)
     first = lm.load_blocks(text, cfg, tok, tmp_path / "cache")
     (cache,) = (tmp_path / "cache").glob("lm-*.safetensors")
@@ -163,6 +164,7 @@ def test_a_cache_file_a_killed_process_was_writing_is_removed(tmp_path):
     text = tmp_path / "train.txt"
     text.write_text("one two three four five six seven eight nine ten\n" * 20)
     tok = load_tokenizer(load_config(None, base_overrides(tmp_path, TINY_LLAMA)), None)
+    lm.declare_eos(tok, DataConfig())  # MiniLM's [SEP] ends each record
     cache = tmp_path / "cache"
     cache.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

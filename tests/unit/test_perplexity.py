@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from fulltune.data.lm import tokenize_text_file
+from fulltune.config import DataConfig  # noqa: E402
+from fulltune.data import lm  # noqa: E402
 from fulltune.eval.perplexity import iter_windows, perplexity  # noqa: E402
 
 N_TOKENS = 203  # not a multiple of the block size below
@@ -134,12 +135,12 @@ def _tiny_tokenizer(corpus: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"], show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False)
     tok.train_from_iterator([corpus], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def test_tokenize_text_file_chunks_match_whole(tmp_path):
+def test_file_tokens_chunks_match_whole(tmp_path, monkeypatch):
     lines = []
     for i in range(200):
         lines.append(f"line {i} of the tiny corpus, with words and   spaces\n")
@@ -153,8 +154,9 @@ def test_tokenize_text_file_chunks_match_whole(tmp_path):
     tok = _tiny_tokenizer(text)
 
     whole = tok(text.replace("\r\n", "\n"), add_special_tokens=False)["input_ids"]
-    ids = tokenize_text_file(path, tok, add_bos=True, chunk_chars=300)  # many chunks
+    monkeypatch.setattr(lm, "_CHUNK_CHARS", 300)  # many chunks
+    ids, labels = lm.file_tokens(path, DataConfig(), tok)
     assert ids.dtype == torch.long and ids.dim() == 1
-    assert ids[0].item() == tok.bos_token_id
-    assert ids[1:].tolist() == whole
-    assert tokenize_text_file(path, tok, add_bos=False).tolist() == whole
+    assert ids[0].item() == tok.bos_token_id and ids[-1].item() == tok.eos_token_id
+    assert ids[1:-1].tolist() == whole
+    assert labels[0].item() == lm.IGNORE and labels[1:].tolist() == ids[1:].tolist()

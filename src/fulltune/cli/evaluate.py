@@ -15,7 +15,9 @@ def register(subparsers: Any) -> None:
         default="test",
         help="split to evaluate: dev, val, validation, test or train (from a dataset: also any split it has)",
     )
-    p.add_argument("--file", help="a table (classifiers) or text file (perplexity) instead of data_dir/split")
+    p.add_argument(
+        "--file", help="a table (classifiers) or a text or JSONL file (perplexity) instead of data_dir/split"
+    )
     p.add_argument(
         "--dataset_name",
         help="a `datasets` hub id or save_to_disk folder, read with the run's columns (default without --data_dir "
@@ -25,8 +27,20 @@ def register(subparsers: Any) -> None:
         "--output_dir", help="where the results go (default: <run>/eval/<checkpoint name>-<split or file stem>)"
     )
     p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass")
-    p.add_argument("--block_size", type=int, help="perplexity: tokens per window (default: the run's seq_len)")
-    p.add_argument("--stride", type=int, help="perplexity: sliding-window stride (default: non-overlapping blocks)")
+    p.add_argument(
+        "--block_size",
+        type=int,
+        help="perplexity: tokens per window, >= 2 (default: the run's data.seq_len). Perplexity is exp(mean NLL) over "
+        "the file framed as training frames it ([BOS] text EOS per record; a JSONL prompt is context only): each "
+        "counted token is predicted from the tokens before it in its window, the first token of a block is not "
+        "counted; the training run's validation and `prune` compute the same number",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        help="perplexity: sliding windows that start every STRIDE tokens (1 to block size), each token counted once "
+        "(default: non-overlapping blocks)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run)
 

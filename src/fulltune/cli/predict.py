@@ -16,14 +16,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--image", help="an image file or a folder of images")
     p.add_argument("--text", help="one text to classify")
     p.add_argument("--file", help="a file with one text (or prompt) per line")
-    p.add_argument("--prompt", help="causal LM: the prompt to continue")
+    p.add_argument("--prompt", help="causal LM: the prompt to continue, framed as training framed its records")
     p.add_argument(
         "--dataset_name",
         help="a `datasets` hub id or save_to_disk folder: predict every row of --split (its text or image column)",
     )
     p.add_argument("--split", default="test", help="with --dataset_name: the split (train, val, test or its own name)")
     p.add_argument("--top_k", type=int, default=5, help="labels per input")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="causal LM: tokens to generate")
+    p.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=64,
+        help="causal LM: at most this many tokens (>= 1); stops at the end token",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="causal LM: 0 is greedy decoding")
     p.add_argument("--top_p", type=float, default=1.0, help="causal LM: nucleus sampling mass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

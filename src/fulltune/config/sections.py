@@ -41,8 +41,10 @@ class DataConfig:
     """Causal LM JSONL: optional prompt field (no loss on it)."""
     response_column: str = "response"
     """Causal LM JSONL: optional response field (the loss is on it only)."""
+    eos_token: str = "auto"
+    """Causal LM: the token that ends each record, so a model learns to stop (auto: the tokenizer's EOS, else SEP)."""
     encoding: str = "utf-8"
-    """Text encoding of the data tables (a UTF-8 byte-order mark is dropped); e.g. latin-1 or cp1252."""
+    """Text encoding of the data tables and LM text files (a UTF-8 byte-order mark is dropped); e.g. latin-1."""
     batch_size: int = 16
     """Micro-batch size per device (per optimizer step: batch_size x gradient_accumulation_steps x world size)."""
     eval_batch_size: int | None = None

@@ -382,7 +382,8 @@ def build_lm_data(cfg: Config, bundle: Any, hub: HubSplits) -> Any:
         key = f"{hub.name}:{hub.split_names[which]}:{fingerprint}".encode() if fingerprint else None
         try:
             records = lambda: lm_records(lm_rows(ds, cfg), cfg, where)  # noqa: E731
-            return lm.cached_blocks(key, records, d, bundle.tokenizer, cache, cap, cfg.training.seed)
+            tail = which != "train"  # val/test: scored as `fulltune evaluate` scores the split
+            return lm.cached_blocks(key, records, d, bundle.tokenizer, cache, cap, cfg.training.seed, tail)
         except DataError as err:  # (pack's "fewer than one block" names no source)
             message = str(err)
             raise DataError(message if message.startswith(where) else f"{where}: {message}") from None

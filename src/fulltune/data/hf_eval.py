@@ -17,7 +17,7 @@ import torch
 from fulltune.config import Config
 from fulltune.data import hf_datasets as hf
 from fulltune.data import text as txt
-from fulltune.data.lm import tokenize_lines
+from fulltune.data.lm import tokenize_records
 from fulltune.errors import DataError
 
 
@@ -81,12 +81,10 @@ def image_dataset(cfg: Config, split: HubSplit, labels: list[str], spec: Any) ->
     return dataset, [f"{split.shown} row {r + 1}" for r in rows]
 
 
-def lm_token_ids(cfg: Config, split: HubSplit, tokenizer: Any) -> torch.Tensor:
-    """The split's token ids as `tokenize_text_file` gives for a file of its rows (one row per line)."""
+def lm_token_ids(cfg: Config, split: HubSplit, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's token stream and labels, framed as training frames its rows (one record per row)."""
 
-    d = cfg.data
-    hf._check_columns(split.ds, [(d.text_column, "data.text_column")], split.hub.name, split.hub.split_names["train"])
-    return tokenize_lines((f"{t or ''}\n" for t in hf.column_values(split.ds, d.text_column)), tokenizer)
+    return tokenize_records(list(hf.lm_records(hf.lm_rows(split.ds, cfg), cfg, split.shown)), tokenizer)
 
 
 def predict_inputs(cfg: Config, split: HubSplit, task: str) -> tuple[list[Any], list[str]]:

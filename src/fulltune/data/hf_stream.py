@@ -326,7 +326,7 @@ def build_lm_data(cfg: Config, bundle: Any, hub: hf.HubSplits) -> Any:
     def blocks(which: str) -> Callable:
         where = f"data.dataset_name '{hub.name}' split '{hub.split_names[which]}'"
         return lambda rows, n_pass, start: lm.stream_blocks(
-            hf.lm_records(rows, cfg, where), bundle.tokenizer, d.seq_len
+            hf.lm_records(rows, cfg, where), bundle.tokenizer, d.seq_len, keep_tail=which != "train"
         )
 
     def stream(which: str, limit: int | None) -> StreamEval | None:

@@ -1,6 +1,8 @@
 """Causal LM data: plain text or JSONL (`text`, or `prompt`/`response` with the loss on the response only),
 tokenised once and cached on disk, packed into fixed `seq_len` blocks.
 
+The framing of a record is one thing everywhere (training, perplexity, `predict --prompt`): [BOS] prompt-or-text
+(no other special tokens) [response] EOS, the EOS being the tokenizer's or the token data.eos_token declares.
 Labels sit under their own token (labels[i] is token i or IGNORE); the loss shifts them, so the first label of a
 block is never a target.
 """
@@ -18,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from fulltune.config import DataConfig
-from fulltune.data.text import jsonl_objects
-from fulltune.errors import DataError
+from fulltune.data.text import jsonl_objects, read_text_file
+from fulltune.errors import ConfigError, DataError
 from fulltune.files.rundir import recover_run_dir
 from fulltune.files.safestate import StateFileError, load_tensors
 
@@ -29,8 +31,9 @@ _CHUNK_CHARS = 200_000
 
 def read_records(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
     """(text, None) for a plain text file and for `text` records; (prompt, response) for prompt/response records."""
+    text = read_text_file(path, cfg.encoding)  # a byte that is not data.encoding is one error naming the file
     if path.suffix.lower() not in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines
         if not text.strip():
             raise DataError(f"'{path}' is empty")
         return [(text, None)]
@@ -42,7 +45,7 @@ def read_records(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
             raise DataError(f"'{path}' line {lineno}: '{key}' is {json.dumps(value)[:40]}, expected a string")
         return value
 
-    for lineno, row in jsonl_objects(path, path.read_text(encoding="utf-8")):
+    for lineno, row in jsonl_objects(path, text):
         if cfg.response_column in row:
             out.append((field(row, cfg.prompt_column, lineno, ""), field(row, cfg.response_column, lineno)))
         elif cfg.text_column in row:
@@ -55,6 +58,20 @@ def read_records(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
     if not out:
         raise DataError(f"'{path}' is empty")
     return out
+
+
+def is_lm_jsonl(path: Path, cfg: DataConfig) -> bool:
+    """Whether `path` is JSONL whose first record is a prompt/response pair with no label (a causal LM's data, not
+    a classifier's table): what `task: auto` reads."""
+    if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
+        return False
+    try:
+        with open(path, encoding=cfg.encoding, errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+        row = json.loads(first)
+    except (OSError, ValueError):
+        return False  # the reader that runs next says what is wrong with the file
+    return isinstance(row, dict) and cfg.response_column in row and cfg.label_column not in row
 
 
 def line_chunks(lines: Iterable[str], chunk_chars: int) -> Iterator[str]:
@@ -83,46 +100,91 @@ def _encode(tokenizer: Any, text: str) -> Iterator[list[int]]:
         yield tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def framing_tokens(tokenizer: Any) -> tuple[int | None, int | None]:
-    """(bos, eos) put around each record: EOS if the tokenizer has one; BOS only if it differs from EOS (GPT-2
-    uses one token for both, and doubling it would teach the model a pattern it never sees at inference)."""
+def declare_eos(tokenizer: Any, cfg: DataConfig) -> None:
+    """Make `tokenizer.eos_token` the token that ends each record (data.eos_token; auto: the tokenizer's own EOS,
+    else its separator token, e.g. BERT's [SEP]). Set on the tokenizer, so an export saves it and plain
+    `generate` stops there. A tokenizer with neither, and no data.eos_token, is refused."""
+    name = cfg.eos_token
+    if name == "auto":
+        if tokenizer.eos_token is not None:
+            return
+        name = tokenizer.sep_token
+        if name is None:
+            raise ConfigError(
+                f"config key 'data.eos_token': the tokenizer '{getattr(tokenizer, 'name_or_path', '')}' has no "
+                "end-of-sequence or separator token; name one of its tokens that ends each record (a causal LM "
+                "learns to stop there)"
+            )
+    elif tokenizer.convert_tokens_to_ids(name) in (None, tokenizer.unk_token_id) and name != tokenizer.unk_token:
+        raise ConfigError(f"config key 'data.eos_token': {name!r} is not a token of the tokenizer's vocabulary")
+    tokenizer.eos_token = name
+
+
+def framing_tokens(tokenizer: Any) -> tuple[int | None, int]:
+    """(bos, eos) put around each record: EOS always (a model learns to stop); BOS only if the tokenizer has one
+    that differs from EOS (GPT-2 uses one token for both, and doubling it would teach the model a pattern it never
+    sees at inference)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError(
+            "config key 'data.eos_token': the tokenizer has no end-of-sequence token; name one of its tokens "
+            "that ends each record"
+        )
     return (bos if bos is not None and bos != eos else None), eos
 
 
+def frame_prompt(tokenizer: Any, text: str) -> torch.Tensor:
+    """The 1-D ids a record's prompt (or whole text) gets in training, perplexity and `predict --prompt` alike:
+    [BOS] then the text's tokens, with no other special tokens ([CLS]/[SEP] are never added)."""
+    bos, _ = framing_tokens(tokenizer)
+    pieces = [torch.tensor([bos], dtype=torch.long)] if bos is not None else []
+    pieces += [torch.tensor(toks, dtype=torch.long) for toks in _encode(tokenizer, text)]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
 def tokenize_records(records: list[tuple[str, str | None]], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """One 1-D token stream and its labels: each record is [BOS] text [EOS]; BOS and prompt tokens get IGNORE."""
+    """One 1-D token stream and its labels: each record is `frame_prompt` (then its response) then EOS; BOS and
+    prompt tokens get IGNORE."""
     bos, eos = framing_tokens(tokenizer)
     ids: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-
-    def add(toks: list[int], target: bool) -> None:
-        t = torch.tensor(toks, dtype=torch.long)
-        ids.append(t)
-        labels.append(t if target else torch.full_like(t, IGNORE))
-
     for first, response in records:
+        head = frame_prompt(tokenizer, first)
+        ids.append(head)
+        head_labels = torch.full_like(head, IGNORE) if response is not None else head.clone()
         if bos is not None:
-            add([bos], False)
+            head_labels[0] = IGNORE
+        labels.append(head_labels)
         if response is not None:
             # Prompt and response are encoded apart so the boundary (where the loss starts) is exact.
-            for toks in _encode(tokenizer, first):
-                add(toks, False)
             for toks in _encode(tokenizer, response):
-                add(toks, True)
-        else:
-            for toks in _encode(tokenizer, first):
-                add(toks, True)
-        if eos is not None:
-            add([eos], True)
+                ids.append(torch.tensor(toks, dtype=torch.long))
+                labels.append(ids[-1])
+        ids.append(torch.tensor([eos], dtype=torch.long))
+        labels.append(ids[-1])
     if not ids:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     return torch.cat(ids), torch.cat(labels)
 
 
-def pack(ids: torch.Tensor, labels: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut the stream into (num_blocks, seq_len) blocks; the ragged tail is dropped."""
-    n = ids.numel() // seq_len
+def file_tokens(path: Path, cfg: DataConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token stream of a text or JSONL file and its labels, framed as training frames it (what perplexity
+    scores)."""
+    return tokenize_records(read_records(Path(path), cfg), tokenizer)
+
+
+def pack(
+    ids: torch.Tensor, labels: torch.Tensor, seq_len: int, keep_tail: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the stream into (num_blocks, seq_len) blocks. The ragged tail is dropped, or with `keep_tail` (the
+    blocks validation scores) kept as a last block padded on the right with IGNORE labels: a causal model's
+    logits at a position do not see later ones, so the padding changes nothing that is scored."""
+    n, tail = divmod(ids.numel(), seq_len)
+    if keep_tail and tail >= 2:  # a 1-token tail predicts nothing
+        pad = seq_len - tail
+        ids = torch.cat([ids, ids.new_zeros(pad)])
+        labels = torch.cat([labels, labels.new_full((pad,), IGNORE)])
+        n += 1
     if n == 0:
         raise DataError(f"the text has {ids.numel()} tokens, fewer than one block of data.seq_len={seq_len}")
     return ids[: n * seq_len].view(n, seq_len), labels[: n * seq_len].view(n, seq_len)
@@ -158,13 +220,20 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def load_blocks(
-    path: Path, cfg: DataConfig, tokenizer: Any, cache_dir: Path | None, max_blocks: int | None = None, seed: int = 0
+    path: Path,
+    cfg: DataConfig,
+    tokenizer: Any,
+    cache_dir: Path | None,
+    max_blocks: int | None = None,
+    seed: int = 0,
+    keep_tail: bool = False,
 ) -> BlockDataset:
     """Tokenise and pack `path`, reusing a cache keyed by the file's bytes, the tokenizer, seq_len, the cap and the
     JSON field names. `max_blocks` keeps that many blocks drawn (by `seed`) from the whole file, in file order: the
-    first N blocks would all come from the file's beginning (one chapter, one play, one topic)."""
+    first N blocks would all come from the file's beginning (one chapter, one play, one topic). `keep_tail`: see
+    `pack`."""
     return cached_blocks(
-        path.read_bytes(), lambda: read_records(path, cfg), cfg, tokenizer, cache_dir, max_blocks, seed
+        path.read_bytes(), lambda: read_records(path, cfg), cfg, tokenizer, cache_dir, max_blocks, seed, keep_tail
     )
 
 
@@ -176,6 +245,7 @@ def cached_blocks(
     cache_dir: Path | None,
     max_blocks: int | None = None,
     seed: int = 0,
+    keep_tail: bool = False,
 ) -> BlockDataset:
     """Pack the token stream of `records()` into blocks, cached under `source_key` (the source's bytes or
     fingerprint; None: no cache) with everything else that shapes the blocks."""
@@ -183,7 +253,7 @@ def cached_blocks(
     key.update(source_key or b"")
     key.update(f"{_tokenizer_fingerprint(tokenizer)}:{framing_tokens(tokenizer)}:{cfg.seq_len}".encode())
     key.update(f"{max_blocks}:{seed if max_blocks is not None else ''}".encode())
-    key.update(f"{cfg.text_column}:{cfg.prompt_column}:{cfg.response_column}".encode())
+    key.update(f"{cfg.text_column}:{cfg.prompt_column}:{cfg.response_column}:{cfg.encoding}:{keep_tail}".encode())
     # safetensors, never a pickle: a cache folder can be shared or planted, and loading it must not run code
     cache = cache_dir / f"lm-{key.hexdigest()[:16]}.safetensors" if cache_dir and source_key is not None else None
     if cache is not None and cache.is_file():
@@ -192,7 +262,7 @@ def cached_blocks(
             return BlockDataset(blob["input_ids"], blob["labels"])
         except (StateFileError, KeyError):
             pass  # a damaged cache is rebuilt below
-    x, y = pack(*tokenize_records(list(records()), tokenizer), cfg.seq_len)
+    x, y = pack(*tokenize_records(list(records()), tokenizer), cfg.seq_len, keep_tail)
     if max_blocks is not None and max_blocks < len(x):
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_blocks].sort().values
         x, y = x[keep], y[keep]  # (max_blocks, seq_len); indexing copies, so the cache holds only these
@@ -205,9 +275,11 @@ def cached_blocks(
     return BlockDataset(x, y)
 
 
-def stream_blocks(records: Iterable[tuple[str, str | None]], tokenizer: Any, seq_len: int) -> Iterator[dict[str, Any]]:
+def stream_blocks(
+    records: Iterable[tuple[str, str | None]], tokenizer: Any, seq_len: int, keep_tail: bool = False
+) -> Iterator[dict[str, Any]]:
     """The blocks `pack` would cut from the token stream of `records`, packed as the records come (a stream's
-    records never all sit in memory); the ragged tail is dropped."""
+    records never all sit in memory); the ragged tail is dropped, or kept padded as `pack` keeps it."""
     held_ids: list[torch.Tensor] = []
     held_labels: list[torch.Tensor] = []
     held = 0
@@ -225,37 +297,6 @@ def stream_blocks(records: Iterable[tuple[str, str | None]], tokenizer: Any, seq
             yield {"input_ids": ids[cut].clone(), "labels": labels[cut].clone()}
         held_ids, held_labels = [ids[n * seq_len :]], [labels[n * seq_len :]]
         held -= n * seq_len
-
-
-def tokenize_text_file(
-    path: str | Path, tokenizer: Any, add_bos: bool = True, chunk_chars: int = 1_000_000
-) -> torch.LongTensor:
-    """Tokenise a whole UTF-8 text file into one 1-D LongTensor of ids.
-
-    The file is read and tokenised in chunks of whole lines (about ``chunk_chars`` characters each) so memory stays
-    bounded by the chunk plus the int64 ids. Line breaks are kept as ``"\\n"`` characters in the text the tokenizer
-    sees (``"\\r\\n"`` is normalised to ``"\\n"``), nothing is stripped or joined, so the ids match tokenising the
-    whole file at once for byte-level BPE tokenizers (GPT-2, Llama 3, Qwen). Tokenizers that prepend a dummy prefix
-    space to every call (SentencePiece Llama 2) see one extra space at each chunk boundary. Only the tokenizer's
-    BOS (if ``add_bos`` and it has one) is added, once, at the very start; no EOS is appended.
-    """
-    # newline=None: universal newlines, "\r\n" and "\r" arrive as "\n" (as in training's read_text)
-    with open(path, encoding="utf-8", newline=None) as f:
-        return tokenize_lines(f, tokenizer, add_bos, chunk_chars)
-
-
-def tokenize_lines(
-    lines: Iterable[str], tokenizer: Any, add_bos: bool = True, chunk_chars: int = 1_000_000
-) -> torch.LongTensor:
-    """What `tokenize_text_file` gives for a file holding `lines` (each with its line end), from any iterable of
-    lines (a dataset split's rows, say)."""
-    pieces: list[torch.Tensor] = []
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if add_bos and bos is not None:
-        pieces.append(torch.tensor([bos], dtype=torch.long))
-    for text in line_chunks(lines, chunk_chars):
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no max-length warning
-        pieces.append(torch.tensor(ids, dtype=torch.long))
-    if not pieces:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat(pieces)
+    if keep_tail and held >= 2:
+        ids, labels = pack(torch.cat(held_ids), torch.cat(held_labels), seq_len, keep_tail=True)
+        yield {"input_ids": ids[0], "labels": labels[0]}

@@ -198,7 +198,9 @@ def read_examples(path: Path, cfg: DataConfig, need_labels: bool = True) -> Text
     for col in [cfg.text_column] + ([cfg.label_column] if need_labels else []):
         if col not in columns:
             key = "data.text_column" if col == cfg.text_column else "data.label_column"
-            raise DataError(f"'{path}': no column '{col}' ({key}); the file has columns: {', '.join(columns)}")
+            lm_hint = "; prompt/response records train a causal LM: --task causal_lm"
+            lm_hint = lm_hint if cfg.response_column in columns else ""
+            raise DataError(f"'{path}': no column '{col}' ({key}); the file has columns: {', '.join(columns)}{lm_hint}")
     texts, labels, lines = [], [], []
     kinds: dict[str, int] = {}  # JSON label kind -> first line holding it: booleans and numbers must not mix
     # Row numbers are 1-based data rows; the line is where the row starts in the file.

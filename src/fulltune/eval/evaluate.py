@@ -17,11 +17,10 @@ from fulltune.config import ConfigError, config_from_dict
 from fulltune.data import hf_eval
 from fulltune.data import images as img
 from fulltune.data import text as txt
-from fulltune.data.lm import tokenize_text_file
 from fulltune.data.text import SPLIT_NAMES
 from fulltune.errors import DataError
 from fulltune.eval.metrics import classification_metrics
-from fulltune.eval.perplexity import perplexity
+from fulltune.eval.perplexity import check_windows, file_perplexity, perplexity
 from fulltune.files.rundir import atomic_output, claim_output
 from fulltune.model.exported import load_exported
 from fulltune.report.html import plot_confusion_png
@@ -165,9 +164,12 @@ def evaluate_checkpoint(
 
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
+    check_windows(block_size, stride)  # before loading anything; against the run's seq_len below
     dev = resolve_device(device)
     bundle = load_exported(checkpoint, dev)
     cfg = config_from_dict(bundle.extra["fulltune_config"])
+    if bundle.task == "causal_lm":
+        check_windows(block_size or cfg.data.seq_len, stride)
     hub = None
     if dataset_name or (cfg.data.dataset_name and not data_dir and not file):
         hub = hf_eval.open_split(cfg, split, dataset_name)
@@ -213,25 +215,26 @@ def _perplexity(
     stride: int | None,
     evaluated: dict,
 ) -> dict[str, Any]:
-    """Perplexity of a causal LM on a text file (or a dataset split, scored as the file of its rows)."""
+    """Perplexity of a causal LM on a text or JSONL file (or a dataset split, each row a record), as
+    `eval.perplexity` defines it."""
 
+    block = block_size or cfg.data.seq_len
+    kwargs = dict(stride=stride, batch_size=max(1, batch_size // 4), device=dev, autocast_ctx=precision.autocast)
     if hub is not None:
-        ids, source = hf_eval.lm_token_ids(cfg, hub, bundle.tokenizer), {"dataset": hub.shown}
+        ids, labels = hf_eval.lm_token_ids(cfg, hub, bundle.tokenizer)
+        try:
+            metrics = perplexity(bundle.model, ids, block, labels=labels, **kwargs)
+        except ValueError:
+            raise DataError(f"{hub.shown}: {ids.numel()} token(s), too few to measure perplexity") from None
+        source = {"dataset": hub.shown}
     else:
-        found = [Path(data_dir) / f"{stem}.txt" for stem in txt.SPLIT_NAMES[split]] if data_dir else []
+        stems = txt.SPLIT_NAMES[split] if data_dir else ()
+        found = [Path(data_dir) / f"{stem}{ext}" for stem in stems for ext in (".txt", ".jsonl")]
         path = file or next((str(f) for f in found if f.is_file()), str(found[0]) if found else None)
         if path is None or not Path(path).is_file():
-            raise DataError(f"perplexity needs a text file: --file PATH (got {path})")
-        ids, source = tokenize_text_file(path, bundle.tokenizer), {"file": str(path)}
-    metrics = perplexity(
-        bundle.model,
-        ids,
-        block_size=block_size or cfg.data.seq_len,
-        stride=stride,
-        batch_size=max(1, batch_size // 4),
-        device=dev,
-        autocast_ctx=precision.autocast,
-    )
+            raise DataError(f"perplexity needs a text or JSONL file: --file PATH (got {path})")
+        metrics = file_perplexity(bundle.model, bundle.tokenizer, path, cfg.data, block, **kwargs)
+        source = {"file": str(path)}
     metrics.update(source)
     metrics["evaluated"] = evaluated
     with atomic_output(out, "evaluate") as tmp:

@@ -1,5 +1,5 @@
 """Metrics over a data loader, streamed (memory does not grow with the data set): top-1/top-5, per-class
-accuracy, macro-F1 and the confusion matrix for classifiers; token-level loss and perplexity for causal LMs.
+accuracy, macro-F1 and the confusion matrix for classifiers (perplexity for causal LMs: `eval.perplexity`).
 The trainer's validation and the `evaluate` command both compute them here.
 """
 
@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fulltune.eval.losses import lm_loss
 from fulltune.runtime.device import Precision, to_device
 
 
@@ -95,23 +94,6 @@ def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: fl
         }
     )
     return metrics
-
-
-@torch.no_grad()
-def lm_metrics(model: nn.Module, loader: Any, device: torch.device, precision: Precision) -> dict[str, Any]:
-    """Mean next-token NLL over all labelled tokens of the packed blocks, and its exp (perplexity)."""
-
-    model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = 0
-    for batch in loader:
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
-        batch = to_device(batch, device)
-        with precision.autocast():
-            loss, _ = lm_loss(model, batch, 0.0)
-        nll += loss.double()
-    mean = float(nll) / max(tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens}
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

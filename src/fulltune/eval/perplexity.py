@@ -1,7 +1,13 @@
-"""Perplexity of a causal LM over a whole tokenised text file.
+"""Perplexity of a causal LM: the one definition the training run's validation, `fulltune evaluate` and
+`fulltune prune` all use.
 
-Owns file tokenisation (bounded memory), the block / sliding-window iteration over the token stream and the
-float64 NLL accumulation; it keeps no full-file logits, so memory depends on the window, not the file.
+- Tokens: the file's records framed as training frames them (`data.lm.file_tokens`: [BOS] text EOS per record;
+  a JSONL record's prompt is context only). The counted tokens are those training puts a loss on.
+- Windows: non-overlapping blocks of `block_size` tokens (default data.seq_len; the last block may be shorter),
+  or with `stride` < block_size Hugging Face's sliding windows. A counted token is predicted from the tokens before
+  it in its window; the first token of the stream (and of each block) has no context and is not counted.
+- perplexity = exp(summed NLL / counted tokens), NLL from float32 logits, summed in float64.
+It keeps no full-file logits, so memory depends on the window, not the file.
 """
 
 from __future__ import annotations
@@ -10,10 +16,16 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from fulltune.config import DataConfig
+from fulltune.data.lm import IGNORE, file_tokens
+from fulltune.errors import ConfigError, DataError
+from fulltune.runtime.device import to_device
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,40 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def window_nll(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed NLL in float64, counted tokens) of one batch of windows: position j-1 predicts token j, for every
+    j whose label is not IGNORE. input_ids and labels are (B, T)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+    targets = labels[:, 1:]  # (B, T-1)
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum")
+    return nll.double(), int((targets != IGNORE).sum())
+
+
+def _autocast(
+    autocast_ctx: contextlib.AbstractContextManager | Callable[[], contextlib.AbstractContextManager] | None,
+) -> contextlib.AbstractContextManager:
+    if autocast_ctx is None:
+        return contextlib.nullcontext()
+    if callable(autocast_ctx) and not hasattr(autocast_ctx, "__enter__"):
+        return autocast_ctx()
+    return autocast_ctx
+
+
+def _result(nll_sum: float, n_tokens: int, block_size: int, stride: int) -> dict[str, Any]:
+    if n_tokens == 0:
+        raise ValueError("token stream too short: no token could be predicted")
+    mean_nll = nll_sum / n_tokens
+    return {
+        "perplexity": math.exp(min(mean_nll, 700.0)),
+        "loss": mean_nll,
+        "nll": mean_nll,
+        "tokens": n_tokens,
+        "method": "blocks" if stride == block_size else "sliding_window",
+        "block_size": block_size,
+        "stride": stride,
+    }
+
+
 @torch.inference_mode()
 def perplexity(
     model: torch.nn.Module,
@@ -95,14 +141,15 @@ def perplexity(
     batch_size: int = 1,
     device: torch.device | str | None = None,
     autocast_ctx: contextlib.AbstractContextManager | Callable[[], contextlib.AbstractContextManager] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of ``model`` on the 1-D token stream ``token_ids`` (e.g. a whole test file).
+    """Perplexity of ``model`` on the 1-D token stream ``token_ids`` (e.g. a whole test file); ``labels`` (1-D, IGNORE
+    where a token is not counted; default: every token counts) as `data.lm.tokenize_records` gives them.
 
-    The per-token NLL is computed here with ``F.cross_entropy`` on float32 logits (not the model's mean loss) and
-    summed in float64 over the file. ``autocast_ctx`` is a context manager (or a zero-argument factory of one,
-    e.g. ``lambda: torch.autocast("cuda", dtype=torch.bfloat16)``) entered once around the whole evaluation.
+    ``autocast_ctx`` is a context manager (or a zero-argument factory of one, e.g.
+    ``lambda: torch.autocast("cuda", dtype=torch.bfloat16)``) entered once around the whole evaluation.
 
-    Returns ``{"perplexity", "nll" (mean NLL per predicted token, nats), "tokens" (predicted tokens),
+    Returns ``{"perplexity", "loss" and "nll" (mean NLL per counted token, nats), "tokens" (counted tokens),
     "method" ("blocks" | "sliding_window"), "block_size", "stride"}``.
     """
     if token_ids.dim() != 1:
@@ -110,49 +157,87 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stride_eff = block_size if stride is None else stride
-    method = "blocks" if stride_eff == block_size else "sliding_window"
     device = torch.device(device) if device is not None else _model_device(model)
     token_ids = token_ids.long()
-
-    if autocast_ctx is None:
-        ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
-    elif callable(autocast_ctx) and not hasattr(autocast_ctx, "__enter__"):
-        ctx = autocast_ctx()
-    else:
-        ctx = autocast_ctx
+    labels = token_ids if labels is None else labels.long()
 
     was_training = model.training
     model.eval()
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = 0
     try:
-        with ctx:
+        with _autocast(autocast_ctx):
             windows = iter_windows(token_ids.numel(), block_size, stride_eff)
             for batch in iter_window_batches(windows, batch_size):
                 input_ids = torch.stack([token_ids[w.start : w.end] for w in batch]).to(device)  # (B, T)
-                logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
-                # position j-1 predicts token j: (B, T-1, V) against (B, T-1)
-                nll = F.cross_entropy(
-                    logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
-                )  # (B, T-1)
-                # target j (window position) sits at column j-1: score columns >= score_from - 1
-                cols = torch.arange(nll.shape[1], device=device)
-                first = torch.tensor([w.score_from - 1 for w in batch], device=device)
-                keep = cols[None, :] >= first[:, None]
-                nll_sum += nll.masked_select(keep).double().sum()
-                n_tokens += sum(w.n_scored for w in batch)
-                del logits, nll
+                targets = torch.stack([labels[w.start : w.end] for w in batch]).to(device)  # (B, T)
+                # tokens before score_from were counted by an earlier window: context only here
+                cols = torch.arange(targets.shape[1], device=device)
+                first = torch.tensor([w.score_from for w in batch], device=device)
+                targets = targets.masked_fill(cols[None, :] < first[:, None], IGNORE)
+                nll, count = window_nll(model, input_ids, targets)
+                nll_sum += nll
+                n_tokens += count
     finally:
         model.train(was_training)
+    return _result(nll_sum.item(), n_tokens, block_size, stride_eff)
 
-    if n_tokens == 0:
-        raise ValueError("token stream too short: no token could be predicted")
-    mean_nll = nll_sum.item() / n_tokens
-    return {
-        "perplexity": math.exp(mean_nll),
-        "nll": mean_nll,
-        "tokens": n_tokens,
-        "method": method,
-        "block_size": block_size,
-        "stride": stride_eff,
-    }
+
+@torch.inference_mode()
+def block_perplexity(
+    model: torch.nn.Module, loader: Any, device: torch.device, autocast_ctx: Any = None
+) -> dict[str, Any]:
+    """`perplexity` over packed blocks (a loader of {"input_ids", "labels"} (B, seq_len) batches, as `data.lm.pack`
+    cuts them with keep_tail): the blocks are its non-overlapping windows, so on one file the training run's
+    validation gives what `perplexity` gives with block_size = seq_len."""
+    was_training = model.training
+    model.eval()
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens, block_size = 0, 0
+    try:
+        with _autocast(autocast_ctx):
+            for batch in loader:
+                batch = to_device(batch, device)
+                block_size = batch["input_ids"].shape[1]
+                nll, count = window_nll(model, batch["input_ids"], batch["labels"])
+                nll_sum += nll
+                n_tokens += count
+    finally:
+        model.train(was_training)
+    out = _result(nll_sum.item(), n_tokens, block_size, block_size)
+    return {k: out[k] for k in ("loss", "perplexity", "tokens")}
+
+
+def check_windows(block_size: int | None, stride: int | None) -> None:
+    """--block_size and --stride as `perplexity` takes them, else one error naming the flag (block_size None: not
+    known yet, the stride is checked against it later)."""
+    if block_size is not None and block_size < 2:
+        raise ConfigError(
+            f"--block_size {block_size}: expected >= 2 (a window predicts each token from the one before)"
+        )
+    if stride is not None and stride < 1:
+        raise ConfigError(f"--stride {stride}: expected >= 1")
+    if stride is not None and block_size is not None and stride > block_size:
+        raise ConfigError(f"--stride {stride}: expected at most the block size ({block_size}, --block_size)")
+
+
+def file_perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    path: str | Path,
+    data: DataConfig,
+    block_size: int,
+    stride: int | None = None,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    autocast_ctx: Any = None,
+) -> dict[str, Any]:
+    """`perplexity` of a text or JSONL file (read with data.encoding and the run's fields), framed as training
+    frames it; a file with fewer than 2 tokens to predict is one error naming it."""
+    check_windows(block_size, stride)
+    ids, labels = file_tokens(Path(path), data, tokenizer)
+    counted = int((labels[1:] != IGNORE).sum())
+    if counted < 2:  # a one-token text would be scored on its end token alone
+        raise DataError(f"'{path}': {counted} token(s) to predict, too few to measure a perplexity (at least 2)")
+    out = perplexity(model, ids, block_size, stride, batch_size, device, autocast_ctx, labels=labels)
+    return out | {"file": str(path)}

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from fulltune.data import images as img
-from fulltune.errors import DataError
+from fulltune.data.lm import frame_prompt
+from fulltune.errors import ConfigError, DataError
 from fulltune.model.bundle import ModelBundle
 
 
@@ -113,16 +114,19 @@ def classify(
 def generate(
     bundle: ModelBundle, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0
 ) -> str:
-    """Greedy decoding at temperature 0, else sampling with temperature and nucleus top_p."""
+    """Greedy decoding at temperature 0, else sampling with temperature and nucleus top_p. The prompt is framed as
+    training framed its records (`frame_prompt`: no [CLS]/[SEP]); generation stops at the end-of-record token."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens}: expected a whole number >= 1")
     model, tok = bundle.model, bundle.tokenizer
     device = next(model.parameters()).device
-    full = tok(prompt, return_tensors="pt")
-    # Only what generate() takes: BERT-style tokenizers add token_type_ids, which causal LMs reject.
-    enc = {k: full[k].to(device) for k in ("input_ids", "attention_mask") if k in full}
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id or tok.eos_token_id}
+    input_ids = frame_prompt(tok, prompt)[None].to(device)  # (1, prompt tokens)
+    # The end and pad tokens come from the model's generation config (`set_end_token`), as in a plain `generate`.
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False)
-    out = model.generate(**enc, **kwargs, use_cache=True)
-    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    attention_mask = torch.ones_like(input_ids)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs, use_cache=True)
+    return tok.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)

@@ -21,6 +21,7 @@ from fulltune.model.bundle import (
     make_image_processor,
     resolve_dtype,
     resolve_model_path,
+    set_end_token,
 )
 from fulltune.model.clip import build_for_head_init
 from fulltune.model.pruned import is_pruned_folder, load_pruned
@@ -175,6 +176,8 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
         bundle.tokenizer = load_tokenizer(cfg, path)
         if task == "text_classification" and model.config.pad_token_id is None:
             model.config.pad_token_id = bundle.tokenizer.pad_token_id
+        if task == "causal_lm":
+            set_end_token(model, bundle.tokenizer, cfg.data)
     else:
         bundle.image_spec = image_spec_for(model.config, path, cfg.data.image_size)
         bundle.image_spec.processor = make_image_processor(bundle.image_spec, model.config)

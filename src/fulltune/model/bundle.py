@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fulltune.config import Config, ConfigError
+from fulltune.config import Config, ConfigError, DataConfig
 from fulltune.data.images import ImageSpec
+from fulltune.data.lm import declare_eos
 from fulltune.speed.plan import Applied
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm")
@@ -89,6 +90,21 @@ def load_tokenizer(cfg: Config, model_path: str | None) -> Any:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
+
+
+def set_end_token(model: nn.Module, tokenizer: Any, data: DataConfig) -> None:
+    """The causal LM's end of record (`declare_eos`) on its tokenizer and in its generation config, with the pad
+    token: `generate` (fulltune's, or plain transformers' on an export) stops where training records end."""
+    declare_eos(tokenizer, data)
+    eos = tokenizer.eos_token_id
+    for conf in (model.config, getattr(model, "generation_config", None)):
+        if conf is None:
+            continue
+        current = getattr(conf, "eos_token_id", None)
+        if eos not in (current if isinstance(current, list) else [current]):  # a list (chat models) is kept
+            conf.eos_token_id = eos
+        if getattr(conf, "pad_token_id", None) is None:
+            conf.pad_token_id = tokenizer.pad_token_id
 
 
 def image_spec_for(config: Any, path: str | None, size: int | None) -> ImageSpec:

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from fulltune.config import ConfigError
+from fulltune.config import ConfigError, DataConfig
 from fulltune.files.manifest import MANIFEST, verify_checkpoint
 from fulltune.files.rundir import recover_beside
 from fulltune.model.bundle import (
     ModelBundle,
     image_spec_for,
     resolve_dtype,
+    set_end_token,
 )
 from fulltune.model.clip import CLIPEmbeddingClassifier, is_embedding_classifier
 from fulltune.model.pruned import is_pruned_folder, load_pruned
@@ -66,4 +67,7 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
         bundle.image_spec.processor = tf.AutoImageProcessor.from_pretrained(str(path))
     else:
         bundle.tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
+    if task == "causal_lm":  # an export saves its end token; a folder from before that gets the run's (or auto)
+        eos = ((meta.get("fulltune_config") or {}).get("data") or {}).get("eos_token") or "auto"
+        set_end_token(model, bundle.tokenizer, DataConfig(eos_token=eos))
     return bundle

@@ -18,12 +18,11 @@ import torch
 
 from fulltune.config import Config, load_config, parse_override
 from fulltune.data import lm
-from fulltune.data.lm import tokenize_text_file
 from fulltune.errors import ConfigError, DataError
-from fulltune.eval.perplexity import perplexity
+from fulltune.eval.perplexity import file_perplexity
 from fulltune.files.rundir import atomic_dir, claim_output
 from fulltune.files.safestate import require_safetensors
-from fulltune.model.bundle import resolve_model_path
+from fulltune.model.bundle import resolve_model_path, set_end_token
 from fulltune.model.exported import load_exported
 from fulltune.model.pruned import is_pruned_folder, load_pruned
 from fulltune.model.pruning import PruneConfig, parameter_count, prune_model
@@ -81,7 +80,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise DataError(f"--{flag} '{path}' does not exist")
 
 
-def _load_base(path: str, device: torch.device, torch_dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
+def _load_base(
+    path: str, device: torch.device, cfg: Config, torch_dtype: str = "float32"
+) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
@@ -97,15 +98,16 @@ def _load_base(path: str, device: torch.device, torch_dtype: str = "float32") ->
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
     except OSError as err:
         raise ConfigError(f"--base_model '{path}': cannot load a causal LM ({str(err).splitlines()[0]})") from None
+    set_end_token(model, tokenizer, cfg.data)  # records end as in training: calibration, perplexity, recovery
     return model.to(device).eval(), tokenizer
 
 
-def _perplexity(model: torch.nn.Module, ids: torch.Tensor, block: int, device: torch.device, precision: Any) -> dict:
-
-    if ids.numel() < 2:
-        raise DataError(f"--eval_file: {ids.numel()} token(s), too short to measure perplexity")
-    out = perplexity(
-        model, ids, block_size=block, batch_size=EVAL_BATCH_SIZE, device=device, autocast_ctx=precision.autocast
+def _perplexity(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace, cfg: Config, device: Any) -> dict:
+    """--eval_file's perplexity, as `eval.perplexity` defines it (windows of data.seq_len tokens, read with
+    data.encoding): what the recovery run's validation and `fulltune evaluate` give on that file."""
+    precision = resolve_precision(cfg.hardware.mixed_precision, device)
+    out = file_perplexity(
+        model, tokenizer, args.eval_file, cfg.data, cfg.data.seq_len, None, EVAL_BATCH_SIZE, device, precision.autocast
     )
     print(f"  perplexity {out['perplexity']:.4f} over {out['tokens']:,} tokens")
     return out
@@ -156,7 +158,7 @@ def _prune(args: argparse.Namespace, model: Any, tokenizer: Any, cfg: Config, ou
 
 
 def _recover(
-    cfg: Config, device: Any, precision: Any, eval_ids: Any, block: int, timings: dict[str, float]
+    args: argparse.Namespace, cfg: Config, device: Any, timings: dict[str, float]
 ) -> tuple[Path, dict[str, Any]]:
     """Recovery training of the pruned model with fulltune's trainer; its folder and its perplexity row."""
 
@@ -170,7 +172,7 @@ def _recover(
     row = {
         "model": "recovered",
         "parameters": parameter_count(bundle.model),
-        **_perplexity(bundle.model, eval_ids, block, device, precision),
+        **_perplexity(bundle.model, bundle.tokenizer, args, cfg, device),
     }
     timings["eval_recovered_s"] = time.perf_counter() - tic
     return recovered, row
@@ -213,20 +215,18 @@ def run_prune(args: argparse.Namespace) -> int:
         guide.line(f"text: {what}")
     cfg = recovery_config(args, pruned_dir)  # validated before any slow step
     device = resolve_device(cfg.hardware.device)
-    precision = resolve_precision(cfg.hardware.mixed_precision, device)
     block = cfg.data.seq_len  # all three perplexities, and `fulltune evaluate` on the recovered run, use it
     seed_everything(cfg.training.seed)
     timings: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
 
     tic = time.perf_counter()
-    model, tokenizer = _load_base(args.base_model, device, args.torch_dtype)
+    model, tokenizer = _load_base(args.base_model, device, cfg, args.torch_dtype)
     guide.line(f"model {args.base_model}: {parameter_count(model):,} parameters in {next(model.parameters()).dtype}")
-    eval_ids = tokenize_text_file(args.eval_file, tokenizer) if measure else None
-    if eval_ids is not None:
+    if measure:
         print(f"original model ({args.base_model}):")
         rows.append({"model": "original", "parameters": parameter_count(model)})
-        rows[-1] |= _perplexity(model, eval_ids, block, device, precision)
+        rows[-1] |= _perplexity(model, tokenizer, args, cfg, device)
         guide.perplexity("original", rows[-1]["perplexity"], rows[-1]["tokens"])
         timings["eval_original_s"] = time.perf_counter() - tic
 
@@ -237,10 +237,10 @@ def run_prune(args: argparse.Namespace) -> int:
         f"pruned: {report['params_before']:,} -> {report['params_after']:,} parameters "
         f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)"
     )
-    if eval_ids is not None:
+    if measure:
         tic = time.perf_counter()
         rows.append({"model": "pruned", "parameters": report["params_after"]})
-        rows[-1] |= _perplexity(model, eval_ids, block, device, precision)
+        rows[-1] |= _perplexity(model, tokenizer, args, cfg, device)
         guide.perplexity("pruned", rows[-1]["perplexity"], rows[-1]["tokens"])
         timings["eval_pruned_s"] = time.perf_counter() - tic
     if args.save_model or args.finetune:
@@ -252,7 +252,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.finetune:
         del model  # the run loads its own copy from pruned/
         gc.collect()
-        recovered, row = _recover(cfg, device, precision, eval_ids, block, timings)
+        recovered, row = _recover(args, cfg, device, timings)
         rows.append(row)
         guide.perplexity("recovered", row["perplexity"], row["tokens"])
         guide.line(f"recovered model written to {publish_recovered(recovered, out)}")

@@ -23,8 +23,9 @@ def run_header(trainer: Any) -> str:
     val = "" if data.val is None else f", {'streamed' if n_val is None else n_val} val"
     share = 100 * trainer.trainable_params / trainer.total_params
     train = f"{n_train} train examples" if n_train is not None else "streamed train examples (length unknown)"
+    picked = " (task: auto, read from the data)" if cfg.task == "auto" else ""
     return (
-        f"task {trainer.task_name} | method {cfg.method.name} | {train}{val}"
+        f"task {trainer.task_name}{picked} | method {cfg.method.name} | {train}{val}"
         f" | device {trainer.device} | precision {trainer.precision.name}{trainer.precision.note}\n"
         f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation "
         f"{t.gradient_accumulation_steps} x world size {world_size()} | {trainer.steps_per_epoch} optimizer steps "

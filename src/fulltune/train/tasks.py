@@ -43,6 +43,9 @@ def _infer_task(cfg: Config) -> str:
     files = [f for f in (d.train_file, d.val_file, d.test_file) if f]
     if files and all(Path(f).suffix.lower() == ".txt" for f in files):
         return "causal_lm"
+    train = d.train_file or (str(Path(d.data_dir) / "train.jsonl") if d.data_dir else None)
+    if train and lm.is_lm_jsonl(Path(train), d):  # prompt/response records, no label
+        return "causal_lm"
     return "text_classification"
 
 
@@ -161,7 +164,9 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
 
     def blocks(split: str, cap: int | None) -> lm.BlockDataset | None:
         f = files[split]
-        return lm.load_blocks(Path(f), d, bundle.tokenizer, cache, cap, cfg.training.seed) if f else None
+        # val and test keep their ragged tail: their perplexity is the one `fulltune evaluate` gives on the file
+        tail = split != "train"
+        return lm.load_blocks(Path(f), d, bundle.tokenizer, cache, cap, cfg.training.seed, tail) if f else None
 
     return TaskData(
         train=blocks("train", d.max_samples),

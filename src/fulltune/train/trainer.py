@@ -20,7 +20,8 @@ from fulltune.data.records import TaskData
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.data.text import run_inputs
 from fulltune.errors import TrainingError
-from fulltune.eval.metrics import classification_metrics, improves, lm_metrics, scalar_metrics
+from fulltune.eval.metrics import classification_metrics, improves, scalar_metrics
+from fulltune.eval.perplexity import block_perplexity
 from fulltune.files.rundir import claim_output_dir, release_run_lock, write_atomic
 from fulltune.model.bundle import ModelBundle, count_parameters
 from fulltune.model.exported import load_exported
@@ -372,7 +373,7 @@ class Trainer:
         model = model if model is not None else self.model
         loader = self.make_loader(dataset, batch_size=self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size)
         if self.task_name == "causal_lm":
-            metrics = lm_metrics(model, loader, self.device, self.precision)
+            metrics = block_perplexity(model, loader, self.device, self.precision.autocast)
         else:
             metrics = classification_metrics(model, loader, len(self.data.labels), self.device, self.precision)
         self.model.train()
