@@ -145,7 +145,7 @@ def test_lora_recovery_and_magnitude_importance(files, tmp_path, capsys):
         "--finetune_seq_len",
         "32",
         "--finetune_batch_size",
-        "8",
+        "32",
         *QUIET,
     ]
     assert run(argv) == 0
