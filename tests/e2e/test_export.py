@@ -83,13 +83,18 @@ def _text_cfg(out: Path, text_data: Path, **extra):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
-    """A full fine-tuning run of 2 epochs with step checkpoints too, shared by the tests below."""
+    """A full fine-tuning run of 2 epochs with step checkpoints too, texts cut at 16 tokens, shared by the tests
+    below."""
     root = tmp_path_factory.mktemp("export")
     text_data = root / "text"
     text_data.mkdir()
     for split, n, seed in (("train", 32, 0), ("val", 8, 1), ("test", 8, 2)):
         write_text_split(text_data / f"{split}.tsv", n, seed)
-    train(_text_cfg(root / "full", text_data, checkpoint__save_every_steps=3, checkpoint__keep_last=0))
+    train(
+        _text_cfg(
+            root / "full", text_data, data__max_length=16, checkpoint__save_every_steps=3, checkpoint__keep_last=0
+        )
+    )
     return root / "full"
 
 
@@ -145,6 +150,32 @@ def test_cards_and_exports_of_full_and_lora_runs(tmp_path, text_data, full_run):
         torch.testing.assert_close(logits[str(out)], fulltune_logits(src, "text"), atol=1e-5, rtol=0)
     torch.testing.assert_close(logits[str(outs["bf16"])], fulltune_logits(full / "best", "text"), atol=2e-2, rtol=0)
     assert not torch.equal(logits[str(outs["full"])], logits[str(outs["lora"])])
+
+
+def test_export_keeps_the_training_length(tmp_path, full_run):
+    """Trained on the first 16 tokens of each text: the exported tokenizer cuts there too, so a default pipeline
+    asked to truncate (as the card says) scores a long text as `fulltune predict` does."""
+    from transformers import AutoTokenizer, pipeline
+
+    from fulltune.eval.predict import classify
+
+    out = export(full_run, tmp_path / "ship")
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 16
+    assert json.loads((full_run / "best" / "tokenizer_config.json").read_text())["model_max_length"] == 16
+    text = "terrible acting all round, i hated it. " + "a good and great film, wonderful acting, i loved it. " * 4
+    assert len(AutoTokenizer.from_pretrained(out)(text)["input_ids"]) > 16
+    [[(label, score)]] = classify(load_exported(out), [text], top_k=1)
+    classifier = pipeline("text-classification", model=str(out))
+    assert classifier.preprocess(text, truncation=True)["input_ids"].shape == (1, 16)
+    [cut] = classifier(text, truncation=True)
+    assert cut["label"] == label and cut["score"] == pytest.approx(score, abs=1e-6)
+    # transformers keeps every token unless asked to truncate, whatever the settings: why the card says so
+    assert classifier.preprocess(text)["input_ids"].shape[1] > 16
+    text = card(out)
+    assert "its model_max_length is 16" in text and "first 16 tokens" in text
+    snippet = text.split("```python\n")[1].split("```")[0]
+    assert snippet.count(", truncation=True") == 2  # the pipeline call and the tokenizer call
+    exec(snippet.replace("PATH", str(out)), {})  # the card's own snippet runs as written
 
 
 def test_image_export_gives_the_checkpoint_logits(tmp_path, image_data):

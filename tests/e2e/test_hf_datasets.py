@@ -144,6 +144,12 @@ def test_image_dataset_matches_image_folders_and_resumes_bit_identically(tmp_pat
         assert xa["labels"] == xb["labels"] and torch.equal(xa["pixel_values"], xb["pixel_values"])
     for i in range(6):
         assert torch.equal(a.data.val[i]["pixel_values"], b.data.val[i]["pixel_values"])
+    caps = {"data__max_samples": 7, "data__max_eval_samples": 4}  # the same draw from both sources
+    a, b = setup(_image_cfg(tmp_path / "ca", from_files, **caps)), setup(_image_cfg(tmp_path / "cb", from_hub, **caps))
+    kept = ["train: 7 of 20 images (data.max_samples)", "val: 4 of 6 images (data.max_eval_samples)"]
+    assert a.data.info["caps"] == b.data.info["caps"] == kept
+    for i in range(7):
+        assert torch.equal(a.data.train[(i, 5 + i)]["pixel_values"], b.data.train[(i, 5 + i)]["pixel_values"])
 
     train(_image_cfg(tmp_path / "files", from_files))
     train(_image_cfg(tmp_path / "hub", from_hub, data__num_workers=1))  # rows travel to a worker process too

@@ -254,6 +254,13 @@ def test_image_stream_in_order_gives_the_map_style_pixels_and_resumes_bit_identi
     assert len(val) == 6 and all(
         torch.equal(v["pixel_values"], plain.data.val[i]["pixel_values"]) for i, v in enumerate(val)
     )
+    caps = {"data__max_samples": 8, "data__max_eval_samples": 4}
+    capped = setup(test_hf_datasets._image_cfg(tmp_path / "c", src, **STREAM, data__shuffle_buffer=0, **caps))
+    assert len(_streamed(capped, 1)) == 8 and len(list(capped.data.val)) == 4
+    assert capped.data.info["caps"] == [
+        "train: the first 8 images of the stream (data.max_samples)",
+        "val: the first 4 images of the stream (data.max_eval_samples)",
+    ]
 
     cfg = lambda out: test_hf_datasets._image_cfg(out, src, **STREAM, data__shuffle_buffer=8)  # noqa: E731
     assert_resume_is_exact(cfg, tmp_path, at=2, end=4)

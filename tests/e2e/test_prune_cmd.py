@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_LLAMA, call_cli, config_kwargs, parse_cli
 from test_causal_lm import make_bpe_tokenizer, write_corpus
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -123,7 +125,7 @@ def test_prune_test_after_prune_and_finetune(files, tmp_path):
     assert metrics["perplexity"] == pytest.approx(rows["recovered"]["perplexity"], rel=1e-6)
 
 
-def test_lora_recovery_and_magnitude_importance(files, tmp_path):
+def test_lora_recovery_and_magnitude_importance(files, tmp_path, capsys):
     out = tmp_path / "out"
     argv = common(files, out) + [
         "--pruning_ratio",
@@ -139,16 +141,24 @@ def test_lora_recovery_and_magnitude_importance(files, tmp_path):
         "--finetune_lr",
         "1e-3",
         "--finetune_samples",
-        "8",
+        "1000",  # more than the file holds: all its blocks, and the recorded config says how many
         "--finetune_seq_len",
         "32",
         "--finetune_batch_size",
-        "4",
+        "32",
         *QUIET,
     ]
     assert run(argv) == 0
     results = json.loads((out / RESULTS_FILE).read_text())
     assert [r["model"] for r in results["results"]] == ["original", "pruned", "recovered"]
+    said = re.search(
+        r"recovery training on (\d+) blocks of 32 tokens of .* \(--finetune_samples 1,000: (\d+) available\)",
+        capsys.readouterr().out,
+    )
+    used = int(said[1])
+    assert used == int(said[2]) < 1000
+    assert yaml.safe_load((out / "recovery" / "config.yaml").read_text())["data"]["max_samples"] == used
+    assert f"| {used} train examples" in (out / "recovery" / "train.log").read_text()
     assert [r["pruned"] for r in results["layers"]] == [False, True]
     # LoRA is merged into the export, which keeps the pruned layout
     merged = load_exported(results["recovered_model"]).model

@@ -58,8 +58,7 @@ def test_overfits_eight_samples(tmp_path, text_data, image_data, tiny, kind):
     run = setup(cfg)
     task = TASKS[run.task_name]
     train_set = run.data.train
-    if kind == "image":  # 8 of the 12 training images
-        train_set.folder.samples = train_set.folder.samples[:4] + train_set.folder.samples[-4:]
+    assert len(train_set) == 8  # of the 12 training images or 32 texts
     batch = run.data.collate([train_set[i] for i in range(8)])
     run.model.train()
     for _ in range(150):
@@ -226,6 +225,30 @@ def test_vit_trains_one_epoch(tmp_path, image_data):
     assert summary["optimizer_steps"] == 3
     assert summary["test"]["examples"] == 4
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_max_samples_caps_image_folders_and_says_so(tmp_path, image_data, text_data):
+    """data.max_samples / max_eval_samples keep the seeded draw text tables get, and train.log says what was kept."""
+    from fulltune.data.images import scan_split
+    from fulltune.data.records import capped
+    from fulltune.planning import count_examples
+
+    overrides = dict(data__data_dir=str(image_data), data__batch_size=5, data__num_workers=0, training__num_epochs=1)
+    cfg = load_config(
+        None, base_overrides(tmp_path / "run", TINY_VIT, data__max_samples=5, data__max_eval_samples=3, **overrides)
+    )
+    assert count_examples(cfg, "image_classification")[0] == 5  # what `fulltune plan` prices
+    summary = train(cfg)
+    assert summary["optimizer_steps"] == 1  # 5 images in batches of 5
+    run = setup(cfg)  # the same draw again
+    every = scan_split(image_data / "train").samples
+    assert run.data.train.folder.samples == [every[i] for i in capped(12, 5, 0)]
+    assert len(run.data.val) == 3 and len(run.data.test) == 4  # the test split is never capped
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "train: 5 of 12 images (data.max_samples)" in log and "val: 3 of 4 images (data.max_eval_samples)" in log
+    assert "Examples: train 5, val 3, test 4" in (tmp_path / "run" / "best" / "README.md").read_text()
+    uncapped = setup(_text_cfg(tmp_path / "text", text_data, data__max_samples=100))
+    assert uncapped.data.info["caps"] == ["train: all 32 texts (data.max_samples 100: 32 available)"]
 
 
 def test_compile_switch_trains_like_eager(tmp_path, text_data):

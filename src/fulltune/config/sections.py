@@ -62,9 +62,9 @@ class DataConfig:
     val_fraction: float = 0.1
     """When no validation split exists, hold out this fraction of train (by a hash of each example)."""
     max_samples: int | None = None
-    """Cap the number of training examples (the first N in a seeded order)."""
+    """Cap the training examples (rows, images; causal LM: blocks) at N, drawn by training.seed; the log says so."""
     max_eval_samples: int | None = None
-    """Cap the number of validation examples."""
+    """Cap the validation examples at N, drawn the same way (the test split is never capped)."""
     num_classes: int | None = None
     """Optional check: the number of classes the data must have."""
     class_names: dict[str, str] | list[str] | None = None

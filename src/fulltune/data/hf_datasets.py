@@ -20,7 +20,7 @@ from fulltune.config import Config, ConfigError
 from fulltune.data import images as img
 from fulltune.data import lm
 from fulltune.data import text as txt
-from fulltune.data.records import TaskData, worker_count
+from fulltune.data.records import TaskData, block_caps, capped, capped_splits, worker_count
 from fulltune.data.text import DataError
 
 VAL_SPLITS = ("validation", "val", "valid", "dev")
@@ -285,6 +285,10 @@ def _file_names(ds: Any, column: str) -> list[str]:
     return [Path(c["path"]).name if c.get("path") else f"row-{i}" for i, c in enumerate(cells[column])]
 
 
+def _capped_rows(rows: list[Any], n: int | None, seed: int) -> list[Any]:
+    return [rows[i] for i in capped(len(rows), n, seed)]
+
+
 def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: HubSplits) -> Any:
     """tasks.build_image_data for a `datasets` source; the same hold-out rule as image folders (file-name hash)."""
 
@@ -306,6 +310,11 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: HubSplits
         train_rows = [r for r in train_rows if keep[r]]
         val_source = (hub.train, val_rows, [ids["train"][r] for r in val_rows])
         info["val_source"] = f"{d.val_fraction:.0%} of train (by file-name hash)"
+    # data.max_samples / max_eval_samples: the draw an image folder gets, over (row, label id) pairs.
+    val_pairs = list(zip(val_source[1], val_source[2], strict=True)) if val_source is not None else None
+    train_rows, val_pairs, info["caps"] = capped_splits(cfg, train_rows, val_pairs, _capped_rows, len, "images")
+    if val_source is not None:
+        val_source = (val_source[0], [r for r, _ in val_pairs], [i for _, i in val_pairs])
 
     def where(which: str) -> str:
         return f"data.dataset_name '{hub.name}' split '{hub.split_names.get(which)}'"
@@ -388,10 +397,12 @@ def build_lm_data(cfg: Config, bundle: Any, hub: HubSplits) -> Any:
             message = str(err)
             raise DataError(message if message.startswith(where) else f"{where}: {message}") from None
 
+    train, val = blocks("train", d.max_samples), blocks("val", d.max_eval_samples)
     return TaskData(
-        train=blocks("train", d.max_samples),
-        val=blocks("val", d.max_eval_samples),
+        train=train,
+        val=val,
         test=blocks("test", None),
         collate=lm.collate_blocks,
         num_workers=worker_count(cfg, 0),
+        info={"caps": block_caps(cfg, train, val)},
     )

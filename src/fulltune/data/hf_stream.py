@@ -254,6 +254,13 @@ def _in_holdout(cfg: Config) -> Callable[[dict[str, Any]], bool]:
     return lambda row: txt.hash_fraction(str(row[d.text_column] or "").strip()) < d.val_fraction
 
 
+def stream_caps(cfg: Config, what: str) -> list[str]:
+    """The lines that say what data.max_samples / max_eval_samples keep of a stream: its first N examples."""
+    d = cfg.data
+    caps = (("train", "data.max_samples", d.max_samples), ("val", "data.max_eval_samples", d.max_eval_samples))
+    return [f"{split}: the first {n:,} {what} of the stream ({key})" for split, key, n in caps if n is not None]
+
+
 def build_text_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSplits) -> Any:
     d = cfg.data
     where = {w: f"data.dataset_name '{hub.name}' split '{hub.split_names[w]}'" for w in ("train", "val", "test")}
@@ -278,7 +285,7 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSpli
         n,
         where["train"],
     )
-    info: dict[str, Any] = {"streaming": True}
+    info: dict[str, Any] = {"streaming": True, "caps": stream_caps(cfg, "texts")}
     val = None
     if hub.val is not None:
         val_rows = as_stream(hub.val)
@@ -410,14 +417,17 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], hub: hf.HubSpl
     order = StreamOrder(_batches_per_epoch(cfg, n, why))
     examples = _image_examples(cfg, hub, labels, spec, where["train"])
     train = StreamTrain(_passes(train_rows, cfg), examples, order, d.batch_size, n, where["train"])
-    info: dict[str, Any] = {"streaming": True, "skipped_images": []}
+    info: dict[str, Any] = {"streaming": True, "skipped_images": [], "caps": stream_caps(cfg, "images")}
     val = None
     if hub.val is not None:
         val_rows, val_n = _image_rows(hub.val, col), known_size(hub.val)
-        val = StreamEval(lambda: val_rows, _image_examples(cfg, hub, labels, spec, where["val"]), val_n)
+        val = StreamEval(
+            lambda: val_rows, _image_examples(cfg, hub, labels, spec, where["val"]), val_n, d.max_eval_samples
+        )
     elif holdout:
         held = _image_rows(hub.train, col).filter(in_val, with_indices=True)
-        val = StreamEval(lambda: held, _image_examples(cfg, hub, labels, spec, where["train"]), None)
+        examples = _image_examples(cfg, hub, labels, spec, where["train"])
+        val = StreamEval(lambda: held, examples, None, d.max_eval_samples)
         info["val_source"] = f"{d.val_fraction:.0%} of train (by file-name hash)"
     test = None
     if hub.test is not None:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from fulltune.config import AugmentationConfig
+from fulltune.data.records import capped
 from fulltune.data.text import hash_fraction
 from fulltune.errors import DataError
 from fulltune.files.rundir import atomic_output, claim_output
@@ -317,3 +318,9 @@ def holdout_images(folder: ImageFolder, fraction: float) -> tuple[ImageFolder, I
     train = [s for s, k in zip(folder.samples, keep, strict=True) if k]
     val = [s for s, k in zip(folder.samples, keep, strict=True) if not k]
     return ImageFolder(folder.root, folder.classes, train, []), ImageFolder(folder.root, folder.classes, val, [])
+
+
+def cap_images(folder: ImageFolder, n: int | None, seed: int) -> ImageFolder:
+    """The images a cap of `n` keeps (`records.capped`: the draw text tables get, over the sorted file list)."""
+    keep = capped(len(folder.samples), n, seed)
+    return ImageFolder(folder.root, folder.classes, [folder.samples[i] for i in keep], folder.skipped)

@@ -10,7 +10,6 @@ import csv
 import hashlib
 import io
 import json
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from fulltune.config import DataConfig
+from fulltune.data.records import capped
 from fulltune.errors import DataError
 
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
@@ -276,11 +276,10 @@ def holdout_split(examples: TextExamples, fraction: float) -> tuple[TextExamples
 
 
 def cap(examples: TextExamples, n: int | None, seed: int) -> TextExamples:
+    """The examples a cap of `n` keeps (`records.capped`: seeded, in file order)."""
     if n is None or n >= len(examples.texts):
         return examples
-    order = list(range(len(examples.texts)))
-    random.Random(seed).shuffle(order)
-    keep = sorted(order[:n])
+    keep = capped(len(examples.texts), n, seed)
     lines = [examples.lines[i] for i in keep] if examples.lines is not None else None
     return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep], examples.source, lines)
 

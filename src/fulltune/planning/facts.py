@@ -146,6 +146,7 @@ def count_examples(cfg: Config, task: str) -> tuple[int | None, list[str] | None
                 return None, None, f"no image folder '{root}'"
             n = sum(1 for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
             n = n if (root.parent / "val").is_dir() else round(n * (1 - d.val_fraction))
+            n = min(n, d.max_samples or n)  # the cap training applies
             return n, sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), str(root)
         if task == "causal_lm":
             found = [Path(d.train_file or "")] + [Path(d.data_dir or "") / n for n in ("train.txt", "train.jsonl")]

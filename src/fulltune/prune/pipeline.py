@@ -102,6 +102,22 @@ def _load_base(
     return model.to(device).eval(), tokenizer
 
 
+def _recovery_samples(cfg: Config, tokenizer: Any, out: Path, guide: GuideLog) -> Config:
+    """The recovery run takes --finetune_samples (data.max_samples) blocks of data.seq_len tokens from --data_file,
+    or every block there is when the file holds fewer: settled here, so that the run's config records the count it
+    trains on, and said in the log."""
+    d = cfg.data
+    available = len(lm.load_blocks(Path(d.train_file), d, tokenizer, out / "cache"))  # the trainer's own packing
+    used = available if d.max_samples is None else min(d.max_samples, available)
+    asked = "" if d.max_samples is None else f" (--finetune_samples {d.max_samples:,}"
+    if asked:
+        asked += f": {available:,} available)" if d.max_samples > available else ")"
+    guide.line(f"recovery training on {used:,} blocks of {d.seq_len} tokens of {d.train_file}{asked}")
+    if d.max_samples is None or d.max_samples <= available:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, max_samples=available))
+
+
 def _perplexity(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace, cfg: Config, device: Any) -> dict:
     """--eval_file's perplexity, as `eval.perplexity` defines it (windows of data.seq_len tokens, read with
     data.encoding): what the recovery run's validation and `fulltune evaluate` give on that file."""
@@ -223,6 +239,8 @@ def run_prune(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     model, tokenizer = _load_base(args.base_model, device, cfg, args.torch_dtype)
     guide.line(f"model {args.base_model}: {parameter_count(model):,} parameters in {next(model.parameters()).dtype}")
+    if args.finetune:
+        cfg = _recovery_samples(cfg, tokenizer, out, guide)
     if measure:
         print(f"original model ({args.base_model}):")
         rows.append({"model": "original", "parameters": parameter_count(model)})

@@ -49,7 +49,7 @@ from fulltune.runtime import distributed as ddist
 from fulltune.runtime.device import unwrap
 from fulltune.runtime.ranks import barrier, broadcast_int, rank
 from fulltune.runtime.rng import rng_state, set_rng_state
-from fulltune.state.modelcard import write_model_card
+from fulltune.state.modelcard import training_length, write_model_card
 from fulltune.state.resume import check_fits
 from fulltune.state.sharded import SHARDED_DIR, export_from_shards, load_sharded_state, save_sharded_state
 
@@ -110,6 +110,7 @@ def export_model(
     kill_point("inside-export")
     if bundle.tokenizer is not None:
         bundle.tokenizer.save_pretrained(str(out_dir))
+        write_training_length(out_dir, meta)
     if bundle.image_spec is not None:
         save_image_processor(bundle.image_spec, model.config, out_dir)
 
@@ -119,6 +120,22 @@ def export_model(
         (out_dir / "README.md").write_text("# fulltune export of a pruned model\n\n" + note["loading"] + "\n")
     (out_dir / RUN_META).write_text(json.dumps(meta, indent=2, default=str))
     write_model_card(out_dir, meta)
+
+
+def write_training_length(folder: Path, meta: dict[str, Any]) -> None:
+    """Set tokenizer_config.json's model_max_length to the training length, so that `truncation=True` in plain
+    transformers (a pipeline or tokenizer call) cuts a text where training cut it, not at the base model's limit."""
+    length, path = training_length(meta), Path(folder) / "tokenizer_config.json"
+    if length is None or not path.is_file():
+        return
+    try:
+        settings = read_json(path)
+    except StateFileError as err:
+        raise ConfigError(f"export: {err}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"export: '{path}' is not a JSON object (a tokenizer's settings)")
+    settings["model_max_length"] = length
+    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

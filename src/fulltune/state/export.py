@@ -1,7 +1,8 @@
 """`fulltune export RUN_OR_CHECKPOINT --output_dir DIR`: a clean folder to ship. Weights in the dtype asked, LoRA
 merged or kept as an adapter, pruned models padded back to uniform layer widths so plain transformers builds them
-(the padding is zeros and changes no output), the tokenizer or image processor, fulltune_run.json and a model card;
-no optimizer, RNG or trainer state. `--push_to_hub REPO` uploads it with huggingface_hub.
+(the padding is zeros and changes no output), the tokenizer (its model_max_length the training length) or image
+processor, fulltune_run.json and a model card; no optimizer, RNG or trainer state. `--push_to_hub REPO` uploads it
+with huggingface_hub.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fulltune.files.rundir import atomic_output, claim_output
 from fulltune.files.safestate import require_safetensors
 from fulltune.model.pruned import is_pruned_folder, load_pruned
 from fulltune.model.pruning import SHAPES_KEY, _head_dim, decoder_layers, get_layer_shapes
-from fulltune.state.checkpoint import list_checkpoints
+from fulltune.state.checkpoint import list_checkpoints, write_training_length
 from fulltune.state.modelcard import pruned_meta, write_model_card
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,6 +192,7 @@ def export(source: str | Path, output_dir: str | Path, dtype: str = "float32", l
                 )
                 meta["pruned_layout"] = False
         _copy_processors(src, tmp)
+        write_training_length(tmp, meta)  # a source folder may still carry the base model's length
         meta["notes"] = [*meta.get("notes", []), *notes]
         meta["export"] = {"source": str(src), "dtype": dtype, "lora": lora}
         (tmp / RUN_META).write_text(json.dumps(meta, indent=2, default=str))

@@ -91,6 +91,15 @@ def _hyper_parameters(config: dict[str, Any], task: str) -> list[tuple[str, Any]
     return rows
 
 
+def training_length(meta: dict[str, Any]) -> int | None:
+    """The tokens per text that training kept (a text classifier's data.max_length), from a run record; None for
+    the other tasks (images have their size in the image processor; a causal LM's prompts are not cut)."""
+    if (meta.get("task") or (meta.get("fulltune_config") or {}).get("task")) != "text_classification":
+        return None
+    length = ((meta.get("fulltune_config") or {}).get("data") or {}).get("max_length")
+    return int(length) if length is not None else None
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -144,11 +153,17 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
             "print(tokenizer.decode(ids[0]))"
         )
     else:
+        max_len = training_length(meta)
         body = (
-            f"from transformers import AutoTokenizer, {cls}\n\n"
+            f"from transformers import AutoTokenizer, {cls}, pipeline\n\n"
+            'classifier = pipeline("text-classification", model="PATH")\n'
+            f"# truncation=True: cut a text at the {max_len} tokens training kept (the tokenizer's model_max_length);\n"
+            "# without it transformers keeps every token, in a pipeline too.\n"
+            'print(classifier("a text to classify", truncation=True))\n\n'
+            "# Or the tokenizer and model themselves:\n"
             'tokenizer = AutoTokenizer.from_pretrained("PATH")\n'
             f'model = {cls}.from_pretrained("PATH")\n'
-            'logits = model(**tokenizer(["a text to classify"], return_tensors="pt")).logits\n'
+            'logits = model(**tokenizer(["a text to classify"], truncation=True, return_tensors="pt")).logits\n'
             "print(model.config.id2label[int(logits.argmax(-1))])"
         )
     return f"With plain `transformers` (fulltune is not needed), PATH being this folder:\n\n```python\n{body}\n```\n"
@@ -171,10 +186,12 @@ def _limits(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
             "its probabilities are not calibrated."
         )
     if task == "text_classification":
-        max_len = config.get("data", {}).get("max_length")
+        max_len = training_length(meta)
         out.append(
-            f"Texts longer than {max_len} tokens were truncated in training; so are they at inference by "
-            "the tokenizer's settings."
+            f"Training kept the first {max_len} tokens of each text (data.max_length), and so does the tokenizer "
+            f"here when asked to truncate (its model_max_length is {max_len}): pass `truncation=True`, as above; "
+            "transformers keeps every token of a longer text otherwise, and the model then sees more than it was "
+            "trained on (or fails past its position table)."
         )
     if meta.get("pruned_layout") or meta.get("pruned"):
         out.append(

@@ -15,7 +15,7 @@ from fulltune.config import METRICS, Config, ConfigError
 from fulltune.data import hf_datasets, hf_stream, lm
 from fulltune.data import images as img
 from fulltune.data import text as txt
-from fulltune.data.records import TaskData, worker_count
+from fulltune.data.records import TaskData, block_caps, capped_splits, worker_count
 from fulltune.errors import DataError
 from fulltune.eval.losses import classification_loss, count_examples, count_tokens, lm_loss
 
@@ -97,6 +97,7 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.Ima
     if val is None and cfg.data.val_fraction > 0:
         train, val = img.holdout_images(train, cfg.data.val_fraction)
         info["val_source"] = f"{cfg.data.val_fraction:.0%} of train (by file-name hash)"
+    train, val, info["caps"] = capped_splits(cfg, train, val, img.cap_images, lambda f: len(f.samples), "images")
     spec = bundle.image_spec
     return TaskData(
         train=img.ImageDataset(train, spec, cfg.data.augmentation),
@@ -126,9 +127,7 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> Ta
     if val is None and d.val_fraction > 0:
         train, val = txt.holdout_split(train, d.val_fraction)
         info["val_source"] = f"{d.val_fraction:.0%} of train (by text hash)"
-    train = txt.cap(train, d.max_samples, cfg.training.seed)
-    if val is not None:
-        val = txt.cap(val, d.max_eval_samples, cfg.training.seed)
+    train, val, info["caps"] = capped_splits(cfg, train, val, txt.cap, lambda e: len(e.texts), "texts")
     tok = bundle.tokenizer
     train_ds = _tokenized(train, labels, tok, d.max_length)
     return TaskData(
@@ -168,12 +167,14 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
         tail = split != "train"
         return lm.load_blocks(Path(f), d, bundle.tokenizer, cache, cap, cfg.training.seed, tail) if f else None
 
+    train, val = blocks("train", d.max_samples), blocks("val", d.max_eval_samples)
     return TaskData(
-        train=blocks("train", d.max_samples),
-        val=blocks("val", d.max_eval_samples),
+        train=train,
+        val=val,
         test=blocks("test", None),
         collate=lm.collate_blocks,
         num_workers=worker_count(cfg, 0),
+        info={"caps": block_caps(cfg, train, val)},
     )
 
 

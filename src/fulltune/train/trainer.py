@@ -214,6 +214,8 @@ class Trainer:
         self.log.info(run_header(self) + "".join(f"changed since the checkpoint: {c}\n" for c in self.changed))
         for skipped in self.data.info.get("skipped_images", []):
             self.log.info(f"skipped unreadable image: {skipped}")
+        for line in self.data.info.get("caps", []):  # what data.max_samples / max_eval_samples kept
+            self.log.info(line)
         self.warmup = warmup_steps(t, s.total_steps)
         self.loader = self.make_loader(self.data.train, batch_sampler=self.sampler)
         self.throughput = Throughput(samples_at_start=s.samples_seen)
