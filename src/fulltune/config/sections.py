@@ -263,7 +263,7 @@ class TrainingConfig:
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     """Data parallelism under torchrun."""
     seed: int = 42
-    """Seed for weights of new heads, data order, augmentation and dropout."""
+    """Seed for weights of new heads, data order, augmentation and dropout (0 to 2**32 - 1)."""
     eval_every_steps: int | None = None
     """Also evaluate every N optimizer steps (default: once per epoch)."""
 
