@@ -384,12 +384,17 @@ class Trainer:
             return False
         self._check_finite()
         s, stopping = self.state, self.cfg.training.early_stopping
+        if s.history and s.history[-1].get("step") == s.optimizer_step:
+            # The checkpoint resumed from holds this step's evaluation (a resume that now evaluates per epoch
+            # where the run evaluated every N steps): its row, best/ and patience stand; one row per step.
+            return stopping.enabled and s.evals_without_improvement >= stopping.patience
         with self.throughput.aside():
             metrics = self.evaluate_split(self.data.val)
-            value = metrics[self.metric_name]
-            improved = improves(value, s.best_metric, self.higher_is_better, stopping.min_delta)
+            value, loss = metrics[self.metric_name], metrics.get("loss")
+            improved = improves(value, s.best_metric, self.higher_is_better, stopping.min_delta, loss, s.best_loss)
             if improved:
-                s.best_metric, s.best_step, s.evals_without_improvement = value, s.optimizer_step, 0
+                s.best_metric, s.best_loss, s.best_step = value, loss, s.optimizer_step
+                s.evals_without_improvement = 0
                 if self.cfg.checkpoint.save_best:
                     self._save_best(metrics)
             else:
