@@ -241,7 +241,8 @@ class TrainingConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Early stopping on the validation metric."""
     metric: str = "auto"
-    """Validation metric that picks best/ and drives early stopping (auto: accuracy, or perplexity for LMs)."""
+    """Validation metric that picks best/ and drives early stopping (auto: accuracy, or perplexity for LMs); a tie
+    goes to the lower validation loss."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     memory: Literal["standard", "lean"] = "standard"
