@@ -8,8 +8,10 @@ import json
 from conftest import tiny_bert_text_config
 
 from fulltune.eval.metrics import improves
+from fulltune.files.manifest import replace_in_checkpoint
+from fulltune.state import checkpoint as ckpt
 from fulltune.train import trainer as trainer_module
-from fulltune.train.trainer import train
+from fulltune.train.trainer import setup, train
 
 
 def _pick(sequence: list[tuple[float, float]], higher_is_better: bool = True) -> int:
@@ -46,9 +48,17 @@ def test_best_export_follows_the_lower_loss_on_a_tie(tmp_path, text_data, monkey
 
     monkeypatch.setattr(trainer_module.Trainer, "evaluate_split", evaluate_split)
     out = tmp_path / "run"
-    summary = train(tiny_bert_text_config(out, text_data, data__batch_size=8, training__num_epochs=3))
+    cfg = tiny_bert_text_config(out, text_data, data__batch_size=8, training__num_epochs=3)
+    summary = train(cfg)
     steps_per_epoch = 4  # 32 examples in batches of 8
     assert summary["best_val"] == {"accuracy": 1.0, "step": 2 * steps_per_epoch}
     meta = json.loads((out / "best" / "fulltune_run.json").read_text())
     assert meta["optimizer_step"] == 2 * steps_per_epoch
     assert meta["val_metrics"]["loss"] == 0.540
+
+    # A checkpoint written before the tie-break has no best_loss: a resume reads it from the checkpoint's history.
+    last = ckpt.list_checkpoints(out)[-1]
+    saved = json.loads((last / "training_state" / "trainer_state.json").read_text())
+    assert saved.pop("best_loss") == 0.540
+    replace_in_checkpoint(last, "training_state/trainer_state.json", json.dumps(saved))
+    assert setup(cfg, resume=str(last)).state.best_loss == 0.540

@@ -164,6 +164,9 @@ class Trainer:
         self.changed = check_resume(point, self.state.data, data, cfg)  # other data refused; changed settings said
         self.state.total_steps, self.state.data = total, data
         self.last_good_step = self.state.optimizer_step  # (a stop before the next step has nothing new to save)
+        if self.state.best_loss is None:  # a checkpoint older than the tie-break: the loss its history holds
+            at_best = [h.get("loss") for h in self.state.history if h.get("step") == self.state.best_step]
+            self.state.best_loss = at_best[-1] if at_best else None
         self.state.batches_done = ckpt.convert_position(self.state, cfg.data.batch_size, world_size(), point)
 
     def _setup_step(self) -> None:
