@@ -28,6 +28,18 @@ class TrainingError(FulltuneError, RuntimeError):
     """Training cannot go on (a NaN loss, say); the message says where and which checkpoint is the last good one."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal (Ctrl-C, SIGTERM): the message says where it stopped and what it saved. A
+    KeyboardInterrupt, so that code which lets Ctrl-C through lets this through too."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        """The shell's code for a process ended by that signal (130 for SIGINT, 143 for SIGTERM)."""
+        self.resumable = True
+        """Whether the run left a checkpoint to resume from."""
+
+
 class StateFileError(DataError):
     """A state file is missing, truncated, or not what fulltune wrote; the message names the file."""
 

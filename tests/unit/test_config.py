@@ -89,6 +89,7 @@ def test_overrides_and_aliases():
         ("training.base_learning_rate=inf", "base_learning_rate must be a finite number"),
         ('training.layer_groups_lr={"head": .nan}', "layer_groups_lr.head must be a finite number"),
         ("hardware.num_threads=100000", "hardware.num_threads"),
+        (f"training.seed={2**70}", "config key 'training.seed': 1180591620717411303424 is out of range; allowed: 0 to"),
     ],
 )
 def test_config_errors_name_the_key(override, needle):

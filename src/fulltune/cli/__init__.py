@@ -3,8 +3,8 @@ builds the parser and dispatches.
 
 Every failure a user can cause (bad config, data, checkpoint, or environment: permissions, a full disk, a path that
 is a file) ends in one line `fulltune: error: ...` and a non-zero exit: 2 for a bad config or checkpoint
-(ConfigError), 1 for data, training and environment errors, 130 for Ctrl-C. A traceback only for bugs, or for
-anything with `--debug` / FULLTUNE_DEBUG=1.
+(ConfigError), 1 for data, training and environment errors, 130 for Ctrl-C and 143 for SIGTERM (a training run
+saves a checkpoint first). A traceback only for bugs, or for anything with `--debug` / FULLTUNE_DEBUG=1.
 
 Parsing loads no torch or transformers (`--version`, `--help`, `config` and argument errors take well under a
 second): each command module imports what its `run` needs when it runs.
@@ -115,9 +115,11 @@ def run_command(func: Any, args: Any, debug: bool = False) -> int:
     """Run one command; turn a user-caused failure into one `fulltune: error:` line on stderr."""
     try:
         return int(func(args) or 0)
-    except KeyboardInterrupt:
-        print("fulltune: interrupted; resume with --resume auto", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or `Interrupted` (SIGINT / SIGTERM) saying what it saved
+        said = str(err) or "interrupted"
+        hint = "; resume with --resume auto" if getattr(err, "resumable", True) else ""
+        print(f"fulltune: {said}{hint}", file=sys.stderr, flush=True)
+        return int(getattr(err, "exit_code", 130))
     except Exception as err:
         known = user_error(err)
         if known is None or debug:

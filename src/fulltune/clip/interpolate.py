@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from fulltune.clip.zeroshot import evaluate_model
 from fulltune.config import Config, ConfigError, config_from_dict
 from fulltune.data import images as img
+from fulltune.eval.metrics import improves
 from fulltune.files.manifest import listed_files
 from fulltune.files.rundir import atomic_output, claim_output, claim_output_dir, release_run_lock
 from fulltune.model.build import _load_config
@@ -138,7 +139,11 @@ def wise_ft(
             bundle.model.load_state_dict(interpolate_weights(zs_weights, ft_weights, alpha))
             row |= _evaluate(bundle, cfg, data_dir, split, batch_size)
         sweep.append(row)
-    best = max(sweep, key=lambda r: (r.get("accuracy", 0.0), -r.get("loss", 0.0), -abs(r["alpha"] - 0.5)))
+    # The rule that picks a training run's best/ (accuracy, a tie to the lower loss); of equals, the alpha nearest 0.5.
+    best = min(sweep, key=lambda r: abs(r["alpha"] - 0.5))
+    for row in sorted(sweep, key=lambda r: abs(r["alpha"] - 0.5)):
+        if improves(row.get("accuracy", 0.0), best.get("accuracy", 0.0), True, 0.0, row.get("loss"), best.get("loss")):
+            best = row
     bundle.model.load_state_dict(interpolate_weights(zs_weights, ft_weights, best["alpha"]))
     result: dict[str, Any] = {
         "alpha": best["alpha"],

@@ -87,6 +87,8 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
         ),
         # More threads than 64 per core only slows a run down, and OpenMP crashes far beyond it.
         ("hardware.num_threads", h.num_threads, lambda v: v is None or 1 <= v <= 64 * _cores(), "1 to 64 x cores"),
+        # numpy's and transformers' seeding take 32-bit seeds; torch's sampler seeds a generator with seed x 1e6.
+        ("training.seed", t.seed, lambda v: 0 <= v < 2**32, f"0 to {2**32 - 1}"),
         ("training.adam_beta1", t.adam_beta1, *unit),
         ("training.adam_beta2", t.adam_beta2, *unit),
         ("training.adam_epsilon", t.adam_epsilon, lambda v: v > 0, "> 0"),

@@ -243,7 +243,8 @@ class TrainingConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Early stopping on the validation metric."""
     metric: str = "auto"
-    """Validation metric that picks best/ and drives early stopping (auto: accuracy, or perplexity for LMs)."""
+    """Validation metric that picks best/ and drives early stopping (auto: accuracy, or perplexity for LMs); a tie
+    goes to the lower validation loss."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     memory: Literal["standard", "lean"] = "standard"
@@ -265,7 +266,7 @@ class TrainingConfig:
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     """Data parallelism under torchrun."""
     seed: int = 42
-    """Seed for weights of new heads, data order, augmentation and dropout."""
+    """Seed for weights of new heads, data order, augmentation and dropout (0 to 2**32 - 1)."""
     eval_every_steps: int | None = None
     """Also evaluate every N optimizer steps (default: once per epoch)."""
 

@@ -101,8 +101,21 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def improves(value: float, best: float | None, higher_is_better: bool, min_delta: float = 0.0) -> bool:
-    """Whether a validation value beats the best so far by more than `min_delta` (the first one always does)."""
+def improves(
+    value: float,
+    best: float | None,
+    higher_is_better: bool,
+    min_delta: float = 0.0,
+    loss: float | None = None,
+    best_loss: float | None = None,
+) -> bool:
+    """Whether a validation value beats the best so far by more than `min_delta` (the first one always does).
+
+    A tie on the value (accuracy 1.0 twice, say) goes to the lower validation `loss`: the later weights have
+    learned more although the metric cannot show it. When the metric is the loss itself, a tie stays a tie.
+    """
     if best is None:
         return True
+    if value == best and loss is not None and best_loss is not None:
+        return loss < best_loss
     return value > best + min_delta if higher_is_better else value < best - min_delta

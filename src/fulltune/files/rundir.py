@@ -357,33 +357,75 @@ def recover_beside(out: Path) -> list[str]:
     return recover_run_dir(Path(out).parent, only=Path(out).name)
 
 
+@dataclass
+class RunClaim:
+    """What `claim_output_dir` found: `abandon_run_dir` removes what the run added when it fails before it starts."""
+
+    path: Path
+    created: list[Path]
+    """The folders that did not exist before the claim (`path` and missing parents), outermost first."""
+    before: set[str]
+    """The names in `path` before the claim."""
+
+
 def claim_output_dir(
     output_dir: Path,
     resume: str | None,
     overwrite: bool = False,
     log: Any = print,
     inputs: Iterable[Any] = (),
-) -> None:
+) -> RunClaim:
     """Make `output_dir` this training run's own, before anything is written (`claim_output` with train's
     entries), and hold its lock for the run (`release_run_lock` at the end; the OS releases it when the process
     dies): a second process is refused. A fresh run into a folder that holds an earlier run is an error naming
     the choices, unless `overwrite`, which removes what that run wrote (and only that)."""
+    out = Path(output_dir)
     main = int(os.environ.get("RANK", "0")) == 0
+    run = RunClaim(out, [p for p in reversed([out, *out.parents]) if not p.exists()], set())
     claim = claim_output(output_dir, "train", inputs, TRAIN_ENTRIES, write_record=False)
+    run.before = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if main:  # after the checks, which write nothing: a refused folder gets no lock file
-        _lock_run(Path(output_dir))
+        _lock_run(out)
     earlier = [n for n in claim.previous if _owned(n, _TRAIN_RUN_FILES) and n != OUTPUT_RECORD]
     if resume is None and earlier:
         if not overwrite:
+            abandon_run_dir(run)  # the lock file this claim added goes again
             raise ConfigError(
                 f"output_dir '{output_dir}' holds another run ({_listing(earlier)}): continue it with --resume "
                 "auto, choose a new --output_dir, or pass --overwrite to delete that run's files"
             )
         if main:
             claim.remove_previous(log)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
+            run.before = {p.name for p in out.iterdir()}
+    out.mkdir(parents=True, exist_ok=True)
     if main:
-        _write_record(Path(output_dir), "train", TRAIN_ENTRIES)
+        _write_record(out, "train", TRAIN_ENTRIES)
+    return run
+
+
+def abandon_run_dir(run: RunClaim) -> None:
+    """After a run that failed before training started (a bad column, an unknown model): remove what it added to
+    its folder (the record, the lock, a data cache) and the folders its claim created, so that nothing is left
+    that was not there before. Only names `train` writes go, and a folder only when nothing else is left in it;
+    a run that got as far as its log (train.log, checkpoints, metrics) is kept whole."""
+    release_run_lock(run.path)
+    if int(os.environ.get("RANK", "0")) != 0 or not run.path.is_dir():
+        return
+    added = [p for p in run.path.iterdir() if p.name not in run.before]
+    if any(_owned(p.name, _TRAIN_RUN_FILES) and p.name != OUTPUT_RECORD for p in added):
+        return
+    for entry in added:
+        if not (_owned(entry.name, TRAIN_ENTRIES) or _is_temporary(entry.name)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    for folder in reversed(run.created):
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            return
 
 
 LOCK_FILE = ".fulltune.lock"

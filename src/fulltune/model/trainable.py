@@ -168,6 +168,31 @@ def plan_trainable(model: nn.Module, cfg: Config) -> TrainablePlan:
     return plan
 
 
+def unfreeze_counts(model: nn.Module, plan: TrainablePlan) -> dict[int, int]:
+    """{epoch: parameters that train from that epoch on} for epoch 0 and each epoch at which the schedule changes
+    what trains; without a schedule {0: every parameter the method trains}."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    counts: dict[int, int] = {}
+    previous: set[str] | None = None
+    for epoch in sorted({0} | {step.epoch for step in plan.schedule}):
+        names = plan.trainable_at(epoch)
+        if names != previous:
+            counts[epoch] = sum(sizes[n] for n in names)
+            previous = names
+    return counts
+
+
+def unfrozen_at(plan: TrainablePlan, epoch: int) -> str | None:
+    """What starts to train at `epoch` ('block2+top', 'head', ...; the labels of the LR groups), None when
+    nothing new does (and at epoch 0, where training starts)."""
+    new = plan.trainable_at(epoch) - plan.trainable_at(epoch - 1) if epoch > 0 and plan.schedule else set()
+    if not new:
+        return None
+    lmap = plan.lmap
+    layers = {lmap.layer_of[n] for n in new if n not in lmap.head}
+    return _group_label(layers, any(n in lmap.head for n in new), lmap.num_layers)
+
+
 def apply_trainable(model: nn.Module, names: set[str]) -> bool:
     """Set requires_grad: True exactly for `names`. Returns whether any flag changed."""
     changed = False

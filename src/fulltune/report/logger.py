@@ -22,6 +22,7 @@ import torch
 
 from fulltune.config import Config
 from fulltune.data.records import split_size
+from fulltune.files.rundir import write_atomic
 from fulltune.report.html import build_report, fmt, read_jsonl, write_eval_record
 from fulltune.report.trackers import start_trackers
 
@@ -138,6 +139,7 @@ class RunLogger:
         with open(self.out / "run_history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
         if resumed:
+            self._drop_replayed(state)
             self.info(
                 f"resumed from {resume} at optimizer step {state.optimizer_step} of {state.total_steps} "
                 f"(epoch {state.epoch}, batch {state.batches_done})" + (f"; {note}" if note else "")
@@ -145,6 +147,20 @@ class RunLogger:
         else:
             self.info(f"started: {state.total_steps} optimizer steps planned, output in {self.out}")
         self._rebuild()
+
+    def _drop_replayed(self, state: Any) -> None:
+        """On a resume at optimizer step S, metrics.jsonl keeps the rows of the run up to its checkpoint: the rows
+        of later steps, and a validation row at S that the checkpoint does not hold (it was saved before that
+        evaluation), are written again when the resumed run gets there; kept, each would show twice."""
+        step, held = state.optimizer_step, {h.get("step") for h in state.history}
+        path = self.out / "metrics.jsonl"
+        rows = read_jsonl(path)
+        kept = [r for r in rows if _kept(r, step, held)]
+        if len(kept) == len(rows) or self.jsonl is None:
+            return
+        self.jsonl.close()
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.jsonl = open(path, "a", encoding="utf-8")
 
     def _rebuild(self, with_png: bool = False) -> None:
         try:
@@ -339,6 +355,15 @@ class Throughput:
 def _count(model: Any) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _kept(row: Any, step: int, held: set[Any]) -> bool:
+    """Whether a metrics.jsonl row belongs to the run up to a checkpoint at `step` that holds the evaluations of
+    the steps in `held`."""
+    at = row.get("step") if isinstance(row, dict) else None
+    if not isinstance(at, int) or at < step:
+        return True
+    return at == step and (row.get("split") != "val" or at in held)
 
 
 def _describer(dataset: Any, tokenizer: Any) -> Any:

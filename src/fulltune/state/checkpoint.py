@@ -68,6 +68,8 @@ class TrainState:
     """Micro-batch size and world size when saved: a resume on another world size converts batches_done."""
     world_size: int = 1
     best_metric: float | None = None
+    best_loss: float | None = None
+    """Validation loss at best_step: breaks a tie on best_metric (see `metrics.improves`)."""
     best_step: int | None = None
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -207,7 +209,11 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _load_weights(model: nn.Module, folder: Path) -> None:
     state = _read_weights(folder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape, from a size `check_fits` does not know by name
+        found = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise ConfigError(f"checkpoint '{folder}' does not fit this model: {(found or [str(err)])[0]}") from None
     if (missing or unexpected) and hasattr(model, "from_pretrained"):
         # transformers saves some families (ViT in v5) under their legacy parameter names: let it map them back.
         loaded, info = type(model).from_pretrained(

@@ -70,17 +70,47 @@ def changed_settings(point: Path, cfg: Config) -> list[str]:
 
 
 def check_fits(path: Path, hf: nn.Module, saved: dict[str, Any]) -> None:
-    """A resume point written for another task (architecture), model family or label set is refused before any
-    weight is read: filling the weights that do not fit with random ones would pass for a resume. `hf`: the
-    transformers model trained (under LoRA, its base); `saved`: the checkpoint's config.json."""
+    """A resume point written for another task (architecture), model family, label set or model size is refused
+    before any weight is read: filling the weights that do not fit with random ones would pass for a resume. `hf`:
+    the transformers model trained (under LoRA, its base); `saved`: the checkpoint's config.json."""
     config = hf.config
     classes = [c.__name__ for c in type(hf).__mro__]  # FSDP's and LoRA's wrappers subclass the model's class
     ours, arch = {str(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}, saved.get("architectures")
     family = saved.get("model_type")
+    sizes = _size_differences(saved, config.to_dict())
     for what, theirs, mine, same in (
         ("a different model family", family, config.model_type, family == config.model_type),
         ("a different task", arch, classes[0], not arch or arch[0] in classes),
         ("different labels", saved.get("id2label"), ours, saved.get("id2label") in (None, ours)),
+        ("a model of another size", _sizes(sizes, 0), _sizes(sizes, 1), not sizes),
     ):
         if not same:
             raise ConfigError(f"checkpoint '{path}' was written for {what} ({theirs}; this run: {mine})")
+
+
+SIZE_KEYS = frozenset(
+    "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads head_dim "
+    "max_position_embeddings type_vocab_size n_embd n_layer n_head n_positions n_inner image_size patch_size "
+    "num_channels projection_dim".split()
+)
+"""The config.json keys that set tensor shapes: a checkpoint whose values differ holds weights of another size."""
+
+
+def _size_differences(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, this run's value) for each size key that differs; sub-configs (CLIP's towers)
+    are compared key by key."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return []
+    out = []
+    for key in sorted(set(saved) & set(now)):
+        a, b = saved[key], now[key]
+        if isinstance(a, dict):
+            out += _size_differences(a, b, f"{prefix}{key}.")
+        elif key in SIZE_KEYS and a is not None and b is not None and a != b:
+            out.append((prefix + key, a, b))
+    return out
+
+
+def _sizes(differences: list[tuple[str, Any, Any]], which: int) -> str:
+    """'hidden_size 32, intermediate_size 64' from the saved (0) or this run's (1) side of the differences."""
+    return ", ".join(f"{key} {values[which]}" for key, *values in differences)

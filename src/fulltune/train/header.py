@@ -21,7 +21,6 @@ def run_header(trainer: Any) -> str:
 
     n_train, n_val = (split_size(s) if s is not None else None for s in (data.train, data.val))
     val = "" if data.val is None else f", {'streamed' if n_val is None else n_val} val"
-    share = 100 * trainer.trainable_params / trainer.total_params
     train = f"{n_train} train examples" if n_train is not None else "streamed train examples (length unknown)"
     picked = " (task: auto, read from the data)" if cfg.task == "auto" else ""
     return (
@@ -30,10 +29,25 @@ def run_header(trainer: Any) -> str:
         f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation "
         f"{t.gradient_accumulation_steps} x world size {world_size()} | {trainer.steps_per_epoch} optimizer steps "
         f"per epoch, {trainer.state.total_steps} in all\n"
-        f"parameters that train: {trainer.trainable_params:,} of {trainer.total_params:,} ({share:.2f}%)\n"
+        f"{describe_trainable(trainer.unfreeze_counts, trainer.total_params, trainer.state.epoch)}\n"
         + describe(trainer.speed.plan)
         + describe_lean_mode(t, trainer.device, trainer.fused is not None, trainer.optimizer)
         + describe_groups(trainer.optimizer.param_groups, t.base_learning_rate)
+    )
+
+
+def describe_trainable(counts: dict[int, int], total: int, epoch: int) -> str:
+    """'parameters that train: N of M (P%)', as many as train in `epoch` (where this run starts), and under
+    progressive unfreezing how many train once the schedule has unfrozen its last layers (`counts`: from
+    `unfreeze_counts`, 0-based epochs as in the schedule; said 1-based, as the log counts epochs)."""
+    now = counts[max(e for e in counts if e <= epoch)]
+    line = f"parameters that train: {now:,} of {total:,} ({100 * now / total:.2f}%)"
+    last = max(counts)
+    if last <= epoch:
+        return line
+    return (
+        f"{line} at the start; {counts[last]:,} ({100 * counts[last] / total:.2f}%) from epoch {last + 1} on "
+        "(progressive unfreezing)"
     )
 
 

@@ -19,20 +19,21 @@ from fulltune.config import Config, save_config
 from fulltune.data.records import TaskData
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.data.text import run_inputs
-from fulltune.errors import TrainingError
+from fulltune.errors import Interrupted, TrainingError
 from fulltune.eval.metrics import classification_metrics, improves, scalar_metrics
 from fulltune.eval.perplexity import block_perplexity
-from fulltune.files.rundir import claim_output_dir, release_run_lock, write_atomic
+from fulltune.files.rundir import abandon_run_dir, claim_output_dir, release_run_lock, write_atomic
 from fulltune.model.bundle import ModelBundle, count_parameters
 from fulltune.model.exported import load_exported
 from fulltune.model.prepare import prepare_model
-from fulltune.model.trainable import TrainablePlan, apply_trainable, param_groups
+from fulltune.model.trainable import TrainablePlan, apply_trainable, param_groups, unfreeze_counts, unfrozen_at
 from fulltune.report.logger import RunLogger, Throughput, done_line
 from fulltune.runtime import distributed as ddist
 from fulltune.runtime.device import Precision, check_hardware, resolve_device, resolve_precision, to_device, unwrap
 from fulltune.runtime.memory import peak_memory_bytes
 from fulltune.runtime.ranks import barrier, is_main, rank, world_size
 from fulltune.runtime.rng import seed_everything
+from fulltune.runtime.stop import StopRequests
 from fulltune.speed.plan import Applied
 from fulltune.state import checkpoint as ckpt
 from fulltune.state.checkpoint import save_fsdp_checkpoint
@@ -81,6 +82,10 @@ class Trainer:
         self.last_grad_norm: torch.Tensor | None = None
         self.last_good: Path | None = None
         """The newest checkpoint written by this process."""
+        self.last_good_step: int | None = None
+        """The optimizer step that checkpoint (or the one resumed from) holds."""
+        self.stop = StopRequests()
+        """SIGINT / SIGTERM: installed while `train()` runs."""
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -159,6 +164,10 @@ class Trainer:
         data, self.state = self.state.data, ckpt.load_checkpoint(point, self.model, self.optimizer, self.scaler)
         self.changed = check_resume(point, self.state.data, data, cfg)  # other data refused; changed settings said
         self.state.total_steps, self.state.data = total, data
+        self.last_good_step = self.state.optimizer_step  # (a stop before the next step has nothing new to save)
+        if self.state.best_loss is None:  # a checkpoint older than the tie-break: the loss its history holds
+            at_best = [h.get("loss") for h in self.state.history if h.get("step") == self.state.best_step]
+            self.state.best_loss = at_best[-1] if at_best else None
         self.state.batches_done = ckpt.convert_position(self.state, cfg.data.batch_size, world_size(), point)
 
     def _setup_step(self) -> None:
@@ -182,28 +191,45 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the run
     def train(self) -> dict[str, Any]:
         check_hardware(self.cfg)
-        claim_output_dir(self.out, self.resume, self.overwrite, inputs=run_inputs(self.cfg))  # locked till done
-        self.setup()
-        self._start()
+        claim = claim_output_dir(self.out, self.resume, self.overwrite, inputs=run_inputs(self.cfg))  # locked till done
+        try:
+            with StopRequests() as self.stop:
+                try:
+                    self.setup()
+                except BaseException:
+                    abandon_run_dir(claim)  # a run that fails before it starts (a bad column, say) leaves nothing
+                    raise
+                self._start()
+                self._train_epochs()
+                self.stop.armed = False  # training is over: a signal now stops at once
+                self._check_finite()
+                self.log.close_progress()
+                summary = self._summary()
+                self.log.close()
+                if is_main():
+                    refresh_with_test(self.out)  # the test metrics join the card of the weights they measured
+        except Interrupted as err:
+            err.resumable = bool(ckpt.list_checkpoints(self.out))
+            raise
+        return summary
+
+    def _train_epochs(self) -> None:
+        # One process stops at a step boundary with a checkpoint; several would have to agree on the step first.
+        if world_size() == 1:
+            self.stop.arm()
         stop = False
         for epoch in range(self.state.epoch, self.cfg.training.num_epochs):
             # A resume from the last step of an epoch still finishes that epoch (its evaluation and checkpoint).
             if stop or (self.state.optimizer_step >= self.state.total_steps and self.state.batches_done == 0):
                 break
             stop = self._end_epoch(epoch, self._train_epoch(epoch))
-        self._check_finite()
-        self.log.close_progress()
-        summary = self._summary()
-        self.log.close()
-        if is_main():
-            refresh_with_test(self.out)  # the test metrics join the card of the weights they measured
-        return summary
 
     def _start(self) -> None:
         """Open the log, write config.yaml and labels.json, and say what is about to run."""
         cfg, t, s = self.cfg, self.cfg.training, self.state
         self.metric_name, self.higher_is_better = validation_metric(cfg, self.task)
         self.log = RunLogger(cfg, self.out, enabled=is_main())
+        self._apply_unfreeze(s.epoch)  # what trains now, before the start is recorded with its parameter count
         # train.log, run_history.jsonl and the report say where this run starts (the checkpoint resumed from)
         self.log.started(self, str(self.resume_point or self.resume or ""))
         if is_main():
@@ -211,7 +237,9 @@ class Trainer:
             (self.out / "labels.json").write_text(json.dumps(self.data.labels))
         self.trainable_params = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
         self.total_params = count_parameters(self.model)[1]
-        self.log.info(run_header(self) + "".join(f"changed since the checkpoint: {c}\n" for c in self.changed))
+        counts = unfreeze_counts(unwrap(self.model), self.plan)  # (the changes within this run's epochs)
+        self.unfreeze_counts = {e: n for e, n in counts.items() if e == 0 or e < t.num_epochs}
+        self.log.info(run_header(self) + "".join(f"\nchanged since the checkpoint: {c}" for c in self.changed))
         for skipped in self.data.info.get("skipped_images", []):
             self.log.info(f"skipped unreadable image: {skipped}")
         for line in self.data.info.get("caps", []):  # what data.max_samples / max_eval_samples kept
@@ -228,9 +256,18 @@ class Trainer:
         s, accum = self.state, self.cfg.training.gradient_accumulation_steps
         s.epoch = epoch
         self._apply_unfreeze(epoch)
+        unfrozen = unfrozen_at(self.plan, epoch)
+        if unfrozen and s.batches_done == 0:  # (a resume mid-epoch said it in the run it continues)
+            now = self.unfreeze_counts[epoch]
+            self.log.info(
+                f"epoch {epoch + 1} starts: {unfrozen} unfrozen (unfreeze schedule epoch {epoch}): {now:,} of "
+                f"{self.total_params:,} parameters train"
+            )
         self.sampler.set_epoch(epoch, s.batches_done)
         batches = iter(self.loader)
         while s.batches_done < self.batches_per_epoch and s.optimizer_step < s.total_steps:
+            if self.stop.signum is not None:
+                self._stop_on_signal()
             n = min(accum, self.batches_per_epoch - s.batches_done)
             self.train_step([next(batches) for _ in range(n)])
             if self._after_step():
@@ -311,6 +348,22 @@ class Trainer:
             )
         return stop
 
+    def _stop_on_signal(self) -> None:
+        """A SIGINT or SIGTERM came: save where the run is (unless the newest checkpoint holds this step), then stop
+        with `Interrupted`, as resumable as a run that ended there."""
+        s, signal_name = self.state, self.stop.name
+        if s.optimizer_step > 0 and self.last_good_step != s.optimizer_step:
+            name = f"checkpoint-epoch-{s.epoch}" if s.batches_done == 0 else f"checkpoint-step-{s.optimizer_step}"
+            self.save(self.out / name)
+        if s.optimizer_step == 0:
+            said = f"stopped by {signal_name} before the first optimizer step: nothing to resume"
+        else:
+            saved = self.last_good or self.resume_point
+            said = f"stopped by {signal_name} at optimizer step {s.optimizer_step}; checkpoint: {saved}"
+        self.log.info(said)
+        self.log.close()
+        raise Interrupted(said, self.stop.signum or 0)
+
     # ------------------------------------------------------------------------------------------------ checks
 
     def _check_finite(self) -> None:
@@ -342,7 +395,7 @@ class Trainer:
             if is_main():
                 ckpt.delete_old_checkpoints(self.out, self.cfg.checkpoint.keep_last)
             barrier()
-            self.last_good = path
+            self.last_good, self.last_good_step = path, self.state.optimizer_step
 
     def _save_best(self, metrics: dict[str, Any]) -> None:
         """Export the current weights as best/ (an export, not a resume point)."""
@@ -387,12 +440,17 @@ class Trainer:
             return False
         self._check_finite()
         s, stopping = self.state, self.cfg.training.early_stopping
+        if s.history and s.history[-1].get("step") == s.optimizer_step:
+            # The checkpoint resumed from holds this step's evaluation (a resume that now evaluates per epoch
+            # where the run evaluated every N steps): its row, best/ and patience stand; one row per step.
+            return stopping.enabled and s.evals_without_improvement >= stopping.patience
         with self.throughput.aside():
             metrics = self.evaluate_split(self.data.val)
-            value = metrics[self.metric_name]
-            improved = improves(value, s.best_metric, self.higher_is_better, stopping.min_delta)
+            value, loss = metrics[self.metric_name], metrics.get("loss")
+            improved = improves(value, s.best_metric, self.higher_is_better, stopping.min_delta, loss, s.best_loss)
             if improved:
-                s.best_metric, s.best_step, s.evals_without_improvement = value, s.optimizer_step, 0
+                s.best_metric, s.best_loss, s.best_step = value, loss, s.optimizer_step
+                s.evals_without_improvement = 0
                 if self.cfg.checkpoint.save_best:
                     self._save_best(metrics)
             else:
