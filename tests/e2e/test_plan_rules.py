@@ -53,3 +53,28 @@ def test_memory_rule_picks_qlora_on_cuda_when_lora_does_not_fit(tmp_path):
     rec = plan.recommend(cfg, task, {k: v for k, v in results.items() if k in ("lora",)}, budget, 500, "cuda")
     assert rec.method == "qlora", rec.reasons
     assert any("rule memory" in r and "QLoRA" in r for r in rec.reasons)
+
+
+def test_the_dry_runs_figures_overrule_the_data_rule(tmp_path):
+    from dataclasses import replace
+
+    cfg, task, results = _results(tmp_path)
+    roomy = int(4 * results["full"][0].peak)
+    full, lora = results["full"][0], results["lora"][0]
+
+    def measured(lora_bytes: float, lora_seconds: float) -> dict:
+        return results | {
+            "full": (replace(full, measured=100e6, step_seconds=1.0), results["full"][1]),
+            "lora": (replace(lora, measured=lora_bytes, step_seconds=lora_seconds), results["lora"][1]),
+        }
+
+    # LoRA measured no lighter and slower than full: the data rules' LoRA gives way to full, and the reason says why
+    for n in (500, 5_000):
+        rec = plan.recommend(cfg, task, measured(100e6, 1.3), roomy, n, "cpu")
+        assert rec.method == "full", rec.reasons
+        assert "dry run measured LoRA no lighter" in rec.reasons[0] and "1.30 vs 1.00 s/step" in rec.reasons[0]
+    # LoRA lighter, or faster, or not measured: the rule stands; an explicit --performance choice stands too
+    assert plan.recommend(cfg, task, measured(60e6, 1.3), roomy, 500, "cpu").method == "lora"
+    assert plan.recommend(cfg, task, measured(100e6, 0.7), roomy, 500, "cpu").method == "lora"
+    assert plan.recommend(cfg, task, results, roomy, 500, "cpu").method == "lora"
+    assert plan.recommend(cfg, task, measured(100e6, 1.3), roomy, 500, "cpu", performance="enough").method == "lora"

@@ -90,6 +90,24 @@ def _order(n: int | None, full_fits: bool, performance: str | None = None) -> tu
     )
 
 
+def _follow_dry_run(order: list[str], why: str, results: dict[str, tuple[Estimate, Facts]]) -> tuple[list[str], str]:
+    """The data rules prefer LoRA for its lighter, faster steps (and its few parameters); where the dry run measured
+    LoRA neither lighter nor faster than full fine-tuning on this model, full goes first: the figures win."""
+    if "full" not in results or "lora" not in results or "lora" not in order:
+        return order, why
+    if "full" in order and order.index("full") < order.index("lora"):
+        return order, why
+    full, lora = results["full"][0], results["lora"][0]
+    figures = (full.measured, lora.measured, full.step_seconds, lora.step_seconds)
+    if any(x is None for x in figures) or lora.measured < full.measured or lora.step_seconds < full.step_seconds:
+        return order, why
+    return ["full", *(m for m in order if m != "full")], (
+        f"{why}; but the dry run measured LoRA no lighter ({human(lora.measured)} vs full's {human(full.measured)}) "
+        f"and no faster ({lora.step_seconds:.2f} vs {full.step_seconds:.2f} s/step) than full fine-tuning on this "
+        "model -> full"
+    )
+
+
 QLORA_BYTES_PER_FROZEN_PARAM = 0.53
 """NF4 weights with double-quantised block constants: 4 bits + ~0.13 bits of constants (bitsandbytes)."""
 
@@ -142,13 +160,16 @@ def recommend(
     device_type: str,
     performance: str | None = None,
 ) -> Recommendation:
-    """The first method of the decision rules (`_order`) that fits, at the largest micro-batch that fits (halving from
-    the configured one), accumulating to the configured global batch; checkpointing only if nothing fits without.
+    """The first method of the decision rules (`_order`; the dry run's figures overrule them where it measured LoRA
+    neither lighter nor faster than full: `_follow_dry_run`) that fits, at the largest micro-batch that fits (halving
+    from the configured one), accumulating to the configured global batch; checkpointing only if nothing fits without.
     QLoRA (CUDA only) is priced from LoRA's estimate; the reasons say which rule fired."""
     limit, global_batch = FIT_FRACTION * budget, cfg.data.batch_size * cfg.training.gradient_accumulation_steps
     cuda = device_type == "cuda"
     full_fits = "full" in results and results["full"][0].best <= limit
     order, why = _order(n, full_fits, performance)
+    if performance is None:  # an explicit --performance is the user's call, not the data rules'
+        order, why = _follow_dry_run(order, why, results)
     if "lora" in results and cuda and "qlora" not in results:
         results = {**results, "qlora": (_qlora_estimate(results["lora"][0]), results["lora"][1])}
     notes = [] if cuda else ["QLoRA left out: bitsandbytes' 4-bit base needs CUDA"]
