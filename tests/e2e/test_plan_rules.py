@@ -78,3 +78,25 @@ def test_the_dry_runs_figures_overrule_the_data_rule(tmp_path):
     assert plan.recommend(cfg, task, measured(100e6, 0.7), roomy, 500, "cpu").method == "lora"
     assert plan.recommend(cfg, task, results, roomy, 500, "cpu").method == "lora"
     assert plan.recommend(cfg, task, measured(100e6, 1.3), roomy, 500, "cpu", performance="enough").method == "lora"
+
+
+def test_plan_says_what_lean_mode_and_a_bf16_base_change(tmp_path):
+    from dataclasses import replace
+
+    cfg, task, results = _results(tmp_path)
+    report = plan.plan(cfg, 10 * 2**30, ("full", "lora"), calibrate=False)
+    full, lora = (m for m in report["methods"] if m["method"] in ("full", "lora"))
+    notes = report["precision_notes"]
+    lean = next(n for n in notes if n.startswith("full:"))
+    assert "training.memory=lean" in lean and "whatever model.torch_dtype loads" in lean
+    bf16 = next(n for n in notes if n.startswith("lora:"))
+    assert "model.torch_dtype=bfloat16" in bf16
+    # The figures: lean mode's bf16 weights and moments estimate below standard mode; a LoRA base loaded in bf16
+    # holds its frozen weights in 2 bytes (the adapters stay fp32).
+    lean_cfg = plan.with_method(replace(cfg, training=replace(cfg.training, memory="lean")), "full")
+    lean_peak = plan.estimate(lean_cfg, task, plan.inspect_model(lean_cfg, task, None), "cpu").peak
+    assert lean_peak < full["peak"]
+    bf16_cfg = plan.with_method(replace(cfg, model=replace(cfg.model, torch_dtype="bfloat16")), "lora")
+    facts = plan.inspect_model(bf16_cfg, task, None)
+    assert facts.weight_bytes < lora["weights"]
+    assert facts.weight_bytes - 2 * (facts.total - facts.trainable) - 4 * facts.trainable < 2**16  # + buffers

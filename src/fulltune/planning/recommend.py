@@ -214,6 +214,30 @@ def recommend(
     return Recommendation(None, 0, 0, True, 0.0, [why, nothing + "shorter inputs or a smaller model", *notes])
 
 
+def precision_notes(
+    cfg: Config, task: str, labels: list[str] | None, results: dict[str, tuple[Estimate, Facts]], device_type: str
+) -> list[str]:
+    """What lean mode and model.torch_dtype would change, with their estimates: the table prices the config as given,
+    and standard mode's fp32 weights and moments (16 bytes a parameter) are most of a large model's full peak."""
+    notes = []
+    if "full" in results and cfg.training.memory != "lean":
+        lean = with_method(replace(cfg, training=replace(cfg.training, memory="lean")), "full")
+        peak = estimate(lean, task, inspect_model(lean, task, labels), device_type).peak
+        notes.append(
+            f"full: standard mode trains fp32 weights with fp32 AdamW moments whatever model.torch_dtype loads "
+            f"(~{human(results['full'][0].peak)}); training.memory=lean (bf16 weights and moments, gradient "
+            f"checkpointing) estimates ~{human(peak)}"
+        )
+    if "lora" in results and cfg.model.torch_dtype == "float32":
+        bf16 = with_method(replace(cfg, model=replace(cfg.model, torch_dtype="bfloat16")), "lora")
+        peak = estimate(bf16, task, inspect_model(bf16, task, labels), device_type).peak
+        notes.append(
+            f"lora: the frozen base loads in fp32 (model.torch_dtype=float32, ~{human(results['lora'][0].peak)}); "
+            f"model.torch_dtype=bfloat16 keeps it in bf16: ~{human(peak)}"
+        )
+    return notes
+
+
 def available_memory(device_type: str) -> int | None:
     """Free memory now: CUDA's free bytes, or the kernel's MemAvailable."""
     if device_type == "cuda":
@@ -290,5 +314,6 @@ def plan(
         "budget_source": budget_source,
         "measured_how": how,
         "methods": [asdict(e) for e, _ in results.values()] + errors,
+        "precision_notes": precision_notes(cfg, task, labels, results, device_type),
         "recommendation": asdict(recommend(cfg, task, results, budget, n, device_type, performance)),
     }
