@@ -273,3 +273,18 @@ def test_an_image_classifier_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("fulltune: error: --base_model"), err
     assert "not a causal language model" in err and "ViTForImageClassification" in err
+
+
+def test_finetune_checks_memory_before_training(files, tmp_path, monkeypatch):
+    import importlib
+
+    recommend = importlib.import_module("fulltune.planning.recommend")  # the module (the package exports a function)
+    out = tmp_path / "out"
+    argv = common(files, out) + ["--importance", "magnitude", "--finetune", "--finetune_seq_len", "32", *QUIET]
+    monkeypatch.setattr(recommend, "available_memory", lambda device_type: 2**20)  # 1 MiB free
+    with pytest.raises(
+        ConfigError, match=r"the recovery run is estimated to peak at ~.*but 1.00 MiB of cpu memory"
+    ) as e:
+        run(argv)
+    assert "training.memory=lean" in str(e.value) and "method.name=lora" in str(e.value)
+    assert not (out / "recovery").exists()  # refused before training started

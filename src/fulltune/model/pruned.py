@@ -204,7 +204,8 @@ def load_pruned(
                 raise RuntimeError(f"module {name} ({type(module).__name__}) has buffers not in the checkpoint")
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, type(module)(config=module.config).to(device))
+            with torch.device(device):  # for real on `device` even inside a meta-device context (the planner's)
+                setattr(parent, attr, type(module)(config=module.config))
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"tensors left on the meta device after loading: {leftover[:8]}")

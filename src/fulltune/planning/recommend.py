@@ -13,6 +13,7 @@ import torch
 
 from fulltune.config import Config
 from fulltune.errors import ConfigError
+from fulltune.model.lora import LORA_METHODS
 from fulltune.model.trainable import METHODS
 from fulltune.planning.dryrun import dry_runs
 from fulltune.planning.estimate import Estimate, dtypes_for, estimate
@@ -238,6 +239,37 @@ def precision_notes(
     return notes
 
 
+def device_type_of(cfg: Config) -> str:
+    """ "cuda" or "cpu": where a run of `cfg` trains (hardware.device, auto: CUDA where there is one)."""
+    device = cfg.hardware.device
+    return "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+ESTIMATE_SLACK = 0.85
+"""The estimate's low end: dry runs measure 0.85-1.15x of it, so a run is refused only where even 85% of it does not
+fit."""
+
+
+def check_memory(cfg: Config, task: str, labels: list[str] | None, what: str) -> str:
+    """Before a training run starts: its estimated peak (the estimate `fulltune plan` prints) against the free memory
+    of its device. Where even the estimate's low end does not fit, one ConfigError line with the figures and the
+    settings that lower them; else a line saying the estimate."""
+    device_type = device_type_of(cfg)
+    est = estimate(cfg, task, inspect_model(cfg, task, labels), device_type)
+    free = available_memory(device_type)
+    line = f"memory: {what} is estimated to peak at ~{human(est.peak)} ({cfg.method.name}"
+    line += f", weights {human(est.weights)}, optimizer {human(est.optimizer)}, activations {human(est.activations)})"
+    if free is None:
+        return f"{line}; free {device_type} memory unknown"
+    if ESTIMATE_SLACK * est.peak <= free:
+        return f"{line}; {human(free)} of {device_type} memory free"
+    lower = ["training.memory=lean (bf16 weights and moments)"] if cfg.training.memory != "lean" else []
+    if cfg.method.name not in LORA_METHODS:
+        lower.append("method.name=lora with model.torch_dtype=bfloat16")
+    lower.append("a smaller data.batch_size or shorter inputs")
+    raise ConfigError(f"{line}, but {human(free)} of {device_type} memory is free: try {', or '.join(lower)}")
+
+
 def available_memory(device_type: str) -> int | None:
     """Free memory now: CUDA's free bytes, or the kernel's MemAvailable."""
     if device_type == "cuda":
@@ -259,11 +291,7 @@ def plan(
 ) -> dict[str, Any]:
     """Estimate every method for `cfg`, measure those that fit, recommend one: the report `cmd_plan` prints."""
 
-    device_type = (
-        "cuda"
-        if cfg.hardware.device.startswith("cuda") or (cfg.hardware.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
+    device_type = device_type_of(cfg)
     calibrate = calibrate and (device_type == "cpu" or torch.cuda.is_available())  # no GPU here: estimates only
     free = available_memory(device_type)
     budget_source = "--memory_budget" if budget else f"free {device_type} memory now"

@@ -27,6 +27,7 @@ from fulltune.model.bundle import resolve_model_path
 from fulltune.model.exported import load_exported
 from fulltune.model.pruned import is_pruned_folder, load_pruned
 from fulltune.model.pruning import SHAPES_KEY, PruneConfig, parameter_count, prune_model
+from fulltune.planning.recommend import check_memory
 from fulltune.prune.flags import FINETUNE_FLAGS, SCRIPT_DEFAULTS
 from fulltune.prune.folder import save_pruned
 from fulltune.prune.guide import GuideLog, builtin_text, publish_recovered
@@ -303,6 +304,8 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.finetune:
         del model  # the run loads its own copy from pruned/
         gc.collect()
+        # as `fulltune plan` estimates it: refused in one line, before training, where it cannot fit
+        guide.line(check_memory(cfg, "causal_lm", None, "the recovery run"))
         recovered, row = _recover(cfg, device, precision, eval_ids, block, timings)
         rows.append(row)
         guide.perplexity("recovered", row["perplexity"], row["tokens"])
