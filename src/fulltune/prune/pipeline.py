@@ -89,8 +89,11 @@ def _base_config(path: str) -> Any:
 
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
         raise ConfigError(f"--base_model '{path}': no such folder")
+    name = resolve_model_path(path)
+    if Path(name).is_dir():
+        require_safetensors(name, "--base_model")  # a pickled checkpoint is refused before anything else
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(path))
+        config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise ConfigError(f"--base_model '{path}': cannot read its config ({str(err).splitlines()[0]})") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
