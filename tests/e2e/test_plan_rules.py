@@ -53,3 +53,50 @@ def test_memory_rule_picks_qlora_on_cuda_when_lora_does_not_fit(tmp_path):
     rec = plan.recommend(cfg, task, {k: v for k, v in results.items() if k in ("lora",)}, budget, 500, "cuda")
     assert rec.method == "qlora", rec.reasons
     assert any("rule memory" in r and "QLoRA" in r for r in rec.reasons)
+
+
+def test_the_dry_runs_figures_overrule_the_data_rule(tmp_path):
+    from dataclasses import replace
+
+    cfg, task, results = _results(tmp_path)
+    roomy = int(4 * results["full"][0].peak)
+    full, lora = results["full"][0], results["lora"][0]
+
+    def measured(lora_bytes: float, lora_seconds: float) -> dict:
+        return results | {
+            "full": (replace(full, measured=100e6, step_seconds=1.0), results["full"][1]),
+            "lora": (replace(lora, measured=lora_bytes, step_seconds=lora_seconds), results["lora"][1]),
+        }
+
+    # LoRA measured no lighter and slower than full: the data rules' LoRA gives way to full, and the reason says why
+    for n in (500, 5_000):
+        rec = plan.recommend(cfg, task, measured(100e6, 1.3), roomy, n, "cpu")
+        assert rec.method == "full", rec.reasons
+        assert "dry run measured LoRA no lighter" in rec.reasons[0] and "1.30 vs 1.00 s/step" in rec.reasons[0]
+    # LoRA lighter, or faster, or not measured: the rule stands; an explicit --performance choice stands too
+    assert plan.recommend(cfg, task, measured(60e6, 1.3), roomy, 500, "cpu").method == "lora"
+    assert plan.recommend(cfg, task, measured(100e6, 0.7), roomy, 500, "cpu").method == "lora"
+    assert plan.recommend(cfg, task, results, roomy, 500, "cpu").method == "lora"
+    assert plan.recommend(cfg, task, measured(100e6, 1.3), roomy, 500, "cpu", performance="enough").method == "lora"
+
+
+def test_plan_says_what_lean_mode_and_a_bf16_base_change(tmp_path):
+    from dataclasses import replace
+
+    cfg, task, results = _results(tmp_path)
+    report = plan.plan(cfg, 10 * 2**30, ("full", "lora"), calibrate=False)
+    full, lora = (m for m in report["methods"] if m["method"] in ("full", "lora"))
+    notes = report["precision_notes"]
+    lean = next(n for n in notes if n.startswith("full:"))
+    assert "training.memory=lean" in lean and "whatever model.torch_dtype loads" in lean
+    bf16 = next(n for n in notes if n.startswith("lora:"))
+    assert "model.torch_dtype=bfloat16" in bf16
+    # The figures: lean mode's bf16 weights and moments estimate below standard mode; a LoRA base loaded in bf16
+    # holds its frozen weights in 2 bytes (the adapters stay fp32).
+    lean_cfg = plan.with_method(replace(cfg, training=replace(cfg.training, memory="lean")), "full")
+    lean_peak = plan.estimate(lean_cfg, task, plan.inspect_model(lean_cfg, task, None), "cpu").peak
+    assert lean_peak < full["peak"]
+    bf16_cfg = plan.with_method(replace(cfg, model=replace(cfg.model, torch_dtype="bfloat16")), "lora")
+    facts = plan.inspect_model(bf16_cfg, task, None)
+    assert facts.weight_bytes < lora["weights"]
+    assert facts.weight_bytes - 2 * (facts.total - facts.trainable) - 4 * facts.trainable < 2**16  # + buffers

@@ -246,3 +246,55 @@ def test_errors_name_the_flag(files, tmp_path):
 def test_cli_has_prune():
     args = parse(["--base_model", "m", "--pruning_ratio", "0.3"])
     assert args.func.__module__ == "fulltune.cli.prune" and args.pruning_ratio == 0.3
+
+
+def test_terminal_is_english_and_the_log_keeps_the_guides_lines(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = common(files, out) + ["--pruning_ratio", "0.5", "--prune_mlp", "--importance", "magnitude"]
+    assert run([*argv, "--test_after_prune", *QUIET]) == 0
+    terminal = capsys.readouterr().out
+    assert not any("\u4e00" <= ch <= "\u9fff" for ch in terminal), terminal  # no CJK on the terminal
+    assert "pruned perplexity" in terminal and "loads with plain AutoModelForCausalLM" in terminal
+    log = (out / "logs" / "training.log").read_text(encoding="utf-8")
+    assert "剪枝后 PPL" in log and "原始模型 PPL" in log
+    # Attention groups and MLP channels halved: the blocks lose half but their norms; the 300 x 64 embeddings and
+    # head, untouched, are a third of the whole model
+    report = json.loads((out / RESULTS_FILE).read_text())["prune"]
+    blocks = 1 - report["block_params_after"] / report["block_params_before"]
+    assert 0.49 < blocks < 0.5 and f"pruned: blocks {100 * blocks:.1f}% fewer parameters" in terminal
+    share = report["embedding_params"] / report["params_before"]
+    assert f"embeddings are {share:.1%} of it" in terminal and share > 0.3
+    # A layer range: said before it starts that the result needs fulltune's loader
+    assert run([*argv, "--layer_start", "1", "--output_dir", str(tmp_path / "uneven")]) == 0
+    assert "only layers 1-1 of 0-1 are pruned" in capsys.readouterr().out
+
+
+def test_an_image_classifier_is_refused_in_one_line(tmp_path, capsys):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from fulltune.cli import main
+
+    vit = tmp_path / "vit"
+    ViTForImageClassification(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32)
+    ).save_pretrained(vit)
+    capsys.readouterr()  # transformers' save progress bar
+    assert main(["prune", "--base_model", str(vit), "--output_dir", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("fulltune: error: --base_model"), err
+    assert "not a causal language model" in err and "ViTForImageClassification" in err
+
+
+def test_finetune_checks_memory_before_training(files, tmp_path, monkeypatch):
+    import importlib
+
+    recommend = importlib.import_module("fulltune.planning.recommend")  # the module (the package exports a function)
+    out = tmp_path / "out"
+    argv = common(files, out) + ["--importance", "magnitude", "--finetune", "--finetune_seq_len", "32", *QUIET]
+    monkeypatch.setattr(recommend, "available_memory", lambda device_type: 2**20)  # 1 MiB free
+    with pytest.raises(
+        ConfigError, match=r"the recovery run is estimated to peak at ~.*but 1.00 MiB of cpu memory"
+    ) as e:
+        run(argv)
+    assert "training.memory=lean" in str(e.value) and "method.name=lora" in str(e.value)
+    assert not (out / "recovery").exists()  # refused before training started

@@ -165,7 +165,10 @@ def test_guide_command_runs_as_written(tiny_llama, tmp_path, monkeypatch, index)
     for label in ("原始模型 PPL", "剪枝后 PPL", "微调后 PPL"):
         assert sum(line.startswith(label + ": ") for line in log.splitlines()) == 1, label
     assert "built-in English text" in log
-    assert is_pruned_folder(out / "pruned")
+    # every layer pruned alike: a standard config (3 of 4 heads: Mistral's, which LlamaConfig refuses); a layer
+    # range: fulltune's per-layer record, which the command said before it started
+    assert is_pruned_folder(out / "pruned") == ("--layer_start" in argv)
+    assert ("loads with fulltune" in log) == ("--layer_start" in argv)
     assert (out / "recovered" / "config.json").is_file() and (out / "recovered" / "fulltune_run.json").is_file()
     results = json.loads((out / "prune_results.json").read_text())
     assert [r["model"] for r in results["results"]] == ["original", "pruned", "recovered"]

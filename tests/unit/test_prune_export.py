@@ -67,12 +67,27 @@ def test_uneven_prune_keeps_fulltunes_loader_and_says_so(tmp_path):
         )
 
 
-def test_head_count_that_does_not_divide_hidden_keeps_fulltunes_loader(tmp_path):
-    model = tiny_llama()  # 25% of 4 KV groups: 3 groups, 6 query heads; 64 % 6 != 0, which LlamaConfig rejects
-    prune_model(model, PruneConfig(pruning_ratio=0.25, importance="magnitude", prune_mlp=False))
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_every_uniform_ratio_loads_in_plain_transformers(tmp_path, ratio):
+    # 8 query heads over 4 KV groups: 25% leaves 6 heads and 75% leaves 2, so 6 does not divide hidden_size 64,
+    # which LlamaConfig refuses (its modules would take head_dim from the config): written as Mistral's config then.
+    model = tiny_llama()
+    prune_model(model, PruneConfig(pruning_ratio=ratio, importance="magnitude", prune_mlp=True))
     save_pruned(model, None, tmp_path / "pruned")
-    assert is_pruned_folder(tmp_path / "pruned")
-    assert "6 query heads per layer do not divide hidden_size 64" in (tmp_path / "pruned" / "README.md").read_text()
+    assert not is_pruned_folder(tmp_path / "pruned")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    kv = 4 - round(4 * ratio)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2 * kv, kv, 8)
+    assert config["model_type"] == ("llama" if 64 % (2 * kv) == 0 else "mistral")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # nothing of fulltune's
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+        out = plain.generate(ids[:1, :4], max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, model.generate(ids[:1, :4], max_new_tokens=4, do_sample=False))
+    readme = (tmp_path / "pruned" / "README.md").read_text()
+    assert "standard transformers config" in readme
+    assert ("MistralForCausalLM" in readme) == (config["model_type"] == "mistral")
 
 
 def test_bf16_prune_reads_and_writes_bf16(tmp_path):

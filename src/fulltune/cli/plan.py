@@ -45,6 +45,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"buffers; measured = 2-step dry run on random inputs ({r['measured_how']}); neither counts the process "
         "itself (Python and the libraries: ~0.4 GiB on CPU); fwd = compute per step in forward passes",
         *sorted({m["note"] for m in r["methods"] if m.get("note")}),
+        *r["precision_notes"],
         "",
         "recommendation: "
         + (

@@ -19,6 +19,8 @@ from fulltune.model.pruning import (
     get_layer_shapes,
 )
 
+NONSTANDARD_KEY = "fulltune_nonstandard_reason"
+"""config.json key of a per-layer record: why a standard transformers config cannot describe the layers."""
 UNEVEN_NOTE = (
     "The layers of this pruned model have shapes a standard transformers config cannot describe: "
     "AutoModelForCausalLM.from_pretrained fails on it with size mismatches. Load it with fulltune "
@@ -32,48 +34,68 @@ UNIFORM_NOTE = (
     "Every layer of this pruned model has one shape: config.json is a standard transformers config "
     "(AutoModelForCausalLM.from_pretrained loads it as is)."
 )
+AS_MISTRAL_NOTE = (
+    " It is written as a MistralForCausalLM config: the same decoder as Llama's (rotary attention with grouped "
+    "key/value heads, SwiGLU MLP, RMSNorm) and the same weight names, but transformers' LlamaConfig refuses a "
+    "hidden_size that the query-head count does not divide ({reason}), which MistralConfig, with head_dim stated, "
+    "allows."
+)
+"""Appended to UNIFORM_NOTE where a pruned Llama is written under Mistral's config (see `standard_config`)."""
 
 
-def make_config_standard(model: nn.Module) -> bool:
-    """Where every layer has one shape, rewrite ``model.config`` as the standard config of that shape (head counts,
-    MLP width, head_dim kept explicit) without fulltune's per-layer record, and return True; else record the
-    per-layer shapes under SHAPES_KEY and return False."""
+def _config_error(err: Exception) -> str:
+    """The one-line reason inside a config class's refusal (huggingface_hub's strict dataclasses wrap it)."""
+    cause = err.__cause__ or err
+    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+
+
+def _mistral_config(values: dict[str, Any]) -> Any | None:
+    """A Llama config's values as a MistralConfig that builds the same modules, or None where a Llama option
+    (attention or MLP bias, tensor-parallel pretraining slices) has no Mistral equivalent."""
+    from transformers import MistralConfig
+
+    if values.get("attention_bias") or values.get("mlp_bias") or (values.get("pretraining_tp") or 1) != 1:
+        return None
+    dropped = {"model_type", "architectures", "attention_bias", "mlp_bias", "pretraining_tp", "transformers_version"}
+    config = MistralConfig.from_dict({k: v for k, v in values.items() if k not in dropped} | {"sliding_window": None})
+    config.architectures = ["MistralForCausalLM"]
+    return config
+
+
+def standard_config(model: nn.Module) -> tuple[Any | None, str]:
+    """The standard transformers config of a pruned model whose layers all have one shape (head counts, MLP width,
+    head_dim stated), and a note for its README; (None, why) where the layers differ.
+
+    A Llama whose query heads no longer divide hidden_size (25% of Llama-3-8B's 8 KV groups leaves 24 of 32 heads)
+    is refused by LlamaConfig's own check, although its modules take head_dim from the config: it is described by
+    MistralConfig, whose decoder is Llama's module for module, so plain AutoModelForCausalLM loads every uniform ratio.
+    """
     shapes = get_layer_shapes(model)
-    config = model.config
-    why = standard_config_obstacle(config, shapes)
-    if why:
-        setattr(config, SHAPES_KEY, shapes)
-        config.fulltune_nonstandard_reason = why
-        return False
-    head_dim = _head_dim(decoder_layers(model)[0].self_attn)
-    if hasattr(config, "fulltune_nonstandard_reason"):
-        delattr(config, "fulltune_nonstandard_reason")
-    config.num_attention_heads = shapes[0]["num_attention_heads"]
-    config.num_key_value_heads = shapes[0]["num_key_value_heads"]
-    config.intermediate_size = shapes[0]["intermediate_size"]
-    config.head_dim = head_dim
-    if hasattr(config, SHAPES_KEY):
-        delattr(config, SHAPES_KEY)
-    return True
-
-
-def standard_config_obstacle(config: Any, shapes: list[dict[str, int]]) -> str | None:
-    """Why a standard transformers config cannot describe these layer shapes (None: it can)."""
     if any(s != shapes[0] for s in shapes):
-        return "layers have different widths"
-    n_q = shapes[0]["num_attention_heads"]
-    if config.hidden_size % n_q:  # LlamaConfig (and its kin) validate hidden_size % num_attention_heads
-        return (
-            f"{n_q} query heads per layer do not divide hidden_size {config.hidden_size}, which transformers' "
-            f"{type(config).__name__} requires"
-        )
-    return None
+        return None, "layers have different widths"
+    config = model.config
+    values = {k: v for k, v in config.to_dict().items() if k not in (SHAPES_KEY, NONSTANDARD_KEY)}
+    values |= dict(shapes[0]) | {"head_dim": _head_dim(decoder_layers(model)[0].self_attn)}
+    try:
+        return type(config).from_dict(values), UNIFORM_NOTE
+    except Exception as err:  # a strict config's validators (huggingface_hub wraps their ValueError)
+        reason = _config_error(err)
+    as_mistral = _mistral_config(values) if config.model_type == "llama" else None
+    if as_mistral is None:
+        return None, f"{type(config).__name__} refuses this shape: {reason}"
+    return as_mistral, UNIFORM_NOTE + AS_MISTRAL_NOTE.format(reason=reason)
+
+
+def record_layer_shapes(model: nn.Module, why: str) -> None:
+    """Keep the per-layer shapes (and why a standard config cannot hold them) in ``model.config`` for `load_pruned`."""
+    setattr(model.config, SHAPES_KEY, get_layer_shapes(model))
+    setattr(model.config, NONSTANDARD_KEY, why)
 
 
 def export_note(config: Any) -> dict[str, Any]:
     """What fulltune_run.json / README.md say about a pruned export's loading ({} for an unpruned model)."""
     if getattr(config, SHAPES_KEY, None) is not None:
-        why = getattr(config, "fulltune_nonstandard_reason", None) or "layers have different widths"
+        why = getattr(config, NONSTANDARD_KEY, None) or "layers have different widths"
         return {"pruned_layers": f"fulltune's per-layer record ({why})", "loading": f"{UNEVEN_NOTE} (Here: {why}.)"}
     return {}
 
@@ -182,7 +204,8 @@ def load_pruned(
                 raise RuntimeError(f"module {name} ({type(module).__name__}) has buffers not in the checkpoint")
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, type(module)(config=module.config).to(device))
+            with torch.device(device):  # for real on `device` even inside a meta-device context (the planner's)
+                setattr(parent, attr, type(module)(config=module.config))
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"tensors left on the meta device after loading: {leftover[:8]}")

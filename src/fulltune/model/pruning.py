@@ -107,6 +107,12 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def embedding_parameter_count(model: nn.Module) -> int:
+    """Parameters of the input embeddings and of an untied output head (pruning leaves both whole)."""
+    tables = (model.get_input_embeddings(), model.get_output_embeddings())
+    return sum({id(m.weight): m.weight.numel() for m in tables if m is not None}.values())
+
+
 # ----------------------------------------------------------------------------------------------- slicing
 
 
@@ -359,7 +365,8 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calibration_ids: torch.Tenso
     ``cfg.calibration_block_size`` blocks) in eval mode; it clears ``.grad`` of the pruned layers' parameters and
     restores every ``requires_grad`` flag and the train/eval mode afterwards.
 
-    Report: ``params_before``, ``params_after``, the options, and ``layers``: per layer its kept
+    Report: ``params_before``, ``params_after`` (and of the decoder blocks alone, ``block_params_*``;
+    ``embedding_params``: input embeddings and an untied output head), the options, and ``layers``: per layer its kept
     ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` and the target ratios.
     """
     layers = decoder_layers(model)
@@ -370,6 +377,7 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calibration_ids: torch.Tenso
         raise ValueError(f"bad layer range [{start}, {end}) for {n_layers} layers")
     pruned = list(range(start, end))
     params_before = parameter_count(model)
+    blocks_before = sum(parameter_count(layer) for layer in layers)
     active = cfg.pruning_ratio > 0.0 and bool(pruned) and (cfg.prune_attention or cfg.prune_mlp)
 
     attn_scores, mlp_scores = _importance_scores(model, layers, pruned, cfg, calibration_ids) if active else ({}, {})
@@ -396,6 +404,9 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calibration_ids: torch.Tenso
     return {
         "params_before": params_before,
         "params_after": parameter_count(model),
+        "block_params_before": blocks_before,
+        "block_params_after": sum(parameter_count(layer) for layer in layers),
+        "embedding_params": embedding_parameter_count(model),
         "config": asdict(cfg),
         "layer_range": [start, end],
         "layers": per_layer,

@@ -16,6 +16,7 @@ from fulltune.data.text import cap, label_vocabulary, read_examples, split_files
 from fulltune.errors import ConfigError, DataError
 from fulltune.model.bundle import resolve_model_path
 from fulltune.model.layermap import strip_peft_prefix
+from fulltune.model.lora import LORA_METHODS
 from fulltune.model.prepare import prepare_model
 from fulltune.model.pruned import is_pruned_folder
 from fulltune.model.trainable import apply_trainable
@@ -86,6 +87,23 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
     return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
 
 
+def loaded_bytes(cfg: Config, config: Any) -> int:
+    """Bytes a parameter is loaded in: model.torch_dtype, or the checkpoint's dtype for "auto"."""
+    name = cfg.model.torch_dtype
+    if name == "auto":
+        name = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    return 2 if name in ("bfloat16", "float16") else 4
+
+
+def _weight_bytes(cfg: Config, config: Any, params: dict[str, nn.Parameter], eligible: set[str]) -> int:
+    """Weights as training holds them (`model.prepare.master_weights`): bf16 in lean mode; else fp32, except the
+    frozen base of a LoRA run, which stays in the dtype it was loaded in."""
+    if cfg.training.memory == "lean":
+        return 2 * sum(p.numel() for p in params.values())
+    frozen = loaded_bytes(cfg, config) if cfg.method.name in LORA_METHODS else 4
+    return sum(p.numel() * (4 if n in eligible else frozen) for n, p in params.items())
+
+
 def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
     """Facts of cfg.method.name's model: the trainable set is exactly the one `fulltune train` would train."""
 
@@ -107,7 +125,7 @@ def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
         trainable=sum(eligible),
         largest_trainable=max(eligible),
         first_layer=min(plan.lmap.layer_of[n] for n in plan.eligible),
-        weight_bytes=sum(p.numel() for p in params.values()) * (2 if cfg.training.memory == "lean" else 4)
+        weight_bytes=_weight_bytes(cfg, config, params, set(plan.eligible))
         + sum(b.numel() * b.element_size() for b in model.buffers()),
         block_linear_params=sum(
             m.weight.numel()

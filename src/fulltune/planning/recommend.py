@@ -13,6 +13,7 @@ import torch
 
 from fulltune.config import Config
 from fulltune.errors import ConfigError
+from fulltune.model.lora import LORA_METHODS
 from fulltune.model.trainable import METHODS
 from fulltune.planning.dryrun import dry_runs
 from fulltune.planning.estimate import Estimate, dtypes_for, estimate
@@ -90,6 +91,24 @@ def _order(n: int | None, full_fits: bool, performance: str | None = None) -> tu
     )
 
 
+def _follow_dry_run(order: list[str], why: str, results: dict[str, tuple[Estimate, Facts]]) -> tuple[list[str], str]:
+    """The data rules prefer LoRA for its lighter, faster steps (and its few parameters); where the dry run measured
+    LoRA neither lighter nor faster than full fine-tuning on this model, full goes first: the figures win."""
+    if "full" not in results or "lora" not in results or "lora" not in order:
+        return order, why
+    if "full" in order and order.index("full") < order.index("lora"):
+        return order, why
+    full, lora = results["full"][0], results["lora"][0]
+    figures = (full.measured, lora.measured, full.step_seconds, lora.step_seconds)
+    if any(x is None for x in figures) or lora.measured < full.measured or lora.step_seconds < full.step_seconds:
+        return order, why
+    return ["full", *(m for m in order if m != "full")], (
+        f"{why}; but the dry run measured LoRA no lighter ({human(lora.measured)} vs full's {human(full.measured)}) "
+        f"and no faster ({lora.step_seconds:.2f} vs {full.step_seconds:.2f} s/step) than full fine-tuning on this "
+        "model -> full"
+    )
+
+
 QLORA_BYTES_PER_FROZEN_PARAM = 0.53
 """NF4 weights with double-quantised block constants: 4 bits + ~0.13 bits of constants (bitsandbytes)."""
 
@@ -142,13 +161,16 @@ def recommend(
     device_type: str,
     performance: str | None = None,
 ) -> Recommendation:
-    """The first method of the decision rules (`_order`) that fits, at the largest micro-batch that fits (halving from
-    the configured one), accumulating to the configured global batch; checkpointing only if nothing fits without.
+    """The first method of the decision rules (`_order`; the dry run's figures overrule them where it measured LoRA
+    neither lighter nor faster than full: `_follow_dry_run`) that fits, at the largest micro-batch that fits (halving
+    from the configured one), accumulating to the configured global batch; checkpointing only if nothing fits without.
     QLoRA (CUDA only) is priced from LoRA's estimate; the reasons say which rule fired."""
     limit, global_batch = FIT_FRACTION * budget, cfg.data.batch_size * cfg.training.gradient_accumulation_steps
     cuda = device_type == "cuda"
     full_fits = "full" in results and results["full"][0].best <= limit
     order, why = _order(n, full_fits, performance)
+    if performance is None:  # an explicit --performance is the user's call, not the data rules'
+        order, why = _follow_dry_run(order, why, results)
     if "lora" in results and cuda and "qlora" not in results:
         results = {**results, "qlora": (_qlora_estimate(results["lora"][0]), results["lora"][1])}
     notes = [] if cuda else ["QLoRA left out: bitsandbytes' 4-bit base needs CUDA"]
@@ -193,6 +215,61 @@ def recommend(
     return Recommendation(None, 0, 0, True, 0.0, [why, nothing + "shorter inputs or a smaller model", *notes])
 
 
+def precision_notes(
+    cfg: Config, task: str, labels: list[str] | None, results: dict[str, tuple[Estimate, Facts]], device_type: str
+) -> list[str]:
+    """What lean mode and model.torch_dtype would change, with their estimates: the table prices the config as given,
+    and standard mode's fp32 weights and moments (16 bytes a parameter) are most of a large model's full peak."""
+    notes = []
+    if "full" in results and cfg.training.memory != "lean":
+        lean = with_method(replace(cfg, training=replace(cfg.training, memory="lean")), "full")
+        peak = estimate(lean, task, inspect_model(lean, task, labels), device_type).peak
+        notes.append(
+            f"full: standard mode trains fp32 weights with fp32 AdamW moments whatever model.torch_dtype loads "
+            f"(~{human(results['full'][0].peak)}); training.memory=lean (bf16 weights and moments, gradient "
+            f"checkpointing) estimates ~{human(peak)}"
+        )
+    if "lora" in results and cfg.model.torch_dtype == "float32":
+        bf16 = with_method(replace(cfg, model=replace(cfg.model, torch_dtype="bfloat16")), "lora")
+        peak = estimate(bf16, task, inspect_model(bf16, task, labels), device_type).peak
+        notes.append(
+            f"lora: the frozen base loads in fp32 (model.torch_dtype=float32, ~{human(results['lora'][0].peak)}); "
+            f"model.torch_dtype=bfloat16 keeps it in bf16: ~{human(peak)}"
+        )
+    return notes
+
+
+def device_type_of(cfg: Config) -> str:
+    """ "cuda" or "cpu": where a run of `cfg` trains (hardware.device, auto: CUDA where there is one)."""
+    device = cfg.hardware.device
+    return "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+ESTIMATE_SLACK = 0.85
+"""The estimate's low end: dry runs measure 0.85-1.15x of it, so a run is refused only where even 85% of it does not
+fit."""
+
+
+def check_memory(cfg: Config, task: str, labels: list[str] | None, what: str) -> str:
+    """Before a training run starts: its estimated peak (the estimate `fulltune plan` prints) against the free memory
+    of its device. Where even the estimate's low end does not fit, one ConfigError line with the figures and the
+    settings that lower them; else a line saying the estimate."""
+    device_type = device_type_of(cfg)
+    est = estimate(cfg, task, inspect_model(cfg, task, labels), device_type)
+    free = available_memory(device_type)
+    line = f"memory: {what} is estimated to peak at ~{human(est.peak)} ({cfg.method.name}"
+    line += f", weights {human(est.weights)}, optimizer {human(est.optimizer)}, activations {human(est.activations)})"
+    if free is None:
+        return f"{line}; free {device_type} memory unknown"
+    if ESTIMATE_SLACK * est.peak <= free:
+        return f"{line}; {human(free)} of {device_type} memory free"
+    lower = ["training.memory=lean (bf16 weights and moments)"] if cfg.training.memory != "lean" else []
+    if cfg.method.name not in LORA_METHODS:
+        lower.append("method.name=lora with model.torch_dtype=bfloat16")
+    lower.append("a smaller data.batch_size or shorter inputs")
+    raise ConfigError(f"{line}, but {human(free)} of {device_type} memory is free: try {', or '.join(lower)}")
+
+
 def available_memory(device_type: str) -> int | None:
     """Free memory now: CUDA's free bytes, or the kernel's MemAvailable."""
     if device_type == "cuda":
@@ -214,11 +291,7 @@ def plan(
 ) -> dict[str, Any]:
     """Estimate every method for `cfg`, measure those that fit, recommend one: the report `cmd_plan` prints."""
 
-    device_type = (
-        "cuda"
-        if cfg.hardware.device.startswith("cuda") or (cfg.hardware.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
+    device_type = device_type_of(cfg)
     calibrate = calibrate and (device_type == "cpu" or torch.cuda.is_available())  # no GPU here: estimates only
     free = available_memory(device_type)
     budget_source = "--memory_budget" if budget else f"free {device_type} memory now"
@@ -269,5 +342,6 @@ def plan(
         "budget_source": budget_source,
         "measured_how": how,
         "methods": [asdict(e) for e, _ in results.values()] + errors,
+        "precision_notes": precision_notes(cfg, task, labels, results, device_type),
         "recommendation": asdict(recommend(cfg, task, results, budget, n, device_type, performance)),
     }

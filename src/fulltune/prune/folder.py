@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from fulltune.model.pruned import UNIFORM_NOTE, export_note, make_config_standard
+from fulltune.model.pruned import export_note, record_layer_shapes, standard_config
 from fulltune.model.pruning import (
     REPORT_FILE,
 )
@@ -18,15 +18,20 @@ from fulltune.state.modelcard import pruned_meta, write_model_card
 def save_pruned(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, report: dict | None = None) -> Path:
     """Write a ``save_pretrained`` folder (safetensors) and a README.md saying how to load it.
 
-    Where every layer kept one shape, config.json is a standard config that plain ``from_pretrained`` loads; where
-    layers differ, it records the per-layer shapes (plain ``from_pretrained`` fails with size mismatches: use
+    Where every layer kept one shape, config.json is a standard config that plain ``from_pretrained`` loads (a Llama
+    whose head count LlamaConfig refuses is written as Mistral's config: `fulltune.model.pruned.standard_config`);
+    where layers differ, it records the per-layer shapes (plain ``from_pretrained`` fails with size mismatches: use
     `load_pruned`). ``report`` (from `prune_model`), if given, is written next to it as fulltune_prune_report.json.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    uniform = make_config_standard(model)
+    config, note = standard_config(model)
+    if config is None:
+        record_layer_shapes(model, note)
+        note = export_note(model.config)["loading"]
     model.save_pretrained(out)
-    note = UNIFORM_NOTE if uniform else export_note(model.config)["loading"]
+    if config is not None:  # the weights' names are the same under the standard config: only config.json changes
+        config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if report is not None:

@@ -25,7 +25,8 @@ BUILTIN_EVAL_CHARS = 70_000
 """Characters of the docstring test split used for perplexity (the whole split, ~16k tokens)."""
 LOG_NAME = Path("logs") / "training.log"
 
-# The lines the guide greps for (`grep "剪枝后 PPL" logs/training.log`), with an English gloss.
+# The lines the guide greps for (`grep "剪枝后 PPL" logs/training.log`): written into that log only, with an English
+# gloss; the terminal gets the English line alone.
 PPL_LABELS = {"original": "原始模型 PPL", "pruned": "剪枝后 PPL", "recovered": "微调后 PPL"}
 
 
@@ -59,20 +60,23 @@ def builtin_text(out_dir: Path) -> tuple[Path, Path, str]:
 
 
 class GuideLog:
-    """OUTPUT/logs/training.log: every line `fulltune prune` prints, the perplexity lines in the guide's words."""
+    """OUTPUT/logs/training.log: every line `fulltune prune` prints, and the perplexity lines in the guide's words
+    (which the terminal gets in English)."""
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / LOG_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", encoding="utf-8")
 
-    def line(self, text: str) -> None:
-        print(text, flush=True)
+    def line(self, text: str, terminal: str | None = None) -> None:
+        """`text` into the log; `terminal` (default: the same text) on the terminal."""
+        print(text if terminal is None else terminal, flush=True)
         self.file.write(text + "\n")
         self.file.flush()
 
     def perplexity(self, which: str, value: float, tokens: int) -> None:
-        self.line(f"{PPL_LABELS[which]}: {value:.4f} ({which} perplexity over {tokens:,} tokens)")
+        english = f"{which} perplexity {value:.4f} over {tokens:,} tokens"
+        self.line(f"{PPL_LABELS[which]}: {value:.4f} ({english})", terminal=english)
 
     def close(self) -> None:
         self.file.close()

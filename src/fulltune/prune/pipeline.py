@@ -25,7 +25,8 @@ from fulltune.files.safestate import require_safetensors
 from fulltune.model.bundle import resolve_model_path, set_end_token
 from fulltune.model.exported import load_exported
 from fulltune.model.pruned import is_pruned_folder, load_pruned
-from fulltune.model.pruning import PruneConfig, parameter_count, prune_model
+from fulltune.model.pruning import SHAPES_KEY, PruneConfig, parameter_count, prune_model
+from fulltune.planning.recommend import check_memory
 from fulltune.prune.flags import FINETUNE_FLAGS, SCRIPT_DEFAULTS
 from fulltune.prune.folder import save_pruned
 from fulltune.prune.guide import GuideLog, builtin_text, publish_recovered
@@ -80,6 +81,49 @@ def _check_args(args: argparse.Namespace) -> None:
             raise DataError(f"--{flag} '{path}' does not exist")
 
 
+def _base_config(path: str) -> Any:
+    """The base model's config, refused in one line unless it is a causal language model (before anything loads)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"--base_model '{path}': no such folder")
+    name = resolve_model_path(path)
+    if Path(name).is_dir():
+        require_safetensors(name, "--base_model")  # a pickled checkpoint is refused before anything else
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--base_model '{path}': cannot read its config ({str(err).splitlines()[0]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = ", ".join(config.architectures or []) or config.model_type
+        raise ConfigError(
+            f"--base_model '{path}': a {config.model_type} model ({kind}), not a causal language model; prune "
+            "removes key/value groups and MLP channels of Llama-family decoders (llama, mistral, qwen2)"
+        )
+    return config
+
+
+def layout_note(args: argparse.Namespace, config: Any) -> str:
+    """What the pruned folder will need to load, said before pruning starts: plain transformers where every layer is
+    pruned alike (and the base was uniform), fulltune's loader where a layer range or importance ratios differ."""
+    n = int(config.num_hidden_layers)
+    end = n if args.layer_end is None else min(args.layer_end, n)
+    uneven = []
+    if (args.layer_start, end) != (0, n) and args.pruning_ratio > 0:
+        uneven.append(f"only layers {args.layer_start}-{end - 1} of 0-{n - 1} are pruned")
+    if args.layer_ratios == "importance" and args.pruning_ratio > 0:
+        uneven.append("--layer_ratios importance gives each layer its own ratio")
+    if getattr(config, SHAPES_KEY, None) is not None:
+        uneven.append("the base model's layers already differ in width")
+    if not uneven:
+        return "layout: every layer pruned alike; the pruned model loads with plain AutoModelForCausalLM"
+    return (
+        f"layout: {'; '.join(uneven)}, so its layers will differ in width: the pruned model loads with fulltune "
+        "(any fulltune command, or fulltune.model.pruned.load_pruned), not with plain AutoModelForCausalLM"
+    )
+
+
 def _load_base(
     path: str, device: torch.device, cfg: Config, torch_dtype: str = "float32"
 ) -> tuple[torch.nn.Module, Any]:
@@ -122,11 +166,9 @@ def _perplexity(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace
     """--eval_file's perplexity, as `eval.perplexity` defines it (windows of data.seq_len tokens, read with
     data.encoding): what the recovery run's validation and `fulltune evaluate` give on that file."""
     precision = resolve_precision(cfg.hardware.mixed_precision, device)
-    out = file_perplexity(
+    return file_perplexity(
         model, tokenizer, args.eval_file, cfg.data, cfg.data.seq_len, None, EVAL_BATCH_SIZE, device, precision.autocast
     )
-    print(f"  perplexity {out['perplexity']:.4f} over {out['tokens']:,} tokens")
-    return out
 
 
 def _recovered_folder(summary: dict[str, Any]) -> Path:
@@ -137,6 +179,19 @@ def _recovered_folder(summary: dict[str, Any]) -> Path:
     if not summary.get("last_checkpoint"):
         raise ConfigError("the recovery run wrote no checkpoint (checkpoint.save_every_epochs=0?); nothing to evaluate")
     return Path(summary["last_checkpoint"])
+
+
+def pruned_line(report: dict[str, Any]) -> str:
+    """What pruning removed: the share of the prunable blocks' parameters, then of the whole model, whose embeddings
+    (and untied output head) pruning never touches (a small model's vocabulary can be nearly all of it)."""
+    blocks = 1 - report["block_params_after"] / max(report["block_params_before"], 1)
+    whole = 1 - report["params_after"] / max(report["params_before"], 1)
+    embeddings = report["embedding_params"] / max(report["params_before"], 1)
+    return (
+        f"pruned: blocks {100 * blocks:.1f}% fewer parameters ({report['block_params_before']:,} -> "
+        f"{report['block_params_after']:,}); whole model {100 * whole:.1f}% fewer ({report['params_before']:,} -> "
+        f"{report['params_after']:,}; embeddings are {embeddings:.1%} of it)"
+    )
 
 
 def format_results(rows: list[dict[str, Any]]) -> str:
@@ -211,7 +266,11 @@ def _results(
         "results": rows,
         "pruned_model": str(pruned_dir) if pruned_dir.is_dir() else None,
         "recovered_model": str(recovered) if recovered else None,
-        "prune": {k: report[k] for k in ("params_before", "params_after", "config", "layer_range")},
+        "prune": {
+            k: report[k]
+            for k in ("params_before", "params_after", "block_params_before", "block_params_after", "config")
+        }
+        | {"embedding_params": report["embedding_params"], "layer_range": report["layer_range"]},
         "layers": report["layers"],
         "timings_s": timings,
     }
@@ -223,7 +282,9 @@ def run_prune(args: argparse.Namespace) -> int:
     out = output_dir(args)
     pruned_dir = out / "pruned"
     claim_output(out, "prune", (args.base_model, args.data_file, args.eval_file), PRUNE_ENTRIES)
+    base_config = _base_config(args.base_model)
     guide = GuideLog(out)  # OUTPUT/logs/training.log, the log the guide greps
+    guide.line(layout_note(args, base_config))
     measure = args.eval_file is not None or args.test_after_prune or args.finetune
     if args.data_file is None or args.eval_file is None:
         train_text, eval_text, what = builtin_text(out)
@@ -242,7 +303,6 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.finetune:
         cfg = _recovery_samples(cfg, tokenizer, out, guide)
     if measure:
-        print(f"original model ({args.base_model}):")
         rows.append({"model": "original", "parameters": parameter_count(model)})
         rows[-1] |= _perplexity(model, tokenizer, args, cfg, device)
         guide.perplexity("original", rows[-1]["perplexity"], rows[-1]["tokens"])
@@ -251,10 +311,7 @@ def run_prune(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     report = _prune(args, model, tokenizer, cfg, out)
     timings["prune_s"] = time.perf_counter() - tic
-    guide.line(
-        f"pruned: {report['params_before']:,} -> {report['params_after']:,} parameters "
-        f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)"
-    )
+    guide.line(pruned_line(report))
     if measure:
         tic = time.perf_counter()
         rows.append({"model": "pruned", "parameters": report["params_after"]})
@@ -270,6 +327,8 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.finetune:
         del model  # the run loads its own copy from pruned/
         gc.collect()
+        # as `fulltune plan` estimates it: refused in one line, before training, where it cannot fit
+        guide.line(check_memory(cfg, "causal_lm", None, "the recovery run"))
         recovered, row = _recover(args, cfg, device, timings)
         rows.append(row)
         guide.perplexity("recovered", row["perplexity"], row["tokens"])

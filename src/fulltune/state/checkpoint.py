@@ -44,6 +44,7 @@ from fulltune.files.safestate import (
     save_state,
 )
 from fulltune.model.bundle import ModelBundle, save_image_processor
+from fulltune.model.lora import is_quantized, merged_state_dict
 from fulltune.model.pruned import export_note
 from fulltune.runtime import distributed as ddist
 from fulltune.runtime.device import unwrap
@@ -104,9 +105,12 @@ def export_model(
         model.save_pretrained(str(out_dir), state_dict=model_state)
     elif is_peft(model):
         model.save_pretrained(str(out_dir / "adapter"))
-        plain = copy.deepcopy(model).merge_and_unload()
-        plain.save_pretrained(str(out_dir))
-        del plain
+        if is_quantized(model):  # a 4-bit base merges through peft (dequantize, add, quantize) on a copy
+            plain = copy.deepcopy(model).merge_and_unload()
+            plain.save_pretrained(str(out_dir))
+            del plain
+        else:  # merged on the CPU tensor by tensor: no second copy of the model on the device
+            model.get_base_model().save_pretrained(str(out_dir), state_dict=merged_state_dict(model))
     else:
         model.save_pretrained(str(out_dir))
     kill_point("inside-export")
