@@ -202,8 +202,11 @@ def test_comparison_html_has_the_markdown_columns_in_one_format_each(tmp_path):
     columns = list(zip(*cells, strict=True))
     memory = columns[head.index("peak memory")]
     assert memory == ("—", "0.2 GiB", "3.0 GiB")  # one unit down the column
-    assert columns[head.index("lr")] == ("—", "1.0e-03", "1.0e-02")
+    assert columns[head.index("lr")] == ("—", "1e-3", "1e-2")
     assert columns[head.index("val accuracy")] == ("0.2500", "0.5000", "0.7500")
+    assert "(pretrained weights, a fresh head)" in md
+    md = markdown(rows, settings | {"pretrained": False})
+    assert "(randomly initialised from a config, a fresh head)" in md and "pretrained" not in md
 
 
 def test_comparison_plot_draws_no_bar_for_a_row_without_a_value(tmp_path, monkeypatch):

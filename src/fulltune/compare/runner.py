@@ -33,6 +33,7 @@ from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
 from fulltune.files.rundir import claim_output_dir, release_run_lock
 from fulltune.report.html import build_comparison
+from fulltune.report.plots import scientific
 from fulltune.runtime.device import resolve_device, resolve_precision
 from fulltune.runtime.memory import maxrss_bytes
 
@@ -214,6 +215,10 @@ def _num(v: float | None, fmt: str) -> str:
     return MISSING if v is None else format(v, fmt)
 
 
+def _lr(v: float | None) -> str:
+    return MISSING if v is None else scientific(v)
+
+
 def _bytes_column(values: list[float | None]) -> list[str]:
     """Sizes of one column in one unit (that of the largest), so the column reads down."""
     known = [v for v in values if v is not None]
@@ -239,13 +244,13 @@ def comparison_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> tu
     body = []
     for k, (r, good) in enumerate(zip(rows, ok, strict=True)):
         if not good:
-            body.append([r["method"], _num(r.get("learning_rate"), ".1e"), "failed"] + [""] * (len(head) - 3))
+            body.append([r["method"], _lr(r.get("learning_rate")), "failed"] + [""] * (len(head) - 3))
             continue
         params = r.get("trainable_parameters")
         body.append(
             [
                 r["method"],
-                _num(r.get("learning_rate"), ".1e"),
+                _lr(r.get("learning_rate")),
                 _num(r.get("val"), mfmt),
                 _num(r.get("test"), mfmt),
                 *([_num(r.get("test_top5"), mfmt)] if top5 else []),
@@ -293,7 +298,9 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         "folder that plain transformers loads (weights, config, tokenizer); LoRA's is merged, its adapter alone is "
         "the last column."
         + (
-            f" The {UNTRAINED} row is the model as each run starts it (pretrained weights, a fresh head), "
+            f" The {UNTRAINED} row is the model as each run starts it ("
+            + ("pretrained weights" if settings.get("pretrained", True) else "randomly initialised from a config")
+            + ", a fresh head), "
             "evaluated without training."
             if any(r["method"] == UNTRAINED for r in rows)
             else ""
@@ -360,7 +367,8 @@ def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[
     device = resolve_device(cfg.hardware.device)
     data = d.data_dir or d.train_file or "?"
     return {
-        "model": "tiny_config" if cfg.model.tiny_config else cfg.model.name_or_path,
+        "model": cfg.model.describe(),
+        "pretrained": not cfg.model.tiny_config,
         "data": data + (f" (first {d.max_samples} train examples)" if d.max_samples else ""),
         "budget": f"{t.num_epochs} epoch{'s' if t.num_epochs != 1 else ''}"
         + (f", at most {t.max_steps} steps" if t.max_steps else ""),

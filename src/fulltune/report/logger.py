@@ -124,11 +124,7 @@ class RunLogger:
             "note": note,
             "task": run.task_name,
             "method": cfg.method.name,
-            "model": (
-                f"tiny random-init {cfg.model.tiny_config.get('model_type', '')} config"
-                if cfg.model.tiny_config
-                else cfg.model.name_or_path
-            ),
+            "model": cfg.model.describe(),
             "metric": metric,
             "data_sizes": sizes,
             "num_classes": len(self.labels) if self.labels else None,

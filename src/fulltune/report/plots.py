@@ -60,10 +60,11 @@ def tick_labels(values: list[float], step: float) -> list[str]:
             return [f"{v:,.6g}" for v in values]
         decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if _mantissa(step) == 2.5 else 0)
         return [f"{v:.{decimals}f}" for v in values]
-    return [_scientific(v) for v in values]
+    return [scientific(v) for v in values]
 
 
-def _scientific(v: float) -> str:
+def scientific(v: float) -> str:
+    """2.5e-4, 1e-3, 0: a mantissa of up to four digits without trailing zeros, the exponent without padding."""
     if v == 0:
         return "0"
     exponent = math.floor(math.log10(abs(v)) + 1e-9)
