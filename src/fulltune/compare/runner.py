@@ -340,7 +340,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         bars = ax.bar([i + offset for i in x], heights, width=0.4, label=split)
         ax.bar_label(bars, labels=labels(heights, lambda v: f"{v:.3g}"), fontsize=8)
     ax.set_title(metric)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=8)  # above the bars
     panels = [
         (axes[0][1], "trainable_percent", 1.0, "trainable parameters (%)", True),
         (axes[1][0], "peak_memory_bytes", 2**20, "peak memory (MiB)", False),

@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,9 @@ class RunLogger:
             self.info(f"started: {state.total_steps} optimizer steps planned, output in {self.out}")
         self._rebuild()
 
-    def lr_schedule(self, optimizer: torch.optim.Optimizer, lrs_at: Any, total_steps: int) -> None:
+    def lr_schedule(
+        self, optimizer: torch.optim.Optimizer, lrs_at: Callable[[int], list[float]], total_steps: int
+    ) -> None:
         """report/lr_schedule.json: each group's learning rate over the whole schedule, from `lrs_at(update index)`
         (one LR per param group), at every optimizer step up to 1,000 steps and at 1,000 evenly spaced ones beyond,
         so the report draws warmup and decay as they are, not just the logged points."""

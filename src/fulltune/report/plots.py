@@ -76,15 +76,16 @@ def _mantissa(v: float) -> float:
     return round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
 
 
-def log_ticks(lo: float, hi: float) -> list[float]:
+def log_ticks(lo: float, hi: float) -> tuple[list[float], float]:
     """Round values for a log axis over [lo, hi] (values, not logarithms): 1-2-5 per decade, only powers of ten over
-    many decades, and plain round values where the range is narrower than that."""
+        many decades, and plain round values where the range is narrower than that; and their step (0 where they are
+    not evenly spaced)."""
     decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
     for mantissas in ((1,), (1, 2, 5)) if len(decades) > 6 else ((1, 2, 5),):
         ticks = [m * 10.0**k for k in decades for m in mantissas if lo <= m * 10.0**k <= hi]
         if len(ticks) >= 3 or (len(mantissas) == 3 and len(ticks) >= 2):
-            return [float(f"{t:.6g}") for t in ticks]
-    return nice_ticks(lo, hi, 4)[0]
+            return [float(f"{t:.6g}") for t in ticks], 0.0
+    return nice_ticks(lo, hi, 4)
 
 
 def _legend(names: list[str], colors: list[str], x: float, y: float, width: float) -> tuple[str, float]:
@@ -132,8 +133,8 @@ def _y_axis(ys: list[float], log: bool) -> _Axis:
     lo, hi = min(ys), max(ys)
     if log:
         lo, hi = (lo / 1.5, hi * 1.5) if hi / lo < 1.1 else (lo / 1.05, hi * 1.05)
-        ticks = log_ticks(lo, hi)
-        return _Axis(lo, hi, ticks, tick_labels(ticks, 0.0), log=True)
+        ticks, step = log_ticks(lo, hi)
+        return _Axis(lo, hi, ticks, tick_labels(ticks, step), log=True)
     pad = (hi - lo) * 0.05 or abs(lo) * 0.1 or 1.0
     ticks, step = nice_ticks(lo - pad, hi + pad, 5)
     return _Axis(lo - pad, hi + pad, ticks, tick_labels(ticks, step))
@@ -160,8 +161,8 @@ def svg_chart(
     legend, legend_h = "", 0.0
     if len(series) > 1:
         colors = [PALETTE[k % len(PALETTE)] for k in range(len(series))]
-        legend, legend_h = _legend(list(series), colors, left, height + 4, pw)
-    total_h = height + legend_h + (6 if legend else 0)
+        legend, legend_h = _legend(list(series), colors, left, height + 12, pw)
+    total_h = height + legend_h + (12 if legend else 0)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h:.0f}" role="img" '
         f'aria-label="{html.escape(title)}"><rect width="100%" height="100%" fill="white"/>',
@@ -367,6 +368,7 @@ def plot_curves_png(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, panel in zip(axes.flat, curve_series(rows, metric, schedule), strict=False):
@@ -393,6 +395,8 @@ def plot_curves_png(
         ax.set_ylabel(panel.ylabel)
         if panel.log_y:
             ax.set_yscale("log")
+            for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_format(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.9, not 9 x 10^-1
         if 1 < len(panel.series) <= 10:  # below the axes, never over the data
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(3, len(panel.series)))
         ax.grid(alpha=0.3)
