@@ -204,7 +204,10 @@ def test_comparison_html_has_the_markdown_columns_in_one_format_each(tmp_path):
     assert memory == ("—", "0.2 GiB", "3.0 GiB")  # one unit down the column
     assert columns[head.index("lr")] == ("—", "1e-3", "1e-2")
     assert columns[head.index("val accuracy")] == ("0.2500", "0.5000", "0.7500")
-    assert "(pretrained weights, a fresh head)" in md
+    assert "(pretrained weights, a fresh head)" in md and "tokens/s" not in head
+    lm = rows[1] | {"metric": "perplexity", "val": 812.25, "test": None, "tokens_per_s": 640.4}
+    lm_head, lm_cells = comparison_table([lm], settings)
+    assert lm_cells[0][lm_head.index("tokens/s")] == "640" and lm_cells[0][2:4] == ["812.25", "—"]
     md = markdown(rows, settings | {"pretrained": False})
     assert "(randomly initialised from a config, a fresh head)" in md and "pretrained" not in md
 

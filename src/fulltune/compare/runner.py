@@ -32,7 +32,7 @@ from fulltune.config.yamlfile import read_yaml
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
 from fulltune.files.rundir import claim_output_dir, release_run_lock
-from fulltune.report.html import build_comparison
+from fulltune.report.html import build_comparison, read_jsonl
 from fulltune.report.plots import scientific
 from fulltune.runtime.device import resolve_device, resolve_precision
 from fulltune.runtime.memory import maxrss_bytes
@@ -184,6 +184,9 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
     export = run_dir / "best" if (run_dir / "best").is_dir() else Path(summary.get("last_checkpoint") or run_dir)
     adapter = export / "adapter"
     total = summary["total_parameters"]
+    samples_per_s = summary.get("train_samples_per_s") or summary.get("samples_per_s_median")
+    history = read_jsonl(run_dir / "run_history.jsonl")
+    tokens_per_sample = history[-1].get("tokens_per_sample") if history else None  # a causal LM's seq_len
     return {
         "metric": metric,
         "val": summary["best_val"][metric],
@@ -196,7 +199,8 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
         "peak_memory_bytes": summary.get("peak_memory_bytes"),
         "wall_time_s": summary.get("wall_time_s"),
         # Optimisation-only throughput (evaluation and saving excluded) where train.py reports it.
-        "samples_per_s": summary.get("train_samples_per_s") or summary.get("samples_per_s_median"),
+        "samples_per_s": samples_per_s,
+        "tokens_per_s": samples_per_s * tokens_per_sample if samples_per_s and tokens_per_sample else None,
         "optimizer_steps": summary.get("optimizer_steps"),
         "export_dir": str(export),
         # The export a user ships: weights, config, tokenizer or image processor (not the resume state).
@@ -234,8 +238,17 @@ def comparison_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> tu
     metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
     mfmt = ".2f" if metric in ("perplexity", "loss") else ".4f"
     top5 = (settings.get("num_classes") or 0) > 5  # a top-5 column where there are more than five classes
+    tokens = any(r.get("tokens_per_s") for r in rows)  # a causal LM: its speed in tokens too
     head = ["method", "lr", f"val {metric}", f"test {metric}", *(["test top-5"] if top5 else [])]
-    head += ["trainable params", "trainable %", "peak memory", "wall time", "samples/s", "export size", "adapter size"]
+    head += [
+        "trainable params",
+        "trainable %",
+        "peak memory",
+        "wall time",
+        "samples/s",
+        *(["tokens/s"] if tokens else []),
+    ]
+    head += ["export size", "adapter size"]
     ok = [r.get("status") == "ok" for r in rows]
     columns = {
         key: _bytes_column([r.get(key) if good else None for r, good in zip(rows, ok, strict=True)])
@@ -259,6 +272,7 @@ def comparison_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> tu
                 columns["peak_memory_bytes"][k],
                 _num(r.get("wall_time_s"), ".0f") + (" s" if r.get("wall_time_s") is not None else ""),
                 _num(r.get("samples_per_s"), ".1f"),
+                *([_num(r.get("tokens_per_s"), ",.0f")] if tokens else []),
                 columns["exported_bytes"][k],
                 columns["adapter_bytes"][k],
             ]
@@ -337,8 +351,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax = axes[0][0]
     for offset, split in ((-0.2, "val"), (0.2, "test")):
         heights = values(split)
-        bars = ax.bar([i + offset for i in x], heights, width=0.4, label=split)
-        ax.bar_label(bars, labels=labels(heights, lambda v: f"{v:.3g}"), fontsize=8)
+        shown = any(not math.isnan(v) for v in heights)  # no legend entry for a split no row has
+        bars = ax.bar([i + offset for i in x], heights, width=0.4, label=split if shown else None)
+        ax.bar_label(bars, labels=labels(heights, _short), fontsize=8)
     ax.set_title(metric)
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=8)  # above the bars
     panels = [

@@ -17,7 +17,7 @@ CHAR_PX = 6.2  # width of one character at font-size 10 (sans-serif), to lay out
 
 
 def fmt(v: Any, digits: int = 4) -> str:
-    """Numbers rounded for people: 4 significant digits, thousands separators for counts."""
+    """Numbers rounded for people: 4 significant digits, thousands separators for counts and large values."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -27,7 +27,9 @@ def fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):
             return str(v)
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
+        if 1e4 <= abs(v) < 1e9:
+            return f"{v:,.0f}"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e9):
             return f"{v:.{digits - 1}e}"
         return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
     return str(v)
@@ -209,9 +211,11 @@ def svg_chart(
             out.extend(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in points)
         if len(points) == 1:
             (x, y), anchor = points[0], "start" if px(points[0][0]) < left + pw * 0.6 else "end"
+            below = py(y) < top + 16  # near the top edge: the label goes under the marker
             out.append(
                 f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{color}"/><text class="value" '
-                f'x="{px(x) + (8 if anchor == "start" else -8):.1f}" y="{py(y) - 6:.1f}" text-anchor="{anchor}" '
+                f'x="{px(x) + (8 if anchor == "start" else -8):.1f}" y="{py(y) + (14 if below else -6):.1f}" '
+                f'text-anchor="{anchor}" '
                 f'font-size="11" fill="{color}">{fmt(float(y))} at {xlabel} {fmt(int(x) if integer_x else x)}</text>'
             )
     out.append(legend + "</svg>")
