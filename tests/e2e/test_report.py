@@ -18,6 +18,7 @@ from conftest import TINY_BERT, TINY_CLIP, base_overrides, write_text_split
 from PIL import Image
 
 from fulltune.cli import main
+from fulltune.compare.runner import comparison_table
 from fulltune.config import load_config
 from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.eval.metrics import summarize_confusion
@@ -79,7 +80,7 @@ def test_run_folder_has_a_report_and_readable_logs(image_run):
     ):
         assert section in html, section
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", html)  # self-contained: nothing fetched
-    assert html.count("<svg") == 4 and "data:image/png;base64," in html
+    assert html.count("<svg") == 5  # four charts and the confusion heatmap
     assert (image_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(x) for x in (image_run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train" and "loss" in r]  # (not the per-epoch accuracy rows)
@@ -248,12 +249,13 @@ def test_pages_render_in_headless_chromium(image_run, tmp_path):
             }
         )
     shutil.copy(image_run / "curves.png", tmp_path / "comparison.png")
-    pages = {"report": image_run / "report.html", "comparison": build_comparison(tmp_path, rows, {"seed": 0})}
+    table = comparison_table(rows, {"seed": 0})
+    pages = {"report": image_run / "report.html", "comparison": build_comparison(tmp_path, rows, {"seed": 0}, table)}
     keep = os.environ.get("FULLTUNE_SCREENSHOT_DIR")
     for name, page in pages.items():
         result = render(page)
         assert result.console_errors == [], result.console_errors
-        assert result.facts["images"], f"{name}: no image"
+        assert result.facts["images"] or name == "report", f"{name}: no image"  # the report draws only SVG
         assert all(i["complete"] and i["width"] > 0 for i in result.facts["images"]), result.facts["images"]
         assert result.facts["svgs"] >= 2
         width, height, ink = _not_blank(result.screenshot)
@@ -261,3 +263,52 @@ def test_pages_render_in_headless_chromium(image_run, tmp_path):
         if keep:
             Path(keep).mkdir(parents=True, exist_ok=True)
             (Path(keep) / f"{name}.png").write_bytes(result.screenshot)
+
+
+def test_text_run_keeps_every_step_the_lr_schedule_and_the_texts_as_written(tmp_path):
+    """Every optimizer step's loss in metrics.jsonl, the LR schedule with its warmup in report/lr_schedule.json, and
+    the confused examples of the report as the original texts (not decoded lowercased tokens)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n, seed in (("train", 32, 0), ("val", 16, 1), ("test", 16, 2)):
+        write_text_split(data / f"{split}.tsv", n, seed)
+        lines = (data / f"{split}.tsv").read_text().splitlines()
+        cased = [lines[0]] + [f"{t.title()} Überraschend, ODER?\t{y}" for t, y in (x.split("\t") for x in lines[1:])]
+        (data / f"{split}.tsv").write_text("\n".join(cased) + "\n", encoding="utf-8")
+    cfg = load_config(
+        None,
+        base_overrides(
+            tmp_path / "run",
+            TINY_BERT,
+            data__data_dir=str(data),
+            data__text_column="sentence",
+            data__batch_size=4,
+            training__num_epochs=1,
+            training__warmup_steps=3,
+            logging__log_every_steps=3,
+        ),
+    )
+    train(cfg)
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [s for r in rows if r["split"] == "train" and "step_losses" in r for s, _ in r["step_losses"]]
+    assert logged == list(range(1, 7))  # steps 1-6, each once (8 batches: logged at 3 and 6)
+    schedule = json.loads((run / "report" / "lr_schedule.json").read_text())
+    assert schedule["steps"] == list(range(1, 9))
+    lrs = next(iter(schedule["lrs"].values()))
+    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] and lrs[3] == max(lrs) and lrs[-1] < lrs[3]  # warmup, then decay
+    texts = {
+        line.split("\t")[0] for split in ("val", "test") for line in (data / f"{split}.tsv").read_text().splitlines()
+    }
+    examples = [
+        x
+        for rec in ("test", "val_best")
+        for xs in json.loads((run / "report" / f"{rec}.json").read_text())["pair_examples"].values()
+        for x in xs
+    ]
+    assert examples and all(x in texts for x in examples), examples[:3]
+    random_init = "bert, randomly initialised from a config (model.tiny_config)"  # never "pretrained weights"
+    card = (run / "best" / "README.md").read_text()
+    assert f"- Base model: {random_init}" in card and "pretrained weights" not in card
+    assert random_init in (run / "report.html").read_text()
+    assert f"model {random_init}" in (run / "train.log").read_text()

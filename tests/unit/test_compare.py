@@ -65,7 +65,7 @@ def test_compare_reports_a_failing_method_and_runs_the_other(tmp_path, text_data
     assert lora["status"] == "failed" and "no_such_module" in lora["error"]
 
     table = (out / "comparison.md").read_text()
-    assert "| linear_probe | 0.003 |" in table and "| lora | 0.01 | failed |" in table
+    assert "| linear_probe | 3e-3 |" in table and "| lora | 1e-2 | failed |" in table
     assert "no_such_module" in table
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

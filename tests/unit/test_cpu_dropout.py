@@ -120,3 +120,28 @@ def test_attention_drops_probabilities_and_passes_the_rest_to_sdpa() -> None:
     assert torch.equal(attention(module, q, k, v, None, dropout=0.1)[0], first)  # seeded by torch's generator
     plain = attention(module, q, k, v, None, dropout=0.0)[0]  # no dropout (evaluation): transformers' SDPA
     torch.testing.assert_close(plain, _sdpa_reference(q, k, v, None, False, 1))
+
+
+def test_cpu_attention_on_clips_vision_tower_says_nothing_of_undefined_behavior() -> None:
+    """An image classifier holds CLIP's text_config but no text model: only the configs a module runs switch."""
+    import logging
+
+    from transformers import CLIPConfig, CLIPForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    from fulltune.speed.cpu_dropout import use_cpu_attention
+
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = vision | {"vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    cfg = CLIPConfig(projection_dim=16, vision_config=vision | {"image_size": 32, "patch_size": 16}, text_config=text)
+    model = CLIPForImageClassification(cfg)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        assert use_cpu_attention(model)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert not [m for m in seen if "undefined behavior" in m], seen
+    assert model.config.vision_config._attn_implementation == ATTENTION

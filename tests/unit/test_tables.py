@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,16 @@ def test_hidden_class_folders_are_said(tmp_path):
     (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
     with pytest.warns(UserWarning, match=r"hidden folders are not classes: \.ipynb_checkpoints"):
         assert scan_split(tmp_path / "train").classes == ["ants", "bees"]
+
+
+def test_prepare_images_says_nothing_of_zero_unreadable_images(tmp_path, capsys):
+    from fulltune.cli import main
+
+    write_images(tmp_path / "src", 5, 0)
+    assert main(["prepare-images", str(tmp_path / "src"), "--output_dir", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"^wrote .*/out: train \d+, val \d+, test \d+ images$", said, flags=re.M), said
+    assert "unreadable" not in said and "skipped" not in said
+    (tmp_path / "src" / "bees" / "broken.jpeg").write_bytes(b"")
+    assert main(["prepare-images", str(tmp_path / "src"), "--output_dir", str(tmp_path / "out2")]) == 0
+    assert "; 1 unreadable image skipped" in capsys.readouterr().out

@@ -42,5 +42,14 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         num_classes=args.num_classes,
     )
-    print(f"wrote {args.output_dir}: " + ", ".join(f"{k} {v} images" for k, v in counts.items()))
+    print(written_line(args.output_dir, counts))
     return 0
+
+
+def written_line(out: str, counts: dict[str, int]) -> str:
+    """'wrote OUT: train 14, val 3, test 3 images' and the unreadable images skipped, when there were any."""
+    skipped = counts.get("skipped_unreadable", 0)
+    line = f"wrote {out}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "skipped_unreadable")
+    return (
+        line + " images" + (f"; {skipped:,} unreadable image{'s' if skipped != 1 else ''} skipped" if skipped else "")
+    )

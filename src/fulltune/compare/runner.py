@@ -1,6 +1,6 @@
 """`fulltune compare`: one config trained under several methods with the same data, seed and budget, each as a
 normal run folder (<output_dir>/<method>/) in its own process, so that peak memory and wall time are per method.
-Writes comparison.md, comparison.json and comparison.png beside them.
+Writes comparison.md, comparison.json, comparison.png and comparison.html beside them.
 
 A method that fails is reported as failed with its one-line error; the others still run.
 """
@@ -8,6 +8,7 @@ A method that fails is reported as failed with its one-line error; the others st
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -32,10 +33,10 @@ from fulltune.config.yamlfile import read_yaml
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError
 from fulltune.files.rundir import claim_output_dir, release_run_lock
-from fulltune.report.html import build_comparison
+from fulltune.report.html import build_comparison, read_jsonl
+from fulltune.report.plots import scientific
 from fulltune.runtime.device import resolve_device, resolve_precision
 from fulltune.runtime.memory import maxrss_bytes
-from fulltune.units import human_bytes
 
 # Learning rate of each method as a multiple of training.base_learning_rate (read as full fine-tuning's LR).
 
@@ -178,6 +179,9 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
     export = run_dir / "best" if (run_dir / "best").is_dir() else Path(summary.get("last_checkpoint") or run_dir)
     adapter = export / "adapter"
     total = summary["total_parameters"]
+    samples_per_s = summary.get("train_samples_per_s") or summary.get("samples_per_s_median")
+    history = read_jsonl(run_dir / "run_history.jsonl")
+    tokens_per_sample = history[-1].get("tokens_per_sample") if history else None  # a causal LM's seq_len
     return {
         "metric": metric,
         "val": summary["best_val"][metric],
@@ -190,7 +194,8 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
         "peak_memory_bytes": summary.get("peak_memory_bytes"),
         "wall_time_s": summary.get("wall_time_s"),
         # Optimisation-only throughput (evaluation and saving excluded) where train.py reports it.
-        "samples_per_s": summary.get("train_samples_per_s") or summary.get("samples_per_s_median"),
+        "samples_per_s": samples_per_s,
+        "tokens_per_s": samples_per_s * tokens_per_sample if samples_per_s and tokens_per_sample else None,
         "optimizer_steps": summary.get("optimizer_steps"),
         "export_dir": str(export),
         # The export a user ships: weights, config, tokenizer or image processor (not the resume state).
@@ -202,18 +207,77 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- the report
 
 
-def _human(n: float | None) -> str:
-    return human_bytes(n, digits=1, missing="—")
+MISSING = "—"
 
 
 def _num(v: float | None, fmt: str) -> str:
-    return "—" if v is None else format(v, fmt)
+    return MISSING if v is None else format(v, fmt)
+
+
+def _lr(v: float | None) -> str:
+    return MISSING if v is None else scientific(v)
+
+
+def _bytes_column(values: list[float | None]) -> list[str]:
+    """Sizes of one column in one unit (that of the largest), so the column reads down."""
+    known = [v for v in values if v is not None]
+    unit, size = next(
+        ((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if known and max(known) >= s), ("B", 1)
+    )
+    return [MISSING if v is None else f"{v / size:,.1f} {unit}" if size > 1 else f"{int(v)} B" for v in values]
+
+
+def comparison_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison's columns and each row's cells, one number format per column: comparison.md and
+    comparison.html both show this table."""
+    metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
+    mfmt = ".2f" if metric in ("perplexity", "loss") else ".4f"
+    top5 = (settings.get("num_classes") or 0) > 5  # a top-5 column where there are more than five classes
+    tokens = any(r.get("tokens_per_s") for r in rows)  # a causal LM: its speed in tokens too
+    head = ["method", "lr", f"val {metric}", f"test {metric}", *(["test top-5"] if top5 else [])]
+    head += [
+        "trainable params",
+        "trainable %",
+        "peak memory",
+        "wall time",
+        "samples/s",
+        *(["tokens/s"] if tokens else []),
+    ]
+    head += ["export size", "adapter size"]
+    ok = [r.get("status") == "ok" for r in rows]
+    columns = {
+        key: _bytes_column([r.get(key) if good else None for r, good in zip(rows, ok, strict=True)])
+        for key in ("peak_memory_bytes", "exported_bytes", "adapter_bytes")
+    }
+    body = []
+    for k, (r, good) in enumerate(zip(rows, ok, strict=True)):
+        if not good:
+            body.append([r["method"], _lr(r.get("learning_rate")), "failed"] + [""] * (len(head) - 3))
+            continue
+        params = r.get("trainable_parameters")
+        body.append(
+            [
+                r["method"],
+                _lr(r.get("learning_rate")),
+                _num(r.get("val"), mfmt),
+                _num(r.get("test"), mfmt),
+                *([_num(r.get("test_top5"), mfmt)] if top5 else []),
+                MISSING if params is None else f"{params:,}",
+                _num(r.get("trainable_percent"), ".2f") + ("%" if r.get("trainable_percent") is not None else ""),
+                columns["peak_memory_bytes"][k],
+                _num(r.get("wall_time_s"), ".0f") + (" s" if r.get("wall_time_s") is not None else ""),
+                _num(r.get("samples_per_s"), ".1f"),
+                *([_num(r.get("tokens_per_s"), ",.0f")] if tokens else []),
+                columns["exported_bytes"][k],
+                columns["adapter_bytes"][k],
+            ]
+        )
+    return head, body
 
 
 def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
-    mfmt = ".2f" if metric in ("perplexity", "loss") else ".4f"
-    top5 = (settings.get("num_classes") or 0) > 5  # a top-5 column where there are more than five classes
+    head, body = comparison_table(rows, settings)
     lines = [
         "# fulltune compare",
         "",
@@ -221,33 +285,10 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         f"{settings['global_batch']}, {settings['length']}, seed {settings['seed']}, precision "
         f"{settings['precision']}, device {settings['device']}. Each method ran in its own process.",
         "",
-        f"| method | lr | val {metric} | test {metric} |"
-        + (" test top-5 |" if top5 else "")
-        + " trainable params | trainable % | peak memory | wall time | samples/s | export size | adapter size |",
-        "|---|---:|---:|---:|" + ("---:|" if top5 else "") + "---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
     ]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(
-                f"| {r['method']} | {_num(r['learning_rate'], '.2g')} | failed |  |  |  |  |  |  |  |  |"
-                + ("  |" if top5 else "")
-            )
-            continue
-        cells = [
-            r["method"],
-            _num(r["learning_rate"], ".2g"),
-            _num(r["val"], mfmt),
-            _num(r["test"], mfmt),
-            *([_num(r.get("test_top5"), mfmt)] if top5 else []),
-            f"{r['trainable_parameters']:,}",
-            _num(r["trainable_percent"], ".2f") + "%",
-            _human(r["peak_memory_bytes"]),
-            _num(r["wall_time_s"], ".0f") + " s",
-            _num(r["samples_per_s"], ".1f"),
-            _human(r["exported_bytes"]),
-            _human(r["adapter_bytes"]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["", "Failed:", ""]
@@ -266,7 +307,9 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         "folder that plain transformers loads (weights, config, tokenizer); LoRA's is merged, its adapter alone is "
         "the last column."
         + (
-            f" The {UNTRAINED} row is the model as each run starts it (pretrained weights, a fresh head), "
+            f" The {UNTRAINED} row is the model as each run starts it ("
+            + ("pretrained weights" if settings.get("pretrained", True) else "randomly initialised from a config")
+            + ", a fresh head), "
             "evaluated without training."
             if any(r["method"] == UNTRAINED for r in rows)
             else ""
@@ -290,25 +333,34 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
 
     def values(key: str, scale: float = 1.0) -> list[float]:
-        return [(r.get(key) or 0.0) / scale if good else 0.0 for r, good in zip(rows, ok, strict=True)]
+        """One value per row; NaN (no bar, no label) where the row has none or failed."""
+        return [
+            r[key] / scale if good and r.get(key) is not None else math.nan for r, good in zip(rows, ok, strict=True)
+        ]
+
+    def labels(heights: list[float], fmt: Any) -> list[str]:
+        return ["" if math.isnan(v) else fmt(v) for v in heights]
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     x = range(len(rows))
     ax = axes[0][0]
     for offset, split in ((-0.2, "val"), (0.2, "test")):
-        bars = ax.bar([i + offset for i in x], values(split), width=0.4, label=split)
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        heights = values(split)
+        shown = any(not math.isnan(v) for v in heights)  # no legend entry for a split no row has
+        bars = ax.bar([i + offset for i in x], heights, width=0.4, label=split if shown else None)
+        ax.bar_label(bars, labels=labels(heights, _short), fontsize=8)
     ax.set_title(metric)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=8)  # above the bars
     panels = [
         (axes[0][1], "trainable_percent", 1.0, "trainable parameters (%)", True),
         (axes[1][0], "peak_memory_bytes", 2**20, "peak memory (MiB)", False),
         (axes[1][1], "wall_time_s", 1.0, "wall time (s)", False),
     ]
     for ax, key, scale, title, log in panels:
-        ax.bar_label(ax.bar(list(x), values(key, scale), color="tab:gray"), fmt=_short, fontsize=8)
+        heights = values(key, scale)
+        ax.bar_label(ax.bar(list(x), heights, color="tab:gray"), labels=labels(heights, _short), fontsize=8)
         ax.set_title(title)
-        if log and any(v > 0 for v in values(key)):
+        if log and any(v > 0 for v in heights):
             ax.set_yscale("log")
     for ax in axes.flat:
         ax.set_xticks(list(x), names)
@@ -325,7 +377,8 @@ def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[
     device = resolve_device(cfg.hardware.device)
     data = d.data_dir or d.train_file or "?"
     return {
-        "model": "tiny_config" if cfg.model.tiny_config else cfg.model.name_or_path,
+        "model": cfg.model.describe(),
+        "pretrained": not cfg.model.tiny_config,
         "data": data + (f" (first {d.max_samples} train examples)" if d.max_samples else ""),
         "budget": f"{t.num_epochs} epoch{'s' if t.num_epochs != 1 else ''}"
         + (f", at most {t.max_steps} steps" if t.max_steps else ""),
@@ -395,5 +448,5 @@ def write_comparison(root: Path, settings: dict[str, Any], rows: list[dict[str, 
     (root / "comparison.md").write_text(table, encoding="utf-8")
     plot(rows, root / "comparison.png")
 
-    build_comparison(root, rows, settings)
+    build_comparison(root, rows, settings, comparison_table(rows, settings))
     return table

@@ -73,6 +73,11 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
+def untrained_lm_label(cfg: Config) -> str:
+    """A causal LM's row before training: its pretrained weights, or a random init (model.tiny_config)."""
+    return "random init (no training)" if cfg.model.tiny_config else "pretrained (no training)"
+
+
 def untrained_row(cfg: Config) -> dict[str, Any]:
     """The model as it starts a run (pretrained weights, a fresh head seeded like the runs'), evaluated on the
     validation and test splits without any training step: the guides' "pretrained / zero-shot" baseline row."""
@@ -83,7 +88,7 @@ def untrained_row(cfg: Config) -> dict[str, Any]:
     val = scalar_metrics(run.evaluate_split(run.data.val)) if run.data.val is not None else {}
     test = scalar_metrics(run.evaluate_split(run.data.test)) if run.data.test is not None else {}
     total = sum(p.numel() for p in run.model.parameters())
-    label = UNTRAINED if run.task_name != "causal_lm" else "pretrained (no training)"
+    label = UNTRAINED if run.task_name != "causal_lm" else untrained_lm_label(cfg)
     return {
         "method": label,
         "learning_rate": 0.0,

@@ -114,6 +114,12 @@ class ModelConfig:
     """dtype the weights are loaded in (auto: the checkpoint's). Standard-mode training keeps fp32 master copies of
     the weights that train (frozen ones, e.g. a LoRA/QLoRA base, stay in this dtype); lean mode keeps bf16."""
 
+    def describe(self) -> str:
+        """The model in words: its hub id or folder, or the family a tiny_config builds with random weights."""
+        if self.tiny_config:
+            return f"{self.tiny_config.get('model_type', '?')}, randomly initialised from a config (model.tiny_config)"
+        return self.name_or_path
+
 
 # A few of the CLIP paper's ImageNet prompts (Radford et al. 2021), including its seven-template ensemble.
 DEFAULT_PROMPT_TEMPLATES = (

@@ -287,9 +287,10 @@ def cap(examples: TextExamples, n: int | None, seed: int) -> TextExamples:
 class TokenizedDataset(torch.utils.data.Dataset):
     """Token ids held as one tensor each, tokenised once up front (never per batch)."""
 
-    def __init__(self, input_ids: list[list[int]], labels: list[int] | None) -> None:
+    def __init__(self, input_ids: list[list[int]], labels: list[int] | None, texts: list[str] | None = None) -> None:
         self.input_ids = [torch.tensor(ids, dtype=torch.long) for ids in input_ids]
         self.labels = labels
+        self.texts = texts  # the texts as written, for the report's examples (not the decoded tokens)
         self.lengths = [len(ids) for ids in input_ids]
 
     def __len__(self) -> int:

@@ -1,10 +1,11 @@
-"""A run a person can read: `report.html` (self-contained: inline SVG curves, a base64 PNG confusion heatmap, no
-network) built from the run folder's files, `curves.png` beside it, `comparison.html` for `fulltune compare`, and
-the `fulltune report RUN_DIR` command that rebuilds a report.
+"""A run a person can read: `report.html` (self-contained: inline SVG curves and confusion heatmap, no network)
+built from the run folder's files, `curves.png` beside it, `comparison.html` for `fulltune compare`, and the
+`fulltune report RUN_DIR` command that rebuilds a report.
 
 Inputs (all written by report.RunLogger): metrics.jsonl (train rows and eval rows), run_history.jsonl (every start
 and resume), report/<split>.json (confusion matrix, per-example predictions, example inputs of confused pairs),
-summary.json (at the end), config.yaml and labels.json.
+report/lr_schedule.json (each group's learning rate over the schedule), summary.json (at the end), config.yaml and
+labels.json.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 from fulltune.report.plots import (  # noqa: F401 (re-exported: evaluate and tests draw through here)
     curve_series,
     fmt,
-    heatmap_png,
     normalise_rows,
     plot_confusion_png,
     plot_curves_png,
     svg_chart,
+    svg_heatmap,
 )
 
 EXAMPLES_PER_PAIR = 3
@@ -128,8 +129,9 @@ padding:0 16px}h1{font-size:24px;margin-bottom:4px}h2{font-size:18px;margin-top:
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:12px}
 pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:auto;max-height:420px}.muted{color:#777}
-.kv td:first-child{text-align:left;color:#555}.cm td{min-width:30px;font-size:11px}.ex{font-size:12px;text-align:left;
-max-width:560px;overflow-wrap:anywhere}"""
+.kv td:first-child{text-align:left;color:#555}.cmp td{white-space:nowrap}
+.warn{background:#fff3cd;border:1px solid #e0a800;padding:8px 12px;font-size:14px;color:#5c4400}
+.ex{font-size:12px;text-align:left;max-width:560px;overflow-wrap:anywhere}"""
 
 
 def _e(v: Any) -> str:
@@ -148,7 +150,6 @@ def _kv_table(items: list[tuple[str, Any]]) -> str:
 def _confusion_section(rec: dict[str, Any], title: str) -> str:
     matrix, labels = rec["confusion_matrix"], rec.get("labels") or [str(i) for i in range(len(rec["confusion_matrix"]))]
     n = len(labels)
-    norm = normalise_rows(matrix)
     where = f" at step {rec['step']}" if rec.get("step") is not None else ""
     weights = f" ({rec['weights']} weights)" if rec.get("weights") else ""
     parts = [
@@ -156,25 +157,8 @@ def _confusion_section(rec: dict[str, Any], title: str) -> str:
         f"{fmt(rec.get('examples'))} examples, accuracy {fmt(rec.get('accuracy'))}, "
         f"macro-F1 {fmt(rec.get('macro_f1'))}. Rows: true class; columns: predicted class.</p>"
     ]
-    png = base64.b64encode(heatmap_png(norm)).decode()
-    parts.append(
-        f"<div class='grid'><figure><img alt='row-normalised confusion matrix' src='data:image/png;base64,"
-        f"{png}' style='image-rendering:pixelated;width:{min(600, max(200, 24 * n))}px'>"
-        f"<figcaption class='muted'>row-normalised ({n} classes; white 0, dark blue 1)</figcaption></figure>"
-    )
-    if n <= 25:
-        head = "".join(f"<th>{_e(lb)}</th>" for lb in labels)
-        body = []
-        for i, row in enumerate(matrix):
-            cells = "".join(
-                f"<td style='background:rgba(8,48,107,{norm[i][j]:.2f});"
-                f"color:{'white' if norm[i][j] > 0.5 else 'black'}'>"
-                f"{v}<br><span style='font-size:9px'>{100 * norm[i][j]:.0f}%</span></td>"
-                for j, v in enumerate(row)
-            )
-            body.append(f"<tr><th class='l'>{_e(labels[i])}</th>{cells}</tr>")
-        parts.append(f"<table class='cm'><tr><th class='l'>true \\ predicted</th>{head}</tr>{''.join(body)}</table>")
-    parts.append("</div>")
+    parts.append(_one_class_warning(matrix, labels))
+    parts.append(f"<div class='grid'><figure>{svg_heatmap(matrix, labels)}</figure></div>")
     stats = per_class(matrix)
     order = sorted(range(n), key=lambda c: (stats[c]["f1"], labels[c])) if n > 30 else range(n)
     shown = list(order)[:40]
@@ -204,6 +188,20 @@ def _confusion_section(rec: dict[str, Any], title: str) -> str:
     return "".join(parts)
 
 
+def _one_class_warning(matrix: list[list[int]], labels: list[str]) -> str:
+    """A visible warning when every example is predicted as the same class (a model that has not learned yet)."""
+    predicted = [sum(row[j] for row in matrix) for j in range(len(matrix))]
+    total = sum(predicted)
+    if len(matrix) < 2 or not total or max(predicted) < total:
+        return ""
+    only = labels[predicted.index(total)]
+    return (
+        f"<p class='warn'>Warning: the model predicts <b>{_e(only)}</b> for every one of the {total:,} examples. "
+        "It has not learned to tell the classes apart: train longer or with another learning rate, and check that "
+        "the labels match the texts or images.</p>"
+    )
+
+
 def _history_section(history: list[dict[str, Any]]) -> str:
     """Every start and resume of the run: when, from where, at which step, and what changed."""
     body = "".join(
@@ -218,6 +216,33 @@ def _history_section(history: list[dict[str, Any]]) -> str:
         "<th class='l'>from</th><th>at step</th><th>epoch</th><th>steps planned</th>"
         f"<th class='l'>note</th></tr>{body}</table>"
     )
+
+
+def _speed_items(rows: list[dict[str, Any]], summary: dict[str, Any], facts: dict[str, Any]) -> list[tuple[str, Any]]:
+    """How fast: steps, wall time, samples/s (and tokens/s for a causal LM), peak memory; from the summary at the
+    end, from the latest train row while running."""
+    train_rows = [r for r in rows if r.get("split", "train") == "train" and "samples_per_s" in r]
+    peak = max((r.get("peak_memory_mb") or 0 for r in train_rows), default=None)
+    samples_per_s = summary.get("train_samples_per_s") or summary.get("samples_per_s_median")
+    per_token = samples_per_s is not None and facts.get("tokens_per_sample")  # causal LM: blocks of seq_len tokens
+    speed = [
+        ("optimizer steps done", summary.get("optimizer_steps") or (train_rows[-1]["step"] if train_rows else None)),
+        (
+            "wall time",
+            f"{summary['wall_time_s']:.1f} s"
+            if summary.get("wall_time_s")
+            else (f"{train_rows[-1]['time_s']:.1f} s so far" if train_rows else None),
+        ),
+        ("training samples/s", samples_per_s),
+        ("training tokens/s", samples_per_s * facts["tokens_per_sample"] if per_token else None),
+        (
+            "peak memory",
+            f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB"
+            if summary.get("peak_memory_bytes")
+            else (f"{peak:,.0f} MiB" if peak else None),
+        ),
+    ]
+    return speed
 
 
 def render_report(run_dir: Path) -> str:
@@ -250,24 +275,7 @@ def render_report(run_dir: Path) -> str:
         ("trainable parameters", facts.get("trainable_parameters")),
         ("total parameters", facts.get("total_parameters")),
     ]
-    train_rows = [r for r in rows if r.get("split", "train") == "train" and "samples_per_s" in r]
-    peak = max((r.get("peak_memory_mb") or 0 for r in train_rows), default=None)
-    speed = [
-        ("optimizer steps done", summary.get("optimizer_steps") or (train_rows[-1]["step"] if train_rows else None)),
-        (
-            "wall time",
-            f"{summary['wall_time_s']:.1f} s"
-            if summary.get("wall_time_s")
-            else (f"{train_rows[-1]['time_s']:.1f} s so far" if train_rows else None),
-        ),
-        ("training samples/s", summary.get("train_samples_per_s") or summary.get("samples_per_s_median")),
-        (
-            "peak memory",
-            f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB"
-            if summary.get("peak_memory_bytes")
-            else (f"{peak:,.0f} MiB" if peak else None),
-        ),
-    ]
+    speed = _speed_items(rows, summary, facts)
     results = [
         (f"best val {metric}", (summary.get("best_val") or {}).get(metric)),
         ("best step", (summary.get("best_val") or {}).get("step")),
@@ -278,8 +286,8 @@ def render_report(run_dir: Path) -> str:
         f"{_kv_table(speed)}</div><div><h2>Results</h2>{_kv_table(results)}</div></div>"
     )
     parts.append("<h2>Curves</h2><div class='grid'>")
-    for title, series, log_y in curve_series(rows, metric):
-        parts.append(svg_chart(series, title, log_y=log_y))
+    for panel in curve_series(rows, metric, _read_json(run_dir / "report" / "lr_schedule.json")):
+        parts.append(svg_chart(panel.series, panel.title, ylabel=panel.ylabel, log_y=panel.log_y))
     parts.append("</div>")
     for name, title in (
         ("test", "Confusion matrix: test set"),
@@ -313,6 +321,7 @@ def build_report(run_dir: str | Path, with_png: bool = True) -> Path:
             read_jsonl(run_dir / "metrics.jsonl"),
             run_dir / "curves.png",
             history[-1].get("metric") if history else None,
+            _read_json(run_dir / "report" / "lr_schedule.json"),
         )
     return run_dir / "report.html"
 
@@ -320,58 +329,56 @@ def build_report(run_dir: str | Path, with_png: bool = True) -> Path:
 # ---------------------------------------------------------------- comparison.html
 
 
-def build_comparison(root: str | Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> Path:
-    """comparison.html beside comparison.md: the table, the comparison plot, every run's validation curve."""
+def build_comparison(
+    root: str | Path, rows: list[dict[str, Any]], settings: dict[str, Any], table: tuple[list[str], list[list[str]]]
+) -> Path:
+    """comparison.html beside comparison.md: the same table (`table`: its columns and each row's cells, as
+    comparison.md shows them) with a link to each run's report, the comparison plot, every run's curves."""
     root = Path(root)
-    head = [
-        "method",
-        "learning rate",
-        "val",
-        "test",
-        "trainable %",
-        "peak memory",
-        "wall time",
-        "samples/s",
-        "status",
-        "report",
-    ]
+    head, cells = table
     body = []
     curves: dict[str, list] = {}
     losses: dict[str, list] = {}
     metric = next((r.get("metric") for r in rows if r.get("metric")), None)
-    for r in rows:
+    for r, row_cells in zip(rows, cells, strict=True):
         run_dir = Path(r.get("run_dir", ""))
         report = run_dir / "report.html"
         link = (
             f"<a href='{_e(report.relative_to(root) if report.is_relative_to(root) else report)}'>report</a>"
             if report.is_file()
-            else "-"
+            else "—"
         )
-        mem = r.get("peak_memory_bytes")
-        cells = [
-            r["method"],
-            fmt(r.get("learning_rate")),
-            fmt(r.get("val")),
-            fmt(r.get("test")),
-            fmt(r.get("trainable_percent"), 3),
-            f"{mem / 2**20:,.0f} MiB" if mem else "-",
-            f"{r['wall_time_s']:.1f} s" if r.get("wall_time_s") else "-",
-            fmt(r.get("samples_per_s")),
-            r.get("status") if r.get("status") == "ok" else f"failed: {r.get('error')}",
-        ]
-        body.append("<tr>" + "".join(f"<td class='l'>{_e(c)}</td>" for c in cells) + f"<td>{link}</td></tr>")
+        body.append(
+            "<tr>"
+            + "".join(f"<td class='{'l' if i == 0 else ''}'>{_e(c)}</td>" for i, c in enumerate(row_cells))
+            + f"<td>{link}</td></tr>"
+        )
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         if metric:
             curves[r["method"]] = [(m["step"], m.get(metric)) for m in metrics if m.get("split") == "val"]
-        losses[r["method"]] = [(m["step"], m.get("loss")) for m in metrics if m.get("split", "train") == "train"]
+        losses[r["method"]] = [
+            p
+            for m in metrics
+            if m.get("split", "train") == "train" and "loss" in m
+            for p in (m.get("step_losses") or [(m["step"], m.get("loss"))])
+        ]
     parts = [
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fulltune comparison</title>"
         f"<style>{CSS}</style></head><body><h1>fulltune comparison: {_e(root.name)}</h1>",
         f"<p class='muted'>{_e(root.resolve())}; metric: {_e(metric)}</p>",
-        "<table><tr>" + "".join(f"<th class='l'>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table>",
+        "<table class='cmp'><tr>"
+        + "".join(f"<th class='{'l' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head))
+        + "<th>report</th></tr>"
+        + "".join(body)
+        + "</table>",
+        "".join(
+            f"<p class='warn'>{_e(r['method'])} failed: {_e(r.get('error'))}</p>"
+            for r in rows
+            if r.get("status") != "ok"
+        ),
         "<h2>Curves</h2><div class='grid'>",
-        svg_chart(curves, f"validation {metric}"),
-        svg_chart(losses, "train loss"),
+        svg_chart(curves, f"validation {metric}", ylabel=metric or "", log_y=metric == "perplexity"),
+        svg_chart(losses, "train loss", ylabel="cross-entropy"),
         "</div>",
     ]
     png = root / "comparison.png"

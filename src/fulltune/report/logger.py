@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class RunLogger:
         self.describe: dict[str, Any] = {}  # split -> function(example index) -> a short text of that input
         self.trackers: list[Any] = []
         self.last_step = 0
+        self.step_losses: list[tuple[int, float]] = []  # (optimizer step, loss) since the last train row
+        self.tokens_per_sample: int | None = None  # causal LM: every sample is a block of seq_len tokens
         if not enabled:
             return
         self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
@@ -90,6 +93,7 @@ class RunLogger:
         data = getattr(run, "data", None)
         self.labels = getattr(data, "labels", None)
         tokenizer = getattr(run.bundle, "tokenizer", None)
+        self.tokens_per_sample = self.cfg.data.seq_len if run.task_name == "causal_lm" else None
         for split in ("val", "test"):
             ds = getattr(data, split, None)
             if ds is not None:
@@ -121,11 +125,7 @@ class RunLogger:
             "note": note,
             "task": run.task_name,
             "method": cfg.method.name,
-            "model": (
-                f"tiny random-init {cfg.model.tiny_config.get('model_type', '')} config"
-                if cfg.model.tiny_config
-                else cfg.model.name_or_path
-            ),
+            "model": cfg.model.describe(),
             "metric": metric,
             "data_sizes": sizes,
             "num_classes": len(self.labels) if self.labels else None,
@@ -135,6 +135,7 @@ class RunLogger:
             "global_batch": cfg.data.batch_size * cfg.training.gradient_accumulation_steps * (state.world_size or 1),
             "trainable_parameters": trainable,
             "total_parameters": total,
+            "tokens_per_sample": self.tokens_per_sample,
         }
         with open(self.out / "run_history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
@@ -161,6 +162,23 @@ class RunLogger:
         self.jsonl.close()
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         self.jsonl = open(path, "a", encoding="utf-8")
+
+    def lr_schedule(
+        self, optimizer: torch.optim.Optimizer, lrs_at: Callable[[int], list[float]], total_steps: int
+    ) -> None:
+        """report/lr_schedule.json: each group's learning rate over the whole schedule, from `lrs_at(update index)`
+        (one LR per param group), at every optimizer step up to 1,000 steps and at 1,000 evenly spaced ones beyond,
+        so the report draws warmup and decay as they are, not just the logged points."""
+        if not (self.enabled and total_steps > 0):
+            return
+        every = max(1, math.ceil(total_steps / 1000))
+        steps = sorted({*range(1, total_steps + 1, every), total_steps})
+        values = [lrs_at(step - 1) for step in steps]  # the update that ends at optimizer step `step`
+        names = _group_names(optimizer)
+        record = {"steps": steps, "lrs": {name: [v[i] for v in values] for i, name in enumerate(names)}}
+        folder = self.out / "report"
+        folder.mkdir(exist_ok=True)
+        write_atomic(folder / "lr_schedule.json", json.dumps(record))
 
     def _rebuild(self, with_png: bool = False) -> None:
         try:
@@ -202,6 +220,7 @@ class RunLogger:
     def loss_values(self, step: int, values: list[float]) -> None:
         """Per-step losses flushed at a log point (already on the host)."""
         self.last_loss = sum(values) / len(values)
+        self.step_losses += [(step - len(values) + 1 + i, v) for i, v in enumerate(values)]
         if self.writer:
             for i, v in enumerate(values):
                 self.writer.add_scalar("train/loss", v, step - len(values) + 1 + i)
@@ -219,7 +238,7 @@ class RunLogger:
     ) -> None:
         if not self.enabled:
             return
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        lrs = dict(zip(_group_names(optimizer), (g["lr"] for g in optimizer.param_groups), strict=True))
         top_lr = max(lrs.values()) if lrs else 0.0
         self.last_lr = top_lr
         self.throughputs.append(samples_per_s)
@@ -233,14 +252,20 @@ class RunLogger:
             "lrs": lrs,
             "grad_norm": grad_norm,
             "samples_per_s": samples_per_s,
+            **({"tokens_per_s": samples_per_s * self.tokens_per_sample} if self.tokens_per_sample else {}),
+            "step_losses": [[s, v] for s, v in self.step_losses if s <= step],  # every step's loss, for the curves
             "peak_memory_mb": peak_bytes / 2**20,
             "time_s": time.perf_counter() - self.start,
         }
+        self.step_losses = [(s, v) for s, v in self.step_losses if s > step]
         self._record(row)
+        rate = f"{samples_per_s:.1f} samples/s" + (
+            f" ({row['tokens_per_s']:,.0f} tokens/s)" if "tokens_per_s" in row else ""
+        )
         norm = f" | grad norm {grad_norm:.3g}" if grad_norm is not None else ""
         self._log_line(
             f"step {step} epoch {epoch}: loss {self.last_loss:.4g} | lr {top_lr:.3g}{norm} | "
-            f"{samples_per_s:.1f} samples/s | peak memory {peak_bytes / 2**20:,.0f} MiB"
+            f"{rate} | peak memory {peak_bytes / 2**20:,.0f} MiB"
         )
         if self.writer:
             for name, lr in lrs.items():
@@ -352,6 +377,10 @@ class Throughput:
         return seconds, (samples_seen - self.samples_at_start) / seconds
 
 
+def _group_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    return [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
+
+
 def _count(model: Any) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
@@ -367,14 +396,27 @@ def _kept(row: Any, step: int, held: set[Any]) -> bool:
 
 
 def _describer(dataset: Any, tokenizer: Any) -> Any:
-    """index -> a short text of that example's input: the image path, or the decoded text (first 200 characters)."""
+    """index -> a short text of that example's input: the image path, the text as written (about 200 characters, cut
+    at a word), or else the decoded tokens."""
     folder = getattr(dataset, "folder", None)
     if folder is not None:
         return lambda i: str(folder.samples[i][0])
+    texts = getattr(dataset, "texts", None)
+    if texts is not None:
+        return lambda i: shorten(texts[i])
     ids = getattr(dataset, "input_ids", None)
     if ids is not None and tokenizer is not None:
         return lambda i: tokenizer.decode(ids[i], skip_special_tokens=True)[:200]
     return lambda i: f"example {i}"
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """`text` on one line, cut at the last word boundary before `limit` characters (with an ellipsis)."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat[:limit].rsplit(" ", 1)[0] if " " in flat[:limit] else flat[:limit]
+    return cut + " …"
 
 
 def done_line(summary: dict[str, Any]) -> str:

@@ -10,6 +10,8 @@ before; the masks are not the ones torch would draw. What it buys, measured: doc
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
@@ -73,6 +75,19 @@ def on_sdpa(model: nn.Module) -> bool:
     return base is not None and getattr(base.config, "_attn_implementation", None) == "sdpa"
 
 
+def _requested(base: PreTrainedModel) -> dict[str, Any]:
+    """`attention` for the model and each sub-config that a module of the model runs; a sub-config with no module
+    (CLIP's text_config under an image classifier) keeps its own, so transformers need not set it blind and warn
+    of undefined behavior."""
+    used = {id(getattr(m, "config", None)) for m in base.modules()}
+    request: dict[str, Any] = {"": ATTENTION}
+    for key in base.config.sub_configs:
+        sub = getattr(base.config, key, None)
+        if sub is not None:
+            request[key] = ATTENTION if id(sub) in used else sub._attn_implementation
+    return request
+
+
 def use_cpu_attention(model: nn.Module) -> bool:
     """Switch a transformers model on SDPA attention to `attention` (SDPA itself whenever no attention dropout
     applies); True if it did. The attention implementation is not part of a saved config.json."""
@@ -81,7 +96,7 @@ def use_cpu_attention(model: nn.Module) -> bool:
     base = _transformers_model(model)
     register_attention()
     try:
-        base.set_attn_implementation(ATTENTION)  # type: ignore[union-attr]
+        base.set_attn_implementation(_requested(base))  # type: ignore[arg-type]
     except (ValueError, ImportError):  # a model that takes no custom attention keeps SDPA
         return False
     return base.config._attn_implementation == ATTENTION  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fulltune.config.sections import ModelConfig
 from fulltune.data.records import split_size
 from fulltune.files.manifest import replace_in_checkpoint
 from fulltune.model.pruned import is_pruned_folder
@@ -45,10 +46,8 @@ def card_facts(cfg: Any, data: Any, state: Any) -> dict[str, Any]:
 
 def _base_model(config: dict[str, Any]) -> str:
     model = config.get("model", {})
-    if model.get("tiny_config"):
-        kind = model["tiny_config"].get("model_type", "?")
-        return f"a randomly initialised `{kind}` (model.tiny_config; no pretrained weights)"
-    return f"`{model.get('name_or_path')}`"
+    words = ModelConfig(name_or_path=str(model.get("name_or_path")), tiny_config=model.get("tiny_config")).describe()
+    return words if model.get("tiny_config") else f"`{words}`"
 
 
 def _hub_base_model(config: dict[str, Any]) -> str | None:

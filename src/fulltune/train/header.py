@@ -14,7 +14,7 @@ from fulltune.train.lean_fused import describe_lean_mode
 
 
 def run_header(trainer: Any) -> str:
-    """What is about to run: task, data, device, precision, batch arithmetic, what trains, the LR groups."""
+    """What is about to run: the model, task, data, device, precision, batch arithmetic, what trains, the LR groups."""
 
     cfg, t, data = trainer.cfg, trainer.cfg.training, trainer.data
     global_batch = cfg.data.batch_size * t.gradient_accumulation_steps * world_size()
@@ -24,6 +24,7 @@ def run_header(trainer: Any) -> str:
     train = f"{n_train} train examples" if n_train is not None else "streamed train examples (length unknown)"
     picked = " (task: auto, read from the data)" if cfg.task == "auto" else ""
     return (
+        f"model {cfg.model.describe()}\n"
         f"task {trainer.task_name}{picked} | method {cfg.method.name} | {train}{val}"
         f" | device {trainer.device} | precision {trainer.precision.name}{trainer.precision.note}\n"
         f"global batch {global_batch} = micro-batch {cfg.data.batch_size} x accumulation "

@@ -124,6 +124,11 @@ def lr_factor(step: int, total_steps: int, warmup: int, kind: str, min_ratio: fl
     return min_ratio + (1.0 - min_ratio) * shape
 
 
+def group_lrs(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> list[float]:
+    """The learning rate of each param group at schedule `factor`: the base LR times the group's scale."""
+    return [base_lr * group.get("lr_scale", 1.0) * factor for group in optimizer.param_groups]
+
+
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * group.get("lr_scale", 1.0) * factor
+    for group, lr in zip(optimizer.param_groups, group_lrs(optimizer, base_lr, factor), strict=True):
+        group["lr"] = lr

@@ -112,7 +112,8 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.Ima
 
 
 def _tokenized(examples: txt.TextExamples, vocab: list[str], tokenizer: Any, max_length: int) -> txt.TokenizedDataset:
-    return txt.TokenizedDataset(txt.tokenize(tokenizer, examples.texts, max_length), txt.label_ids(examples, vocab))
+    ids = txt.tokenize(tokenizer, examples.texts, max_length)
+    return txt.TokenizedDataset(ids, txt.label_ids(examples, vocab), examples.texts)
 
 
 def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> TaskData:

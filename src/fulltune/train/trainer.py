@@ -42,7 +42,7 @@ from fulltune.state.resume import check_resume, data_fingerprint
 from fulltune.train.accuracy import TrainAccuracy, log_train_accuracy
 from fulltune.train.header import run_header, run_summary
 from fulltune.train.lean_fused import attach_fused_step, fuses_step
-from fulltune.train.optim import build_optimizer, lr_factor, optimizer_step, set_lr, warmup_steps
+from fulltune.train.optim import build_optimizer, group_lrs, lr_factor, optimizer_step, set_lr, warmup_steps
 from fulltune.train.tasks import TASKS, Task, data_loader, infer_task, read_labels, validation_metric
 
 
@@ -245,6 +245,7 @@ class Trainer:
         for line in self.data.info.get("caps", []):  # what data.max_samples / max_eval_samples kept
             self.log.info(line)
         self.warmup = warmup_steps(t, s.total_steps)
+        self.log.lr_schedule(self.optimizer, self._lrs_at, s.total_steps)
         self.loader = self.make_loader(self.data.train, batch_sampler=self.sampler)
         self.throughput = Throughput(samples_at_start=s.samples_seen)
         self.train_accuracy = TrainAccuracy(self.task_name, self.device)  # per epoch, to watch for overfitting
@@ -282,6 +283,12 @@ class Trainer:
             self.model = ddist.rewrap_ddp(self.model, self.device)
         if self.fused is not None:
             self._attach_fused()
+
+    def _lrs_at(self, update: int) -> list[float]:
+        """Each param group's learning rate for the update at 0-based index `update` (the schedule set_lr follows)."""
+        t, s = self.cfg.training, self.state
+        factor = lr_factor(update, s.total_steps, self.warmup, t.lr_scheduler, t.min_lr_ratio)
+        return group_lrs(self.optimizer, t.base_learning_rate, factor)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> None:
         """One optimizer step over the micro-batches of one accumulation window."""
