@@ -120,10 +120,7 @@ def check_ranges(cfg: Config) -> None:
         bad_float = isinstance(value, float) and not math.isfinite(value)
         if bad_float or not ok(value):
             raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {allowed}")
-    try:
-        codecs.lookup(cfg.data.encoding)
-    except LookupError:
-        raise ConfigError(f"config key 'data.encoding': unknown encoding {cfg.data.encoding!r}") from None
+    check_text_encoding(cfg.data.encoding, "config key 'data.encoding'")
     metric = cfg.training.metric
     known = METRICS.get(cfg.task) or tuple(dict.fromkeys(m for ms in METRICS.values() for m in ms))
     if metric != "auto" and metric not in known:
@@ -131,6 +128,24 @@ def check_ranges(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'training.metric': '{metric}' is not a metric of {where}; choose auto, " + ", ".join(known)
         )
+
+
+def check_text_encoding(encoding: str, where: str) -> None:
+    """`encoding` decodes bytes to text (utf-8, latin-1, cp1252): unknown names and the bytes-to-bytes codecs that
+    `codecs` also knows (base64, rot13, zlib) are refused, naming `where`."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ConfigError(f"{where}: unknown encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
+    try:
+        b"a".decode(encoding)
+    except UnicodeDecodeError:
+        pass  # a text encoding that needs more than one byte (utf-16)
+    except (LookupError, UnicodeError):  # base64, rot13, zlib; `undefined` fails on any input
+        raise ConfigError(
+            f"{where}: {encoding!r} is not a text encoding (it maps bytes to bytes); use one such as utf-8, latin-1 "
+            "or cp1252"
+        ) from None
 
 
 def _validate_head_init(cfg: Config) -> None:
