@@ -221,6 +221,10 @@ def _evaluate_folder(damage: Callable[[Path], None], manifest: bool = False) -> 
     ]
 
 
+def _export_folder(damage: Callable[[Path], None]) -> Callable:
+    return lambda w, t: ["export", str(_model_folder(w, t, damage, False)), "--output_dir", str(t / "exported")]
+
+
 def _train_from_folder(damage: Callable[[Path], None]) -> Callable:
     def make(world, tmp):
         folder = _model_folder(world, tmp, damage, False)
@@ -466,6 +470,13 @@ CASES.update(
             ("tokenizer.json",),
         ),
         "no manifest, run record not JSON": (_evaluate_folder(_write("fulltune_run.json", b"{")), 2, ("fulltune_run",)),
+        "export, no manifest, run record not JSON": (
+            _export_folder(_write("fulltune_run.json", b"{")),
+            2,
+            ("export", "fulltune_run.json", "not JSON"),
+        ),
+        "export, no manifest, truncated weights": (_export_folder(_truncate("model.safetensors")), 2, ("truncated",)),
+        "export, no manifest, config.json not JSON": (_export_folder(_write("config.json", b"[")), 2, ("config.json",)),
         "base model truncated": (_train_from_folder(_truncate("model.safetensors")), 2, ("model.name_or_path",)),
         "base model tokenizer.json not JSON": (
             _train_from_folder(_write("tokenizer.json", b"{")),
@@ -517,6 +528,8 @@ def test_bad_input(name, world, tmp_path, capsys):
     assert _fingerprint(world["run"]) == before  # the existing run's checkpoints are untouched
     if name.startswith(("log_every", "binary yaml", "yaml alias", "adam", "metric")):
         assert not (tmp_path / "out").exists()  # config errors come before any folder is made
+    if name.startswith("export,"):
+        assert not list(tmp_path.glob("*exported*"))  # a source that does not load leaves no export behind
 
 
 def test_debug_shows_the_traceback(world, tmp_path):
