@@ -59,7 +59,7 @@ def _label_kwargs(labels: list[str] | None) -> dict[str, Any]:
 
 
 # Sizes and counts of a model config: whole numbers >= 1 wherever a tiny_config gives them.
-_SIZE_KEY = re.compile(r"^(num_|n_)[a-z_]+$|(?<!^chunk)_size$|_dim$|^max_position_embeddings$")
+_SIZE_KEY = re.compile(r"^(num_|n_)[a-z_]+$|_size$|_dim$|^max_position_embeddings$")
 
 
 def _check_tiny_sizes(tiny: dict[str, Any], where: str) -> None:
@@ -68,8 +68,14 @@ def _check_tiny_sizes(tiny: dict[str, Any], where: str) -> None:
     for key, value in tiny.items():
         if isinstance(value, dict):
             _check_tiny_sizes(value, f"{where}.{key}")
-        elif _SIZE_KEY.search(key) and value is not None and (type(value) is not int or value < 1):
+        elif _SIZE_KEY.search(key) and value is not None and not _whole_sizes(value):
             raise ConfigError(f"config key '{where}.{key}': {value!r} is out of range; allowed: a whole number >= 1")
+
+
+def _whole_sizes(value: Any) -> bool:
+    """A whole number >= 1, or a list of them (an image_size of [height, width])."""
+    values = value if isinstance(value, list) and value else [value]
+    return all(type(v) is int and v >= 1 for v in values)
 
 
 def _check_heads(config: Any, tiny: dict[str, Any], where: str) -> None:
