@@ -526,7 +526,9 @@ def test_bad_input(name, world, tmp_path, capsys):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert _fingerprint(world["run"]) == before  # the existing run's checkpoints are untouched
-    if name.startswith(("log_every", "binary yaml", "yaml alias", "adam", "metric")):
+    if name.startswith(
+        ("log_every", "binary yaml", "yaml alias", "adam", "metric", "encoding=", "device", "tiny_config hidden")
+    ):
         assert not (tmp_path / "out").exists()  # config errors come before any folder is made
     if name.startswith("export,"):
         assert not list(tmp_path.glob("*exported*"))  # a source that does not load leaves no export behind

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import math
 import os
+import re
 from typing import Any
 
 from fulltune.config.coercion import coerce
@@ -35,6 +36,8 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     check_ranges(cfg)
+    if isinstance(cfg.model.tiny_config, dict):
+        _check_tiny_sizes(cfg.model.tiny_config, "model.tiny_config")
     _validate_head_init(cfg)
     pu = t.progressive_unfreezing
     if isinstance(pu.auto, int) and pu.auto < 1:
@@ -146,6 +149,26 @@ def check_text_encoding(encoding: str, where: str) -> None:
             f"{where}: {encoding!r} is not a text encoding (it maps bytes to bytes); use one such as utf-8, latin-1 "
             "or cp1252"
         ) from None
+
+
+# Sizes and counts of a model config: whole numbers >= 1 wherever a tiny_config gives them.
+_SIZE_KEY = re.compile(r"^(num_|n_)[a-z_]+$|_size$|_dim$|^max_position_embeddings$")
+
+
+def _check_tiny_sizes(tiny: dict[str, Any], where: str) -> None:
+    """Every size or count a tiny_config gives (hidden_size, num_attention_heads, n_embd, head_dim, ...) is a whole
+    number >= 1, in the config and its sub-configs (vision_config, text_config)."""
+    for key, value in tiny.items():
+        if isinstance(value, dict):
+            _check_tiny_sizes(value, f"{where}.{key}")
+        elif _SIZE_KEY.search(key) and value is not None and not _whole_sizes(value):
+            raise ConfigError(f"config key '{where}.{key}': {value!r} is out of range; allowed: a whole number >= 1")
+
+
+def _whole_sizes(value: Any) -> bool:
+    """A whole number >= 1, or a list of them (an image_size of [height, width])."""
+    values = value if isinstance(value, list) and value else [value]
+    return all(type(v) is int and v >= 1 for v in values)
 
 
 def _validate_head_init(cfg: Config) -> None:

@@ -8,7 +8,6 @@ and progressive unfreezing are computed from.
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +57,6 @@ def _label_kwargs(labels: list[str] | None) -> dict[str, Any]:
     }
 
 
-# Sizes and counts of a model config: whole numbers >= 1 wherever a tiny_config gives them.
-_SIZE_KEY = re.compile(r"^(num_|n_)[a-z_]+$|_size$|_dim$|^max_position_embeddings$")
-
-
-def _check_tiny_sizes(tiny: dict[str, Any], where: str) -> None:
-    """Every size or count a tiny_config gives (hidden_size, num_attention_heads, n_embd, head_dim, ...) is a whole
-    number >= 1, in the config and its sub-configs (vision_config, text_config)."""
-    for key, value in tiny.items():
-        if isinstance(value, dict):
-            _check_tiny_sizes(value, f"{where}.{key}")
-        elif _SIZE_KEY.search(key) and value is not None and not _whole_sizes(value):
-            raise ConfigError(f"config key '{where}.{key}': {value!r} is out of range; allowed: a whole number >= 1")
-
-
-def _whole_sizes(value: Any) -> bool:
-    """A whole number >= 1, or a list of them (an image_size of [height, width])."""
-    values = value if isinstance(value, list) and value else [value]
-    return all(type(v) is int and v >= 1 for v in values)
-
-
 def _check_heads(config: Any, tiny: dict[str, Any], where: str) -> None:
     """The attention heads split the hidden size (unless head_dim is given) and the key/value heads split the
     query heads, in the config and its sub-configs."""
@@ -114,7 +93,6 @@ def _tiny_config(tiny: dict[str, Any]) -> Any:
             f"config key 'model.tiny_config.model_type': {model_type!r} is not a model type transformers knows"
             + (f"; did you mean {' or '.join(close)}?" if close else " (e.g. bert, clip, vit, llama)")
         )
-    _check_tiny_sizes(tiny, "model.tiny_config")
     strict = getattr(hub_errors, "StrictDataclassError", ValueError)  # transformers' typed configs validate fields
     try:
         config = AutoConfig.for_model(model_type, **tiny)
