@@ -17,7 +17,7 @@ import torch
 from conftest import TINY_BERT, base_overrides, write_images, write_text_split
 
 from fulltune.cli import main, user_error
-from fulltune.files.manifest import MANIFEST
+from fulltune.files.manifest import MANIFEST, write_manifest
 from fulltune.state import checkpoint as ckpt
 
 
@@ -186,6 +186,80 @@ def _tiny_images_run(root: Path, tmp: Path) -> list[str]:
 
     values = base_overrides(tmp / "out", TINY_VIT, data__data_dir=str(root), data__num_workers=0)
     return ["train", *[f"{k}={json.dumps(v)}" for k, v in values.items()]]
+
+
+def _tiny(**changes) -> Callable:
+    return lambda w, t: _train(w, t, f"model.tiny_config={json.dumps({**TINY_BERT, **changes})}")
+
+
+def _image_size(size: int) -> Callable:
+    def make(world, tmp):
+        write_images(tmp / "img" / "train", 3, 0)
+        return [*_tiny_images_run(tmp / "img", tmp), f"data.image_size={size}"]
+
+    return make
+
+
+def _model_folder(world: dict[str, Path], tmp: Path, damage: Callable[[Path], None], manifest: bool) -> Path:
+    """A copy of best/ damaged; without a manifest (a folder made by hand or by another tool), or with one
+    rewritten to agree with the damage (a planted folder)."""
+    c = _copy_ckpt(world, tmp)
+    (c / MANIFEST).unlink()
+    damage(c)
+    if manifest:
+        write_manifest(c)
+    return c
+
+
+def _evaluate_folder(damage: Callable[[Path], None], manifest: bool = False) -> Callable:
+    return lambda w, t: [
+        "evaluate",
+        "--checkpoint",
+        str(_model_folder(w, t, damage, manifest)),
+        "--data_dir",
+        str(w["data"]),
+    ]
+
+
+def _export_folder(damage: Callable[[Path], None]) -> Callable:
+    return lambda w, t: ["export", str(_model_folder(w, t, damage, False)), "--output_dir", str(t / "exported")]
+
+
+def _train_from_folder(damage: Callable[[Path], None]) -> Callable:
+    def make(world, tmp):
+        folder = _model_folder(world, tmp, damage, False)
+        return _train(world, tmp, f"model.name_or_path={json.dumps(str(folder))}", "model.tiny_config=null")
+
+    return make
+
+
+def _header(header: bytes) -> Callable[[Path], None]:
+    """model.safetensors replaced by a header (and 64 bytes of data) as written."""
+    return lambda c: (c / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+
+
+def _edit_config(**changes) -> Callable[[Path], None]:
+    return lambda c: (c / "config.json").write_text(json.dumps(json.loads((c / "config.json").read_text()) | changes))
+
+
+def _only_pickle(c: Path) -> None:
+    (c / "model.safetensors").unlink()
+    (c / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+
+
+def _dataset_script(world, tmp):
+    d = tmp / "mydata"
+    d.mkdir()
+    (d / "mydata.py").write_text("import datasets\n")
+    (d / "train.csv").write_text("sentence,label\na,0\nb,1\n")
+    return _train(world, tmp, f"data.dataset_name={json.dumps(str(d))}")
+
+
+NESTED = b'{"a":' * 100 + b"1" + b"}" * 100
+NO_OFFSETS = b'{"w": {"dtype": "F32", "shape": [1]}}'
+INFINITE_OFFSET = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e999]}}'
+CUSTOM_CODE = {"model_type": "my_bert", "auto_map": {"AutoConfig": "modeling_my_bert.MyConfig"}}
+HUB_KERNEL = {"attn_implementation": "kernels-community/flash-attn"}
 
 
 CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
@@ -363,6 +437,75 @@ CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
     ),
     "another run's folder": (_other_run, 2, ("--resume auto", "--output_dir", "--overwrite")),
 }
+CASES.update(
+    {
+        # ---- what the model can take: lengths, sizes, devices, encodings
+        "max_length above the position table": (
+            lambda w, t: _train(w, t, "data.max_length=1024"),
+            2,
+            ("data.max_length", "1024", "holds 128"),
+        ),
+        "tiny_config model_type unknown": (_tiny(model_type="bret"), 2, ("model.tiny_config.model_type", "bert")),
+        "tiny_config hidden_size<0": (_tiny(hidden_size=-32), 2, ("model.tiny_config.hidden_size", "-32")),
+        "tiny_config heads do not split": (_tiny(num_attention_heads=3), 2, ("num_attention_heads", "hidden_size 32")),
+        "tiny_config vocab below the tokenizer's": (_tiny(vocab_size=10), 2, ("vocab_size", "10 rows", "30522")),
+        "encoding=rot13": (lambda w, t: _train(w, t, "data.encoding=rot13"), 2, ("data.encoding", "not a text")),
+        "encoding=base64": (lambda w, t: _train(w, t, "data.encoding=base64"), 2, ("data.encoding", "base64")),
+        "device=tpu": (lambda w, t: _train(w, t, "hardware.device=tpu"), 2, ("hardware.device", "'tpu'", "cpu")),
+        "device=meta": (lambda w, t: _train(w, t, "hardware.device=meta"), 2, ("hardware.device", "'meta'")),
+        "device empty": (lambda w, t: _train(w, t, 'hardware.device=""'), 2, ("hardware.device", "''")),
+        "evaluate --device tpu": (
+            lambda w, t: ["evaluate", "--checkpoint", str(w["best"]), "--device", "tpu"],
+            2,
+            ("--device", "'tpu'"),
+        ),
+        "image_size=1 on a 32-px ViT": (_image_size(1), 2, ("data.image_size", "32-px")),
+        "image_size=5000 on a 32-px ViT": (_image_size(5000), 2, ("data.image_size", "5000", "set it to 32")),
+        # ---- model folders without a manifest (made by hand or another tool), or with one that agrees with damage
+        "no manifest, truncated weights": (_evaluate_folder(_truncate("model.safetensors")), 2, ("truncated",)),
+        "no manifest, config.json not JSON": (_evaluate_folder(_write("config.json", b"{")), 2, ("config.json",)),
+        "no manifest, tokenizer.json not JSON": (
+            _evaluate_folder(_write("tokenizer.json", b"{")),
+            2,
+            ("tokenizer.json",),
+        ),
+        "no manifest, run record not JSON": (_evaluate_folder(_write("fulltune_run.json", b"{")), 2, ("fulltune_run",)),
+        "export, no manifest, run record not JSON": (
+            _export_folder(_write("fulltune_run.json", b"{")),
+            2,
+            ("export", "fulltune_run.json", "not JSON"),
+        ),
+        "export, no manifest, truncated weights": (_export_folder(_truncate("model.safetensors")), 2, ("truncated",)),
+        "export, no manifest, config.json not JSON": (_export_folder(_write("config.json", b"[")), 2, ("config.json",)),
+        "base model truncated": (_train_from_folder(_truncate("model.safetensors")), 2, ("model.name_or_path",)),
+        "base model tokenizer.json not JSON": (
+            _train_from_folder(_write("tokenizer.json", b"{")),
+            2,
+            ("model.name_or_path", "tokenizer.json"),
+        ),
+        "safetensors header nested deep": (_evaluate_folder(_header(NESTED)), 2, ("model.safetensors",)),
+        "safetensors header nested deep, listed": (_evaluate_folder(_header(NESTED), True), 2, ("data_offsets",)),
+        "safetensors header without data_offsets": (_evaluate_folder(_header(NO_OFFSETS), True), 2, ("'w'",)),
+        "safetensors infinite offset": (_evaluate_folder(_header(INFINITE_OFFSET), True), 2, ("data_offsets",)),
+        "safetensors infinite offset, unlisted": (_evaluate_folder(_header(INFINITE_OFFSET)), 2, ("safetensors",)),
+        "evaluate a folder of pytorch_model.bin": (_evaluate_folder(_only_pickle), 2, ("pytorch_model.bin",)),
+        "evaluate custom code (auto_map)": (_evaluate_folder(_edit_config(**CUSTOM_CODE)), 2, ("auto_map", "my_bert")),
+        "base model custom code (auto_map)": (
+            _train_from_folder(_edit_config(**CUSTOM_CODE)),
+            2,
+            ("model.name_or_path", "auto_map", "model.trust_remote_code"),
+        ),
+        "base model naming a hub kernel": (
+            _train_from_folder(_edit_config(**HUB_KERNEL)),
+            2,
+            ("model.name_or_path", "attn_implementation", "kernels-community/flash-attn"),
+        ),
+        "evaluate a folder naming a hub kernel": (_evaluate_folder(_edit_config(**HUB_KERNEL)), 2, ("kernels",)),
+        "dataset folder with a loading script": (_dataset_script, 1, ("data.dataset_name", "mydata.py", "script")),
+    }
+)
+if not torch.backends.mps.is_available():
+    CASES["device mps without MPS"] = (lambda w, t: _train(w, t, "hardware.device=mps"), 2, ("hardware.device", "mps"))
 if not torch.cuda.is_available():
     CASES["training.fp16 without CUDA"] = (lambda w, t: _train(w, t, "training.fp16=true"), 2, ("fp16", "CUDA"))
     CASES["device cuda without CUDA"] = (lambda w, t: _train(w, t, "hardware.device=cuda"), 2, ("cuda", "CUDA"))
@@ -383,8 +526,12 @@ def test_bad_input(name, world, tmp_path, capsys):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert _fingerprint(world["run"]) == before  # the existing run's checkpoints are untouched
-    if name.startswith(("log_every", "binary yaml", "yaml alias", "adam", "metric")):
+    if name.startswith(
+        ("log_every", "binary yaml", "yaml alias", "adam", "metric", "encoding=", "device", "tiny_config hidden")
+    ):
         assert not (tmp_path / "out").exists()  # config errors come before any folder is made
+    if name.startswith("export,"):
+        assert not list(tmp_path.glob("*exported*"))  # a source that does not load leaves no export behind
 
 
 def test_debug_shows_the_traceback(world, tmp_path):

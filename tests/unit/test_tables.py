@@ -81,6 +81,24 @@ def test_tab_inside_an_unquoted_tsv_text_is_an_error_not_a_class(tmp_path):
         read_examples(path, DataConfig(text_column="sentence"))
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_a_field_over_the_csv_modules_limit_reads_whole(tmp_path, fmt):
+    """A 300 KiB text (a long document) in one field: the csv module's own limit is 128 KiB."""
+    long = "word, " * 50_000
+    path = tmp_path / f"train.{fmt}"
+    sep = "," if fmt == "csv" else "\t"
+    path.write_text(f"text{sep}label\nshort{sep}0\n" + (f'"{long}"' if fmt == "csv" else long) + f"{sep}1\n")
+    examples = read_examples(path, DataConfig())
+    assert examples.texts == ["short", long] and examples.labels == ["0", "1"]
+
+
+def test_a_broken_csv_names_the_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\nok,0\nfine,1\n"never closed,1\n')
+    with pytest.raises(DataError, match=r"train.csv': not a valid CSV file \(record from line 4: "):
+        read_examples(path, DataConfig())
+
+
 def test_other_encodings(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes("text,label\ncafé crème,1\n".encode("latin-1"))

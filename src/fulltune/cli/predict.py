@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from fulltune.model.exported import load_exported
     from fulltune.runtime.device import resolve_device
 
-    bundle = load_exported(args.checkpoint, resolve_device(args.device))
+    bundle = load_exported(args.checkpoint, resolve_device(args.device, "--device"))
     if args.dataset_name:
         return _predict_dataset(bundle, args)
     if bundle.task == "causal_lm":

@@ -127,7 +127,7 @@ def wise_ft(
         )
     if len(alphas) > 1 and not data_dir:
         raise ConfigError("a sweep over several --alphas needs --data_dir (and --split) to choose among them")
-    bundle = load_exported(finetuned, resolve_device(device))
+    bundle = load_exported(finetuned, resolve_device(device, "--device"))
     cfg = config_from_dict(bundle.extra["fulltune_config"])
     cfg.hardware.device = device
     ft_weights = read_weights(finetuned)

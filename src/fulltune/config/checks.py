@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import math
 import os
+import re
 from typing import Any
 
 from fulltune.config.coercion import coerce
@@ -35,6 +36,8 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     check_ranges(cfg)
+    if isinstance(cfg.model.tiny_config, dict):
+        _check_tiny_sizes(cfg.model.tiny_config, "model.tiny_config")
     _validate_head_init(cfg)
     pu = t.progressive_unfreezing
     if isinstance(pu.auto, int) and pu.auto < 1:
@@ -122,10 +125,7 @@ def check_ranges(cfg: Config) -> None:
         bad_float = isinstance(value, float) and not math.isfinite(value)
         if bad_float or not ok(value):
             raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {allowed}")
-    try:
-        codecs.lookup(cfg.data.encoding)
-    except LookupError:
-        raise ConfigError(f"config key 'data.encoding': unknown encoding {cfg.data.encoding!r}") from None
+    check_text_encoding(cfg.data.encoding, "config key 'data.encoding'")
     metric = cfg.training.metric
     known = METRICS.get(cfg.task) or tuple(dict.fromkeys(m for ms in METRICS.values() for m in ms))
     if metric != "auto" and metric not in known:
@@ -133,6 +133,44 @@ def check_ranges(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'training.metric': '{metric}' is not a metric of {where}; choose auto, " + ", ".join(known)
         )
+
+
+def check_text_encoding(encoding: str, where: str) -> None:
+    """`encoding` decodes bytes to text (utf-8, latin-1, cp1252): unknown names and the bytes-to-bytes codecs that
+    `codecs` also knows (base64, rot13, zlib) are refused, naming `where`."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ConfigError(f"{where}: unknown encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
+    try:
+        b"a".decode(encoding)
+    except UnicodeDecodeError:
+        pass  # a text encoding that needs more than one byte (utf-16)
+    except (LookupError, UnicodeError):  # base64, rot13, zlib; `undefined` fails on any input
+        raise ConfigError(
+            f"{where}: {encoding!r} is not a text encoding (it maps bytes to bytes); use one such as utf-8, latin-1 "
+            "or cp1252"
+        ) from None
+
+
+# Sizes and counts of a model config: whole numbers >= 1 wherever a tiny_config gives them.
+_SIZE_KEY = re.compile(r"^(num_|n_)[a-z_]+$|_size$|_dim$|^max_position_embeddings$")
+
+
+def _check_tiny_sizes(tiny: dict[str, Any], where: str) -> None:
+    """Every size or count a tiny_config gives (hidden_size, num_attention_heads, n_embd, head_dim, ...) is a whole
+    number >= 1, in the config and its sub-configs (vision_config, text_config)."""
+    for key, value in tiny.items():
+        if isinstance(value, dict):
+            _check_tiny_sizes(value, f"{where}.{key}")
+        elif _SIZE_KEY.search(key) and value is not None and not _whole_sizes(value):
+            raise ConfigError(f"config key '{where}.{key}': {value!r} is out of range; allowed: a whole number >= 1")
+
+
+def _whole_sizes(value: Any) -> bool:
+    """A whole number >= 1, or a list of them (an image_size of [height, width])."""
+    values = value if isinstance(value, list) and value else [value]
+    return all(type(v) is int and v >= 1 for v in values)
 
 
 def _validate_head_init(cfg: Config) -> None:

@@ -54,7 +54,7 @@ class DataConfig:
     seq_len: int = 512
     """Causal LM: tokens per packed training block."""
     image_size: int | None = None
-    """Image side in pixels (default: the model's)."""
+    """Image side in pixels (default: the model's; a ViT or CLIP takes only the size of its position table)."""
     num_workers: int = -1
     """DataLoader worker processes (-1: 0 for text, up to 4 for images)."""
     group_by_length: bool = True
@@ -280,7 +280,7 @@ class TrainingConfig:
 @dataclass
 class HardwareConfig:
     device: str = "auto"
-    """auto, cpu, cuda or cuda:N."""
+    """auto, cpu, cuda, cuda:N, mps or xpu (one this machine has)."""
     mixed_precision: Literal["auto", "bf16", "fp16", "amp", "no"] = "auto"
     """auto: bf16 where the hardware has it, else fp32. fp16 uses a grad scaler (CUDA only). amp (what
     `mixed_precision: true` means in a CLIP fine-tuning config.yaml): fp16 + grad scaler on CUDA, bf16 where fp16 is

@@ -46,6 +46,13 @@ def load_all_splits(cfg: Config, streaming: bool | None = None) -> dict[str, Any
     d = cfg.data
     name = str(d.dataset_name)
     stream = d.streaming if streaming is None else streaming
+    script = Path(name) if name.endswith(".py") else Path(name) / f"{Path(name).name}.py"
+    if script.is_file():  # what `load_dataset` would take for a loading script
+        raise DataError(
+            f"data.dataset_name '{name}': {script.name} is a dataset loading script, code that fulltune "
+            "never runs; point data.dataset_name at a folder of data files (csv, json, parquet) or one saved with "
+            "save_to_disk"
+        )
     try:
         if _is_saved_folder(Path(name)):
             loaded = ds_lib.load_from_disk(name)

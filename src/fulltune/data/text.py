@@ -108,14 +108,19 @@ def jsonl_objects(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _csv_records(path: Path, text: str, delimiter: str, quoting: int) -> tuple[list[list[str]], list[int]]:
-    """Records of a CSV/TSV text and the file line each starts on (a quoted field may span lines)."""
+    """Records of a CSV/TSV text and the file line each starts on (a quoted field may span lines). A field may be as
+    long as the text itself (the csv module's own limit, 128 KiB, would refuse a long document)."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
     records, lines, start = [], [], 1
-    for record in reader:
-        if record and any(field != "" for field in record):
-            records.append(record)
-            lines.append(start)
-        start = reader.line_num + 1
+    try:
+        for record in reader:
+            if record and any(field != "" for field in record):
+                records.append(record)
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise csv.Error(f"record from line {start}: {err}") from None
     return records, lines
 
 

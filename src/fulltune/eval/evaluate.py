@@ -165,7 +165,7 @@ def evaluate_checkpoint(
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
     check_windows(block_size, stride)  # before loading anything; against the run's seq_len below
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     bundle = load_exported(checkpoint, dev)
     cfg = config_from_dict(bundle.extra["fulltune_config"])
     if bundle.task == "causal_lm":

@@ -25,6 +25,7 @@ from fulltune.files.safestate import (
     file_digest,
     fsync_file,
     read_json,
+    require_safetensors,
 )
 
 MANIFEST = "fulltune_manifest.json"
@@ -164,3 +165,36 @@ def verify_checkpoint(path: Path, resumable: bool = True) -> None:
             except StateFileError as err:
                 raise DamagedCheckpoint(f"checkpoint '{path}': {err}") from None
     _VERIFIED[path.resolve()] = stamp
+
+
+MODEL_JSON = (
+    "config.json",
+    RUN_META,
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "model.safetensors.index.json",
+)
+"""The JSON files of a model folder that transformers or fulltune read when loading it."""
+
+
+def check_model_folder(folder: Path, what: str) -> None:
+    """A model folder (an export, or a pretrained model on disk) reads back before transformers meets it: its JSON
+    files parse, it holds safetensors weights (never only a pickle) and each one's header is sound and fully
+    present. Cheap (no tensor is read); the checks a manifest cannot make where there is none. Damage is a
+    DamagedCheckpoint naming `what`, the folder and the file."""
+    folder = Path(folder)
+    require_safetensors(folder, what)
+    weights = listed_files(folder, "*.safetensors")
+    if not weights:
+        raise DamagedCheckpoint(f"{what} '{folder}' holds no .safetensors weights")
+    try:
+        for name in MODEL_JSON:
+            if (folder / name).is_file():
+                read_json(folder / name)
+        for f in weights:
+            check_tensors_header(f)
+    except StateFileError as err:
+        raise DamagedCheckpoint(f"{what} '{folder}': {err}") from None

@@ -134,13 +134,11 @@ def check_tensors_header(path: Path) -> None:
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise StateFileError(f"'{path}' is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested too deep
         raise StateFileError(f"'{path}' is damaged (unreadable safetensors header)") from None
     if not isinstance(header, dict):
         raise StateFileError(f"'{path}' is damaged (unreadable safetensors header)")
-    end = max(
-        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)), default=0
-    )
+    end = max((_tensor_end(path, name, entry) for name, entry in header.items() if name != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise StateFileError(f"'{path}' is truncated ({size} bytes, its header declares {8 + n + end})")
     try:
@@ -148,6 +146,20 @@ def check_tensors_header(path: Path) -> None:
             f.keys()
     except (SafetensorError, OSError) as err:
         raise StateFileError(f"'{path}' is damaged ({err})") from None
+
+
+def _tensor_end(path: Path, name: str, entry: Any) -> int:
+    """Where a tensor's bytes end, from its header entry {"dtype", "shape", "data_offsets": [begin, end]}; an entry
+    of any other shape (no offsets, offsets that are not whole numbers, an infinite one) is damage."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(v) is int for v in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise StateFileError(f"'{path}' is damaged (tensor {name[:80]!r} has no valid data_offsets in its header)")
+    return offsets[1]
 
 
 def load_state(folder: Path, name: str) -> Any:

@@ -16,6 +16,8 @@ from torch import nn
 from fulltune.config import Config, ConfigError, DataConfig
 from fulltune.data.images import ImageSpec
 from fulltune.data.lm import declare_eos
+from fulltune.files.manifest import check_model_folder
+from fulltune.files.safestate import read_json
 from fulltune.speed.plan import Applied
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm")
@@ -54,6 +56,47 @@ def resolve_model_path(name: str) -> str:
     if name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name_or_path '{name}': no such folder")
     return name
+
+
+def check_model_source(folder: str | Path, what: str, trust_remote_code: bool = False) -> None:
+    """A model folder loads with transformers' own code from its own files: the files read back
+    (`check_model_folder`), and its config.json asks for no code from elsewhere: modelling code for a model type
+    transformers does not know (auto_map) unless `trust_remote_code`, or an attention kernel from the hub
+    (attn_implementation "org/repo"). Each refusal names `what` (model.name_or_path, checkpoint), the folder and
+    the key."""
+    from transformers import CONFIG_MAPPING
+
+    check_model_folder(Path(folder), what)
+    config = read_json(Path(folder) / "config.json")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{what} '{folder}': config.json is not a JSON object")
+    model_type = config.get("model_type")
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if not known and "auto_map" in config:
+        if not trust_remote_code:
+            raise ConfigError(
+                f"{what} '{folder}': config.json names model_type {model_type!r}, which transformers does not know, "
+                f"and custom code to build it (auto_map: {', '.join(map(str, config['auto_map']))}); "
+                + (
+                    "fulltune runs a folder's code only with model.trust_remote_code=true, where you trust its source"
+                    if what == "model.name_or_path"
+                    else "fulltune never runs a checkpoint's own code"
+                )
+            )
+    elif not known and model_type is not None:
+        raise ConfigError(
+            f"{what} '{folder}': config.json names model_type {model_type!r}, which this transformers does not "
+            "know (a newer transformers may)"
+        )
+    for sub in (config, *(v for v in config.values() if isinstance(v, dict))):
+        for key in ("attn_implementation", "_attn_implementation"):
+            value = sub.get(key)
+            if isinstance(value, str) and "/" in value:
+                raise ConfigError(
+                    f"{what} '{folder}': config.json {key} is {value!r}, an attention kernel fetched from the hub "
+                    "and run as code; fulltune uses transformers' own attention: remove the key or set it to sdpa "
+                    "or eager"
+                )
 
 
 @dataclass
@@ -122,7 +165,30 @@ def image_spec_for(config: Any, path: str | None, size: int | None) -> ImageSpec
             default_size = int(crop.get("height", crop.get("shortest_edge", default_size)))
         elif isinstance(crop, int):
             default_size = crop
+    if size is not None:
+        _check_image_size(vision, size)
     return ImageSpec(size=size or default_size, mean=mean, std=std)  # type: ignore[arg-type]
+
+
+def _check_image_size(vision: Any, size: int) -> None:
+    """data.image_size fits the model: a ViT or CLIP position table has one row per patch of the image size it was
+    built for (no interpolation at other sizes), so only that size is valid there; other models need at least a
+    patch (or 32 px: five stride-2 stages of a convnet)."""
+    model_size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if vision.model_type in FIXED_POSITION_TABLES and isinstance(model_size, int) and isinstance(patch, int):
+        if size != model_size:
+            grid = model_size // patch
+            raise ConfigError(
+                f"config key 'data.image_size': {size}, but this model's position table is for {model_size}-px "
+                f"images ({grid}x{grid} patches of {patch} px); set it to {model_size} or leave it unset"
+            )
+    smallest = patch if isinstance(patch, int) else 32
+    if size < smallest:
+        raise ConfigError(f"config key 'data.image_size': {size} is out of range; allowed: >= {smallest}")
+
+
+FIXED_POSITION_TABLES = ("vit", "deit", "clip", "clip_vision_model", "siglip", "siglip_vision_model")
+"""Vision models whose learned position table fixes the image size (transformers interpolates it only on request)."""
 
 
 def save_image_processor(spec: ImageSpec, config: Any, out_dir: str | Path) -> None:

@@ -13,6 +13,7 @@ from fulltune.files.manifest import MANIFEST, verify_checkpoint
 from fulltune.files.rundir import recover_beside
 from fulltune.model.bundle import (
     ModelBundle,
+    check_model_source,
     image_spec_for,
     resolve_dtype,
     set_end_token,
@@ -37,6 +38,7 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
 
     if (path / MANIFEST).is_file():  # written by this fulltune: every file checked against its size and SHA-256
         verify_checkpoint(path, resumable=False)
+    check_model_source(path, "checkpoint")  # with or without a manifest: JSON parses, headers whole, no remote code
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         task = meta["task"]

@@ -13,16 +13,33 @@ import torch
 
 from fulltune.config import ConfigError
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+"""The device kinds a run can train on; `meta` (shapes without data) and the rest torch names are not among them."""
 
-def resolve_device(name: str = "auto") -> torch.device:
+
+def resolve_device(name: str = "auto", key: str = "hardware.device") -> torch.device:
+    """The torch device `name` (auto: CUDA where there is one, else the CPU) names, present on this machine; anything
+    else is a ConfigError naming `key` (hardware.device, or a command's --device) and the choices."""
     if name == "auto":
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", "0"))
             return torch.device("cuda", local)
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"hardware.device is '{name}' but CUDA is not available on this machine; use auto or cpu")
-    return torch.device(name)
+    choices = "auto, cpu, cuda, cuda:N, mps or xpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{key} is {name!r}, not a device; use {choices}") from None
+    if device.type not in DEVICE_TYPES:
+        raise ConfigError(f"{key} is {name!r}, a device fulltune cannot run on; use {choices}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} is '{name}' but CUDA is not available on this machine; use auto or cpu")
+    backend = getattr(torch.backends, device.type, None) if device.type == "mps" else getattr(torch, device.type)
+    if device.type != "cpu" and not backend.is_available():
+        raise ConfigError(f"{key} is '{name}' but this machine has no {device.type} device; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key} is '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def check_hardware(cfg: Any) -> None:

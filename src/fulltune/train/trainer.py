@@ -23,6 +23,7 @@ from fulltune.errors import Interrupted, TrainingError
 from fulltune.eval.metrics import classification_metrics, improves, scalar_metrics
 from fulltune.eval.perplexity import block_perplexity
 from fulltune.files.rundir import abandon_run_dir, claim_output_dir, release_run_lock, write_atomic
+from fulltune.model.build import check_vocabulary
 from fulltune.model.bundle import ModelBundle, count_parameters
 from fulltune.model.exported import load_exported
 from fulltune.model.prepare import prepare_model
@@ -114,6 +115,7 @@ class Trainer:
         self.task = TASKS[self.task_name]
         self._labels, self._raw = read_labels(self.cfg, self.task_name)
         self.bundle, self.model, self.plan = prepare_model(self.cfg, self.task_name, self._labels, self.device)
+        check_vocabulary(self.cfg, self.bundle)  # (plan prices such a model; only training would index past it)
         self.speed = self.bundle.speed  # the speed choices as applied (threads and allocator too), the heap trimmer
 
     def _setup_data(self) -> None:
