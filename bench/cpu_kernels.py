@@ -29,7 +29,7 @@ def main() -> int:
     from fulltune.config import load_config
     from fulltune.model.bundle import packaged_minilm_path
     from fulltune.speed.plan import apply, plan
-    from fulltune.train.optim import optimizer_step
+    from fulltune.training.optim import optimizer_step
 
     # The trainer's speed plan for this model on a CPU; each copy below leaves out what its variant compares.
     cfg = load_config(None, {"hardware.num_threads": args.threads})

@@ -39,9 +39,9 @@ def worker(a: argparse.Namespace) -> None:
     from fulltune.runtime.device import to_device
     from fulltune.runtime.ranks import barrier, rank
     from fulltune.state.checkpoint import save_fsdp_checkpoint
-    from fulltune.train.optim import optimizer_step
-    from fulltune.train.tasks import TASKS
-    from fulltune.train.trainer import setup
+    from fulltune.training.optim import optimizer_step
+    from fulltune.training.tasks import TASKS
+    from fulltune.training.trainer import setup
 
     work = Path(a.work)
     if rank() == 0:

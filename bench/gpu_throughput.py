@@ -86,7 +86,7 @@ def device_peak_bytes() -> int:
 
 def run_fulltune(line: str, a: argparse.Namespace, work: Path, model_cfg: dict) -> dict[str, Any]:
     from fulltune.config import load_config
-    from fulltune.train.trainer import train
+    from fulltune.training.trainer import train
 
     sets = {
         "task": "causal_lm",

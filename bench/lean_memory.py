@@ -70,8 +70,8 @@ def build(mode: str, cfg: Any, lr: float, n_params: int | None = None) -> tuple[
     from transformers import LlamaForCausalLM
 
     from fulltune.model.prepare import enable_gradient_checkpointing
-    from fulltune.train.lean import BF16AdamW, wants_compiled_step
-    from fulltune.train.lean_fused import attach_fused_step
+    from fulltune.training.lean import BF16AdamW, wants_compiled_step
+    from fulltune.training.lean_fused import attach_fused_step
 
     lean = mode.startswith("lean")
     model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16 if lean else torch.float32)

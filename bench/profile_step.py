@@ -32,9 +32,9 @@ def main() -> int:
         return 0
     from fulltune.config import load_config
     from fulltune.runtime.device import to_device
-    from fulltune.train.optim import optimizer_step
-    from fulltune.train.tasks import TASKS
-    from fulltune.train.trainer import setup
+    from fulltune.training.optim import optimizer_step
+    from fulltune.training.tasks import TASKS
+    from fulltune.training.trainer import setup
 
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.tsv"

@@ -167,7 +167,7 @@ def child_recover(work: Path, steps: int) -> dict:
 
     from fulltune.config import load_config
     from fulltune.prune.guide import builtin_text
-    from fulltune.train.trainer import train
+    from fulltune.training.trainer import train
 
     torch.set_num_threads(2)
     train_text, _, _ = builtin_text(work)

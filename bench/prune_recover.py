@@ -1,7 +1,7 @@
 """Prune-then-recover on a small Llama-style model, end to end with fulltune and no download.
 
 No pretrained LM can be fetched here, so the script first makes one: a byte-level BPE tokenizer and a ~4M-parameter
-Llama (GQA) trained with `fulltune.train.trainer.train` on the first 90% of tiny Shakespeare. It then runs
+Llama (GQA) trained with `fulltune.training.trainer.train` on the first 90% of tiny Shakespeare. It then runs
 `fulltune prune`
 (25% of KV groups and MLP channels, Taylor importance) with recovery training, and, as a control, gives the unpruned
 model the same extra training: recovered vs control is the cost of pruning, pruned vs original what recovery had to
@@ -97,7 +97,7 @@ def train_tokenizer(text_file: Path, out: Path) -> Path:
 
 def pretrain(train_file: Path, tokenizer: Path, out: Path) -> Path:
     from fulltune.config import load_config
-    from fulltune.train.trainer import train
+    from fulltune.training.trainer import train
 
     cfg = load_config(
         None,
@@ -118,7 +118,7 @@ def control(base: Path, train_file: Path, out: Path) -> Path:
     """The unpruned model given exactly the recovery run's training."""
     from fulltune.config import load_config
     from fulltune.prune.flags import FINETUNE_FLAGS, SCRIPT_DEFAULTS
-    from fulltune.train.trainer import train
+    from fulltune.training.trainer import train
 
     values = {FINETUNE_FLAGS[flag][0]: v for flag, v in RECOVERY.items()}
     cfg = load_config(

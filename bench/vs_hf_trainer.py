@@ -105,7 +105,7 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = Tr
 
 def run_fulltune(seed: int, rows: int, workdir: Path, precision: str = "auto") -> dict:
     from fulltune.config import load_config
-    from fulltune.train.trainer import train
+    from fulltune.training.trainer import train
 
     train_file = workdir / "train.tsv"
     with open(SST2 / "train.tsv", encoding="utf-8") as src, open(train_file, "w", encoding="utf-8") as dst:

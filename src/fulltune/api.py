@@ -10,8 +10,6 @@ values instead of printing them. A mistake raises the project's error (`fulltune
 from __future__ import annotations
 
 import re
-import sys
-import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.eval.predict import classify, generate, image_paths
 from fulltune.model.exported import load_exported
 from fulltune.runtime.device import resolve_device
-from fulltune.train.trainer import train as run_training
+from fulltune.training.trainer import train as run_training
 
 
 @dataclass(frozen=True)
@@ -136,14 +134,3 @@ def predict(
                 for item, top in zip(items, tops, strict=True)
             ]
     return rows if many else rows[0]
-
-
-class _TrainPackage(types.ModuleType):
-    """`fulltune.train` names both the trainer's package (fulltune/train/) and this module's `train`: once the package
-    is imported, Python's import system makes it the attribute, so the package itself is made callable as `train`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
-        return train(*args, **kwargs)
-
-
-sys.modules["fulltune.train"].__class__ = _TrainPackage

@@ -18,7 +18,7 @@ from fulltune.eval.predict import classify
 from fulltune.files.rundir import claim_output
 from fulltune.model.bundle import packaged_minilm_path
 from fulltune.model.exported import load_exported
-from fulltune.train.trainer import train
+from fulltune.training.trainer import train
 
 # The embedded default. Measured on a 2-core CPU: see README ("The demo").
 DEMO_SETTINGS: dict[str, Any] = {

@@ -4,6 +4,7 @@ no library progress bar reaches the output (a notebook cell)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -49,9 +50,9 @@ def test_train_evaluate_predict_from_python(tmp_path, text_data, capfd):
     err = capfd.readouterr().err
     assert "it/s]" not in err and "s/it]" not in err  # no tqdm bar (ours, transformers' or datasets')
 
-    import fulltune.train.tasks as tasks  # the trainer's package, also called fulltune.train, stays importable
+    importlib.import_module("fulltune.training.tasks")  # the trainer's package: fulltune.train stays the API
 
-    assert callable(fulltune.train) and tasks.__name__ == "fulltune.train.tasks"
+    assert callable(fulltune.train)
     with pytest.raises(ConfigError) as again:  # the run folder is taken: the hint names keyword arguments
         fulltune.train(None, data_dir=str(text_data), output_dir=str(out), **{"model.tiny_config": TINY_BERT})
     assert 'resume="auto"' in str(again.value) and "overwrite=True" in str(again.value)

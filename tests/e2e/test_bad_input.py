@@ -120,7 +120,7 @@ def test_checkpoint_that_is_not_one(capsys, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, text_data, tmp_path, monkeypatch):
-    import fulltune.train.tasks as tasks
+    import fulltune.training.tasks as tasks
 
     real = tasks.TASKS["text_classification"]
     calls = {"n": 0}

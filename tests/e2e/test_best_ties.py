@@ -10,8 +10,8 @@ from conftest import tiny_bert_text_config
 from fulltune.eval.metrics import improves
 from fulltune.files.manifest import replace_in_checkpoint
 from fulltune.state import checkpoint as ckpt
-from fulltune.train import trainer as trainer_module
-from fulltune.train.trainer import setup, train
+from fulltune.training import trainer as trainer_module
+from fulltune.training.trainer import setup, train
 
 
 def _pick(sequence: list[tuple[float, float]], higher_is_better: bool = True) -> int:

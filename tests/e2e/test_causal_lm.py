@@ -24,7 +24,7 @@ from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.eval.losses import count_tokens, lm_loss
 from fulltune.eval.perplexity import perplexity
 from fulltune.model.exported import load_exported
-from fulltune.train.trainer import setup, train
+from fulltune.training.trainer import setup, train
 
 BOS, EOS = 1, 2
 

@@ -148,7 +148,7 @@ def test_ddp_trains_a_head_that_leaves_parameters_unused(tmp_path, image_data):
     from fulltune.config import load_config
     from fulltune.model.prepare import prepare_model
     from fulltune.runtime.distributed import unreached_parameters
-    from fulltune.train.tasks import TASKS
+    from fulltune.training.tasks import TASKS
 
     def unreached(tiny, task, batch):
         cfg = load_config(None, base_overrides(tmp_path / "probe", tiny))

@@ -19,7 +19,7 @@ from fulltune.cli import main
 from fulltune.config import ConfigError, load_config
 from fulltune.model.exported import load_exported
 from fulltune.state.export import export, push_to_hub, unprune
-from fulltune.train.trainer import train
+from fulltune.training.trainer import train
 
 # Logits of each folder, computed in a process where fulltune cannot be imported.
 PLAIN_LOGITS = """

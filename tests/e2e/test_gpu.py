@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from synthetic_lm import write_corpus, write_tokenizer  # noqa: E402
 
 from fulltune.config import MethodConfig, load_config  # noqa: E402
-from fulltune.train.trainer import setup, train  # noqa: E402
+from fulltune.training.trainer import setup, train  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -17,7 +17,7 @@ from test_train import assert_same_weights
 from fulltune.config import load_config
 from fulltune.data import images as img
 from fulltune.data.text import DataError
-from fulltune.train.trainer import setup, train
+from fulltune.training.trainer import setup, train
 
 datasets = pytest.importorskip("datasets")
 

@@ -19,7 +19,7 @@ from test_train import assert_same_weights
 
 from fulltune.config import ConfigError, load_config
 from fulltune.data import text as txt
-from fulltune.train.trainer import setup, train
+from fulltune.training.trainer import setup, train
 
 
 def copy_checkpoint(run: Path, step: int, out: Path) -> Path:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_bert_text_config
 
-from fulltune.train.lean import BF16AdamW
+from fulltune.training.lean import BF16AdamW
 
 
 def _lean_cfg(out, text_data, **extra):
@@ -19,7 +19,7 @@ def _lean_cfg(out, text_data, **extra):
 def test_lean_training_fuses_the_step_and_tracks_standard_mode(tmp_path, text_data) -> None:
     from test_train import weights
 
-    from fulltune.train.trainer import setup, train
+    from fulltune.training.trainer import setup, train
 
     run = setup(_lean_cfg(tmp_path / "probe", text_data, training__memory="lean"))
     assert run.fused is not None and run.model.dtype == torch.bfloat16
@@ -40,7 +40,7 @@ def test_lean_resume_mid_epoch_is_bit_identical(tmp_path, text_data) -> None:
 
     from test_train import assert_same_weights
 
-    from fulltune.train.trainer import train
+    from fulltune.training.trainer import train
 
     def make(out):
         return _lean_cfg(
@@ -57,7 +57,7 @@ def test_lean_resume_mid_epoch_is_bit_identical(tmp_path, text_data) -> None:
 
 
 def test_lean_with_accumulation_steps_after_backward(tmp_path, text_data) -> None:
-    from fulltune.train.trainer import setup
+    from fulltune.training.trainer import setup
 
     run = setup(
         _lean_cfg(tmp_path / "acc", text_data, training__memory="lean", training__gradient_accumulation_steps=2)
@@ -67,7 +67,7 @@ def test_lean_with_accumulation_steps_after_backward(tmp_path, text_data) -> Non
 
 def test_adamw8bit_without_cuda_is_a_config_error(tmp_path, text_data) -> None:
     from fulltune.config import ConfigError
-    from fulltune.train.trainer import setup
+    from fulltune.training.trainer import setup
 
     if torch.cuda.is_available():
         pytest.skip("has CUDA")

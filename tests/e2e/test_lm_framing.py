@@ -18,8 +18,8 @@ from fulltune.data.lm import frame_prompt, tokenize_records
 from fulltune.eval.predict import generate
 from fulltune.model.build import build_model
 from fulltune.model.bundle import set_end_token
-from fulltune.train.tasks import infer_task
-from fulltune.train.trainer import train
+from fulltune.training.tasks import infer_task
+from fulltune.training.trainer import train
 
 TINY_YAML = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_llama.yaml")
 PROMPT = "Q: What is the capital of Peru?\nA:"

@@ -24,9 +24,9 @@ from fulltune.model.layermap import layer_map
 from fulltune.model.lora import wrap_lora
 from fulltune.model.prepare import enable_gradient_checkpointing
 from fulltune.model.trainable import plan_trainable
-from fulltune.train import trainer as train_module
-from fulltune.train.optim import lr_factor
-from fulltune.train.trainer import setup, train
+from fulltune.training import trainer as train_module
+from fulltune.training.optim import lr_factor
+from fulltune.training.trainer import setup, train
 
 BERT_LAYERS = 2  # TINY_BERT's blocks
 

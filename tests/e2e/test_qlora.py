@@ -43,7 +43,7 @@ def test_qlora_trains_lora_on_a_4bit_base(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fulltune.model.bundle import packaged_minilm_path
-    from fulltune.train.trainer import setup, train
+    from fulltune.training.trainer import setup, train
 
     base = tmp_path / "base"
     config = LlamaConfig(

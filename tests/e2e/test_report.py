@@ -23,7 +23,7 @@ from fulltune.config import load_config
 from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.eval.metrics import summarize_confusion
 from fulltune.report.html import build_comparison, build_report, per_class
-from fulltune.train.trainer import train
+from fulltune.training.trainer import train
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220), (220, 40, 220), (120, 120, 120)]
 CLASSES = ["red", "green", "blue", "yellow", "cyan", "magenta", "grey"]

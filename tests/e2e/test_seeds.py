@@ -11,7 +11,7 @@ from conftest import TINY_CLIP
 
 from fulltune.config import load_config, names
 from fulltune.model.trainable import param_groups, plan_trainable
-from fulltune.train.trainer import setup, train
+from fulltune.training.trainer import setup, train
 
 SEEDS = Path(__file__).parents[1] / "fixtures" / "seeds"
 # CLIP with 12 vision blocks, as the seeds' ViT-B/32, so that `vision_model.encoder.layers.11` exists.

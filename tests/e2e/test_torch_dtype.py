@@ -6,7 +6,7 @@ import torch
 from conftest import TINY_BERT, base_overrides
 
 from fulltune.config import load_config
-from fulltune.train.trainer import setup
+from fulltune.training.trainer import setup
 
 
 def _cfg(tmp_path, text_data, **extra):

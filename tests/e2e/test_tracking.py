@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_BERT, base_overrides, tiny_bert_text_config
 
 from fulltune.config import ConfigError, load_config
-from fulltune.train.trainer import train
+from fulltune.training.trainer import train
 
 mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from fulltune.config import load_config
 from fulltune.files import safestate as safestate
 from fulltune.state import checkpoint as ckpt
-from fulltune.train.tasks import TASKS
-from fulltune.train.trainer import setup, train
+from fulltune.training.tasks import TASKS
+from fulltune.training.trainer import setup, train
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

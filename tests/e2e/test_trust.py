@@ -259,7 +259,7 @@ from transformers.models.llama import modeling_llama  # noqa: F401
 from transformers.models.vit import modeling_vit  # noqa: F401
 from fulltune.config import load_config
 from fulltune.eval.evaluate import evaluate_checkpoint
-from fulltune.train.trainer import train
+from fulltune.training.trainer import train
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     job = json.loads(line)

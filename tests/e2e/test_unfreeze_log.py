@@ -7,7 +7,7 @@ import json
 
 from conftest import tiny_bert_text_config
 
-from fulltune.train.trainer import setup, train
+from fulltune.training.trainer import setup, train
 
 
 def test_header_and_log_follow_the_unfreeze_schedule(tmp_path, text_data):

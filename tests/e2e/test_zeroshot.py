@@ -19,7 +19,7 @@ from tiny_clip import make_tiny_clip
 from fulltune.config import ConfigError, load_config
 from fulltune.model.build import build_model
 from fulltune.model.exported import load_exported
-from fulltune.train.trainer import train
+from fulltune.training.trainer import train
 
 CLASS_NAMES = ["ants", "bees", "ant", "bee", "honey"]
 

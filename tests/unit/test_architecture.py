@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model",),
     ("state",),
     ("eval",),
-    ("train",),
+    ("training",),
     ("clip", "prune", "planning"),
     ("compare", "demo"),
     ("cli", "api", "__main__", "__init__"),

@@ -1,4 +1,4 @@
-"""BF16AdamW's compiled update (fulltune.train.lean_kernel): the kernel torch.compile builds gives the eager function's
+"""BF16AdamW's compiled update (training/lean_kernel.py): the kernel torch.compile builds gives the eager function's
 bits exactly, the bits are uniform enough for unbiased rounding, training with it follows fp32 AdamW like the eager
 update does, and a resume is bit-identical. One compiled variant (the lean default: bf16 moments, stochastic
 rounding) keeps the build time down; the others are checked eagerly against the eager optimizer's math."""
@@ -12,8 +12,8 @@ import torch
 from test_lean_optimizer import step_beside_fp32_adamw
 from torch import nn
 
-from fulltune.train.lean import BF16AdamW
-from fulltune.train.lean_kernel import (
+from fulltune.training.lean import BF16AdamW
+from fulltune.training.lean_kernel import (
     compiled_update,
     random_bits,
     random_bits_inplace,
@@ -61,7 +61,7 @@ def test_stochastic_rounding_is_unbiased():
     x = torch.full((1 << 16,), 1.0 + 2**-10)  # a quarter of the way from 1 to the next bf16 value (1 + 2**-7)
     p, grad, m, v, _, hp = chunk(1 << 16, 0)
     bits = random_bits(x.numel(), torch.tensor(0, dtype=torch.int32), torch.tensor(3, dtype=torch.int32), "cpu")
-    from fulltune.train.lean_kernel import _round
+    from fulltune.training.lean_kernel import _round
 
     rounded = _round(x, bits, 15).float()
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}

@@ -13,8 +13,8 @@ from conftest import TINY_BERT
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
-from fulltune.train.lean import BF16AdamW, build_lean_optimizer, lean_bytes_per_param
-from fulltune.train.lean_fused import attach_fused_step
+from fulltune.training.lean import BF16AdamW, build_lean_optimizer, lean_bytes_per_param
+from fulltune.training.lean_fused import attach_fused_step
 
 
 def mlp(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:

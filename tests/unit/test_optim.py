@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fulltune.train.optim import grad_norm, lr_factor, optimizer_step, set_lr
+from fulltune.training.optim import grad_norm, lr_factor, optimizer_step, set_lr
 
 
 def test_warmup_then_cosine_and_linear() -> None:

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         from fulltune.runtime.distributed import launch
 
         return launch(args.nproc, _without_nproc(list(args.argv)))
-    from fulltune.train.trainer import train
+    from fulltune.training.trainer import train
 
     train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0

@@ -23,7 +23,7 @@ from fulltune.runtime.device import resolve_device, resolve_precision
 from fulltune.runtime.memory import peak_memory_bytes
 from fulltune.runtime.rng import seed_everything
 from fulltune.state import checkpoint as ckpt
-from fulltune.train.tasks import TASKS, infer_task, read_labels
+from fulltune.training.tasks import TASKS, infer_task, read_labels
 
 # ------------------------------------------------------------------------------------------ the zero-shot model
 

@@ -17,8 +17,8 @@ from typing import Any
 from fulltune.config import Config, ConfigError
 from fulltune.config.methods import VARIANT_METHODS
 from fulltune.eval.metrics import scalar_metrics
-from fulltune.train.tasks import validation_metric
-from fulltune.train.trainer import setup
+from fulltune.training.tasks import validation_metric
+from fulltune.training.trainer import setup
 
 UNTRAINED = "untrained head"
 

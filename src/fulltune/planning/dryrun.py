@@ -24,9 +24,9 @@ from fulltune.planning.facts import Facts, inspect_model, prepare
 from fulltune.runtime.device import resolve_precision
 from fulltune.runtime.memory import maxrss_bytes
 from fulltune.runtime.rng import seed_everything
-from fulltune.train.lean_fused import attach_fused_step, fuses_step
-from fulltune.train.optim import build_optimizer, optimizer_step
-from fulltune.train.tasks import TASKS
+from fulltune.training.lean_fused import attach_fused_step, fuses_step
+from fulltune.training.optim import build_optimizer, optimizer_step
+from fulltune.training.tasks import TASKS
 
 
 def _library_pages() -> int:

@@ -13,7 +13,7 @@ from fulltune.config import Config
 from fulltune.planning.facts import Facts
 from fulltune.runtime.device import cpu_has_fast_bf16
 from fulltune.speed.plan import plan
-from fulltune.train.lean import lean_bytes_per_param, wants_compiled_step
+from fulltune.training.lean import lean_bytes_per_param, wants_compiled_step
 
 # What the steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers. CPU: heap slack and
 # autograd records (1-3 MiB in dry runs of small models). Not counted, on either: the process itself (Python, the

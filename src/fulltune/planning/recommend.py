@@ -18,7 +18,7 @@ from fulltune.model.trainable import METHODS
 from fulltune.planning.dryrun import dry_runs
 from fulltune.planning.estimate import Estimate, dtypes_for, estimate
 from fulltune.planning.facts import Facts, count_examples, inspect_model
-from fulltune.train.tasks import infer_task
+from fulltune.training.tasks import infer_task
 from fulltune.units import human_bytes as human
 
 FIT_FRACTION = 0.9  # leave 10% of the budget to fragmentation, the CUDA context, data loading

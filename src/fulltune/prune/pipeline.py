@@ -32,7 +32,7 @@ from fulltune.prune.folder import save_pruned
 from fulltune.prune.guide import GuideLog, builtin_text, publish_recovered
 from fulltune.runtime.device import resolve_device, resolve_precision
 from fulltune.runtime.rng import seed_everything
-from fulltune.train.trainer import train
+from fulltune.training.trainer import train
 
 RESULTS_FILE = "prune_results.json"
 PRUNE_ENTRIES = ("logs", "builtin_text", "cache", "pruned", "recovery", "recovered", RESULTS_FILE)

@@ -1,6 +1,6 @@
 """Lean full fine-tuning memory mode (`training.memory: lean`): bf16 weights updated by an AdamW that keeps
 fp32-quality updates (Kahan compensation or stochastic rounding), and an optional CUDA-only bitsandbytes 8-bit
-AdamW. The step fused into backward (gradients freed one tensor at a time) is `fulltune.train.lean_fused`.
+AdamW. The step fused into backward (gradients freed one tensor at a time) is `fulltune.training.lean_fused`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fulltune.train import lean_kernel as lean_kernel
+from fulltune.training import lean_kernel as lean_kernel
 
 __all__ = ["BF16AdamW", "build_lean_optimizer", "lean_bytes_per_param", "wants_compiled_step"]
 
@@ -165,7 +165,7 @@ class BF16AdamW(torch.optim.Optimizer):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
-        # bf16 parameters updated by one torch.compile'd kernel (fulltune.train.lean_kernel): same math and random bits
+        # bf16 parameters updated by one torch.compile'd kernel (training/lean_kernel.py): same math and random bits
         self.compiled = compiled
         self._param_index: dict[int, int] = {}
         self._scratch = _Scratch()
@@ -288,7 +288,7 @@ class BF16AdamW(torch.optim.Optimizer):
         step_size: float,
         bc2_sqrt: float,
     ) -> bool:
-        """The update through fulltune.train.lean_kernel; False (eager from then on) if the kernel cannot be built."""
+        """The update through training/lean_kernel.py; False (eager from then on) if the kernel cannot be built."""
 
         exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
         beta1, beta2 = group["betas"]

@@ -10,7 +10,7 @@ from fulltune.model.trainable import describe_groups
 from fulltune.runtime.memory import peak_memory_bytes
 from fulltune.runtime.ranks import world_size
 from fulltune.speed.plan import describe
-from fulltune.train.lean_fused import describe_lean_mode
+from fulltune.training.lean_fused import describe_lean_mode
 
 
 def run_header(trainer: Any) -> str:

@@ -40,11 +40,11 @@ from fulltune.state import checkpoint as ckpt
 from fulltune.state.checkpoint import save_fsdp_checkpoint
 from fulltune.state.modelcard import card_facts, refresh_with_test
 from fulltune.state.resume import check_resume, data_fingerprint
-from fulltune.train.accuracy import TrainAccuracy, log_train_accuracy
-from fulltune.train.header import run_header, run_summary
-from fulltune.train.lean_fused import attach_fused_step, fuses_step
-from fulltune.train.optim import build_optimizer, group_lrs, lr_factor, optimizer_step, set_lr, warmup_steps
-from fulltune.train.tasks import TASKS, Task, data_loader, infer_task, read_labels, validation_metric
+from fulltune.training.accuracy import TrainAccuracy, log_train_accuracy
+from fulltune.training.header import run_header, run_summary
+from fulltune.training.lean_fused import attach_fused_step, fuses_step
+from fulltune.training.optim import build_optimizer, group_lrs, lr_factor, optimizer_step, set_lr, warmup_steps
+from fulltune.training.tasks import TASKS, Task, data_loader, infer_task, read_labels, validation_metric
 
 
 class Trainer:

@@ -15,7 +15,7 @@ from torch import nn
 
 from fulltune.config import TrainingConfig
 from fulltune.errors import ConfigError
-from fulltune.train.lean import BF16AdamW, build_lean_optimizer, wants_compiled_step
+from fulltune.training.lean import BF16AdamW, build_lean_optimizer, wants_compiled_step
 
 
 def build_optimizer(
