@@ -20,9 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fulltune demo --output_dir outputs/demo
 
-# The suite CI runs (tests marked slow, such as the README's blocks in a fresh clone, are `make test-slow`).
+# The suite CI runs (tests marked slow, such as the README's blocks in a fresh clone, are `make test-slow`): one
+# worker per core (pytest-xdist, a test file per worker), each on one thread so that the workers do not wait on
+# each other's spinning OpenMP threads.
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15 -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x --durations=15 -m "not slow" -n auto --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -m slow

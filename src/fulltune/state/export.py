@@ -19,6 +19,7 @@ from torch import nn
 from fulltune.config import ConfigError
 from fulltune.files.manifest import MANIFEST, RUN_META, verify_checkpoint
 from fulltune.files.rundir import atomic_output, claim_output
+from fulltune.files.safestate import require_safetensors
 from fulltune.model.bundle import check_model_source
 from fulltune.model.pruned import is_pruned_folder, load_pruned
 from fulltune.model.pruning import SHAPES_KEY, _head_dim, decoder_layers, get_layer_shapes
@@ -168,6 +169,7 @@ def export(source: str | Path, output_dir: str | Path, dtype: str = "float32", l
     src = resolve_source(source)
     out = Path(output_dir)
     claim_output(out, "export", inputs=(source, src))
+    require_safetensors(src, "export: the source")  # a pickle is named as such, before any other check
     if (src / MANIFEST).is_file():  # a checkpoint or best/: ship it only whole (a pruned folder has no manifest)
         verify_checkpoint(src, resumable=False)
     check_model_source(src, "export: the source")  # with or without a manifest: JSON parses, weights whole
