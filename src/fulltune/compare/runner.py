@@ -379,7 +379,7 @@ def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[
     return {
         "model": cfg.model.describe(),
         "pretrained": not cfg.model.tiny_config,
-        "data": data + (f" (first {d.max_samples} train examples)" if d.max_samples else ""),
+        "data": data + (f" ({d.max_samples} train examples at most, drawn with the seed)" if d.max_samples else ""),
         "budget": f"{t.num_epochs} epoch{'s' if t.num_epochs != 1 else ''}"
         + (f", at most {t.max_steps} steps" if t.max_steps else ""),
         "global_batch": d.batch_size * t.gradient_accumulation_steps,
