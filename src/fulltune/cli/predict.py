@@ -14,9 +14,17 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("predict", help="top-k labels for images or texts, or generated text")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or export folder (e.g. RUN/best)")
     p.add_argument("--image", help="an image file or a folder of images")
-    p.add_argument("--text", help="one text to classify")
-    p.add_argument("--file", help="a file with one text (or prompt) per line")
-    p.add_argument("--prompt", help="causal LM: the prompt to continue, framed as training framed its records")
+    p.add_argument("--text", action="append", help="a text to classify (give --text again for more)")
+    p.add_argument(
+        "--file",
+        help="a CSV/TSV/JSONL table (the run's text column; a causal LM's prompt column) or a .txt file of one text "
+        "(or prompt) per line",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="causal LM: a prompt to continue, framed as training framed its records (give --prompt again for more)",
+    )
     p.add_argument(
         "--dataset_name",
         help="a `datasets` hub id or save_to_disk folder: predict every row of --split (its text or image column)",
@@ -47,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_exported(args.checkpoint, resolve_device(args.device, "--device"))
     if args.dataset_name:
         return _predict_dataset(bundle, args)
+    data = (bundle.extra.get("fulltune_config") or {}).get("data") or {}  # the run's columns and encoding
     if bundle.task == "causal_lm":
-        for prompt in text_inputs(args.prompt or args.text, args.file):
+        for prompt in text_inputs((args.prompt or []) + (args.text or []), args.file, data, causal_lm=True):
             text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
             _print({"prompt": prompt, "generated": text})
         return 0
@@ -58,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         inputs: list = image_paths(args.image)
         shown = [str(p) for p in inputs]
     else:
-        inputs = text_inputs(args.text, args.file)
+        inputs = text_inputs(args.text, args.file, data)
         shown = inputs
     folder = bool(args.image) and Path(args.image).is_dir()  # a folder skips an image that fails to decode
     for name, top in zip(shown, classify(bundle, inputs, args.top_k, skip_unreadable=folder), strict=True):

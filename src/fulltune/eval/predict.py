@@ -12,6 +12,7 @@ import torch
 
 from fulltune.data import images as img
 from fulltune.data.lm import frame_prompt
+from fulltune.data.text import TABLE_EXTENSIONS, read_table, read_text_file
 from fulltune.errors import ConfigError, DataError
 from fulltune.model.bundle import ModelBundle
 
@@ -49,20 +50,35 @@ def image_paths(target: str) -> list[Path]:
     return [p]
 
 
-def text_inputs(text: str | None, file: str | None) -> list[str]:
-    if text is not None:
-        return [text]
+def text_inputs(texts: list[str] | None, file: str | None, data: dict[str, Any], causal_lm: bool = False) -> list[str]:
+    """The texts (or prompts) to predict: every --text given, else --file read as `evaluate --file` reads it: a
+    CSV/TSV/JSONL table by the run's column (data.text_column; a causal LM's data.prompt_column, or its text column
+    for plain-text records), with the run's data.encoding; a .txt file (or one without a table extension) holds one
+    text per line. `data` is the run's data section (the export's fulltune_run.json)."""
+    if texts:
+        return list(texts)
     if file is None:
         raise DataError("give --text, --file, --image or --prompt")
     p = Path(file)
     if not p.is_file():
         raise DataError(f"file '{p}' does not exist")
-    raw = p.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"file '{p}' is not UTF-8 text (byte offset {err.start}); convert it to UTF-8") from None
-    lines = [line.strip() for line in content.splitlines() if line.strip()]
+    encoding = data.get("encoding") or "utf-8"
+    if TABLE_EXTENSIONS.get(p.suffix.lower(), "txt") != "txt":
+        rows, columns = read_table(p, "auto", encoding)
+        wanted = [data.get("prompt_column", "prompt"), data.get("text_column", "text")] if causal_lm else []
+        wanted = wanted or [data.get("text_column", "text")]
+        column = next((c for c in wanted if c in columns), None)
+        if column is None:
+            keys = " or ".join(f"'{c}'" for c in wanted)
+            raise DataError(f"'{p}': no column {keys} (the run's columns); the file has columns: {', '.join(columns)}")
+        out = []
+        for r, row in enumerate(rows, start=1):
+            value = row.get(column)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"'{p}' row {r} (line {row['_line']}): no text in column '{column}'")
+            out.append(value)
+        return out
+    lines = [line.strip() for line in read_text_file(p, encoding).splitlines() if line.strip()]
     if not lines:
         raise DataError(f"file '{p}' is empty")
     return lines
