@@ -104,6 +104,9 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = Tr
 
 
 def run_fulltune(seed: int, rows: int, workdir: Path, precision: str = "auto") -> dict:
+    from fulltune.speed.threads import prepare_openmp
+
+    prepare_openmp()  # as the command and the Python API do, before torch loads
     from fulltune.config import load_config
     from fulltune.training.trainer import train
 

@@ -40,6 +40,13 @@ def _bert(**config: object) -> nn.Module:
     return BertForSequenceClassification(BertConfig(**SIZES, num_labels=3, **config))
 
 
+@pytest.fixture(autouse=True)
+def one_thread_from_the_environment(monkeypatch):
+    """The thread count set as `make test` sets it (OMP_NUM_THREADS=1): the automatic thread policy, which measures
+    the machine, has its own tests (test_threads.py)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture
 def glibc_as_is(monkeypatch):
     """The allocator choice as on a glibc machine with no MALLOC_* variables (whatever this one has)."""
@@ -57,7 +64,7 @@ def _reasons(speed) -> dict[str, tuple[bool, str]]:
 
 
 ON_A_CPU = {
-    "num_threads": (False, "hardware.num_threads unset: torch's own count"),
+    "num_threads": (False, "OMP_NUM_THREADS=1 in the environment"),
     "cpu_allocator": (True, ALLOCATOR_KEPT),
     "cpu_dropout": (True, "training on a CPU: dropout masks drawn four elements per 64-bit random number"),
     "cpu_attention": (True, "training on a CPU with SDPA: attention dropout with the CPU masks, bf16 products"),
@@ -82,6 +89,7 @@ def test_every_choice_and_its_reason_on_a_cpu(tmp_path, monkeypatch, glibc_as_is
     estimated = dtypes_for(cfg, "cpu", TASK)
     assert estimated.casts == bf16_units and estimated.cpu_attention and estimated.fused_qkv
     assert describe(speed) == (
+        "CPU threads: OMP_NUM_THREADS=1 in the environment\n"
         "speed: CPU dropout masks, fulltune's CPU attention, q/k/v as one product, last layer for the first token "
         f"only, weights that train copied out of the file mapping\nCPU allocator: {ALLOCATOR_KEPT}\n"
     )
