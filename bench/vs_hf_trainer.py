@@ -153,7 +153,10 @@ def one(line: str, seed: int, rows: int) -> None:
             result = run_fulltune(seed, rows, work, "no" if line == "fulltune_fp32" else "auto")
         else:
             result = run_trainer(line.startswith("trainer_best"), seed, rows, work, bf16=line == "trainer_best")
-    result.update({"line": line, "seed": seed, "peak_rss_mb": peak_rss_mb()})
+    import torch
+
+    threads = torch.get_num_threads()  # as the run ended (fulltune's thread policy may change it while training)
+    result.update({"line": line, "seed": seed, "peak_rss_mb": peak_rss_mb(), "threads_at_end": threads})
     print(json.dumps(result), flush=True)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,21 @@ def test_the_count_follows_other_work_between_steps() -> None:
         cpus.advance(2.0, others=0.0)
         assert quota() is None  # a one-CPU quota: never more than one
     assert ThreadWatch(None)() is None and not ThreadWatch(None).active
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_a_child_process_counts_as_this_runs_work() -> None:
+    """Data-loading workers are processes of their own: their CPU time is this run's, not other work's."""
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for _ in range(200):  # until the child has used a clock tick (a few ms), at most ~10 s
+            if threads._children_ticks() > 0:
+                break
+            time.sleep(0.05)
+        assert threads._children_ticks() > 0
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_the_command_sets_openmp_before_torch_loads(tmp_path: Path) -> None:

@@ -155,21 +155,39 @@ def _v1_quota(folder: Path) -> float | None:
 
 
 def cpu_counters(cpus: tuple[int, ...]) -> tuple[float, float, float]:
-    """(now, seconds the CPUs `cpus` have been busy, seconds of CPU this process has used): two readings give how
-    much other work kept those CPUs busy between them (`busy_between`). Busy: every /proc/stat column but idle and
-    iowait (steal included: time the hypervisor gave elsewhere is not ours either). Without /proc/stat: (now, 0, 0)."""
+    """(now, seconds the CPUs `cpus` have been busy, seconds of CPU this process and its live children have used:
+    data-loading workers are this run's work too): two readings give how much other work kept those CPUs busy between
+    them (`busy_between`). Busy: every /proc/stat column but idle and iowait (steal included: time the hypervisor gave
+    elsewhere is not ours either). Without /proc/stat: (now, 0, 0)."""
     now, own = time.monotonic(), sum(os.times()[:2])
     try:
         rows = Path("/proc/stat").read_text().splitlines()
     except OSError:
         return now, 0.0, 0.0
-    wanted, busy = {f"cpu{c}" for c in cpus}, 0
+    wanted, busy, hz = {f"cpu{c}" for c in cpus}, 0, os.sysconf("SC_CLK_TCK")
     for row in rows:
         name, *ticks = row.split()
         if name in wanted:
             values = [int(t) for t in ticks[:8]]
             busy += sum(values) - values[3] - values[4]  # user nice system [idle iowait] irq softirq steal
-    return now, busy / os.sysconf("SC_CLK_TCK"), own
+    return now, busy / hz, own + _children_ticks() / hz
+
+
+def _children_ticks() -> int:
+    """The CPU ticks (user + system) the live child processes of this process have used (0 where unreadable)."""
+    ticks = 0
+    for children in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids = children.read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return ticks
 
 
 def busy_between(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
