@@ -178,6 +178,15 @@ def _num_threads(cfg: Config, device: str) -> tuple[Choice, threads.ThreadPolicy
     return Choice("num_threads", True, why), policy, machine
 
 
+def set_threads(cfg: Config, device: torch.device | str) -> Choice:
+    """The thread choice for work that only runs the model (`fulltune evaluate`): decided as for training, applied
+    now, not followed (it is short)."""
+    choice, policy, _ = _num_threads(cfg, torch.device(device).type)
+    if choice.applied:
+        torch.set_num_threads(policy.threads)  # type: ignore[arg-type]
+    return choice
+
+
 def _off(name: str) -> Choice:
     return Choice(name, False, f"{SWITCH[name]}: off")
 
