@@ -2,11 +2,10 @@
 process may really use (its CPU affinity, a cgroup CPU quota) and how busy those CPUs are with other work.
 
 On a shared CPU, more threads than free cores is the costly mistake: an OpenMP team waits at every barrier for a
-thread that has no core, and a training step on 2 cores beside one busy process ran 24x slower with 2 threads than
-quiet, 1.7x slower with 1. So the count is the CPUs free of other work (`thread_count`), re-checked between
-optimizer steps while training (`ThreadWatch`). The decisions are pure functions of (CPUs, quota, busy CPUs,
-environment, config); `machine` and `cpu_counters` read them from Linux. torch-free: the CLI calls
-`prepare_openmp` before torch is imported, since OpenMP reads its wait settings once, at start.
+thread that has no core (measured in docs/performance.md, "Threads on a shared CPU"). So the count is the CPUs free
+of other work (`thread_count`), re-checked between optimizer steps while training (`ThreadWatch`). The decisions
+are pure functions of (CPUs, quota, busy CPUs, environment, config); `machine` and `cpu_counters` read them from
+Linux. torch-free: the CLI calls `prepare_openmp` before torch is imported (OpenMP reads its wait settings once).
 """
 
 from __future__ import annotations
