@@ -104,6 +104,9 @@ def run_trainer(best: bool, seed: int, rows: int, workdir: Path, bf16: bool = Tr
 
 
 def run_fulltune(seed: int, rows: int, workdir: Path, precision: str = "auto") -> dict:
+    from fulltune.speed.threads import prepare_openmp
+
+    prepare_openmp()  # as the command and the Python API do, before torch loads
     from fulltune.config import load_config
     from fulltune.training.trainer import train
 
@@ -150,7 +153,10 @@ def one(line: str, seed: int, rows: int) -> None:
             result = run_fulltune(seed, rows, work, "no" if line == "fulltune_fp32" else "auto")
         else:
             result = run_trainer(line.startswith("trainer_best"), seed, rows, work, bf16=line == "trainer_best")
-    result.update({"line": line, "seed": seed, "peak_rss_mb": peak_rss_mb()})
+    import torch
+
+    threads = torch.get_num_threads()  # as the run ended (fulltune's thread policy may change it while training)
+    result.update({"line": line, "seed": seed, "peak_rss_mb": peak_rss_mb(), "threads_at_end": threads})
     print(json.dumps(result), flush=True)
 
 

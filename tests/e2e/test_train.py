@@ -257,3 +257,45 @@ def test_compile_switch_trains_like_eager(tmp_path, text_data):
     train(_text_cfg(tmp_path / "eager", text_data, **common))
     train(_text_cfg(tmp_path / "compiled", text_data, training__compile=True, **common))
     assert_same_weights(tmp_path / "eager/checkpoint-epoch-1", tmp_path / "compiled/checkpoint-epoch-1", atol=1e-5)
+
+
+def test_resume_on_another_thread_count_is_exact_but_for_the_count(tmp_path, text_data, monkeypatch):
+    """A run stopped at step 3 with one thread and resumed with two equals, bit for bit, one run that switched from
+    one thread to two after step 3 (as the thread policy does between steps): resuming adds nothing. The thread
+    count itself changes the rounding (reductions split across threads add in another order), so both differ from
+    a run on one thread throughout in the last bits, never in the data order, dropout masks or step counters."""
+    from fulltune.speed import threads
+
+    def make(out, count):
+        cfg = dict(data__batch_size=4, training__num_epochs=1, checkpoint__save_every_steps=3, checkpoint__keep_last=0)
+        return _text_cfg(out, text_data, hardware__num_threads=count, checkpoint__save_best=False, **cfg)
+
+    before = torch.get_num_threads()
+    calls = {"n": 0}
+
+    def switch_after_step_3(watch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            torch.set_num_threads(2)
+            return "CPU threads: 1 -> 2 (switched by the test)"
+        return None
+
+    try:
+        train(make(tmp_path / "one", 1))
+        monkeypatch.setattr(threads.ThreadWatch, "__call__", switch_after_step_3)
+        train(make(tmp_path / "switched", 1))
+        monkeypatch.undo()
+        assert "CPU threads: 1 -> 2" in (tmp_path / "switched" / "train.log").read_text()
+        resumed = tmp_path / "resumed"
+        resumed.mkdir()
+        shutil.copytree(tmp_path / "one" / "checkpoint-step-3", resumed / "checkpoint-step-3")
+        train(make(resumed, 2), resume="auto")
+    finally:
+        torch.set_num_threads(before)
+    final = "checkpoint-epoch-1"
+    assert_same_weights(tmp_path / "switched" / final, resumed / final)
+    assert_same_weights(tmp_path / "one" / final, resumed / final, atol=1e-6)  # rounding only
+    state = [
+        json.loads((d / final / "training_state/trainer_state.json").read_text()) for d in (tmp_path / "one", resumed)
+    ]
+    assert state[0]["optimizer_step"] == state[1]["optimizer_step"] == 8

@@ -21,10 +21,10 @@ from fulltune.config import ConfigError, config_from_dict, load_config, to_dict
 from fulltune.model.prepare import prepare_model
 from fulltune.planning.estimate import dtypes_for
 from fulltune.runtime.device import resolve_precision
-from fulltune.speed import allocator
+from fulltune.speed import allocator, threads
 from fulltune.speed.cpu_dropout import ATTENTION, CPUDropout, swap_dropout, use_cpu_attention
 from fulltune.speed.first_token import first_token_layer
-from fulltune.speed.plan import ALLOCATOR_ENV, ALLOCATOR_KEPT, CHOICES, NOT_CPU, apply, describe, plan
+from fulltune.speed.plan import ALLOCATOR_ENV, ALLOCATOR_KEPT, CHOICES, NOT_CPU, apply, describe, plan, set_threads
 from fulltune.speed.qkv import QKVLinear, fuse_qkv
 
 SIZES = dict(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
@@ -38,6 +38,13 @@ def _cfg(tmp_path, **extra: object):
 
 def _bert(**config: object) -> nn.Module:
     return BertForSequenceClassification(BertConfig(**SIZES, num_labels=3, **config))
+
+
+@pytest.fixture(autouse=True)
+def one_thread_from_the_environment(monkeypatch):
+    """The thread count set as `make test` sets it (OMP_NUM_THREADS=1): the automatic thread policy, which measures
+    the machine, has its own tests (test_threads.py)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
@@ -57,7 +64,7 @@ def _reasons(speed) -> dict[str, tuple[bool, str]]:
 
 
 ON_A_CPU = {
-    "num_threads": (False, "hardware.num_threads unset: torch's own count"),
+    "num_threads": (False, "OMP_NUM_THREADS=1 in the environment"),
     "cpu_allocator": (True, ALLOCATOR_KEPT),
     "cpu_dropout": (True, "training on a CPU: dropout masks drawn four elements per 64-bit random number"),
     "cpu_attention": (True, "training on a CPU with SDPA: attention dropout with the CPU masks, bf16 products"),
@@ -82,6 +89,7 @@ def test_every_choice_and_its_reason_on_a_cpu(tmp_path, monkeypatch, glibc_as_is
     estimated = dtypes_for(cfg, "cpu", TASK)
     assert estimated.casts == bf16_units and estimated.cpu_attention and estimated.fused_qkv
     assert describe(speed) == (
+        "CPU threads: OMP_NUM_THREADS=1 in the environment\n"
         "speed: CPU dropout masks, fulltune's CPU attention, q/k/v as one product, last layer for the first token "
         f"only, weights that train copied out of the file mapping\nCPU allocator: {ALLOCATOR_KEPT}\n"
     )
@@ -104,6 +112,29 @@ def test_on_cuda_only_the_device_independent_choices_apply(tmp_path, glibc_as_is
     assert CPUDropout not in kinds and QKVLinear not in kinds and model.config._attn_implementation == "sdpa"
     assert type(model.bert.encoder.layer[-1]).__name__.startswith("FirstToken")
     assert describe(applied.plan) == "speed: last layer for the first token only\n"
+
+
+def test_the_thread_count_is_the_plans_where_nobody_set_one(tmp_path, monkeypatch) -> None:
+    """No OMP_NUM_THREADS, no hardware.num_threads: the plan counts the CPUs free of other work (here a made-up
+    two-CPU machine with one busy), applying sets it and hands the trainer a watch that follows the machine, the run
+    header says it; `fulltune evaluate` decides the same way; speed.threads: off leaves torch's own count."""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads, "machine", lambda: threads.Machine(2, busy=1.0))
+    before = torch.get_num_threads()
+    try:
+        speed = plan(_cfg(tmp_path), "cpu", TASK)
+        assert (speed.threads, speed.follows, speed.machine) == (1, True, threads.Machine(2, busy=1.0))
+        applied = apply(_bert(), speed.leaving_out("cpu_allocator", "own_memory"))
+        assert torch.get_num_threads() == 1 and applied.watch_threads.active
+        header = "CPU threads: 1 (2 CPUs, 1.0 busy with other work; re-checked between steps)\n"
+        assert describe(applied.plan).startswith(header)
+        torch.set_num_threads(2)
+        assert set_threads(_cfg(tmp_path), "cpu").applied and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    off = plan(_cfg(tmp_path, speed__threads="off"), "cpu", TASK)
+    assert off.threads is None and _pair(off["num_threads"]) == (False, "speed.threads: off")
+    assert "speed, turned off: speed.threads" in describe(off)
 
 
 def test_the_planners_meta_device_runs_nothing(tmp_path) -> None:

@@ -36,8 +36,10 @@ from fulltune.cli import (
 from fulltune.cli import config as config_command
 from fulltune.cli.options import finish_parser, normalize_argv
 from fulltune.errors import ConfigError, FulltuneError, as_os_error
+from fulltune.speed.threads import prepare_openmp
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+prepare_openmp()  # OpenMP's wait settings, before any command imports torch (the Python API imports this module too)
 
 COMMANDS = (
     train,

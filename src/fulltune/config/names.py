@@ -179,6 +179,7 @@ EARLIER_VALUES: dict[str, dict[Any, Any]] = {
     "speed.cpu_allocator": {"system": "off", **_SWITCH_WORDS},
     "speed.first_token_only": _SWITCH_WORDS,
     "speed.own_memory": _SWITCH_WORDS,
+    "speed.threads": _SWITCH_WORDS,
 }
 """Other spellings of a key's values, per fulltune key: the speed switches' earlier `torch` and `system` are off; an
 unquoted off / on, which YAML 1.1 reads as false / true, is off / auto."""

@@ -286,7 +286,7 @@ class HardwareConfig:
     `mixed_precision: true` means in a CLIP fine-tuning config.yaml): fp16 + grad scaler on CUDA, bf16 where fp16 is
     not available. true=amp, false=no."""
     num_threads: int | None = None
-    """CPU threads for torch (default: torch's choice)."""
+    """CPU threads for torch; unset: OMP_NUM_THREADS where the environment sets it, else `speed.threads` decides."""
 
 
 @dataclass
@@ -310,6 +310,10 @@ class SpeedConfig:
     """auto: a BERT-family sequence classifier (its head reads the first token only) computes its last encoder layer
     for that token alone (`first_token.first_token_layer`: same logits and gradients, less work; not in lean mode).
     off: every token."""
+    threads: Literal["auto", "off"] = "auto"
+    """auto: on a CPU, torch computes with as many threads as this process has CPUs free of other work (its affinity,
+    a cgroup quota), re-checked between optimizer steps (`threads`); not where `hardware.num_threads` or
+    OMP_NUM_THREADS sets a count. off: torch's own count."""
     own_memory: Literal["auto", "off"] = "auto"
     """auto: training on a CPU (Linux) copies the weights that train out of the weight file's mapping at load
     (`filepages.own_memory`), so the first optimizer step takes no copy-on-write fault per page. off: they stay

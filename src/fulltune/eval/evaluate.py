@@ -25,6 +25,7 @@ from fulltune.files.rundir import atomic_output, claim_output
 from fulltune.model.exported import load_exported
 from fulltune.report.html import plot_confusion_png
 from fulltune.runtime.device import resolve_device, resolve_precision
+from fulltune.speed.plan import set_threads
 
 
 def write_classification_report(
@@ -168,6 +169,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device, "--device")
     bundle = load_exported(checkpoint, dev)
     cfg = config_from_dict(bundle.extra["fulltune_config"])
+    set_threads(cfg, dev)  # on a CPU: the CPUs free of other work, as training decides
     if bundle.task == "causal_lm":
         check_windows(block_size or cfg.data.seq_len, stride)
     hub = None

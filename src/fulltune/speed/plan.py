@@ -3,11 +3,11 @@ trained on, the task and the model; applied in one place (`apply`); said in one 
 
 The trainer (through `model.prepare.prepare_model`), the memory planner, the benchmarks and the run header all read
 the plan: nothing else decides where a choice applies or recognises a patched module. Each choice has a switch in
-the `speed` config section (`auto | off`), the thread count aside (`hardware.num_threads`):
+the `speed` config section (`auto | off`); a thread count set in `hardware.num_threads` or OMP_NUM_THREADS wins:
 
 | choice | what it does | where `auto` applies it |
 |---|---|---|
-| `num_threads` | torch's CPU thread count | `hardware.num_threads` set |
+| `num_threads` | torch's CPU thread count, followed while training (`threads`) | a CPU, no count set |
 | `cpu_allocator` | glibc keeps freed memory for reuse (`allocator`) | training on a CPU under glibc, no `MALLOC_*` |
 | `cpu_dropout` | dropout masks from 16-bit random numbers (`cpu_dropout`) | training on a CPU, dropout layers |
 | `cpu_attention` | fulltune's CPU attention (`cpu_dropout.attention`; switch `speed.cpu_dropout`) | CPU, SDPA model |
@@ -25,6 +25,7 @@ What each choice buys, measured: docs/performance.md.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from fulltune.config import Config
-from fulltune.speed import allocator
+from fulltune.speed import allocator, threads
 from fulltune.speed.cpu_dropout import dropout_layers, on_sdpa, swap_dropout, use_cpu_attention
 from fulltune.speed.filepages import own_memory
 from fulltune.speed.first_token import applies_to, first_token_layer
@@ -52,7 +53,7 @@ CHOICES = (
 """Every choice, in the order `apply` makes them."""
 
 SWITCH = {name: f"speed.{name}" for name in CHOICES} | {
-    "num_threads": "hardware.num_threads",
+    "num_threads": "speed.threads",
     "cpu_attention": "speed.cpu_dropout",
 }
 """The config key that turns each choice off."""
@@ -92,6 +93,10 @@ class SpeedPlan:
     choices: tuple[Choice, ...]
     threads: int | None = None
     """torch's CPU thread count where `num_threads` applies."""
+    follows: bool = False
+    """Whether the thread count follows the machine while training (`threads.ThreadWatch`)."""
+    machine: threads.Machine | None = None
+    """The machine the thread count was decided for (CPUs, cgroup quota, other work), where it was measured."""
     trains: frozenset[str] | None = None
     """The parameters `own_memory` moves: those that train (None: every parameter)."""
 
@@ -119,6 +124,8 @@ class Applied:
 
     plan: SpeedPlan
     trim_heap: allocator.HeapTrim
+    watch_threads: threads.ThreadWatch = dataclasses.field(default_factory=lambda: threads.ThreadWatch(None))
+    """Called after each optimizer step: the thread count follows the machine; a change's log line, else None."""
 
 
 # ------------------------------------------------------------------------------------------------------ deciding
@@ -139,13 +146,7 @@ def plan(
     `own_memory` moves; None: all)."""
     device = torch.device(device)
     sp, cpu = cfg.speed, device.type == "cpu"
-    threads = cfg.hardware.num_threads if device.type != "meta" else None
-    if device.type == "meta":
-        thread_choice = Choice("num_threads", False, "the meta device runs nothing")
-    elif threads:
-        thread_choice = Choice("num_threads", True, f"hardware.num_threads={threads}")
-    else:
-        thread_choice = Choice("num_threads", False, "hardware.num_threads unset: torch's own count")
+    thread_choice, policy, machine = _num_threads(cfg, device.type)
     choices = (
         thread_choice,
         _allocator(sp.cpu_allocator, cpu),
@@ -155,7 +156,35 @@ def plan(
         _first_token(sp.first_token_only, task, cfg.training.memory == "lean", model),
         _own_memory(sp.own_memory, cpu),
     )
-    return SpeedPlan(device.type, choices, threads or None, None if trains is None else frozenset(trains))
+    names = None if trains is None else frozenset(trains)
+    return SpeedPlan(device.type, choices, policy.threads, policy.follows, machine, names)
+
+
+def _num_threads(cfg: Config, device: str) -> tuple[Choice, threads.ThreadPolicy, threads.Machine | None]:
+    """The thread choice (`threads.decide`); the machine is measured only where the count is fulltune's to choose
+    (a CPU, no count in `hardware.num_threads` or OMP_NUM_THREADS, `speed.threads: auto`)."""
+    configured, none = cfg.hardware.num_threads, threads.ThreadPolicy(None, False, "")
+    if device == "meta":
+        return Choice("num_threads", False, "the meta device runs nothing"), none, None
+    if device != "cpu" and not configured:
+        return Choice("num_threads", False, NOT_CPU), none, None
+    automatic = not configured and not os.environ.get("OMP_NUM_THREADS") and cfg.speed.threads == "auto"
+    machine = threads.machine() if automatic else None
+    policy = threads.decide(machine or threads.Machine(1), os.environ, configured, cfg.speed.threads)
+    if policy.threads is None:
+        return Choice("num_threads", False, policy.reason), policy, None
+    waits = ", ".join(f"{k}={v}" for k, v in threads.SET_AT_START.items())
+    why = policy.reason + (f"; idle threads sleep at once ({waits})" if waits else "")
+    return Choice("num_threads", True, why), policy, machine
+
+
+def set_threads(cfg: Config, device: torch.device | str) -> Choice:
+    """The thread choice for work that only runs the model (`fulltune evaluate`): decided as for training, applied
+    now, not followed (it is short)."""
+    choice, policy, _ = _num_threads(cfg, torch.device(device).type)
+    if choice.applied:
+        torch.set_num_threads(policy.threads)  # type: ignore[arg-type]
+    return choice
 
 
 def _off(name: str) -> Choice:
@@ -244,8 +273,11 @@ def apply(model: nn.Module, speed: SpeedPlan) -> Applied:
     for the training loop."""
     outcomes: list[Choice] = []
     trim = allocator.HeapTrim(None)
+    watch = threads.ThreadWatch(None)
     if speed.on("num_threads"):
         torch.set_num_threads(speed.threads)  # type: ignore[arg-type]
+        if speed.follows and speed.machine is not None:
+            watch = threads.ThreadWatch(speed.threads, threads.affinity(), speed.machine.quota, torch.set_num_threads)
     if speed.on("cpu_allocator"):
         trim = allocator.keep_freed_memory()
         if not trim.active:
@@ -264,13 +296,15 @@ def apply(model: nn.Module, speed: SpeedPlan) -> Applied:
         copied = f"{human_bytes(moved)} of weights that train copied out of the weight file's mapping"
         none = "no weight that trains lies in a file mapping"
         outcomes.append(Choice("own_memory", True, copied) if moved else Choice("own_memory", False, none))
-    return Applied(speed.replaced(*outcomes), trim)
+    return Applied(speed.replaced(*outcomes), trim, watch)
 
 
 def describe(speed: SpeedPlan) -> str:
     """The run header's lines on the speed choices: those applied, the CPU allocator's setting where it is said,
     and the choices a config switch turned off ('' where there is nothing to say)."""
     lines = []
+    if speed.device == "cpu":
+        lines.append(f"CPU threads: {speed['num_threads'].reason}")
     applied = [LABELS[c.name] for c in speed.choices if c.applied and c.name in LABELS]
     if applied:
         lines.append(f"speed: {', '.join(applied)}")

@@ -322,6 +322,9 @@ class Trainer:
         cfg, s = self.cfg, self.state
         step = s.optimizer_step
         self.speed.trim_heap(step)  # on a CPU: every few steps, free pages go back to the system
+        changed = self.speed.watch_threads()  # on a CPU: the thread count follows the other work on its CPUs
+        if changed:
+            self.log.info(changed)
         if step % cfg.logging.log_every_steps == 0:
             self._check_finite()
             rate = self.throughput.window_rate(s.samples_seen)
