@@ -50,3 +50,20 @@ def test_each_validation_row_is_written_once_after_a_resume(tmp_path, text_data)
     argv = [*every, "training.num_epochs=2", "--resume", str(run / "checkpoint-step-8")]
     assert main(tiny_bert_train_args(text_data, run, *argv)) == 0
     assert _rows(run) == [("val", 2), ("val", 4), ("val", 8)]
+
+
+def test_a_resume_of_a_finished_run_deletes_a_checkpoint_beyond_keep_last(tmp_path, text_data):
+    # A kill between the last checkpoint's rename and the deletion of the one before it leaves one too many; the run,
+    # resumed, has nothing left to train but still keeps only checkpoint.keep_last of them.
+    import shutil
+
+    from fulltune.state.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    argv = tiny_bert_train_args(text_data, run, "data.batch_size=16", "training.num_epochs=2", "checkpoint.keep_last=1")
+    assert main(argv) == 0
+    (last,) = list_checkpoints(run)
+    shutil.copytree(last, run / "checkpoint-step-1")  # what the kill left: an older checkpoint not yet deleted
+    assert len(list_checkpoints(run)) == 2
+    assert main([*argv, "--resume", "auto"]) == 0
+    assert [p.name for p in list_checkpoints(run)] == [last.name]

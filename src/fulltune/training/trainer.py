@@ -204,6 +204,8 @@ class Trainer:
                 self._start()
                 self._train_epochs()
                 self.stop.armed = False  # training is over: a signal now stops at once
+                if is_main():  # a kill between the last save and its clean-up leaves one checkpoint beyond keep_last
+                    ckpt.delete_old_checkpoints(self.out, self.cfg.checkpoint.keep_last)
                 self._check_finite()
                 self.log.close_progress()
                 summary = self._summary()
