@@ -20,7 +20,7 @@ from fulltune.config import Config, ConfigError
 from fulltune.data import images as img
 from fulltune.data import lm
 from fulltune.data import text as txt
-from fulltune.data.records import TaskData, block_caps, capped, capped_splits, worker_count
+from fulltune.data.records import TaskData, block_task_data, capped, capped_splits, worker_count
 from fulltune.data.text import DataError
 
 VAL_SPLITS = ("validation", "val", "valid", "dev")
@@ -404,12 +404,4 @@ def build_lm_data(cfg: Config, bundle: Any, hub: HubSplits) -> Any:
             message = str(err)
             raise DataError(message if message.startswith(where) else f"{where}: {message}") from None
 
-    train, val = blocks("train", d.max_samples), blocks("val", d.max_eval_samples)
-    return TaskData(
-        train=train,
-        val=val,
-        test=blocks("test", None),
-        collate=lm.collate_blocks,
-        num_workers=worker_count(cfg, 0),
-        info={"caps": block_caps(cfg, train, val)},
-    )
+    return block_task_data(cfg, blocks, lm.collate_blocks)

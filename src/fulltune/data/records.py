@@ -79,6 +79,21 @@ def capped_splits(
     return out[0], out[1], [line for line in notes if line]
 
 
+def block_task_data(cfg: Config, blocks: Callable[[str, int | None], Any], collate: Callable[..., Any]) -> TaskData:
+    """A causal LM's TaskData from `blocks(split, cap)` (a split's packed blocks, or None): train under
+    data.max_samples, val under data.max_eval_samples, test whole, and the log lines of what the caps kept; a file
+    source and a `datasets` source differ only in `blocks`."""
+    train, val = blocks("train", cfg.data.max_samples), blocks("val", cfg.data.max_eval_samples)
+    return TaskData(
+        train=train,
+        val=val,
+        test=blocks("test", None),
+        collate=collate,
+        num_workers=worker_count(cfg, 0),
+        info={"caps": block_caps(cfg, train, val)},
+    )
+
+
 def block_caps(cfg: Config, train: Any, val: Any) -> list[str]:
     """The lines that say what data.max_samples / max_eval_samples kept of a text's packed blocks (drawn while
     packing, so how many the text held is said only when the cap took them all)."""

@@ -15,7 +15,7 @@ from fulltune.config import METRICS, Config, ConfigError
 from fulltune.data import hf_datasets, hf_stream, lm
 from fulltune.data import images as img
 from fulltune.data import text as txt
-from fulltune.data.records import TaskData, block_caps, capped_splits, worker_count
+from fulltune.data.records import TaskData, block_task_data, capped_splits, worker_count
 from fulltune.errors import DataError
 from fulltune.eval.losses import classification_loss, count_examples, count_tokens, lm_loss
 
@@ -168,15 +168,7 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
         tail = split != "train"
         return lm.load_blocks(Path(f), d, bundle.tokenizer, cache, cap, cfg.training.seed, tail) if f else None
 
-    train, val = blocks("train", d.max_samples), blocks("val", d.max_eval_samples)
-    return TaskData(
-        train=train,
-        val=val,
-        test=blocks("test", None),
-        collate=lm.collate_blocks,
-        num_workers=worker_count(cfg, 0),
-        info={"caps": block_caps(cfg, train, val)},
-    )
+    return block_task_data(cfg, blocks, lm.collate_blocks)
 
 
 # ---------------------------------------------------------------- losses: (sum of losses, what was counted)
