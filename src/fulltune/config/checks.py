@@ -52,6 +52,9 @@ def validate(cfg: Config) -> None:
 METRICS = {
     "text_classification": ("accuracy", "top5_accuracy", "macro_f1", "loss"),
     "image_classification": ("accuracy", "top5_accuracy", "macro_f1", "loss"),
+    "text_regression": ("mse", "mae", "pearson", "spearman", "loss"),
+    "multi_label_classification": ("micro_f1", "macro_f1", "loss"),
+    "token_classification": ("f1", "precision", "recall", "accuracy", "loss"),
     "causal_lm": ("loss", "perplexity"),
 }
 """Validation metrics each task reports (what training.metric may name)."""

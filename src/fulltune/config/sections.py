@@ -259,7 +259,7 @@ class TrainingConfig:
     """lean: dtype of the AdamW moments (mixed: exp_avg bf16, exp_avg_sq fp32)."""
     lean_rounding: Literal["stochastic", "kahan", "nearest"] = "stochastic"
     """lean: how updates go back into bf16 weights (kahan keeps a 2-byte compensation buffer per weight)."""
-    lean_optimizer: Literal["bf16_adamw", "adamw8bit"] = "bf16_adamw"
+    lean_optimizer: Literal["bf16_adamw", "adamw8bit", "adamw4bit", "paged_adamw8bit"] = "bf16_adamw"
     """lean: the optimizer (adamw8bit: bitsandbytes' 8-bit AdamW, CUDA only, stepped after backward)."""
     lean_fused_step: bool = True
     """lean: update each tensor in backward and free its gradient at once (needs accumulation 1, one process;
@@ -361,8 +361,16 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    task: Literal["auto", "image_classification", "text_classification", "causal_lm"] = "auto"
-    """What to train; auto infers it from the data."""
+    task: Literal[
+        "auto",
+        "image_classification",
+        "text_classification",
+        "text_regression",
+        "multi_label_classification",
+        "token_classification",
+        "causal_lm",
+    ] = "auto"
+    """What to train; auto infers it from the data (and the log says which task it picked)."""
     output_dir: str = "outputs/run"
     """Run folder: config, logs, checkpoints."""
     data: DataConfig = field(default_factory=DataConfig)
