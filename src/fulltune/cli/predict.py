@@ -26,6 +26,12 @@ def register(subparsers: Any) -> None:
         help="causal LM: a prompt to continue, framed as training framed its records (give --prompt again for more)",
     )
     p.add_argument(
+        "--chat",
+        action="append",
+        help="causal LM trained on conversations: a user message to answer, rendered with the export's chat "
+        "template (give --chat again for more; --file takes a JSONL of messages)",
+    )
+    p.add_argument(
         "--dataset_name",
         help="a `datasets` hub id or save_to_disk folder: predict every row of --split (its text or image column)",
     )
@@ -48,7 +54,15 @@ def _print(row: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fulltune.eval.predict import classify, generate, image_paths, text_inputs
+    from fulltune.eval.predict import (
+        chat_generate,
+        chat_inputs,
+        classify,
+        generate,
+        image_paths,
+        is_chat_file,
+        text_inputs,
+    )
     from fulltune.model.exported import load_exported
     from fulltune.runtime.device import resolve_device
 
@@ -56,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset_name:
         return _predict_dataset(bundle, args)
     data = (bundle.extra.get("fulltune_config") or {}).get("data") or {}  # the run's columns and encoding
+    if bundle.task == "causal_lm" and (args.chat or is_chat_file(args.file, data)):
+        for messages in chat_inputs(args.chat, args.file, data):
+            text = chat_generate(bundle, messages, args.max_new_tokens, args.temperature, args.top_p)
+            _print({"messages": messages, "generated": text})
+        return 0
     if bundle.task == "causal_lm":
         for prompt in text_inputs((args.prompt or []) + (args.text or []), args.file, data, causal_lm=True):
             text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)

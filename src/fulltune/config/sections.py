@@ -43,6 +43,13 @@ class DataConfig:
     """Causal LM JSONL: optional response field (the loss is on it only)."""
     eos_token: str = "auto"
     """Causal LM: the token that ends each record, so a model learns to stop (auto: the tokenizer's EOS, else SEP)."""
+    messages_column: str = "messages"
+    """Causal LM JSONL: the field holding a conversation, a list of {role, content} (the loss is on assistant turns)."""
+    chat_template: Literal["auto", "chatml", "llama3"] = "auto"
+    """Chat data: the template that renders conversations (auto: the tokenizer's own, else chatml)."""
+    packing: bool = False
+    """Chat data: pack several conversations into each training sequence of data.seq_len tokens (position ids
+    restart at each; no attention crosses them in transformers' Llama-style models, whose masks follow them)."""
     encoding: str = "utf-8"
     """Text encoding of the data tables and LM text files (a UTF-8 byte-order mark is dropped); e.g. latin-1."""
     batch_size: int = 16

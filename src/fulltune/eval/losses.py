@@ -24,7 +24,8 @@ def lm_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the labelled tokens (labels -100 are skipped)."""
     # use_cache=False: no key/value cache is built in training (a pruned folder's config may still ask for one).
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (batch, seq, vocab)
+    # position_ids: packed conversations restart at 0 each (data.packing); absent, the model counts 0..seq-1.
+    logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shift_labels = batch["labels"][:, 1:].reshape(-1)
     loss = F.cross_entropy(

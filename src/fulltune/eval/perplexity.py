@@ -6,6 +6,7 @@
 - Windows: non-overlapping blocks of `block_size` tokens (default data.seq_len; the last block may be shorter),
   or with `stride` < block_size Hugging Face's sliding windows. A counted token is predicted from the tokens before
   it in its window; the first token of the stream (and of each block) has no context and is not counted.
+- A chat file (conversations): each conversation is its own window, its assistant tokens the counted ones.
 - perplexity = exp(summed NLL / counted tokens), NLL from float32 logits, summed in float64.
 It keeps no full-file logits, so memory depends on the window, not the file.
 """
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from fulltune.config import DataConfig
+from fulltune.data.chat import file_batches as chat_file_batches
+from fulltune.data.chat import is_chat_jsonl
 from fulltune.data.lm import IGNORE, file_tokens
 from fulltune.errors import ConfigError, DataError
 from fulltune.runtime.device import to_device
@@ -233,8 +236,16 @@ def file_perplexity(
     autocast_ctx: Any = None,
 ) -> dict[str, Any]:
     """`perplexity` of a text or JSONL file (read with data.encoding and the run's fields), framed as training
-    frames it; a file with fewer than 2 tokens to predict is one error naming it."""
+    frames it; a file with fewer than 2 tokens to predict is one error naming it. A chat file (conversations) is
+    scored as training's validation scores it: each conversation its own window, cut at `block_size`, its
+    assistant tokens counted (`block_perplexity`)."""
     check_windows(block_size, stride)
+    if is_chat_jsonl(Path(path), data):
+        if stride is not None:
+            raise ConfigError(f"--stride {stride}: a chat file is scored one whole conversation per window")
+        batches = chat_file_batches(Path(path), data, tokenizer, block_size, batch_size)
+        out = block_perplexity(model, batches, torch.device(device) if device else _model_device(model), autocast_ctx)
+        return out | {"method": "conversations", "block_size": block_size, "file": str(path)}
     ids, labels = file_tokens(Path(path), data, tokenizer)
     counted = int((labels[1:] != IGNORE).sum())
     if counted < 2:  # a one-token text would be scored on its end token alone

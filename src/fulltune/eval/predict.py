@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from fulltune.config import DataConfig
 from fulltune.data import images as img
+from fulltune.data.chat import is_chat_jsonl, prompt_ids, read_conversations
 from fulltune.data.lm import frame_prompt
 from fulltune.data.text import TABLE_EXTENSIONS, read_table, read_text_file
 from fulltune.errors import ConfigError, DataError
@@ -132,11 +134,32 @@ def generate(
 ) -> str:
     """Greedy decoding at temperature 0, else sampling with temperature and nucleus top_p. The prompt is framed as
     training framed its records (`frame_prompt`: no [CLS]/[SEP]); generation stops at the end-of-record token."""
+    return _continue(bundle, frame_prompt(bundle.tokenizer, prompt), max_new_tokens, temperature, top_p)
+
+
+@torch.no_grad()
+def chat_generate(
+    bundle: ModelBundle,
+    messages: list[dict[str, str]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> str:
+    """The assistant's next turn: the conversation rendered with the export's chat template and the generation
+    prompt (`data.chat.prompt_ids`, what plain `apply_chat_template(..., add_generation_prompt=True)` gives), then
+    `generate` until the end token that closed each assistant turn in training."""
+    if not getattr(bundle.tokenizer, "chat_template", None):
+        raise ConfigError("--chat: this checkpoint's tokenizer has no chat template (it was not trained on chat data)")
+    return _continue(bundle, prompt_ids(bundle.tokenizer, messages), max_new_tokens, temperature, top_p)
+
+
+def _continue(bundle: ModelBundle, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float) -> str:
+    """The decoded tokens `model.generate` adds to the 1-D prompt `ids`."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens {max_new_tokens}: expected a whole number >= 1")
     model, tok = bundle.model, bundle.tokenizer
     device = next(model.parameters()).device
-    input_ids = frame_prompt(tok, prompt)[None].to(device)  # (1, prompt tokens)
+    input_ids = ids[None].to(device)  # (1, prompt tokens)
     # The end and pad tokens come from the model's generation config (`set_end_token`), as in a plain `generate`.
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if temperature > 0:
@@ -146,3 +169,28 @@ def generate(
     attention_mask = torch.ones_like(input_ids)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs, use_cache=True)
     return tok.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def chat_inputs(questions: list[str] | None, file: str | None, data: dict[str, Any]) -> list[list[dict[str, str]]]:
+    """The conversations `predict` answers: each --chat question as one user turn, else every record of a chat
+    JSONL --file (the run's data.messages_column) up to its last turn that is not the assistant's."""
+    if questions:
+        return [[{"role": "user", "content": q}] for q in questions]
+    out = []
+    for messages in read_conversations(Path(file or ""), _chat_columns(data), need_answer=False):
+        while messages and messages[-1]["role"] == "assistant":  # a reference answer: the model gives its own
+            messages = messages[:-1]
+        out.append(messages)
+    return out
+
+
+def is_chat_file(file: str | None, data: dict[str, Any]) -> bool:
+    """Whether --file holds conversations (the run's data.messages_column), which `predict` answers as chat."""
+    return file is not None and is_chat_jsonl(Path(file), _chat_columns(data))
+
+
+def _chat_columns(data: dict[str, Any]) -> DataConfig:
+    """The run's chat field and encoding (`data`: the export's fulltune_run.json data section)."""
+    return DataConfig(
+        messages_column=data.get("messages_column") or "messages", encoding=data.get("encoding") or "utf-8"
+    )

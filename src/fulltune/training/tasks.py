@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fulltune.config import METRICS, Config, ConfigError
-from fulltune.data import hf_datasets, hf_stream, lm
+from fulltune.data import chat, hf_datasets, hf_stream, lm
 from fulltune.data import images as img
 from fulltune.data import text as txt
 from fulltune.data.records import TaskData, block_task_data, capped_splits, worker_count
@@ -45,6 +45,8 @@ def _infer_task(cfg: Config) -> str:
         return "causal_lm"
     train = d.train_file or (str(Path(d.data_dir) / "train.jsonl") if d.data_dir else None)
     if train and lm.is_lm_jsonl(Path(train), d):  # prompt/response records, no label
+        return "causal_lm"
+    if train and chat.is_chat_jsonl(Path(train), d):  # conversations: chat-format SFT of a causal LM
         return "causal_lm"
     return "text_classification"
 
@@ -160,6 +162,8 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
     for split, f in files.items():
         if f and not Path(f).is_file():
             raise DataError(f"data.{split}_file '{f}' does not exist")
+    if chat.is_chat_jsonl(Path(files["train"]), d):  # conversations, not text to pack into blocks
+        return chat.chat_task_data(cfg, bundle.tokenizer, files)
     cache = Path(cfg.output_dir) / "cache"
 
     def blocks(split: str, cap: int | None) -> lm.BlockDataset | None:
