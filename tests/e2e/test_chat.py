@@ -147,7 +147,19 @@ def chat_cfg(out: Path, files: tuple[Path, Path, Path], **extra: object):
     )
 
 
-def test_chat_run_resumes_bit_identically_evaluates_and_exports(tmp_path, chat_files):
+def check_report(page: Path) -> None:
+    """A chat run's report.html shows its loss and perplexity (no accuracy, no confusion matrix) and renders in
+    headless Chromium without errors, where Chromium is installed."""
+    from chromium_page import chromium_binary, render
+
+    html = page.read_text()
+    assert "best val perplexity" in html and "accuracy" not in html and "confusion" not in html
+    if chromium_binary() is not None:
+        result = render(page)
+        assert result.console_errors == [] and result.facts["svgs"] >= 2, result.console_errors
+
+
+def test_chat_run_resumes_bit_identically_and_evaluates_assistant_tokens(tmp_path, chat_files):
     def make(out: Path):
         return chat_cfg(
             out,
@@ -193,47 +205,50 @@ def test_chat_run_resumes_bit_identically_evaluates_and_exports(tmp_path, chat_f
     last_val = [r for r in val_row if r.get("split") == "val"][-1]
     assert last_val["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-5)
 
-    # the export: plain transformers' logits are fulltune's, and it carries the template and the end token
-    shipped = export(best, tmp_path / "shipped")
-    model = AutoModelForCausalLM.from_pretrained(str(shipped)).eval()
-    tok = AutoTokenizer.from_pretrained(str(shipped))
-    assert tok.chat_template == chat.TEMPLATES["chatml"]
-    assert model.generation_config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("</s>")
-    ids = chat.prompt_ids(bundle.tokenizer, [{"role": "user", "content": "what does ben like?"}])[None]
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, bundle.model(input_ids=ids).logits, atol=1e-5, rtol=0)
-
 
 @pytest.mark.parametrize(
     "epochs,learned",
     [pytest.param(2, False, id="two-epochs"), pytest.param(50, True, id="learned", marks=pytest.mark.slow)],
 )
 def test_predict_chat_answers_as_plain_generate_and_stops_at_eos(tmp_path, chat_files, capsys, epochs, learned):
-    """`predict --chat` on the export gives what plain transformers gives with the export's template; after 50 epochs
-    (500 steps) the tiny Llama answers every training question right and stops at its end token."""
+    """The export carries the chat template and the end token and gives fulltune's logits in plain transformers;
+    `predict --chat` on it gives what plain `apply_chat_template` + `generate` gives; after 50 epochs (500 steps)
+    the tiny Llama answers a training question right and stops at its end token."""
     cfg = chat_cfg(
         tmp_path / "run",
         chat_files,
         model__tiny_config=TINY_LLAMA | {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128},
-        data__val_file=None,
         training__num_epochs=epochs,
         checkpoint__save_every_epochs=epochs,  # the last epoch's checkpoint only
     )
     train(cfg)
-    shipped = export(tmp_path / "run", tmp_path / "shipped")
+    check_report(tmp_path / "run" / "report.html")
+    shipped = export(tmp_path / "run" / "best", tmp_path / "shipped")
+    tok = AutoTokenizer.from_pretrained(str(shipped))
+    model = AutoModelForCausalLM.from_pretrained(str(shipped)).eval()
+    assert tok.chat_template == chat.TEMPLATES["chatml"]
+    assert model.generation_config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("</s>")
+    ids = chat.prompt_ids(tok, [{"role": "user", "content": "what does ben like?"}])[None]
+    with torch.no_grad():
+        ours = load_exported(tmp_path / "run" / "best").model(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, ours, atol=1e-5, rtol=0)
     question = conversations(40)[12]["messages"][-2]["content"]  # a training question: "tell me what cara likes."
     capsys.readouterr()
     assert cli.main(["predict", "--checkpoint", str(shipped), "--chat", question, "--max_new_tokens", "12"]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["generated"]
     # plain transformers: the export's own template with the generation prompt, then generate
-    tok = AutoTokenizer.from_pretrained(str(shipped))
-    model = AutoModelForCausalLM.from_pretrained(str(shipped)).eval()
     inputs = tok.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
     )
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1] :]
     assert answer == tok.decode(new, skip_special_tokens=True)
+    # --file of conversations: each answered from its turns before the reference answer
+    assert (
+        cli.main(["predict", "--checkpoint", str(shipped), "--file", str(chat_files[1]), "--max_new_tokens", "4"]) == 0
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["messages"] for r in lines] == [r["messages"][:-1] for r in conversations(40)[::5]]
     if learned:
         assert new[-1] == tok.eos_token_id and new.numel() < 12  # it stopped at the end token
         assert answer == "cara likes snow."
