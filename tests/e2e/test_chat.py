@@ -82,6 +82,18 @@ def test_only_assistant_turns_are_targets_each_ending_in_eos(chat_files, templat
     assert torch.equal(head, ids[: head.numel()]) and int(spans[0, 0]) == head.numel()
 
 
+def test_the_tokenizers_own_template_is_used_and_each_turn_still_ends_in_eos(chat_files):
+    tok = AutoTokenizer.from_pretrained(str(chat_files[2]))
+    # A base model's template whose turn end (<|im_end|>, plain text here) is not its end token </s>.
+    tok.chat_template = chat.TEMPLATES["chatml"].replace("{{ eos_token }}", "<|im_end|>")
+    assert chat.use_template(tok, DataConfig()) == "chat template: the tokenizer's own (data.chat_template auto)"
+    messages = conversations(1)[0]["messages"]
+    ids, labels = chat.tokenize_conversation(tok, messages)
+    assert tok.decode(labels[labels != -100]) == "anna likes tea.<|im_end|>\n</s>"  # </s> appended: it learns to stop
+    assert "llama3" in chat.use_template(tok, DataConfig(chat_template="llama3"))  # a named one replaces it
+    assert tok.chat_template == chat.TEMPLATES["llama3"]
+
+
 def test_template_that_rewrites_earlier_turns_is_refused(chat_files):
     tok = AutoTokenizer.from_pretrained(str(chat_files[2]))
     # Shows only the last turn in full: an earlier assistant turn renders differently once another follows.
