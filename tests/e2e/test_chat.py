@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, base_overrides, config_kwargs
+from conftest import TINY_GPT2, TINY_LLAMA, TINY_QWEN2, base_overrides
 from test_causal_lm import make_bpe_tokenizer, write_jsonl
 from test_train import assert_same_weights
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fulltune import cli
 from fulltune.config import ConfigError, DataConfig, load_config
@@ -103,13 +103,15 @@ def test_template_that_rewrites_earlier_turns_is_refused(chat_files):
         chat.tokenize_conversation(tok, messages + messages)
 
 
-def test_packed_conversations_do_not_see_each_other(chat_files):
+@pytest.mark.parametrize("tiny", [TINY_LLAMA, TINY_QWEN2, TINY_GPT2], ids=["llama", "qwen2", "gpt2"])
+def test_packed_conversations_do_not_see_each_other(chat_files, tiny):
     tok = chat_tokenizer(chat_files[2])
     rows = [chat.tokenize_conversation(tok, r["messages"]) for r in conversations(3)]
     ids, labels, positions = chat.pack_conversations([x for x, _ in rows], [y for _, y in rows], 200)
     assert len(ids) == 1 and positions[0].tolist() == [p for x, _ in rows for p in range(x.numel())]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**config_kwargs(TINY_LLAMA, vocab_size=400))).eval()
+    config = AutoConfig.for_model(**(tiny | {"vocab_size": 400, "bos_token_id": 0, "eos_token_id": 1}))
+    model = AutoModelForCausalLM.from_config(config).eval()
     batch = chat.collate_chat([{"input_ids": ids[0], "labels": labels[0], "position_ids": positions[0]}])
     packed_loss, packed_logits = lm_loss(model, batch, 0.0)
     alone = [lm_loss(model, chat.collate_chat([{"input_ids": x, "labels": y}]), 0.0) for x, y in rows]
