@@ -71,8 +71,9 @@ def label_reader(cfg: DataConfig) -> Any:
                     str(item).strip() if not isinstance(item, float) or not item.is_integer() else str(int(item))
                 )
         elif isinstance(value, str):
-            names = value.split(cfg.label_separator) if cfg.label_separator else [value]
-            names = [n.strip() for n in names]
+            names = [n.strip() for n in value.split(cfg.label_separator)] if cfg.label_separator else [value.strip()]
+            while names and names[-1] == "":  # "a|b|": a separator at the end ends the list
+                names.pop()
         else:
             raise DataError(
                 f"{where}: label {json.dumps(value)} in field '{cfg.label_column}' is not a list of labels or a text "
@@ -82,9 +83,9 @@ def label_reader(cfg: DataConfig) -> Any:
                     else "(set data.label_separator)"
                 )
             )
-        if any(n == "" for n in names) and any(n != "" for n in names):
+        if "" in names:
             raise DataError(f"{where}: an empty label among {names} in field '{cfg.label_column}'")
-        return tuple(dict.fromkeys(n for n in names if n))
+        return tuple(dict.fromkeys(names))
 
     return read_label
 
