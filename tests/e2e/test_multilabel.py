@@ -199,3 +199,15 @@ def _export_loads_in_transformers(best: Path, out: Path, data: Path) -> None:
         theirs = model(**tok(examples.texts, padding=True, return_tensors="pt"), labels=target)
     torch.testing.assert_close(theirs.logits.sigmoid(), ours["probabilities"], atol=1e-5, rtol=0)
     assert float(theirs.loss) == pytest.approx(ours["loss"], abs=1e-5)  # transformers' BCE, mean over labels
+
+
+def test_plan_counts_label_sets_and_dry_runs(tmp_path, ml_data, capsys):
+    """`fulltune plan` reads the label sets (32 examples, 3 labels) and its dry run steps the BCE loss on multi-hot
+    rows."""
+    cfg_path = tmp_path / "plan.yaml"
+    cfg_path.write_text(json.dumps(base_overrides(tmp_path / "run", TINY_BERT) | {"data.batch_size": 4}))
+    argv = ["plan", "--config", str(cfg_path), "--data_dir", str(ml_data), "--methods", "full", "--json"]
+    assert call_cli(*argv, "--memory_budget", "4GiB") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "multi_label_classification" and report["examples"] == 32
+    assert report["methods"][0]["measured"] is not None  # the dry run ran
