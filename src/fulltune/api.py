@@ -21,7 +21,7 @@ from fulltune.cli.options import ConfigFlags, require_training_data
 from fulltune.config import Config, dotted_items, load_config, to_dict
 from fulltune.errors import ConfigError, FulltuneError
 from fulltune.eval.evaluate import evaluate_checkpoint
-from fulltune.eval.predict import classify, generate, image_paths
+from fulltune.eval.predict import classify, generate, image_paths, multi_label_rows
 from fulltune.model.exported import load_exported
 from fulltune.runtime.device import resolve_device
 from fulltune.training.trainer import train as run_training
@@ -125,6 +125,8 @@ def predict(
             rows = [
                 {"prompt": p, "generated": generate(bundle, str(p), max_new_tokens, temperature, top_p)} for p in items
             ]
+        elif bundle.task == "multi_label_classification":  # {"input", "labels": every label above its threshold}
+            rows = multi_label_rows(bundle, [str(item) for item in items])
         else:
             if bundle.task == "image_classification":
                 items = [path for item in items for path in image_paths(str(item))]

@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
         help="a `datasets` hub id or save_to_disk folder: predict every row of --split (its text or image column)",
     )
     p.add_argument("--split", default="test", help="with --dataset_name: the split (train, val, test or its own name)")
-    p.add_argument("--top_k", type=int, default=5, help="labels per input")
+    p.add_argument("--top_k", type=int, default=5, help="labels per input (a multi-label model: all above threshold)")
     p.add_argument(
         "--max_new_tokens",
         type=int,
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         generate,
         image_paths,
         is_chat_file,
+        multi_label_rows,
         text_inputs,
     )
     from fulltune.model.exported import load_exported
@@ -79,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         for prompt in text_inputs((args.prompt or []) + (args.text or []), args.file, data, causal_lm=True):
             text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
             _print({"prompt": prompt, "generated": text})
+        return 0
+    if bundle.task == "multi_label_classification":  # every label above its threshold
+        for row in multi_label_rows(bundle, text_inputs(args.text, args.file, data)):
+            _print(row)
         return 0
     if bundle.task == "image_classification":
         if not args.image:
@@ -100,7 +105,7 @@ def _predict_dataset(bundle: Any, args: argparse.Namespace) -> int:
     """One line per row of a dataset split, read with the run's columns."""
     from fulltune.config import config_from_dict
     from fulltune.data import hf_eval
-    from fulltune.eval.predict import classify, generate
+    from fulltune.eval.predict import classify, generate, multi_label_rows
 
     cfg = config_from_dict(bundle.extra["fulltune_config"])
     split = hf_eval.open_split(cfg, args.split, args.dataset_name)
@@ -109,6 +114,10 @@ def _predict_dataset(bundle: Any, args: argparse.Namespace) -> int:
         for prompt in inputs:
             text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
             _print({"prompt": prompt, "generated": text})
+        return 0
+    if bundle.task == "multi_label_classification":
+        for row in multi_label_rows(bundle, inputs):
+            _print(row)
         return 0
     for name, top in zip(shown, classify(bundle, inputs, args.top_k, skip_unreadable=True), strict=True):
         if top is None:

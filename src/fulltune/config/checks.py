@@ -119,6 +119,7 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
         ("method.lora.r", cfg.method.lora.r, *ge(1)),
         ("method.lora.alpha", cfg.method.lora.alpha, lambda v: v > 0, "> 0"),
         ("method.lora.dropout", cfg.method.lora.dropout, *unit),
+        ("eval.threshold", cfg.eval.threshold, lambda v: 0 < v < 1, "in (0, 1)"),
     ]
 
 

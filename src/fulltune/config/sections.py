@@ -37,6 +37,9 @@ class DataConfig:
     """Column (or JSON field) holding the text."""
     label_column: str = "label"
     """Column (or JSON field) holding the class label."""
+    label_separator: str | None = None
+    """Multi-label: the character between the labels of one example in a text cell (e.g. "," or "|"); none: one
+    label per example unless the labels are JSON lists."""
     prompt_column: str = "prompt"
     """Causal LM JSONL: optional prompt field (no loss on it)."""
     response_column: str = "response"
@@ -367,6 +370,14 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    threshold: float = 0.5
+    """Multi-label: a label is predicted when its sigmoid probability reaches this."""
+    tune_thresholds: bool = False
+    """Multi-label: tune one threshold per label on the validation split (best F1), kept with the weights."""
+
+
+@dataclass
 class Config:
     task: Literal[
         "auto",
@@ -388,3 +399,4 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

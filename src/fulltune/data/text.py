@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,11 @@ def json_label(value: Any, path: Path, line: int, column: str) -> str:
     raise DataError(f"'{path}' line {line}: label in field '{column}' is {kind}; expected a string or a number")
 
 
-def read_examples(path: Path, cfg: DataConfig, need_labels: bool = True) -> TextExamples:
+def read_examples(
+    path: Path, cfg: DataConfig, need_labels: bool = True, read_label: Callable[[Any, str], Any] | None = None
+) -> TextExamples:
+    """A table's texts and labels. `read_label(value, where)` reads a label cell its own way (multi-label sets);
+    by default a label is one class name."""
     rows, columns = read_table(path, cfg.format, cfg.encoding)
     for col in [cfg.text_column] + ([cfg.label_column] if need_labels else []):
         if col not in columns:
@@ -219,7 +224,9 @@ def read_examples(path: Path, cfg: DataConfig, need_labels: bool = True) -> Text
             raise DataError(f"{where}: empty text in column '{cfg.text_column}'")
         texts.append(text)  # as written: the tokenizer decides what whitespace means
         lines.append(line)
-        if need_labels:
+        if need_labels and read_label is not None:
+            labels.append(read_label(row.get(cfg.label_column), where))
+        elif need_labels:
             raw = row.get(cfg.label_column)
             if isinstance(raw, (bool, int, float)) or (raw is not None and not isinstance(raw, str)):
                 kind = "boolean" if isinstance(raw, bool) else "number"
@@ -320,8 +327,9 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int
 class PadCollator:
     """Pads a list of examples to the longest one in the batch (dynamic padding)."""
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, label_dtype: torch.dtype = torch.long) -> None:
         self.pad_token_id = pad_token_id
+        self.label_dtype = label_dtype  # class ids; float32 for multi-hot label rows
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(it["input_ids"]) for it in items)
@@ -333,5 +341,5 @@ class PadCollator:
             mask[row, :n] = 1
         batch = {"input_ids": ids, "attention_mask": mask}
         if "labels" in items[0]:
-            batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
+            batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=self.label_dtype)
         return batch

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from fulltune.config import ConfigError, config_from_dict
-from fulltune.data import hf_eval
+from fulltune.data import hf_eval, multilabel
 from fulltune.data import images as img
 from fulltune.data import text as txt
 from fulltune.data.text import SPLIT_NAMES
 from fulltune.errors import DataError
-from fulltune.eval.metrics import classification_metrics
+from fulltune.eval.metrics import classification_metrics, multi_label_metrics
 from fulltune.eval.perplexity import check_windows, file_perplexity, perplexity
 from fulltune.files.rundir import atomic_output, claim_output
 from fulltune.model.exported import load_exported
@@ -57,7 +57,8 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
 def format_table(metrics: dict[str, Any], labels: list[str] | None = None) -> str:
     """A short human-readable table for the terminal."""
     lines = []
-    for key in ("accuracy", "top5_accuracy", "macro_f1", "loss", "perplexity", "tokens", "examples"):
+    keys = ("micro_f1", "micro_precision", "micro_recall", "subset_accuracy", "accuracy", "top5_accuracy", "macro_f1")
+    for key in (*keys, "loss", "perplexity", "tokens", "examples"):
         if key in metrics:
             v = metrics[key]
             lines.append(f"  {key:<16}{v:.4f}" if isinstance(v, float) else f"  {key:<16}{v}")
@@ -67,6 +68,10 @@ def format_table(metrics: dict[str, Any], labels: list[str] | None = None) -> st
         values = per.values() if isinstance(per, dict) else per
         for name, acc in zip(labels, values, strict=True):
             lines.append(f"    {name:<22}{'n/a' if acc is None else f'{acc:.3f}'}")
+    if "per_label" in metrics:  # multi-label
+        lines.append(f"  per label:{'':<14}{'F1':>6}{'support':>9}{'threshold':>11}")
+        for name, row in metrics["per_label"].items():
+            lines.append(f"    {name:<22}{row['f1']:>6.3f}{row['support']:>9}{row['threshold']:>11.2f}")
     return "\n".join(lines)
 
 
@@ -185,6 +190,10 @@ def evaluate_checkpoint(
     if bundle.task == "causal_lm":
         args = (bundle, cfg, hub, data_dir, split, file, out, batch_size, dev, precision, block_size, stride, source)
         return _perplexity(*args)
+    if bundle.task == "multi_label_classification":
+        run = dict(batch_size=batch_size, device=dev, precision=precision, evaluated=source)
+        metrics = _multi_label(bundle, cfg, hub, (data_dir, split, file), out, run)
+        return metrics | ({"dataset": hub.shown} if hub is not None else {})
     dataset, collate, workers, inputs, skipped = _classification_inputs(bundle, cfg, hub, data_dir, split, file, labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
@@ -244,6 +253,55 @@ def _perplexity(
     return metrics
 
 
+def _split_table(data_dir: str | None, split: str, file: str | None) -> Path:
+    """The table to score: --file, else the split's table in the data folder."""
+    path = Path(file) if file else (txt.find_split_file(data_dir, split) if data_dir else None)
+    if path is None or not path.is_file():
+        raise DataError(f"no {split} table in '{data_dir}' (expected {split}.csv/.tsv/.jsonl) and no --file")
+    return path
+
+
+def _multi_label(
+    bundle: Any, cfg: Any, hub: Any, where: tuple[str | None, str, str | None], out: Path, run: dict[str, Any]
+) -> dict[str, Any]:
+    """A multi-label checkpoint's metrics at its thresholds (thresholds.json beside the weights, else
+    eval.threshold): metrics.json with per-label F1, precision, recall, support and threshold, and
+    predictions.jsonl (each example's gold labels and the labels predicted, with their probabilities). `run`:
+    batch_size, device, precision and the "evaluated" record."""
+    labels = bundle.extra["labels"]
+    examples = multilabel.hub_examples(hub.hub, "train", cfg) if hub is not None else None
+    examples = examples or multilabel.read_examples(_split_table(*where), cfg.data)
+    ids = txt.tokenize(bundle.tokenizer, examples.texts, cfg.data.max_length)
+    dataset = txt.TokenizedDataset(ids, multilabel.multi_hot(examples, labels))  # type: ignore[arg-type]
+    collate = txt.PadCollator(bundle.tokenizer.pad_token_id, label_dtype=torch.float32)
+    loader = torch.utils.data.DataLoader(dataset, collate_fn=collate, batch_size=run["batch_size"])
+    thresholds = multilabel.read_thresholds(Path(bundle.source), labels, cfg.eval.threshold)
+    metrics = multi_label_metrics(bundle.model, loader, thresholds, run["device"], run["precision"])
+    prob, target = metrics.pop("probabilities"), metrics.pop("targets")
+    columns = [metrics.pop(f"per_label_{k}") for k in ("f1", "precision", "recall", "support")]
+    per_label = zip(*columns, thresholds, strict=True)
+    metrics["per_label"] = {
+        name: dict(zip(("f1", "precision", "recall", "support", "threshold"), row, strict=True))
+        for name, row in zip(labels, per_label, strict=True)
+    }
+    metrics.pop("thresholds")
+    metrics["evaluated"] = run["evaluated"]
+    with atomic_output(out, "evaluate") as tmp:
+        (tmp / "metrics.json").write_text(json.dumps({**metrics, "labels": labels}, indent=2))
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for text, p, t in zip(examples.texts, prob.tolist(), target.tolist(), strict=True):
+                above = sorted(((v, i) for i, v in enumerate(p) if v >= thresholds[i]), reverse=True)
+                row = {
+                    "input": text,
+                    "labels": [labels[i] for i, v in enumerate(t) if v > 0.5],
+                    "predicted": [{"label": labels[i], "probability": round(v, 6)} for v, i in above],
+                }
+                row["correct"] = sorted(row["labels"]) == sorted(x["label"] for x in row["predicted"])
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    metrics |= {"output_dir": str(out), "labels": labels, "written": "metrics.json, predictions.jsonl"}
+    return metrics
+
+
 def _classification_inputs(
     bundle: Any, cfg: Any, hub: Any, data_dir: str | None, split: str, file: str | None, labels: list[str]
 ) -> tuple[Any, Any, int, list[str], int]:
@@ -264,9 +322,6 @@ def _classification_inputs(
     if hub is not None:
         dataset, texts = hf_eval.text_dataset(cfg, hub, labels, bundle.tokenizer)
         return dataset, collate, 0, texts, 0
-    path = Path(file) if file else (txt.find_split_file(data_dir, split) if data_dir else None)
-    if path is None or not path.is_file():
-        raise DataError(f"no {split} table in '{data_dir}' (expected {split}.csv/.tsv/.jsonl) and no --file")
-    examples = txt.read_examples(path, cfg.data)
+    examples = txt.read_examples(_split_table(data_dir, split, file), cfg.data)
     ids = txt.tokenize(bundle.tokenizer, examples.texts, cfg.data.max_length)
     return txt.TokenizedDataset(ids, txt.label_ids(examples, labels)), collate, 0, list(examples.texts), 0

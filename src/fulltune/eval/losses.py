@@ -1,5 +1,5 @@
-"""The losses training and evaluation share (classification cross-entropy, the causal-LM token loss) and what
-a batch counts as (examples or tokens)."""
+"""The losses training and evaluation share (classification cross-entropy, multi-label BCE, the causal-LM token
+loss) and what a batch counts as (examples or tokens)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,19 @@ def classification_loss(
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
     loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum", label_smoothing=label_smoothing)
+    return loss, logits
+
+
+def multi_label_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary cross-entropy with logits, averaged over the labels and summed over the batch (so the mean per
+    example is what transformers' own multi_label_classification loss gives); labels (batch, num_labels) of 0/1,
+    smoothed towards 1/2 by label_smoothing."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits  # (batch, num_labels)
+    target = batch["labels"].float() * (1 - label_smoothing) + label_smoothing / 2
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum") / logits.shape[-1]
     return loss, logits
 
 

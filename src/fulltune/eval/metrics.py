@@ -1,5 +1,6 @@
 """Metrics over a data loader, streamed (memory does not grow with the data set): top-1/top-5, per-class
-accuracy, macro-F1 and the confusion matrix for classifiers (perplexity for causal LMs: `eval.perplexity`).
+accuracy, macro-F1 and the confusion matrix for classifiers; micro/macro/per-label F1 at thresholds for
+multi-label classifiers (perplexity for causal LMs: `eval.perplexity`).
 The trainer's validation and the `evaluate` command both compute them here.
 """
 
@@ -94,6 +95,83 @@ def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: fl
         }
     )
     return metrics
+
+
+@torch.no_grad()
+def multi_label_metrics(
+    model: nn.Module, loader: Any, thresholds: list[float], device: torch.device, precision: Precision
+) -> dict[str, Any]:
+    """Multi-label metrics at per-label `thresholds` on the sigmoid (`multi_label_scores`), the mean BCE loss (as
+    `losses.multi_label_loss` averages it), and each example's label probabilities and 0/1 targets ("probabilities",
+    "targets": (examples, labels) tensors on the host, for tuning thresholds and writing predictions)."""
+    model.eval()
+    probs, targets = [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in loader:
+        batch = to_device(batch, device)
+        labels = batch.pop("labels").float()  # (batch, num_labels) of 0/1
+        with precision.autocast():
+            logits = model(**batch).logits.float()  # (batch, num_labels)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        loss_sum += bce.double() / logits.shape[-1]
+        probs.append(logits.sigmoid())
+        targets.append(labels)
+    prob = torch.cat(probs).cpu() if probs else torch.zeros(0, len(thresholds))
+    target = torch.cat(targets).cpu() if targets else torch.zeros(0, len(thresholds))
+    metrics = multi_label_scores(prob, target, thresholds)
+    metrics["loss"] = float(loss_sum) / max(len(prob), 1)
+    metrics["probabilities"], metrics["targets"] = prob, target
+    return metrics
+
+
+def multi_label_scores(prob: torch.Tensor, target: torch.Tensor, thresholds: list[float]) -> dict[str, Any]:
+    """Micro and macro F1 (and per-label F1, precision, recall, support) of `prob` >= each label's threshold
+    against 0/1 `target`, both (examples, labels). They follow scikit-learn's `f1_score` on multi-hot rows: micro
+    pools every label's counts; macro is the mean over all labels, a label never true nor predicted counting 0
+    (zero_division=0); `subset_accuracy` is the share of examples whose whole label set is right."""
+    pred = prob >= torch.tensor(thresholds, dtype=prob.dtype)  # (examples, labels)
+    truth = target > 0.5
+    tp = (pred & truth).sum(0).double()
+    fp = (pred & ~truth).sum(0).double()
+    fn = (~pred & truth).sum(0).double()
+
+    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+
+    f1 = ratio(2 * tp, 2 * tp + fp + fn)
+    micro = ratio(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum())
+    return {
+        "micro_f1": float(micro),
+        "macro_f1": float(f1.mean()) if len(f1) else 0.0,
+        "micro_precision": float(ratio(tp.sum(), tp.sum() + fp.sum())),
+        "micro_recall": float(ratio(tp.sum(), tp.sum() + fn.sum())),
+        "subset_accuracy": float((pred == truth).all(-1).double().mean()) if len(pred) else 0.0,
+        "examples": len(prob),
+        "per_label_f1": f1.tolist(),
+        "per_label_precision": ratio(tp, tp + fp).tolist(),
+        "per_label_recall": ratio(tp, tp + fn).tolist(),
+        "per_label_support": truth.sum(0).tolist(),
+        "thresholds": [float(t) for t in thresholds],
+    }
+
+
+THRESHOLD_GRID = [round(0.05 * i, 2) for i in range(1, 20)]
+"""The thresholds tuning tries per label: 0.05, 0.10, ..., 0.95."""
+
+
+def tune_thresholds(prob: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """Each label's threshold from THRESHOLD_GRID with the best F1 on (examples, labels) `prob` vs `target`; among
+    equal F1s the one nearest 0.5 (so a label without positives keeps 0.5)."""
+    grid = torch.tensor(THRESHOLD_GRID, dtype=prob.dtype)
+    pred = prob[None] >= grid[:, None, None]  # (grid, examples, labels)
+    truth = (target > 0.5)[None]
+    tp = (pred & truth).sum(1).double()
+    wrong = (pred ^ truth).sum(1).double()  # false positives + false negatives
+    f1 = torch.where(2 * tp + wrong > 0, 2 * tp / (2 * tp + wrong).clamp(min=1), torch.zeros_like(tp))  # (grid, labels)
+    # Among the grid points with the best F1, the one nearest 0.5 (the lower one of two as near).
+    distance = (grid[:, None].double() - 0.5).abs().expand_as(f1).clone()
+    distance[f1 < f1.max(0).values] = float("inf")
+    return [THRESHOLD_GRID[i] for i in distance.argmin(0).tolist()]
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

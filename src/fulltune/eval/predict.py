@@ -1,5 +1,5 @@
-"""`fulltune predict`: top-k labels with probabilities for images or texts, or generated text for causal LMs,
-from an exported checkpoint.
+"""`fulltune predict`: top-k labels with probabilities for images or texts (a multi-label classifier: every label
+above its threshold), or generated text for causal LMs, from an exported checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from fulltune.config import DataConfig
 from fulltune.data import images as img
 from fulltune.data.chat import is_chat_jsonl, prompt_ids, read_conversations
 from fulltune.data.lm import frame_prompt
+from fulltune.data.multilabel import read_thresholds
 from fulltune.data.text import TABLE_EXTENSIONS, read_table, read_text_file
 from fulltune.errors import ConfigError, DataError
 from fulltune.model.bundle import ModelBundle
@@ -126,6 +127,26 @@ def classify(
             values, indices = next(rows)
             results.append([(id2label[i], v) for i, v in zip(indices, values, strict=True)])
     return results
+
+
+@torch.no_grad()
+def multi_label_rows(bundle: ModelBundle, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+    """What predict prints for a multi-label classifier: {"input", "labels": [{"label", "probability"}]} per text,
+    every label whose sigmoid probability reaches its threshold (thresholds.json beside the weights, else the run's
+    eval.threshold), most probable first."""
+    model, device = bundle.model, next(bundle.model.parameters()).device
+    names = [bundle.model.config.id2label[i] for i in range(len(bundle.model.config.id2label))]
+    default = (((bundle.extra.get("fulltune_config") or {}).get("eval") or {}).get("threshold")) or 0.5
+    thresholds = read_thresholds(Path(bundle.source), names, default)
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        enc = bundle.tokenizer(chunk, truncation=True, max_length=max_length(bundle), padding=True, return_tensors="pt")
+        prob = model(**enc.to(device)).logits.float().sigmoid().tolist()  # (chunk, labels)
+        for text, p in zip(chunk, prob, strict=True):
+            above = sorted(((v, i) for i, v in enumerate(p) if v >= thresholds[i]), reverse=True)
+            rows.append({"input": text, "labels": [{"label": names[i], "probability": round(v, 4)} for v, i in above]})
+    return rows
 
 
 @torch.no_grad()

@@ -85,11 +85,13 @@ def _random_batch(task: str, f: Facts, micro_batch: int, num_labels: int) -> dic
     ids = torch.randint(5, max(f.vocab, 6), (micro_batch, f.tokens), generator=g)
     if task == "causal_lm":
         return {"input_ids": ids, "labels": ids.clone()}
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": torch.randint(0, num_labels, (micro_batch,)),
-    }
+    multi = task == "multi_label_classification"  # multi-hot rows (batch, labels) for the BCE loss
+    labels = (
+        torch.randint(0, 2, (micro_batch, num_labels)).float()
+        if multi
+        else torch.randint(0, num_labels, (micro_batch,))
+    )
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def _warm_up(device: torch.device, precision: Any, t: Any) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fulltune.config import Config
+from fulltune.data import multilabel
 from fulltune.data.images import IMAGE_EXTENSIONS
 from fulltune.data.text import cap, label_vocabulary, read_examples, split_files
 from fulltune.errors import ConfigError, DataError
@@ -176,9 +177,11 @@ def count_examples(cfg: Config, task: str) -> tuple[int | None, list[str] | None
         files = split_files(d)
         if files["train"] is None:
             return None, None, "no training table"
-        examples = read_examples(files["train"], d)
+        multi = task == "multi_label_classification"  # label sets: their names are the labels
+        examples = (multilabel.read_examples if multi else read_examples)(files["train"], d)
         n = len(examples.texts) if files["val"] else round(len(examples.texts) * (1 - d.val_fraction))
         n = min(n, len(cap(examples, d.max_samples, cfg.training.seed).texts))
-        return n, label_vocabulary(examples.labels), f"rows of {files['train']}"
+        names = multilabel.label_vocabulary(examples) if multi else label_vocabulary(examples.labels)
+        return n, names, f"rows of {files['train']}"
     except (DataError, OSError) as err:
         return None, None, str(err).splitlines()[0]

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fulltune.config import Config, save_config, to_dict
+from fulltune.data.multilabel import write_thresholds
 from fulltune.errors import ConfigError, TrainingError
 from fulltune.files.manifest import (
     RUN_META,
@@ -125,6 +126,7 @@ def export_model(
         meta = {**meta, **note}
         (out_dir / "README.md").write_text("# fulltune export of a pruned model\n\n" + note["loading"] + "\n")
     (out_dir / RUN_META).write_text(json.dumps(meta, indent=2, default=str))
+    write_thresholds(out_dir, meta)  # a multi-label run's per-label thresholds tuned on validation
     write_model_card(out_dir, meta)
 
 
@@ -387,6 +389,15 @@ def delete_old_checkpoints(output_dir: Path, keep_last: int) -> None:
         fsync_dir(old.parent)
         kill_point("deleting-old")
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def read_run_meta(folder: Path) -> dict[str, Any]:
+    """A checkpoint's run record (fulltune_run.json); {} when it has none that parses."""
+    try:
+        meta = json.loads((Path(folder) / RUN_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def run_meta(task: str, labels: list[str] | None, cfg: Config, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fulltune.config import ConfigError
+from fulltune.data.multilabel import write_thresholds
 from fulltune.files.manifest import MANIFEST, RUN_META, verify_checkpoint
 from fulltune.files.rundir import atomic_output, claim_output
 from fulltune.files.safestate import require_safetensors
@@ -198,6 +199,7 @@ def export(source: str | Path, output_dir: str | Path, dtype: str = "float32", l
         meta["notes"] = [*meta.get("notes", []), *notes]
         meta["export"] = {"source": str(src), "dtype": dtype, "lora": lora}
         (tmp / RUN_META).write_text(json.dumps(meta, indent=2, default=str))
+        write_thresholds(tmp, meta)
         write_model_card(tmp, meta)
     return out
 

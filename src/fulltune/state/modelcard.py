@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.config.sections import ModelConfig
+from fulltune.data.multilabel import THRESHOLDS_FILE
 from fulltune.data.records import split_size
 from fulltune.files.manifest import replace_in_checkpoint
 from fulltune.model.pruned import is_pruned_folder
@@ -17,11 +18,13 @@ from fulltune.model.pruned import is_pruned_folder
 CARD_FILE = "README.md"
 PIPELINE_TAGS = {
     "text_classification": "text-classification",
+    "multi_label_classification": "text-classification",
     "image_classification": "image-classification",
     "causal_lm": "text-generation",
 }
 AUTO_CLASSES = {
     "text_classification": "AutoModelForSequenceClassification",
+    "multi_label_classification": "AutoModelForSequenceClassification",
     "image_classification": "AutoModelForImageClassification",
     "causal_lm": "AutoModelForCausalLM",
 }
@@ -83,7 +86,7 @@ def _hyper_parameters(config: dict[str, Any], task: str) -> list[tuple[str, Any]
         rows.append(("layer-wise LR decay", t["layerwise_lr"].get("decay_rate")))
     if t.get("progressive_unfreezing", {}).get("enabled"):
         rows.append(("progressive unfreezing", "on"))
-    if task == "text_classification":
+    if task in ("text_classification", "multi_label_classification"):
         rows.append(("max tokens per text", d.get("max_length")))
     elif task == "causal_lm":
         rows.append(("tokens per block", d.get("seq_len")))
@@ -93,10 +96,16 @@ def _hyper_parameters(config: dict[str, Any], task: str) -> list[tuple[str, Any]
 def training_length(meta: dict[str, Any]) -> int | None:
     """The tokens per text that training kept (a text classifier's data.max_length), from a run record; None for
     the other tasks (images have their size in the image processor; a causal LM's prompts are not cut)."""
-    if (meta.get("task") or (meta.get("fulltune_config") or {}).get("task")) != "text_classification":
+    task = meta.get("task") or (meta.get("fulltune_config") or {}).get("task")
+    if task not in ("text_classification", "multi_label_classification"):
         return None
     length = ((meta.get("fulltune_config") or {}).get("data") or {}).get("max_length")
     return int(length) if length is not None else None
+
+
+def _threshold(meta: dict[str, Any]) -> float:
+    """The run's eval.threshold (multi-label), 0.5 in a record without one."""
+    return float(((meta.get("fulltune_config") or {}).get("eval") or {}).get("threshold") or 0.5)
 
 
 def _fmt(v: Any) -> str:
@@ -133,7 +142,7 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
         return (
             "This folder holds a LoRA adapter (peft), not full weights:\n\n```python\n"
             "from peft import AutoPeftModelFor"
-            f"{'SequenceClassification' if task == 'text_classification' else 'CausalLM'} as Model\n"
+            f"{'CausalLM' if task == 'causal_lm' else 'SequenceClassification'} as Model\n"
             'model = Model.from_pretrained("PATH")  # fetches the base model named in adapter_config.json\n```\n'
         )
     if task == "image_classification":
@@ -143,6 +152,19 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
             'model = AutoModelForImageClassification.from_pretrained("PATH")\n'
             'logits = model(**processor(Image.open("photo.jpg"), return_tensors="pt")).logits\n'
             "print(model.config.id2label[int(logits.argmax(-1))])"
+        )
+    elif task == "multi_label_classification":
+        body = (
+            "import json, os\n\nimport torch\n"
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")\n'
+            'model = AutoModelForSequenceClassification.from_pretrained("PATH")  # problem_type: multi-label\n'
+            'probs = torch.sigmoid(model(**tokenizer(["a text"], truncation=True, return_tensors="pt")).logits)[0]\n'
+            "names = [model.config.id2label[i] for i in range(len(probs))]\n"
+            f'tuned = "PATH/{THRESHOLDS_FILE}"  # per-label thresholds, when tuned on validation\n'
+            'limit = json.load(open(tuned))["thresholds"] if os.path.exists(tuned) else dict.fromkeys(names, '
+            f"{_threshold(meta)})\n"
+            "print([(n, float(p)) for n, p in zip(names, probs) if p >= limit[n]])"
         )
     elif task == "causal_lm":
         body = (
@@ -184,7 +206,18 @@ def _limits(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
             "It always answers with one of its labels, even for inputs that belong to none of them; "
             "its probabilities are not calibrated."
         )
-    if task == "text_classification":
+    if task == "multi_label_classification":
+        tuned = meta.get("thresholds")
+        out.append(
+            "It predicts every label whose sigmoid probability reaches that label's threshold: "
+            + (
+                f"{THRESHOLDS_FILE} holds one per label, tuned for F1 on the validation split (optimistic there)."
+                if tuned
+                else f"{_threshold(meta)} for each label (eval.threshold)."
+            )
+            + " Its probabilities are not calibrated."
+        )
+    if task in ("text_classification", "multi_label_classification"):
         max_len = training_length(meta)
         out.append(
             f"Training kept the first {max_len} tokens of each text (data.max_length), and so does the tokenizer "

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 
 from fulltune.config import METRICS, Config, ConfigError
-from fulltune.data import chat, hf_datasets, hf_stream, lm
+from fulltune.data import chat, hf_datasets, hf_stream, lm, multilabel
 from fulltune.data import images as img
 from fulltune.data import text as txt
 from fulltune.data.records import TaskData, block_task_data, capped_splits, worker_count
 from fulltune.errors import DataError
-from fulltune.eval.losses import classification_loss, count_examples, count_tokens, lm_loss
+from fulltune.eval.losses import classification_loss, count_examples, count_tokens, lm_loss, multi_label_loss
 
 
 def infer_task(cfg: Config) -> str:
@@ -34,6 +34,8 @@ def _infer_task(cfg: Config) -> str:
     if cfg.task != "auto":
         return cfg.task
     d = cfg.data
+    if multilabel.is_multi_label(cfg):  # label lists, or data.label_separator set
+        return "multi_label_classification"
     if d.dataset_name:
         return hf_datasets.infer_task(cfg)
     if d.data_dir and (Path(d.data_dir) / "train").is_dir():
@@ -56,6 +58,8 @@ def _infer_task(cfg: Config) -> str:
 
 def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     """Label vocabulary from the train split, and whatever was read so it is not read twice."""
+    if task == "multi_label_classification":
+        return multilabel.read_labels(cfg)
     if cfg.data.dataset_name:
         streamed = cfg.data.streaming and task != "causal_lm"
         labels, raw = (hf_stream if streamed else hf_datasets).read_labels(cfg, task)
@@ -190,6 +194,7 @@ class Task:
 TASKS: dict[str, Task] = {
     "image_classification": Task(build_image_data, classification_loss, count_examples, "accuracy", True),
     "text_classification": Task(build_text_data, classification_loss, count_examples, "accuracy", True),
+    "multi_label_classification": Task(multilabel.build_data, multi_label_loss, count_examples, "micro_f1", True),
     "causal_lm": Task(build_lm_data, lm_loss, count_tokens, "perplexity", False),
 }
 

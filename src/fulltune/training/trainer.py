@@ -16,11 +16,19 @@ import torch
 from torch import nn
 
 from fulltune.config import Config, save_config
+from fulltune.data.multilabel import read_thresholds
 from fulltune.data.records import TaskData
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.data.text import run_inputs
 from fulltune.errors import Interrupted, TrainingError
-from fulltune.eval.metrics import classification_metrics, improves, scalar_metrics
+from fulltune.eval.metrics import (
+    classification_metrics,
+    improves,
+    multi_label_metrics,
+    multi_label_scores,
+    scalar_metrics,
+    tune_thresholds,
+)
 from fulltune.eval.perplexity import block_perplexity
 from fulltune.files.rundir import abandon_run_dir, claim_output_dir, release_run_lock, write_atomic
 from fulltune.model.build import check_vocabulary
@@ -87,6 +95,8 @@ class Trainer:
         """The optimizer step that checkpoint (or the one resumed from) holds."""
         self.stop = StopRequests()
         """SIGINT / SIGTERM: installed while `train()` runs."""
+        self.thresholds: list[float] | None = None
+        """Multi-label with eval.tune_thresholds: the per-label thresholds tuned at the latest evaluation."""
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -166,6 +176,7 @@ class Trainer:
         data, self.state = self.state.data, ckpt.load_checkpoint(point, self.model, self.optimizer, self.scaler)
         self.changed = check_resume(point, self.state.data, data, cfg)  # other data refused; changed settings said
         self.state.total_steps, self.state.data = total, data
+        self.thresholds = ckpt.read_run_meta(point).get("thresholds")  # (multi-label: tuned at the last evaluation)
         self.last_good_step = self.state.optimizer_step  # (a stop before the next step has nothing new to save)
         if self.state.best_loss is None:  # a checkpoint older than the tie-break: the loss its history holds
             at_best = [h.get("loss") for h in self.state.history if h.get("step") == self.state.best_step]
@@ -428,6 +439,8 @@ class Trainer:
             "total_parameters": total,
         }
         info |= card_facts(self.cfg, self.data, self.state)  # data sizes and latest val metrics for the model card
+        if self.thresholds is not None:
+            info["thresholds"] = self.thresholds
         return ckpt.run_meta(self.task_name, self.data.labels, self.cfg, info | (extra or {}))
 
     # ------------------------------------------------------------------------------------------------ evaluation
@@ -437,12 +450,18 @@ class Trainer:
     ) -> torch.utils.data.DataLoader:
         return data_loader(self.data, dataset, self.device, self.cfg.training.seed, batch_sampler, batch_size)
 
-    def evaluate_split(self, dataset: Any, model: nn.Module | None = None) -> dict[str, Any]:
-        """Metrics of `model` (default: the model in training) on `dataset`; the training model stays in train mode."""
+    def evaluate_split(
+        self, dataset: Any, model: nn.Module | None = None, thresholds: list[float] | None = None
+    ) -> dict[str, Any]:
+        """Metrics of `model` (default: the model in training) on `dataset`; the training model stays in train mode.
+        A multi-label model is scored at `thresholds` (default: eval.threshold for every label)."""
         model = model if model is not None else self.model
         loader = self.make_loader(dataset, batch_size=self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size)
         if self.task_name == "causal_lm":
             metrics = block_perplexity(model, loader, self.device, self.precision.autocast)
+        elif self.task_name == "multi_label_classification":
+            thresholds = thresholds or [self.cfg.eval.threshold] * len(self.data.labels)
+            metrics = multi_label_metrics(model, loader, thresholds, self.device, self.precision)
         else:
             metrics = classification_metrics(model, loader, len(self.data.labels), self.device, self.precision)
         self.model.train()
@@ -460,6 +479,11 @@ class Trainer:
             return stopping.enabled and s.evals_without_improvement >= stopping.patience
         with self.throughput.aside():
             metrics = self.evaluate_split(self.data.val)
+            if self.task_name == "multi_label_classification" and self.cfg.eval.tune_thresholds:
+                # Tuned on this validation pass and kept with its weights; best/ is still chosen at eval.threshold.
+                self.thresholds = tune_thresholds(metrics["probabilities"], metrics["targets"])
+                tuned = multi_label_scores(metrics["probabilities"], metrics["targets"], self.thresholds)
+                metrics["micro_f1_tuned"], metrics["macro_f1_tuned"] = tuned["micro_f1"], tuned["macro_f1"]
             value, loss = metrics[self.metric_name], metrics.get("loss")
             improved = improves(value, s.best_metric, self.higher_is_better, stopping.min_delta, loss, s.best_loss)
             if improved:
@@ -500,9 +524,10 @@ class Trainer:
             if not is_main():
                 return None
             best = load_exported(self.out / "best", self.device).model
-            weights, metrics = "best", self.evaluate_split(self.data.test, best)
+            tuned = read_thresholds(self.out / "best", self.data.labels or [], self.cfg.eval.threshold)
+            weights, metrics = "best", self.evaluate_split(self.data.test, best, tuned)
         else:
-            weights, metrics = "final", self.evaluate_split(self.data.test)
+            weights, metrics = "final", self.evaluate_split(self.data.test, thresholds=self.thresholds)
         self.log.split_metrics("test", metrics, weights=weights)
         return scalar_metrics(metrics) | {"weights": weights}
 
