@@ -139,6 +139,8 @@ def _auto_class(task: str, config: Any) -> Any:
         return tf.AutoModelForSequenceClassification
     if task == "causal_lm":
         return tf.AutoModelForCausalLM
+    if task == "token_classification":
+        return tf.AutoModelForTokenClassification
     raise ConfigError(f"task '{task}' has no model class")
 
 
@@ -225,10 +227,10 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
     if cfg.model.torch_dtype == "float32" and quant is None:
         model = model.float()
     bundle = ModelBundle(model=model, task=task, source=path or "tiny_config")
-    if task in ("text_classification", "causal_lm"):
+    if task in ("text_classification", "causal_lm", "token_classification"):
         _check_length(cfg, task, model)
         bundle.tokenizer = load_tokenizer(cfg, path)
-        if task == "text_classification" and model.config.pad_token_id is None:
+        if task in ("text_classification", "token_classification") and model.config.pad_token_id is None:
             model.config.pad_token_id = bundle.tokenizer.pad_token_id
         if task == "causal_lm":
             set_end_token(model, bundle.tokenizer, cfg.data)

@@ -20,7 +20,7 @@ from fulltune.data.records import TaskData
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.data.text import run_inputs
 from fulltune.errors import Interrupted, TrainingError
-from fulltune.eval.metrics import classification_metrics, improves, scalar_metrics
+from fulltune.eval.metrics import classification_metrics, improves, scalar_metrics, token_metrics
 from fulltune.eval.perplexity import block_perplexity
 from fulltune.files.rundir import abandon_run_dir, claim_output_dir, release_run_lock, write_atomic
 from fulltune.model.build import check_vocabulary
@@ -443,6 +443,8 @@ class Trainer:
         loader = self.make_loader(dataset, batch_size=self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size)
         if self.task_name == "causal_lm":
             metrics = block_perplexity(model, loader, self.device, self.precision.autocast)
+        elif self.task_name == "token_classification":
+            metrics = token_metrics(model, loader, self.data.labels, self.device, self.precision)
         else:
             metrics = classification_metrics(model, loader, len(self.data.labels), self.device, self.precision)
         self.model.train()
