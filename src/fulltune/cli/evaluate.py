@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
     labels = metrics.get("labels") or None
     print(f"evaluation of {args.checkpoint} on {args.file or metrics.get('dataset') or args.split}:")
     print(format_table(metrics, labels))
-    if "output_dir" in metrics:
+    if "written" in metrics:
+        print(f"written: {metrics['output_dir']}/" + ", ".join(metrics["written"]))
+    elif "output_dir" in metrics:
         print(
             f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png, "
             "predictions.jsonl"

@@ -14,11 +14,15 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("predict", help="top-k labels for images or texts, or generated text")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or export folder (e.g. RUN/best)")
     p.add_argument("--image", help="an image file or a folder of images")
-    p.add_argument("--text", action="append", help="a text to classify (give --text again for more)")
+    p.add_argument(
+        "--text",
+        action="append",
+        help="a text to classify (give --text again for more); a tagger splits it into words on whitespace",
+    )
     p.add_argument(
         "--file",
         help="a CSV/TSV/JSONL table (the run's text column; a causal LM's prompt column) or a .txt file of one text "
-        "(or prompt) per line",
+        "(or prompt) per line; a tagger also reads a CoNLL (.conll) or JSONL file of word lists",
     )
     p.add_argument(
         "--prompt",
@@ -60,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
         for prompt in text_inputs((args.prompt or []) + (args.text or []), args.file, data, causal_lm=True):
             text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
             _print({"prompt": prompt, "generated": text})
+        return 0
+    if bundle.task == "token_classification":
+        from fulltune.eval.tagging import sentence_inputs, tag_sentences, tagged_row
+
+        sentences = sentence_inputs(args.text, args.file, data)
+        for words, tags in zip(sentences, tag_sentences(bundle, sentences), strict=True):
+            _print(tagged_row(words, tags))
         return 0
     if bundle.task == "image_classification":
         if not args.image:

@@ -100,13 +100,14 @@ def is_token_data(cfg: DataConfig) -> bool:
 # ---------------------------------------------------------------- reading
 
 
-def read_sentences(path: Path, cfg: DataConfig) -> TaggedSentences:
-    """Words and tags of a CoNLL-style or JSONL file (JSONL by its extension .jsonl/.json)."""
+def read_sentences(path: Path, cfg: DataConfig, need_tags: bool = True) -> TaggedSentences:
+    """Words and tags of a CoNLL-style or JSONL file (JSONL by its extension .jsonl/.json). need_tags=False
+    (prediction): a CoNLL file may hold the words alone, and a JSONL record needs no tags (they come back empty)."""
     text = read_text_file(path, cfg.encoding)
     if not text.strip():
         raise DataError(f"'{path}' is empty")
     read = _read_jsonl if path.suffix.lower() in JSONL_EXTENSIONS else _read_conll
-    out = read(path, text, cfg)
+    out = read(path, text, cfg, need_tags)
     if not out.words:
         raise DataError(f"'{path}' holds no tagged sentence")
     return out
@@ -122,7 +123,7 @@ def _column(fields: list[str], index: int, key: str, path: Path, lineno: int) ->
         ) from None
 
 
-def _read_conll(path: Path, text: str, cfg: DataConfig) -> TaggedSentences:
+def _read_conll(path: Path, text: str, cfg: DataConfig, need_tags: bool) -> TaggedSentences:
     """One token per line (columns split on whitespace), a blank line between sentences, -DOCSTART- skipped."""
     words: list[list[str]] = []
     tags: list[list[str]] = []
@@ -139,7 +140,7 @@ def _read_conll(path: Path, text: str, cfg: DataConfig) -> TaggedSentences:
                 tags.append(sent_t)
                 sent_w, sent_t = [], []
             continue
-        if len(fields) < 2:
+        if len(fields) < 2 and need_tags:
             raise DataError(
                 f"'{path}' line {lineno}: one column ({line.strip()!r}); expected a token and a tag separated by "
                 "whitespace, and a blank line between sentences"
@@ -147,14 +148,17 @@ def _read_conll(path: Path, text: str, cfg: DataConfig) -> TaggedSentences:
         if not sent_w:
             lines.append(lineno)
         sent_w.append(_column(fields, cfg.token_column_index, "data.token_column_index", path, lineno))
-        sent_t.append(_column(fields, cfg.tag_column_index, "data.tag_column_index", path, lineno))
+        if need_tags:
+            sent_t.append(_column(fields, cfg.tag_column_index, "data.tag_column_index", path, lineno))
     return TaggedSentences(words, tags, str(path), lines)
 
 
-def _read_jsonl(path: Path, text: str, cfg: DataConfig) -> TaggedSentences:
+def _read_jsonl(path: Path, text: str, cfg: DataConfig, need_tags: bool) -> TaggedSentences:
     words, tags, lines = [], [], []
     for lineno, row in jsonl_objects(path, text):
         tok, tag = row.get(cfg.tokens_column), row.get(cfg.tags_column)
+        if not need_tags and isinstance(tok, list):
+            tag = [""] * len(tok) if not isinstance(tag, list) or len(tag) != len(tok) else tag
         for value, name, key in ((tok, cfg.tokens_column, "tokens"), (tag, cfg.tags_column, "tags")):
             if not isinstance(value, list):
                 kind = "missing" if value is None else f"a {type(value).__name__}"
@@ -166,7 +170,7 @@ def _read_jsonl(path: Path, text: str, cfg: DataConfig) -> TaggedSentences:
         if not tok:
             continue
         bad = next((v for v in [*tok, *tag] if not isinstance(v, (str, int)) or isinstance(v, bool)), None)
-        if bad is not None or any(isinstance(v, str) and not v.strip() for v in [*tok, *tag]):
+        if bad is not None or any(isinstance(v, str) and not v.strip() for v in [*tok, *(tag if need_tags else [])]):
             raise DataError(f"'{path}' line {lineno}: token or tag {bad!r} is not a non-empty string")
         words.append([str(v) for v in tok])
         tags.append([str(v) for v in tag])

@@ -21,6 +21,7 @@ from fulltune.data.text import SPLIT_NAMES
 from fulltune.errors import DataError
 from fulltune.eval.metrics import classification_metrics
 from fulltune.eval.perplexity import check_windows, file_perplexity, perplexity
+from fulltune.eval.tagging import entity_table, evaluate_tokens
 from fulltune.files.rundir import atomic_output, claim_output
 from fulltune.model.exported import load_exported
 from fulltune.report.html import plot_confusion_png
@@ -57,10 +58,13 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
 def format_table(metrics: dict[str, Any], labels: list[str] | None = None) -> str:
     """A short human-readable table for the terminal."""
     lines = []
-    for key in ("accuracy", "top5_accuracy", "macro_f1", "loss", "perplexity", "tokens", "examples"):
+    scalars = ("accuracy", "top5_accuracy", "macro_f1", "loss", "perplexity", "tokens", "examples")
+    for key in ("f1", "precision", "recall", *scalars):
         if key in metrics:
             v = metrics[key]
             lines.append(f"  {key:<16}{v:.4f}" if isinstance(v, float) else f"  {key:<16}{v}")
+    if "per_entity" in metrics:
+        lines.append(entity_table(metrics))
     if labels and "per_class_accuracy" in metrics:
         lines.append("  per class:")
         per = metrics["per_class_accuracy"]
@@ -185,6 +189,10 @@ def evaluate_checkpoint(
     if bundle.task == "causal_lm":
         args = (bundle, cfg, hub, data_dir, split, file, out, batch_size, dev, precision, block_size, stride, source)
         return _perplexity(*args)
+    if bundle.task == "token_classification":
+        if hub is not None:
+            raise ConfigError("token_classification evaluates a CoNLL or JSONL file: give --file or --data_dir")
+        return evaluate_tokens(bundle, cfg, data_dir, split, file, out, batch_size, dev, precision, source)
     dataset, collate, workers, inputs, skipped = _classification_inputs(bundle, cfg, hub, data_dir, split, file, labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
