@@ -97,7 +97,9 @@ def test_tags_on_first_subtoken_and_cut_said() -> None:
     ids, labels = enc.input_ids[0], enc.labels[0]
     word_ids = tokenizer(words[0], is_split_into_words=True).word_ids()
     assert len(tokenizer.tokenize("Johannesburgers")) > 1  # the first word has several sub-tokens
-    expected = [-100 if w is None or w == p else [1, 0, 2][w] for w, p in zip(word_ids, [None, *word_ids])]
+    expected = [
+        -100 if w is None or w == p else [1, 0, 2][w] for w, p in zip(word_ids, [None, *word_ids][:-1], strict=True)
+    ]
     assert labels == expected and ids[0] == tokenizer.cls_token_id
     assert enc.cut == 1  # the 20-word sentence lost words to max_length 8
     dataset = tok.TokenDataset(enc, words)
@@ -125,9 +127,9 @@ def test_entity_metrics_are_seqeval_on_the_words() -> None:
     pred_words = [["B-PER", "O", "O", "B-LOC"], ["B-LOC", "I-LOC", "O", "B-PER", "I-PER"]]
     seq = 9  # [CLS], words, a second sub-token after each first word, [SEP], padding
     ids, gold, logits = torch.ones(2, seq, dtype=torch.long), torch.full((2, seq), -100), torch.zeros(2, seq, 5)
-    for row, (g, p) in enumerate(zip(gold_words, pred_words)):
+    for row, (g, p) in enumerate(zip(gold_words, pred_words, strict=True)):
         positions = [1] + list(range(3, 3 + len(g) - 1))  # position 2: the first word's second sub-token
-        for pos, gt, pt in zip(positions, g, p):
+        for pos, gt, pt in zip(positions, g, p, strict=True):
             gold[row, pos] = labels.index(gt)
             logits[row, pos, labels.index(pt)] = 5.0
         logits[row, 2, labels.index("B-LOC")] = 9.0  # not a first sub-token: ignored
@@ -183,7 +185,9 @@ def test_trains_resumes_evaluates_and_exports(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(plain(**enc).logits, bundle.model(**enc).logits, atol=1e-5, rtol=0)
         first = [
-            i for i, (w, p) in enumerate(zip(enc.word_ids(0), [None, *enc.word_ids(0)])) if w is not None and w != p
+            i
+            for i, (w, p) in enumerate(zip(enc.word_ids(0), [None, *enc.word_ids(0)][:-1], strict=True))
+            if w is not None and w != p
         ]
         expected = [plain.config.id2label[int(i)] for i in plain(**enc).logits[0, first].argmax(-1)]
     assert tag_sentences(bundle, words)[0] == expected  # predict's tags

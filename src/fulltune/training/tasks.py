@@ -57,6 +57,11 @@ def _infer_task(cfg: Config) -> str:
 
 def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     """Label vocabulary from the train split, and whatever was read so it is not read twice."""
+    if task == "token_classification" and cfg.data.dataset_name:
+        raise ConfigError(
+            "token_classification reads CoNLL or JSONL files (data.data_dir or data.train_file), not "
+            "data.dataset_name; save the split as JSONL of token and tag lists"
+        )
     if cfg.data.dataset_name:
         streamed = cfg.data.streaming and task != "causal_lm"
         labels, raw = (hf_stream if streamed else hf_datasets).read_labels(cfg, task)
