@@ -193,3 +193,30 @@ def test_trains_resumes_evaluates_and_exports(tmp_path: Path) -> None:
     assert tag_sentences(bundle, words)[0] == expected  # predict's tags
     assert tagged_row(words[0], expected)["words"] == words[0]
     assert plain.config.id2label[0] == "O" and "token-classification" in (folder / "README.md").read_text()
+
+
+def test_datasets_source_with_classlabel_tags_trains(tmp_path: Path) -> None:
+    """A save_to_disk folder with tokens / ner_tags (a sequence of ClassLabel) gives the words and tag names as
+    written, the tags in the ClassLabel's order, and trains."""
+    datasets = pytest.importorskip("datasets")
+    from fulltune.training.tasks import read_labels
+
+    names = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    sentences = [tagged(random.Random(i)) for i in range(6)]
+    words, tags = [[w for w, _ in s] for s in sentences], [[t for _, t in s] for s in sentences]
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names)),
+        }
+    )
+    ids = [[names.index(t) for t in s] for s in tags]
+    table = datasets.Dataset.from_dict({"tokens": words, "ner_tags": ids}, features=features)
+    datasets.DatasetDict({"train": table, "validation": table.select(range(2))}).save_to_disk(str(tmp_path / "hub"))
+    hub_cfg = _cfg(tmp_path / "a", tmp_path, task="token_classification", data__dataset_name=str(tmp_path / "hub"))
+    hub_cfg.data.data_dir, hub_cfg.data.tags_column = None, "ner_tags"
+    labels, (splits, first) = read_labels(hub_cfg, "token_classification")
+    assert labels == names  # the ClassLabel order, so ids match the dataset's
+    assert first.words == words and first.tags == tags and splits["val"].words == words[:2]
+    summary = train(hub_cfg)
+    assert summary["task"] == "token_classification" and "f1" in summary["best_val"]

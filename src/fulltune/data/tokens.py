@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fulltune.config import DataConfig
+from fulltune.data.hf_datasets import HubSplits, column_names, column_values, features
 from fulltune.data.records import capped
 from fulltune.data.text import SPLIT_NAMES, hash_fraction, jsonl_objects, read_text_file
 from fulltune.errors import ConfigError, DataError
@@ -176,6 +177,34 @@ def _read_jsonl(path: Path, text: str, cfg: DataConfig, need_tags: bool) -> Tagg
         tags.append([str(v) for v in tag])
         lines.append(lineno)
     return TaggedSentences(words, tags, str(path), lines)
+
+
+def hub_sentences(hub: HubSplits, which: str, cfg: DataConfig) -> TaggedSentences | None:
+    """One split of a `datasets` source: its data.tokens_column (lists of words) and data.tags_column (lists of tag
+    ids of a ClassLabel sequence, named by it, or tag strings), e.g. tokens_column=tokens tags_column=ner_tags."""
+    ds = getattr(hub, which)
+    if ds is None:
+        return None
+    where = f"data.dataset_name '{hub.name}' split '{hub.split_names[which]}'"
+    for column, key in ((cfg.tokens_column, "data.tokens_column"), (cfg.tags_column, "data.tags_column")):
+        if column not in column_names(ds):
+            raise DataError(f"{where}: no column '{column}' ({key}); it has: {', '.join(column_names(ds))}")
+    names = tag_names(hub, cfg)
+    words, tags = [], []
+    rows = zip(column_values(ds, cfg.tokens_column), column_values(ds, cfg.tags_column), strict=True)
+    for r, (tok, tag) in enumerate(rows, start=1):
+        if not isinstance(tok, list) or not isinstance(tag, list) or len(tok) != len(tag):
+            raise DataError(f"{where} row {r}: expected lists of words and tags of one length")
+        if tok:
+            words.append([str(w) for w in tok])
+            tags.append([names[t] if names is not None else str(t) for t in tag])
+    return TaggedSentences(words, tags, f"{hub.name}[{hub.split_names[which]}]")
+
+
+def tag_names(hub: HubSplits, cfg: DataConfig) -> list[str] | None:
+    """The names of a `datasets` tag column that is a sequence of ClassLabel (ids index them), else None."""
+    inner = getattr(features(hub.train).get(cfg.tags_column), "feature", None)
+    return list(inner.names) if type(inner).__name__ == "ClassLabel" else None
 
 
 def tag_vocabulary(tags: list[list[str]]) -> list[str]:

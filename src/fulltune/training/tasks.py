@@ -57,11 +57,10 @@ def _infer_task(cfg: Config) -> str:
 
 def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     """Label vocabulary from the train split, and whatever was read so it is not read twice."""
-    if task == "token_classification" and cfg.data.dataset_name:
-        raise ConfigError(
-            "token_classification reads CoNLL or JSONL files (data.data_dir or data.train_file), not "
-            "data.dataset_name; save the split as JSONL of token and tag lists"
-        )
+    if task == "token_classification" and cfg.data.dataset_name:  # lists of words and tags per row
+        hub = hf_datasets.open_splits(cfg, labelled=False)
+        read = {which: tok.hub_sentences(hub, which, cfg.data) for which in ("train", "val", "test")}
+        return tok.tag_names(hub, cfg.data) or tok.tag_vocabulary(read["train"].tags), (read, read["train"])
     if cfg.data.dataset_name:
         streamed = cfg.data.streaming and task != "causal_lm"
         labels, raw = (hf_stream if streamed else hf_datasets).read_labels(cfg, task)
@@ -188,8 +187,8 @@ def build_token_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> T
     sentences data.max_length cut."""
     files, train = raw
     d = cfg.data
-    val = tok.read_sentences(files["val"], d) if files["val"] else None
-    test = tok.read_sentences(files["test"], d) if files["test"] else None
+    # From data.dataset_name the splits arrive already read (TaggedSentences); files are read here.
+    val, test = (tok.read_sentences(f, d) if isinstance(f, Path) else f for f in (files["val"], files["test"]))
     info: dict[str, Any] = {}
     if val is None and d.val_fraction > 0:
         train, val = tok.holdout_split(train, d.val_fraction)
