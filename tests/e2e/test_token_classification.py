@@ -75,6 +75,25 @@ def test_conll_and_jsonl_read_alike(tmp_path: Path) -> None:
     assert not tok.is_token_data(DataConfig(train_file=str(tmp_path / "train.jsonl")))  # no 'tokens' field
 
 
+def test_predict_inputs_and_plan_counts(tmp_path: Path) -> None:
+    """predict reads --text and a .txt by whitespace, a CoNLL file of words alone and JSONL without tags; plan counts
+    the training sentences and tags."""
+    from fulltune.planning.facts import count_examples
+
+    (tmp_path / "a.txt").write_text("John lives in Paris\n\nMary  sings\n", encoding="utf-8")
+    (tmp_path / "a.conll").write_text("John\nlives\n\nMary\n", encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text('{"tokens": ["John", "lives"]}\n', encoding="utf-8")
+    assert sentence_inputs(["John lives in  Paris"], None, {}) == [["John", "lives", "in", "Paris"]]
+    assert sentence_inputs(None, str(tmp_path / "a.txt"), {}) == [["John", "lives", "in", "Paris"], ["Mary", "sings"]]
+    assert sentence_inputs(None, str(tmp_path / "a.conll"), {}) == [["John", "lives"], ["Mary"]]
+    assert sentence_inputs(None, str(tmp_path / "a.jsonl"), {}) == [["John", "lives"]]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_conll(data / "train.conll", 10, 0)
+    n, tags, source = count_examples(_cfg(tmp_path / "run", data), "token_classification")
+    assert (n, tags[0]) == (9, "O") and "train.conll" in source  # 10% held out for validation
+
+
 @pytest.mark.parametrize(
     "text,error",
     [
