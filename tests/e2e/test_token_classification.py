@@ -83,10 +83,13 @@ def test_predict_inputs_and_plan_counts(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("John lives in Paris\n\nMary  sings\n", encoding="utf-8")
     (tmp_path / "a.conll").write_text("John\nlives\n\nMary\n", encoding="utf-8")
     (tmp_path / "a.jsonl").write_text('{"tokens": ["John", "lives"]}\n', encoding="utf-8")
-    assert sentence_inputs(["John lives in  Paris"], None, {}) == [["John", "lives", "in", "Paris"]]
-    assert sentence_inputs(None, str(tmp_path / "a.txt"), {}) == [["John", "lives", "in", "Paris"], ["Mary", "sings"]]
-    assert sentence_inputs(None, str(tmp_path / "a.conll"), {}) == [["John", "lives"], ["Mary"]]
-    assert sentence_inputs(None, str(tmp_path / "a.jsonl"), {}) == [["John", "lives"]]
+    assert sentence_inputs(["John lives in  Paris"], None, DataConfig()) == [["John", "lives", "in", "Paris"]]
+    assert sentence_inputs(None, str(tmp_path / "a.txt"), DataConfig()) == [
+        ["John", "lives", "in", "Paris"],
+        ["Mary", "sings"],
+    ]
+    assert sentence_inputs(None, str(tmp_path / "a.conll"), DataConfig()) == [["John", "lives"], ["Mary"]]
+    assert sentence_inputs(None, str(tmp_path / "a.jsonl"), DataConfig()) == [["John", "lives"]]
     data = tmp_path / "data"
     data.mkdir()
     write_conll(data / "train.conll", 10, 0)
@@ -199,7 +202,7 @@ def test_trains_resumes_evaluates_and_exports(tmp_path: Path) -> None:
     folder = export(tmp_path / "full" / "best", tmp_path / "export")
     plain, tokenizer = AutoModelForTokenClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     bundle = load_exported(tmp_path / "full" / "best", "cpu")
-    words = sentence_inputs(["Mary Ann lives in Rio de Janeiro"], None, {})
+    words = sentence_inputs(["Mary Ann lives in Rio de Janeiro"], None, DataConfig())
     enc = tokenizer(words, is_split_into_words=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(plain(**enc).logits, bundle.model(**enc).logits, atol=1e-5, rtol=0)

@@ -66,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
             _print({"prompt": prompt, "generated": text})
         return 0
     if bundle.task == "token_classification":
+        from fulltune.config import config_from_dict
         from fulltune.eval.tagging import sentence_inputs, tag_sentences, tagged_row
 
-        sentences = sentence_inputs(args.text, args.file, data)
+        sentences = sentence_inputs(args.text, args.file, config_from_dict(bundle.extra["fulltune_config"]).data)
         for words, tags in zip(sentences, tag_sentences(bundle, sentences), strict=True):
             _print(tagged_row(words, tags))
         return 0

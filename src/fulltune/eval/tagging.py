@@ -17,6 +17,7 @@ from fulltune.data import tokens as tok
 from fulltune.data.text import read_text_file
 from fulltune.errors import DataError
 from fulltune.eval.metrics import token_metrics
+from fulltune.eval.predict import max_length
 from fulltune.files.rundir import atomic_output
 from fulltune.model.bundle import ModelBundle
 
@@ -71,10 +72,10 @@ def entity_table(metrics: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- predict
 
 
-def sentence_inputs(texts: list[str] | None, file: str | None, data: dict[str, Any]) -> list[list[str]]:
+def sentence_inputs(texts: list[str] | None, file: str | None, cfg: DataConfig) -> list[list[str]]:
     """The sentences to tag, as words: each --text split on whitespace; --file a .txt of one sentence per line
     (split on whitespace), a CoNLL file (.conll: the run's token column; tags may be absent) or JSONL (the run's
-    tokens field). `data` is the run's data section."""
+    tokens field). `cfg` is the run's data section."""
     if texts:
         return [t.split() for t in texts if t.split()] or _no_words()
     if file is None:
@@ -82,8 +83,6 @@ def sentence_inputs(texts: list[str] | None, file: str | None, data: dict[str, A
     path = Path(file)
     if not path.is_file():
         raise DataError(f"file '{path}' does not exist")
-    known = {f.name for f in DataConfig.__dataclass_fields__.values()}
-    cfg = DataConfig(**{k: v for k, v in data.items() if k in known and not isinstance(v, dict)})
     if path.suffix.lower() == ".txt":
         lines = [line.split() for line in read_text_file(path, cfg.encoding).splitlines() if line.split()]
         return lines or _no_words(path)
@@ -99,7 +98,7 @@ def tag_sentences(bundle: ModelBundle, sentences: list[list[str]], batch_size: i
     """Each word's predicted tag (the argmax at its first sub-token); None for words past data.max_length."""
     model, device = bundle.model, next(bundle.model.parameters()).device
     id2label = model.config.id2label
-    length = int(((bundle.extra.get("fulltune_config") or {}).get("data") or {}).get("max_length") or 512)
+    length = max_length(bundle)  # where training cut them
     encoded = tok.encode_words(bundle.tokenizer, sentences, None, length)
     dataset = tok.TokenDataset(encoded, sentences)
     collate = tok.TokenCollator(bundle.tokenizer.pad_token_id)
