@@ -82,7 +82,8 @@ def is_token_data(cfg: DataConfig) -> bool:
     train = Path(cfg.train_file) if cfg.train_file else None
     if train is None and cfg.data_dir and Path(cfg.data_dir).is_dir():
         train = next((p for p in sorted(Path(cfg.data_dir).glob("train.*")) if p.suffix.lower() == ".conll"), None)
-        train = train or next((Path(cfg.data_dir) / f"train{e}" for e in JSONL_EXTENSIONS), None)
+        jsonl = (Path(cfg.data_dir) / f"train{e}" for e in JSONL_EXTENSIONS)
+        train = train or next((p for p in jsonl if p.is_file()), None)
     if train is None or not train.is_file():
         return False
     if train.suffix.lower() == ".conll":
@@ -93,7 +94,7 @@ def is_token_data(cfg: DataConfig) -> bool:
         with open(train, encoding=cfg.encoding, errors="replace") as f:
             first = next((line for line in f if line.strip()), "")
         row = json.loads(first)
-    except (OSError, ValueError):
+    except (OSError, ValueError, LookupError):
         return False  # the reader that runs next says what is wrong with the file
     return isinstance(row, dict) and isinstance(row.get(cfg.tokens_column), list) and cfg.tags_column in row
 
