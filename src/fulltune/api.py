@@ -22,6 +22,7 @@ from fulltune.config import Config, dotted_items, load_config, to_dict
 from fulltune.errors import ConfigError, FulltuneError
 from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.eval.predict import classify, generate, image_paths, multi_label_rows
+from fulltune.eval.tagging import tag_sentences, tagged_row
 from fulltune.model.exported import load_exported
 from fulltune.runtime.device import resolve_device
 from fulltune.training.trainer import train as run_training
@@ -116,7 +117,8 @@ def predict(
 ) -> Any:
     """What `fulltune predict` prints, as values: for a classifier, {"input", "top_k": [{"label", "probability"}]}
     per text (or image path; a folder of images is every image in it); for a causal LM, {"prompt", "generated"} per
-    prompt. One input gives one row, a list a list of rows."""
+    prompt; for a tagger, {"input", "words", "tags", "entities"} per sentence (a text split on whitespace). One input
+    gives one row, a list a list of rows."""
     with _as_api():
         bundle = load_exported(checkpoint, resolve_device(device))
         many = isinstance(inputs, list) or (bundle.task == "image_classification" and Path(inputs).is_dir())
@@ -127,6 +129,9 @@ def predict(
             ]
         elif bundle.task == "multi_label_classification":  # {"input", "labels": every label above its threshold}
             rows = multi_label_rows(bundle, [str(item) for item in items])
+        elif bundle.task == "token_classification":  # a text split on whitespace, or a list of words
+            sentences = [item.split() if isinstance(item, str) else [str(w) for w in item] for item in items]
+            rows = [tagged_row(w, t) for w, t in zip(sentences, tag_sentences(bundle, sentences), strict=True)]
         else:
             if bundle.task == "image_classification":
                 items = [path for item in items for path in image_paths(str(item))]

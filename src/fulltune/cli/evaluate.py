@@ -64,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluation of {args.checkpoint} on {args.file or metrics.get('dataset') or args.split}:")
     print(format_table(metrics, labels))
     if "output_dir" in metrics:
-        written = (
-            metrics.get("written") or "metrics.json, confusion_matrix.csv, confusion_matrix.png, predictions.jsonl"
-        )
-        print(f"written: {metrics['output_dir']}/{written}")
+        shown = ["metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "predictions.jsonl"]
+        print(f"written: {metrics['output_dir']}/" + ", ".join(metrics.get("written") or shown))
     return 0

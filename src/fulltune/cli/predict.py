@@ -14,11 +14,15 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("predict", help="top-k labels for images or texts, or generated text")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or export folder (e.g. RUN/best)")
     p.add_argument("--image", help="an image file or a folder of images")
-    p.add_argument("--text", action="append", help="a text to classify (give --text again for more)")
+    p.add_argument(
+        "--text",
+        action="append",
+        help="a text to classify (give --text again for more); a tagger splits it into words on whitespace",
+    )
     p.add_argument(
         "--file",
         help="a CSV/TSV/JSONL table (the run's text column; a causal LM's prompt column) or a .txt file of one text "
-        "(or prompt) per line",
+        "(or prompt) per line; a tagger also reads a CoNLL (.conll) or JSONL file of word lists",
     )
     p.add_argument(
         "--prompt",
@@ -84,6 +88,14 @@ def run(args: argparse.Namespace) -> int:
     if bundle.task == "multi_label_classification":  # every label above its threshold
         for row in multi_label_rows(bundle, text_inputs(args.text, args.file, data)):
             _print(row)
+        return 0
+    if bundle.task == "token_classification":
+        from fulltune.config import config_from_dict
+        from fulltune.eval.tagging import sentence_inputs, tag_sentences, tagged_row
+
+        sentences = sentence_inputs(args.text, args.file, config_from_dict(bundle.extra["fulltune_config"]).data)
+        for words, tags in zip(sentences, tag_sentences(bundle, sentences), strict=True):
+            _print(tagged_row(words, tags))
         return 0
     if bundle.task == "image_classification":
         if not args.image:

@@ -104,6 +104,14 @@ class DataConfig:
     training.max_steps."""
     shuffle_buffer: int = 10_000
     """Streaming: examples in the seeded shuffle buffer (shard order is shuffled too); 0 streams in order."""
+    tokens_column: str = "tokens"
+    """Token classification JSONL or `datasets` source: the field holding each sentence's list of words."""
+    tags_column: str = "tags"
+    """Token classification JSONL or `datasets` source: each sentence's list of tags, one per word (ner_tags)."""
+    token_column_index: int = 0
+    """Token classification CoNLL file: the column (0-based; negative counts from the end) holding the word."""
+    tag_column_index: int = -1
+    """Token classification CoNLL file: the column holding the tag (-1: the last)."""
 
 
 @dataclass

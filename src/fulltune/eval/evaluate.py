@@ -21,6 +21,7 @@ from fulltune.data.text import SPLIT_NAMES
 from fulltune.errors import DataError
 from fulltune.eval.metrics import classification_metrics, multi_label_metrics
 from fulltune.eval.perplexity import check_windows, file_perplexity, perplexity
+from fulltune.eval.tagging import entity_table, evaluate_tokens
 from fulltune.files.rundir import atomic_output, claim_output
 from fulltune.model.exported import load_exported
 from fulltune.report.html import plot_confusion_png
@@ -57,11 +58,13 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
 def format_table(metrics: dict[str, Any], labels: list[str] | None = None) -> str:
     """A short human-readable table for the terminal."""
     lines = []
-    keys = ("micro_f1", "micro_precision", "micro_recall", "subset_accuracy", "accuracy", "top5_accuracy", "macro_f1")
-    for key in (*keys, "loss", "perplexity", "tokens", "examples"):
+    keys = ("f1", "precision", "recall", "micro_f1", "micro_precision", "micro_recall", "subset_accuracy")
+    for key in (*keys, "accuracy", "top5_accuracy", "macro_f1", "loss", "perplexity", "tokens", "examples"):
         if key in metrics:
             v = metrics[key]
             lines.append(f"  {key:<16}{v:.4f}" if isinstance(v, float) else f"  {key:<16}{v}")
+    if "per_entity" in metrics:
+        lines.append(entity_table(metrics))
     if labels and "per_class_accuracy" in metrics:
         lines.append("  per class:")
         per = metrics["per_class_accuracy"]
@@ -194,6 +197,10 @@ def evaluate_checkpoint(
         run = dict(batch_size=batch_size, device=dev, precision=precision, evaluated=source)
         metrics = _multi_label(bundle, cfg, hub, (data_dir, split, file), out, run)
         return metrics | ({"dataset": hub.shown} if hub is not None else {})
+    if bundle.task == "token_classification":
+        if hub is not None:
+            raise ConfigError("token_classification evaluates a CoNLL or JSONL file: give --file or --data_dir")
+        return evaluate_tokens(bundle, cfg, data_dir, split, file, out, batch_size, dev, precision, source)
     dataset, collate, workers, inputs, skipped = _classification_inputs(bundle, cfg, hub, data_dir, split, file, labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
@@ -298,7 +305,7 @@ def _multi_label(
                 }
                 row["correct"] = sorted(row["labels"]) == sorted(x["label"] for x in row["predicted"])
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    metrics |= {"output_dir": str(out), "labels": labels, "written": "metrics.json, predictions.jsonl"}
+    metrics |= {"output_dir": str(out), "labels": labels, "written": ["metrics.json", "predictions.jsonl"]}
     return metrics
 
 

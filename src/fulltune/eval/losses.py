@@ -47,9 +47,31 @@ def lm_loss(
     return loss, logits
 
 
+def token_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the tagged sub-tokens (each word's first; labels -100 are skipped) and the logits
+    (batch, seq, num_tags)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1),
+        batch["labels"].flatten(),
+        reduction="sum",
+        ignore_index=lm.IGNORE,
+        label_smoothing=label_smoothing,
+    )
+    return loss, logits
+
+
 def count_examples(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["labels"].shape[0])
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != lm.IGNORE).sum())
+
+
+def count_tagged(batch: dict[str, torch.Tensor]) -> int:
+    """Token classification: the words a batch scores (their first sub-tokens)."""
+    return int((batch["labels"] != lm.IGNORE).sum())

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fulltune.data.tokens import IGNORE
 from fulltune.runtime.device import Precision, to_device
 
 
@@ -172,6 +173,58 @@ def tune_thresholds(prob: torch.Tensor, target: torch.Tensor) -> list[float]:
     distance = (grid[:, None].double() - 0.5).abs().expand_as(f1).clone()
     distance[f1 < f1.max(0).values] = float("inf")
     return [THRESHOLD_GRID[i] for i in distance.argmin(0).tolist()]
+
+
+def token_metrics(
+    model: nn.Module, loader: Any, labels: list[str], device: torch.device, precision: Precision
+) -> dict[str, Any]:
+    """Token classification: entity-level precision, recall and F1 (micro over entities) and each entity type's, as
+    `seqeval` computes them, and the accuracy over words; each word scored at its first sub-token (labels -100
+    elsewhere). Also the loss per word, and each sentence's gold and predicted tags ("targets", "predictions")."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    targets: list[list[str]] = []
+    predictions: list[list[str]] = []
+    for batch in loader:
+        batch = to_device(batch, device)
+        gold = batch.pop("labels")  # (batch, seq), -100 off the words' first sub-tokens
+        with precision.autocast():
+            logits = model(**batch).logits.float()  # (batch, seq, num_tags)
+        loss_sum += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), gold.flatten(), ignore_index=IGNORE, reduction="sum"
+        ).double()
+        pred, gold, keep = logits.argmax(-1).tolist(), gold.tolist(), (gold != IGNORE).tolist()
+        for p_row, g_row, k_row in zip(pred, gold, keep, strict=True):
+            targets.append([labels[g] for g, k in zip(g_row, k_row, strict=True) if k])
+            predictions.append([labels[p] for p, k in zip(p_row, k_row, strict=True) if k])
+    metrics = entity_scores(targets, predictions)
+    metrics["loss"] = float(loss_sum) / max(metrics["tokens"], 1)
+    metrics["targets"], metrics["predictions"] = targets, predictions
+    return metrics
+
+
+def entity_scores(targets: list[list[str]], predictions: list[list[str]]) -> dict[str, Any]:
+    """seqeval's entity-level micro precision/recall/F1 and its per-type report, and the word accuracy."""
+    from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
+
+    words = sum(len(t) for t in targets)
+    if not words:
+        return {"f1": 0.0, "precision": 0.0, "recall": 0.0, "accuracy": 0.0, "examples": len(targets), "tokens": 0}
+    report = classification_report(targets, predictions, output_dict=True, zero_division=0)
+    per_entity = {
+        name: {k.replace("f1-score", "f1"): int(v) if k == "support" else float(v) for k, v in row.items()}
+        for name, row in report.items()
+        if name not in ("micro avg", "macro avg", "weighted avg")
+    }
+    return {
+        "f1": float(f1_score(targets, predictions, zero_division=0)),
+        "precision": float(precision_score(targets, predictions, zero_division=0)),
+        "recall": float(recall_score(targets, predictions, zero_division=0)),
+        "accuracy": float(accuracy_score(targets, predictions)),
+        "examples": len(targets),
+        "tokens": words,
+        "per_entity": per_entity,
+    }
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

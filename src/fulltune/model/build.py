@@ -139,6 +139,8 @@ def _auto_class(task: str, config: Any) -> Any:
         return tf.AutoModelForSequenceClassification
     if task == "causal_lm":
         return tf.AutoModelForCausalLM
+    if task == "token_classification":
+        return tf.AutoModelForTokenClassification
     raise ConfigError(f"task '{task}' has no model class")
 
 
@@ -227,7 +229,7 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
     if cfg.model.torch_dtype == "float32" and quant is None:
         model = model.float()
     bundle = ModelBundle(model=model, task=task, source=path or "tiny_config")
-    if task in ("text_classification", "multi_label_classification", "causal_lm"):
+    if task in ("text_classification", "multi_label_classification", "token_classification", "causal_lm"):
         _check_length(cfg, task, model)
         bundle.tokenizer = load_tokenizer(cfg, path)
         if task != "causal_lm" and model.config.pad_token_id is None:

@@ -44,7 +44,8 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
         task = meta["task"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise ConfigError(f"checkpoint '{path}': '{meta_path}' is damaged (not fulltune's run record)") from None
-    if task not in ("causal_lm", "image_classification", "text_classification", "multi_label_classification"):
+    known = ("causal_lm", "image_classification", "text_classification", "multi_label_classification")
+    if task not in (*known, "token_classification"):
         raise ConfigError(f"checkpoint '{path}': '{meta_path}' names an unknown task {task!r}")
     # Weights from safetensors only: a pickled pytorch_model.bin beside them is never read.
     safe = {"use_safetensors": True}
@@ -59,6 +60,8 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
     elif task == "image_classification":
         cls = CLIPEmbeddingClassifier if is_embedding_classifier(path) else tf.AutoModelForImageClassification
         model = cls.from_pretrained(str(path), dtype=dtype, **safe)
+    elif task == "token_classification":
+        model = tf.AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype, **safe)
     else:
         model = tf.AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype, **safe)
     model = model.to(device).eval()

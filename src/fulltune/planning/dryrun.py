@@ -85,6 +85,9 @@ def _random_batch(task: str, f: Facts, micro_batch: int, num_labels: int) -> dic
     ids = torch.randint(5, max(f.vocab, 6), (micro_batch, f.tokens), generator=g)
     if task == "causal_lm":
         return {"input_ids": ids, "labels": ids.clone()}
+    if task == "token_classification":  # every sub-token tagged: the most a sentence of max_length scores
+        tags = torch.randint(0, num_labels, (micro_batch, f.tokens), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": tags}
     multi = task == "multi_label_classification"  # multi-hot rows (batch, labels) for the BCE loss
     labels = (
         torch.randint(0, 2, (micro_batch, num_labels)).float()

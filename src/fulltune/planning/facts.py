@@ -12,6 +12,7 @@ from torch import nn
 
 from fulltune.config import Config
 from fulltune.data import multilabel
+from fulltune.data import tokens as tok
 from fulltune.data.images import IMAGE_EXTENSIONS
 from fulltune.data.text import cap, label_vocabulary, read_examples, split_files
 from fulltune.errors import ConfigError, DataError
@@ -174,6 +175,12 @@ def count_examples(cfg: Config, task: str) -> tuple[int | None, list[str] | None
                 return None, None, "no training text file"
             blocks = path.stat().st_size // (4 * d.seq_len)  # ~4 characters per token
             return min(blocks, d.max_samples or blocks), None, f"{path}, in {d.seq_len}-token blocks, from its size"
+        if task == "token_classification":
+            files = tok.split_files(d)
+            sentences = tok.read_sentences(files["train"], d)
+            n = len(sentences.words) if files["val"] else round(len(sentences.words) * (1 - d.val_fraction))
+            n = min(n, d.max_samples or n)
+            return n, tok.tag_vocabulary(sentences.tags), f"sentences of {files['train']}"
         files = split_files(d)
         if files["train"] is None:
             return None, None, "no training table"

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fulltune.report.entities import entity_record, entity_section
 from fulltune.report.labels import per_label_record, per_label_section
 from fulltune.report.plots import (  # noqa: F401 (re-exported: evaluate and tests draw through here)
     curve_series,
@@ -103,17 +104,19 @@ def write_eval_record(
     run_dir: Path, name: str, metrics: dict[str, Any], labels: list[str] | None, describe: Any = None, **extra: Any
 ) -> None:
     """report/<name>.json: what the report shows of one evaluation (confusion, example inputs of confused pairs; a
-    multi-label model's per-label F1)."""
+    multi-label model's per-label F1; a tagger's per-entity scores)."""
     per_label = per_label_record(metrics)
-    if "confusion_matrix" not in metrics and not per_label:
+    if "confusion_matrix" not in metrics and not per_label and "per_entity" not in metrics:
         return
     examples = {}
-    if describe is not None and "predictions" in metrics:
+    if describe is not None and "predictions" in metrics and "confusion_matrix" in metrics:
         positions = metrics.get("positions") or range(len(metrics["targets"]))  # a skipped image has no target
         examples = pair_examples(metrics["targets"], metrics["predictions"], lambda i: describe(positions[i]))
+    tagged = entity_record(metrics, describe) if "per_entity" in metrics else {}  # a tagger: per entity type
     record = {
         "labels": labels,
         **({"confusion_matrix": metrics["confusion_matrix"]} if "confusion_matrix" in metrics else per_label),
+        **tagged,
         "pair_examples": examples,
         **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         **extra,
@@ -300,6 +303,9 @@ def render_report(run_dir: Path) -> str:
         rec = _read_json(run_dir / "report" / f"{name}.json")
         if rec and "per_label_f1" in rec:  # multi-label: F1 per label in place of a confusion matrix
             parts.append(per_label_section(rec, title.replace("Confusion matrix", "Per-label F1")))
+            break
+        if rec and rec.get("per_entity") is not None:
+            parts.append(entity_section(rec, title.replace("Confusion matrix", "Entities")))
             break
         if rec:
             parts.append(_confusion_section(rec, title))

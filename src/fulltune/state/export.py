@@ -136,9 +136,11 @@ def _load_plain(src: Path, task: str) -> tuple[nn.Module, bool]:
 
     if is_pruned_folder(src):
         return unprune(load_pruned(src, torch_dtype=torch.float32)), True
-    cls = {"image_classification": tf.AutoModelForImageClassification, "causal_lm": tf.AutoModelForCausalLM}.get(
-        task, tf.AutoModelForSequenceClassification
-    )
+    cls = {
+        "image_classification": tf.AutoModelForImageClassification,
+        "causal_lm": tf.AutoModelForCausalLM,
+        "token_classification": tf.AutoModelForTokenClassification,
+    }.get(task, tf.AutoModelForSequenceClassification)
     return cls.from_pretrained(str(src), dtype=torch.float32, use_safetensors=True).eval(), False
 
 

@@ -21,12 +21,14 @@ PIPELINE_TAGS = {
     "multi_label_classification": "text-classification",
     "image_classification": "image-classification",
     "causal_lm": "text-generation",
+    "token_classification": "token-classification",
 }
 AUTO_CLASSES = {
     "text_classification": "AutoModelForSequenceClassification",
     "multi_label_classification": "AutoModelForSequenceClassification",
     "image_classification": "AutoModelForImageClassification",
     "causal_lm": "AutoModelForCausalLM",
+    "token_classification": "AutoModelForTokenClassification",
 }
 
 
@@ -142,7 +144,7 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
         return (
             "This folder holds a LoRA adapter (peft), not full weights:\n\n```python\n"
             "from peft import AutoPeftModelFor"
-            f"{'CausalLM' if task == 'causal_lm' else 'SequenceClassification'} as Model\n"
+            f"{cls.removeprefix('AutoModelFor') if task != 'image_classification' else 'CausalLM'} as Model\n"
             'model = Model.from_pretrained("PATH")  # fetches the base model named in adapter_config.json\n```\n'
         )
     if task == "image_classification":
@@ -172,6 +174,13 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
             'tokenizer = AutoTokenizer.from_pretrained("PATH")\nmodel = AutoModelForCausalLM.from_pretrained("PATH")\n'
             'ids = model.generate(**tokenizer("Once upon a time", return_tensors="pt"), max_new_tokens=40)\n'
             "print(tokenizer.decode(ids[0]))"
+        )
+    elif task == "token_classification":
+        body = (
+            "from transformers import pipeline\n\n"
+            '# aggregation_strategy="first": each word takes the tag of its first sub-token, as in training.\n'
+            'tagger = pipeline("token-classification", model="PATH", aggregation_strategy="first")\n'
+            'print(tagger("John lives in Paris"))'
         )
     else:
         max_len = training_length(meta)

@@ -24,10 +24,11 @@ class TrainAccuracy:
     def update(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         if not self.enabled:
             return
-        labels = batch["labels"]
+        labels = batch["labels"]  # (batch,), or (batch, seq) for token classification: -100 is not scored
         with torch.no_grad():
-            self.correct += (logits.detach().argmax(-1) == labels).sum()
-            self.seen += labels.numel()
+            scored = labels >= 0
+            self.correct += ((logits.detach().argmax(-1) == labels) & scored).sum()
+            self.seen += scored.sum()
 
     def take(self) -> float | None:
         """The epoch's accuracy (one host sync), then reset; None when nothing was counted."""

@@ -15,9 +15,18 @@ from fulltune.config import METRICS, Config, ConfigError
 from fulltune.data import chat, hf_datasets, hf_stream, lm, multilabel
 from fulltune.data import images as img
 from fulltune.data import text as txt
+from fulltune.data import tokens as tok
 from fulltune.data.records import TaskData, block_task_data, capped_splits, worker_count
 from fulltune.errors import DataError
-from fulltune.eval.losses import classification_loss, count_examples, count_tokens, lm_loss, multi_label_loss
+from fulltune.eval.losses import (
+    classification_loss,
+    count_examples,
+    count_tagged,
+    count_tokens,
+    lm_loss,
+    multi_label_loss,
+    token_loss,
+)
 
 
 def infer_task(cfg: Config) -> str:
@@ -40,6 +49,8 @@ def _infer_task(cfg: Config) -> str:
         return hf_datasets.infer_task(cfg)
     if d.data_dir and (Path(d.data_dir) / "train").is_dir():
         return "image_classification"
+    if tok.is_token_data(d):  # a .conll file, or JSONL of token and tag lists
+        return "token_classification"
     if d.data_dir and not d.train_file and (Path(d.data_dir) / "train.txt").is_file():
         return "causal_lm"
     files = [f for f in (d.train_file, d.val_file, d.test_file) if f]
@@ -60,6 +71,10 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     """Label vocabulary from the train split, and whatever was read so it is not read twice."""
     if task == "multi_label_classification":
         return multilabel.read_labels(cfg)
+    if task == "token_classification" and cfg.data.dataset_name:  # lists of words and tags per row
+        hub = hf_datasets.open_splits(cfg, labelled=False)
+        read = {which: tok.hub_sentences(hub, which, cfg.data) for which in ("train", "val", "test")}
+        return tok.tag_names(hub, cfg.data) or tok.tag_vocabulary(read["train"].tags), (read, read["train"])
     if cfg.data.dataset_name:
         streamed = cfg.data.streaming and task != "causal_lm"
         labels, raw = (hf_stream if streamed else hf_datasets).read_labels(cfg, task)
@@ -80,6 +95,10 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
         examples = txt.read_examples(files["train"], cfg.data)
         labels = txt.label_vocabulary(examples.labels)
         raw = (files, examples)
+    elif task == "token_classification":
+        files = tok.split_files(cfg.data)
+        sentences = tok.read_sentences(files["train"], cfg.data)
+        labels, raw = tok.tag_vocabulary(sentences.tags), (files, sentences)
     else:
         return None, None
     if cfg.data.num_classes is not None and cfg.data.num_classes != len(labels):
@@ -179,6 +198,35 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
     return block_task_data(cfg, blocks, lm.collate_blocks)
 
 
+def build_token_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> TaskData:
+    """Tagged sentences of CoNLL/JSONL files, each word's tag on its first sub-token; the log says how many
+    sentences data.max_length cut."""
+    files, train = raw
+    d = cfg.data
+    # From data.dataset_name the splits arrive already read (TaggedSentences); files are read here.
+    val, test = (tok.read_sentences(f, d) if isinstance(f, Path) else f for f in (files["val"], files["test"]))
+    info: dict[str, Any] = {}
+    if val is None and d.val_fraction > 0:
+        train, val = tok.holdout_split(train, d.val_fraction)
+        info["val_source"] = f"{d.val_fraction:.0%} of train (by sentence hash)"
+    train, val, info["caps"] = capped_splits(cfg, train, val, tok.cap, lambda s: len(s.words), "sentences")
+    splits = {
+        name: tok.build_dataset(s, labels, bundle.tokenizer, d.max_length) if s else None
+        for name, s in (("train", train), ("val", val), ("test", test))
+    }
+    info["caps"] += [n for k, v in splits.items() if (n := tok.cut_note(k, v, d.max_length))]
+    return TaskData(
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        collate=tok.TokenCollator(bundle.tokenizer.pad_token_id),
+        labels=labels,
+        lengths=splits["train"].lengths,
+        num_workers=worker_count(cfg, 0),
+        info=info,
+    )
+
+
 # ---------------------------------------------------------------- losses: (sum of losses, what was counted)
 
 
@@ -195,6 +243,7 @@ TASKS: dict[str, Task] = {
     "image_classification": Task(build_image_data, classification_loss, count_examples, "accuracy", True),
     "text_classification": Task(build_text_data, classification_loss, count_examples, "accuracy", True),
     "multi_label_classification": Task(multilabel.build_data, multi_label_loss, count_examples, "micro_f1", True),
+    "token_classification": Task(build_token_data, token_loss, count_tagged, "f1", True),
     "causal_lm": Task(build_lm_data, lm_loss, count_tokens, "perplexity", False),
 }
 

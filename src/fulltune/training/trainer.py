@@ -27,6 +27,7 @@ from fulltune.eval.metrics import (
     multi_label_metrics,
     multi_label_scores,
     scalar_metrics,
+    token_metrics,
     tune_thresholds,
 )
 from fulltune.eval.perplexity import block_perplexity
@@ -462,6 +463,8 @@ class Trainer:
         elif self.task_name == "multi_label_classification":
             thresholds = thresholds or [self.cfg.eval.threshold] * len(self.data.labels)
             metrics = multi_label_metrics(model, loader, thresholds, self.device, self.precision)
+        elif self.task_name == "token_classification":
+            metrics = token_metrics(model, loader, self.data.labels, self.device, self.precision)
         else:
             metrics = classification_metrics(model, loader, len(self.data.labels), self.device, self.precision)
         self.model.train()
