@@ -14,6 +14,7 @@ from fulltune.planning.facts import Facts
 from fulltune.runtime.device import cpu_has_fast_bf16
 from fulltune.speed.plan import plan
 from fulltune.training.lean import lean_bytes_per_param, wants_compiled_step
+from fulltune.units import human_bytes
 
 # What the steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers. CPU: heap slack and
 # autograd records (1-3 MiB in dry runs of small models). Not counted, on either: the process itself (Python, the
@@ -146,6 +147,51 @@ def activation_bytes(f: Facts, cfg: Config, task: str, micro_batch: int, d: Dtyp
     return max(kept + transient, working if flowing < f.layers else 0)
 
 
+@dataclass(frozen=True)
+class LowBitState:
+    """How a low-bit AdamW stores its two moments, from the library's defaults: each tensor of at least `min_size`
+    elements (torchao: and a multiple of `block`) keeps `bits`-bit codes with one fp32 scale per `block` elements
+    and a lookup table of 2**bits fp32 values per moment; smaller ones keep plain moments of `small_bytes` each
+    (None: the parameter's dtype, bf16 in lean mode)."""
+
+    library: str
+    bits: int
+    block: int
+    min_size: int
+    small_bytes: int | None
+    fused: bool  # stepped per tensor inside backward, each gradient freed at once
+    paged: bool = False  # CUDA unified memory: the states page out to host memory when the GPU runs short
+
+    def bytes_per_param(self, size: int, param_bytes: int = 2) -> float:
+        """Bytes of both moments of one `size`-element tensor, per element."""
+        quantized = size >= self.min_size and (self.small_bytes is not None or size % self.block == 0)
+        if not quantized:
+            return 2.0 * (self.small_bytes or param_bytes)
+        return 2.0 * (self.bits / 8 + 4 / self.block + 4 * 2**self.bits / size)
+
+
+# torchao.optim AdamW8bit / AdamW4bit (block 256 / 128, tensors of >= 4096 elements that the block divides, plain
+# moments in the parameter's dtype otherwise); bitsandbytes' PagedAdamW8bit (blockwise 8-bit, block 256, fp32
+# 32-bit state under its min_8bit_size of 4096). 8-bit: 2 x (1 + 4/256) = 2.03 bytes a parameter; 4-bit:
+# 2 x (0.5 + 4/128) = 1.06.
+LOW_BIT = {
+    "adamw8bit": LowBitState("torchao AdamW8bit", 8, 256, 4096, None, fused=True),
+    "adamw4bit": LowBitState("torchao AdamW4bit", 4, 128, 4096, None, fused=True),
+    "paged_adamw8bit": LowBitState("bitsandbytes PagedAdamW8bit", 8, 256, 4096, 4, fused=True, paged=True),
+}
+
+
+def low_bit_state_bytes(mode: str, sizes: tuple[int, ...] | list[int]) -> float:
+    """Bytes of AdamW's moments under lean mode's low-bit optimizer `mode`, tensor by tensor."""
+    state = LOW_BIT[mode]
+    return sum(n * state.bytes_per_param(n) for n in sizes)
+
+
+OFFLOAD_HOST_BYTES = 8
+"""The CPU-offloaded step (torchao's CPUOffloadOptimizer) per parameter of at least 4096 elements, in host memory:
+a copy of the bf16 weight, its bf16 gradient and two bf16 moments. Smaller tensors step on the GPU."""
+
+
 @dataclass
 class Estimate:
     method: str
@@ -158,6 +204,7 @@ class Estimate:
     activations: float
     peak: float
     forward_passes: float  # compute per optimizer step, in forward passes
+    host: float = 0.0  # optimizer state held in host memory (offloaded), or paged there when the GPU runs short
     measured: float | None = None
     step_seconds: float | None = None
     fits: bool | None = None
@@ -171,11 +218,14 @@ class Estimate:
 def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     """Peak memory of cfg.method.name at cfg.data.batch_size: weights + optimizer + max(activations, gradients)."""
     t, lean, note, d = cfg.training, cfg.training.memory == "lean", "", dtypes_for(cfg, device_type, task)
+    host = 0.0
     optimizer = 8.0  # AdamW: exp_avg and exp_avg_sq in fp32
     grads, fused = f.trainable * 4.0, False
     if lean:
-        if t.lean_optimizer == "adamw8bit":  # bitsandbytes: two 8-bit moments, stepped after backward
-            optimizer = 2.0
+        if t.lean_optimizer in LOW_BIT:  # block-quantized moments; the step fused into backward where it can be
+            optimizer = low_bit_state_bytes(t.lean_optimizer, f.trainable_sizes) / max(f.trainable, 1)
+            fused = LOW_BIT[t.lean_optimizer].fused and t.lean_fused_step and t.gradient_accumulation_steps == 1
+            note = f"{LOW_BIT[t.lean_optimizer].library}: {optimizer:.2f} bytes of moments a parameter"
         else:  # BF16AdamW with the trainer's own state dtype and rounding; minus the bf16 weight itself
             optimizer = float(lean_bytes_per_param(t.lean_state_dtype, t.lean_rounding) - 2)
             fused = t.lean_fused_step and t.gradient_accumulation_steps == 1  # as lean.fuses_step decides
@@ -188,10 +238,19 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
         # beyond the tensors tallied here (CPU, anonymous memory: 1-2 MiB on small BERT and CLIP, 5-6 MiB on a
         # small Llama; not traced to one tensor, and not a one-off of the optimizer's first step, which the dry
         # run's warm-up now takes outside the measurement).
-        compiled = wants_compiled_step(t.lean_compiled_step, f.trainable)
+        compiled = t.lean_optimizer in LOW_BIT or wants_compiled_step(t.lean_compiled_step, f.trainable)
         chunk = 2**18 if device_type == "cpu" else 2**24
         step = (0 if compiled else 28 * min(f.largest_trainable, chunk)) + 4 * 2**20
         grads = 2.0 * (f.largest_trainable if fused else f.trainable) + step
+        if getattr(t, "lean_offload", False):
+            # The state and the step on the host (torchao's CPUOffloadOptimizer): tensors of 4096 elements or more
+            # keep a bf16 copy, gradient and moments there, each GPU gradient freed once copied out in backward;
+            # smaller ones step on the GPU.
+            big = sum(n for n in f.trainable_sizes if n >= 4096)
+            host = OFFLOAD_HOST_BYTES * big
+            optimizer = optimizer * (f.trainable - big) / max(f.trainable, 1)
+            grads = 2.0 * f.largest_trainable + step
+            note = f"optimizer state offloaded: {human_bytes(host)} in host memory, stepped after backward"
     activations = activation_bytes(f, cfg, task, cfg.data.batch_size, d)
     # From the second micro-batch on, accumulated gradients sit under a whole forward and backward; a fused step
     # runs inside backward.
@@ -211,5 +270,6 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
         activations,
         f.weight_bytes + f.trainable * optimizer + both + runtime,
         passes,
+        host=host,
         note=note,
     )

@@ -51,6 +51,7 @@ class Facts:
     hidden_dropout: float
     eager_attention: bool
     first_token: bool = False  # the speed plan's first_token_only: the last block computes the first token only
+    trainable_sizes: tuple[int, ...] = ()  # elements of each trainable tensor (low-bit optimizers quantize per tensor)
 
 
 def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.device) -> tuple[nn.Module, Any, SpeedPlan]:
@@ -80,7 +81,18 @@ def _meta_config(cfg: Config) -> Config:
         raise ConfigError(
             f"model.name_or_path '{cfg.model.name_or_path}': cannot load a model config ({str(err).splitlines()[0]})"
         ) from None
-    return replace(cfg, model=replace(cfg.model, tiny_config=config.to_dict(), tokenizer=cfg.model.tokenizer or path))
+    # The tokenizer changes no tensor's size: the model's own where its folder has one, else the packaged one, so
+    # that a hub id costs its config.json alone and a folder holding only config.json is enough.
+    own = Path(path).is_dir() and any((Path(path) / n).is_file() for n in TOKENIZER_FILES)
+    return replace(
+        cfg,
+        model=replace(
+            cfg.model, tiny_config=config.to_dict(), tokenizer=cfg.model.tokenizer or (path if own else None)
+        ),
+    )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 def _get(config: Any, *names: str, default: Any = None) -> Any:
@@ -149,6 +161,7 @@ def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
         hidden_dropout=float(_get(config, "hidden_dropout_prob", "hidden_dropout", "resid_pdrop", default=0)),
         eager_attention=getattr(model.config, "_attn_implementation", "sdpa") == "eager",
         first_token=speed.on("first_token_only"),
+        trainable_sizes=tuple(eligible),
     )
 
 

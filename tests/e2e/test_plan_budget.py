@@ -1,0 +1,106 @@
+"""`fulltune plan`'s direct answer for full fine-tuning in a memory budget: the low-bit optimizers' state sizes match
+torchao's own buffers; the 8B question is answered from a folder holding only config.json (meta device, no
+download); where nothing fits it says by how much and what fits instead."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import call_cli
+
+from fulltune.cli.plan import format_report
+from fulltune.planning.budget import MODES
+from fulltune.planning.estimate import Estimate, low_bit_state_bytes
+
+# Meta-Llama-3-8B's config.json (the shape fields; nothing else is read).
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def _buffer_bytes(x: torch.Tensor) -> int:
+    """Bytes of a plain tensor, or of a torchao quantized state's codes, scales and lookup table."""
+    parts = [getattr(x, k) for k in ("codes", "scale", "qmap")] if hasattr(x, "codes") else [x]
+    return sum(p.numel() * p.element_size() for p in parts)
+
+
+@pytest.mark.parametrize("mode", ["adamw8bit", "adamw4bit"])
+def test_low_bit_state_bytes_match_torchao(mode: str) -> None:
+    optim = pytest.importorskip("torchao.optim")
+    # Quantized (>= 4096 elements, a multiple of the block), too small, and not a multiple of the block.
+    sizes = [4096 * 3, 256 * 20, 1000, 4096 + 64]
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)) for n in sizes]
+    opt = (optim.AdamW8bit if mode == "adamw8bit" else optim.AdamW4bit)(params)
+    held = sum(_buffer_bytes(opt._new_buffer(p, True)) + _buffer_bytes(opt._new_buffer(p, False)) for p in params)
+    assert low_bit_state_bytes(mode, sizes) == held
+    # A large tensor: 2 x (1 + 4/256) bytes a parameter at 8 bits, 2 x (0.5 + 4/128) at 4 bits.
+    per_param = low_bit_state_bytes(mode, [4096 * 4096]) / 4096**2
+    assert per_param == pytest.approx(2.03125 if mode == "adamw8bit" else 1.0625, abs=1e-3)
+
+
+def _plan(tmp_path: Path, capsys: pytest.CaptureFixture, device: str, *extra: str) -> tuple[dict, str]:
+    folder = tmp_path / "llama3-8b"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))  # no weights, no tokenizer
+    argv = ["plan", "--model", str(folder), "--memory_budget", "24GB", "--device", device, "--task", "causal_lm"]
+    argv += ["--methods", "full,lora", "--no_dry_run", *extra]
+    assert call_cli(*argv, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    return report, format_report(report)  # the table the same command prints without --json
+
+
+def test_llama3_8b_in_24gb_on_cuda_from_config_json_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report, table = _plan(tmp_path, capsys, "cuda", "data.seq_len=2048")
+    full = report["full_fine_tuning"]
+    assert [c["mode"] for c in full["candidates"]] == [m.name for m in MODES][: len(full["candidates"])]
+    chosen = full["candidates"][full["chosen"]]
+    # bf16 weights (16 GB) leave no room for 8-bit (16 GB) or 4-bit (8.5 GB) moments in 24 GB: paged 8-bit states
+    # (or the offloaded step, where this fulltune has it) are the cheapest way that fits.
+    assert chosen["keys"]["training.memory"] == "lean"
+    assert chosen["keys"]["training.lean_optimizer"] == "paged_adamw8bit" or chosen["keys"].get("training.lean_offload")
+    assert chosen["device_bytes"] <= full["limit"] and chosen["host_bytes"] > 0
+    by_mode = {c["mode"]: c for c in full["candidates"]}
+    four = by_mode["lean, 4-bit moments"]
+    assert not four["fits"] and four["estimate"]["weights"] + four["estimate"]["optimizer"] > full["limit"]
+    assert four["estimate"]["optimizer"] == pytest.approx(8.03e9 * 1.0625, rel=0.02)
+    assert by_mode["lean, 8-bit moments"]["estimate"]["optimizer"] == pytest.approx(8.03e9 * 2.03125, rel=0.02)
+    answer = next(line for line in table.splitlines() if line.startswith("answer:"))
+    assert "training.memory=lean" in answer and "data.seq_len=2048" in answer and "data.batch_size=" in answer
+    assert "over by" in table and "cheapest first" in table
+
+
+def test_llama3_8b_in_24gb_on_cpu_says_by_how_much(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report, table = _plan(tmp_path, capsys, "cpu")
+    full = report["full_fine_tuning"]
+    assert full["chosen"] is None and full["over"] > 0
+    assert any("CUDA only" in s for s in full["skipped"])  # paged states need CUDA's unified memory
+    lightest = min(c["device_bytes"] for c in full["candidates"])
+    assert lightest - full["limit"] == pytest.approx(full["over"])
+    assert "does not fit: the lightest way misses by" in table and "no other method fits either" in table
+
+
+def test_paged_states_page_out_what_the_gpu_cannot_hold() -> None:
+    from fulltune.planning.budget import placement
+
+    est = Estimate(
+        "full", 1, 10, 10, weights=60.0, gradients=5.0, optimizer=40.0, activations=10.0, peak=115.0, forward_passes=3.0
+    )
+    assert placement(est, paged=False, limit=100.0) == (115.0, 0.0, False)
+    assert placement(est, paged=True, limit=100.0) == (100.0, 15.0, True)  # 15 of the 40 bytes of states page out
+    assert placement(est, paged=True, limit=70.0)[2] is False  # the rest (75) does not fit even with every state out
