@@ -23,6 +23,7 @@ class Mode:
     keys: dict[str, Any]
     cost: str  # why it sits where it does in the order: what it adds to a step
     cuda_only: bool = False
+    step: str = "fused into backward: each tensor updated and its gradient freed as soon as it is final"
 
 
 OFFLOAD_KEY = "lean_offload"
@@ -68,6 +69,7 @@ MODES = (
         "moments and the step on the host CPU: every gradient and weight crosses PCIe each "
         "step, and the CPU's AdamW sets the pace: the slowest",
         cuda_only=True,
+        step="after backward, on the host CPU; each gradient leaves the GPU during backward and is freed there",
     ),
 )
 
@@ -82,6 +84,7 @@ class Candidate:
     host_bytes: float  # optimizer state in host memory: offloaded, or paged out
     fits: bool
     cost: str
+    step: str
     estimate: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +94,7 @@ class BudgetAnswer:
     limit: float
     device: str
     seq_len: int
+    global_batch: int  # as configured: micro-batch x accumulation
     candidates: list[Candidate]
     chosen: int | None  # index into candidates
     over: float  # bytes by which the lightest full fine-tuning misses the limit (0 where one fits)
@@ -133,7 +137,8 @@ def _candidate(cfg: Config, task: str, facts: Facts, mode: Mode, m: int, acc: in
     device_bytes, host_bytes, fits = placement(est, paged is not None and paged.paged, limit)
     keys = {f"training.{k}": v for k, v in mode.keys.items() if k != "gradient_checkpointing" or v}
     keys |= {"data.batch_size": m, "training.gradient_accumulation_steps": acc}
-    return Candidate(mode.name, keys, m, acc, device_bytes, host_bytes, fits, mode.cost, _summary(est))
+    step = mode.step if mode.keys["memory"] == "lean" and (acc == 1 or OFFLOAD_KEY in mode.keys) else "after backward"
+    return Candidate(mode.name, keys, m, acc, device_bytes, host_bytes, fits, mode.cost, step, _summary(est))
 
 
 def _summary(est: Estimate) -> dict[str, Any]:
@@ -183,13 +188,15 @@ def answer(cfg: Config, task: str, labels: list[str] | None, budget: int, device
         if best.fits and chosen is None:
             chosen = len(candidates) - 1
     if not candidates:
-        return BudgetAnswer(budget, limit, device_type, cfg.data.seq_len, [], None, 0.0, None, skipped)
+        return BudgetAnswer(budget, limit, device_type, cfg.data.seq_len, global_batch, [], None, 0.0, None, skipped)
     over = 0.0 if chosen is not None else min(c.device_bytes for c in candidates) - limit
     longest = None
     if chosen is not None and task == "causal_lm":
         c = candidates[chosen]
         longest = _longest_seq(cfg, task, facts[modes[chosen].keys["memory"]], modes[chosen], c, device_type, limit)
-    return BudgetAnswer(budget, limit, device_type, cfg.data.seq_len, candidates, chosen, over, longest, skipped)
+    return BudgetAnswer(
+        budget, limit, device_type, cfg.data.seq_len, global_batch, candidates, chosen, over, longest, skipped
+    )
 
 
 def format_answer(a: dict[str, Any], alternatives: list[str]) -> list[str]:
@@ -224,6 +231,12 @@ def format_answer(a: dict[str, Any], alternatives: list[str]) -> list[str]:
         lines.append(f"  - faster modes above it do not fit; this one: {c['cost']}")
     else:
         lines.append(f"  - the cheapest mode fits: {c['cost']}")
+    lines.append(f"  - the optimizer step: {c['step']}")
+    if c["micro_batch"] * c["accumulation"] < a["global_batch"]:
+        lines.append(
+            f"  - global batch {c['micro_batch'] * c['accumulation']} instead of the configured {a['global_batch']}: "
+            "the step fused into backward needs accumulation 1"
+        )
     if a["longest_seq"]:
         lines.append(f"  - longest sequence that fits at micro-batch {c['micro_batch']}: ~{a['longest_seq']} tokens")
     return lines
