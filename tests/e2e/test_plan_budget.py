@@ -1,6 +1,7 @@
 """`fulltune plan`'s direct answer for full fine-tuning in a memory budget: the low-bit optimizers' state sizes match
-torchao's own buffers; the 8B question is answered from a folder holding only config.json (meta device, no
-download); where nothing fits it says by how much and what fits instead."""
+the optimizer's own buffers (and, slow, the low-bit estimates are within 15% of a dry run); the 8B question is
+answered from a folder holding only config.json (meta device, no download); where nothing fits it says by how much
+and what fits instead."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fulltune.config import load_config
 from fulltune.planning.budget import MODES, placement
 from fulltune.planning.dryrun import dry_runs
 from fulltune.planning.estimate import Estimate, low_bit_state_bytes
+from fulltune.training.lowbit import LowBitAdamW
 
 # Meta-Llama-3-8B's config.json (the shape fields; nothing else is read).
 LLAMA3_8B = {
@@ -44,13 +46,13 @@ def _buffer_bytes(x: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("mode", ["adamw8bit", "adamw4bit"])
-def test_low_bit_state_bytes_match_torchao(mode: str) -> None:
-    optim = pytest.importorskip("torchao.optim")
+def test_low_bit_state_bytes_match_the_optimizer(mode: str) -> None:
+    pytest.importorskip("torchao.optim")
     # Quantized (>= 4096 elements, a multiple of the block), too small, and not a multiple of the block.
     sizes = [4096 * 3, 256 * 20, 1000, 4096 + 64]
     params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)) for n in sizes]
-    opt = (optim.AdamW8bit if mode == "adamw8bit" else optim.AdamW4bit)(params)
-    held = sum(_buffer_bytes(opt._new_buffer(p, True)) + _buffer_bytes(opt._new_buffer(p, False)) for p in params)
+    opt = LowBitAdamW(params, bits=8 if mode == "adamw8bit" else 4)
+    held = sum(_buffer_bytes(opt._zeros(p, True)) + _buffer_bytes(opt._zeros(p, False)) for p in params)
     assert low_bit_state_bytes(mode, sizes) == held
     # A large tensor: 2 x (1 + 4/256) bytes a parameter at 8 bits, 2 x (0.5 + 4/128) at 4 bits.
     per_param = low_bit_state_bytes(mode, [4096 * 4096]) / 4096**2
@@ -107,16 +109,17 @@ def test_paged_states_page_out_what_the_gpu_cannot_hold() -> None:
     assert placement(est, paged=True, limit=70.0)[2] is False  # the rest (75) does not fit even with every state out
 
 
-# Small Llama whose optimizer state is a large share of the peak (4.2M parameters, 64 tokens a step), so that the
-# low-bit moments' bytes show in the measurement; every matrix is quantized (>= 4096 elements, a multiple of 256).
+# Small Llama whose optimizer state is a large share of the peak (8.4M parameters in tensors of at most 262k elements,
+# which bounds the update's temporaries; 64 tokens a step), so that the low-bit moments' bytes show in the
+# measurement; every matrix is quantized (>= 4096 elements, a multiple of 256).
 STATE_HEAVY_LLAMA = {
     "model_type": "llama",
     "hidden_size": 256,
     "intermediate_size": 1024,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 8,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "vocab_size": 4096,
+    "vocab_size": 1024,
     "max_position_embeddings": 128,
 }
 
@@ -134,5 +137,5 @@ def test_low_bit_estimates_within_15_percent_of_dry_runs(tmp_path: Path, mode: s
     assert "error" not in result, result
     ratio = est.peak / result["measured"]
     print(f"{mode}: estimate {est.peak / 2**20:.1f} MiB, measured {result['measured'] / 2**20:.1f} MiB, {ratio:.3f}")
-    assert est.optimizer > 0.2 * est.peak  # the states are a fair share of what is checked
+    assert est.optimizer > 0.15 * est.peak  # the states are a fair share of what is checked
     assert 0.85 <= ratio <= 1.15

@@ -6,13 +6,15 @@ much the lightest misses and what fits instead."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fulltune.config import Config, TrainingConfig
+from fulltune.config import Config
 from fulltune.planning.estimate import LOW_BIT, Estimate, estimate
 from fulltune.planning.facts import Facts, inspect_model
 from fulltune.units import human_bytes as human
+
+FUSED = "fused into backward: each tensor updated and its gradient freed as soon as it is final"
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class Mode:
     keys: dict[str, Any]
     cost: str  # why it sits where it does in the order: what it adds to a step
     cuda_only: bool = False
-    step: str = "fused into backward: each tensor updated and its gradient freed as soon as it is final"
+    step: str = FUSED
 
 
 OFFLOAD_KEY = "lean_offload"
@@ -62,6 +64,7 @@ MODES = (
         {"memory": "lean", "lean_optimizer": "paged_adamw8bit", "gradient_checkpointing": True},
         "states in unified memory: what the GPU cannot hold pages to host memory and crosses PCIe every step",
         cuda_only=True,
+        step="after backward (bitsandbytes steps every tensor in one call): every bf16 gradient is held until then",
     ),
     Mode(
         "lean, states offloaded",
@@ -106,8 +109,6 @@ def _available(mode: Mode, device_type: str) -> str | None:
     """Why `mode` is left out here, or None."""
     if mode.cuda_only and device_type != "cuda":
         return f"{mode.name}: CUDA only"
-    if OFFLOAD_KEY in mode.keys and OFFLOAD_KEY not in {f.name for f in fields(TrainingConfig)}:
-        return f"{mode.name}: this version of fulltune has no training.{OFFLOAD_KEY}"
     return None
 
 
@@ -137,7 +138,8 @@ def _candidate(cfg: Config, task: str, facts: Facts, mode: Mode, m: int, acc: in
     device_bytes, host_bytes, fits = placement(est, paged is not None and paged.paged, limit)
     keys = {f"training.{k}": v for k, v in mode.keys.items() if k != "gradient_checkpointing" or v}
     keys |= {"data.batch_size": m, "training.gradient_accumulation_steps": acc}
-    step = mode.step if mode.keys["memory"] == "lean" and (acc == 1 or OFFLOAD_KEY in mode.keys) else "after backward"
+    step = mode.step if acc == 1 or mode.step != FUSED else "after backward (accumulation): every bf16 gradient held"
+    step = step if mode.keys["memory"] == "lean" else "after backward (standard mode): every fp32 gradient held"
     return Candidate(mode.name, keys, m, acc, device_bytes, host_bytes, fits, mode.cost, step, _summary(est))
 
 
@@ -175,9 +177,9 @@ def answer(cfg: Config, task: str, labels: list[str] | None, budget: int, device
         memory = mode.keys["memory"]
         if memory not in facts:
             facts[memory] = inspect_model(_with(cfg, mode, cfg.data.batch_size, 1), task, labels)
-        tries = [(m, math.ceil(global_batch / m)) for m in sizes]
-        if memory == "lean":  # the fused step needs accumulation 1: a smaller global batch keeps it
-            tries += [(m, 1) for m in sizes if math.ceil(global_batch / m) > 1]
+        tries = [(m, math.ceil(global_batch / m)) for m in sizes if OFFLOAD_KEY not in mode.keys]
+        if memory == "lean":  # the fused step (and the offloaded one) needs accumulation 1: a smaller global batch
+            tries += [(m, 1) for m in sizes if OFFLOAD_KEY in mode.keys or math.ceil(global_batch / m) > 1]
         options = [_candidate(cfg, task, facts[memory], mode, m, a, device_type, limit) for m, a in tries]
         # Paged states cost PCIe traffic for every byte paged out, more than a smaller micro-batch costs: the least
         # paged first; otherwise the first that fits (the largest micro-batch, the configured global batch first).
@@ -206,7 +208,7 @@ def format_answer(a: dict[str, Any], alternatives: list[str]) -> list[str]:
         f"sequence {a['seq_len']}, cheapest first (speed, then memory):"
     ]
     for i, c in enumerate(a["candidates"]):
-        host = f" + {human(c['host_bytes'])} on the host" if c["host_bytes"] else ""
+        host = f" + {human(c['host_bytes'])} on the host" if c["host_bytes"] and c["fits"] else ""
         verdict = "fits" if c["fits"] else f"over by {human(c['device_bytes'] - a['limit'])}"
         mark = "->" if i == a["chosen"] else "  "
         lines.append(
@@ -223,7 +225,11 @@ def format_answer(a: dict[str, Any], alternatives: list[str]) -> list[str]:
     lines.append(f"answer: {keys} data.seq_len={a['seq_len']}")
     lines.append(
         f"  - estimate ~{human(c['device_bytes'])} on the {'GPU' if a['device'] == 'cuda' else 'CPU'}"
-        + (f" + {human(c['host_bytes'])} of optimizer state on the host" if c["host_bytes"] else "")
+        + (
+            f" + {human(c['host_bytes'])} on the host (optimizer state, paged out or offloaded with weights and grads)"
+            if c["host_bytes"]
+            else ""
+        )
         + f": weights {human(c['estimate']['weights'])}, optimizer {human(c['estimate']['optimizer'])}, "
         f"activations {human(c['estimate']['activations'])}, gradients in flight {human(c['estimate']['gradients'])}"
     )
@@ -235,7 +241,7 @@ def format_answer(a: dict[str, Any], alternatives: list[str]) -> list[str]:
     if c["micro_batch"] * c["accumulation"] < a["global_batch"]:
         lines.append(
             f"  - global batch {c['micro_batch'] * c['accumulation']} instead of the configured {a['global_batch']}: "
-            "the step fused into backward needs accumulation 1"
+            "lean mode's fused (or offloaded) step needs accumulation 1"
         )
     if a["longest_seq"]:
         lines.append(f"  - longest sequence that fits at micro-batch {c['micro_batch']}: ~{a['longest_seq']} tokens")
