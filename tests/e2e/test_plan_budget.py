@@ -63,10 +63,11 @@ def _plan(tmp_path: Path, capsys: pytest.CaptureFixture, device: str, *extra: st
     folder = tmp_path / "llama3-8b"
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(LLAMA3_8B))  # no weights, no tokenizer
-    argv = ["plan", "--model", str(folder), "--memory_budget", "24GB", "--device", device, "--task", "causal_lm"]
+    argv = ["plan", "--model", str(folder), "--memory_budget", "24GB", "--device", device]  # a causal LM: no --task
     argv += ["--methods", "full", "--no_dry_run", *extra]
     assert call_cli(*argv, "--json") == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "causal_lm" and report["model"] == str(folder)
     return report, format_report(report)  # the table the same command prints without --json
 
 
@@ -75,12 +76,14 @@ def test_llama3_8b_in_24gb_on_cuda_from_config_json_alone(tmp_path: Path, capsys
     full = report["full_fine_tuning"]
     assert [c["mode"] for c in full["candidates"]] == [m.name for m in MODES][: len(full["candidates"])]
     chosen = full["candidates"][full["chosen"]]
-    # bf16 weights (16 GB) leave no room for 8-bit (16 GB) or 4-bit (8.5 GB) moments in 24 GB: paged 8-bit states
-    # (or the offloaded step, where this fulltune has it) are the cheapest way that fits.
-    assert chosen["keys"]["training.memory"] == "lean"
-    assert chosen["keys"]["training.lean_optimizer"] == "paged_adamw8bit" or chosen["keys"].get("training.lean_offload")
-    assert chosen["device_bytes"] <= full["limit"] and chosen["host_bytes"] > 0
+    # bf16 weights (16 GB) leave no room for 8-bit (16 GB) or 4-bit (8.5 GB) moments in 24 GB, and bitsandbytes'
+    # paged 8-bit steps after backward, holding 16 GB of bf16 gradients: the state goes to the host.
+    assert chosen["keys"]["training.memory"] == "lean" and chosen["keys"]["training.lean_offload"] is True
+    assert chosen["keys"]["training.gradient_accumulation_steps"] == 1  # the offloaded step frees each gradient
+    assert chosen["device_bytes"] <= full["limit"]
+    assert chosen["host_bytes"] == pytest.approx(8.03e9 * 8, rel=0.01)  # bf16 copy, gradient and two moments
     by_mode = {c["mode"]: c for c in full["candidates"]}
+    assert not by_mode["lean, paged 8-bit moments"]["fits"]
     four = by_mode["lean, 4-bit moments"]
     assert not four["fits"] and four["estimate"]["weights"] + four["estimate"]["optimizer"] > full["limit"]
     assert four["estimate"]["optimizer"] == pytest.approx(8.03e9 * 1.0625, rel=0.02)

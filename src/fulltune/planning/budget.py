@@ -112,8 +112,15 @@ def _available(mode: Mode, device_type: str) -> str | None:
     return None
 
 
+def _keys(cfg: Config, mode: Mode) -> dict[str, Any]:
+    """The training keys of `mode` for this config: torchao's low-bit moments take no Kahan compensation, so a
+    config that asks for it gets stochastic rounding with them."""
+    low_bit = mode.keys.get("lean_optimizer") in ("adamw8bit", "adamw4bit")
+    return mode.keys | ({"lean_rounding": "stochastic"} if low_bit and cfg.training.lean_rounding == "kahan" else {})
+
+
 def _with(cfg: Config, mode: Mode, micro_batch: int, accumulation: int) -> Config:
-    training = replace(cfg.training, gradient_accumulation_steps=accumulation, **mode.keys)
+    training = replace(cfg.training, gradient_accumulation_steps=accumulation, **_keys(cfg, mode))
     return replace(
         cfg,
         method=replace(cfg.method, name="full"),
@@ -136,7 +143,7 @@ def _candidate(cfg: Config, task: str, facts: Facts, mode: Mode, m: int, acc: in
     est = estimate(_with(cfg, mode, m, acc), task, facts, device_type)
     paged = LOW_BIT.get(str(mode.keys.get("lean_optimizer")), None)
     device_bytes, host_bytes, fits = placement(est, paged is not None and paged.paged, limit)
-    keys = {f"training.{k}": v for k, v in mode.keys.items() if k != "gradient_checkpointing" or v}
+    keys = {f"training.{k}": v for k, v in _keys(cfg, mode).items() if k != "gradient_checkpointing" or v}
     keys |= {"data.batch_size": m, "training.gradient_accumulation_steps": acc}
     step = mode.step if acc == 1 or mode.step != FUSED else "after backward (accumulation): every bf16 gradient held"
     step = step if mode.keys["memory"] == "lean" else "after backward (standard mode): every fp32 gradient held"

@@ -18,8 +18,7 @@ from fulltune.model.trainable import METHODS
 from fulltune.planning.budget import answer
 from fulltune.planning.dryrun import dry_runs
 from fulltune.planning.estimate import Estimate, dtypes_for, estimate
-from fulltune.planning.facts import Facts, count_examples, inspect_model
-from fulltune.training.tasks import infer_task
+from fulltune.planning.facts import Facts, count_examples, inspect_model, plan_task
 from fulltune.units import human_bytes as human
 
 FIT_FRACTION = 0.9  # leave 10% of the budget to fragmentation, the CUDA context, data loading
@@ -299,7 +298,7 @@ def plan(
     budget = budget or free or 0
     if budget <= 0:
         raise ConfigError("cannot tell this device's free memory; give --memory_budget, e.g. --memory_budget 24GB")
-    task = infer_task(cfg)
+    task = plan_task(cfg)
     n, labels, source = count_examples(cfg, task)
     if labels is None and task != "causal_lm":
         labels = [f"class{i}" for i in range(cfg.data.num_classes or 2)]
