@@ -117,7 +117,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the code, not the GPU")
     ap.add_argument("--budget", default="24GB", help="memory budget the plan answers for (default 24GB)")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per shape (default 4; dry 2)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per shape (default 3; dry 2)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length run (default 2048; dry 64)")
     ap.add_argument("--batch", type=int, default=4, help="configured micro-batch the plan starts from (default 4)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
@@ -127,7 +127,7 @@ def main() -> int:
     ap.add_argument("--plan-seq", type=int, default=2048, help="sequence length the plan answers for (default 2048)")
     a = ap.parse_args()
     a.dry_run = a.dry_run or os.environ.get("GPU_CHECK_DRY") == "1"
-    a.steps = a.steps or (2 if a.dry_run else 4)
+    a.steps = a.steps or (2 if a.dry_run else 3)
     a.seq = a.seq or (64 if a.dry_run else 2048)
     if a.one:
         print(json.dumps(one(a.one, a)), flush=True)
