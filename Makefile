@@ -35,7 +35,7 @@ bench: $(STAMP)
 # What bench/gpu_check.sh installs on a GPU machine that reaches no registry (43 MB: fetched, not committed).
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d bench/wheels \
-		bitsandbytes==0.50.2 pytest pluggy iniconfig pygments tomli exceptiongroup
+		bitsandbytes==0.50.2 torchao==0.18.0 pytest pluggy iniconfig pygments tomli exceptiongroup
 
 gpu-check-dry: $(STAMP)
 	PYTHON=$(PY) bash bench/gpu_check.sh --dry-run outputs/gpu_check_dry

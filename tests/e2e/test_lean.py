@@ -1,5 +1,6 @@
 """`training.memory: lean` in the trainer: the fused step is attached, a lean run tracks the fp32 run, resume
-mid-epoch is bit-identical, accumulation steps after backward, and adamw8bit without CUDA is a config error."""
+mid-epoch is bit-identical (BF16AdamW, 8- and 4-bit moments on a tiny Llama), accumulation steps after backward,
+and the CUDA-only options are config errors on a CPU."""
 
 from __future__ import annotations
 
@@ -65,11 +66,66 @@ def test_lean_with_accumulation_steps_after_backward(tmp_path, text_data) -> Non
     assert run.fused is None and isinstance(run.optimizer, BF16AdamW)
 
 
-def test_adamw8bit_without_cuda_is_a_config_error(tmp_path, text_data) -> None:
+# A 64-wide Llama whose embeddings, head, q/o and MLP matrices (4096+ elements) get quantized moments, k/v (2048)
+# plain ones; a 300-token BPE vocabulary (the model's 512 rows: a multiple of the block size)
+LOWBIT_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 512}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw4bit"])
+def test_lowbit_resume_mid_epoch_is_bit_identical(tmp_path, optimizer) -> None:
+    import json
+    import shutil
+
+    from conftest import TINY_LLAMA
+    from test_causal_lm import lm_cfg, make_bpe_tokenizer, write_corpus
+    from test_train import assert_same_weights
+
+    from fulltune.training.lowbit import LowBitAdamW
+    from fulltune.training.trainer import setup, train
+
+    pytest.importorskip("torchao")
+    corpus = write_corpus(tmp_path / "train.txt", 60, 0)
+    tokenizer = make_bpe_tokenizer(corpus.read_text(), tmp_path / "tokenizer")
+
+    def make(out):
+        return lm_cfg(
+            out,
+            TINY_LLAMA | LOWBIT_LLAMA,
+            corpus,
+            data__max_samples=16,
+            model__tokenizer=str(tokenizer),
+            training__memory="lean",
+            training__lean_optimizer=optimizer,
+            training__num_epochs=2,
+            checkpoint__save_every_steps=3,
+            checkpoint__keep_last=0,
+            checkpoint__save_best=False,
+        )
+
+    run = setup(make(tmp_path / "probe"))
+    assert run.fused is not None and isinstance(run.optimizer, LowBitAdamW)
+    train(make(tmp_path / "full"))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full/checkpoint-step-3", tmp_path / "resumed/checkpoint-step-3")
+    state = json.loads((tmp_path / "resumed/checkpoint-step-3/training_state/trainer_state.json").read_text())
+    assert state["epoch"] == 0 and 0 < state["batches_done"] < 4  # 16 blocks / 4 per batch: step 3 is mid-epoch
+    train(make(tmp_path / "resumed"), resume="auto")
+    assert_same_weights(tmp_path / "full/checkpoint-epoch-2", tmp_path / "resumed/checkpoint-epoch-2")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"training__lean_optimizer": "paged_adamw8bit"}, "paged_adamw8bit needs a CUDA device"),
+        ({"training__lean_offload": True}, "lean_offload=true moves optimizer state from a CUDA device"),
+        ({"training__lean_optimizer": "adamw4bit", "training__lean_rounding": "kahan"}, "set training.lean_rounding"),
+    ],
+)
+def test_lowbit_options_that_need_cuda_or_do_not_fit_are_config_errors(tmp_path, text_data, extra, message) -> None:
     from fulltune.config import ConfigError
     from fulltune.training.trainer import setup
 
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
-    with pytest.raises(ConfigError, match="lean_optimizer=adamw8bit.*CUDA"):
-        setup(_lean_cfg(tmp_path / "bnb", text_data, training__memory="lean", training__lean_optimizer="adamw8bit"))
+    with pytest.raises(ConfigError, match=message):
+        setup(_lean_cfg(tmp_path / "run", text_data, training__memory="lean", **extra))

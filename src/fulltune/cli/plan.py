@@ -16,6 +16,8 @@ from fulltune.units import parse_memory
 
 
 def format_report(r: dict[str, Any]) -> str:
+    from fulltune.planning.budget import format_answer
+
     examples = f"{r['examples']:,}" if r["examples"] is not None else "unknown"
     lines = [
         f"fulltune plan: {r['model']} | {r['task']} | {r['device']}, {r['precision']} | micro-batch "
@@ -57,6 +59,8 @@ def format_report(r: dict[str, Any]) -> str:
         ),
         *(f"  - {reason}" for reason in rec["reasons"]),
     ]
+    if r.get("full_fine_tuning"):
+        lines += ["", *format_answer(r["full_fine_tuning"], r["instead"])]
     return "\n".join(lines)
 
 

@@ -278,7 +278,11 @@ class TrainingConfig:
     lean_rounding: Literal["stochastic", "kahan", "nearest"] = "stochastic"
     """lean: how updates go back into bf16 weights (kahan keeps a 2-byte compensation buffer per weight)."""
     lean_optimizer: Literal["bf16_adamw", "adamw8bit", "adamw4bit", "paged_adamw8bit"] = "bf16_adamw"
-    """lean: the optimizer (adamw8bit: bitsandbytes' 8-bit AdamW, CUDA only, stepped after backward)."""
+    """lean: the optimizer; adamw8bit / adamw4bit: torchao's block-quantized 8- / 4-bit moments on any device, step
+    fused as bf16_adamw's (`pip install 'fulltune[lowbit]'`); paged_adamw8bit: bitsandbytes', CUDA, after backward."""
+    lean_offload: bool = False
+    """lean, CUDA: optimizer state and update on the CPU (torchao's CPUOffloadOptimizer; gradients copied off the GPU
+    as backward makes them), so GPU memory holds bf16 weights and activations; max_grad_norm clips each tensor."""
     lean_fused_step: bool = True
     """lean: update each tensor in backward and free its gradient at once (needs accumulation 1, one process;
     max_grad_norm then clips each tensor's gradient norm, not the global one)."""

@@ -7,13 +7,18 @@ micro-batches.
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from fulltune.config import Config
 from fulltune.planning.facts import Facts
 from fulltune.runtime.device import cpu_has_fast_bf16
 from fulltune.speed.plan import plan
-from fulltune.training.lean import lean_bytes_per_param, wants_compiled_step
+from fulltune.training.lean import LOWBIT_STATES, lean_bytes_per_param, wants_compiled_step
+from fulltune.training.lowbit import MIN_QUANTIZED, LowBitAdamW
+from fulltune.units import human_bytes
 
 # What the steps add and keep beyond tensors. CUDA: cuBLAS workspaces and library buffers. CPU: heap slack and
 # autograd records (1-3 MiB in dry runs of small models). Not counted, on either: the process itself (Python, the
@@ -146,6 +151,56 @@ def activation_bytes(f: Facts, cfg: Config, task: str, micro_batch: int, d: Dtyp
     return max(kept + transient, working if flowing < f.layers else 0)
 
 
+@dataclass(frozen=True)
+class LowBitState:
+    """How a lean low-bit optimizer stores AdamW's two moments: each tensor of at least `min_size` elements (torchao,
+    as `LowBitAdamW` uses it: and a multiple of the block; bitsandbytes pads the last block) keeps `bits`-bit codes
+    with one fp32 scale per block and a code book of 2**bits fp32 values per moment; smaller ones keep fp32 moments."""
+
+    library: str
+    optimizer: str  # training.lean_optimizer: its (bits, block) are `training.lean.LOWBIT_STATES`'
+    fused: bool  # stepped per tensor inside backward, each gradient freed at once
+    paged: bool = False  # CUDA unified memory: the states page out to host memory when the GPU runs short
+    pads: bool = False  # quantizes sizes the block does not divide (the last block padded)
+
+    def bytes_per_param(self, size: int) -> float:
+        """Bytes of both moments of one `size`-element tensor, per element."""
+        bits, block = LOWBIT_STATES[self.optimizer]
+        if size < MIN_QUANTIZED or not (self.pads or size % block == 0):
+            return 8.0
+        return 2.0 * (bits / 8 + 4 * math.ceil(size / block) / size + 4 * 2**bits / size)
+
+
+# lean mode's torchao 8- and 4-bit moments (`training.lowbit.LowBitAdamW`: 2 x (1 + 4/256) = 2.03 and
+# 2 x (0.5 + 4/128) = 1.06 bytes a parameter, stepped per tensor in backward) and bitsandbytes' PagedAdamW8bit
+# (2.03 bytes, stepped after backward: every bf16 gradient held until then).
+LOW_BIT = {
+    "adamw8bit": LowBitState("torchao 8-bit AdamW", "adamw8bit", fused=True),
+    "adamw4bit": LowBitState("torchao 4-bit AdamW", "adamw4bit", fused=True),
+    "paged_adamw8bit": LowBitState(
+        "bitsandbytes PagedAdamW8bit", "paged_adamw8bit", fused=False, paged=True, pads=True
+    ),
+}
+
+
+# Elements LowBitAdamW updates at a time (its chunk_size), which bound its eager update's temporaries.
+LOW_BIT_CHUNK: int = inspect.signature(LowBitAdamW).parameters["chunk_size"].default
+
+
+def low_bit_state_bytes(mode: str, sizes: tuple[int, ...] | list[int]) -> float:
+    """Bytes of AdamW's moments under lean mode's low-bit optimizer `mode`, tensor by tensor."""
+    state = LOW_BIT[mode]
+    return sum(n * state.bytes_per_param(n) for n in sizes)
+
+
+def lean_state_bytes(t: Any, sizes: tuple[int, ...] | list[int]) -> float:
+    """Bytes of lean mode's optimizer state for tensors of these sizes: low-bit moments tensor by tensor, or
+    BF16AdamW's moments (and Kahan compensation) at its bytes per parameter less the bf16 weight."""
+    if t.lean_optimizer in LOW_BIT:
+        return low_bit_state_bytes(t.lean_optimizer, sizes)
+    return sum(sizes) * float(lean_bytes_per_param(t.lean_state_dtype, t.lean_rounding) - 2)
+
+
 @dataclass
 class Estimate:
     method: str
@@ -158,6 +213,7 @@ class Estimate:
     activations: float
     peak: float
     forward_passes: float  # compute per optimizer step, in forward passes
+    host: float = 0.0  # optimizer state held in host memory (offloaded), or paged there when the GPU runs short
     measured: float | None = None
     step_seconds: float | None = None
     fits: bool | None = None
@@ -171,14 +227,17 @@ class Estimate:
 def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
     """Peak memory of cfg.method.name at cfg.data.batch_size: weights + optimizer + max(activations, gradients)."""
     t, lean, note, d = cfg.training, cfg.training.memory == "lean", "", dtypes_for(cfg, device_type, task)
+    host = 0.0
     optimizer = 8.0  # AdamW: exp_avg and exp_avg_sq in fp32
     grads, fused = f.trainable * 4.0, False
     if lean:
-        if t.lean_optimizer == "adamw8bit":  # bitsandbytes: two 8-bit moments, stepped after backward
-            optimizer = 2.0
-        else:  # BF16AdamW with the trainer's own state dtype and rounding; minus the bf16 weight itself
-            optimizer = float(lean_bytes_per_param(t.lean_state_dtype, t.lean_rounding) - 2)
-            fused = t.lean_fused_step and t.gradient_accumulation_steps == 1  # as lean.fuses_step decides
+        # Low-bit moments are sized tensor by tensor; the step is fused into backward where the optimizer steps one
+        # tensor at a time (as lean_fused.fuses_step decides).
+        optimizer = lean_state_bytes(t, f.trainable_sizes or (f.trainable,)) / max(f.trainable, 1)
+        per_tensor = t.lean_optimizer not in LOW_BIT or LOW_BIT[t.lean_optimizer].fused
+        fused = per_tensor and not t.lean_offload and t.lean_fused_step and t.gradient_accumulation_steps == 1
+        if t.lean_optimizer in LOW_BIT:
+            note = f"{LOW_BIT[t.lean_optimizer].library}: {optimizer:.2f} bytes of moments a parameter"
         # BF16AdamW's eager update steps each tensor in chunks of up to 2**18 elements on CPU (2**24 on
         # accelerators) through reused fp32 scratch buffers of ~28 bytes per chunk element (7 MiB on CPU); compiled
         # (auto from 20M trainable parameters) it updates in place and holds none. Fused into backward (the
@@ -190,8 +249,23 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
         # run's warm-up now takes outside the measurement).
         compiled = wants_compiled_step(t.lean_compiled_step, f.trainable)
         chunk = 2**18 if device_type == "cpu" else 2**24
-        step = (0 if compiled else 28 * min(f.largest_trainable, chunk)) + 4 * 2**20
+        if t.lean_optimizer in ("adamw8bit", "adamw4bit"):
+            # LowBitAdamW's update holds fp32 temporaries per element of a chunk (dequantized moments, upcast weight
+            # and gradient), measured on CPU: ~57 bytes eager, ~8 compiled.
+            scratch = (8 if compiled else 57) * min(f.largest_trainable, LOW_BIT_CHUNK)
+        else:  # BF16AdamW's (compiled: none); bitsandbytes' kernels hold none either
+            scratch = 0 if compiled or t.lean_optimizer in LOW_BIT else 28 * min(f.largest_trainable, chunk)
+        step = scratch + 4 * 2**20
         grads = 2.0 * (f.largest_trainable if fused else f.trainable) + step
+        if t.lean_offload:
+            # torchao's CPUOffloadOptimizer: tensors of 4096 elements or more keep a bf16 copy, its gradient and
+            # the optimizer's state in host memory, each GPU gradient freed once copied out during backward; the
+            # step runs there after backward. Smaller tensors step on the GPU.
+            big = [n for n in f.trainable_sizes if n >= MIN_QUANTIZED]
+            host = 4.0 * sum(big) + lean_state_bytes(t, big)
+            optimizer = lean_state_bytes(t, [n for n in f.trainable_sizes if n < MIN_QUANTIZED]) / max(f.trainable, 1)
+            grads = 2.0 * f.largest_trainable + step
+            note = f"optimizer state offloaded: {human_bytes(host)} in host memory, stepped after backward there"
     activations = activation_bytes(f, cfg, task, cfg.data.batch_size, d)
     # From the second micro-batch on, accumulated gradients sit under a whole forward and backward; a fused step
     # runs inside backward.
@@ -211,5 +285,6 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
         activations,
         f.weight_bytes + f.trainable * optimizer + both + runtime,
         passes,
+        host=host,
         note=note,
     )

@@ -23,6 +23,7 @@ from fulltune.model.prepare import prepare_model
 from fulltune.model.pruned import is_pruned_folder
 from fulltune.model.trainable import apply_trainable
 from fulltune.speed.plan import SpeedPlan
+from fulltune.training.tasks import infer_task
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Facts:
     hidden_dropout: float
     eager_attention: bool
     first_token: bool = False  # the speed plan's first_token_only: the last block computes the first token only
+    trainable_sizes: tuple[int, ...] = ()  # elements of each trainable tensor (low-bit optimizers quantize per tensor)
 
 
 def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.device) -> tuple[nn.Module, Any, SpeedPlan]:
@@ -66,23 +68,50 @@ def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.devi
     return model, plan, bundle.speed.plan
 
 
-def _meta_config(cfg: Config) -> Config:
-    """The same model as an inline config, which build_model makes with from_config (so on the meta device) instead
-    of reading weights. A pruned folder (per-layer widths) has no such config and is built for real."""
+def _model_config(cfg: Config, path: str) -> Any:
+    """The model's transformers config: its config.json alone (a hub id downloads nothing else)."""
     from transformers import AutoConfig
 
-    path = None if cfg.model.tiny_config is not None else resolve_model_path(cfg.model.name_or_path)
-    if path is None or (Path(path).is_dir() and is_pruned_folder(path)):
-        return cfg
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
         )
     except OSError as err:
         raise ConfigError(
             f"model.name_or_path '{cfg.model.name_or_path}': cannot load a model config ({str(err).splitlines()[0]})"
         ) from None
-    return replace(cfg, model=replace(cfg.model, tiny_config=config.to_dict(), tokenizer=cfg.model.tokenizer or path))
+
+
+def plan_task(cfg: Config) -> str:
+    """The task to plan: as training infers it from the data; with no data given, a model whose config names a
+    causal LM architecture plans as one (`fulltune plan --model meta-llama/Meta-Llama-3-8B` alone)."""
+    d = cfg.data
+    if cfg.task == "auto" and not (d.data_dir or d.train_file or d.dataset_name) and cfg.model.tiny_config is None:
+        architectures = getattr(_model_config(cfg, resolve_model_path(cfg.model.name_or_path)), "architectures", None)
+        if any(str(a).endswith("ForCausalLM") for a in architectures or ()):
+            return "causal_lm"
+    return infer_task(cfg)
+
+
+def _meta_config(cfg: Config) -> Config:
+    """The same model as an inline config, which build_model makes with from_config (so on the meta device) instead
+    of reading weights. A pruned folder (per-layer widths) has no such config and is built for real."""
+    path = None if cfg.model.tiny_config is not None else resolve_model_path(cfg.model.name_or_path)
+    if path is None or (Path(path).is_dir() and is_pruned_folder(path)):
+        return cfg
+    config = _model_config(cfg, path)
+    # The tokenizer changes no tensor's size: the model's own where its folder has one, else the packaged one, so
+    # that a hub id costs its config.json alone and a folder holding only config.json is enough.
+    own = Path(path).is_dir() and any((Path(path) / n).is_file() for n in TOKENIZER_FILES)
+    return replace(
+        cfg,
+        model=replace(
+            cfg.model, tiny_config=config.to_dict(), tokenizer=cfg.model.tokenizer or (path if own else None)
+        ),
+    )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 def _get(config: Any, *names: str, default: Any = None) -> Any:
@@ -151,6 +180,7 @@ def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
         hidden_dropout=float(_get(config, "hidden_dropout_prob", "hidden_dropout", "resid_pdrop", default=0)),
         eager_attention=getattr(model.config, "_attn_implementation", "sdpa") == "eager",
         first_token=speed.on("first_token_only"),
+        trainable_sizes=tuple(eligible),
     )
 
 

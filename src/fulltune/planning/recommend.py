@@ -15,10 +15,10 @@ from fulltune.config import Config
 from fulltune.errors import ConfigError
 from fulltune.model.lora import LORA_METHODS
 from fulltune.model.trainable import METHODS
+from fulltune.planning.budget import answer
 from fulltune.planning.dryrun import dry_runs
 from fulltune.planning.estimate import Estimate, dtypes_for, estimate
-from fulltune.planning.facts import Facts, count_examples, inspect_model
-from fulltune.training.tasks import infer_task
+from fulltune.planning.facts import Facts, count_examples, inspect_model, plan_task
 from fulltune.units import human_bytes as human
 
 FIT_FRACTION = 0.9  # leave 10% of the budget to fragmentation, the CUDA context, data loading
@@ -298,7 +298,7 @@ def plan(
     budget = budget or free or 0
     if budget <= 0:
         raise ConfigError("cannot tell this device's free memory; give --memory_budget, e.g. --memory_budget 24GB")
-    task = infer_task(cfg)
+    task = plan_task(cfg)
     n, labels, source = count_examples(cfg, task)
     if labels is None and task != "causal_lm":
         labels = [f"class{i}" for i in range(cfg.data.num_classes or 2)]
@@ -328,6 +328,8 @@ def plan(
             est.measured, est.step_seconds = result["measured"], result["step_seconds"]
         est.fits = est.best <= FIT_FRACTION * budget
     d = dtypes_for(cfg, device_type, task)
+    rec = recommend(cfg, task, results, budget, n, device_type, performance)
+    full = asdict(answer(cfg, task, labels, budget, device_type, FIT_FRACTION)) if "full" in results else None
     return {
         "model": "tiny_config" if cfg.model.tiny_config is not None else cfg.model.name_or_path,
         "task": task,
@@ -343,5 +345,18 @@ def plan(
         "measured_how": how,
         "methods": [asdict(e) for e, _ in results.values()] + errors,
         "precision_notes": precision_notes(cfg, task, labels, results, device_type),
-        "recommendation": asdict(recommend(cfg, task, results, budget, n, device_type, performance)),
+        "recommendation": asdict(rec),
+        "full_fine_tuning": full,
+        "instead": _instead(rec),
     }
+
+
+def _instead(rec: Recommendation) -> list[str]:
+    """What fits where full fine-tuning does not: the method recommendation's configuration, if any."""
+    if rec.method is None:
+        return ["no other method fits either (see the recommendation above)"]
+    return [
+        f"instead: method.name={rec.method} data.batch_size={rec.micro_batch} training.gradient_accumulation_steps="
+        f"{rec.accumulation}{' training.gradient_checkpointing=true' if rec.gradient_checkpointing else ''} "
+        f"peaks at ~{human(rec.peak)} (the recommendation above)"
+    ]

@@ -1,6 +1,7 @@
 """Lean full fine-tuning memory mode (`training.memory: lean`): bf16 weights updated by an AdamW that keeps
-fp32-quality updates (Kahan compensation or stochastic rounding), and an optional CUDA-only bitsandbytes 8-bit
-AdamW. The step fused into backward (gradients freed one tensor at a time) is `fulltune.training.lean_fused`.
+fp32-quality updates (Kahan compensation or stochastic rounding), and the bytes per parameter of every lean optimizer.
+The low-bit optimizers are `fulltune.training.lowbit`; the step fused into backward (gradients freed one tensor at a
+time) is `fulltune.training.lean_fused`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,22 @@ _STATE_DTYPES = {
 _MASK64 = (1 << 64) - 1
 
 
-def lean_bytes_per_param(state_dtype: str = "mixed", rounding: str = "kahan") -> int:
-    """Persistent bytes per bf16 parameter held by BF16AdamW: weight + exp_avg + exp_avg_sq + compensation.
+# lean_optimizer -> (bits per moment element, elements per 4-byte fp32 scale): torchao's AdamW8bit and AdamW4bit
+# defaults, and bitsandbytes' blockwise 8-bit states
+LOWBIT_STATES = {"adamw8bit": (8, 256), "adamw4bit": (4, 128), "paged_adamw8bit": (8, 256)}
+
+
+def lean_bytes_per_param(state_dtype: str = "mixed", rounding: str = "kahan", optimizer: str = "bf16_adamw") -> float:
+    """Persistent bytes per bf16 parameter held by lean mode's optimizer: weight + exp_avg + exp_avg_sq (+ Kahan
+    compensation). BF16AdamW: by `state_dtype` and `rounding`; a low-bit `optimizer`: per moment `bits / 8` of codes
+    and a 4-byte scale per block (8-bit 4.03, 4-bit 3.06; tensors under 4096 elements keep fp32 moments, which a
+    model's norms and biases make negligible). With `training.lean_offload` the moments are in CPU memory instead.
 
     Gradients are not included: with `attach_fused_step` only the tensors in flight hold one (2 bytes each).
     """
+    if optimizer in LOWBIT_STATES:
+        bits, block = LOWBIT_STATES[optimizer]
+        return 2 + 2 * (bits / 8 + 4 / block)
     m_dtype, v_dtype = _STATE_DTYPES[state_dtype]
     comp = 2 if rounding == "kahan" else 0
     return 2 + m_dtype.itemsize + v_dtype.itemsize + comp
@@ -397,25 +409,10 @@ def build_lean_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the optimizer for lean mode.
 
-    kind="bf16_adamw": `BF16AdamW(params_or_groups, **kw)` (any device, fused step supported).
-    kind="adamw8bit": bitsandbytes `AdamW8bit` (8-bit block-quantized moments, 2 bytes of state per
-        parameter), CUDA only and imported lazily; `**kw` go to it unchanged. It has no per-parameter step,
-        so it runs with the normal `step()` path, not `attach_fused_step`.
+    kind="bf16_adamw": `BF16AdamW(params_or_groups, **kw)` (any device, fused step supported). The low-bit
+    optimizers are `fulltune.training.lowbit.LowBitAdamW` (the trainer builds them from its config through
+    `lowbit.build_lowbit_optimizer`).
     """
     if kind == "bf16_adamw":
         return BF16AdamW(params_or_groups, **kw)
-    if kind == "adamw8bit":
-        params_or_groups = list(params_or_groups)
-        if not torch.cuda.is_available():
-            raise RuntimeError("kind='adamw8bit' needs CUDA (bitsandbytes 8-bit optimizers); use 'bf16_adamw'")
-        tensors = [t for x in params_or_groups for t in (x["params"] if isinstance(x, dict) else [x])]
-        if any(t.device.type != "cuda" for t in tensors):
-            raise RuntimeError("kind='adamw8bit' needs every parameter on a CUDA device; move the model first")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise RuntimeError(
-                "kind='adamw8bit' needs bitsandbytes: pip install bitsandbytes (or use kind='bf16_adamw')"
-            ) from e
-        return bnb.optim.AdamW8bit(params_or_groups, **kw)
-    raise ValueError(f"unknown lean optimizer kind {kind!r}; expected 'bf16_adamw' or 'adamw8bit'")
+    raise ValueError(f"unknown lean optimizer kind {kind!r}; expected 'bf16_adamw' (low-bit: training.lowbit)")

@@ -122,7 +122,7 @@ def attach_fused_step(
 
     - Only parameters with `requires_grad=True` get a hook; frozen ones are untouched. Every trainable
       parameter must belong to `optimizer` (its gradient would otherwise never be freed).
-    - `optimizer` must offer `step_param(p, group)` (`BF16AdamW` does; bitsandbytes' 8-bit AdamW does not).
+    - `optimizer` must offer `step_param(p, group)` (`BF16AdamW` and `LowBitAdamW` do; bitsandbytes' do not).
     - Gradient accumulation is impossible: a gradient is consumed and freed at the end of every backward.
       `accumulation_steps > 1` raises ValueError (use a larger batch, or the normal step path).
     - Global-norm clipping is impossible: the norm needs every gradient before the first update. Passing
@@ -147,7 +147,8 @@ def attach_fused_step(
     if per_param_max_norm is not None and per_param_max_norm <= 0:
         raise ValueError(f"per_param_max_norm must be > 0, got {per_param_max_norm}")
     if not callable(getattr(optimizer, "step_param", None)):
-        raise TypeError(f"{type(optimizer).__name__} has no step_param(p, group); use BF16AdamW for a fused step")
+        name = type(optimizer).__name__
+        raise TypeError(f"{name} has no step_param(p, group); use BF16AdamW or LowBitAdamW for a fused step")
     existing = getattr(model, "_fulltune_fused_step", None)
     if existing is not None:
         raise RuntimeError("this model already has a fused optimizer step attached; remove() it first")
@@ -185,8 +186,13 @@ def describe_lean_mode(t: Any, device: torch.device, fused: bool, optimizer: Any
         return ""
     if t.lean_optimizer == "bf16_adamw":
         how = f"bf16 weights, AdamW moments {t.lean_state_dtype}, {t.lean_rounding} rounding, gradient checkpointing"
+    elif t.lean_optimizer == "paged_adamw8bit":
+        how = "bf16 weights, bitsandbytes' paged 8-bit AdamW, gradient checkpointing"
     else:
-        how = "bf16 weights, bitsandbytes 8-bit AdamW, gradient checkpointing"
+        bits = t.lean_optimizer.removeprefix("adamw").replace("bit", "-bit")
+        how = f"bf16 weights, torchao's {bits} AdamW moments, {t.lean_rounding} rounding, gradient checkpointing"
+    if t.lean_offload:
+        how += ", optimizer state and update on the CPU (gradients copied off the device during backward)"
 
     if getattr(optimizer, "compiled", False):
         how += ", compiled update kernel"
@@ -195,8 +201,10 @@ def describe_lean_mode(t: Any, device: torch.device, fused: bool, optimizer: Any
     if fused:
         clip = f"; max_grad_norm {t.max_grad_norm} clips each tensor's gradient" if t.max_grad_norm else ""
         return f"memory lean: {how}, optimizer step fused into backward{clip}\n"
-    if t.lean_optimizer == "adamw8bit":
-        why = "the 8-bit optimizer has no per-tensor step"
+    if t.lean_offload:
+        why = "the offloaded optimizer steps on the CPU after backward; max_grad_norm clips each tensor's gradient"
+    elif t.lean_optimizer == "paged_adamw8bit":
+        why = "bitsandbytes steps every tensor in one step(); it has no public per-tensor step"
     elif t.gradient_accumulation_steps > 1 or world_size() > 1:
         why = "gradient accumulation and data parallelism need whole gradients"
     else:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from fulltune.config import TrainingConfig
-from fulltune.errors import ConfigError
-from fulltune.training.lean import BF16AdamW, build_lean_optimizer, wants_compiled_step
+from fulltune.training.lean import BF16AdamW, wants_compiled_step
+from fulltune.training.lowbit import build_lowbit_optimizer
 
 
 def build_optimizer(
@@ -23,13 +23,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     # Our bookkeeping keys ("names") are not optimizer hyper-parameters; keep them but out of the way.
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    if lean and t.lean_optimizer == "adamw8bit":
-        try:
-            return build_lean_optimizer(
-                clean, kind="adamw8bit", lr=t.base_learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
-            )
-        except RuntimeError as err:
-            raise ConfigError(f"training.lean_optimizer=adamw8bit: {err}") from err
+    if lean and (t.lean_optimizer != "bf16_adamw" or t.lean_offload):
+        return build_lowbit_optimizer(clean, t, device)
     if lean:
         compiled = wants_compiled_step(t.lean_compiled_step, sum(p.numel() for g in clean for p in g["params"]))
         return BF16AdamW(

@@ -324,7 +324,9 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_loss += loss.detach()
         if self.fused is None:  # (fused lean mode updated every tensor, and freed its gradient, in backward)
-            self.last_grad_norm = optimizer_step(self.model, self.optimizer, self.scaler, t.max_grad_norm)
+            # an offloaded lean optimizer clips each gradient itself, on the CPU copy (the device's are freed)
+            clip = None if t.memory == "lean" and t.lean_offload else t.max_grad_norm
+            self.last_grad_norm = optimizer_step(self.model, self.optimizer, self.scaler, clip)
         s.optimizer_step += 1
         s.batches_done += n
         s.samples_seen += sum(int(b["labels"].shape[0]) for b in micro_batches) * world_size()

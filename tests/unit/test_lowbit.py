@@ -1,0 +1,126 @@
+"""LowBitAdamW (lean mode's 8- and 4-bit moments): its chunked per-tensor step against torchao's own AdamW8bit /
+AdamW4bit, the fused step against step() after backward, and a state dict through safetensors + JSON that resumes
+bit-identically."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torchao")
+
+from fulltune.files.safestate import load_state, save_state  # noqa: E402
+from fulltune.training.lean import lean_bytes_per_param  # noqa: E402
+from fulltune.training.lean_fused import attach_fused_step  # noqa: E402
+from fulltune.training.lowbit import LowBitAdamW  # noqa: E402
+
+
+def mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    # 64 x 128 weights (8192 elements) get quantized moments; the biases (< 4096) plain ones
+    return nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64)).to(dtype)
+
+
+def batch(i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.randn(8, 64, generator=g).to(dtype), torch.randn(8, 64, generator=g).to(dtype)
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: range, fused: bool = False) -> None:
+    for i in steps:
+        x, y = batch(i, next(model.parameters()).dtype)
+        loss = (model(x) - y).float().pow(2).mean()
+        loss.backward()
+        if not fused:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_chunked_step_equals_torchao(bits, monkeypatch) -> None:
+    from torchao.optim import AdamW4bit, AdamW8bit
+
+    # torchao's step() always compiles its update (minutes on a busy CPU); the reference runs the same function eagerly
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    ours, ref = mlp(), mlp()
+    opt = LowBitAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, bits=bits, chunk_size=4096)
+    ref_opt = (AdamW8bit if bits == 8 else AdamW4bit)(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    train_steps(ours, opt, range(4))
+    train_steps(ref, ref_opt, range(4))
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    w = ours[0].weight
+    assert type(opt.state[w]["exp_avg"]).__name__ == f"OptimState{bits}bit"
+    assert opt.state[w]["exp_avg"].codes.numel() == w.numel() * bits // 8
+
+
+def test_fused_step_equals_step_after_backward_with_groups() -> None:
+    model = mlp(torch.bfloat16)
+    fused_model = copy.deepcopy(model)
+
+    def groups(m: nn.Module) -> list[dict]:
+        return [
+            {"params": [m[0].weight, m[2].weight], "lr": 2e-2, "weight_decay": 0.1},
+            {"params": [m[0].bias, m[2].bias], "lr": 5e-3, "weight_decay": 0.0},
+        ]
+
+    opt = LowBitAdamW(groups(model), bits=4, stochastic_round=False)
+    fused_opt = LowBitAdamW(groups(fused_model), bits=4, stochastic_round=False)
+    handle = attach_fused_step(fused_model, fused_opt)
+    train_steps(model, opt, range(3))
+    train_steps(fused_model, fused_opt, range(3), fused=True)
+    assert handle.step_count == 3
+    for a, b in zip(model.parameters(), fused_model.parameters(), strict=True):
+        assert b.grad is None and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_state_through_safetensors_resumes_bit_identically(bits, tmp_path) -> None:
+    straight = mlp(torch.bfloat16)
+    resumed = copy.deepcopy(straight)
+    opt = LowBitAdamW(straight.parameters(), lr=1e-2, bits=bits)  # stochastic rounding: the RNG state matters too
+    torch.manual_seed(7)
+    train_steps(straight, opt, range(3))
+    save_state({"optim": opt.state_dict(), "rng": torch.get_rng_state()}, tmp_path, "s")
+    weights = copy.deepcopy(straight.state_dict())
+    train_steps(straight, opt, range(3, 6))
+
+    resumed.load_state_dict(weights)
+    saved = load_state(tmp_path, "s")
+    assert saved["optim"]["state"][0]["exp_avg"]["codes"].dtype == torch.uint8
+    opt2 = LowBitAdamW(resumed.parameters(), lr=1e-2, bits=bits)
+    opt2.load_state_dict(saved["optim"])
+    torch.set_rng_state(saved["rng"])
+    train_steps(resumed, opt2, range(3, 6))
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_state_of_another_width_is_refused() -> None:
+    model = mlp()
+    opt8 = LowBitAdamW(model.parameters(), bits=8)
+    train_steps(model, opt8, range(1))
+    with pytest.raises(ValueError, match="8-bit state.*this run keeps 4-bit"):
+        LowBitAdamW(model.parameters(), bits=4).load_state_dict(opt8.state_dict())
+
+
+def test_bytes_per_param() -> None:
+    assert lean_bytes_per_param(optimizer="adamw8bit") == pytest.approx(4.03125)
+    assert lean_bytes_per_param(optimizer="adamw4bit") == pytest.approx(3.0625)
+    assert lean_bytes_per_param("bf16", "stochastic") == 6
+
+
+@pytest.mark.slow
+def test_compiled_update_tracks_the_eager_one() -> None:
+    eager, compiled = mlp(torch.bfloat16), mlp(torch.bfloat16)
+    opts = [
+        LowBitAdamW(m.parameters(), lr=1e-2, bits=8, stochastic_round=False, compiled=c)
+        for m, c in ((eager, False), (compiled, True))
+    ]
+    train_steps(eager, opts[0], range(2))
+    train_steps(compiled, opts[1], range(2))
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
