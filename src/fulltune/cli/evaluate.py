@@ -64,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluation of {args.checkpoint} on {args.file or metrics.get('dataset') or args.split}:")
     print(format_table(metrics, labels))
     if "output_dir" in metrics:
-        print(
-            f"written: {metrics['output_dir']}/metrics.json, confusion_matrix.csv, confusion_matrix.png, "
-            "predictions.jsonl"
-        )
+        matrix = "confusion_matrix.csv, confusion_matrix.png, " if "confusion_matrix" in metrics else ""
+        print(f"written: {metrics['output_dir']}/metrics.json, {matrix}predictions.jsonl")
     return 0

@@ -135,7 +135,7 @@ def _auto_class(task: str, config: Any) -> Any:
         if config.model_type in ("clip", "clip_vision_model"):
             return tf.CLIPForImageClassification
         return tf.AutoModelForImageClassification
-    if task == "text_classification":
+    if task in ("text_classification", "text_regression"):
         return tf.AutoModelForSequenceClassification
     if task == "causal_lm":
         return tf.AutoModelForCausalLM
@@ -180,6 +180,8 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
         config = _clip_config_from_vision(config)
     for key, value in _label_kwargs(labels).items():
         setattr(config, key, value)
+    if task == "text_regression":  # one output, and transformers' own regression loss for whoever loads it
+        config.problem_type = "regression"
     if cfg.model.dropout is not None:
         _apply_dropout(config, cfg.model.dropout)
     if task == "causal_lm":
@@ -225,10 +227,10 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
     if cfg.model.torch_dtype == "float32" and quant is None:
         model = model.float()
     bundle = ModelBundle(model=model, task=task, source=path or "tiny_config")
-    if task in ("text_classification", "causal_lm"):
+    if task in ("text_classification", "text_regression", "causal_lm"):
         _check_length(cfg, task, model)
         bundle.tokenizer = load_tokenizer(cfg, path)
-        if task == "text_classification" and model.config.pad_token_id is None:
+        if task != "causal_lm" and model.config.pad_token_id is None:
             model.config.pad_token_id = bundle.tokenizer.pad_token_id
         if task == "causal_lm":
             set_end_token(model, bundle.tokenizer, cfg.data)

@@ -44,7 +44,7 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
         task = meta["task"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise ConfigError(f"checkpoint '{path}': '{meta_path}' is damaged (not fulltune's run record)") from None
-    if task not in ("causal_lm", "image_classification", "text_classification"):
+    if task not in ("causal_lm", "image_classification", "text_classification", "text_regression"):
         raise ConfigError(f"checkpoint '{path}': '{meta_path}' names an unknown task {task!r}")
     # Weights from safetensors only: a pickled pytorch_model.bin beside them is never read.
     safe = {"use_safetensors": True}

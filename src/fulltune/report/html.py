@@ -3,9 +3,9 @@ built from the run folder's files, `curves.png` beside it, `comparison.html` for
 `fulltune report RUN_DIR` command that rebuilds a report.
 
 Inputs (all written by report.RunLogger): metrics.jsonl (train rows and eval rows), run_history.jsonl (every start
-and resume), report/<split>.json (confusion matrix, per-example predictions, example inputs of confused pairs),
-report/lr_schedule.json (each group's learning rate over the schedule), summary.json (at the end), config.yaml and
-labels.json.
+and resume), report/<split>.json (confusion matrix, per-example predictions, example inputs of confused pairs; a
+regression's prediction-vs-truth points), report/lr_schedule.json (each group's learning rate over the schedule),
+summary.json (at the end), config.yaml and labels.json.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fulltune.report.plots import (  # noqa: F401 (re-exported: evaluate and tes
     svg_chart,
     svg_heatmap,
 )
+from fulltune.report.scatter import scatter_record, scatter_section
 
 EXAMPLES_PER_PAIR = 3
 TOP_PAIRS = 10
@@ -101,20 +102,24 @@ def pair_examples(
 def write_eval_record(
     run_dir: Path, name: str, metrics: dict[str, Any], labels: list[str] | None, describe: Any = None, **extra: Any
 ) -> None:
-    """report/<name>.json: what the report shows of one evaluation (confusion, example inputs of confused pairs)."""
-    if "confusion_matrix" not in metrics:
+    """report/<name>.json: what the report shows of one evaluation (confusion, example inputs of confused pairs; a
+    regression's prediction-vs-truth points)."""
+    if "confusion_matrix" in metrics:
+        examples = {}
+        if describe is not None and "predictions" in metrics:
+            positions = metrics.get("positions") or range(len(metrics["targets"]))  # a skipped image has no target
+            examples = pair_examples(metrics["targets"], metrics["predictions"], lambda i: describe(positions[i]))
+        record = {
+            "labels": labels,
+            "confusion_matrix": metrics["confusion_matrix"],
+            "pair_examples": examples,
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            **extra,
+        }
+    elif "pearson" in metrics:  # a regression
+        record = scatter_record(metrics) | extra
+    else:
         return
-    examples = {}
-    if describe is not None and "predictions" in metrics:
-        positions = metrics.get("positions") or range(len(metrics["targets"]))  # a skipped image has no target
-        examples = pair_examples(metrics["targets"], metrics["predictions"], lambda i: describe(positions[i]))
-    record = {
-        "labels": labels,
-        "confusion_matrix": metrics["confusion_matrix"],
-        "pair_examples": examples,
-        **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        **extra,
-    }
     folder = run_dir / "report"
     folder.mkdir(exist_ok=True)
     tmp = folder / f".{name}.json.tmp"
@@ -290,13 +295,16 @@ def render_report(run_dir: Path) -> str:
         parts.append(svg_chart(panel.series, panel.title, ylabel=panel.ylabel, log_y=panel.log_y))
     parts.append("</div>")
     for name, title in (
-        ("test", "Confusion matrix: test set"),
-        ("val_best", "Confusion matrix: validation, best step"),
-        ("val_latest", "Confusion matrix: validation, latest evaluation"),
+        ("test", "test set"),
+        ("val_best", "validation, best step"),
+        ("val_latest", "validation, latest evaluation"),
     ):
         rec = _read_json(run_dir / "report" / f"{name}.json")
+        if rec and "scatter" in rec:  # a regression: prediction vs truth
+            parts.append(scatter_section(rec, f"Prediction vs truth: {title}"))
+            break
         if rec:
-            parts.append(_confusion_section(rec, title))
+            parts.append(_confusion_section(rec, f"Confusion matrix: {title}"))
             break
     if history:
         parts.append(_history_section(history))

@@ -20,7 +20,7 @@ from fulltune.data.records import TaskData
 from fulltune.data.sampler import ResumableBatchSampler
 from fulltune.data.text import run_inputs
 from fulltune.errors import Interrupted, TrainingError
-from fulltune.eval.metrics import classification_metrics, improves, scalar_metrics
+from fulltune.eval.metrics import classification_metrics, improves, regression_metrics, scalar_metrics
 from fulltune.eval.perplexity import block_perplexity
 from fulltune.files.rundir import abandon_run_dir, claim_output_dir, release_run_lock, write_atomic
 from fulltune.model.build import check_vocabulary
@@ -44,7 +44,7 @@ from fulltune.training.accuracy import TrainAccuracy, log_train_accuracy
 from fulltune.training.header import run_header, run_summary
 from fulltune.training.lean_fused import attach_fused_step, fuses_step
 from fulltune.training.optim import build_optimizer, group_lrs, lr_factor, optimizer_step, set_lr, warmup_steps
-from fulltune.training.tasks import TASKS, Task, data_loader, infer_task, read_labels, validation_metric
+from fulltune.training.tasks import Task, data_loader, infer_task, read_labels, task_record, validation_metric
 
 
 class Trainer:
@@ -112,7 +112,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         self.task_name = infer_task(self.cfg)
-        self.task = TASKS[self.task_name]
+        self.task = task_record(self.cfg, self.task_name)
         self._labels, self._raw = read_labels(self.cfg, self.task_name)
         self.bundle, self.model, self.plan = prepare_model(self.cfg, self.task_name, self._labels, self.device)
         check_vocabulary(self.cfg, self.bundle)  # (plan prices such a model; only training would index past it)
@@ -443,6 +443,8 @@ class Trainer:
         loader = self.make_loader(dataset, batch_size=self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size)
         if self.task_name == "causal_lm":
             metrics = block_perplexity(model, loader, self.device, self.precision.autocast)
+        elif self.task_name == "text_regression":
+            metrics = regression_metrics(model, loader, self.device, self.precision)
         else:
             metrics = classification_metrics(model, loader, len(self.data.labels), self.device, self.precision)
         self.model.train()
