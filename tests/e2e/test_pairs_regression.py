@@ -215,3 +215,60 @@ def test_pairs_train_resume_evaluate_predict_and_export(tmp_path, capsys):
         ours = bundle.model(**encode_texts(bundle, pairs)).logits
     assert enc["token_type_ids"].max() == 1
     torch.testing.assert_close(plain, ours, atol=1e-5, rtol=0)
+
+
+def test_huber_loss_and_the_metrics_directions(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fulltune.eval.losses import huber_loss, mse_loss
+    from fulltune.training.tasks import task_record, validation_metric
+
+    def cfg(**extra: object):
+        return load_config(None, {k.replace("__", "."): v for k, v in extra.items()})
+
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in TINY_BERT.items() if k != "model_type"}
+    model = BertForSequenceClassification(BertConfig(**kwargs, num_labels=1, problem_type="regression")).eval()
+    batch = {"input_ids": torch.tensor([[101, 2204, 102], [101, 2919, 102]]), "labels": torch.tensor([3.0, -0.2])}
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"]).logits.squeeze(-1)
+        assert torch.allclose(
+            huber_loss(model, batch, 0.0)[0], torch.nn.functional.huber_loss(out, batch["labels"], reduction="sum")
+        )
+        assert torch.allclose(mse_loss(model, batch, 0.0)[0], ((out - batch["labels"]) ** 2).sum())
+        # transformers' own regression loss (the exported model's) is the same MSE, averaged
+        hf = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        assert torch.allclose(hf, mse_loss(model, batch, 0.0)[0] / 2)
+    assert task_record(cfg(training__loss="huber"), "text_regression").loss is huber_loss
+    assert validation_metric(cfg(), task_record(cfg(), "text_regression")) == ("mse", False)
+    assert validation_metric(cfg(training__metric="pearson"), task_record(cfg(), "text_regression")) == (
+        "pearson",
+        True,
+    )
+
+
+def test_a_datasets_source_of_pairs_with_float_labels_is_a_regression_of_pairs(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    hub = tmp_path / "hub"
+    rng = random.Random(0)
+    rows = {
+        "premise": [rng.choice(POSITIVE) for _ in range(12)],
+        "hypothesis": [rng.choice(NEGATIVE) for _ in range(12)],
+    }
+    rows["label"] = [round(rng.uniform(0, 5), 2) for _ in range(12)]
+    datasets.Dataset.from_dict(rows).save_to_disk(str(hub))
+    cfg = load_config(
+        None,
+        base_overrides(
+            tmp_path / "run",
+            TINY_BERT,
+            data__dataset_name=str(hub),
+            data__batch_size=4,
+            training__num_epochs=1,
+            data__max_length=32,
+        ),
+    )
+    summary = train(cfg)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "text_column: premise" in saved and "text_pair_column: hypothesis" in saved
+    assert summary["task"] == "text_regression" and "mse" in summary["best_val"]

@@ -17,11 +17,15 @@ from fulltune.model.pruned import is_pruned_folder
 CARD_FILE = "README.md"
 PIPELINE_TAGS = {
     "text_classification": "text-classification",
+    "text_regression": "text-classification",
     "image_classification": "image-classification",
     "causal_lm": "text-generation",
 }
+TEXT_TASKS = ("text_classification", "text_regression")
+"""The tasks of a sequence classifier over tokenised text (one or two texts in, class scores or a number out)."""
 AUTO_CLASSES = {
     "text_classification": "AutoModelForSequenceClassification",
+    "text_regression": "AutoModelForSequenceClassification",
     "image_classification": "AutoModelForImageClassification",
     "causal_lm": "AutoModelForCausalLM",
 }
@@ -83,7 +87,7 @@ def _hyper_parameters(config: dict[str, Any], task: str) -> list[tuple[str, Any]
         rows.append(("layer-wise LR decay", t["layerwise_lr"].get("decay_rate")))
     if t.get("progressive_unfreezing", {}).get("enabled"):
         rows.append(("progressive unfreezing", "on"))
-    if task == "text_classification":
+    if task in TEXT_TASKS:
         rows.append(("max tokens per text", d.get("max_length")))
     elif task == "causal_lm":
         rows.append(("tokens per block", d.get("seq_len")))
@@ -93,7 +97,7 @@ def _hyper_parameters(config: dict[str, Any], task: str) -> list[tuple[str, Any]
 def training_length(meta: dict[str, Any]) -> int | None:
     """The tokens per text that training kept (a text classifier's data.max_length), from a run record; None for
     the other tasks (images have their size in the image processor; a causal LM's prompts are not cut)."""
-    if (meta.get("task") or (meta.get("fulltune_config") or {}).get("task")) != "text_classification":
+    if (meta.get("task") or (meta.get("fulltune_config") or {}).get("task")) not in TEXT_TASKS:
         return None
     length = ((meta.get("fulltune_config") or {}).get("data") or {}).get("max_length")
     return int(length) if length is not None else None
@@ -133,7 +137,7 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
         return (
             "This folder holds a LoRA adapter (peft), not full weights:\n\n```python\n"
             "from peft import AutoPeftModelFor"
-            f"{'SequenceClassification' if task == 'text_classification' else 'CausalLM'} as Model\n"
+            f"{'SequenceClassification' if task in TEXT_TASKS else 'CausalLM'} as Model\n"
             'model = Model.from_pretrained("PATH")  # fetches the base model named in adapter_config.json\n```\n'
         )
     if task == "image_classification":
@@ -184,7 +188,7 @@ def _limits(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
             "It always answers with one of its labels, even for inputs that belong to none of them; "
             "its probabilities are not calibrated."
         )
-    if task == "text_classification":
+    if task in TEXT_TASKS:
         max_len = training_length(meta)
         out.append(
             f"Training kept the first {max_len} tokens of each text (data.max_length), and so does the tokenizer "

@@ -70,15 +70,14 @@ NEEDS = {
 
 def table_task(path: Path, d: DataConfig) -> str:
     """The task of a train table: a layout of LAYOUTS, else one or two text columns and a label column (a
-    regression when the labels are numbers, not all whole: `text.is_regression`). A table that fits none is one
-    DataError naming its columns and what each task needs."""
+    regression when the labels are numbers, not all whole: `text.is_regression`). A table with neither the text nor
+    the label column fits none: one DataError naming its columns and what each task needs."""
     for task, fits in LAYOUTS:
         if fits(path, d):
             return task
     columns = txt.read_table(path, d.format, d.encoding)[1]
-    first, second = txt.text_columns(d, columns)
-    if first in columns and (second is None or second in columns) and d.label_column in columns:
-        examples = txt.read_examples(path, d)
+    if txt.text_columns(d, columns)[0] in columns or d.label_column in columns:
+        examples = txt.read_examples(path, d)  # (a text or label column it lacks is an error naming that column)
         return "text_regression" if txt.is_regression(examples.labels) else "text_classification"
     needs = "; ".join(f"{task}: {need}" for task, need in NEEDS.items())
     raise DataError(
