@@ -22,6 +22,7 @@ from fulltune.eval.metrics import summarize_regression
 from fulltune.eval.predict import encode_texts, regress
 from fulltune.model.bundle import packaged_minilm_path
 from fulltune.model.exported import load_exported
+from fulltune.planning.facts import count_examples
 from fulltune.training.tasks import infer_task
 from fulltune.training.trainer import train
 
@@ -145,6 +146,9 @@ def test_auto_reads_each_layout_and_names_what_a_table_lacks(tmp_path):
     assert task_of("e.jsonl", '{"prompt": "q", "response": "a"}\n') == "causal_lm"
     cfg = load_config(None, {"data.train_file": str(tmp_path / "d.tsv")})
     assert txt.read_examples(tmp_path / "d.tsv", cfg.data).columns == ("sentence1", "sentence2")
+    # `plan` sizes a regression's head as training builds it: one output
+    regression = load_config(None, {"data.train_file": str(tmp_path / "c.csv")})
+    assert count_examples(regression, "text_regression")[1] == ["label"]
     with pytest.raises(DataError) as err:
         task_of("f.csv", "question,answer\nq,a\n")
     line = str(err.value)

@@ -294,6 +294,12 @@ def label_vocabulary(labels: list[str]) -> list[str]:
     return sorted(unique)
 
 
+def output_names(labels: list[str], label_column: str, regression: bool) -> list[str]:
+    """The names of a text model's outputs: the label vocabulary (`label_vocabulary`) of a classifier, or a
+    regression's one output, named after the column it predicts."""
+    return [label_column] if regression else label_vocabulary(labels)
+
+
 def label_ids(examples: TextExamples, vocab: list[str]) -> list[int]:
     index = {name: i for i, name in enumerate(vocab)}
     ids = []

@@ -121,7 +121,7 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     settle_text_columns(cfg, raw[1] if isinstance(raw, tuple) and isinstance(raw[1], txt.TextExamples) else None)
     if task == "text_regression":
         txt.regression_targets(raw[1])  # every label a number, said before the model loads
-        return [cfg.data.label_column], raw  # one output, named after the column it predicts
+        return txt.output_names(raw[1].labels, cfg.data.label_column, True), raw
     if cfg.data.num_classes is not None and cfg.data.num_classes != len(labels):
         raise DataError(f"data.num_classes={cfg.data.num_classes} but the training data has {len(labels)} classes")
     if len(labels) < 2:
