@@ -163,6 +163,7 @@ def test_regression_trains_resumes_evaluates_predicts_and_exports(tmp_path, caps
     log = (full / "train.log").read_text()
     assert "task text_regression (task: auto, read from the data)" in log and "[val] step 4 epoch 1: mse " in log
     assert json.loads((full / "best" / "config.json").read_text())["problem_type"] == "regression"
+    assert "- Output: one number, the `label` column's" in (full / "best" / "README.md").read_text()
 
     assert main(["evaluate", "--checkpoint", str(full / "best"), "--data_dir", str(data), "--split", "test"]) == 0
     out = full / "eval" / "best-test"
@@ -198,6 +199,12 @@ def test_pairs_train_resume_evaluate_predict_and_export(tmp_path, capsys):
     summary = json.loads((full / "summary.json").read_text())
     evaluated = json.loads((full / "eval" / "best-test" / "metrics.json").read_text())
     assert evaluated["accuracy"] == summary["test"]["accuracy"] and evaluated["examples"] == 8
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rows = [json.loads(line) for line in (full / "eval" / "best-test" / "predictions.jsonl").read_text().splitlines()]
+    gold, predicted = [r["label"] for r in rows], [r["predicted"] for r in rows]
+    assert evaluated["accuracy"] == pytest.approx(accuracy_score(gold, predicted), abs=1e-12)
+    assert evaluated["macro_f1"] == pytest.approx(f1_score(gold, predicted, average="macro"), abs=1e-12)
 
     capsys.readouterr()
     argv = ["predict", "--checkpoint", str(full / "best"), "--text", "i loved it", "--text_pair", "a real mess"]

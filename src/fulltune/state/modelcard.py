@@ -157,17 +157,28 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
         )
     else:
         max_len = training_length(meta)
+        pair = ((meta.get("fulltune_config") or {}).get("data") or {}).get("text_pair_column")
+        texts = '["a first text"], ["its second text"]' if pair else '["a text to classify"]'  # a sentence pair
+        out = (
+            "float(logits.detach()[0, 0])"
+            if task == "text_regression"
+            else "model.config.id2label[int(logits.argmax(-1))]"
+        )
         body = (
             f"from transformers import AutoTokenizer, {cls}, pipeline\n\n"
             'classifier = pipeline("text-classification", model="PATH")\n'
             f"# truncation=True: cut a text at the {max_len} tokens training kept (the tokenizer's model_max_length);\n"
             "# without it transformers keeps every token, in a pipeline too.\n"
-            'print(classifier("a text to classify", truncation=True))\n\n'
-            "# Or the tokenizer and model themselves:\n"
+            + (
+                'print(classifier({"text": "a first text", "text_pair": "its second text"}, truncation=True))\n\n'
+                if pair
+                else 'print(classifier("a text to classify", truncation=True))\n\n'
+            )
+            + "# Or the tokenizer and model themselves:\n"
             'tokenizer = AutoTokenizer.from_pretrained("PATH")\n'
             f'model = {cls}.from_pretrained("PATH")\n'
-            'logits = model(**tokenizer(["a text to classify"], truncation=True, return_tensors="pt")).logits\n'
-            "print(model.config.id2label[int(logits.argmax(-1))])"
+            f'logits = model(**tokenizer({texts}, truncation=True, return_tensors="pt")).logits\n'
+            f"print({out})"
         )
     return f"With plain `transformers` (fulltune is not needed), PATH being this folder:\n\n```python\n{body}\n```\n"
 
@@ -227,7 +238,9 @@ def render(meta: dict[str, Any]) -> str:
     title = meta.get("title") or f"{task.replace('_', ' ')} fine-tuned with fulltune ({meta.get('method', '?')})"
     lines = [*front, "", f"# {title}", ""]
     lines += ["## Model", "", f"- Base model: {_base_model(config)}", f"- Task: {task}"]
-    if labels:
+    if labels and task == "text_regression":
+        lines.append(f"- Output: one number, the `{labels[0]}` column's (problem_type regression)")
+    elif labels:
         lines.append(f"- Labels ({len(labels)}): " + ", ".join(f"`{lb}`" for lb in labels))
     if meta.get("total_parameters"):
         lines.append(f"- Parameters: {meta['total_parameters']:,} ({meta.get('trainable_parameters', 0):,} trained)")
