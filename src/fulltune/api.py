@@ -21,7 +21,7 @@ from fulltune.cli.options import ConfigFlags, require_training_data
 from fulltune.config import Config, dotted_items, load_config, to_dict
 from fulltune.errors import ConfigError, FulltuneError
 from fulltune.eval.evaluate import evaluate_checkpoint
-from fulltune.eval.predict import classify, generate, image_paths, multi_label_rows
+from fulltune.eval.predict import classify, generate, image_paths, multi_label_rows, regress
 from fulltune.eval.tagging import tag_sentences, tagged_row
 from fulltune.model.exported import load_exported
 from fulltune.runtime.device import resolve_device
@@ -117,8 +117,9 @@ def predict(
 ) -> Any:
     """What `fulltune predict` prints, as values: for a classifier, {"input", "top_k": [{"label", "probability"}]}
     per text (or image path; a folder of images is every image in it); for a causal LM, {"prompt", "generated"} per
-    prompt; for a tagger, {"input", "words", "tags", "entities"} per sentence (a text split on whitespace). One input
-    gives one row, a list a list of rows."""
+    prompt; for a tagger, {"input", "words", "tags", "entities"} per sentence (a text split on whitespace); for a
+    regression, {"input", "prediction"} (a number). A sentence pair is a (first, second) tuple. One input gives one
+    row, a list a list of rows."""
     with _as_api():
         bundle = load_exported(checkpoint, resolve_device(device))
         many = isinstance(inputs, list) or (bundle.task == "image_classification" and Path(inputs).is_dir())
@@ -135,6 +136,10 @@ def predict(
         else:
             if bundle.task == "image_classification":
                 items = [path for item in items for path in image_paths(str(item))]
+            if bundle.task == "text_regression":  # a number per text (or (first, second) sentence pair)
+                values = regress(bundle, items)
+                rows = [{"input": x, "prediction": v} for x, v in zip(items, values, strict=True)]
+                return rows if many else rows[0]
             tops = classify(bundle, items, top_k)
             rows = [
                 {"input": str(item), "top_k": [{"label": label, "probability": p} for label, p in top or []]}

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluation of {args.checkpoint} on {args.file or metrics.get('dataset') or args.split}:")
     print(format_table(metrics, labels))
     if "output_dir" in metrics:
-        shown = ["metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "predictions.jsonl"]
+        matrix = ["confusion_matrix.csv", "confusion_matrix.png"] if "confusion_matrix" in metrics else []
+        shown = ["metrics.json", *matrix, "predictions.jsonl"]
         print(f"written: {metrics['output_dir']}/" + ", ".join(metrics.get("written") or shown))
     return 0

@@ -26,7 +26,8 @@ FLAG_HELP: dict[str, str] = {
     "val_file": "the validation table or text file",
     "test_file": "the test table or text file",
     "model": "hub id, local model folder, or 'minilm' (the packaged all-MiniLM-L6-v2)",
-    "task": "image_classification, text_classification, causal_lm, or auto",
+    "task": "image_classification, text_classification, text_regression, multi_label_classification, "
+    "token_classification, causal_lm, or auto",
     "method": "full, partial, linear_probe or lora",
 }
 

@@ -1,4 +1,5 @@
-"""`fulltune predict`: top-k labels for images or texts, one JSON line per input; generated text for causal LMs."""
+"""`fulltune predict`: top-k labels for images or texts (or sentence pairs), or a regression's number, one JSON
+line per input; generated text for causal LMs."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ def register(subparsers: Any) -> None:
         "--text",
         action="append",
         help="a text to classify (give --text again for more); a tagger splits it into words on whitespace",
+    )
+    p.add_argument(
+        "--text_pair",
+        action="append",
+        help="sentence pairs: the second text of the --text before it (one --text_pair per --text)",
     )
     p.add_argument(
         "--file",
@@ -58,16 +64,7 @@ def _print(row: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fulltune.eval.predict import (
-        chat_generate,
-        chat_inputs,
-        classify,
-        generate,
-        image_paths,
-        is_chat_file,
-        multi_label_rows,
-        text_inputs,
-    )
+    from fulltune.eval.predict import chat_generate, chat_inputs, generate, image_paths, is_chat_file, text_inputs
     from fulltune.model.exported import load_exported
     from fulltune.runtime.device import resolve_device
 
@@ -85,10 +82,6 @@ def run(args: argparse.Namespace) -> int:
             text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
             _print({"prompt": prompt, "generated": text})
         return 0
-    if bundle.task == "multi_label_classification":  # every label above its threshold
-        for row in multi_label_rows(bundle, text_inputs(args.text, args.file, data)):
-            _print(row)
-        return 0
     if bundle.task == "token_classification":
         from fulltune.config import config_from_dict
         from fulltune.eval.tagging import sentence_inputs, tag_sentences, tagged_row
@@ -103,13 +96,33 @@ def run(args: argparse.Namespace) -> int:
         inputs: list = image_paths(args.image)
         shown = [str(p) for p in inputs]
     else:
-        inputs = text_inputs(args.text, args.file, data)
+        inputs = text_inputs(args.text, args.file, data, text_pairs=args.text_pair)
         shown = inputs
-    folder = bool(args.image) and Path(args.image).is_dir()  # a folder skips an image that fails to decode
-    for name, top in zip(shown, classify(bundle, inputs, args.top_k, skip_unreadable=folder), strict=True):
+    return _print_rows(bundle, inputs, shown, args, skip_unreadable=bool(args.image) and Path(args.image).is_dir())
+
+
+def _input_row(name: Any) -> dict[str, Any]:
+    """How a line names its input: {"input": text} or, for a sentence pair, {"input": first, "text_pair": second}."""
+    return {"input": name[0], "text_pair": name[1]} if isinstance(name, tuple) else {"input": name}
+
+
+def _print_rows(bundle: Any, inputs: list, shown: list, args: argparse.Namespace, skip_unreadable: bool) -> int:
+    """One JSON line per input: a regression's "prediction" (a number), a multi-label model's every label above its
+    threshold, else the top-k labels with probabilities (a folder's image that fails to decode is skipped)."""
+    from fulltune.eval.predict import classify, multi_label_rows, regress
+
+    if bundle.task == "multi_label_classification":
+        for row in multi_label_rows(bundle, inputs):
+            _print(row)
+        return 0
+    if bundle.task == "text_regression":
+        for name, value in zip(shown, regress(bundle, inputs), strict=True):
+            _print(_input_row(name) | {"prediction": round(value, 6)})
+        return 0
+    for name, top in zip(shown, classify(bundle, inputs, args.top_k, skip_unreadable=skip_unreadable), strict=True):
         if top is None:
             continue
-        _print({"input": name, "top_k": [{"label": lb, "probability": round(p, 4)} for lb, p in top]})
+        _print(_input_row(name) | {"top_k": [{"label": lb, "probability": round(p, 4)} for lb, p in top]})
     return 0
 
 
@@ -117,7 +130,7 @@ def _predict_dataset(bundle: Any, args: argparse.Namespace) -> int:
     """One line per row of a dataset split, read with the run's columns."""
     from fulltune.config import config_from_dict
     from fulltune.data import hf_eval
-    from fulltune.eval.predict import classify, generate, multi_label_rows
+    from fulltune.eval.predict import generate
 
     cfg = config_from_dict(bundle.extra["fulltune_config"])
     split = hf_eval.open_split(cfg, args.split, args.dataset_name)
@@ -127,12 +140,4 @@ def _predict_dataset(bundle: Any, args: argparse.Namespace) -> int:
             text = generate(bundle, prompt, args.max_new_tokens, args.temperature, args.top_p)
             _print({"prompt": prompt, "generated": text})
         return 0
-    if bundle.task == "multi_label_classification":
-        for row in multi_label_rows(bundle, inputs):
-            _print(row)
-        return 0
-    for name, top in zip(shown, classify(bundle, inputs, args.top_k, skip_unreadable=True), strict=True):
-        if top is None:
-            continue
-        _print({"input": name, "top_k": [{"label": lb, "probability": round(p, 4)} for lb, p in top]})
-    return 0
+    return _print_rows(bundle, inputs, shown, args, skip_unreadable=True)

@@ -36,10 +36,13 @@ class DataConfig:
     text_column: str = "text"
     """Column (or JSON field) holding the text."""
     label_column: str = "label"
-    """Column (or JSON field) holding the class label."""
+    """Column (or JSON field) holding the class label (a number for text_regression)."""
     label_separator: str | None = None
     """Multi-label: the character between the labels of one example in a text cell (e.g. "," or "|"); none: one
     label per example unless the labels are JSON lists."""
+    text_pair_column: str | None = None
+    """Sentence pairs: the column holding each pair's second text, encoded with the first as the tokenizer's pair
+    (None: auto finds text_b, sentence2, hypothesis or context beside the text column, see docs/tasks.md)."""
     prompt_column: str = "prompt"
     """Causal LM JSONL: optional prompt field (no loss on it)."""
     response_column: str = "response"
@@ -255,6 +258,8 @@ class TrainingConfig:
     """Floor of the decay, as a fraction of the peak learning rate."""
     label_smoothing: float = 0.0
     """Label smoothing of the classification loss."""
+    loss: Literal["mse", "huber"] = "mse"
+    """text_regression's loss: mean squared error, or Huber (delta 1); classification keeps cross-entropy."""
     layerwise_lr: LayerwiseLRConfig = field(default_factory=LayerwiseLRConfig)
     """Layer-wise learning-rate decay."""
     layer_groups_lr: dict[str, float] | None = None
@@ -267,8 +272,8 @@ class TrainingConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Early stopping on the validation metric."""
     metric: str = "auto"
-    """Validation metric that picks best/ and drives early stopping (auto: accuracy, or perplexity for LMs); a tie
-    goes to the lower validation loss."""
+    """Validation metric that picks best/ and drives early stopping (auto: accuracy, mse for regression, or
+    perplexity for LMs); a tie goes to the lower validation loss."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     memory: Literal["standard", "lean"] = "standard"

@@ -146,7 +146,8 @@ def open_splits(cfg: Config, labelled: bool = True, streaming: bool | None = Non
 
 def infer_task(cfg: Config) -> str:
     """image_classification when the train split's data.image_column is an `Image` feature; causal_lm when it has
-    a text (or response) column and no label column; else text_classification."""
+    a text (or response) column and no label column; text_regression when its labels are floats, not all whole
+    (`text.is_regression`); else text_classification."""
     d = cfg.data
     splits = load_all_splits(cfg)
     train = splits.get(d.train_split)
@@ -160,6 +161,11 @@ def infer_task(cfg: Config) -> str:
     have = column_names(train)
     if d.label_column not in have and (d.text_column in have or d.response_column in have):
         return "causal_lm"
+    label = features(train).get(d.label_column)
+    if type(label).__name__ == "Value" and str(label.dtype).startswith("float"):
+        labels = [str(v) for v in column_values(train, d.label_column) if v is not None]
+        if txt.is_regression(labels):
+            return "text_regression"
     return "text_classification"
 
 
@@ -179,16 +185,24 @@ def text_examples(hub: HubSplits, which: str, cfg: Config) -> txt.TextExamples |
         return None
     split = hub.split_names[which]
     d = cfg.data
-    _check_columns(ds, [(d.text_column, "data.text_column"), (d.label_column, "data.label_column")], hub.name, split)
-    texts = []
-    for r, text in enumerate(column_values(ds, d.text_column), start=1):
-        if text is None or (isinstance(text, str) and not text.strip()):
-            raise DataError(
-                f"data.dataset_name '{hub.name}' split '{split}' row {r}: empty text in column '{d.text_column}'"
-            )
-        texts.append(str(text).strip())
+    first, second = txt.text_columns(d, column_names(ds))  # a sentence pair's columns, as a table's
+    wanted = [(first, "data.text_column"), (d.label_column, "data.label_column")]
+    _check_columns(ds, wanted + ([(second, "data.text_pair_column")] if second else []), hub.name, split)
+    texts, pairs = _column_texts(ds, first, hub.name, split), _column_texts(ds, second, hub.name, split)
     labels = _label_names(ds, hub, split, d.label_column)
-    return txt.TextExamples(texts, labels, f"{hub.name}[{split}]")
+    return txt.TextExamples(texts, labels, f"{hub.name}[{split}]", pairs=pairs, columns=(first, second))
+
+
+def _column_texts(ds: Any, column: str | None, name: str, split: str) -> list[str] | None:
+    """The stripped texts of `column` (None without one); an empty one is an error naming its row."""
+    if column is None:
+        return None
+    texts = []
+    for r, text in enumerate(column_values(ds, column), start=1):
+        if text is None or (isinstance(text, str) and not text.strip()):
+            raise DataError(f"data.dataset_name '{name}' split '{split}' row {r}: empty text in column '{column}'")
+        texts.append(str(text).strip())
+    return texts
 
 
 def label_vocabulary(hub: HubSplits, train_labels: list[str]) -> list[str]:
@@ -203,7 +217,7 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
     if task == "causal_lm":
         return None, open_splits(cfg, labelled=False)
     hub = open_splits(cfg)  # (a stream's labels: hf_stream.read_labels)
-    if task == "text_classification":
+    if task in ("text_classification", "text_regression"):
         train = text_examples(hub, "train", cfg)
         assert train is not None
         files = {"train": None, "val": text_examples(hub, "val", cfg), "test": text_examples(hub, "test", cfg)}

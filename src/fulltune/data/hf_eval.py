@@ -58,12 +58,14 @@ def open_split(cfg: Config, split: str, dataset_name: str | None = None) -> HubS
     return HubSplit(ds, hub, f"{name}[{chosen}]")
 
 
-def text_dataset(cfg: Config, split: HubSplit, labels: list[str], tokenizer: Any) -> tuple[Any, list[str]]:
-    """A labelled split as the TokenizedDataset `evaluate` builds from a table, and its texts."""
+def text_dataset(
+    cfg: Config, split: HubSplit, labels: list[str], tokenizer: Any, regression: bool = False
+) -> tuple[Any, list[str]]:
+    """A labelled split as the TokenizedDataset `evaluate` builds from a table (a sentence pair's two texts, a
+    regression's numbers), and its texts."""
     examples = hf.text_examples(split.hub, "train", cfg)
     assert examples is not None
-    ids = txt.tokenize(tokenizer, examples.texts, cfg.data.max_length)
-    return txt.TokenizedDataset(ids, txt.label_ids(examples, labels)), list(examples.texts)
+    return txt.encoded_dataset(examples, labels, tokenizer, cfg.data.max_length, regression), list(examples.texts)
 
 
 def image_dataset(cfg: Config, split: HubSplit, labels: list[str], spec: Any) -> tuple[Any, list[str]]:
@@ -97,6 +99,13 @@ def predict_inputs(cfg: Config, split: HubSplit, task: str) -> tuple[list[Any], 
         cells = split.ds.select_columns([d.image_column]).cast_column(d.image_column, datasets.Image(decode=False))
         images = [io.BytesIO(c["bytes"]) if c.get("bytes") else c.get("path") for c in cells[d.image_column]]
         return images, [f"{split.shown} row {r + 1}" for r in range(len(images))]
-    hf._check_columns(split.ds, [(d.text_column, "data.text_column")], split.hub.name, split.shown)
+    wanted = [(d.text_column, "data.text_column")] + (
+        [(d.text_pair_column, "data.text_pair_column")] * bool(d.text_pair_column)
+    )
+    hf._check_columns(split.ds, wanted, split.hub.name, split.shown)
     texts = [str(t or "").strip() for t in hf.column_values(split.ds, d.text_column)]
+    if d.text_pair_column:  # sentence pairs: (first, second) per row
+        pairs = [str(t or "").strip() for t in hf.column_values(split.ds, d.text_pair_column)]
+        both = list(zip(texts, pairs, strict=True))
+        return both, both
     return texts, texts

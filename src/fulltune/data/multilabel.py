@@ -183,9 +183,11 @@ def read_labels(cfg: Config) -> tuple[list[str], Any]:
     return labels, (files, train)
 
 
-def _tokenized(examples: txt.TextExamples, vocab: list[str], tokenizer: Any, max_length: int) -> txt.TokenizedDataset:
-    ids = txt.tokenize(tokenizer, examples.texts, max_length)
-    return txt.TokenizedDataset(ids, multi_hot(examples, vocab), examples.texts)  # type: ignore[arg-type]
+def encoded(examples: txt.TextExamples, vocab: list[str], tokenizer: Any, max_length: int) -> txt.TokenizedDataset:
+    """The examples encoded as every text task encodes them (`text.encode`: single texts or sentence pairs) with
+    their multi-hot label rows: what training and evaluate score."""
+    ids, types = txt.encode(tokenizer, examples.texts, examples.pairs, max_length)
+    return txt.TokenizedDataset(ids, multi_hot(examples, vocab), examples.texts, types)  # type: ignore[arg-type]
 
 
 def build_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> TaskData:
@@ -200,11 +202,11 @@ def build_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> TaskDat
         info["val_source"] = f"{d.val_fraction:.0%} of train (by text hash)"
     train, val, info["caps"] = capped_splits(cfg, train, val, txt.cap, lambda e: len(e.texts), "texts")
     tok = bundle.tokenizer
-    train_ds = _tokenized(train, labels, tok, d.max_length)
+    train_ds = encoded(train, labels, tok, d.max_length)
     return TaskData(
         train=train_ds,
-        val=_tokenized(val, labels, tok, d.max_length) if val else None,
-        test=_tokenized(test, labels, tok, d.max_length) if test else None,
+        val=encoded(val, labels, tok, d.max_length) if val else None,
+        test=encoded(test, labels, tok, d.max_length) if test else None,
         collate=txt.PadCollator(tok.pad_token_id, label_dtype=torch.float32),
         labels=labels,
         lengths=train_ds.lengths,

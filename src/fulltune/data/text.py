@@ -1,4 +1,5 @@
-"""Text classification data: CSV/TSV/JSONL tables -> label ids -> token ids (tokenised once) -> padded batches.
+"""Text classification and regression data: CSV/TSV/JSONL tables -> label ids (or numbers) -> token ids (tokenised
+once; a sentence pair as the tokenizer's pair) -> padded batches.
 
 Every bad input (missing file or column, empty file, empty label, a label that train lacks) is a DataError whose
 message names the file and row.
@@ -10,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,15 @@ from fulltune.errors import DataError
 
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation", "dev"), "test": ("test",)}
+PAIR_COLUMNS = (
+    ("text", "text_pair"),
+    ("text_a", "text_b"),
+    ("sentence1", "sentence2"),
+    ("premise", "hypothesis"),
+    ("question", "sentence"),
+    ("question", "context"),
+)
+"""Column pairs read as sentence pairs without data.text_pair_column: (first text, second text)."""
 
 
 def run_inputs(cfg: Any) -> list[str]:
@@ -175,6 +186,17 @@ class TextExamples:
     source: str
     lines: list[int] | None = None
     """File line of each example (for error messages); None when examples were derived (split, capped)."""
+    pairs: list[str] | None = None
+    """Each example's second text (sentence pairs: data.text_pair_column); None for single texts."""
+    columns: tuple[str, str | None] | None = None
+    """The columns the texts (and second texts) came from (`text_columns`); None when not read from a table."""
+
+    def pick(self, idx: list[int]) -> TextExamples:
+        """The examples at `idx`, in that order."""
+        lines = [self.lines[i] for i in idx] if self.lines is not None else None
+        pairs = [self.pairs[i] for i in idx] if self.pairs is not None else None
+        texts, labels = [self.texts[i] for i in idx], [self.labels[i] for i in idx]
+        return TextExamples(texts, labels, self.source, lines, pairs, self.columns)
 
     def where(self, i: int) -> str:
         """'row R (line L)' of example i."""
@@ -199,30 +221,52 @@ def json_label(value: Any, path: Path, line: int, column: str) -> str:
     raise DataError(f"'{path}' line {line}: label in field '{column}' is {kind}; expected a string or a number")
 
 
+def text_columns(cfg: DataConfig, columns: list[str]) -> tuple[str, str | None]:
+    """(text column, second text column or None) of a table with `columns`: data.text_pair_column when set, else
+    the first of PAIR_COLUMNS the table holds whose first column is data.text_column or stands in for a missing one;
+    else data.text_column alone. Training, evaluate and predict all read a table's texts by this rule."""
+    if cfg.text_pair_column:
+        return cfg.text_column, cfg.text_pair_column
+    for first, second in PAIR_COLUMNS:
+        if first in columns and second in columns and (cfg.text_column == first or cfg.text_column not in columns):
+            return first, second
+    return cfg.text_column, None
+
+
+def _cell_text(row: dict[str, Any], column: str, where: str) -> str:
+    text = row.get(column)
+    if not isinstance(text, str) and text is not None:
+        raise DataError(f"{where}: the text in '{column}' is a {type(text).__name__}, not a string")
+    if text is None or not text.strip():
+        raise DataError(f"{where}: empty text in column '{column}'")
+    return text  # as written: the tokenizer decides what whitespace means
+
+
 def read_examples(
     path: Path, cfg: DataConfig, need_labels: bool = True, read_label: Callable[[Any, str], Any] | None = None
 ) -> TextExamples:
-    """A table's texts and labels. `read_label(value, where)` reads a label cell its own way (multi-label sets);
-    by default a label is one class name."""
+    """The examples of a table: texts (and second texts of sentence pairs, see `text_columns`) and labels as
+    written (numbers as their text: `json_label`). `read_label(value, where)` reads a label cell its own way
+    (multi-label sets); by default a label is one class name or number."""
     rows, columns = read_table(path, cfg.format, cfg.encoding)
-    for col in [cfg.text_column] + ([cfg.label_column] if need_labels else []):
+    first, second = text_columns(cfg, columns)
+    keys = {first: "data.text_column", second: "data.text_pair_column", cfg.label_column: "data.label_column"}
+    for col in [first] + ([second] if second else []) + ([cfg.label_column] if need_labels else []):
         if col not in columns:
-            key = "data.text_column" if col == cfg.text_column else "data.label_column"
             lm_hint = "; prompt/response records train a causal LM: --task causal_lm"
             lm_hint = lm_hint if cfg.response_column in columns else ""
-            raise DataError(f"'{path}': no column '{col}' ({key}); the file has columns: {', '.join(columns)}{lm_hint}")
-    texts, labels, lines = [], [], []
+            raise DataError(
+                f"'{path}': no column '{col}' ({keys[col]}); the file has columns: {', '.join(columns)}{lm_hint}"
+            )
+    texts, labels, lines, pairs = [], [], [], []
     kinds: dict[str, int] = {}  # JSON label kind -> first line holding it: booleans and numbers must not mix
     # Row numbers are 1-based data rows; the line is where the row starts in the file.
     for r, row in enumerate(rows, start=1):
         line = row["_line"]
         where = f"'{path}' row {r} (line {line})"
-        text = row.get(cfg.text_column)
-        if not isinstance(text, str) and text is not None:
-            raise DataError(f"{where}: the text in '{cfg.text_column}' is a {type(text).__name__}, not a string")
-        if text is None or not text.strip():
-            raise DataError(f"{where}: empty text in column '{cfg.text_column}'")
-        texts.append(text)  # as written: the tokenizer decides what whitespace means
+        texts.append(_cell_text(row, first, where))
+        if second:
+            pairs.append(_cell_text(row, second, where))
         lines.append(line)
         if need_labels and read_label is not None:
             labels.append(read_label(row.get(cfg.label_column), where))
@@ -243,7 +287,7 @@ def read_examples(
             if label == "":
                 raise DataError(f"{where}: empty label in column '{cfg.label_column}'")
             labels.append(label)
-    return TextExamples(texts, labels, str(path), lines)
+    return TextExamples(texts, labels, str(path), lines, pairs if second else None, (first, second))
 
 
 def label_vocabulary(labels: list[str]) -> list[str]:
@@ -254,6 +298,12 @@ def label_vocabulary(labels: list[str]) -> list[str]:
     if all(re.fullmatch(r"-?[0-9]+", lbl) for lbl in unique):
         return sorted(unique, key=lambda lbl: (int(lbl), lbl))
     return sorted(unique)
+
+
+def output_names(labels: list[str], label_column: str, regression: bool) -> list[str]:
+    """The names of a text model's outputs: the label vocabulary (`label_vocabulary`) of a classifier, or a
+    regression's one output, named after the column it predicts."""
+    return [label_column] if regression else label_vocabulary(labels)
 
 
 def label_ids(examples: TextExamples, vocab: list[str]) -> list[int]:
@@ -269,21 +319,54 @@ def label_ids(examples: TextExamples, vocab: list[str]) -> list[int]:
     return ids
 
 
+def is_regression(labels: list[str]) -> bool:
+    """Float labels: every label is a number and at least one is not a whole number (3.8, 0.25, 1e-3). Whole
+    numbers (0, 1, 2.0) stay class labels; such scores train a regression with task: text_regression."""
+    values = [_number(lbl) for lbl in set(labels)]
+    return all(v is not None for v in values) and any(not v.is_integer() for v in values if v is not None)
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def regression_targets(examples: TextExamples) -> list[float]:
+    """The labels of a regression as numbers; a label that is not a finite number is an error naming its row."""
+    out = []
+    for i, lbl in enumerate(examples.labels):
+        value = _number(lbl)
+        if value is None:
+            raise DataError(
+                f"'{examples.source}' {examples.where(i)}: label '{lbl}' is not a number (text_regression needs a "
+                "number in the label column)"
+            )
+        out.append(value)
+    return out
+
+
+def targets(examples: TextExamples, labels: list[str], regression: bool) -> list[int] | list[float]:
+    """What a model learns for each example: its class id in `labels`, or its number (regression)."""
+    return regression_targets(examples) if regression else label_ids(examples, labels)
+
+
 def hash_fraction(text: str) -> float:
     """A stable number in [0, 1) from a text, for hash-based splits."""
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little") / 2**64
 
 
 def holdout_split(examples: TextExamples, fraction: float) -> tuple[TextExamples, TextExamples]:
-    """Carve a validation set out of train by a hash of each text (stable across runs and row order)."""
-    keep = [hash_fraction(t) >= fraction for t in examples.texts]
-
-    def pick(want: bool) -> TextExamples:
-        idx = [i for i, k in enumerate(keep) if k == want]
-        lines = [examples.lines[i] for i in idx] if examples.lines is not None else None
-        return TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx], examples.source, lines)
-
-    train, val = pick(True), pick(False)
+    """Carve a validation set out of train by a hash of each text (of both texts of a pair; stable across runs and
+    row order)."""
+    keys = examples.texts
+    if examples.pairs is not None:
+        keys = [f"{a}\t{b}" for a, b in zip(examples.texts, examples.pairs, strict=True)]
+    keep = [hash_fraction(t) >= fraction for t in keys]
+    train = examples.pick([i for i, k in enumerate(keep) if k])
+    val = examples.pick([i for i, k in enumerate(keep) if not k])
     return train, val
 
 
@@ -291,16 +374,22 @@ def cap(examples: TextExamples, n: int | None, seed: int) -> TextExamples:
     """The examples a cap of `n` keeps (`records.capped`: seeded, in file order)."""
     if n is None or n >= len(examples.texts):
         return examples
-    keep = capped(len(examples.texts), n, seed)
-    lines = [examples.lines[i] for i in keep] if examples.lines is not None else None
-    return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep], examples.source, lines)
+    return examples.pick(capped(len(examples.texts), n, seed))
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Token ids held as one tensor each, tokenised once up front (never per batch)."""
+    """Token ids held as one tensor each, tokenised once up front (never per batch); a sentence pair's token type
+    ids beside them (where the model has them)."""
 
-    def __init__(self, input_ids: list[list[int]], labels: list[int] | None, texts: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        input_ids: list[list[int]],
+        labels: list[int] | list[float] | None,
+        texts: list[str] | None = None,
+        token_type_ids: list[list[int]] | None = None,
+    ) -> None:
         self.input_ids = [torch.tensor(ids, dtype=torch.long) for ids in input_ids]
+        self.token_type_ids = [torch.tensor(t, dtype=torch.long) for t in token_type_ids] if token_type_ids else None
         self.labels = labels
         self.texts = texts  # the texts as written, for the report's examples (not the decoded tokens)
         self.lengths = [len(ids) for ids in input_ids]
@@ -310,22 +399,47 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {"input_ids": self.input_ids[i]}
+        if self.token_type_ids is not None:
+            item["token_type_ids"] = self.token_type_ids[i]
         if self.labels is not None:
             item["labels"] = self.labels[i]
         return item
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of single texts (`encode` without pairs)."""
+    return encode(tokenizer, texts, None, max_length)[0]
+
+
+def encode(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Token ids of each text, or of each sentence pair as the tokenizer pairs them (BERT: [CLS] a [SEP] b [SEP],
+    the longer text cut first to fit max_length), and the pairs' token type ids where the tokenizer gives them
+    (None for single texts, whose type ids are all 0). Training, evaluate and predict all encode here."""
     # Tokenise in chunks so a large file never holds every intermediate encoding at once.
-    out: list[list[int]] = []
+    ids: list[list[int]] = []
+    types: list[list[int]] | None = [] if pairs is not None else None
     for start in range(0, len(texts), 4096):
-        enc = tokenizer(texts[start : start + 4096], truncation=True, max_length=max_length)
-        out.extend(enc["input_ids"])
-    return out
+        second = pairs[start : start + 4096] if pairs is not None else None
+        enc = tokenizer(texts[start : start + 4096], second, truncation=True, max_length=max_length)
+        ids.extend(enc["input_ids"])
+        if types is not None and "token_type_ids" in enc:
+            types.extend(enc["token_type_ids"])
+    return ids, (types or None)
+
+
+def encoded_dataset(
+    examples: TextExamples, labels: list[str], tokenizer: Any, max_length: int, regression: bool = False
+) -> TokenizedDataset:
+    """The examples encoded (`encode`) with their targets (`targets`): what training and evaluate score."""
+    ids, types = encode(tokenizer, examples.texts, examples.pairs, max_length)
+    return TokenizedDataset(ids, targets(examples, labels, regression), examples.texts, types)
 
 
 class PadCollator:
-    """Pads a list of examples to the longest one in the batch (dynamic padding)."""
+    """Pads a list of examples to the longest one in the batch (dynamic padding); labels are class ids, or floats
+    for a regression."""
 
     def __init__(self, pad_token_id: int, label_dtype: torch.dtype = torch.long) -> None:
         self.pad_token_id = pad_token_id
@@ -335,11 +449,18 @@ class PadCollator:
         longest = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(items), longest), dtype=torch.long)
+        types = torch.zeros((len(items), longest), dtype=torch.long) if "token_type_ids" in items[0] else None
         for row, it in enumerate(items):
             n = len(it["input_ids"])
             ids[row, :n] = it["input_ids"]
             mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = it["token_type_ids"]
         batch = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            batch["token_type_ids"] = types
         if "labels" in items[0]:
-            batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=self.label_dtype)
+            values = [it["labels"] for it in items]
+            dtype = torch.float32 if isinstance(values[0], float) else self.label_dtype  # a regression's numbers
+            batch["labels"] = torch.tensor(values, dtype=dtype)
         return batch

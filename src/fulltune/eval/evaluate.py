@@ -19,7 +19,7 @@ from fulltune.data import images as img
 from fulltune.data import text as txt
 from fulltune.data.text import SPLIT_NAMES
 from fulltune.errors import DataError
-from fulltune.eval.metrics import classification_metrics, multi_label_metrics
+from fulltune.eval.metrics import classification_metrics, multi_label_metrics, regression_metrics
 from fulltune.eval.perplexity import check_windows, file_perplexity, perplexity
 from fulltune.eval.tagging import entity_table, evaluate_tokens
 from fulltune.files.rundir import atomic_output, claim_output
@@ -58,8 +58,9 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
 def format_table(metrics: dict[str, Any], labels: list[str] | None = None) -> str:
     """A short human-readable table for the terminal."""
     lines = []
-    keys = ("f1", "precision", "recall", "micro_f1", "micro_precision", "micro_recall", "subset_accuracy")
-    for key in (*keys, "accuracy", "top5_accuracy", "macro_f1", "loss", "perplexity", "tokens", "examples"):
+    keys = ("f1", "precision", "recall", "micro_f1", "micro_precision", "micro_recall", "subset_accuracy", "accuracy")
+    keys += ("top5_accuracy", "macro_f1", "mse", "mae", "pearson", "spearman", "loss", "perplexity")
+    for key in (*keys, "tokens", "examples"):
         if key in metrics:
             v = metrics[key]
             lines.append(f"  {key:<16}{v:.4f}" if isinstance(v, float) else f"  {key:<16}{v}")
@@ -203,6 +204,8 @@ def evaluate_checkpoint(
         return evaluate_tokens(bundle, cfg, data_dir, split, file, out, batch_size, dev, precision, source)
     dataset, collate, workers, inputs, skipped = _classification_inputs(bundle, cfg, hub, data_dir, split, file, labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
+    if bundle.task == "text_regression":
+        return _regression(bundle, loader, inputs, out, dev, precision, source, hub)
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
     inputs = [inputs[i] for i in metrics["positions"]]  # an image that fails to decode is skipped, counted
     metrics["evaluated"] = source
@@ -215,6 +218,25 @@ def evaluate_checkpoint(
         metrics["dataset"] = hub.shown
     if bundle.task == "image_classification":
         metrics["skipped_images"] = skipped + len(metrics["skipped"])
+    return metrics
+
+
+def _regression(
+    bundle: Any, loader: Any, inputs: list[str], out: Path, dev: Any, precision: Any, evaluated: dict, hub: Any
+) -> dict[str, Any]:
+    """A regression's metrics (MSE, MAE, Pearson, Spearman) as metrics.json, and predictions.jsonl: each input with
+    its gold and predicted number."""
+    metrics = regression_metrics(bundle.model, loader, dev, precision)
+    metrics["evaluated"] = evaluated
+    with atomic_output(out, "evaluate") as tmp:
+        named = {k: v for k, v in metrics.items() if k not in ("targets", "predictions")}
+        (tmp / "metrics.json").write_text(json.dumps(named, indent=2))
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for x, gold, pred in zip(inputs, metrics["targets"], metrics["predictions"], strict=True):
+                f.write(json.dumps({"input": x, "label": gold, "predicted": pred}, ensure_ascii=False) + "\n")
+    metrics["output_dir"] = str(out)
+    if hub is not None:
+        metrics["dataset"] = hub.shown
     return metrics
 
 
@@ -278,8 +300,7 @@ def _multi_label(
     labels = bundle.extra["labels"]
     examples = multilabel.hub_examples(hub.hub, "train", cfg) if hub is not None else None
     examples = examples or multilabel.read_examples(_split_table(*where), cfg.data)
-    ids = txt.tokenize(bundle.tokenizer, examples.texts, cfg.data.max_length)
-    dataset = txt.TokenizedDataset(ids, multilabel.multi_hot(examples, labels))  # type: ignore[arg-type]
+    dataset = multilabel.encoded(examples, labels, bundle.tokenizer, cfg.data.max_length)
     collate = txt.PadCollator(bundle.tokenizer.pad_token_id, label_dtype=torch.float32)
     loader = torch.utils.data.DataLoader(dataset, collate_fn=collate, batch_size=run["batch_size"])
     thresholds = multilabel.read_thresholds(Path(bundle.source), labels, cfg.eval.threshold)
@@ -325,10 +346,10 @@ def _classification_inputs(
             print(f"skipped unreadable image: {skipped}", file=sys.stderr)
         dataset = img.ImageDataset(folder, bundle.image_spec, None)
         return dataset, img.collate_images, 2, [str(path) for path, _ in folder.samples], len(folder.skipped)
-    collate = txt.PadCollator(bundle.tokenizer.pad_token_id)
+    collate, regression = txt.PadCollator(bundle.tokenizer.pad_token_id), bundle.task == "text_regression"
     if hub is not None:
-        dataset, texts = hf_eval.text_dataset(cfg, hub, labels, bundle.tokenizer)
+        dataset, texts = hf_eval.text_dataset(cfg, hub, labels, bundle.tokenizer, regression)
         return dataset, collate, 0, texts, 0
-    examples = txt.read_examples(_split_table(data_dir, split, file), cfg.data)
-    ids = txt.tokenize(bundle.tokenizer, examples.texts, cfg.data.max_length)
-    return txt.TokenizedDataset(ids, txt.label_ids(examples, labels)), collate, 0, list(examples.texts), 0
+    examples = txt.read_examples(_split_table(data_dir, split, file), cfg.data)  # the run's columns (a pair's two)
+    dataset = txt.encoded_dataset(examples, labels, bundle.tokenizer, cfg.data.max_length, regression)
+    return dataset, collate, 0, list(examples.texts), 0

@@ -1,5 +1,5 @@
-"""The losses training and evaluation share (classification cross-entropy, multi-label BCE, the causal-LM token
-loss) and what a batch counts as (examples or tokens)."""
+"""The losses training and evaluation share (classification cross-entropy, multi-label BCE, regression MSE or
+Huber, the causal-LM token loss) and what a batch counts as (examples or tokens)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,28 @@ def multi_label_loss(
     target = batch["labels"].float() * (1 - label_smoothing) + label_smoothing / 2
     loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum") / logits.shape[-1]
     return loss, logits
+
+
+def mse_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed squared error of a regression's one output (logits (batch, 1)) against its float labels."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    return F.mse_loss(logits.float().squeeze(-1), batch["labels"].float(), reduction="sum"), logits
+
+
+def huber_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed Huber loss (delta 1: squared below an error of 1, linear above) of a regression's one output."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    return F.huber_loss(logits.float().squeeze(-1), batch["labels"].float(), reduction="sum", delta=1.0), logits
+
+
+REGRESSION_LOSSES = {"mse": mse_loss, "huber": huber_loss}
+"""training.loss -> a regression's loss function."""
 
 
 def lm_loss(

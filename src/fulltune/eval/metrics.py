@@ -1,6 +1,7 @@
 """Metrics over a data loader, streamed (memory does not grow with the data set): top-1/top-5, per-class
 accuracy, macro-F1 and the confusion matrix for classifiers; micro/macro/per-label F1 at thresholds for
-multi-label classifiers (perplexity for causal LMs: `eval.perplexity`).
+multi-label classifiers; MSE, MAE, Pearson and Spearman for a regression (perplexity for causal LMs:
+`eval.perplexity`).
 The trainer's validation and the `evaluate` command both compute them here.
 """
 
@@ -65,6 +66,49 @@ def classification_metrics(
             for i, v in zip(t.indices.tolist(), t.values.tolist(), strict=True)
         ]
     return metrics
+
+
+@torch.no_grad()
+def regression_metrics(model: nn.Module, loader: Any, device: torch.device, precision: Precision) -> dict[str, Any]:
+    """A regression's metrics (`summarize_regression`) over the loader, with each example's gold and predicted
+    number ("targets", "predictions"); its one output is the prediction."""
+    model.eval()
+    targets, predictions = [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        labels = batch.pop("labels")
+        with precision.autocast():
+            out = model(**batch).logits.float().squeeze(-1)  # (batch,)
+        targets.append(labels.float())
+        predictions.append(out)
+    truth = torch.cat(targets).double().cpu() if targets else torch.zeros(0, dtype=torch.float64)
+    pred = torch.cat(predictions).double().cpu() if predictions else torch.zeros(0, dtype=torch.float64)
+    return summarize_regression(pred.tolist(), truth.tolist())
+
+
+def summarize_regression(predictions: list[float], targets: list[float]) -> dict[str, Any]:
+    """MSE (also "loss", the MSE training minimises), MAE, and Pearson's and Spearman's correlations as
+    scipy.stats computes them. A correlation is 0.0 where the predictions or the targets do not vary (scipy gives
+    NaN there: no correlation to measure, and a NaN would stop best/ from ever improving)."""
+    from scipy import stats  # scipy only where a regression is scored
+
+    pred, truth = torch.tensor(predictions, dtype=torch.float64), torch.tensor(targets, dtype=torch.float64)
+    n = len(predictions)
+    error = pred - truth
+    mse = float((error**2).mean()) if n else 0.0
+    varies = n > 1 and float(pred.std()) > 0 and float(truth.std()) > 0
+    pearson = float(stats.pearsonr(predictions, targets).statistic) if varies else 0.0
+    spearman = float(stats.spearmanr(predictions, targets).statistic) if varies else 0.0
+    return {
+        "mse": mse,
+        "mae": float(error.abs().mean()) if n else 0.0,
+        "pearson": pearson if math.isfinite(pearson) else 0.0,
+        "spearman": spearman if math.isfinite(spearman) else 0.0,
+        "loss": mse,
+        "examples": n,
+        "targets": list(targets),
+        "predictions": list(predictions),
+    }
 
 
 def summarize_confusion(confusion: torch.Tensor, top5_correct: int, loss_sum: float) -> dict[str, Any]:

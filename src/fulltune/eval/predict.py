@@ -1,5 +1,6 @@
-"""`fulltune predict`: top-k labels with probabilities for images or texts (a multi-label classifier: every label
-above its threshold), or generated text for causal LMs, from an exported checkpoint.
+"""`fulltune predict`: top-k labels with probabilities for images or texts (or sentence pairs), every label above its
+threshold for a multi-label classifier, a number for a regression, or generated text for causal LMs, from an exported
+checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fulltune.data import images as img
 from fulltune.data.chat import is_chat_jsonl, prompt_ids, read_conversations
 from fulltune.data.lm import frame_prompt
 from fulltune.data.multilabel import read_thresholds
-from fulltune.data.text import TABLE_EXTENSIONS, read_table, read_text_file
+from fulltune.data.text import TABLE_EXTENSIONS, PadCollator, TokenizedDataset, encode, read_table, read_text_file
 from fulltune.errors import ConfigError, DataError
 from fulltune.model.bundle import ModelBundle
 
@@ -53,13 +54,21 @@ def image_paths(target: str) -> list[Path]:
     return [p]
 
 
-def text_inputs(texts: list[str] | None, file: str | None, data: dict[str, Any], causal_lm: bool = False) -> list[str]:
-    """The texts (or prompts) to predict: every --text given, else --file read as `evaluate --file` reads it: a
-    CSV/TSV/JSONL table by the run's column (data.text_column; a causal LM's data.prompt_column, or its text column
-    for plain-text records), with the run's data.encoding; a .txt file (or one without a table extension) holds one
-    text per line. `data` is the run's data section (the export's fulltune_run.json)."""
+def text_inputs(
+    texts: list[str] | None,
+    file: str | None,
+    data: dict[str, Any],
+    causal_lm: bool = False,
+    text_pairs: list[str] | None = None,
+) -> list[Any]:
+    """The texts (or prompts) to predict: every --text given (with its --text_pair for a model of sentence pairs),
+    else --file read as `evaluate --file` reads it: a CSV/TSV/JSONL table by the run's column (data.text_column and,
+    for sentence pairs, data.text_pair_column; a causal LM's data.prompt_column, or its text column for plain-text
+    records), with the run's data.encoding; a .txt file (or one without a table extension) holds one text per line.
+    A sentence pair is a (first, second) tuple. `data` is the run's data section (the export's fulltune_run.json)."""
+    pair_column = None if causal_lm else data.get("text_pair_column")
     if texts:
-        return list(texts)
+        return _given(list(texts), text_pairs, pair_column)
     if file is None:
         raise DataError("give --text, --file, --image or --prompt")
     p = Path(file)
@@ -71,20 +80,61 @@ def text_inputs(texts: list[str] | None, file: str | None, data: dict[str, Any],
         wanted = [data.get("prompt_column", "prompt"), data.get("text_column", "text")] if causal_lm else []
         wanted = wanted or [data.get("text_column", "text")]
         column = next((c for c in wanted if c in columns), None)
-        if column is None:
-            keys = " or ".join(f"'{c}'" for c in wanted)
+        if column is None or (pair_column and pair_column not in columns):
+            keys = " or ".join(f"'{c}'" for c in wanted) + (f" and '{pair_column}'" if pair_column else "")
             raise DataError(f"'{p}': no column {keys} (the run's columns); the file has columns: {', '.join(columns)}")
         out = []
         for r, row in enumerate(rows, start=1):
-            value = row.get(column)
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"'{p}' row {r} (line {row['_line']}): no text in column '{column}'")
-            out.append(value)
+            cells = [row.get(c) for c in (column, pair_column) if c]
+            if any(not isinstance(v, str) or not v.strip() for v in cells):
+                raise DataError(
+                    f"'{p}' row {r} (line {row['_line']}): no text in column '{column}'"
+                    + (f" or '{pair_column}'" if pair_column else "")
+                )
+            out.append(tuple(cells) if pair_column else cells[0])
         return out
+    if pair_column:
+        raise DataError(
+            f"'{p}': this model reads sentence pairs: give a table with columns '{data.get('text_column')}'"
+            f" and '{pair_column}', or --text A --text_pair B"
+        )
     lines = [line.strip() for line in read_text_file(p, encoding).splitlines() if line.strip()]
     if not lines:
         raise DataError(f"file '{p}' is empty")
     return lines
+
+
+def _given(texts: list[str], pairs: list[str] | None, pair_column: str | None) -> list[Any]:
+    """--text values, each with its --text_pair when the model reads sentence pairs."""
+    if pair_column and len(pairs or []) != len(texts):
+        raise DataError(
+            f"this model reads sentence pairs: give one --text_pair per --text ({len(texts)} --text, "
+            f"{len(pairs or [])} --text_pair)"
+        )
+    if pairs and not pair_column:
+        raise DataError("--text_pair: this model reads single texts (its run had no data.text_pair_column)")
+    return list(zip(texts, pairs, strict=True)) if pairs else texts
+
+
+def encode_texts(bundle: ModelBundle, items: list[Any]) -> dict[str, torch.Tensor]:
+    """A padded batch of texts or (first, second) sentence pairs, encoded as training encoded them
+    (`text.encode`, cut at the run's data.max_length)."""
+    pairs = [x[1] for x in items] if isinstance(items[0], tuple) else None
+    texts = [x[0] for x in items] if pairs is not None else list(items)
+    ids, types = encode(bundle.tokenizer, texts, pairs, max_length(bundle))
+    dataset = TokenizedDataset(ids, None, None, types)
+    return PadCollator(bundle.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+@torch.no_grad()
+def regress(bundle: ModelBundle, inputs: list[Any], batch_size: int = 32) -> list[float]:
+    """A regression's predicted number for each text (or sentence pair)."""
+    model, device = bundle.model, next(bundle.model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(inputs), batch_size):
+        batch = {k: v.to(device) for k, v in encode_texts(bundle, inputs[start : start + batch_size]).items()}
+        out.extend(model(**batch).logits.float().squeeze(-1).tolist())
+    return out
 
 
 def max_length(bundle: ModelBundle) -> int:
@@ -114,9 +164,7 @@ def classify(
                 continue
             logits = model(pixel_values=pixels.to(device)).logits
         else:
-            enc = bundle.tokenizer(
-                chunk, truncation=True, max_length=max_length(bundle), padding=True, return_tensors="pt"
-            ).to(device)
+            enc = {k: v.to(device) for k, v in encode_texts(bundle, chunk).items()}
             logits = model(**enc).logits
         top = logits.float().softmax(-1).topk(k, dim=-1)
         rows = iter(zip(top.values.tolist(), top.indices.tolist(), strict=True))
@@ -130,7 +178,7 @@ def classify(
 
 
 @torch.no_grad()
-def multi_label_rows(bundle: ModelBundle, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+def multi_label_rows(bundle: ModelBundle, texts: list[Any], batch_size: int = 32) -> list[dict[str, Any]]:
     """What predict prints for a multi-label classifier: {"input", "labels": [{"label", "probability"}]} per text,
     every label whose sigmoid probability reaches its threshold (thresholds.json beside the weights, else the run's
     eval.threshold), most probable first."""
@@ -141,11 +189,12 @@ def multi_label_rows(bundle: ModelBundle, texts: list[str], batch_size: int = 32
     rows = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        enc = bundle.tokenizer(chunk, truncation=True, max_length=max_length(bundle), padding=True, return_tensors="pt")
-        prob = model(**enc.to(device)).logits.float().sigmoid().tolist()  # (chunk, labels)
+        enc = {k: v.to(device) for k, v in encode_texts(bundle, chunk).items()}  # as training encoded them
+        prob = model(**enc).logits.float().sigmoid().tolist()  # (chunk, labels)
         for text, p in zip(chunk, prob, strict=True):
             above = sorted(((v, i) for i, v in enumerate(p) if v >= thresholds[i]), reverse=True)
-            rows.append({"input": text, "labels": [{"label": names[i], "probability": round(v, 4)} for v, i in above]})
+            shown = {"input": text[0], "text_pair": text[1]} if isinstance(text, tuple) else {"input": text}
+            rows.append(shown | {"labels": [{"label": names[i], "probability": round(v, 4)} for v, i in above]})
     return rows
 
 

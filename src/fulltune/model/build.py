@@ -135,7 +135,7 @@ def _auto_class(task: str, config: Any) -> Any:
         if config.model_type in ("clip", "clip_vision_model"):
             return tf.CLIPForImageClassification
         return tf.AutoModelForImageClassification
-    if task in ("text_classification", "multi_label_classification"):
+    if task in ("text_classification", "multi_label_classification", "text_regression"):
         return tf.AutoModelForSequenceClassification
     if task == "causal_lm":
         return tf.AutoModelForCausalLM
@@ -184,6 +184,8 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
         setattr(config, key, value)
     if task == "multi_label_classification":  # transformers' own loss for this head is then BCE, as here
         config.problem_type = "multi_label_classification"
+    elif task == "text_regression":  # one output, and transformers' own regression loss for whoever loads it
+        config.problem_type = "regression"
     if cfg.model.dropout is not None:
         _apply_dropout(config, cfg.model.dropout)
     if task == "causal_lm":
@@ -229,7 +231,8 @@ def build_model(cfg: Config, task: str, labels: list[str] | None = None) -> Mode
     if cfg.model.torch_dtype == "float32" and quant is None:
         model = model.float()
     bundle = ModelBundle(model=model, task=task, source=path or "tiny_config")
-    if task in ("text_classification", "multi_label_classification", "token_classification", "causal_lm"):
+    text_tasks = ("text_classification", "multi_label_classification", "text_regression", "token_classification")
+    if task in (*text_tasks, "causal_lm"):
         _check_length(cfg, task, model)
         bundle.tokenizer = load_tokenizer(cfg, path)
         if task != "causal_lm" and model.config.pad_token_id is None:

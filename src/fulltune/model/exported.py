@@ -44,7 +44,13 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", torch_dt
         task = meta["task"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise ConfigError(f"checkpoint '{path}': '{meta_path}' is damaged (not fulltune's run record)") from None
-    known = ("causal_lm", "image_classification", "text_classification", "multi_label_classification")
+    known = (
+        "causal_lm",
+        "image_classification",
+        "text_classification",
+        "multi_label_classification",
+        "text_regression",
+    )
     if task not in (*known, "token_classification"):
         raise ConfigError(f"checkpoint '{path}': '{meta_path}' names an unknown task {task!r}")
     # Weights from safetensors only: a pickled pytorch_model.bin beside them is never read.

@@ -27,7 +27,7 @@ from fulltune.runtime.memory import maxrss_bytes
 from fulltune.runtime.rng import seed_everything
 from fulltune.training.lean_fused import attach_fused_step, fuses_step
 from fulltune.training.optim import build_optimizer, optimizer_step
-from fulltune.training.tasks import TASKS
+from fulltune.training.tasks import task_record
 
 
 def _library_pages() -> int:
@@ -93,6 +93,8 @@ def _random_batch(task: str, f: Facts, micro_batch: int, num_labels: int) -> dic
     labels = (
         torch.randint(0, 2, (micro_batch, num_labels)).float()
         if multi
+        else torch.randn(micro_batch, generator=g)
+        if task == "text_regression"  # one float target per example
         else torch.randint(0, num_labels, (micro_batch,))
     )
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -142,7 +144,11 @@ def dry_run(
     shared libraries' pages left out (`_library_pages`), plus the weights' bytes (part of that baseline, so counted,
     not measured)."""
 
-    t, precision, task_fns = cfg.training, resolve_precision(cfg.hardware.mixed_precision, device), TASKS[task]
+    t, precision, task_fns = (
+        cfg.training,
+        resolve_precision(cfg.hardware.mixed_precision, device),
+        task_record(cfg, task),
+    )
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     _warm_up(device, precision, t)

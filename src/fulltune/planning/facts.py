@@ -14,7 +14,7 @@ from fulltune.config import Config
 from fulltune.data import multilabel
 from fulltune.data import tokens as tok
 from fulltune.data.images import IMAGE_EXTENSIONS
-from fulltune.data.text import cap, label_vocabulary, read_examples, split_files
+from fulltune.data.text import cap, output_names, read_examples, split_files
 from fulltune.errors import ConfigError, DataError
 from fulltune.model.bundle import resolve_model_path
 from fulltune.model.layermap import strip_peft_prefix
@@ -218,7 +218,12 @@ def count_examples(cfg: Config, task: str) -> tuple[int | None, list[str] | None
         examples = (multilabel.read_examples if multi else read_examples)(files["train"], d)
         n = len(examples.texts) if files["val"] else round(len(examples.texts) * (1 - d.val_fraction))
         n = min(n, len(cap(examples, d.max_samples, cfg.training.seed).texts))
-        names = multilabel.label_vocabulary(examples) if multi else label_vocabulary(examples.labels)
+        regression = task == "text_regression"
+        names = (
+            multilabel.label_vocabulary(examples)
+            if multi
+            else output_names(examples.labels, d.label_column, regression)
+        )
         return n, names, f"rows of {files['train']}"
     except (DataError, OSError) as err:
         return None, None, str(err).splitlines()[0]

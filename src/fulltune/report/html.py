@@ -3,9 +3,9 @@ built from the run folder's files, `curves.png` beside it, `comparison.html` for
 `fulltune report RUN_DIR` command that rebuilds a report.
 
 Inputs (all written by report.RunLogger): metrics.jsonl (train rows and eval rows), run_history.jsonl (every start
-and resume), report/<split>.json (confusion matrix, per-example predictions, example inputs of confused pairs),
-report/lr_schedule.json (each group's learning rate over the schedule), summary.json (at the end), config.yaml and
-labels.json.
+and resume), report/<split>.json (confusion matrix, per-example predictions, example inputs of confused pairs; a
+regression's prediction-vs-truth points), report/lr_schedule.json (each group's learning rate over the schedule),
+summary.json (at the end), config.yaml and labels.json.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fulltune.report.plots import (  # noqa: F401 (re-exported: evaluate and tes
     svg_chart,
     svg_heatmap,
 )
+from fulltune.report.scatter import scatter_record, scatter_section
 
 EXAMPLES_PER_PAIR = 3
 TOP_PAIRS = 10
@@ -104,23 +105,26 @@ def write_eval_record(
     run_dir: Path, name: str, metrics: dict[str, Any], labels: list[str] | None, describe: Any = None, **extra: Any
 ) -> None:
     """report/<name>.json: what the report shows of one evaluation (confusion, example inputs of confused pairs; a
-    multi-label model's per-label F1; a tagger's per-entity scores)."""
+    multi-label model's per-label F1; a tagger's per-entity scores; a regression's prediction-vs-truth points)."""
     per_label = per_label_record(metrics)
-    if "confusion_matrix" not in metrics and not per_label and "per_entity" not in metrics:
+    if "pearson" in metrics and "confusion_matrix" not in metrics:  # a regression
+        record = scatter_record(metrics) | extra
+    elif "confusion_matrix" in metrics or per_label or "per_entity" in metrics:
+        examples = {}
+        if describe is not None and "predictions" in metrics and "confusion_matrix" in metrics:
+            positions = metrics.get("positions") or range(len(metrics["targets"]))  # a skipped image has no target
+            examples = pair_examples(metrics["targets"], metrics["predictions"], lambda i: describe(positions[i]))
+        tagged = entity_record(metrics, describe) if "per_entity" in metrics else {}  # a tagger: per entity type
+        record = {
+            "labels": labels,
+            **({"confusion_matrix": metrics["confusion_matrix"]} if "confusion_matrix" in metrics else per_label),
+            **tagged,
+            "pair_examples": examples,
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            **extra,
+        }
+    else:
         return
-    examples = {}
-    if describe is not None and "predictions" in metrics and "confusion_matrix" in metrics:
-        positions = metrics.get("positions") or range(len(metrics["targets"]))  # a skipped image has no target
-        examples = pair_examples(metrics["targets"], metrics["predictions"], lambda i: describe(positions[i]))
-    tagged = entity_record(metrics, describe) if "per_entity" in metrics else {}  # a tagger: per entity type
-    record = {
-        "labels": labels,
-        **({"confusion_matrix": metrics["confusion_matrix"]} if "confusion_matrix" in metrics else per_label),
-        **tagged,
-        "pair_examples": examples,
-        **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        **extra,
-    }
     folder = run_dir / "report"
     folder.mkdir(exist_ok=True)
     tmp = folder / f".{name}.json.tmp"
@@ -296,19 +300,22 @@ def render_report(run_dir: Path) -> str:
         parts.append(svg_chart(panel.series, panel.title, ylabel=panel.ylabel, log_y=panel.log_y))
     parts.append("</div>")
     for name, title in (
-        ("test", "Confusion matrix: test set"),
-        ("val_best", "Confusion matrix: validation, best step"),
-        ("val_latest", "Confusion matrix: validation, latest evaluation"),
+        ("test", "test set"),
+        ("val_best", "validation, best step"),
+        ("val_latest", "validation, latest evaluation"),
     ):
         rec = _read_json(run_dir / "report" / f"{name}.json")
         if rec and "per_label_f1" in rec:  # multi-label: F1 per label in place of a confusion matrix
-            parts.append(per_label_section(rec, title.replace("Confusion matrix", "Per-label F1")))
+            parts.append(per_label_section(rec, f"Per-label F1: {title}"))
             break
-        if rec and rec.get("per_entity") is not None:
-            parts.append(entity_section(rec, title.replace("Confusion matrix", "Entities")))
+        if rec and rec.get("per_entity") is not None:  # a tagger: per entity type
+            parts.append(entity_section(rec, f"Entities: {title}"))
+            break
+        if rec and "scatter" in rec:  # a regression: prediction vs truth
+            parts.append(scatter_section(rec, f"Prediction vs truth: {title}"))
             break
         if rec:
-            parts.append(_confusion_section(rec, title))
+            parts.append(_confusion_section(rec, f"Confusion matrix: {title}"))
             break
     if history:
         parts.append(_history_section(history))

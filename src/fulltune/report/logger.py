@@ -128,7 +128,7 @@ class RunLogger:
             "model": cfg.model.describe(),
             "metric": metric,
             "data_sizes": sizes,
-            "num_classes": len(self.labels) if self.labels else None,
+            "num_classes": len(self.labels) if self.labels and run.task_name != "text_regression" else None,
             "precision": run.precision.name,
             "device": str(run.device),
             "world_size": state.world_size,

@@ -356,8 +356,9 @@ def curve_series(
                 groups.setdefault(str(name), []).append((r["step"], lr))
     grad = {"gradient norm (before clipping)": [(r["step"], r.get("grad_norm")) for r in train]}
     only = next(iter(val)).removeprefix("val ") if len(val) == 1 else ""
+    regression = any("pearson" in r for r in evals)  # training.loss (MSE or Huber); val loss is the MSE
     return [
-        Panel("loss", loss, False, "cross-entropy per token" if lm else "cross-entropy"),
+        Panel("loss", loss, False, "cross-entropy per token" if lm else "loss" if regression else "cross-entropy"),
         Panel(f"validation {only}" if only else "validation metric", val, only == "perplexity", only),
         Panel("learning rate per group", groups, False, "learning rate"),
         Panel("gradient norm", grad, True, "L2 norm"),

@@ -19,13 +19,17 @@ CARD_FILE = "README.md"
 PIPELINE_TAGS = {
     "text_classification": "text-classification",
     "multi_label_classification": "text-classification",
+    "text_regression": "text-classification",
     "image_classification": "image-classification",
     "causal_lm": "text-generation",
     "token_classification": "token-classification",
 }
+TEXT_TASKS = ("text_classification", "multi_label_classification", "text_regression")
+"""The tasks of a sequence classifier over tokenised text (one or two texts in, class scores or a number out)."""
 AUTO_CLASSES = {
     "text_classification": "AutoModelForSequenceClassification",
     "multi_label_classification": "AutoModelForSequenceClassification",
+    "text_regression": "AutoModelForSequenceClassification",
     "image_classification": "AutoModelForImageClassification",
     "causal_lm": "AutoModelForCausalLM",
     "token_classification": "AutoModelForTokenClassification",
@@ -88,7 +92,7 @@ def _hyper_parameters(config: dict[str, Any], task: str) -> list[tuple[str, Any]
         rows.append(("layer-wise LR decay", t["layerwise_lr"].get("decay_rate")))
     if t.get("progressive_unfreezing", {}).get("enabled"):
         rows.append(("progressive unfreezing", "on"))
-    if task in ("text_classification", "multi_label_classification"):
+    if task in TEXT_TASKS:
         rows.append(("max tokens per text", d.get("max_length")))
     elif task == "causal_lm":
         rows.append(("tokens per block", d.get("seq_len")))
@@ -99,7 +103,7 @@ def training_length(meta: dict[str, Any]) -> int | None:
     """The tokens per text that training kept (a text classifier's data.max_length), from a run record; None for
     the other tasks (images have their size in the image processor; a causal LM's prompts are not cut)."""
     task = meta.get("task") or (meta.get("fulltune_config") or {}).get("task")
-    if task not in ("text_classification", "multi_label_classification"):
+    if task not in TEXT_TASKS:
         return None
     length = ((meta.get("fulltune_config") or {}).get("data") or {}).get("max_length")
     return int(length) if length is not None else None
@@ -184,17 +188,28 @@ def _load_snippet(task: str, meta: dict[str, Any]) -> str:
         )
     else:
         max_len = training_length(meta)
+        pair = ((meta.get("fulltune_config") or {}).get("data") or {}).get("text_pair_column")
+        texts = '["a first text"], ["its second text"]' if pair else '["a text to classify"]'  # a sentence pair
+        out = (
+            "float(logits.detach()[0, 0])"
+            if task == "text_regression"
+            else "model.config.id2label[int(logits.argmax(-1))]"
+        )
         body = (
             f"from transformers import AutoTokenizer, {cls}, pipeline\n\n"
             'classifier = pipeline("text-classification", model="PATH")\n'
             f"# truncation=True: cut a text at the {max_len} tokens training kept (the tokenizer's model_max_length);\n"
             "# without it transformers keeps every token, in a pipeline too.\n"
-            'print(classifier("a text to classify", truncation=True))\n\n'
-            "# Or the tokenizer and model themselves:\n"
+            + (
+                'print(classifier({"text": "a first text", "text_pair": "its second text"}, truncation=True))\n\n'
+                if pair
+                else 'print(classifier("a text to classify", truncation=True))\n\n'
+            )
+            + "# Or the tokenizer and model themselves:\n"
             'tokenizer = AutoTokenizer.from_pretrained("PATH")\n'
             f'model = {cls}.from_pretrained("PATH")\n'
-            'logits = model(**tokenizer(["a text to classify"], truncation=True, return_tensors="pt")).logits\n'
-            "print(model.config.id2label[int(logits.argmax(-1))])"
+            f'logits = model(**tokenizer({texts}, truncation=True, return_tensors="pt")).logits\n'
+            f"print({out})"
         )
     return f"With plain `transformers` (fulltune is not needed), PATH being this folder:\n\n```python\n{body}\n```\n"
 
@@ -226,7 +241,7 @@ def _limits(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
             )
             + " Its probabilities are not calibrated."
         )
-    if task in ("text_classification", "multi_label_classification"):
+    if task in TEXT_TASKS:
         max_len = training_length(meta)
         out.append(
             f"Training kept the first {max_len} tokens of each text (data.max_length), and so does the tokenizer "
@@ -265,7 +280,9 @@ def render(meta: dict[str, Any]) -> str:
     title = meta.get("title") or f"{task.replace('_', ' ')} fine-tuned with fulltune ({meta.get('method', '?')})"
     lines = [*front, "", f"# {title}", ""]
     lines += ["## Model", "", f"- Base model: {_base_model(config)}", f"- Task: {task}"]
-    if labels:
+    if labels and task == "text_regression":
+        lines.append(f"- Output: one number, the `{labels[0]}` column's (problem_type regression)")
+    elif labels:
         lines.append(f"- Labels ({len(labels)}): " + ", ".join(f"`{lb}`" for lb in labels))
     if meta.get("total_parameters"):
         lines.append(f"- Parameters: {meta['total_parameters']:,} ({meta.get('trainable_parameters', 0):,} trained)")

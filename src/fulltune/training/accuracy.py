@@ -1,8 +1,8 @@
 """Training-set accuracy per epoch, from the logits the training step already computed (no extra forward).
 
 The CLIP fine-tuning guide watches the gap between training and validation accuracy to spot overfitting. The counts
-stay on the device during the epoch (no host sync per step); `take` reads them once at the epoch's end. Causal LMs and
-multi-label classifiers get none.
+stay on the device during the epoch (no host sync per step); `take` reads them once at the epoch's end. Causal LMs,
+regressions and multi-label classifiers get none.
 Dropout and augmentation are on in training, so this is the accuracy of the batches as trained on, the usual figure.
 """
 
@@ -17,7 +17,7 @@ class TrainAccuracy:
     """Running count of correct top-1 predictions over the training batches of an epoch."""
 
     def __init__(self, task_name: str, device: torch.device) -> None:
-        self.enabled = task_name not in ("causal_lm", "multi_label_classification")  # (no single top-1 class)
+        self.enabled = task_name not in ("causal_lm", "multi_label_classification", "text_regression")  # no top-1
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.seen = torch.zeros((), dtype=torch.long, device=device)
 

@@ -4,6 +4,7 @@ examples (or tokens) a loss is averaged over. No class hierarchy: the trainer pi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fulltune.config import METRICS, Config, ConfigError
+from fulltune.config import METRICS, Config, ConfigError, DataConfig
 from fulltune.data import chat, hf_datasets, hf_stream, lm, multilabel
 from fulltune.data import images as img
 from fulltune.data import text as txt
@@ -19,6 +20,7 @@ from fulltune.data import tokens as tok
 from fulltune.data.records import TaskData, block_task_data, capped_splits, worker_count
 from fulltune.errors import DataError
 from fulltune.eval.losses import (
+    REGRESSION_LOSSES,
     classification_loss,
     count_examples,
     count_tagged,
@@ -56,12 +58,51 @@ def _infer_task(cfg: Config) -> str:
     files = [f for f in (d.train_file, d.val_file, d.test_file) if f]
     if files and all(Path(f).suffix.lower() == ".txt" for f in files):
         return "causal_lm"
-    train = d.train_file or (str(Path(d.data_dir) / "train.jsonl") if d.data_dir else None)
-    if train and lm.is_lm_jsonl(Path(train), d):  # prompt/response records, no label
-        return "causal_lm"
-    if train and chat.is_chat_jsonl(Path(train), d):  # conversations: chat-format SFT of a causal LM
-        return "causal_lm"
-    return "text_classification"
+    train = txt.split_files(d)["train"]
+    if train is None:  # (read_labels says what is missing)
+        return "text_classification"
+    return table_task(train, d)
+
+
+LAYOUTS: list[tuple[str, Callable[[Path, DataConfig], bool]]] = [
+    ("causal_lm", lm.is_lm_jsonl),  # prompt/response records, no label
+    ("causal_lm", chat.is_chat_jsonl),  # conversations: chat-format SFT of a causal LM
+]
+"""Table layouts that name their task, tried in order before the single-text and pair layouts: (task,
+fits(train file, data config)). A task with its own layout adds its detector here."""
+
+NEEDS = {
+    "text_classification": "a text column (data.text_column, default 'text') and a label column "
+    "(data.label_column, default 'label')",
+    "text_regression": "the same with numbers as labels",
+    "sentence pairs": "two text columns (data.text_column and data.text_pair_column, or "
+    + ", ".join(f"{a}/{b}" for a, b in txt.PAIR_COLUMNS)
+    + ") and a label column",
+    "multi_label_classification": "a text column and a label column of lists (JSONL) or cells split at "
+    "data.label_separator",
+    "token_classification": "a .conll file, or JSONL of word lists and tag lists (data.tokens_column, "
+    "data.tags_column)",
+    "causal_lm": "prompt/response (or text) fields without a label, a messages list (chat), or a .txt file",
+}
+"""What each task needs of a table, for the one line that says a file fits none."""
+
+
+def table_task(path: Path, d: DataConfig) -> str:
+    """The task of a train table: a layout of LAYOUTS, else one or two text columns and a label column (a
+    regression when the labels are numbers, not all whole: `text.is_regression`). A table with neither the text nor
+    the label column fits none: one DataError naming its columns and what each task needs."""
+    for task, fits in LAYOUTS:
+        if fits(path, d):
+            return task
+    columns = txt.read_table(path, d.format, d.encoding)[1]
+    if txt.text_columns(d, columns)[0] in columns or d.label_column in columns:
+        examples = txt.read_examples(path, d)  # (a text or label column it lacks is an error naming that column)
+        return "text_regression" if txt.is_regression(examples.labels) else "text_classification"
+    needs = "; ".join(f"{task}: {need}" for task, need in NEEDS.items())
+    raise DataError(
+        f"'{path}' fits no task (task: auto): its columns are {', '.join(columns)}; {needs}; or set task and the "
+        "column keys"
+    )
 
 
 # ---------------------------------------------------------------- reading labels (before the model exists)
@@ -77,6 +118,11 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
         return tok.tag_names(hub, cfg.data) or tok.tag_vocabulary(read["train"].tags), (read, read["train"])
     if cfg.data.dataset_name:
         streamed = cfg.data.streaming and task != "causal_lm"
+        if streamed and (task == "text_regression" or cfg.data.text_pair_column):
+            raise ConfigError(
+                "data.streaming reads single texts with class labels; sentence pairs and text_regression read the "
+                "dataset whole: set data.streaming=false"
+            )
         labels, raw = (hf_stream if streamed else hf_datasets).read_labels(cfg, task)
         if labels is None:  # causal LM
             return None, raw
@@ -86,7 +132,7 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
         train = img.scan_split(Path(cfg.data.data_dir) / "train")
         labels = train.classes
         raw: Any = train
-    elif task == "text_classification":
+    elif task in ("text_classification", "text_regression"):
         files = txt.split_files(cfg.data)
         if files["train"] is None:
             raise DataError(
@@ -101,11 +147,23 @@ def read_labels(cfg: Config, task: str) -> tuple[list[str] | None, Any]:
         labels, raw = tok.tag_vocabulary(sentences.tags), (files, sentences)
     else:
         return None, None
+    settle_text_columns(cfg, raw[1] if isinstance(raw, tuple) and isinstance(raw[1], txt.TextExamples) else None)
+    if task == "text_regression":
+        txt.regression_targets(raw[1])  # every label a number, said before the model loads
+        return txt.output_names(raw[1].labels, cfg.data.label_column, True), raw
     if cfg.data.num_classes is not None and cfg.data.num_classes != len(labels):
         raise DataError(f"data.num_classes={cfg.data.num_classes} but the training data has {len(labels)} classes")
     if len(labels) < 2:
         raise DataError(f"the training data has {len(labels)} class; classification needs at least 2")
     return labels, raw
+
+
+def settle_text_columns(cfg: Config, train: txt.TextExamples | None) -> None:
+    """Write the text columns the train split was read from (`text.text_columns`: a sentence pair's two columns
+    found by name) into data.text_column / data.text_pair_column, so the run's config.yaml says them and evaluate
+    and predict read the same columns, the pair included."""
+    if train is not None and train.columns is not None:
+        cfg.data.text_column, cfg.data.text_pair_column = train.columns
 
 
 # ---------------------------------------------------------------- datasets (after the model and tokenizer exist)
@@ -136,11 +194,6 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.Ima
     )
 
 
-def _tokenized(examples: txt.TextExamples, vocab: list[str], tokenizer: Any, max_length: int) -> txt.TokenizedDataset:
-    ids = txt.tokenize(tokenizer, examples.texts, max_length)
-    return txt.TokenizedDataset(ids, txt.label_ids(examples, vocab), examples.texts)
-
-
 def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> TaskData:
     if cfg.data.streaming:
         return hf_stream.build_text_data(cfg, bundle, labels, raw)
@@ -154,12 +207,16 @@ def build_text_data(cfg: Config, bundle: Any, labels: list[str], raw: Any) -> Ta
         train, val = txt.holdout_split(train, d.val_fraction)
         info["val_source"] = f"{d.val_fraction:.0%} of train (by text hash)"
     train, val, info["caps"] = capped_splits(cfg, train, val, txt.cap, lambda e: len(e.texts), "texts")
-    tok = bundle.tokenizer
-    train_ds = _tokenized(train, labels, tok, d.max_length)
+    tok, regression = bundle.tokenizer, bundle.task == "text_regression"
+
+    def encoded(examples: txt.TextExamples | None) -> txt.TokenizedDataset | None:
+        return txt.encoded_dataset(examples, labels, tok, d.max_length, regression) if examples else None
+
+    train_ds = encoded(train)
     return TaskData(
         train=train_ds,
-        val=_tokenized(val, labels, tok, d.max_length) if val else None,
-        test=_tokenized(test, labels, tok, d.max_length) if test else None,
+        val=encoded(val),
+        test=encoded(test),
         collate=txt.PadCollator(tok.pad_token_id),
         labels=labels,
         lengths=train_ds.lengths,
@@ -244,8 +301,19 @@ TASKS: dict[str, Task] = {
     "text_classification": Task(build_text_data, classification_loss, count_examples, "accuracy", True),
     "multi_label_classification": Task(multilabel.build_data, multi_label_loss, count_examples, "micro_f1", True),
     "token_classification": Task(build_token_data, token_loss, count_tagged, "f1", True),
+    "text_regression": Task(build_text_data, REGRESSION_LOSSES["mse"], count_examples, "mse", False),
     "causal_lm": Task(build_lm_data, lm_loss, count_tokens, "perplexity", False),
 }
+
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae")
+"""Validation metrics whose lower values are better (every other one: higher)."""
+
+
+def task_record(cfg: Config, name: str) -> Task:
+    """The record of task `name` as configured (a regression's loss: training.loss)."""
+    if name == "text_regression":
+        return dataclasses.replace(TASKS[name], loss=REGRESSION_LOSSES[cfg.training.loss])
+    return TASKS[name]
 
 
 def validation_metric(cfg: Config, task: Task) -> tuple[str, bool]:
@@ -253,7 +321,7 @@ def validation_metric(cfg: Config, task: Task) -> tuple[str, bool]:
     name = cfg.training.metric
     if name == "auto":
         return task.default_metric, task.higher_is_better
-    return name, name not in ("loss", "perplexity")
+    return name, name not in LOWER_IS_BETTER
 
 
 def data_loader(

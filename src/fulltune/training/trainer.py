@@ -26,6 +26,7 @@ from fulltune.eval.metrics import (
     improves,
     multi_label_metrics,
     multi_label_scores,
+    regression_metrics,
     scalar_metrics,
     token_metrics,
     tune_thresholds,
@@ -53,7 +54,7 @@ from fulltune.training.accuracy import TrainAccuracy, log_train_accuracy
 from fulltune.training.header import run_header, run_summary
 from fulltune.training.lean_fused import attach_fused_step, fuses_step
 from fulltune.training.optim import build_optimizer, group_lrs, lr_factor, optimizer_step, set_lr, warmup_steps
-from fulltune.training.tasks import TASKS, Task, data_loader, infer_task, read_labels, validation_metric
+from fulltune.training.tasks import Task, data_loader, infer_task, read_labels, task_record, validation_metric
 
 
 class Trainer:
@@ -123,7 +124,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         self.task_name = infer_task(self.cfg)
-        self.task = TASKS[self.task_name]
+        self.task = task_record(self.cfg, self.task_name)
         self._labels, self._raw = read_labels(self.cfg, self.task_name)
         self.bundle, self.model, self.plan = prepare_model(self.cfg, self.task_name, self._labels, self.device)
         check_vocabulary(self.cfg, self.bundle)  # (plan prices such a model; only training would index past it)
@@ -467,6 +468,8 @@ class Trainer:
             metrics = multi_label_metrics(model, loader, thresholds, self.device, self.precision)
         elif self.task_name == "token_classification":
             metrics = token_metrics(model, loader, self.data.labels, self.device, self.precision)
+        elif self.task_name == "text_regression":
+            metrics = regression_metrics(model, loader, self.device, self.precision)
         else:
             metrics = classification_metrics(model, loader, len(self.data.labels), self.device, self.precision)
         self.model.train()
