@@ -2,7 +2,10 @@
 backward) against lean mode (bf16 weights, BF16AdamW, optimizer step fused into backward, gradient checkpointing)
 on a parameter-dominated job: a ~110M-parameter Llama with batch 2 x 16 tokens, so activations are negligible.
 "lean" compiles its update as the trainer does (from 20M parameters), "lean-eager" does not, two cheaper BF16AdamW
-settings run too (see MODES), and every mode trains the same steps from the same weights.
+settings run too, and "lean-8bit" / "lean-4bit" keep torchao's block-quantized moments (LowBitAdamW, whose compiled
+update is built for each chunk shape before the baseline; see MODES); every mode trains the same steps from the same
+weights. `--shape llama-1.24b` is Llama-3.2-1B's shape (tied embeddings, 8 KV heads); the summary lines give the
+low-bit modes' peak against 4.3 / 3.3 bytes/param and their s/step against lean's.
 
 Each mode runs in a fresh subprocess; its peak is `ru_maxrss` at the end minus `ru_maxrss` once torch and
 transformers are imported and a tiny model of the same kind has trained two steps (so lazily loaded code and the
@@ -15,6 +18,7 @@ standard within one invocation (`--repeats N` alternates the modes N times and p
 
     .venv/bin/python bench/lean_memory.py            # ~3-5 minutes on 2 busy CPU cores
     .venv/bin/python bench/lean_memory.py --steps 4 --layers 4 --modes standard,lean,lean-eager --repeats 3
+    .venv/bin/python bench/lean_memory.py --shape llama-1.24b --steps 1 --n-batches 1 --batch 1 --modes lean-8bit
 """
 
 from __future__ import annotations
