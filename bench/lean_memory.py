@@ -2,7 +2,10 @@
 backward) against lean mode (bf16 weights, BF16AdamW, optimizer step fused into backward, gradient checkpointing)
 on a parameter-dominated job: a ~110M-parameter Llama with batch 2 x 16 tokens, so activations are negligible.
 "lean" compiles its update as the trainer does (from 20M parameters), "lean-eager" does not, two cheaper BF16AdamW
-settings run too (see MODES), and every mode trains the same steps from the same weights.
+settings run too, and "lean-8bit" / "lean-4bit" keep torchao's block-quantized moments (LowBitAdamW, whose compiled
+update is built for each chunk shape before the baseline; see MODES); every mode trains the same steps from the same
+weights. `--shape llama-1.24b` is Llama-3.2-1B's shape (tied embeddings, 8 KV heads); the summary lines give the
+low-bit modes' peak against 4.3 / 3.3 bytes/param and their s/step against lean's.
 
 Each mode runs in a fresh subprocess; its peak is `ru_maxrss` at the end minus `ru_maxrss` once torch and
 transformers are imported and a tiny model of the same kind has trained two steps (so lazily loaded code and the
@@ -15,6 +18,7 @@ standard within one invocation (`--repeats N` alternates the modes N times and p
 
     .venv/bin/python bench/lean_memory.py            # ~3-5 minutes on 2 busy CPU cores
     .venv/bin/python bench/lean_memory.py --steps 4 --layers 4 --modes standard,lean,lean-eager --repeats 3
+    .venv/bin/python bench/lean_memory.py --shape llama-1.24b --steps 1 --n-batches 1 --batch 1 --modes lean-8bit
 """
 
 from __future__ import annotations
@@ -42,10 +46,28 @@ MODES = {
     "lean-eager": ("bf16", "stochastic", "off", "lean with the eager update (training.lean_compiled_step: off)"),
     "lean-bf16-kahan": ("bf16", "kahan", "auto", "lean with Kahan compensation instead of stochastic rounding (8 B)"),
     "lean-mixed-kahan": ("mixed", "kahan", "auto", "lean with exp_avg_sq fp32 and Kahan compensation (10 bytes)"),
+    "lean-8bit": (
+        "adamw8bit",
+        "stochastic",
+        "auto",
+        "lean with torchao's 8-bit moments (training.lean_optimizer: adamw8bit; 4.03 bytes/param held)",
+    ),
+    "lean-4bit": ("adamw4bit", "stochastic", "auto", "lean with 4-bit moments (adamw4bit; 3.06 bytes/param held)"),
+}
+# the modes whose first field names a low-bit lean optimizer (LowBitAdamW) instead of a BF16AdamW state dtype
+LOWBIT_BITS = {"adamw8bit": 8, "adamw4bit": 4}
+
+
+# --shape presets: Llama-3.2-1B's shape (1.24B parameters, 8 KV heads, tied embeddings), and the default 110M one
+SHAPES = {
+    "llama-1.24b": dict(vocab=128256, hidden=2048, intermediate=8192, layers=16, kv_heads=8, tie=True),
+    "llama-110m": dict(vocab=16000, hidden=768, intermediate=2048, layers=12, kv_heads=None, tie=False),
 }
 
 
-def llama_config(vocab: int, hidden: int, intermediate: int, layers: int) -> Any:
+def llama_config(
+    vocab: int, hidden: int, intermediate: int, layers: int, kv_heads: int | None = None, tie: bool = False
+) -> Any:
     from transformers import LlamaConfig
 
     heads = max(1, hidden // 64)
@@ -55,9 +77,9 @@ def llama_config(vocab: int, hidden: int, intermediate: int, layers: int) -> Any
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         use_cache=False,
     )
 
@@ -72,6 +94,7 @@ def build(mode: str, cfg: Any, lr: float, n_params: int | None = None) -> tuple[
     from fulltune.model.prepare import enable_gradient_checkpointing
     from fulltune.training.lean import BF16AdamW, wants_compiled_step
     from fulltune.training.lean_fused import attach_fused_step
+    from fulltune.training.lowbit import LowBitAdamW
 
     lean = mode.startswith("lean")
     model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16 if lean else torch.float32)
@@ -89,15 +112,43 @@ def build(mode: str, cfg: Any, lr: float, n_params: int | None = None) -> tuple[
     enable_gradient_checkpointing(model)  # as the trainer does in lean mode
     state_dtype, rounding, compiled_step, _ = MODES[mode]
     n_params = n_params or sum(p.numel() for p in model.parameters())
-    opt = BF16AdamW(
-        model.parameters(),
-        lr=lr,
-        weight_decay=0.01,
-        state_dtype=state_dtype,
-        rounding=rounding,
-        compiled=wants_compiled_step(compiled_step, n_params),
-    )
+    compiled = wants_compiled_step(compiled_step, n_params)
+    if state_dtype in LOWBIT_BITS:
+        opt = LowBitAdamW(
+            model.parameters(), lr=lr, weight_decay=0.01, bits=LOWBIT_BITS[state_dtype], compiled=compiled
+        )
+    else:
+        opt = BF16AdamW(
+            model.parameters(), lr=lr, weight_decay=0.01, state_dtype=state_dtype, rounding=rounding, compiled=compiled
+        )
     return model, opt, attach_fused_step(model, opt)
+
+
+def warm_lowbit_chunks(mode: str, cfg: Any) -> None:
+    """Build the compiled low-bit update for every chunk shape the model will hand it (one graph per shape), on
+    small 1-D stand-ins, so neither the build nor its memory counts in the measurement."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from fulltune.training.lowbit import MIN_QUANTIZED, LowBitAdamW
+
+    state_dtype = MODES[mode][0]
+    probe = LowBitAdamW([torch.zeros(1)], bits=LOWBIT_BITS[state_dtype])
+    with torch.device("meta"):
+        sizes = {p.numel() for p in LlamaForCausalLM(cfg).parameters()}
+    stand_ins = set()  # (chunk length, whether its tensor's moments are quantized)
+    for n in sizes:
+        quantized = n >= MIN_QUANTIZED and n % probe.block_size == 0
+        for start in range(0, n, probe.chunk_size):
+            stand_ins.add((min(n, start + probe.chunk_size) - start, quantized))
+    for length, quantized in sorted(stand_ins):
+        # a quantized chunk comes from a tensor of 4096+ elements; a plain one stays a stand-in of its own length
+        p = torch.zeros(max(length, MIN_QUANTIZED) if quantized else length, dtype=torch.bfloat16)
+        opt = LowBitAdamW(
+            [p], bits=LOWBIT_BITS[state_dtype], compiled=True, chunk_size=length if quantized else probe.chunk_size
+        )
+        p.grad = torch.ones_like(p)
+        opt.step()
 
 
 def train(
@@ -122,7 +173,9 @@ def held_bytes(model: Any, opt: Any) -> int:
     import torch
 
     tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
-    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    # a quantized moment (torchao's OptimState8bit / 4bit) is its codes, scales and code book
+    tensors += [t for v in states for t in ([v.codes, v.scale, v.qmap] if hasattr(v, "codes") else [v])]
     return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
 
 
@@ -131,16 +184,22 @@ def worker(args: argparse.Namespace) -> dict:
     from transformers import LlamaForCausalLM
 
     from fulltune.runtime.memory import maxrss_bytes
+    from fulltune.training.lean import wants_compiled_step
 
     torch.set_num_threads(args.threads)
-    cfg = llama_config(args.vocab, args.hidden, args.intermediate, args.layers)
+    cfg = llama_config(args.vocab, args.hidden, args.intermediate, args.layers, args.kv_heads or None, args.tie)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     # warm up on a tiny model of the same kind (lazy imports, kernels, thread pools, the compiled update if the big
     # model gets one) before reading the baseline
-    tiny = build(args.mode, llama_config(64, 64, 64, 1), lr=1e-4, n_params=n_params)
+    lowbit = MODES[args.mode][0] in LOWBIT_BITS
+    # (a low-bit update is compiled per chunk shape: the tiny model's would be wasted builds, warm_lowbit_chunks
+    # builds the big model's)
+    tiny = build(args.mode, llama_config(64, 64, 64, 1), lr=1e-4, n_params=1 if lowbit else n_params)
     train(*tiny, [torch.randint(0, 64, (1, 4))], steps=2)
     del tiny
+    if lowbit and wants_compiled_step(MODES[args.mode][2], n_params):
+        warm_lowbit_chunks(args.mode, cfg)
     g = torch.Generator().manual_seed(0)
     # a few fixed batches, cycled: the model can memorise them, so the loss moves and the comparison means something
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.n_batches)]
@@ -180,6 +239,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=0, help="key/value heads (default: as many as query heads)")
+    ap.add_argument("--tie", action="store_true", help="tie the input and output embeddings")
+    ap.add_argument("--shape", choices=list(SHAPES), help="a preset for vocab, hidden, intermediate, layers, ...")
     ap.add_argument("--lr", type=float, default=1e-4)
     # one thread by default: on a shared 2-core box, two OpenMP threads fighting other jobs made elementwise
     # ops 100x slower; memory, the point here, does not depend on it
@@ -194,6 +256,8 @@ def main() -> None:
     )
     ap.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for key, value in SHAPES[args.shape].items() if args.shape else ():
+        setattr(args, key, 0 if value is None else value)
 
     if args.worker:
         args.mode = args.worker
@@ -205,8 +269,9 @@ def main() -> None:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    keys = ("steps", "n_batches", "batch", "seq", "vocab", "hidden", "intermediate", "layers", "lr", "threads")
-    passthrough = [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    keys = ("steps", "n_batches", "batch", "seq", "vocab", "hidden", "intermediate", "layers", "kv_heads", "lr")
+    passthrough = [x for k in (*keys, "threads") for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    passthrough += ["--tie"] if args.tie else []
     rounds: list[dict[str, dict]] = []
     for i in range(args.repeats):
         rounds.append({})
@@ -257,10 +322,18 @@ def report(rounds: list[dict[str, dict]], args: argparse.Namespace) -> None:
             f"{r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {r['final_loss']:.4f} | "
             f"{median(x['step_s'] for x in runs):.2f} | {ratio} |"
         )
+    print()
+    for mode in ("lean-8bit", "lean-4bit"):
+        if mode in first and "lean" in first:
+            ratio = median(rd[mode]["step_s"] / rd["lean"]["step_s"] for rd in rounds)
+            target = 4.3 if mode == "lean-8bit" else 3.3
+            print(
+                f"- {mode}: peak {median(bpp(rd[mode]) for rd in rounds):.2f} bytes/param (target <= {target}); "
+                f"s/step {ratio:.2f}x lean's (target <= 1.3)"
+            )
     if "standard" not in first:
         return
     std = first["standard"]
-    print()
     for mode, r in first.items():
         if mode == "standard":
             continue

@@ -128,15 +128,24 @@ def test_lean_fused_bf16_adamw(tmp_path, lm_files, device):
     assert_learns(tmp_path / "run")
 
 
-def test_lean_adamw8bit(tmp_path, lm_files, device):
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (make gpu-wheels, then gpu_check.sh)")
-    needs_cuda(device, "bitsandbytes' 8-bit AdamW")
-    cfg = load_config(
-        None,
-        lm_overrides(tmp_path / "run", lm_files, device, training__memory="lean", training__lean_optimizer="adamw8bit"),
-    )
+@pytest.mark.parametrize(
+    ("optimizer", "offload"),
+    [("adamw8bit", False), ("adamw4bit", False), ("paged_adamw8bit", False), ("adamw8bit", True)],
+    ids=["8bit", "4bit", "paged8bit", "8bit-offload"],
+)
+def test_lean_lowbit(tmp_path, lm_files, device, optimizer, offload):
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install 'fulltune[lowbit]')")
+    if optimizer == "paged_adamw8bit":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (make gpu-wheels, then gpu_check.sh)")
+    if DRY and optimizer == "adamw4bit":
+        pytest.skip("dry mode on CPU: the 8-bit case runs the same path (tests/e2e/test_lean.py runs both)")
+    if optimizer == "paged_adamw8bit" or offload:
+        needs_cuda(device, f"lean_optimizer {optimizer} with lean_offload {offload}")
+    extra = dict(training__memory="lean", training__lean_optimizer=optimizer, training__lean_offload=offload)
+    cfg = load_config(None, lm_overrides(tmp_path / "run", lm_files, device, **extra))
     run = setup(cfg)
-    assert type(run.optimizer).__module__.startswith("bitsandbytes")
+    # the 8- and 4-bit moments step inside backward; bitsandbytes' paged optimizer and the CPU offload after it
+    assert (run.fused is not None) == (optimizer != "paged_adamw8bit" and not offload)
     del run
     train(cfg)
     assert_learns(tmp_path / "run")

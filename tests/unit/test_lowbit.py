@@ -124,3 +124,14 @@ def test_compiled_update_tracks_the_eager_one() -> None:
     train_steps(compiled, opts[1], range(2))
     for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+def test_the_log_line_says_which_moments_and_where_the_step_runs() -> None:
+    from fulltune.config import TrainingConfig
+    from fulltune.training.lean_fused import describe_lean_mode
+
+    cpu = torch.device("cpu")
+    line = describe_lean_mode(TrainingConfig(memory="lean", lean_optimizer="adamw4bit"), cpu, fused=True)
+    assert "torchao's 4-bit AdamW moments" in line and "fused into backward" in line
+    paged = describe_lean_mode(TrainingConfig(memory="lean", lean_optimizer="paged_adamw8bit"), cpu, fused=False)
+    assert "paged 8-bit" in paged and "no public per-tensor step" in paged
