@@ -20,8 +20,8 @@ DEFAULT_LR_MULT = {"full": 1.0, "partial": 1.0, "lora": 10.0, "qlora": 10.0, "li
 """`compare`'s learning rate per method, as a multiple of training.base_learning_rate (--lr_per_method changes it)."""
 
 SEARCH_LR_RANGE = {
-    "full": (1e-5, 2e-4),
-    "partial": (1e-5, 2e-4),
+    "full": (1e-5, 5e-4),
+    "partial": (1e-5, 5e-4),
     "lora": (1e-4, 3e-3),
     "qlora": (1e-4, 3e-3),
     "linear_probe": (1e-3, 1e-1),

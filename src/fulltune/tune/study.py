@@ -20,7 +20,7 @@ from typing import Any
 
 from fulltune.config import Config, save_config, to_dict
 from fulltune.data.text import run_inputs
-from fulltune.errors import ConfigError, FulltuneError
+from fulltune.errors import ConfigError, FulltuneError, TrainingError
 from fulltune.files.rundir import claim_output, write_atomic
 from fulltune.training.tasks import TASKS, infer_task, validation_metric
 from fulltune.tune.space import Space, check_space, default_space, suggest, trial_config
@@ -170,10 +170,10 @@ class Search:
         self.study.sampler = _sampler(self.seed, number, trials)
         trial = self.study.ask()
         params = suggest(trial, self.space)
-        lock = try_lock(self._lock_path(trial.number))
         trial.set_user_attr("worker", _worker())
         trial.set_user_attr("run_dir", f"trials/trial_{trial.number:03d}")
         trial.set_user_attr("overrides", params)
+        lock = try_lock(self._lock_path(trial.number))  # after the attributes: a locked trial always has them
         shown = ", ".join(f"{k.rsplit('.', 1)[-1]} {_short(v)}" for k, v in params.items())
         self.log(f"[trial {trial.number}/{trials}] {shown}")
         return trial, params, lock, None
@@ -216,6 +216,9 @@ class Search:
             trial.set_user_attr("error", run.error)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             self.log(f"    failed: {run.error}")
+            finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            if not self.study.get_trials(deepcopy=False, states=finished):  # likely the config: stop, say why
+                raise TrainingError(f"trial {n} failed: {run.error} (log: {self.out}/trials/trial_{n:03d}.log)")
         else:
             value = run.summary["best_val"][self.metric]
             self.study.tell(trial, value)
@@ -294,8 +297,8 @@ def run_study(
     out_dir = Path(out_dir)
     if trials < 1:
         raise ConfigError(f"--trials {trials}: expected at least 1")
-    claim_output(out_dir, "tune", run_inputs(cfg), entries=TUNE_ENTRIES)
     space = check_space(cfg, space if space is not None else default_space(cfg))
+    claim_output(out_dir, "tune", run_inputs(cfg), entries=TUNE_ENTRIES)
     start = time.perf_counter()
     study = _open_study(cfg, out_dir, space, storage, resume or storage is not None, pruner)
     Search(cfg, out_dir, study, space, seed, log).run(trials, timeout_s, resume or storage is not None)
