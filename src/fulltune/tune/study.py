@@ -76,9 +76,11 @@ def open_storage(out_dir: Path, storage: str | None) -> Any:
 
 
 def make_pruner(kind: str) -> Any:
-    """Successive halving (rungs from the first completed trial's length), Hyperband, or none."""
+    """Successive halving (rungs at optimizer steps 1, 4, 16, 64, ...), Hyperband, or none."""
     if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
+        # A fixed first rung: with "auto", trials before the first complete one keep no rung values, so the second
+        # trial would be compared with nothing.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner()
     if kind == "none":
