@@ -204,3 +204,20 @@ def test_each_validation_row_goes_to_the_pruner_once():
     assert not reporter.should_stop({"split": "val", "step": 2, "loss": 0.7})  # nor rows without the metric
     assert reporter.should_stop({"split": "val", "step": 4, "accuracy": 0.5})  # trails the first trial: pruned
     assert study.trials[1].intermediate_values == {4: 0.5}
+
+
+@pytest.mark.slow
+def test_final_trains_the_best_settings_over_seeds_and_scores_the_test_split(tmp_path, text_data, capsys):
+    out = tmp_path / "tune"
+    assert call_cli(*tune_args(text_data, out, "--trials", "1", "--final", "2")) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert [r["seed"] for r in final["runs"]] == [0, 1] and final["metric"] == "accuracy"
+    tests = [r["test"] for r in final["runs"]]
+    assert all(0 <= t <= 1 for t in tests) and final["mean"] == pytest.approx(sum(tests) / 2)
+    assert final["std"] == pytest.approx(abs(tests[0] - tests[1]) / 2**0.5)
+    best = json.loads((out / "study.json").read_text())["trials"][0]["params"]
+    for seed in (0, 1):
+        cfg = load_config(out / "final" / f"seed_{seed}" / "config.yaml")
+        assert cfg.training.seed == seed and cfg.data.read_test
+        assert all(_dotted(cfg, key) == value for key, value in best.items())
+    assert "over 2 seeds" in capsys.readouterr().out
