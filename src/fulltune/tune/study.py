@@ -196,7 +196,8 @@ class Search:
                     wait_for_run_lock(run_dir, self.log)
                 cfg = trial_config(self.cfg, params, run_dir)
                 log_file = self.out / "trials" / f"trial_{trial.number:03d}.log"
-                run = train_child(cfg, run_dir, log_file, Reporter(trial, self.metric, reported), resume)
+                started = resume and (run_dir / "config.yaml").is_file()  # else killed before its child began
+                run = train_child(cfg, run_dir, log_file, Reporter(trial, self.metric, reported), started)
             self._tell(trial, run, earlier.user_attrs if resume else {})
         finally:
             if lock is not None:
@@ -321,7 +322,9 @@ def run_study(
     )
 
 
-def run_final(cfg: Config, out_dir: Path, overrides: dict[str, Any], k: int, log: Callable[[str], None] = print):
+def run_final(
+    cfg: Config, out_dir: Path, overrides: dict[str, Any], k: int, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Train the best settings `k` times, seeds training.seed .. +k-1, each scored once on the test split:
     final.json with each run's numbers, their mean and standard deviation."""
     metric = validation_metric(cfg, TASKS[infer_task(cfg)])[0]
