@@ -221,3 +221,11 @@ def test_final_trains_the_best_settings_over_seeds_and_scores_the_test_split(tmp
         assert cfg.training.seed == seed and cfg.data.read_test
         assert all(_dotted(cfg, key) == value for key, value in best.items())
     assert "over 2 seeds" in capsys.readouterr().out
+
+
+def test_pruners_by_name():
+    study_module.require_optuna()
+    assert study_module.make_pruner("hyperband", 50)._max_resource == 50  # brackets from the start, not "auto"
+    assert isinstance(study_module.make_pruner("none"), optuna.pruners.NopPruner)
+    with pytest.raises(ConfigError, match="halving, hyperband, none"):
+        study_module.make_pruner("median")

@@ -22,6 +22,8 @@ from fulltune.config import Config, save_config, to_dict
 from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError, FulltuneError, TrainingError
 from fulltune.files.rundir import claim_output, write_atomic
+from fulltune.planning.facts import count_examples
+from fulltune.planning.recommend import run_steps
 from fulltune.training.tasks import TASKS, infer_task, validation_metric
 from fulltune.tune.space import Space, check_space, default_space, suggest, trial_config
 from fulltune.tune.trial import Reporter, TrialRun, exclusive, resume_point, train_child, try_lock, wait_for_run_lock
@@ -75,14 +77,15 @@ def open_storage(out_dir: Path, storage: str | None) -> Any:
     return JournalStorage(JournalFileBackend(str(Path(storage) if storage else out_dir / JOURNAL)))
 
 
-def make_pruner(kind: str) -> Any:
-    """Successive halving (rungs at optimizer steps 1, 4, 16, 64, ...), Hyperband, or none."""
+def make_pruner(kind: str, run_steps: int | None = None) -> Any:
+    """Successive halving (rungs at optimizer steps 1, 4, 16, 64, ...), Hyperband (its brackets up to `run_steps`,
+    the optimizer steps of one run), or none."""
     if kind == "halving":
         # A fixed first rung: with "auto", trials before the first complete one keep no rung values, so the second
         # trial would be compared with nothing.
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+    if kind == "hyperband":  # "auto" would wait for a completed trial, which then keeps no rung values
+        return optuna.pruners.HyperbandPruner(max_resource=run_steps or "auto")
     if kind == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"pruner '{kind}': choose from {', '.join(PRUNERS)}")
@@ -95,7 +98,9 @@ def _sampler(seed: int, number: int, trials: int) -> Any:
 
 
 def _open_study(cfg: Config, out_dir: Path, space: Space, storage: str | None, resume: bool, pruner: str) -> Any:
-    metric, higher = validation_metric(cfg, TASKS[infer_task(cfg)])
+    task = infer_task(cfg)
+    metric, higher = validation_metric(cfg, TASKS[task])
+    steps = run_steps(cfg, count_examples(cfg, task)[0]) if pruner == "hyperband" else None
     where = storage or str(out_dir / JOURNAL)
     name = out_dir.resolve().name
     existing = [s.study_name for s in optuna.get_all_study_summaries(open_storage(out_dir, storage))]
@@ -108,7 +113,7 @@ def _open_study(cfg: Config, out_dir: Path, space: Space, storage: str | None, r
         storage=open_storage(out_dir, storage),
         study_name=name,
         direction="maximize" if higher else "minimize",
-        pruner=make_pruner(pruner),
+        pruner=make_pruner(pruner, steps),
         load_if_exists=True,
     )
     settings = {"metric": metric, "space": space, "config": _comparable(cfg), "pruner": pruner}
