@@ -33,7 +33,7 @@ try:
 except ImportError:  # the `tune` extra
     optuna = None
 
-TUNE_ENTRIES = ("study.journal", "study.json", "tune.html", "best_config.yaml", "trials", "final", "final.json")
+TUNE_ENTRIES = ("study.journal*", "study.json", "tune.html", "best_config.yaml", "trials", "final", "final.json")
 """What `tune` writes into its output folder (best_config.yaml's own run goes to <output_dir>/best when trained)."""
 
 JOURNAL = "study.journal"
