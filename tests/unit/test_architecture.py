@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("state",),
     ("eval",),
     ("training",),
-    ("clip", "prune", "planning"),
+    ("clip", "prune", "planning", "tune"),
     ("compare", "demo"),
     ("cli", "api", "__main__", "__init__"),
 ]

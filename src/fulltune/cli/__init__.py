@@ -32,6 +32,7 @@ from fulltune.cli import (
     prune,
     report,
     train,
+    tune,
 )
 from fulltune.cli import config as config_command
 from fulltune.cli.options import finish_parser, normalize_argv
@@ -48,6 +49,7 @@ COMMANDS = (
     prepare_images,
     demo,
     compare,
+    tune,
     plan,
     prune,
     report,

@@ -56,8 +56,21 @@ def format_report(r: dict[str, Any]) -> str:
             else "none fits"
         ),
         *(f"  - {reason}" for reason in rec["reasons"]),
+        *search_cost(r),
     ]
     return "\n".join(lines)
+
+
+def search_cost(r: dict[str, Any]) -> list[str]:
+    """One line: what `fulltune tune` costs, from the recommended method's measured s/step and the steps of a run."""
+    rec = next((m for m in r["methods"] if m.get("method") == r["recommendation"]["method"]), None)
+    if rec is None or not rec.get("step_seconds") or not r.get("steps_per_run"):
+        return []
+    run_s = rec["step_seconds"] * r["steps_per_run"]
+    return [
+        f"search: `fulltune tune --trials N` costs up to N x {run_s / 60:.1f} min ({r['steps_per_run']:,} steps x "
+        f"{rec['step_seconds']:.2f} s/step, plus evaluations and start-up), less what pruning stops early"
+    ]
 
 
 def register(subparsers: Any) -> None:

@@ -1,6 +1,7 @@
 """The training methods by name (the values of method.name): the ones `compare` and `plan` run unless told, the
-ones a `compare` variant may start from, and the learning-rate multiple `compare` gives each. Kept apart from the
-code that runs them so that a command's --help can list them without loading torch."""
+ones a `compare` variant may start from, the learning-rate multiple `compare` gives each and the learning-rate range
+`tune` searches for each. Kept apart from the code that runs them so that a command's --help can list them without
+loading torch."""
 
 from __future__ import annotations
 
@@ -17,3 +18,12 @@ VARIANT_METHODS = ("linear_probe", "partial", "lora", "qlora", "full")
 # pretrained top blocks like full does and keeps full's rate.
 DEFAULT_LR_MULT = {"full": 1.0, "partial": 1.0, "lora": 10.0, "qlora": 10.0, "linear_probe": 100.0}
 """`compare`'s learning rate per method, as a multiple of training.base_learning_rate (--lr_per_method changes it)."""
+
+SEARCH_LR_RANGE = {
+    "full": (1e-5, 5e-4),
+    "partial": (1e-5, 5e-4),
+    "lora": (1e-4, 3e-3),
+    "qlora": (1e-4, 3e-3),
+    "linear_probe": (1e-3, 1e-1),
+}
+"""`tune`'s default search range (low, high; log scale) of training.base_learning_rate per method."""

@@ -85,6 +85,8 @@ class DataConfig:
     """Validation split (default: the first of validation, val, valid, dev that exists; else data.val_fraction)."""
     test_split: str | None = None
     """Test split (default: test, when it exists and has labels)."""
+    read_test: bool = True
+    """Read the test split and score the run on it at the end; false: never read (each trial of `fulltune tune`)."""
     image_column: str = "image"
     """Image task from data.dataset_name: the column holding the images (an `Image` feature)."""
     streaming: bool = False

@@ -129,7 +129,7 @@ def open_splits(cfg: Config, labelled: bool = True, streaming: bool | None = Non
     splits = load_all_splits(cfg, streaming)
     train = _pick(splits, d.train_split, (), "data.train_split", name)
     val = _pick(splits, d.val_split, VAL_SPLITS, "data.val_split", name)
-    test = _pick(splits, d.test_split, ("test",), "data.test_split", name)
+    test = _pick(splits, d.test_split, ("test",), "data.test_split", name) if d.read_test else None
     if labelled and test is not None and d.test_split is None and not _has_labels(splits[test], d.label_column):
         test = None  # the default test split is used only when it carries labels
     feature = features(splits[train]).get(d.label_column) if labelled else None

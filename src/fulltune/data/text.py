@@ -52,7 +52,7 @@ def split_files(cfg: DataConfig) -> dict[str, Path | None]:
     files: dict[str, Path | None] = {}
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
         raise DataError(f"data folder '{cfg.data_dir}' does not exist")
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test") if cfg.read_test else ("train", "val"):
         explicit = getattr(cfg, f"{split}_file")
         if explicit is not None:
             if not Path(explicit).is_file():
@@ -60,6 +60,7 @@ def split_files(cfg: DataConfig) -> dict[str, Path | None]:
             files[split] = Path(explicit)
         else:
             files[split] = find_split_file(cfg.data_dir, split) if cfg.data_dir else None
+    files.setdefault("test", None)  # data.read_test false: the test split is never read
     return files
 
 

@@ -281,6 +281,17 @@ def available_memory(device_type: str) -> int | None:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def run_steps(cfg: Config, examples: int | None) -> int | None:
+    """Optimizer steps of one training run of `cfg` over `examples` training examples (None when unknown)."""
+    t = cfg.training
+    if t.max_steps:
+        return t.max_steps
+    if not examples:
+        return None
+    n = min(examples, cfg.data.max_samples or examples)
+    return -(-n // (cfg.data.batch_size * t.gradient_accumulation_steps)) * t.num_epochs
+
+
 def plan(
     cfg: Config,
     budget: int | None = None,
@@ -338,6 +349,7 @@ def plan(
         "accumulation": cfg.training.gradient_accumulation_steps,
         "examples": n,
         "examples_source": source,
+        "steps_per_run": run_steps(cfg, n),
         "budget": budget,
         "budget_source": budget_source,
         "measured_how": how,

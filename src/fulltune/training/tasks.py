@@ -92,7 +92,7 @@ def build_image_data(cfg: Config, bundle: Any, labels: list[str], train: img.Ima
         return build(cfg, bundle, labels, train)
     root = Path(cfg.data.data_dir)
     val = img.scan_split(root / "val", labels) if (root / "val").is_dir() else None
-    test = img.scan_split(root / "test", labels) if (root / "test").is_dir() else None
+    test = img.scan_split(root / "test", labels) if (root / "test").is_dir() and cfg.data.read_test else None
     info = {"skipped_images": [str(p) for f in (train, val, test) if f is not None for p in f.skipped]}
     if val is None and cfg.data.val_fraction > 0:
         train, val = img.holdout_images(train, cfg.data.val_fraction)
@@ -155,6 +155,7 @@ def build_lm_data(cfg: Config, bundle: Any, labels: None, raw: Any) -> TaskData:
         if files[split] is None and d.data_dir:
             found = [Path(d.data_dir) / f"{stem}{ext}" for stem in txt.SPLIT_NAMES[split] for ext in (".txt", ".jsonl")]
             files[split] = next((str(p) for p in found if p.is_file()), None)
+    files["test"] = files["test"] if d.read_test else None  # data.read_test false: never read
     if not files["train"]:
         raise DataError("causal_lm needs data.train_file (a .txt or .jsonl file) or a data_dir with train.txt")
     for split, f in files.items():
