@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -73,7 +75,15 @@ def test_mean_interval_is_the_student_t_interval_of_the_mean():
 def test_seed_rows_pair_by_seed_and_flag_a_difference_whose_interval_spans_zero():
     full = seed_row("full", [_run(42, 0.80), _run(43, 0.82), _run(44, 0.81)])
     # LoRA is 0.05 below full on every seed: a significant difference; the probe's differences spread across 0.
-    lora = seed_row("lora", [_run(42, 0.75), _run(43, 0.77), _run(44, 0.76)], {"search_trials": 6})
+    search = {
+        "search_trials": 6,
+        "search_complete": 5,
+        "search_pruned": 1,
+        "search_wall_time_s": 120.0,
+        "search_peak_rss_bytes": 2**30,
+        "best_overrides": {"training.base_learning_rate": 1e-3, "method.lora.r": 16},
+    }
+    lora = seed_row("lora", [_run(42, 0.75), _run(43, 0.77), _run(44, 0.76)], search)
     probe = seed_row("linear_probe", [_run(42, 0.83), _run(43, 0.78, status="failed"), _run(44, 0.80)])
     rows = [full, lora, probe]
     add_differences(rows)
@@ -97,6 +107,8 @@ def test_seed_rows_pair_by_seed_and_flag_a_difference_whose_interval_spans_zero(
     md = markdown(rows, SETTINGS | {"seeds": [42, 43, 44]})
     assert "seeds 42, 43, 44" in md and "95% Student-t interval" in md and '"not significant"' in md
     assert "Failed seeds (left out of the mean and the differences): seed 43: boom" in md
+    assert "lora (5 trials finished, 1 pruned): training.base_learning_rate=1e-3, method.lora.r=16." in md
+    assert col["search time"] == ["—", "120 s", "—"] and col["search peak memory"][1] == "1.0 GiB"
 
 
 def test_one_seed_says_no_interval_and_gives_the_binomial_se(tmp_path):
@@ -159,3 +171,37 @@ def test_compare_over_two_seeds_runs_each_seed_in_its_own_folder_and_reuses_them
     rerun = json.loads((out / "comparison.json").read_text())
     full = next(r for r in rerun["runs"] if r["method"] == "full")
     assert [s["reused"] for s in full["seeds"]] == [True, True]  # not trained again
+
+
+@pytest.mark.slow
+def test_compare_tune_searches_each_method_then_trains_at_the_best_settings(tmp_path, text_data):
+    """`compare --methods full --tune 2` on the tiny BERT: the search in full/tune/ (study.json, its trials), the
+    seed's run at the best settings found, and the search's cost in the row and the table."""
+    pytest.importorskip("optuna")
+    from test_compare import _parse, write_compare_config
+
+    config = write_compare_config(tmp_path, training={"num_epochs": 1, "seed": 0, "eval_every_steps": 1})
+    out = tmp_path / "cmp"
+    argv = ["--config", str(config), "--data_dir", str(text_data), "--output_dir", str(out), "--methods", "full"]
+    args = _parse([*argv, "--tune", "2", "training.max_steps=2"])
+    assert args.func(args) == 0
+    full = next(r for r in json.loads((out / "comparison.json").read_text())["runs"] if r["method"] == "full")
+    study = json.loads((out / "full" / "tune" / "study.json").read_text())
+    assert full["search_trials"] == 2 and len(study["trials"]) == 2 and full["search_wall_time_s"] > 0
+    assert full["search_peak_rss_bytes"] > 0 and full["search_complete"] + full["search_pruned"] == 2
+    best = next(t for t in study["trials"] if t["number"] == study["best"])
+    assert full["best_overrides"] == best["params"]
+    saved = yaml.safe_load((out / "full" / "seed_0" / "config.yaml").read_text())
+    assert saved["training"]["base_learning_rate"] == pytest.approx(best["params"]["training.base_learning_rate"])
+    assert full["learning_rate"] == pytest.approx(best["params"]["training.base_learning_rate"])
+    table = (out / "comparison.md").read_text()
+    assert "| search time | search peak memory |" in table and "searched first" in table
+    page = out / "full" / "tune" / "tune.html"  # the search's page, drawn from its study.json
+    assert f"Best trial: #{best['number']}" in page.read_text()
+    from chromium_page import chromium_binary, render
+
+    if chromium_binary() is not None:
+        shown = render(page)
+        assert shown.console_errors == [] and shown.facts["svgs"] >= 2, shown.console_errors
+        if os.environ.get("FULLTUNE_SCREENSHOT_DIR"):
+            (Path(os.environ["FULLTUNE_SCREENSHOT_DIR"]) / "compare_tune.png").write_bytes(shown.screenshot)

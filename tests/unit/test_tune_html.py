@@ -68,7 +68,7 @@ def test_tune_html_has_the_table_a_chart_per_key_and_the_pruned_steps(tmp_path):
     assert ">cosine<" in text[text.index(f'aria-label="{SCHED}"') :]  # a choice is a category
     assert "#5 pruned at step 20" in text and "Pruned: #1 at step 10 (0.3); #5 at step 20 (0.5)" in text
     assert "http" not in text.replace("http://www.w3.org/2000/svg", "")  # self-contained
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_tune_html_renders_in_headless_chromium(tmp_path):

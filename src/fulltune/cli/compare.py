@@ -101,12 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _search() -> Any:
     """`fulltune tune`'s search (`run_study`), loaded only for --tune: it needs the tune extra (Optuna)."""
-    from fulltune.errors import ConfigError
+    from fulltune.tune.study import require_optuna, run_study
 
-    try:
-        from fulltune.tune.study import run_study
-    except ImportError as err:
-        raise ConfigError(
-            f"--tune needs the search of `fulltune tune` and Optuna ({err}): pip install 'fulltune[tune]'"
-        ) from None
+    require_optuna()  # before any run starts
     return run_study

@@ -244,8 +244,8 @@ def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[
 
 
 Search = Callable[..., Any]
-"""`fulltune.tune.study.run_study(cfg, out_dir, trials=N, seed=S, log=...)`, returning a StudyResult (best_overrides,
-best_value, metric, direction, n_complete, n_pruned, wall_time_s, peak_rss_bytes, best_run_dir)."""
+"""`fulltune.tune.study.run_study(cfg, out_dir, trials=N, seed=S, resume=..., log=...)`, returning a StudyResult
+(best_overrides, best_value, metric, direction, n_complete, n_pruned, wall_time_s, peak_rss_bytes, best_run_dir)."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,12 @@ def _search(repeats: Repeats, cfg: Config, out_dir: Path, skip_done: bool) -> di
         )
     assert repeats.search is not None
     study = repeats.search(
-        cfg, out_dir, trials=repeats.trials, seed=cfg.training.seed, log=lambda line: print(f"    {line}", flush=True)
+        cfg,
+        out_dir,
+        trials=repeats.trials,
+        seed=cfg.training.seed,
+        resume=skip_done,  # go on with the search already there: its finished trials are kept
+        log=lambda line: print(f"    {line}", flush=True),
     )
     print(f"    search: best {study.metric} {study.best_value} with {study.best_overrides}", flush=True)
     return {
@@ -283,7 +288,7 @@ def _search(repeats: Repeats, cfg: Config, out_dir: Path, skip_done: bool) -> di
         "search_peak_rss_bytes": study.peak_rss_bytes,
         "search_metric": study.metric,
         "search_best_value": study.best_value,
-        "best_overrides": dict(study.best_overrides),
+        "best_overrides": dict(study.best_overrides or {}),  # no finished trial: the method's own settings
         "search_dir": str(out_dir),
         "search_best_run_dir": str(study.best_run_dir) if study.best_run_dir else None,
     }
@@ -353,7 +358,9 @@ def run_all(
         print(f"    no {UNTRAINED} row: {str(err).splitlines()[0]}", flush=True)
     for i, method in enumerate(methods, start=1):
         label = variant(method).label
-        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {root / label / 'compare.log'}", flush=True)
+        log = root / label / ("seed_*/compare.log" if repeats and repeats.nested else "compare.log")
+        searched = f", searched first in {root / label / SEARCH_FOLDER}" if repeats and repeats.search else ""
+        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}{searched}, log {log}", flush=True)
         try:
             row = run_variant(config, overrides, root, method, lrs[method], skip_done, repeats)
         except FulltuneError as err:  # a config only this method rejects, a failed search; the others still run

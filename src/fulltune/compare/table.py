@@ -115,12 +115,26 @@ def interval_notes(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list
         out.append(
             "Each method's settings were searched first (--tune: the same number of trials each, over the "
             "method's own space, on the validation metric; the test split is not read); search time and search "
-            "peak memory are that search's, on top of each seed's run."
+            "peak memory are that search's, on top of each seed's run. Settings found: "
+            + "; ".join(_found(r) for r in rows if r.get("search_trials"))
+            + "."
         )
     failed = [e for r in rows if r.get("status") == "ok" for e in r.get("seed_errors") or []]
     if failed:
         out.append("Failed seeds (left out of the mean and the differences): " + "; ".join(failed) + ".")
     return out
+
+
+def _found(r: dict[str, Any]) -> str:
+    """A method's search in a few words: how many trials finished or were pruned, and the settings it found."""
+    settings = ", ".join(f"{k}={_setting(v)}" for k, v in (r.get("best_overrides") or {}).items())
+    return f"{r['method']} ({r.get('search_complete')} trials finished, {r.get('search_pruned')} pruned): " + (
+        settings or "its defaults"
+    )
+
+
+def _setting(v: Any) -> str:
+    return scientific(v) if isinstance(v, float) and 0 < abs(v) < 1e-2 else str(v)
 
 
 def _lr(v: float | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -178,19 +179,20 @@ def _best_section(study: dict[str, Any], trials: list[dict[str, Any]]) -> str:
     )
 
 
-def render_tune(study: dict[str, Any], title: str) -> str:
-    """tune.html's text for `study` (the module's dict)."""
+def render_tune(study: dict[str, Any], folder: Path) -> str:
+    """tune.html's text for `study` (the module's dict), a search in `folder`."""
+    title = folder.name if folder.name != "tune" else f"{folder.parent.name}/{folder.name}"  # compare's: full/tune
     metric = study.get("metric", "metric")
     trials = sorted_trials(study)
     keys = list(dict.fromkeys(k for t in trials for k in (t.get("params") or {})))
-    counts = {s: sum(t.get("state") == s for t in trials) for s in ("complete", "pruned", "failed", "running")}
+    states = ("complete", "pruned", "failed", "running", "waiting")
+    counts = {s: sum(t.get("state") == s for t in trials) for s in states}
     better = "higher" if study.get("direction", "maximize") == "maximize" else "lower"
     parts = [
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fulltune tune {_e(title)}</title>"
         f"<style>{CSS}{TUNE_CSS}</style></head><body><h1>fulltune tune: {_e(title)}</h1>",
-        f"<p class='muted'>validation {_e(metric)} ({better} is better) &middot; {len(trials)} trials: "
-        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-        + "</p>",
+        f"<p class='muted'>{_e(folder)} &middot; validation {_e(metric)} ({better} is better) &middot; "
+        f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "</p>",
         _best_section(study, trials),
         "<h2>Trials</h2><p class='muted'>Best first; a pruned trial has no final value and is ranked by the last "
         "value it reported.</p>",
@@ -234,6 +236,6 @@ def write_tune_html(path: Path, study: dict[str, Any]) -> None:
     """Write tune.html at `path` (links to trial reports are relative to its folder), atomically: a browser never
     sees half a page while a search goes on."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_tune(study, path.parent.name), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # several processes may work on one study
+    tmp.write_text(render_tune(study, path.parent.resolve()), encoding="utf-8")
     tmp.replace(path)
