@@ -78,8 +78,8 @@ def binomial_se(p: float, n: int) -> float:
 
 def seed_row(label: str, runs: list[dict[str, Any]], search: dict[str, Any] | None = None) -> dict[str, Any]:
     """A method's row from its runs, one per seed (each a row of `runner.run_method` with its "seed"): the first
-    good run's facts, the test metric's mean/sd/interval over the good runs, the mean validation metric, the mean
-    wall time of a run, the largest peak memory, and the search's cost and result when there was one."""
+    good run's facts, the test metric's mean/sd/interval over the good runs, the mean validation metric, test top-5,
+    wall time and samples/s of a run, the largest peak memory, and the search's cost and result when there was one."""
     good = [r for r in runs if r.get("status") == "ok"]
     failed = [r for r in runs if r.get("status") != "ok"]
     first = {k: runs[0].get(k) for k in ("learning_rate", "run_dir", "peak_rss_bytes")}
@@ -100,7 +100,8 @@ def seed_row(label: str, runs: list[dict[str, Any]], search: dict[str, Any] | No
         if values:
             iv = mean_interval(values)
             row |= {key: iv.mean, f"{key}_sd": iv.sd, f"{key}_low": iv.low, f"{key}_high": iv.high, f"{key}_n": iv.n}
-    for key, pick in (("wall_time_s", _mean), ("peak_memory_bytes", max), ("peak_rss_bytes", max)):
+    picks = {"wall_time_s": _mean, "samples_per_s": _mean, "test_top5": _mean, "peak_memory_bytes": max}
+    for key, pick in (picks | {"peak_rss_bytes": max}).items():
         values = [r[key] for r in good if r.get(key) is not None]
         row[key] = pick(values) if values else None
     return row
@@ -119,9 +120,10 @@ def add_differences(rows: list[dict[str, Any]]) -> None:
     """Each row's test difference to full fine-tuning (in place): over seeds, the paired differences' mean and
     interval ("diff", a dict of Interval's fields) and "significant" (the interval leaves out 0); with one seed,
     the difference alone and, for accuracy, the binomial standard error of each row ("test_se")."""
+    one_seed = not any(r.get("seeds") for r in rows)  # over seeds, the intervals say it (not a mix of both)
     for r in rows:
         n = r.get("test_examples")
-        if r.get("metric") == "accuracy" and r.get("test") is not None and n and not r.get("seeds"):
+        if one_seed and r.get("metric") == "accuracy" and r.get("test") is not None and n:
             r["test_se"] = binomial_se(r["test"], n)
     ref = next((r for r in rows if r.get("method") == REFERENCE and r.get("status") == "ok"), None)
     if ref is None or ref.get("test") is None:

@@ -296,17 +296,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         # The test bars carry their spread: a 95% interval over seeds, else one binomial SE (accuracy, one seed).
         errors = [error_bar(r) if good else (math.nan, math.nan) for r, good in zip(rows, ok, strict=True)]
         spread = split == "test" and any(not math.isnan(e[0]) for e in errors)
-        label = (split + (f" ({error_bar_name(rows)})" if spread else "")) if shown else None
+        if spread:
+            ax.set_title(f"{metric} (test: {error_bar_name(rows)})")
         bars = ax.bar(
             [i + offset for i in x],
             heights,
             width=0.4,
-            label=label,
+            label=split if shown else None,
             yerr=[list(e) for e in zip(*errors, strict=True)] if spread else None,
             capsize=4,
         )
         ax.bar_label(bars, labels=labels(heights, _short), fontsize=8)
-    ax.set_title(metric)
+    if not ax.get_title():
+        ax.set_title(metric)
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=8)  # above the bars
     panels = [
         (axes[0][1], "trainable_percent", 1.0, "trainable parameters (%)", True),

@@ -38,6 +38,12 @@ def _setting(key: str, v: Any) -> str:
     return scientific(v) if is_learning_rate(key) and isinstance(v, float) else fmt(v)
 
 
+def short_key(key: str) -> str:
+    """A dotted key without its config section: training.base_learning_rate -> base_learning_rate, method.lora.r ->
+    lora.r."""
+    return key.split(".", 1)[1] if key.count(".") >= 1 else key
+
+
 def _last_value(t: dict[str, Any]) -> float | None:
     """A trial's final value, else the last value it reported (a pruned or running trial)."""
     if t.get("value") is not None:
@@ -69,7 +75,7 @@ def _axis(values: list[float], log: bool) -> tuple[float, float, list[float], li
         lo, hi = (lo / 1.5, hi * 1.5) if hi / lo < 1.5 else (lo / 1.15, hi * 1.15)
         ticks, step = log_ticks(lo, hi)
         return lo, hi, ticks, tick_labels(ticks, step)
-    pad = (hi - lo) * 0.08 or abs(lo) * 0.1 or 1.0
+    pad = max((hi - lo) * 0.08, abs(hi) * 0.02) or 1.0  # values close together: a readable span around them
     ticks, step = nice_ticks(lo - pad, hi + pad, 5)
     return lo - pad, hi + pad, ticks, tick_labels(ticks, step)
 
@@ -159,8 +165,10 @@ def _trials_table(study: dict[str, Any], trials: list[dict[str, Any]], keys: lis
             + "".join(f"<td class='{'l' if i in (1, 3, len(cells) - 2) else ''}'>{c}</td>" for i, c in enumerate(cells))
             + "</tr>"
         )
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    return f"<table class='cmp'><tr>{th}</tr>{''.join(rows)}</table>"
+    th = "".join(
+        f"<th title='{_e(h)}'>{_e(short_key(h) if h in keys else h)}</th>" for h in head
+    )  # a searched key without its section (base_learning_rate), the whole key on hover
+    return f"<div style='overflow-x:auto'><table class='cmp'><tr>{th}</tr>{''.join(rows)}</table></div>"
 
 
 def _best_section(study: dict[str, Any], trials: list[dict[str, Any]]) -> str:
