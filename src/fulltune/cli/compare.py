@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
         metavar="K",
         help="train each method K times, training.seed = seed + 0..K-1 (the same seeds for every method), each "
         "in <output_dir>/<method>/seed_<seed>/; the table gives the test metric's mean ± sd, its 95%% interval and "
-        "the paired difference to full fine-tuning (default: 1)",
+        "the paired difference to full fine-tuning",
     )
     p.add_argument(
         "--tune",
