@@ -297,7 +297,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         errors = [error_bar(r) if good else (math.nan, math.nan) for r, good in zip(rows, ok, strict=True)]
         spread = split == "test" and any(not math.isnan(e[0]) for e in errors)
         if spread:
-            ax.set_title(f"{metric} (test: {error_bar_name(rows)})")
+            ax.set_title(f"{metric} (test: {error_bar_name(rows)})", loc="left")  # the legend is on the right
         bars = ax.bar(
             [i + offset for i in x],
             heights,
@@ -307,7 +307,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             capsize=4,
         )
         ax.bar_label(bars, labels=labels(heights, _short), fontsize=8)
-    if not ax.get_title():
+    if not ax.get_title(loc="left"):
         ax.set_title(metric)
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=8)  # above the bars
     panels = [
