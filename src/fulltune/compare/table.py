@@ -134,7 +134,9 @@ def _found(r: dict[str, Any]) -> str:
 
 
 def _setting(v: Any) -> str:
-    return scientific(v) if isinstance(v, float) and 0 < abs(v) < 1e-2 else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    return scientific(v) if 0 < abs(v) < 1e-2 else f"{v:.3g}"
 
 
 def _lr(v: float | None) -> str:
