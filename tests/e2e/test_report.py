@@ -18,7 +18,7 @@ from conftest import TINY_BERT, TINY_CLIP, base_overrides, write_text_split
 from PIL import Image
 
 from fulltune.cli import main
-from fulltune.compare.runner import comparison_table
+from fulltune.compare.table import comparison_table
 from fulltune.config import load_config
 from fulltune.eval.evaluate import evaluate_checkpoint
 from fulltune.eval.metrics import summarize_confusion

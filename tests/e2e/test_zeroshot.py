@@ -174,7 +174,7 @@ def test_train_export_interpolate_and_plain_load(tmp_path, clip_dir, image_data)
     from fulltune.cli import main
     from fulltune.clip.interpolate import read_weights
     from fulltune.compare.clip_rows import clip_notes, run_clip_rows
-    from fulltune.compare.runner import markdown
+    from fulltune.compare.table import markdown
 
     cfg = clip_cfg(
         tmp_path / "full_zs_head",

@@ -9,7 +9,8 @@ import yaml
 from conftest import parse_cli
 from test_compare import write_compare_config
 
-from fulltune.compare.runner import learning_rates, markdown, parse_methods
+from fulltune.compare.runner import learning_rates, parse_methods
+from fulltune.compare.table import markdown
 from fulltune.compare.variants import UNTRAINED, parse_variants
 from fulltune.config import ConfigError
 

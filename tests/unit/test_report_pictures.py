@@ -10,7 +10,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from fulltune.compare.runner import comparison_table, markdown
+from fulltune.compare.table import comparison_table, markdown
 from fulltune.report.html import build_comparison, render_report
 from fulltune.report.plots import curve_series, svg_chart, svg_heatmap
 
@@ -215,7 +215,7 @@ def test_comparison_html_has_the_markdown_columns_in_one_format_each(tmp_path):
 def test_comparison_plot_draws_no_bar_for_a_row_without_a_value(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from fulltune.compare.runner import plot
+    from fulltune.compare.table import plot
 
     drawn: list[tuple[list[float], list[str]]] = []
     bar, bar_label = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.bar_label

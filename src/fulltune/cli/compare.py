@@ -1,5 +1,6 @@
 """`fulltune compare`: train one config under several methods (same data, seed and budget), each in its own
-process and run folder, and tabulate them (the runs and tables are `fulltune.compare.runner`)."""
+process and run folder, optionally over several seeds and after a search of each method's settings, and tabulate
+them (the runs are `fulltune.compare.runner`, the statistics `.seeds`, the tables `.table`)."""
 
 from __future__ import annotations
 
@@ -41,17 +42,40 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="reuse a method's finished run (summary.json) when its config is unchanged",
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train each method K times, training.seed = seed + 0..K-1 (the same seeds for every method), each "
+        "in <output_dir>/<method>/seed_<seed>/; the table gives the test metric's mean ± sd, its 95%% interval and "
+        "the paired difference to full fine-tuning",
+    )
+    p.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="N",
+        help="search each method's settings first: N trials of `fulltune tune` over its own default space (the "
+        "same budget for every method, in <output_dir>/<method>/tune/), then its seeds at the best settings found",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides for every method, e.g. training.num_epochs=2")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from fulltune.compare.clip_rows import clip_notes, run_clip_rows, split_clip_rows
-    from fulltune.compare.runner import learning_rates, parse_methods, run_all, settings_of, write_comparison
+    from fulltune.compare.runner import Repeats, learning_rates, parse_methods, run_all, settings_of
+    from fulltune.compare.seeds import seed_values
+    from fulltune.compare.table import write_comparison
     from fulltune.compare.variants import num_classes, variant
     from fulltune.config import load_config
     from fulltune.data.text import run_inputs
+    from fulltune.errors import ConfigError
     from fulltune.files.rundir import claim_output
+
+    if args.seeds < 1 or args.tune < 0:
+        raise ConfigError(f"--seeds {args.seeds} --tune {args.tune}: expected --seeds >= 1 and --tune >= 0")
 
     rest, clip_rows = split_clip_rows(args.methods)
     methods = parse_methods(rest) if rest or not clip_rows else []
@@ -61,10 +85,23 @@ def run(args: argparse.Namespace) -> int:
     lrs = learning_rates(args.lr_per_method, methods, base.training.base_learning_rate)
     labels = [variant(m).label for m in methods] + clip_rows
     claim_output(root, "compare", run_inputs(base), entries=["comparison.*", *labels])
-    rows = run_all(args.config, overrides, root, methods, lrs, args.skip_done)
+    repeats = Repeats(seed_values(base.training.seed, args.seeds), _search() if args.tune else None, args.tune)
+    rows = run_all(args.config, overrides, root, methods, lrs, args.skip_done, repeats)
     full_lr = learning_rates(args.lr_per_method, ["full"], base.training.base_learning_rate)["full"]
     rows += run_clip_rows(args.config, overrides, args.skip_done, root, clip_rows, full_lr, rows)
-    settings = settings_of(base, methods + clip_rows, lrs) | {"num_classes": num_classes(rows)}
+    settings = settings_of(base, methods + clip_rows, lrs) | {
+        "num_classes": num_classes(rows),
+        "seeds": repeats.seeds,
+        "tune_trials": args.tune or None,
+    }
     table = write_comparison(root, settings, rows, clip_notes(rows))
     print(table + f"written: {root}/comparison.md, comparison.json, comparison.png, comparison.html")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return 0 if all(r["status"] == "ok" and not r.get("seed_errors") for r in rows) else 1
+
+
+def _search() -> Any:
+    """`fulltune tune`'s search (`run_study`), loaded only for --tune: it needs the tune extra (Optuna)."""
+    from fulltune.tune.study import require_optuna, run_study
+
+    require_optuna()  # before any run starts
+    return run_study

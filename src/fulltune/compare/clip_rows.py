@@ -10,7 +10,8 @@ from typing import Any
 
 from fulltune.clip.interpolate import wise_ft_run
 from fulltune.clip.zeroshot import zero_shot_run
-from fulltune.compare.runner import _from_summary, _num, run_method
+from fulltune.compare.runner import _from_summary, run_method
+from fulltune.compare.table import num
 from fulltune.config import load_config
 from fulltune.errors import ConfigError, DataError
 from fulltune.model.clip import is_embedding_classifier
@@ -118,7 +119,7 @@ def run_clip_rows(
         row.setdefault("process_wall_time_s", time.perf_counter() - start)
         done.append(row)
         if row["status"] == "ok":
-            print(f"    {row['metric']}: val {_num(row['val'], '.4f')}, test {_num(row['test'], '.4f')}", flush=True)
+            print(f"    {row['metric']}: val {num(row['val'], '.4f')}, test {num(row['test'], '.4f')}", flush=True)
         else:
             print(f"    failed: {row['error']}", flush=True)
     return done
@@ -137,7 +138,7 @@ def clip_notes(rows: list[dict[str, Any]]) -> str:
         )
     for r in rows:
         if r["method"] == "wise_ft" and r["status"] == "ok":
-            sweep = ", ".join(f"{s['alpha']:g}: {_num(s.get('accuracy'), '.4f')}" for s in r["sweep"])
+            sweep = ", ".join(f"{s['alpha']:g}: {num(s.get('accuracy'), '.4f')}" for s in r["sweep"])
             notes.append(
                 f"wise_ft: (1 - alpha) x zero_shot + alpha x {r['finetuned_row']} weights, alpha "
                 f"{r['alpha']:g}" + (f" chosen on val ({sweep})." if len(r["sweep"]) > 1 else ".")

@@ -1,6 +1,8 @@
 """`fulltune compare`: one config trained under several methods with the same data, seed and budget, each as a
 normal run folder (<output_dir>/<method>/) in its own process, so that peak memory and wall time are per method.
-Writes comparison.md, comparison.json, comparison.png and comparison.html beside them.
+With --seeds K or --tune N, a method's folder holds its search (tune/) and one run per seed (seed_<seed>/), and its
+row their statistics (`fulltune.compare.seeds`). Writes comparison.md, comparison.json, comparison.png and
+comparison.html beside them.
 
 A method that fails is reported as failed with its one-line error; the others still run.
 """
@@ -8,17 +10,20 @@ A method that fails is reported as failed with its one-line error; the others st
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fulltune.compare.seeds import SEARCH_FOLDER, seed_folder, seed_row
+from fulltune.compare.table import num, test_cell
 from fulltune.compare.variants import (
     UNTRAINED,
     VARIANT_METHODS,
@@ -31,10 +36,9 @@ from fulltune.config import Config, load_config, save_config, to_dict
 from fulltune.config.methods import DEFAULT_LR_MULT
 from fulltune.config.yamlfile import read_yaml
 from fulltune.data.text import run_inputs
-from fulltune.errors import ConfigError
+from fulltune.errors import ConfigError, FulltuneError
 from fulltune.files.rundir import claim_output_dir, release_run_lock
-from fulltune.report.html import build_comparison, read_jsonl
-from fulltune.report.plots import scientific
+from fulltune.report.html import read_jsonl
 from fulltune.runtime.device import resolve_device, resolve_precision
 from fulltune.runtime.memory import maxrss_bytes
 
@@ -72,9 +76,18 @@ def learning_rates(text: str, methods: list[str], base_lr: float) -> dict[str, f
     return lrs
 
 
-def method_config(config: str | None, overrides: list[str], root: Path, method: str, lr: float) -> Config:
+def method_config(
+    config: str | None,
+    overrides: list[str],
+    root: Path,
+    method: str,
+    lr: float,
+    extra: tuple[str, ...] = (),
+    run_dir: Path | None = None,
+) -> Config:
     """The shared config with only what differs between methods changed: name (and a variant's options), learning
-    rate, run folder (the variant's label: lora-r8)."""
+    rate, run folder (the variant's label: lora-r8, or `run_dir`); then `extra` (a search's best settings, a seed),
+    which win over the rest."""
     v = variant(method)
     return load_config(
         config,
@@ -83,8 +96,9 @@ def method_config(config: str | None, overrides: list[str], root: Path, method: 
             f"method.name={v.method}",
             *v.overrides,
             f"training.base_learning_rate={lr!r}",
-            f"output_dir={json.dumps(str(root / v.label))}",
+            f"output_dir={json.dumps(str(run_dir or root / v.label))}",
             "logging.progress_bar=false",  # the child writes to a log file, where a live bar is noise
+            *extra,
         ],
     )
 
@@ -186,7 +200,8 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
         "metric": metric,
         "val": summary["best_val"][metric],
         "test": (summary.get("test") or {}).get(metric),
-        "test_weights": (summary.get("test") or {}).get("weights"),  # 'best' (picked on val) or 'final'
+        "test_weights": (summary.get("test") or {}).get("weights"),
+        "test_examples": (summary.get("test") or {}).get("examples"),  # 'best' (picked on val) or 'final'
         "test_top5": test_top5(run_dir),
         "trainable_parameters": summary["trainable_parameters"],
         "total_parameters": total,
@@ -202,174 +217,6 @@ def _from_summary(run_dir: Path) -> dict[str, Any]:
         "exported_bytes": folder_bytes(export, skip=("training_state", "adapter")),
         "adapter_bytes": folder_bytes(adapter) if adapter.is_dir() else None,
     }
-
-
-# ------------------------------------------------------------------------------------------------- the report
-
-
-MISSING = "—"
-
-
-def _num(v: float | None, fmt: str) -> str:
-    return MISSING if v is None else format(v, fmt)
-
-
-def _lr(v: float | None) -> str:
-    return MISSING if v is None else scientific(v)
-
-
-def _bytes_column(values: list[float | None]) -> list[str]:
-    """Sizes of one column in one unit (that of the largest), so the column reads down."""
-    known = [v for v in values if v is not None]
-    unit, size = next(
-        ((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if known and max(known) >= s), ("B", 1)
-    )
-    return [MISSING if v is None else f"{v / size:,.1f} {unit}" if size > 1 else f"{int(v)} B" for v in values]
-
-
-def comparison_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The comparison's columns and each row's cells, one number format per column: comparison.md and
-    comparison.html both show this table."""
-    metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
-    mfmt = ".2f" if metric in ("perplexity", "loss") else ".4f"
-    top5 = (settings.get("num_classes") or 0) > 5  # a top-5 column where there are more than five classes
-    tokens = any(r.get("tokens_per_s") for r in rows)  # a causal LM: its speed in tokens too
-    head = ["method", "lr", f"val {metric}", f"test {metric}", *(["test top-5"] if top5 else [])]
-    head += [
-        "trainable params",
-        "trainable %",
-        "peak memory",
-        "wall time",
-        "samples/s",
-        *(["tokens/s"] if tokens else []),
-    ]
-    head += ["export size", "adapter size"]
-    ok = [r.get("status") == "ok" for r in rows]
-    columns = {
-        key: _bytes_column([r.get(key) if good else None for r, good in zip(rows, ok, strict=True)])
-        for key in ("peak_memory_bytes", "exported_bytes", "adapter_bytes")
-    }
-    body = []
-    for k, (r, good) in enumerate(zip(rows, ok, strict=True)):
-        if not good:
-            body.append([r["method"], _lr(r.get("learning_rate")), "failed"] + [""] * (len(head) - 3))
-            continue
-        params = r.get("trainable_parameters")
-        body.append(
-            [
-                r["method"],
-                _lr(r.get("learning_rate")),
-                _num(r.get("val"), mfmt),
-                _num(r.get("test"), mfmt),
-                *([_num(r.get("test_top5"), mfmt)] if top5 else []),
-                MISSING if params is None else f"{params:,}",
-                _num(r.get("trainable_percent"), ".2f") + ("%" if r.get("trainable_percent") is not None else ""),
-                columns["peak_memory_bytes"][k],
-                _num(r.get("wall_time_s"), ".0f") + (" s" if r.get("wall_time_s") is not None else ""),
-                _num(r.get("samples_per_s"), ".1f"),
-                *([_num(r.get("tokens_per_s"), ",.0f")] if tokens else []),
-                columns["exported_bytes"][k],
-                columns["adapter_bytes"][k],
-            ]
-        )
-    return head, body
-
-
-def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
-    head, body = comparison_table(rows, settings)
-    lines = [
-        "# fulltune compare",
-        "",
-        f"Model `{settings['model']}`, data `{settings['data']}`; {settings['budget']}, global batch "
-        f"{settings['global_batch']}, {settings['length']}, seed {settings['seed']}, precision "
-        f"{settings['precision']}, device {settings['device']}. Each method ran in its own process.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|---|" + "---:|" * (len(head) - 1),
-    ]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        lines += ["", "Failed:", ""]
-        lines += [f"- {r['method']}: {r['error']} (log: {r['run_dir']}/compare.log)" for r in failed]
-    lines += [
-        "",
-        f"Val is the best validation {metric} of the run; test is measured on the weights of that best "
-        "checkpoint (on the final weights where there is no validation set). Peak memory is "
-        + (
-            "allocated GPU memory. "
-            if settings["device"].startswith("cuda")
-            else "the process's peak resident set (model, data and training state together). "
-        )
-        + "Wall time is the training loop with its evaluations, without process start-up and model loading. "
-        "samples/s counts training steps only (evaluation and checkpoint time excluded). Export size is the "
-        "folder that plain transformers loads (weights, config, tokenizer); LoRA's is merged, its adapter alone is "
-        "the last column."
-        + (
-            f" The {UNTRAINED} row is the model as each run starts it ("
-            + ("pretrained weights" if settings.get("pretrained", True) else "randomly initialised from a config")
-            + ", a fresh head), "
-            "evaluated without training."
-            if any(r["method"] == UNTRAINED for r in rows)
-            else ""
-        ),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _short(v: float) -> str:
-    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["method"] for r in rows]
-    ok = [r["status"] == "ok" for r in rows]
-    metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
-
-    def values(key: str, scale: float = 1.0) -> list[float]:
-        """One value per row; NaN (no bar, no label) where the row has none or failed."""
-        return [
-            r[key] / scale if good and r.get(key) is not None else math.nan for r, good in zip(rows, ok, strict=True)
-        ]
-
-    def labels(heights: list[float], fmt: Any) -> list[str]:
-        return ["" if math.isnan(v) else fmt(v) for v in heights]
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    x = range(len(rows))
-    ax = axes[0][0]
-    for offset, split in ((-0.2, "val"), (0.2, "test")):
-        heights = values(split)
-        shown = any(not math.isnan(v) for v in heights)  # no legend entry for a split no row has
-        bars = ax.bar([i + offset for i in x], heights, width=0.4, label=split if shown else None)
-        ax.bar_label(bars, labels=labels(heights, _short), fontsize=8)
-    ax.set_title(metric)
-    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=8)  # above the bars
-    panels = [
-        (axes[0][1], "trainable_percent", 1.0, "trainable parameters (%)", True),
-        (axes[1][0], "peak_memory_bytes", 2**20, "peak memory (MiB)", False),
-        (axes[1][1], "wall_time_s", 1.0, "wall time (s)", False),
-    ]
-    for ax, key, scale, title, log in panels:
-        heights = values(key, scale)
-        ax.bar_label(ax.bar(list(x), heights, color="tab:gray"), labels=labels(heights, _short), fontsize=8)
-        ax.set_title(title)
-        if log and any(v > 0 for v in heights):
-            ax.set_yscale("log")
-    for ax in axes.flat:
-        ax.set_xticks(list(x), names)
-        for i, good in enumerate(ok):
-            if not good:  # x in data units, y in axes units: visible on log axes too
-                ax.text(i, 0.05, "failed", transform=ax.get_xaxis_transform(), ha="center", color="tab:red")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[str, Any]:
@@ -396,6 +243,99 @@ def settings_of(cfg: Config, methods: list[str], lrs: dict[str, float]) -> dict[
 # ------------------------------------------------------------------------------------------------- all methods
 
 
+Search = Callable[..., Any]
+"""`fulltune.tune.study.run_study(cfg, out_dir, trials=N, seed=S, resume=..., log=...)`, returning a StudyResult
+(best_overrides, best_value, metric, direction, n_complete, n_pruned, wall_time_s, peak_rss_bytes, best_run_dir)."""
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """How often each method runs: its seeds (the same for every method) and, with --tune, a search of `trials`
+    trials before them."""
+
+    seeds: list[int]
+    search: Search | None = None
+    trials: int = 0
+
+    @property
+    def nested(self) -> bool:
+        """Whether a method's folder holds seed_<seed>/ runs (and tune/) rather than being the run itself."""
+        return len(self.seeds) > 1 or self.search is not None
+
+
+def _search(repeats: Repeats, cfg: Config, out_dir: Path, skip_done: bool) -> dict[str, Any]:
+    """The method's search into `out_dir` (its trials are ordinary run folders there); the row's facts of it."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not skip_done:
+        raise ConfigError(
+            f"'{out_dir}' already holds a search (left untouched): pass --skip_done to continue it, or give "
+            "compare a new --output_dir"
+        )
+    assert repeats.search is not None
+    study = repeats.search(
+        cfg,
+        out_dir,
+        trials=repeats.trials,
+        seed=cfg.training.seed,
+        resume=skip_done,  # go on with the search already there: its finished trials are kept
+        log=lambda line: print(f"    {line}", flush=True),
+    )
+    print(f"    search: best {study.metric} {study.best_value} with {study.best_overrides}", flush=True)
+    return {
+        "search_trials": repeats.trials,
+        "search_complete": study.n_complete,
+        "search_pruned": study.n_pruned,
+        "search_wall_time_s": study.wall_time_s,
+        "search_peak_rss_bytes": study.peak_rss_bytes,
+        "search_metric": study.metric,
+        "search_best_value": study.best_value,
+        "best_overrides": dict(study.best_overrides or {}),  # no finished trial: the method's own settings
+        "search_dir": str(out_dir),
+        "search_best_run_dir": str(study.best_run_dir) if study.best_run_dir else None,
+    }
+
+
+def run_variant(
+    config: str | None,
+    overrides: list[str],
+    root: Path,
+    method: str,
+    lr: float,
+    skip_done: bool = False,
+    repeats: Repeats | None = None,
+) -> dict[str, Any]:
+    """One method's row. One seed and no search: its run in <root>/<label>/. Else its search first (--tune, in
+    <root>/<label>/tune/), then one run per seed in <root>/<label>/seed_<seed>/ at the settings found, and the row
+    of their statistics."""
+    if repeats is None or not repeats.nested:
+        return run_method(method_config(config, overrides, root, method, lr), skip_done)
+    label = variant(method).label
+    method_dir = root / label
+    if (method_dir / "config.yaml").is_file():  # a one-seed run: never mix seed folders into it
+        raise ConfigError(
+            f"'{method_dir}' holds a one-seed run (left untouched); with --seeds or --tune each seed runs in "
+            f"{method_dir}/seed_<seed>/: give compare a new --output_dir"
+        )
+    search = None
+    if repeats.search is not None:
+        cfg = method_config(config, overrides, root, method, lr, run_dir=method_dir / SEARCH_FOLDER)
+        search = _search(repeats, cfg, method_dir / SEARCH_FOLDER, skip_done)
+    extra = tuple(f"{k}={json.dumps(v)}" for k, v in (search or {}).get("best_overrides", {}).items())
+    runs = []
+    for seed in repeats.seeds:
+        run_dir = seed_folder(method_dir, seed)
+        cfg = method_config(config, overrides, root, method, lr, (*extra, f"training.seed={seed}"), run_dir)
+        runs.append(run_method(cfg, skip_done) | {"seed": seed})
+        print(f"    seed {seed}: {_outcome(runs[-1])}", flush=True)
+    return seed_row(label, runs, search)
+
+
+def _outcome(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return f"failed: {row['error']}"
+    test = test_cell(row, ".4f")
+    return f"{row['metric']}: val {num(row['val'], '.4f')}, test {test}, wall {num(row['wall_time_s'], '.0f')} s"
+
+
 def run_all(
     config: str | None,
     overrides: list[str],
@@ -403,9 +343,10 @@ def run_all(
     methods: list[str],
     lrs: dict[str, float],
     skip_done: bool = False,
+    repeats: Repeats | None = None,
 ) -> list[dict[str, Any]]:
-    """The untrained model's row, then every method in turn (each in its own process and run folder); a failing one
-    is reported as failed."""
+    """The untrained model's row, then every method in turn (each in its own process and run folder, one per seed
+    with `repeats`); a failing one is reported as failed."""
     rows = []
     print(f"[0/{len(methods)}] {UNTRAINED}: evaluating the model before any training", flush=True)
     try:  # the model as every run starts it: method full (nothing is trained, so nothing is wrapped or frozen)
@@ -417,10 +358,12 @@ def run_all(
         print(f"    no {UNTRAINED} row: {str(err).splitlines()[0]}", flush=True)
     for i, method in enumerate(methods, start=1):
         label = variant(method).label
-        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}, log {root / label / 'compare.log'}", flush=True)
+        log = root / label / ("seed_*/compare.log" if repeats and repeats.nested else "compare.log")
+        searched = f", searched first in {root / label / SEARCH_FOLDER}" if repeats and repeats.search else ""
+        print(f"[{i}/{len(methods)}] {method}: lr {lrs[method]:.3g}{searched}, log {log}", flush=True)
         try:
-            row = run_method(method_config(config, overrides, root, method, lrs[method]), skip_done)
-        except ConfigError as err:  # a config only this method rejects; the others still run
+            row = run_variant(config, overrides, root, method, lrs[method], skip_done, repeats)
+        except FulltuneError as err:  # a config only this method rejects, a failed search; the others still run
             row = {
                 "method": method,
                 "learning_rate": lrs[method],
@@ -430,23 +373,5 @@ def run_all(
             }
         row["method"] = label  # lora-r8 and lora-r16 are two rows
         rows.append(row)
-        if row["status"] == "ok":
-            print(
-                f"    {row['metric']}: val {_num(row['val'], '.4f')}, test {_num(row['test'], '.4f')}, "
-                f"wall {_num(row['wall_time_s'], '.0f')} s",
-                flush=True,
-            )
-        else:
-            print(f"    failed: {row['error']}", flush=True)
+        print(f"    {_outcome(row)}", flush=True)
     return rows
-
-
-def write_comparison(root: Path, settings: dict[str, Any], rows: list[dict[str, Any]], notes: str = "") -> str:
-    """comparison.json, .md, .png and .html in `root`; returns the markdown table."""
-    (root / "comparison.json").write_text(json.dumps({"settings": settings, "runs": rows}, indent=2))
-    table = markdown(rows, settings) + notes
-    (root / "comparison.md").write_text(table, encoding="utf-8")
-    plot(rows, root / "comparison.png")
-
-    build_comparison(root, rows, settings, comparison_table(rows, settings))
-    return table

@@ -100,6 +100,7 @@ def untrained_row(cfg: Config) -> dict[str, Any]:
         "val": val.get(metric),
         "test": test.get(metric),
         "test_top5": test.get("top5_accuracy"),
+        "test_examples": test.get("examples"),
         "test_weights": "untrained",
         "trainable_parameters": 0,
         "total_parameters": total,

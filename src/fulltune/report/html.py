@@ -349,10 +349,15 @@ def build_report(run_dir: str | Path, with_png: bool = True) -> Path:
 
 
 def build_comparison(
-    root: str | Path, rows: list[dict[str, Any]], settings: dict[str, Any], table: tuple[list[str], list[list[str]]]
+    root: str | Path,
+    rows: list[dict[str, Any]],
+    settings: dict[str, Any],
+    table: tuple[list[str], list[list[str]]],
+    notes: list[str] | None = None,
 ) -> Path:
     """comparison.html beside comparison.md: the same table (`table`: its columns and each row's cells, as
-    comparison.md shows them) with a link to each run's report, the comparison plot, every run's curves."""
+    comparison.md shows them) with a link to each run's report, the notes under it (what its intervals mean),
+    the comparison plot, every run's curves."""
     root = Path(root)
     head, cells = table
     body = []
@@ -390,6 +395,7 @@ def build_comparison(
         + "<th>report</th></tr>"
         + "".join(body)
         + "</table>",
+        "".join(f"<p>{_e(note)}</p>" for note in notes or []),
         "".join(
             f"<p class='warn'>{_e(r['method'])} failed: {_e(r.get('error'))}</p>"
             for r in rows

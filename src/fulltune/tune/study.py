@@ -24,6 +24,7 @@ from fulltune.errors import ConfigError, FulltuneError, TrainingError
 from fulltune.files.rundir import claim_output, write_atomic
 from fulltune.planning.facts import count_examples
 from fulltune.planning.recommend import run_steps
+from fulltune.report.tune_html import write_tune_html
 from fulltune.training.tasks import TASKS, infer_task, validation_metric
 from fulltune.tune.space import Space, check_space, default_space, suggest, trial_config
 from fulltune.tune.trial import Reporter, TrialRun, exclusive, resume_point, train_child, try_lock, wait_for_run_lock
@@ -274,9 +275,10 @@ def best_config(cfg: Config, out_dir: Path, overrides: dict[str, Any]) -> Config
 
 
 def write_results(cfg: Config, out_dir: Path, study: Any) -> dict[str, Any]:
-    """study.json and, once a trial completed, best_config.yaml (each replaced whole)."""
+    """study.json, tune.html and, once a trial completed, best_config.yaml (each replaced whole)."""
     record = study_record(study)
     write_atomic(out_dir / "study.json", json.dumps(record, indent=1) + "\n")
+    write_tune_html(out_dir / "tune.html", record)
     if record["best"] is not None:
         overrides = study.best_trial.user_attrs["overrides"]
         tmp = out_dir / f".best_config.yaml.tmp-{os.getpid()}"
