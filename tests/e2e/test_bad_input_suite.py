@@ -326,10 +326,10 @@ CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
         1,
         ("train.jsonl", "line 1", "null"),
     ),
-    "jsonl list label": (
+    "jsonl list label": (  # a list is a label set: multi-label, which needs two labels at least
         lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": [1]}\n')),
         1,
-        ("train.jsonl", "line 1", "list"),
+        ("train.jsonl", "1 label", "multi-label"),
     ),
     "jsonl not an object": (
         lambda w, t: _train_on(t, _table(t, "train.jsonl", '{"sentence": "a", "label": 1}\n[1]\n')),

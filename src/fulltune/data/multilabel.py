@@ -177,7 +177,11 @@ def read_labels(cfg: Config) -> tuple[list[str], Any]:
         train = read_examples(files["train"], d)
     labels = label_vocabulary(train)
     if len(labels) < 2:
-        raise DataError(f"the training data has {len(labels)} label; multi-label classification needs at least 2")
+        where = f"'{train.source}'"
+        raise DataError(
+            f"{where}: the training data has {len(labels)} label ({', '.join(labels) or 'none'}); multi-label "
+            "classification (label lists or data.label_separator) needs at least 2"
+        )
     if d.num_classes is not None and d.num_classes != len(labels):
         raise DataError(f"data.num_classes={d.num_classes} but the training data has {len(labels)} labels")
     return labels, (files, train)
