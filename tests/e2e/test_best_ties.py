@@ -40,8 +40,8 @@ def test_best_export_follows_the_lower_loss_on_a_tie(tmp_path, text_data, monkey
     fake = iter([0.605, 0.540, 0.560])
     real = trainer_module.Trainer.evaluate_split
 
-    def evaluate_split(self, dataset, model=None):
-        metrics = real(self, dataset, model)
+    def evaluate_split(self, dataset, model=None, thresholds=None):
+        metrics = real(self, dataset, model, thresholds)
         if dataset is self.data.val:
             metrics |= {"accuracy": 1.0, "loss": next(fake)}
         return metrics

@@ -41,6 +41,7 @@ from fulltune.files.rundir import claim_output_dir, release_run_lock
 from fulltune.report.html import read_jsonl
 from fulltune.runtime.device import resolve_device, resolve_precision
 from fulltune.runtime.memory import maxrss_bytes
+from fulltune.tune.trial import error_line
 
 # Learning rate of each method as a multiple of training.base_learning_rate (read as full fine-tuning's LR).
 
@@ -121,15 +122,6 @@ def _wait(proc: subprocess.Popen) -> int | None:
     return maxrss_bytes(usage)
 
 
-def _error_line(log: Path) -> str:
-    """The child's one-line error: `fulltune: error: ...`, else the last line (a traceback's exception)."""
-    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if line.startswith("fulltune: error:"):
-            return line.removeprefix("fulltune: error:").strip()
-    return lines[-1][:300] if lines else "no output"
-
-
 def folder_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
     """Bytes of the files under `path`, leaving out the top-level subfolders named in `skip`."""
     total = 0
@@ -181,7 +173,7 @@ def run_method(cfg: Config, skip_done: bool = False) -> dict[str, Any]:
         row["peak_rss_bytes"] = _wait(proc)
     row["process_wall_time_s"] = time.perf_counter() - start
     if proc.returncode != 0:
-        return row | {"status": "failed", "error": _error_line(log)}
+        return row | {"status": "failed", "error": error_line(log)}
     if not (run_dir / "summary.json").is_file():
         return row | {"status": "failed", "error": "the run ended without writing summary.json"}
     return row | _from_summary(run_dir)

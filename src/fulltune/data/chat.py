@@ -19,7 +19,7 @@ import torch
 from fulltune.config import Config, DataConfig
 from fulltune.data.lm import IGNORE, framing_tokens
 from fulltune.data.records import TaskData, capped, capped_splits, worker_count
-from fulltune.data.text import jsonl_objects, read_text_file
+from fulltune.data.text import first_jsonl_record, jsonl_objects, read_text_file
 from fulltune.errors import ConfigError, DataError
 
 # Named templates for tokenizers without one. Each turn ends with the tokenizer's end token (data.eos_token), so a
@@ -44,13 +44,8 @@ def is_chat_jsonl(path: Path, cfg: DataConfig) -> bool:
     `task: auto` reads as causal_lm chat data."""
     if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
         return False
-    try:
-        with open(path, encoding=cfg.encoding, errors="replace") as f:
-            first = next((line for line in f if line.strip()), "")
-        row = json.loads(first)
-    except (OSError, ValueError):
-        return False  # the reader that runs next says what is wrong with the file
-    return isinstance(row, dict) and isinstance(row.get(cfg.messages_column), list)
+    row = first_jsonl_record(path, cfg.encoding)
+    return row is not None and isinstance(row.get(cfg.messages_column), list)
 
 
 def read_conversations(path: Path, cfg: DataConfig, need_answer: bool = True) -> list[list[dict[str, str]]]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from fulltune.config import DataConfig
-from fulltune.data.text import jsonl_objects, read_text_file
+from fulltune.data.text import first_jsonl_record, jsonl_objects, read_text_file
 from fulltune.errors import ConfigError, DataError
 from fulltune.files.rundir import recover_run_dir
 from fulltune.files.safestate import StateFileError, load_tensors
@@ -65,13 +65,8 @@ def is_lm_jsonl(path: Path, cfg: DataConfig) -> bool:
     a classifier's table): what `task: auto` reads."""
     if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
         return False
-    try:
-        with open(path, encoding=cfg.encoding, errors="replace") as f:
-            first = next((line for line in f if line.strip()), "")
-        row = json.loads(first)
-    except (OSError, ValueError):
-        return False  # the reader that runs next says what is wrong with the file
-    return isinstance(row, dict) and cfg.response_column in row and cfg.label_column not in row
+    row = first_jsonl_record(path, cfg.encoding)
+    return row is not None and cfg.response_column in row and cfg.label_column not in row
 
 
 def line_chunks(lines: Iterable[str], chunk_chars: int) -> Iterator[str]:

@@ -42,13 +42,8 @@ def is_multi_label(cfg: Config) -> bool:
         return False
     if d.format == "auto" and txt.TABLE_EXTENSIONS.get(train.suffix.lower()) != "jsonl":
         return False
-    with open(train, encoding=d.encoding, errors="replace") as f:  # (the reader names a bad byte)
-        first = next((line for line in f if line.strip()), "").lstrip("\ufeff")
-    try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
-        return False  # the reader says which line is broken
-    return isinstance(row, dict) and isinstance(row.get(d.label_column), list)
+    row = txt.first_jsonl_record(train, d.encoding)
+    return row is not None and isinstance(row.get(d.label_column), list)
 
 
 def label_reader(cfg: DataConfig) -> Any:

@@ -99,6 +99,18 @@ def read_text_file(path: Path, encoding: str = "utf-8") -> str:
         ) from None
 
 
+def first_jsonl_record(path: Path, encoding: str) -> dict[str, Any] | None:
+    """The first record of a JSONL file, or None when it is not a readable JSON object: what `task: auto`'s layout
+    detectors look at (the reader that runs next names whatever is wrong with the file)."""
+    try:
+        with open(path, encoding=encoding, errors="replace") as f:
+            first = next((line for line in f if line.strip()), "").lstrip("\ufeff")
+        row = json.loads(first)
+    except (OSError, ValueError, LookupError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def jsonl_objects(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL text; anything but a JSON object is an error.
 

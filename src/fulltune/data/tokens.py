@@ -8,7 +8,6 @@ Every bad input is a DataError naming the file and line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from fulltune.config import DataConfig
 from fulltune.data.hf_datasets import HubSplits, column_names, column_values, features
 from fulltune.data.records import capped
-from fulltune.data.text import SPLIT_NAMES, hash_fraction, jsonl_objects, read_text_file
+from fulltune.data.text import SPLIT_NAMES, first_jsonl_record, hash_fraction, jsonl_objects, read_text_file
 from fulltune.errors import ConfigError, DataError
 
 IGNORE = -100
@@ -90,13 +89,8 @@ def is_token_data(cfg: DataConfig) -> bool:
         return True
     if train.suffix.lower() not in JSONL_EXTENSIONS:
         return False
-    try:
-        with open(train, encoding=cfg.encoding, errors="replace") as f:
-            first = next((line for line in f if line.strip()), "")
-        row = json.loads(first)
-    except (OSError, ValueError, LookupError):
-        return False  # the reader that runs next says what is wrong with the file
-    return isinstance(row, dict) and isinstance(row.get(cfg.tokens_column), list) and cfg.tags_column in row
+    row = first_jsonl_record(train, cfg.encoding)
+    return row is not None and isinstance(row.get(cfg.tokens_column), list) and cfg.tags_column in row
 
 
 # ---------------------------------------------------------------- reading

@@ -126,7 +126,7 @@ def _new_rows(path: Path, pos: int) -> tuple[list[dict[str, Any]], int]:
     return rows, pos + end
 
 
-def _error_line(log: Path) -> str:
+def error_line(log: Path) -> str:
     """The child's one-line error: `fulltune: error: ...`, else its last line."""
     lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     for line in reversed(lines):
@@ -188,7 +188,7 @@ def train_child(cfg: Config, run_dir: Path, log_file: Path, reporter: Reporter |
     elif proc.returncode in (130, 143, -signal.SIGTERM, -signal.SIGINT):
         run.state, run.error = "interrupted", "stopped by a signal (resumable)"
     elif proc.returncode != 0 or not (run_dir / "summary.json").is_file():
-        run.state, run.error = "failed", _error_line(log_file)
+        run.state, run.error = "failed", error_line(log_file)
     else:
         run.summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     return run
