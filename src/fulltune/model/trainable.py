@@ -87,8 +87,8 @@ def probe_schedule(cfg: Config) -> list[UnfreezeStep]:
 
 
 def _proportional_schedule(lmap: LayerMap, num_epochs: int) -> list[UnfreezeStep]:
-    """Seed 001's rule: at epoch e the top int(e / num_epochs * L) blocks train, the head always (the top block
-    brings what sits above the blocks with it); the embeddings stay frozen, as in the seed."""
+    """The CLIP fine-tuning script's rule: at epoch e the top int(e / num_epochs * L) blocks train, the head always
+    (the top block brings what sits above the blocks with it); the embeddings stay frozen, as in that script."""
     steps = [UnfreezeStep(epoch=0, layers=["classifier"])]
     blocks = list(reversed(lmap.block_prefixes))
     done = 0
