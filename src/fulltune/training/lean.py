@@ -100,7 +100,27 @@ def _copy_stochastic_(dst: Tensor, src: Tensor, noise: Tensor) -> None:
     dst.copy_(bits.view(torch.float32))  # exact: the low 16 bits are zero
 
 
-class BF16AdamW(torch.optim.Optimizer):
+class PerTensorOptimizer(torch.optim.Optimizer):
+    """An optimizer whose update is `step_param(p, group)`, one tensor at a time: lean mode's fused step calls it
+    from each tensor's gradient hook; `step()` runs it over every tensor with a gradient."""
+
+    def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, group)
+        return loss
+
+
+class BF16AdamW(PerTensorOptimizer):
     """AdamW for bf16 parameters whose updates keep fp32 quality without an fp32 master copy.
 
     Each parameter is updated on its own, in chunks of `chunk_size` elements: upcast weight/grad/moments to
@@ -221,18 +241,6 @@ class BF16AdamW(torch.optim.Optimizer):
             if any(q is p for q in group["params"]):
                 return group
         raise KeyError("parameter is not managed by this optimizer")
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, group)
-        return loss
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any] | None = None) -> None:

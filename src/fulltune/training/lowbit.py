@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fulltune.config import TrainingConfig
 from fulltune.errors import ConfigError
-from fulltune.training.lean import LOWBIT_STATES, BF16AdamW, wants_compiled_step
+from fulltune.training.lean import LOWBIT_STATES, BF16AdamW, PerTensorOptimizer, wants_compiled_step
 
 __all__ = ["LowBitAdamW", "build_lowbit_optimizer"]
 
@@ -48,7 +48,7 @@ def _compiled_update() -> Callable[..., None]:
     return torch.compile(_torchao().update, fullgraph=True, dynamic=False)
 
 
-class LowBitAdamW(torch.optim.Optimizer):
+class LowBitAdamW(PerTensorOptimizer):
     """AdamW whose moments are block-quantized to 8 or 4 bits (torchao's `OptimState8bit` / `OptimState4bit`, the
     states of `torchao.optim.AdamW8bit` / `AdamW4bit`), updated by torchao's `single_param_adam`, one tensor at a
     time: `step_param(p, group)` is what lean mode's fused step calls in backward, `step()` loops over it.
@@ -118,18 +118,6 @@ class LowBitAdamW(torch.optim.Optimizer):
             return self._state_cls(moment.codes[start:end], scale, moment.qmap, moment.signed, dtype=moment.dtype)
         codes = moment.codes[start // 2 : end // 2]  # two 4-bit codes per byte
         return self._state_cls(codes, scale, moment.qmap, moment.signed, (end - start,), dtype=moment.dtype)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, group)
-        return loss
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
