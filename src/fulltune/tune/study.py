@@ -79,12 +79,13 @@ def open_storage(out_dir: Path, storage: str | None) -> Any:
 
 
 def make_pruner(kind: str, run_steps: int | None = None) -> Any:
-    """Successive halving (rungs at optimizer steps 1, 4, 16, 64, ...), Hyperband (its brackets up to `run_steps`,
-    the optimizer steps of one run), or none."""
+    """Successive halving (first rung at a quarter of `run_steps`, the optimizer steps of one run, then x4), Hyperband
+    (its brackets up to `run_steps`), or none."""
     if kind == "halving":
         # A fixed first rung: with "auto", trials before the first complete one keep no rung values, so the second
-        # trial would be compared with nothing.
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+        # trial would be compared with nothing. A quarter of the run, not step 1: at the first looks every setting
+        # is still near chance on some data (SST-2 at step 10), and a rung there stops the high learning rates.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, (run_steps or 4) // 4))
     if kind == "hyperband":  # "auto" would wait for a completed trial, which then keeps no rung values
         return optuna.pruners.HyperbandPruner(max_resource=run_steps or "auto")
     if kind == "none":
@@ -101,7 +102,7 @@ def _sampler(seed: int, number: int, trials: int) -> Any:
 def _open_study(cfg: Config, out_dir: Path, space: Space, storage: str | None, resume: bool, pruner: str) -> Any:
     task = infer_task(cfg)
     metric, higher = validation_metric(cfg, TASKS[task])
-    steps = run_steps(cfg, count_examples(cfg, task)[0]) if pruner == "hyperband" else None
+    steps = run_steps(cfg, count_examples(cfg, task)[0]) if pruner in ("halving", "hyperband") else None
     where = storage or str(out_dir / JOURNAL)
     name = out_dir.resolve().name
     existing = [s.study_name for s in optuna.get_all_study_summaries(open_storage(out_dir, storage))]
