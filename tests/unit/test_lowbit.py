@@ -39,22 +39,79 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: range, fuse
             opt.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_chunked_step_equals_torchao(bits, monkeypatch) -> None:
+def train_with_lr_changes(model: nn.Module, opt: torch.optim.Optimizer, lrs: list[float]) -> None:
+    """Steps of `train_steps`, the learning rate changed before each (torchao's groups hold it as a tensor)."""
+    for i, lr in enumerate(lrs):
+        for group in opt.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        train_steps(model, opt, range(i, i + 1))
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(8, torch.float32), (4, torch.float32), (8, torch.bfloat16)])
+def test_chunked_step_equals_torchao(bits, dtype, monkeypatch) -> None:
     from torchao.optim import AdamW4bit, AdamW8bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from fulltune.training.lowbit import without_zero_code
 
     # torchao's step() always compiles its update (minutes on a busy CPU); the reference runs the same function eagerly
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    ours, ref = mlp(), mlp()
-    opt = LowBitAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, bits=bits, chunk_size=4096)
-    ref_opt = (AdamW8bit if bits == 8 else AdamW4bit)(ref.parameters(), lr=1e-2, weight_decay=0.1)
-    train_steps(ours, opt, range(4))
-    train_steps(ref, ref_opt, range(4))
+
+    def zeros8(p: torch.Tensor, signed: bool, block_size: int) -> OptimState8bit:
+        moment = OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=p.dtype)
+        if not signed:  # the reference keeps the same 8-bit exp_avg_sq code book (no 0 code)
+            without_zero_code(moment)
+        return moment
+
+    monkeypatch.setattr(AdamW8bit, "_subclass_zeros", staticmethod(zeros8))
+    ours, ref = mlp(dtype), mlp(dtype)
+    if dtype == torch.bfloat16:  # torchao keeps a small tensor's moments bf16 (ours: fp32): only weights train
+        for model in (ours, ref):
+            model[0].bias.requires_grad_(False)
+            model[2].bias.requires_grad_(False)
+    # bf16: stochastic rounding on both sides; one chunk per tensor draws the same random bits as torchao's
+    chunk = 4096 if dtype == torch.float32 else 1 << 20
+    opt = LowBitAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, bits=bits, chunk_size=chunk)
+    ref_opt = (AdamW8bit if bits == 8 else AdamW4bit)(
+        ref.parameters(), lr=1e-2, weight_decay=0.1, bf16_stochastic_round=dtype == torch.bfloat16
+    )
+    lrs = [1e-2, 5e-3, 2e-3, 1e-3]
+    torch.manual_seed(3)
+    train_with_lr_changes(ours, opt, lrs)
+    torch.manual_seed(3)
+    train_with_lr_changes(ref, ref_opt, lrs)
     for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
     w = ours[0].weight
     assert type(opt.state[w]["exp_avg"]).__name__ == f"OptimState{bits}bit"
     assert opt.state[w]["exp_avg"].codes.numel() == w.numel() * bits // 8
+
+
+def test_8bit_moments_track_torch_adamw_on_gradients_of_wide_range() -> None:
+    # Gradients whose magnitudes span 5 decades inside each 256-element block, as an embedding's or a head's do:
+    # with a 0 code in exp_avg_sq's code book, elements with |g| < ~4e-4 of their block's largest got v = 0 and
+    # an update of m / eps, hundreds of lr; 8-bit moments must stay at least as close to torch AdamW as 4-bit ones
+    lr, steps = 1e-4, 4
+    gen = torch.Generator().manual_seed(0)
+    decades = [torch.rand(64, 512, generator=gen).mul(5) for _ in range(steps)]
+    grads = [torch.randn(64, 512, generator=gen) * 10**-d for d in decades]
+    moved = {}
+    for name in ("torch", 8, 4):
+        w = nn.Parameter(torch.zeros(64, 512))
+        if name == "torch":
+            opt = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
+        else:
+            opt = LowBitAdamW([w], lr=lr, weight_decay=0.0, bits=name)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        moved[name] = w.detach().clone()
+    err = {bits: (moved[bits] - moved["torch"]).abs() for bits in (8, 4)}
+    assert err[8].max() < steps * lr  # no element far outside AdamW's step of about lr per step
+    assert err[8].norm() <= err[4].norm()
 
 
 def test_fused_step_equals_step_after_backward_with_groups() -> None:

@@ -18,7 +18,7 @@ from fulltune.config import TrainingConfig
 from fulltune.errors import ConfigError
 from fulltune.training.lean import LOWBIT_STATES, BF16AdamW, PerTensorOptimizer, wants_compiled_step
 
-__all__ = ["LowBitAdamW", "build_lowbit_optimizer"]
+__all__ = ["LowBitAdamW", "build_lowbit_optimizer", "without_zero_code"]
 
 # bits -> torchao's block size (elements per fp32 scale) for that width: AdamW8bit's and AdamW4bit's defaults
 BLOCK_SIZE = {LOWBIT_STATES[k][0]: LOWBIT_STATES[k][1] for k in ("adamw8bit", "adamw4bit")}
@@ -46,6 +46,18 @@ def _torchao() -> Any:
 def _compiled_update() -> Callable[..., None]:
     # One graph per (state width, weight decay, rounding) and chunk shape: full chunks all share one shape.
     return torch.compile(_torchao().update, fullgraph=True, dynamic=False)
+
+
+def without_zero_code(moment: Any) -> None:
+    """Give an 8-bit exp_avg_sq (torchao's `OptimState8bit`, unsigned) a code book without 0: its code 0 then
+    stands for half the smallest nonzero code.
+
+    The unsigned dynamic map (bitsandbytes') has a 0 code, and its smallest other code is 3.25e-7 of the block's
+    largest value: a v_i under half of that (|g_i| < ~4e-4 of the block's largest gradient) was stored as 0 while
+    exp_avg_i was not, and the update m_i / (0 + eps) moved the weight by up to thousands of lr (a tiny Llama's
+    embedding: 0.86 after 4 steps at lr 1e-4). Without the 0 code sqrt(v_i) stays >= ~4e-4 of the block's largest
+    and the update about <= lr: the 4-bit-states paper's remedy (torchao's 4-bit map for v has no 0 either)."""
+    moment.qmap[0] = moment.qmap[1] / 2
 
 
 class LowBitAdamW(PerTensorOptimizer):
@@ -103,9 +115,12 @@ class LowBitAdamW(PerTensorOptimizer):
     def _zeros(self, p: Tensor, signed: bool) -> Tensor:
         """A zero moment for `p`, flat: quantized where torchao would quantize it, else fp32."""
         n = p.numel()
-        if n >= MIN_QUANTIZED and n % self.block_size == 0:
-            return self._state_cls.zeros((n,), signed, self.block_size, p.device, dtype=p.dtype)
-        return torch.zeros(n, dtype=torch.float32, device=p.device)
+        if n < MIN_QUANTIZED or n % self.block_size:
+            return torch.zeros(n, dtype=torch.float32, device=p.device)
+        moment = self._state_cls.zeros((n,), signed, self.block_size, p.device, dtype=p.dtype)
+        if self.bits == 8 and not signed:
+            without_zero_code(moment)
+        return moment
 
     def _part(self, moment: Tensor, start: int, end: int) -> Tensor:
         """Elements [start, end) of a flat moment, sharing its storage (a chunk of a quantized one: its codes and
