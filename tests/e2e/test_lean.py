@@ -71,8 +71,13 @@ def test_lean_with_accumulation_steps_after_backward(tmp_path, text_data) -> Non
 LOWBIT_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 512}
 
 
-@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw4bit"])
-def test_lowbit_resume_mid_epoch_is_bit_identical(tmp_path, optimizer) -> None:
+# tied: input and output embeddings share one weight, which the fused step updates in vocabulary chunks during
+# backward (a row of `hidden` elements: whole blocks of 8-bit (256) or 4-bit (128) moments)
+@pytest.mark.parametrize(
+    ("optimizer", "hidden", "tied"),
+    [("adamw8bit", 64, False), ("adamw4bit", 128, True), ("adamw8bit", 256, True), ("bf16_adamw", 64, True)],
+)
+def test_lowbit_resume_mid_epoch_is_bit_identical(tmp_path, optimizer, hidden, tied) -> None:
     import json
     import shutil
 
@@ -83,19 +88,21 @@ def test_lowbit_resume_mid_epoch_is_bit_identical(tmp_path, optimizer) -> None:
     from fulltune.training.lowbit import LowBitAdamW
     from fulltune.training.trainer import setup, train
 
-    pytest.importorskip("torchao")
+    if optimizer != "bf16_adamw":
+        pytest.importorskip("torchao")
     corpus = write_corpus(tmp_path / "train.txt", 60, 0)
     tokenizer = make_bpe_tokenizer(corpus.read_text(), tmp_path / "tokenizer")
 
     def make(out):
         return lm_cfg(
             out,
-            TINY_LLAMA | LOWBIT_LLAMA,
+            TINY_LLAMA | LOWBIT_LLAMA | {"hidden_size": hidden, "tie_word_embeddings": tied},
             corpus,
             data__max_samples=16,
             model__tokenizer=str(tokenizer),
             training__memory="lean",
             training__lean_optimizer=optimizer,
+            training__max_grad_norm=None if tied else 1.0,  # clipping by a whole tensor's norm holds its gradient
             training__num_epochs=2,
             checkpoint__save_every_steps=3,
             checkpoint__keep_last=0,
@@ -103,7 +110,8 @@ def test_lowbit_resume_mid_epoch_is_bit_identical(tmp_path, optimizer) -> None:
         )
 
     run = setup(make(tmp_path / "probe"))
-    assert run.fused is not None and isinstance(run.optimizer, LowBitAdamW)
+    assert run.fused is not None and isinstance(run.optimizer, BF16AdamW if optimizer == "bf16_adamw" else LowBitAdamW)
+    assert (run.fused.tied is not None) == tied, run.fused.tied_note
     train(make(tmp_path / "full"))
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full/checkpoint-step-3", tmp_path / "resumed/checkpoint-step-3")

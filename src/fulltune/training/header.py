@@ -32,7 +32,7 @@ def run_header(trainer: Any) -> str:
         f"per epoch, {trainer.state.total_steps} in all\n"
         f"{describe_trainable(trainer.unfreeze_counts, trainer.total_params, trainer.state.epoch)}\n"
         + describe(trainer.speed.plan)
-        + describe_lean_mode(t, trainer.device, trainer.fused is not None, trainer.optimizer)
+        + describe_lean_mode(t, trainer.device, trainer.fused, trainer.optimizer)
         + describe_groups(trainer.optimizer.param_groups, t.base_learning_rate)
     )
 

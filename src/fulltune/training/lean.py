@@ -102,10 +102,42 @@ def _copy_stochastic_(dst: Tensor, src: Tensor, noise: Tensor) -> None:
 
 class PerTensorOptimizer(torch.optim.Optimizer):
     """An optimizer whose update is `step_param(p, group)`, one tensor at a time: lean mode's fused step calls it
-    from each tensor's gradient hook; `step()` runs it over every tensor with a gradient."""
+    from each tensor's gradient hook; `step()` runs it over every tensor with a gradient.
 
-    def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
+    A tensor's update may also come in pieces: `begin_update(p, group)` once per step (moments created, step
+    counted), then `update_range(p, group, grad, start)` for disjoint ranges of its flattened elements that together
+    cover it, each with its gradient; every element gets the same update as from `step_param` (lean mode's tied
+    embedding steps its rows as backward produces their gradients, `training/lean_tied.py`)."""
+
+    def begin_update(self, p: Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def update_range(self, p: Tensor, group: dict[str, Any], grad: Tensor, start: int) -> None:
+        raise NotImplementedError
+
+    def range_unit(self, p: Tensor) -> int:
+        """The ranges of `p` that `update_range` takes start and end on multiples of this many elements."""
+        return 1
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict[str, Any] | None = None) -> None:
+        """Apply one AdamW update to `p` from `p.grad` (used by `step()` and by the fused-backward hooks).
+
+        Reads the group's current `lr` (a scheduler may have changed it since the last step).
+        """
+        if p.grad is None:
+            return
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        group = self._group_of(p) if group is None else group
+        self.begin_update(p, group)
+        self.update_range(p, group, p.grad, 0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -236,24 +268,8 @@ class BF16AdamW(PerTensorOptimizer):
                 if isinstance(value, Tensor) and self.state[p][key].dtype != value.dtype:
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
-    def _group_of(self, p: Tensor) -> dict[str, Any]:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("parameter is not managed by this optimizer")
-
     @torch.no_grad()
-    def step_param(self, p: Tensor, group: dict[str, Any] | None = None) -> None:
-        """Apply one AdamW update to `p` from `p.grad` (used by `step()` and by the fused-backward hooks).
-
-        Reads the group's current `lr` (a scheduler may have changed it since the last step).
-        """
-        grad = p.grad
-        if grad is None:
-            return
-        if grad.is_sparse:
-            raise RuntimeError("BF16AdamW does not support sparse gradients")
-        group = self._group_of(p) if group is None else group
+    def begin_update(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
         low_precision = p.dtype == torch.bfloat16
         if not state:
@@ -264,29 +280,37 @@ class BF16AdamW(PerTensorOptimizer):
             if low_precision and group["rounding"] == "kahan":
                 state["kahan_comp"] = torch.zeros_like(p)
         state["step"] += 1
-        step = state["step"]
 
+    @torch.no_grad()
+    def update_range(self, p: Tensor, group: dict[str, Any], grad: Tensor, start: int) -> None:
+        """Elements [start, start + grad.numel()) of flattened `p` (all of `p` when `grad` is its whole gradient)."""
+        state = self.state[p]
+        step = state["step"]
+        low_precision = p.dtype == torch.bfloat16
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         step_size = lr / (1 - beta1**step)
         bc2_sqrt = (1 - beta2**step) ** 0.5
         rounding = group["rounding"] if low_precision else "fp32"
-        exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
-        if low_precision and self.compiled and self._step_compiled(p, grad, state, group, step, step_size, bc2_sqrt):
+        comp = state.get("kahan_comp")
+        buffers = [p, state["exp_avg"], state["exp_avg_sq"]] + ([comp] if comp is not None else [])
+        if grad.numel() < p.numel():  # a range: flat views of the same elements of every buffer
+            buffers = [t.detach().view(-1)[start : start + grad.numel()] for t in buffers]
+            grad = grad.view(-1)
+        tensors = [buffers[0], grad, *buffers[1:]]
+        if low_precision and self.compiled and self._step_compiled(p, tensors, group, step, step_size, bc2_sqrt, start):
             return
         seed = None
         if low_precision and rounding != "nearest":
             seed = lean_kernel.seed32(_mix_seed(group["seed"], self._param_index[id(p)], step))
 
         hp = dict(lr=lr, wd=wd, eps=eps, beta1=beta1, beta2=beta2, step_size=step_size, bc2_sqrt=bc2_sqrt)
-        tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
         size = self.chunk_size or (1 << 18 if p.device.type == "cpu" else 1 << 24)
-        if size < p.numel() and all(t.is_contiguous() for t in tensors):
+        if size < grad.numel() and all(t.is_contiguous() for t in tensors):
             # chunking bounds the fp32 temporaries to a few chunk-sized buffers even for a huge embedding
             chunks = zip(*(t.view(-1).split(size) for t in tensors), strict=True)
         else:
             chunks = [tensors]
-        start = 0
         for chunk in chunks:
             p_c, g_c, m_c, v_c, *c_c = chunk
             scratch = self._scratch.view(p_c)
@@ -301,16 +325,16 @@ class BF16AdamW(PerTensorOptimizer):
     def _step_compiled(
         self,
         p: Tensor,
-        grad: Tensor,
-        state: dict[str, Any],
+        tensors: list[Tensor],
         group: dict[str, Any],
         step: int,
         step_size: float,
         bc2_sqrt: float,
+        start: int,
     ) -> bool:
-        """The update through training/lean_kernel.py; False (eager from then on) if the kernel cannot be built."""
-
-        exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("kahan_comp")
+        """The update of `tensors` (weight, grad, exp_avg, exp_avg_sq[, compensation]: all of `p`'s, or the same
+        range of each from element `start`) through training/lean_kernel.py; False (eager from then on) if the
+        kernel cannot be built."""
         beta1, beta2 = group["betas"]
         hp = torch.tensor(
             [beta1, beta2, group["eps"], group["lr"] * group["weight_decay"], step_size, bc2_sqrt],
@@ -319,22 +343,22 @@ class BF16AdamW(PerTensorOptimizer):
         )
         mixed = lean_kernel.seed32(_mix_seed(group["seed"], self._param_index[id(p)], step))
         seed = torch.tensor(mixed, dtype=torch.int32, device=p.device)
-        tensors = [p, grad, exp_avg, exp_avg_sq] + ([comp] if comp is not None else [])
         if not all(t.is_contiguous() for t in tensors):
             return False
         # the kernel updates in place and holds no temporaries, so a whole tensor is one call; chunks only keep the
         # element index (int32 inside the kernel) in range
         size = self.chunk_size or (1 << 30)
         flat = [t.detach().view(-1) for t in tensors]
-        for start in range(0, p.numel(), size):
-            chunk = [t[start : start + size] for t in flat]
-            offset = torch.tensor(start, dtype=torch.int32, device=p.device)
+        comp = flat[4] if len(flat) > 4 else None
+        for local in range(0, flat[0].numel(), size):
+            chunk = [t[local : local + size] for t in flat]
+            offset = torch.tensor(start + local, dtype=torch.int32, device=p.device)
             try:
                 lean_kernel.compiled_update()(
                     *chunk[:4], chunk[4] if comp is not None else None, hp, seed, offset, group["rounding"]
                 )
             except Exception as err:  # no C++ compiler, an unsupported backend: the eager path is always there
-                if start:
+                if local:
                     raise
                 import warnings
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fulltune.runtime.device import cpu_has_fast_bf16
 from fulltune.runtime.ranks import world_size
+from fulltune.training.lean_tied import TiedEmbeddingStep, tied_embeddings, tied_step_blocker
 
 
 class FusedStepHandle:
@@ -23,6 +24,8 @@ class FusedStepHandle:
     found_nonfinite: per device, a bool tensor set (without host sync) when any gradient had a NaN/inf;
         sticky until `reset_nonfinite()`. The affected tensors are already updated when it is read, so a set
         flag means the weights are poisoned: stop or reload a checkpoint. `nonfinite()` reads it (one sync).
+    tied: the step of a tied embedding/head weight in vocabulary chunks (`lean_tied.TiedEmbeddingStep`), or None;
+        tied_note says which, for the log ('' when the model ties nothing).
     """
 
     def __init__(
@@ -39,8 +42,11 @@ class FusedStepHandle:
         self._seen: set[int] = set()
         self._graph_task: int | None = None
         self._model_ref = weakref.ref(model)
+        self.tied: TiedEmbeddingStep | None = None
+        self.tied_note = ""
 
-    def _hook(self, p: Tensor) -> None:
+    def arm(self) -> None:
+        """Called as each update of a backward starts: the first queues the end-of-backward callback."""
         task_id = getattr(torch._C, "_current_graph_task_id", lambda: None)()
         if self._graph_task is None:
             self._graph_task = task_id if task_id is not None else -1
@@ -52,6 +58,21 @@ class FusedStepHandle:
                 "fused optimizer step saw a nested backward (reentrant gradient checkpointing?): enable "
                 "checkpointing with use_reentrant=False (transformers' default) to use attach_fused_step"
             )
+
+    def check_finite(self, p: Tensor, grad: Tensor) -> None:
+        """Set the device's non-finite flag if `grad` (a gradient or part of one) has a NaN/inf."""
+        if not self._check_finite:
+            return
+        flag = self.found_nonfinite.get(p.device)
+        if flag is None:
+            flag = self.found_nonfinite[p.device] = torch.zeros((), dtype=torch.bool, device=p.device)
+        # a sum is NaN/inf iff some element is (or it overflows, itself a red flag); no n-byte mask needed.
+        # Summed in the gradient's own dtype (CPU and CUDA accumulate bf16 in fp32): sum(dtype=float32)
+        # first made an fp32 copy, 2x the gradient's bytes, the largest temporary of the whole step.
+        flag.logical_or_(~torch.isfinite(grad.sum()))
+
+    def _hook(self, p: Tensor) -> None:
+        self.arm()
         if id(p) in self._seen:
             self._reset()
             raise RuntimeError(
@@ -60,14 +81,7 @@ class FusedStepHandle:
             )
         self._seen.add(id(p))
         grad = p.grad
-        if self._check_finite:
-            flag = self.found_nonfinite.get(p.device)
-            if flag is None:
-                flag = self.found_nonfinite[p.device] = torch.zeros((), dtype=torch.bool, device=p.device)
-            # a sum is NaN/inf iff some element is (or it overflows, itself a red flag); no n-byte mask needed.
-            # Summed in the gradient's own dtype (CPU and CUDA accumulate bf16 in fp32): sum(dtype=float32)
-            # first made an fp32 copy, 2x the gradient's bytes, the largest temporary of the whole step.
-            flag.logical_or_(~torch.isfinite(grad.sum()))
+        self.check_finite(p, grad)
         if self._max_norm is not None:
             norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
             grad.mul_(torch.clamp(self._max_norm / (norm + 1e-6), max=1.0))
@@ -81,6 +95,8 @@ class FusedStepHandle:
         self._graph_task = None
 
     def _end_backward(self) -> None:
+        if self.tied is not None:
+            self.tied.end_backward()
         self.step_count += 1
         # the fused updates are this optimizer's step: tell torch LR schedulers (which otherwise warn that
         # scheduler.step() ran before optimizer.step()); optimizer step hooks do not fire in fused mode
@@ -100,6 +116,9 @@ class FusedStepHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.tied is not None:
+            self.tied.remove()
+            self.tied = None
         model = self._model_ref()
         if model is not None and getattr(model, "_fulltune_fused_step", None) is self:
             del model._fulltune_fused_step
@@ -160,8 +179,16 @@ def attach_fused_step(
     orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in handle._group_index]
     if orphans:
         raise ValueError(f"trainable parameters missing from the optimizer: {orphans[:5]}")
+    tied = tied_embeddings(model)
+    if tied is not None and tied[0].weight.requires_grad:
+        blocker = tied_step_blocker(*tied, optimizer, per_param_max_norm)
+        if blocker:
+            handle.tied_note = f"; the tied embedding's whole gradient is held till the lookup's backward ({blocker})"
+        else:
+            handle.tied = TiedEmbeddingStep(*tied, handle)
+            handle.tied_note = "; the tied embedding is stepped in vocabulary chunks as the head's backward runs"
     for p in model.parameters():  # named_parameters dedups tied weights, so one hook per tensor
-        if p.requires_grad:
+        if p.requires_grad and (handle.tied is None or p is not handle.tied.weight):
             handle._hooks.append(p.register_post_accumulate_grad_hook(handle._hook))
     model._fulltune_fused_step = handle
     return handle
@@ -180,8 +207,9 @@ def fuses_step(t: Any, optimizer: Any, parallel: str = "none") -> bool:
     )
 
 
-def describe_lean_mode(t: Any, device: torch.device, fused: bool, optimizer: Any = None) -> str:
-    """The log line that says how lean mode runs here (`t`: the TrainingConfig), or '' outside lean mode."""
+def describe_lean_mode(t: Any, device: torch.device, fused: Any, optimizer: Any = None) -> str:
+    """The log line that says how lean mode runs here (`t`: the TrainingConfig; `fused`: the fused step's
+    `FusedStepHandle`, or a bool), or '' outside lean mode."""
     if t.memory != "lean":
         return ""
     if t.lean_optimizer == "bf16_adamw":
@@ -200,7 +228,8 @@ def describe_lean_mode(t: Any, device: torch.device, fused: bool, optimizer: Any
         how += " (this CPU has no bf16 units: bf16 matmuls are emulated and several times slower than fp32)"
     if fused:
         clip = f"; max_grad_norm {t.max_grad_norm} clips each tensor's gradient" if t.max_grad_norm else ""
-        return f"memory lean: {how}, optimizer step fused into backward{clip}\n"
+        tied = getattr(fused, "tied_note", "")
+        return f"memory lean: {how}, optimizer step fused into backward{clip}{tied}\n"
     if t.lean_offload:
         why = "the offloaded optimizer steps on the CPU after backward; max_grad_norm clips each tensor's gradient"
     elif t.lean_optimizer == "paged_adamw8bit":

@@ -135,33 +135,42 @@ class LowBitAdamW(PerTensorOptimizer):
         return self._state_cls(codes, scale, moment.qmap, moment.signed, (end - start,), dtype=moment.dtype)
 
     @torch.no_grad()
-    def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
-        """One AdamW update of `p` from `p.grad`, with the group's current `lr` and `weight_decay`."""
-        if p.grad is None:
-            return
-        if p.grad.is_sparse:
-            raise RuntimeError("LowBitAdamW does not support sparse gradients")
+    def begin_update(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU, as torchao keeps it
             state["exp_avg"] = self._zeros(p, signed=True)
             state["exp_avg_sq"] = self._zeros(p, signed=False)
         state["step"] += 1
+
+    def range_unit(self, p: Tensor) -> int:
+        n = p.numel()
+        return self.block_size if n >= MIN_QUANTIZED and n % self.block_size == 0 else 1
+
+    @torch.no_grad()
+    def update_range(self, p: Tensor, group: dict[str, Any], grad: Tensor, start: int) -> None:
+        """Elements [start, start + grad.numel()) of flattened `p`; `start` and the end on block boundaries of a
+        quantized moment. Pieces that are whole chunks of `p` (the shapes `step_param` hands the update) go through
+        the compiled update when it is on, others through the eager one (no build per new shape)."""
+        state = self.state[p]
         self._lr.fill_(group["lr"])
         beta1, beta2 = group["betas"]
         stochastic = self.stochastic_round and p.dtype == torch.bfloat16
-        update = _compiled_update() if self.compiled else self._update
-        flat_p, flat_g = p.detach().view(-1), p.grad.reshape(-1)
+        flat_p, flat_g, n = p.detach().view(-1), grad.reshape(-1), p.numel()
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        first, end = start, start + flat_g.numel()
         with torch._dynamo.utils.disable_cache_limit():  # a fixed, small set of shapes per model (as torchao does)
-            for start in range(0, p.numel(), self.chunk_size):
-                end = min(p.numel(), start + self.chunk_size)
+            while start < end:
+                chunk_end = min(n, (start // self.chunk_size + 1) * self.chunk_size)  # p's next chunk boundary
+                stop = min(end, chunk_end)
+                whole = start % self.chunk_size == 0 and stop == chunk_end
+                update = _compiled_update() if self.compiled and whole else self._update
                 update(
-                    flat_p[start:end],
-                    flat_g[start:end],
+                    flat_p[start:stop],
+                    flat_g[start - first : stop - first],
                     state["step"],
-                    self._part(m, start, end),
-                    self._part(v, start, end),
+                    self._part(m, start, stop),
+                    self._part(v, start, stop),
                     None,
                     self._lr,
                     beta1,
@@ -171,6 +180,7 @@ class LowBitAdamW(PerTensorOptimizer):
                     True,
                     stochastic,
                 )
+                start = stop
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
