@@ -143,3 +143,28 @@ def test_lookup_output_that_misses_the_loss_still_steps_every_row_once() -> None
     assert handle.step_count == 1
     assert torch.equal(chunked.lm_head.weight, plain.lm_head.weight)
     assert opt.state[chunked.lm_head.weight]["step"] == 1
+
+
+def test_plan_prices_the_chunked_tied_step(tmp_path) -> None:
+    from conftest import base_overrides
+
+    from fulltune import planning as plan
+    from fulltune.config import load_config
+
+    tiny = {
+        "model_type": "llama",
+        "hidden_size": 256,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "vocab_size": 8192,
+        "tie_word_embeddings": True,
+    }
+
+    def facts(**extra: object) -> plan.Facts:
+        values = base_overrides(tmp_path, tiny, task="causal_lm", training__memory="lean", **extra)
+        return plan.inspect_model(load_config(None, values), "causal_lm", None)
+
+    # the planner asks the trainer's question (lean_tied.tied_step_blocker): clipping per tensor holds it whole
+    assert facts().largest_fused_gradient == 0 and facts().largest_trainable == 8192 * 256
+    assert facts(training__max_grad_norm=None).largest_fused_gradient == (1 << 20)  # a chunk of 4096 rows

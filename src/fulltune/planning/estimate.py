@@ -256,7 +256,7 @@ def estimate(cfg: Config, task: str, f: Facts, device_type: str) -> Estimate:
         else:  # BF16AdamW's (compiled: none); bitsandbytes' kernels hold none either
             scratch = 0 if compiled or t.lean_optimizer in LOW_BIT else 28 * min(f.largest_trainable, chunk)
         step = scratch + 4 * 2**20
-        grads = 2.0 * (f.largest_trainable if fused else f.trainable) + step
+        grads = 2.0 * ((f.largest_fused_gradient or f.largest_trainable) if fused else f.trainable) + step
         if t.lean_offload:
             # torchao's CPUOffloadOptimizer: tensors of 4096 elements or more keep a bf16 copy, its gradient and
             # the optimizer's state in host memory, each GPU gradient freed once copied out during backward; the

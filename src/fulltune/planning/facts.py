@@ -23,6 +23,8 @@ from fulltune.model.prepare import prepare_model
 from fulltune.model.pruned import is_pruned_folder
 from fulltune.model.trainable import apply_trainable
 from fulltune.speed.plan import SpeedPlan
+from fulltune.training.lean_tied import CHUNK_ELEMENTS, tied_embeddings, tied_step_blocker
+from fulltune.training.lowbit import moment_block
 from fulltune.training.tasks import infer_task
 
 
@@ -55,6 +57,9 @@ class Facts:
     eager_attention: bool
     first_token: bool = False  # the speed plan's first_token_only: the last block computes the first token only
     trainable_sizes: tuple[int, ...] = ()  # elements of each trainable tensor (low-bit optimizers quantize per tensor)
+    largest_fused_gradient: int = (
+        0  # the largest gradient lean's fused step holds at once, where not the largest tensor
+    )
 
 
 def prepare(cfg: Config, task: str, labels: list[str] | None, device: torch.device) -> tuple[nn.Module, Any, SpeedPlan]:
@@ -181,7 +186,24 @@ def inspect_model(cfg: Config, task: str, labels: list[str] | None) -> Facts:
         eager_attention=getattr(model.config, "_attn_implementation", "sdpa") == "eager",
         first_token=speed.on("first_token_only"),
         trainable_sizes=tuple(eligible),
+        largest_fused_gradient=_largest_fused_gradient(cfg, model, eligible),
     )
+
+
+def _largest_fused_gradient(cfg: Config, model: nn.Module, eligible: list[int]) -> int:
+    """Where lean's fused step updates a tied embedding/head weight in vocabulary chunks (training/lean_tied.py),
+    the largest gradient it holds: a chunk, or the largest other trainable tensor's. 0 where that does not apply."""
+    t, tied = cfg.training, tied_embeddings(model)
+    if t.memory != "lean" or tied is None or not tied[0].weight.requires_grad:
+        return 0
+    w = tied[0].weight
+    if tied_step_blocker(*tied, moment_block(t.lean_optimizer, w.numel()), t.max_grad_norm):
+        return 0
+    others = list(eligible)
+    if w.numel() in others:
+        others.remove(w.numel())
+    rows = max(1, CHUNK_ELEMENTS // w.shape[1])
+    return max([min(w.shape[0], rows) * w.shape[1], *others])
 
 
 def count_examples(cfg: Config, task: str) -> tuple[int | None, list[str] | None, str]:

@@ -181,7 +181,8 @@ def attach_fused_step(
         raise ValueError(f"trainable parameters missing from the optimizer: {orphans[:5]}")
     tied = tied_embeddings(model)
     if tied is not None and tied[0].weight.requires_grad:
-        blocker = tied_step_blocker(*tied, optimizer, per_param_max_norm)
+        unit = optimizer.range_unit(tied[0].weight) if callable(getattr(optimizer, "range_unit", None)) else 0
+        blocker = tied_step_blocker(*tied, unit, per_param_max_norm)
         if blocker:
             handle.tied_note = f"; the tied embedding's whole gradient is held till the lookup's backward ({blocker})"
         else:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TiedEmbeddingStep", "tied_step_blocker"]
+__all__ = ["TiedEmbeddingStep", "tied_embeddings", "tied_step_blocker"]
 
 # rows of the head's weight gradient made at once: about this many elements (2 MiB of bf16 gradient)
 CHUNK_ELEMENTS = 1 << 20
@@ -29,17 +29,17 @@ def tied_embeddings(model: nn.Module) -> tuple[Any, Any] | None:
     return (emb, head) if getattr(head, "weight", None) is emb.weight else None
 
 
-def tied_step_blocker(emb: Any, head: Any, optimizer: Any, per_param_max_norm: float | None) -> str:
+def tied_step_blocker(emb: Any, head: Any, unit: int, per_param_max_norm: float | None) -> str:
     """Why the tied weight cannot be stepped in vocabulary chunks ('' when it can): the plain per-tensor step then
-    holds its whole gradient."""
+    holds its whole gradient. `unit`: the optimizer's `range_unit` for the weight (0: it steps whole tensors only;
+    `lowbit.moment_block` says it from the config); the trainer and `plan` both ask here."""
     w = emb.weight
-    unit = optimizer.range_unit(w) if callable(getattr(optimizer, "range_unit", None)) else 0
     if type(emb) is not nn.Embedding or type(head) is not nn.Linear:
         return f"the lookup or head is a {type(emb).__name__} / {type(head).__name__}, not a plain Embedding / Linear"
     if emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse:
         return "the embedding renormalizes, scales its gradient by frequency, or has a sparse gradient"
     if not unit:
-        return f"{type(optimizer).__name__} steps whole tensors only"
+        return "the optimizer steps whole tensors only"
     if per_param_max_norm is not None:
         return "max_grad_norm clips each tensor by the norm of its whole gradient"
     if w.shape[1] % unit or not w.is_contiguous():

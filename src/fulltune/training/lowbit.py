@@ -18,7 +18,7 @@ from fulltune.config import TrainingConfig
 from fulltune.errors import ConfigError
 from fulltune.training.lean import LOWBIT_STATES, BF16AdamW, PerTensorOptimizer, wants_compiled_step
 
-__all__ = ["LowBitAdamW", "build_lowbit_optimizer", "without_zero_code"]
+__all__ = ["LowBitAdamW", "build_lowbit_optimizer", "moment_block", "without_zero_code"]
 
 # bits -> torchao's block size (elements per fp32 scale) for that width: AdamW8bit's and AdamW4bit's defaults
 BLOCK_SIZE = {LOWBIT_STATES[k][0]: LOWBIT_STATES[k][1] for k in ("adamw8bit", "adamw4bit")}
@@ -40,6 +40,15 @@ def _torchao() -> Any:
     return SimpleNamespace(
         offload=CPUOffloadOptimizer, update=single_param_adam, state8=OptimState8bit, state4=OptimState4bit
     )
+
+
+def moment_block(lean_optimizer: str, numel: int) -> int:
+    """Elements per block of the moments `lean_optimizer` keeps for a tensor of `numel` elements (1: per element;
+    0: its optimizer steps whole tensors only): a partial update (`update_range`) starts and ends on a block."""
+    if lean_optimizer in BITS:
+        block = BLOCK_SIZE[BITS[lean_optimizer]]
+        return block if numel >= MIN_QUANTIZED and numel % block == 0 else 1
+    return 1 if lean_optimizer == "bf16_adamw" else 0
 
 
 @functools.cache
@@ -115,7 +124,7 @@ class LowBitAdamW(PerTensorOptimizer):
     def _zeros(self, p: Tensor, signed: bool) -> Tensor:
         """A zero moment for `p`, flat: quantized where torchao would quantize it, else fp32."""
         n = p.numel()
-        if n < MIN_QUANTIZED or n % self.block_size:
+        if self.range_unit(p) == 1:  # too small, or not whole blocks
             return torch.zeros(n, dtype=torch.float32, device=p.device)
         moment = self._state_cls.zeros((n,), signed, self.block_size, p.device, dtype=p.dtype)
         if self.bits == 8 and not signed:
@@ -144,8 +153,7 @@ class LowBitAdamW(PerTensorOptimizer):
         state["step"] += 1
 
     def range_unit(self, p: Tensor) -> int:
-        n = p.numel()
-        return self.block_size if n >= MIN_QUANTIZED and n % self.block_size == 0 else 1
+        return moment_block("adamw8bit" if self.bits == 8 else "adamw4bit", p.numel())
 
     @torch.no_grad()
     def update_range(self, p: Tensor, group: dict[str, Any], grad: Tensor, start: int) -> None:
