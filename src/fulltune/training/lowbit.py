@@ -54,7 +54,12 @@ def moment_block(lean_optimizer: str, numel: int) -> int:
 @functools.cache
 def _compiled_update() -> Callable[..., None]:
     # One graph per (state width, weight decay, rounding) and chunk shape: full chunks all share one shape.
-    return torch.compile(_torchao().update, fullgraph=True, dynamic=False)
+    # Every code-book lookup indexes a 2**bits table with a code in range by construction (a uint8, or a binary
+    # search over the table), so inductor's bounds check of each indirect load is dropped: on a CPU each lookup is a
+    # scalar gather, and its check cost 15-30% of the update (a 4M-element tensor: 8-bit 105 -> 90 ns/element,
+    # 4-bit 99 -> 71, one AVX2 core).
+    options = {"assert_indirect_indexing": False}
+    return torch.compile(_torchao().update, fullgraph=True, dynamic=False, options=options)
 
 
 def without_zero_code(moment: Any) -> None:
