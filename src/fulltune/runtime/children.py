@@ -72,6 +72,11 @@ def _run_child(request: dict[str, Any]) -> int:
     if request["die_with_parent"]:
         _die_with_parent()
     os.chdir(request["cwd"])
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda._is_in_bad_fork():
+        # Something the server imported asked CUDA for its devices, and CUDA cannot be used again after a fork:
+        # this child becomes a fresh interpreter (same pid, log, environment), paying the imports once more.
+        os.execv(sys.executable, [sys.executable, "-m", "fulltune", *request["argv"]])
     sys.argv = ["fulltune", *request["argv"]]
     try:
         runpy.run_module("fulltune", run_name="__main__", alter_sys=True)
