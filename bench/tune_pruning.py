@@ -3,8 +3,9 @@
 For one data set (MiniLM, full fine-tuning, one epoch, the same budget for every run) it runs, one after the other:
 
   tune      `fulltune tune --trials N` (TPE, successive halving on the validation metric at each evaluation)
-  unpruned  the same N trials without pruning: each trial's own config.yaml (the settings TPE drew) trained to the
-            end by `fulltune train`, started the way tune starts its trials (runtime/children.py)
+  unpruned  the same N trials without pruning: a trial tune completed ran unpruned already (its time counts as it
+            is); each pruned one is trained to the end from its own config.yaml (the settings TPE drew) by
+            `fulltune train`, started the way tune starts its trials (runtime/children.py)
   grid      `fulltune train` at five learning rates (2e-5, 5e-5, 1e-4, 2e-4, 5e-4), the rest at the defaults
 
 and prints the best validation metric of the search and of the grid, and the trials' total time with pruning against
@@ -31,11 +32,13 @@ GRID = ("2e-5", "5e-5", "1e-4", "2e-4", "5e-4")
 
 
 def data_args(name: str, rows: int) -> list[str]:
-    """The data part of the command line: SST-2 (first `rows` of train, dev as validation) or TREC (coarse labels)."""
+    """The data part of the command line: SST-2 (`rows` of train, dev as validation) or TREC (coarse labels, 10%
+    held out as validation by fulltune, `rows` of the rest)."""
     if name == "sst2":
         files = ["--train_file", str(DATA / "sst2" / "train.tsv"), "--val_file", str(DATA / "sst2" / "dev.tsv")]
         return [*files, "data.text_column=sentence", "data.label_column=label", f"data.max_samples={rows}"]
-    return ["--data_dir", str(DATA / "trec"), "data.text_column=text", "data.label_column=coarse_label"]
+    trec = ["--data_dir", str(DATA / "trec"), "data.text_column=text", "data.label_column=coarse_label"]
+    return [*trec, f"data.max_samples={rows}"]
 
 
 def budget(args: argparse.Namespace) -> list[str]:
@@ -77,7 +80,7 @@ def train(argv: list[str], run_dir: Path) -> dict[str, float | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=("sst2", "trec"), default="sst2")
-    parser.add_argument("--rows", type=int, default=5000, help="SST-2 training rows (TREC uses all of its rows)")
+    parser.add_argument("--rows", type=int, default=5000, help="training rows (the first ones)")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=64)
@@ -102,10 +105,9 @@ def main() -> None:
     results["tune"] = [{k: t.get(k) for k in keys} for t in trials]
     if "unpruned" in parts:
         results["unpruned"] = [
-            train(
-                ["--config", str(out / "tune" / t["run_dir"] / "config.yaml")],
-                out / "unpruned" / f"trial_{t['number']:03d}",
-            )
+            train(["--config", str(out / "tune" / t["run_dir"] / "config.yaml")], out / "unpruned" / t["run_dir"])
+            if t["state"] == "pruned"
+            else {"wall_s": t["wall_time_s"], "cpu_s": t.get("cpu_time_s"), "val": t["value"]}
             for t in trials
         ]
     if "grid" in parts:
