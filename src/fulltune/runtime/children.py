@@ -69,6 +69,8 @@ def _run_child(request: dict[str, Any]) -> int:
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(15, f"fulltune {request['argv'][0]}"[:15].encode())  # 15 = PR_SET_NAME: what top and pkill see
     if request["die_with_parent"]:
         _die_with_parent()
     os.chdir(request["cwd"])
