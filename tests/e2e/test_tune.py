@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BERT, call_cli, tiny_bert_train_args
+from conftest import call_cli, tiny_bert_train_args
 
 from fulltune.config import load_config
 from fulltune.config.methods import SEARCH_LR_RANGE
