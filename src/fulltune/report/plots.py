@@ -80,12 +80,12 @@ def _mantissa(v: float) -> float:
 
 def log_ticks(lo: float, hi: float) -> tuple[list[float], float]:
     """Round values for a log axis over [lo, hi] (values, not logarithms): 1-2-5 per decade, only powers of ten over
-        many decades, and plain round values where the range is narrower than that; and their step (0 where they are
-    not evenly spaced)."""
+    many decades, and evenly spaced round values where fewer than three of those fall in the range; and their step
+    (0 where they are not evenly spaced)."""
     decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
     for mantissas in ((1,), (1, 2, 5)) if len(decades) > 6 else ((1, 2, 5),):
         ticks = [m * 10.0**k for k in decades for m in mantissas if lo <= m * 10.0**k <= hi]
-        if len(ticks) >= 3 or (len(mantissas) == 3 and len(ticks) >= 2):
+        if len(ticks) >= 3:  # two (0.5 and 1) read worse than the evenly spaced 0.6 0.8 1.0 below
             return [float(f"{t:.6g}") for t in ticks], 0.0
     return nice_ticks(lo, hi, 4)
 
