@@ -14,6 +14,7 @@ jobs on the machine disturb less). The test split is never read.
 
     python bench/tune_pruning.py --data sst2 --out /tmp/tp_sst2     # 5,000 SST-2 rows, SST-2 dev as validation
     python bench/tune_pruning.py --data trec --out /tmp/tp_trec     # TREC, split into train/val by fulltune
+    python bench/tune_pruning.py --data ag_news --eval-rows 500 --out /tmp/tp_ag
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ GRID = ("2e-5", "5e-5", "1e-4", "2e-4", "5e-4")
 
 
 def data_args(name: str, rows: int) -> list[str]:
-    """The data part of the command line: SST-2 (`rows` of train, dev as validation) or TREC (coarse labels, 10%
-    held out as validation by fulltune, `rows` of the rest)."""
+    """The data part of the command line: SST-2 (`rows` of train, dev as validation), TREC (coarse labels) or the
+    AG News subset (10% held out as validation by fulltune, `rows` of the rest)."""
     if name == "sst2":
         files = ["--train_file", str(DATA / "sst2" / "train.tsv"), "--val_file", str(DATA / "sst2" / "dev.tsv")]
         return [*files, "data.text_column=sentence", "data.label_column=label", f"data.max_samples={rows}"]
+    if name == "ag_news":
+        return ["--data_dir", str(DATA / "ag_news"), f"data.max_samples={rows}"]
     trec = ["--data_dir", str(DATA / "trec"), "data.text_column=text", "data.label_column=coarse_label"]
     return [*trec, f"data.max_samples={rows}"]
 
@@ -47,6 +50,7 @@ def budget(args: argparse.Namespace) -> list[str]:
         "--model",
         "minilm",
         *data_args(args.data, args.rows),
+        *([f"data.max_eval_samples={args.eval_rows}"] if args.eval_rows else []),
         f"data.max_length={args.max_length}",
         f"training.num_epochs={args.epochs}",
         f"training.eval_every_steps={args.eval_every}",
@@ -79,7 +83,8 @@ def train(argv: list[str], run_dir: Path) -> dict[str, float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=("sst2", "trec"), default="sst2")
+    parser.add_argument("--data", choices=("sst2", "trec", "ag_news"), default="sst2")
+    parser.add_argument("--eval-rows", type=int, help="validation rows (default: all)")
     parser.add_argument("--rows", type=int, default=5000, help="training rows (the first ones)")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=1)
