@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BERT, call_cli, tiny_bert_train_args
+from conftest import call_cli, tiny_bert_train_args
 
 from fulltune.config import load_config
 from fulltune.config.methods import SEARCH_LR_RANGE
@@ -28,22 +28,8 @@ WIDE_SPACE = "training.base_learning_rate: {low: 1.0e-5, high: 3.0e-2, log: true
 
 def tune_args(data: Path, out: Path, *extra: str) -> list[str]:
     """`fulltune tune` argv for the tiny BERT on a text folder: 32 rows, batch 8, 2 epochs, val every 2 steps."""
-    return [
-        "tune",
-        "--data_dir",
-        str(data),
-        "--output_dir",
-        str(out),
-        "data.text_column=sentence",
-        f"model.tiny_config={json.dumps(TINY_BERT)}",
-        "hardware.mixed_precision=no",
-        "logging.tensorboard=false",
-        "training.seed=0",
-        "training.num_epochs=2",
-        "data.batch_size=8",
-        "training.eval_every_steps=2",
-        *extra,
-    ]
+    train = tiny_bert_train_args(data, out, "training.seed=0", "training.num_epochs=2", "data.batch_size=8")
+    return ["tune", *train[1:], "training.eval_every_steps=2", *extra]
 
 
 def _dotted(cfg: object, key: str) -> object:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +37,8 @@ from fulltune.data.text import run_inputs
 from fulltune.errors import ConfigError, FulltuneError
 from fulltune.files.rundir import claim_output_dir, release_run_lock
 from fulltune.report.html import read_jsonl
+from fulltune.runtime.children import Child
 from fulltune.runtime.device import resolve_device, resolve_precision
-from fulltune.runtime.memory import maxrss_bytes
 from fulltune.tune.trial import error_line
 
 # Learning rate of each method as a multiple of training.base_learning_rate (read as full fine-tuning's LR).
@@ -107,21 +105,6 @@ def method_config(
 # ------------------------------------------------------------------------------------------------- one method
 
 
-def _wait(proc: subprocess.Popen) -> int | None:
-    """Wait for the child; return its own peak RSS in bytes (os.wait4 reports per child, unlike RUSAGE_CHILDREN,
-    which is the maximum over every child waited for so far)."""
-    if not hasattr(os, "wait4"):
-        proc.wait()
-        return None
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    except KeyboardInterrupt:
-        proc.wait()  # the child got the same SIGINT; let it finish its own clean-up first
-        raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return maxrss_bytes(usage)
-
-
 def folder_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
     """Bytes of the files under `path`, leaving out the top-level subfolders named in `skip`."""
     total = 0
@@ -140,7 +123,7 @@ def _reusable(run_dir: Path, cfg: Config) -> bool:
 
 
 def run_method(cfg: Config, skip_done: bool = False) -> dict[str, Any]:
-    """Train `cfg` in a fresh `python -m fulltune train` process; return its row of the comparison."""
+    """Train `cfg` in a child `fulltune train` process (runtime/children.py); return its row of the comparison."""
     run_dir = Path(cfg.output_dir)
     row: dict[str, Any] = {
         "method": cfg.method.name,
@@ -165,14 +148,16 @@ def run_method(cfg: Config, skip_done: bool = False) -> dict[str, Any]:
     release_run_lock(run_dir)  # the training process takes it
     save_config(cfg, run_dir / "config.yaml")
     log = run_dir / "compare.log"
-    cmd = [sys.executable, "-m", "fulltune", "train", "--config", str(run_dir / "config.yaml")]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        row["peak_rss_bytes"] = _wait(proc)
+    child = Child(["train", "--config", str(run_dir / "config.yaml")], log)
+    try:
+        child.wait()
+    except KeyboardInterrupt:
+        child.wait()  # the child got the same SIGINT; let it finish its own clean-up first
+        raise
+    row["peak_rss_bytes"] = child.peak_rss_bytes
     row["process_wall_time_s"] = time.perf_counter() - start
-    if proc.returncode != 0:
+    if child.returncode != 0:
         return row | {"status": "failed", "error": error_line(log)}
     if not (run_dir / "summary.json").is_file():
         return row | {"status": "failed", "error": "the run ended without writing summary.json"}

@@ -80,12 +80,12 @@ def _mantissa(v: float) -> float:
 
 def log_ticks(lo: float, hi: float) -> tuple[list[float], float]:
     """Round values for a log axis over [lo, hi] (values, not logarithms): 1-2-5 per decade, only powers of ten over
-        many decades, and plain round values where the range is narrower than that; and their step (0 where they are
-    not evenly spaced)."""
+    many decades, and evenly spaced round values where fewer than three of those fall in the range; and their step
+    (0 where they are not evenly spaced)."""
     decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
     for mantissas in ((1,), (1, 2, 5)) if len(decades) > 6 else ((1, 2, 5),):
         ticks = [m * 10.0**k for k in decades for m in mantissas if lo <= m * 10.0**k <= hi]
-        if len(ticks) >= 3 or (len(mantissas) == 3 and len(ticks) >= 2):
+        if len(ticks) >= 3:  # two (0.5 and 1) read worse than the evenly spaced 0.6 0.8 1.0 below
             return [float(f"{t:.6g}") for t in ticks], 0.0
     return nice_ticks(lo, hi, 4)
 
@@ -108,7 +108,7 @@ def _legend(names: list[str], colors: list[str], x: float, y: float, width: floa
 
 
 @dataclass
-class _Axis:
+class Axis:
     """One axis of a chart: its range, round ticks and their labels; `log` maps values through log10."""
 
     lo: float
@@ -123,23 +123,82 @@ class _Axis:
         return (f(v) - f(self.lo)) / (f(self.hi) - f(self.lo))
 
 
-def _x_axis(xs: list[float], integer: bool) -> _Axis:
+def step_axis(xs: list[float], integer: bool) -> Axis:
+    """An axis over exactly the values' range (optimizer steps, epochs)."""
     lo, hi = min(xs), max(xs)
     if hi == lo:  # one evaluation: a marker in the middle, one tick under it (not an axis from 16 to 17)
-        return _Axis(lo - 1, hi + 1, [lo], tick_labels([lo], 1.0))
+        return Axis(lo - 1, hi + 1, [lo], tick_labels([lo], 1.0))
     ticks, step = nice_ticks(lo, hi, 5, integer)
-    return _Axis(lo, hi, ticks, tick_labels(ticks, step))
+    return Axis(lo, hi, ticks, tick_labels(ticks, step))
 
 
-def _y_axis(ys: list[float], log: bool) -> _Axis:
-    lo, hi = min(ys), max(ys)
+def value_axis(values: list[float], log: bool = False) -> Axis:
+    """An axis with a margin around the values (metrics, losses, a searched setting); values close together get a
+    readable span around them (2% of their size), not ticks in the fourth decimal."""
+    lo, hi = min(values), max(values)
     if log:
-        lo, hi = (lo / 1.5, hi * 1.5) if hi / lo < 1.1 else (lo / 1.05, hi * 1.05)
+        lo, hi = (lo / 1.5, hi * 1.5) if hi / lo < 1.1 else (lo / 1.15, hi * 1.15)  # a dot at an end stays inside
         ticks, step = log_ticks(lo, hi)
-        return _Axis(lo, hi, ticks, tick_labels(ticks, step), log=True)
-    pad = (hi - lo) * 0.05 or abs(lo) * 0.1 or 1.0
+        return Axis(lo, hi, ticks, tick_labels(ticks, step), log=True)
+    pad = max((hi - lo) * 0.05, abs(hi) * 0.02) or 1.0
     ticks, step = nice_ticks(lo - pad, hi + pad, 5)
-    return _Axis(lo - pad, hi + pad, ticks, tick_labels(ticks, step))
+    return Axis(lo - pad, hi + pad, ticks, tick_labels(ticks, step))
+
+
+def svg_open(title: str, width: float, height: float) -> list[str]:
+    """The start of an inline SVG figure: white ground and the title on top."""
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" role="img" '
+        f'aria-label="{html.escape(title)}"><rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{width / 2}" y="17" text-anchor="middle" font-size="13" font-weight="bold">'
+        f"{html.escape(title)}</text>",
+    ]
+
+
+@dataclass
+class Frame:
+    """A chart's plot area (left, top, width, height in pixels) and its two axes: `px`/`py` place a value."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    x: Axis
+    y: Axis
+
+    def px(self, v: float) -> float:
+        return self.left + self.x.frac(v) * self.width
+
+    def py(self, v: float) -> float:
+        return self.top + (1 - self.y.frac(v)) * self.height
+
+    def axes(self, xlabel: str, ylabel: str, label_y: float) -> list[str]:
+        """The plot area's box, the y grid and tick labels, the x ticks and their labels, the axis names (the x
+        name's baseline at `label_y`; no y name when `ylabel` is empty)."""
+        left, top, pw, ph = self.left, self.top, self.width, self.height
+        out = [f'<rect class="plot" x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
+        for t, label in zip(self.y.ticks, self.y.labels, strict=True):
+            out.append(
+                f'<line x1="{left}" x2="{left + pw}" y1="{self.py(t):.1f}" y2="{self.py(t):.1f}" stroke="#eee"/>'
+                f'<text class="ytick" x="{left - 4}" y="{self.py(t) + 4:.1f}" text-anchor="end" font-size="10">'
+                f"{html.escape(label)}</text>"
+            )
+        for t, label in zip(self.x.ticks, self.x.labels, strict=True):
+            x = self.px(t)
+            out.append(
+                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#999"/>'
+                f'<text class="xtick" x="{x:.1f}" y="{top + ph + 15}" text-anchor="middle" font-size="10">'
+                f"{html.escape(label)}</text>"
+            )
+        out.append(
+            f'<text x="{left + pw / 2}" y="{label_y}" text-anchor="middle" font-size="11">{html.escape(xlabel)}</text>'
+        )
+        if ylabel:
+            out.append(
+                f'<text x="12" y="{top + ph / 2}" text-anchor="middle" font-size="11" '
+                f'transform="rotate(-90 12 {top + ph / 2})">{html.escape(ylabel)}</text>'
+            )
+        return out
 
 
 def svg_chart(
@@ -165,43 +224,16 @@ def svg_chart(
         colors = [PALETTE[k % len(PALETTE)] for k in range(len(series))]
         legend, legend_h = _legend(list(series), colors, left, height + 12, pw)
     total_h = height + legend_h + (12 if legend else 0)
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h:.0f}" role="img" '
-        f'aria-label="{html.escape(title)}"><rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{width / 2}" y="17" text-anchor="middle" font-size="13" font-weight="bold">'
-        f"{html.escape(title)}</text>",
-    ]
+    out = svg_open(title, width, total_h)
     if not series:
         out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#888">no data yet</text></svg>')
         return "".join(out)
     xs = [x for v in series.values() for x, _ in v]
     integer_x = all(float(x).is_integer() for x in xs)
-    xa, ya = _x_axis(xs, integer_x), _y_axis([y for v in series.values() for _, y in v], log_y)
-
-    def px(x: float) -> float:
-        return left + xa.frac(x) * pw
-
-    def py(y: float) -> float:
-        return top + (1 - ya.frac(y)) * ph
-
-    out.append(f'<rect class="plot" x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
-    for t, label in zip(ya.ticks, ya.labels, strict=True):
-        out.append(
-            f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
-            f'<text class="ytick" x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="10">{label}</text>'
-        )
-    for t, label in zip(xa.ticks, xa.labels, strict=True):
-        out.append(
-            f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#999"/>'
-            f'<text class="xtick" x="{px(t):.1f}" y="{top + ph + 15}" text-anchor="middle" font-size="10">'
-            f"{label}</text>"
-        )
-    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" font-size="11">{xlabel}</text>')
-    if ylabel:
-        out.append(
-            f'<text x="12" y="{top + ph / 2}" text-anchor="middle" font-size="11" '
-            f'transform="rotate(-90 12 {top + ph / 2})">{html.escape(ylabel)}</text>'
-        )
+    ys = [y for v in series.values() for _, y in v]
+    frame = Frame(left, top, pw, ph, step_axis(xs, integer_x), value_axis(ys, log_y))
+    px, py = frame.px, frame.py
+    out += frame.axes(xlabel, ylabel, height - 6)
     for k, points in enumerate(series.values()):
         color = PALETTE[k % len(PALETTE)]
         if len(points) > 1:

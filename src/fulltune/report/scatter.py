@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from fulltune.report.plots import fmt, nice_ticks, tick_labels
+from fulltune.report.plots import Frame, fmt, svg_open, value_axis
 
 MAX_POINTS = 2000
 """The scatter draws at most this many examples (evenly spaced through the split) so the page stays small."""
@@ -29,34 +29,14 @@ def svg_scatter(points: list[list[float]], title: str, size: int = 420) -> str:
     left, right, top, bottom = 58, 14, 28, 40
     plot = size - left - right
     height = top + plot + bottom
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{height}" role="img" '
-        f'aria-label="{html.escape(title)}"><rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{size / 2}" y="17" text-anchor="middle" font-size="13" font-weight="bold">'
-        f"{html.escape(title)}</text>",
-    ]
+    out = svg_open(title, size, height)
     if not points:
         return "".join(out) + f'<text x="{size / 2}" y="{height / 2}" text-anchor="middle">no examples</text></svg>'
-    values = [v for p in points for v in p]
-    lo, hi = min(values), max(values)
-    pad = (hi - lo) * 0.05 or abs(lo) * 0.1 or 1.0
-    lo, hi = lo - pad, hi + pad
-    ticks, step = nice_ticks(lo, hi, 5)
-    labels = tick_labels(ticks, step)
-
-    def px(v: float) -> float:
-        return left + (v - lo) / (hi - lo) * plot
-
-    def py(v: float) -> float:
-        return top + (1 - (v - lo) / (hi - lo)) * plot
-
-    out.append(f'<rect x="{left}" y="{top}" width="{plot}" height="{plot}" fill="none" stroke="#999"/>')
-    for t, label in zip(ticks, labels, strict=True):
-        out.append(
-            f'<line x1="{left}" x2="{left + plot}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
-            f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="10">{label}</text>'
-            f'<text x="{px(t):.1f}" y="{top + plot + 15}" text-anchor="middle" font-size="10">{label}</text>'
-        )
+    axis = value_axis([v for p in points for v in p])
+    frame = Frame(left, top, plot, plot, axis, axis)
+    px, py = frame.px, frame.py
+    out += frame.axes("truth", "prediction", height - 6)
+    lo, hi = axis.lo, axis.hi
     out.append(
         f'<line class="diagonal" x1="{px(lo):.1f}" y1="{py(lo):.1f}" x2="{px(hi):.1f}" y2="{py(hi):.1f}" '
         'stroke="#d62728" stroke-dasharray="4 3"/>'
@@ -64,12 +44,7 @@ def svg_scatter(points: list[list[float]], title: str, size: int = 420) -> str:
     out.extend(
         f'<circle cx="{px(t):.1f}" cy="{py(p):.1f}" r="2.5" fill="#1f77b4" fill-opacity="0.5"/>' for t, p in points
     )
-    out.append(f'<text x="{left + plot / 2}" y="{height - 6}" text-anchor="middle" font-size="11">truth</text>')
-    out.append(
-        f'<text x="12" y="{top + plot / 2}" text-anchor="middle" font-size="11" '
-        f'transform="rotate(-90 12 {top + plot / 2})">prediction</text></svg>'
-    )
-    return "".join(out)
+    return "".join(out) + "</svg>"
 
 
 def scatter_section(rec: dict[str, Any], title: str) -> str:

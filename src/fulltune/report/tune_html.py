@@ -11,13 +11,12 @@ Input: the study as a dict, {"metric", "direction" ("maximize" | "minimize"), "b
 from __future__ import annotations
 
 import html
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from fulltune.report.html import CSS
-from fulltune.report.plots import PALETTE, fmt, log_ticks, nice_ticks, scientific, svg_chart, tick_labels
+from fulltune.report.plots import PALETTE, Axis, Frame, fmt, scientific, svg_chart, svg_open, value_axis
 
 TUNE_CSS = ".best td{background:#e8f4e8;font-weight:600}.pruned{color:#a35c00}.failed{color:#b00}"
 STATE_COLOR = {"complete": PALETTE[0], "pruned": "#ff7f0e", "failed": PALETTE[1], "running": "#7f7f7f"}
@@ -68,71 +67,32 @@ def sorted_trials(study: dict[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the metric against one searched key
 
 
-def _axis(values: list[float], log: bool) -> tuple[float, float, list[float], list[str]]:
-    """Range, round ticks and their labels for one axis (log: values spread by their logarithm)."""
-    lo, hi = min(values), max(values)
-    if log:
-        lo, hi = (lo / 1.5, hi * 1.5) if hi / lo < 1.5 else (lo / 1.15, hi * 1.15)
-        ticks, step = log_ticks(lo, hi)
-        return lo, hi, ticks, tick_labels(ticks, step)
-    pad = max((hi - lo) * 0.08, abs(hi) * 0.02) or 1.0  # values close together: a readable span around them
-    ticks, step = nice_ticks(lo - pad, hi + pad, 5)
-    return lo - pad, hi + pad, ticks, tick_labels(ticks, step)
-
-
 def svg_scatter(
     points: list[tuple[Any, float, str, bool]], title: str, xlabel: str, ylabel: str, log_x: bool = False
 ) -> str:
     """One dot per trial: (searched value, metric, state, is the best); numbers on a linear or log x axis, other
     choices (a scheduler's name) as categories. Pruned trials are hollow, at the last value they reported."""
     width, height, left, right, top, bottom = 360, 240, 62, 14, 28, 42
-    pw, ph = width - left - right, height - top - bottom
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'aria-label="{_e(title)}"><rect width="100%" height="100%" fill="white"/>'
-        f'<text x="{width / 2}" y="17" text-anchor="middle" font-size="13" font-weight="bold">{_e(title)}</text>'
-    ]
+    out = svg_open(title, width, height)
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, *_ in points)
     log_x = log_x and numeric and all(x > 0 for x, *_ in points)
     if not points:
         return "".join(out) + f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no values</text></svg>'
     if numeric:
-        x_lo, x_hi, x_ticks, x_labels = _axis([float(x) for x, *_ in points], log_x)
+        x_axis = value_axis([float(x) for x, *_ in points], log_x)
     else:  # categories, in the order first seen
-        x_labels = list(dict.fromkeys(str(x) for x, *_ in points))
-        x_lo, x_hi, x_ticks = -0.5, len(x_labels) - 0.5, list(range(len(x_labels)))
-    y_lo, y_hi, y_ticks, y_labels = _axis([y for _, y, *_ in points], False)
-
-    def px(x: Any) -> float:
-        v = float(x) if numeric else float(x_labels.index(str(x)))
-        f = math.log10 if log_x else float
-        return left + (f(v) - f(x_lo)) / (f(x_hi) - f(x_lo)) * pw
-
-    def py(y: float) -> float:
-        return top + (1 - (y - y_lo) / (y_hi - y_lo)) * ph
-
-    out.append(f'<rect class="plot" x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
-    for t, label in zip(y_ticks, y_labels, strict=True):
-        out.append(
-            f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/><text '
-            f'class="ytick" x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="10">{label}</text>'
-        )
-    for t, label in zip(x_ticks, x_labels, strict=True):
-        x = px(t if numeric else x_labels[int(t)])
-        out.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#999"/><text class="xtick" '
-            f'x="{x:.1f}" y="{top + ph + 15}" text-anchor="middle" font-size="10">{_e(label)}</text>'
-        )
-    out.append(
-        f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" font-size="11">{_e(xlabel)}'
-        f'{" (log)" if log_x else ""}</text><text x="12" y="{top + ph / 2}" text-anchor="middle" font-size="11" '
-        f'transform="rotate(-90 12 {top + ph / 2})">{_e(ylabel)}</text>'
+        names = list(dict.fromkeys(str(x) for x, *_ in points))
+        x_axis = Axis(-0.5, len(names) - 0.5, [float(k) for k in range(len(names))], names)
+    frame = Frame(
+        left, top, width - left - right, height - top - bottom, x_axis, value_axis([y for _, y, *_ in points])
     )
+    out += frame.axes(xlabel + (" (log)" if log_x else ""), ylabel, height - 6)
     for x, y, state, best in sorted(points, key=lambda p: p[3]):  # the best dot last, on top
         color = STATE_COLOR.get(state, "#7f7f7f")
         fill = "none" if state == "pruned" else color
+        cx = frame.px(float(x) if numeric else float(names.index(str(x))))
         out.append(
-            f'<circle class="trial" cx="{px(x):.1f}" cy="{py(y):.1f}" r="{6 if best else 4}" fill="{fill}" '
+            f'<circle class="trial" cx="{cx:.1f}" cy="{frame.py(y):.1f}" r="{6 if best else 4}" fill="{fill}" '
             f'stroke="{"#000" if best else color}" stroke-width="{2 if best else 1.5}"/>'
         )
     return "".join(out) + "</svg>"

@@ -213,6 +213,8 @@ class Search:
 
     def _tell(self, trial: Any, run: TrialRun, earlier: dict[str, Any]) -> None:
         trial.set_user_attr("wall_time_s", earlier.get("wall_time_s", 0.0) + run.wall_time_s)
+        if run.cpu_time_s is not None:
+            trial.set_user_attr("cpu_time_s", (earlier.get("cpu_time_s") or 0.0) + run.cpu_time_s)
         peak = max(filter(None, (earlier.get("peak_rss_bytes"), run.peak_rss_bytes)), default=None)
         trial.set_user_attr("peak_rss_bytes", peak)
         n = trial.number
@@ -258,6 +260,7 @@ def study_record(study: Any) -> dict[str, Any]:
                 "params": t.user_attrs.get("overrides", t.params),
                 "run_dir": t.user_attrs.get("run_dir"),
                 "wall_time_s": t.user_attrs.get("wall_time_s"),
+                "cpu_time_s": t.user_attrs.get("cpu_time_s"),
                 "pruned_at": t.user_attrs.get("pruned_at"),
                 "intermediate": [[step, v] for step, v in sorted(t.intermediate_values.items())],
                 "worker": t.user_attrs.get("worker"),

@@ -1,17 +1,14 @@
-"""One trial of `tune` as an ordinary run folder: trained by a child `python -m fulltune train` process, whose
-metrics.jsonl the tune process follows; each validation value goes to the Optuna trial, and when the pruner says so the
-child gets SIGTERM (it saves a checkpoint and exits 143, so the folder stays resumable). The locks that keep two
+"""One trial of `tune` as an ordinary run folder: trained by a child `fulltune train` process (runtime/children.py),
+whose metrics.jsonl the tune process follows; each validation value goes to the Optuna trial, and when the pruner says
+so the child gets SIGTERM (it saves a checkpoint and exits 143, so the folder stays resumable). The locks that keep two
 tune processes on one study from running a trial twice live here too."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +17,7 @@ from typing import Any
 
 from fulltune.config import Config, save_config
 from fulltune.files.rundir import LOCK_FILE
-from fulltune.runtime.memory import maxrss_bytes
+from fulltune.runtime.children import Child
 from fulltune.state.checkpoint import list_checkpoints
 
 POLL_S = 0.5
@@ -37,6 +34,8 @@ class TrialRun:
     """The best validation metric of a complete run (summary.json)."""
     pruned_at: int | None = None
     wall_time_s: float = 0.0
+    cpu_time_s: float | None = None
+    """User + system CPU seconds of the child (start-up included)."""
     peak_rss_bytes: int | None = None
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
@@ -92,13 +91,6 @@ def wait_for_run_lock(run_dir: Path, log: Callable[[str], None], limit_s: float 
 
 
 # ------------------------------------------------------------------------------------------------- the child
-
-
-def _die_with_parent() -> None:
-    """In the child, before it runs: SIGTERM when the tune process dies, however it dies (SIGKILL too), so the
-    trial saves a checkpoint and stops instead of training on unwatched (Linux's PR_SET_PDEATHSIG)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def resume_point(run_dir: Path) -> str:
@@ -160,34 +152,30 @@ def train_child(cfg: Config, run_dir: Path, log_file: Path, reporter: Reporter |
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_config(cfg, run_dir / "config.yaml")
-    cmd = [sys.executable, "-m", "fulltune", "train", "--config", str(run_dir / "config.yaml")]
-    cmd += ["--resume", "auto"] if resume else []
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    start, pos, pruned_at, usage = time.perf_counter(), 0, None, None
-    with open(log_file, "a", encoding="utf-8") as out:
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec)  # noqa: PLW1509
-        try:
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                rows, pos = _new_rows(run_dir / "metrics.jsonl", pos)
-                for row in rows:
-                    if pruned_at is None and reporter is not None and reporter.should_stop(row):
-                        pruned_at = int(row["step"])
-                        proc.send_signal(signal.SIGTERM)  # it saves a checkpoint and exits 143
-                if pid:
-                    proc.returncode = os.waitstatus_to_exitcode(status)
-                    break
-                time.sleep(POLL_S)
-        except KeyboardInterrupt:
-            proc.wait()  # the child got the same signal: let it save its checkpoint first
-            raise
-    run = TrialRun("complete", wall_time_s=time.perf_counter() - start, peak_rss_bytes=maxrss_bytes(usage))
+    argv = ["train", "--config", str(run_dir / "config.yaml")] + (["--resume", "auto"] if resume else [])
+    start, pos, pruned_at = time.perf_counter(), 0, None
+    child = Child(argv, log_file, die_with_parent=True)
+    try:
+        while True:
+            ended = child.poll() is not None
+            rows, pos = _new_rows(run_dir / "metrics.jsonl", pos)
+            for row in rows:
+                if pruned_at is None and reporter is not None and reporter.should_stop(row):
+                    pruned_at = int(row["step"])
+                    child.signal(signal.SIGTERM)  # it saves a checkpoint and exits 143
+            if ended:
+                break
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        child.wait()  # the child got the same signal: let it save its checkpoint first
+        raise
+    wall = time.perf_counter() - start
+    run = TrialRun("complete", wall_time_s=wall, cpu_time_s=child.cpu_s, peak_rss_bytes=child.peak_rss_bytes)
     if pruned_at is not None:
         run.state, run.pruned_at = "pruned", pruned_at
-    elif proc.returncode in (130, 143, -signal.SIGTERM, -signal.SIGINT):
+    elif child.returncode in (130, 143, -signal.SIGTERM, -signal.SIGINT):
         run.state, run.error = "interrupted", "stopped by a signal (resumable)"
-    elif proc.returncode != 0 or not (run_dir / "summary.json").is_file():
+    elif child.returncode != 0 or not (run_dir / "summary.json").is_file():
         run.state, run.error = "failed", error_line(log_file)
     else:
         run.summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
