@@ -23,7 +23,10 @@ def tied_embeddings(model: nn.Module) -> tuple[Any, Any] | None:
     get_out = getattr(model, "get_output_embeddings", None)
     if not callable(get_in) or not callable(get_out):
         return None
-    emb, head = get_in(), get_out()
+    try:
+        emb, head = get_in(), get_out()
+    except NotImplementedError:  # transformers raises this for models without a token embedding (CLIP's image tower)
+        return None
     if emb is None or head is None or getattr(emb, "weight", None) is None:
         return None
     return (emb, head) if getattr(head, "weight", None) is emb.weight else None
