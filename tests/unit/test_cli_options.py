@@ -1,10 +1,11 @@
 """Every option discoverable: `fulltune config` lists exactly the keys load_config accepts, each with a description;
 --help shows defaults everywhere; --version; kebab-case flags; HF Trainer's flat names; one name for one thing in
-`prune`; `train` without data is one line and creates nothing."""
+`prune`; `train` without data is one line and creates nothing; libraries' import noise dropped, their warnings kept."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -188,3 +189,11 @@ def test_parsing_loads_neither_torch_nor_transformers(argv):
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
     assert "fulltune.cli" in imported
     assert not imported & {"torch", "transformers", "datasets", "numpy"}
+
+
+def test_library_import_noise_is_dropped_and_other_warnings_kept(caplog):
+    # importing fulltune.cli (above) installed the filters
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torchao").warning("Failed to load /x/torchao/_C_mxfp8.so: Could not load this library")
+        logging.getLogger("torchao").warning("something a user should see")
+    assert [r.getMessage() for r in caplog.records] == ["something a user should see"]

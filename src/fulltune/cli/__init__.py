@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import typing
@@ -41,6 +42,20 @@ from fulltune.speed.threads import prepare_openmp
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 prepare_openmp()  # OpenMP's wait settings, before any command imports torch (the Python API imports this module too)
+
+
+class _ImportNoise(logging.Filter):
+    """Lines logged while libraries are imported that tell a fulltune user nothing: torchao's compiled kernel
+    libraries for GPU formats fulltune does not use (fp8, CUTLASS) that cannot load on this machine, and torch's
+    notice that torchao registers an enum the old way. transformers imports torchao wherever it is installed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Failed to load ") and ".so" in msg) and "now natively supported" not in msg
+
+
+logging.getLogger("torchao").addFilter(_ImportNoise())
+logging.getLogger("torch.utils._pytree").addFilter(_ImportNoise())
 
 COMMANDS = (
     train,

@@ -32,9 +32,9 @@ from typing import Any
 from fulltune.runtime.memory import maxrss_bytes
 
 PRELOAD = (
+    "fulltune.cli.train",  # first: fulltune.cli sets the environment and log filters the libraries' imports meet
     "torch",
     "transformers.modeling_utils",
-    "fulltune.cli.train",
     "fulltune.training.trainer",
     "matplotlib.pyplot",
 )
