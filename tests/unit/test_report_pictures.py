@@ -193,6 +193,7 @@ def test_comparison_html_has_the_markdown_columns_in_one_format_each(tmp_path):
     md = markdown(rows, settings)
     page = build_comparison(tmp_path, rows, settings, (head, cells)).read_text()
     table = re.search(r"<table[^>]*>(.*?)</table>", page, flags=re.S).group(1)
+    assert "<div class='wide'><table class='cmp'>" in page and ".wide{overflow-x:auto" in page  # scrolls in its box
     html_head = re.findall(r"<th[^>]*>(.*?)</th>", table)
     assert html_head[:-1] == head and "| " + " | ".join(head) + " |" in md
     body = [re.findall(r"<td[^>]*>(.*?)</td>", tr)[:-1] for tr in re.findall(r"<tr>(.*?)</tr>", table)[1:]]

@@ -139,7 +139,7 @@ padding:0 16px}h1{font-size:24px;margin-bottom:4px}h2{font-size:18px;margin-top:
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:12px}
 pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:auto;max-height:420px}.muted{color:#777}
-.kv td:first-child{text-align:left;color:#555}.cmp td{white-space:nowrap}
+.kv td:first-child{text-align:left;color:#555}.cmp td{white-space:nowrap}.wide{overflow-x:auto;max-width:100%}
 .warn{background:#fff3cd;border:1px solid #e0a800;padding:8px 12px;font-size:14px;color:#5c4400}
 .ex{font-size:12px;text-align:left;max-width:560px;overflow-wrap:anywhere}"""
 
@@ -390,11 +390,11 @@ def build_comparison(
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fulltune comparison</title>"
         f"<style>{CSS}</style></head><body><h1>fulltune comparison: {_e(root.name)}</h1>",
         f"<p class='muted'>{_e(root.resolve())}; metric: {_e(metric)}</p>",
-        "<table class='cmp'><tr>"
+        "<div class='wide'><table class='cmp'><tr>"
         + "".join(f"<th class='{'l' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head))
         + "<th>report</th></tr>"
         + "".join(body)
-        + "</table>",
+        + "</table></div>",
         "".join(f"<p>{_e(note)}</p>" for note in notes or []),
         "".join(
             f"<p class='warn'>{_e(r['method'])} failed: {_e(r.get('error'))}</p>"

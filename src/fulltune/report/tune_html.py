@@ -128,7 +128,7 @@ def _trials_table(study: dict[str, Any], trials: list[dict[str, Any]], keys: lis
     th = "".join(
         f"<th title='{_e(h)}'>{_e(short_key(h) if h in keys else h)}</th>" for h in head
     )  # a searched key without its section (base_learning_rate), the whole key on hover
-    return f"<div style='overflow-x:auto'><table class='cmp'><tr>{th}</tr>{''.join(rows)}</table></div>"
+    return f"<div class='wide'><table class='cmp'><tr>{th}</tr>{''.join(rows)}</table></div>"
 
 
 def _best_section(study: dict[str, Any], trials: list[dict[str, Any]]) -> str:
