@@ -251,6 +251,10 @@ def test_huber_loss_and_the_metrics_directions(tmp_path):
         hf = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         assert torch.allclose(hf, mse_loss(model, batch, 0.0)[0] / 2)
     assert task_record(cfg(training__loss="huber"), "text_regression").loss is huber_loss
+    # the validation loss is the loss training minimises: Huber's mean where training.loss is huber, else the MSE
+    pred, truth = [0.5, 2.0, -3.0], [0.0, 0.0, 0.0]
+    assert summarize_regression(pred, truth, "huber")["loss"] == pytest.approx((0.125 + 1.5 + 2.5) / 3)
+    assert summarize_regression(pred, truth)["loss"] == pytest.approx(summarize_regression(pred, truth)["mse"])
     assert validation_metric(cfg(), task_record(cfg(), "text_regression")) == ("mse", False)
     assert validation_metric(cfg(training__metric="pearson"), task_record(cfg(), "text_regression")) == (
         "pearson",

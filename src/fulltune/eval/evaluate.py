@@ -205,7 +205,7 @@ def evaluate_checkpoint(
     dataset, collate, workers, inputs, skipped = _classification_inputs(bundle, cfg, hub, data_dir, split, file, labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     if bundle.task == "text_regression":
-        return _regression(bundle, loader, inputs, out, dev, precision, source, hub)
+        return _regression(bundle, loader, inputs, out, dev, precision, source, hub, cfg.training.loss)
     metrics = classification_metrics(bundle.model, loader, len(labels), dev, precision, top_k=min(5, len(labels)))
     inputs = [inputs[i] for i in metrics["positions"]]  # an image that fails to decode is skipped, counted
     metrics["evaluated"] = source
@@ -222,11 +222,19 @@ def evaluate_checkpoint(
 
 
 def _regression(
-    bundle: Any, loader: Any, inputs: list[str], out: Path, dev: Any, precision: Any, evaluated: dict, hub: Any
+    bundle: Any,
+    loader: Any,
+    inputs: list[str],
+    out: Path,
+    dev: Any,
+    precision: Any,
+    evaluated: dict,
+    hub: Any,
+    loss: str,
 ) -> dict[str, Any]:
     """A regression's metrics (MSE, MAE, Pearson, Spearman) as metrics.json, and predictions.jsonl: each input with
     its gold and predicted number."""
-    metrics = regression_metrics(bundle.model, loader, dev, precision)
+    metrics = regression_metrics(bundle.model, loader, dev, precision, loss)
     metrics["evaluated"] = evaluated
     with atomic_output(out, "evaluate") as tmp:
         named = {k: v for k, v in metrics.items() if k not in ("targets", "predictions")}

@@ -32,22 +32,33 @@ def multi_label_loss(
     return loss, logits
 
 
+def summed_regression_loss(name: str, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A regression's loss `name` (training.loss), summed over the examples: "mse", squared error; "huber", Huber
+    with delta 1 (squared below an error of 1, linear above). Training minimises it and the validation loss reports
+    it, so the two curves measure one thing. Computed in the inputs' dtype."""
+    if name == "huber":
+        return F.huber_loss(predictions, targets, reduction="sum", delta=1.0)
+    return F.mse_loss(predictions, targets, reduction="sum")
+
+
+def _regression(name: str, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    return summed_regression_loss(name, logits.float().squeeze(-1), batch["labels"].float()), logits
+
+
 def mse_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed squared error of a regression's one output (logits (batch, 1)) against its float labels."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    return F.mse_loss(logits.float().squeeze(-1), batch["labels"].float(), reduction="sum"), logits
+    return _regression("mse", model, batch)
 
 
 def huber_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed Huber loss (delta 1: squared below an error of 1, linear above) of a regression's one output."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    return F.huber_loss(logits.float().squeeze(-1), batch["labels"].float(), reduction="sum", delta=1.0), logits
+    """Summed Huber loss (delta 1) of a regression's one output against its float labels."""
+    return _regression("huber", model, batch)
 
 
 REGRESSION_LOSSES = {"mse": mse_loss, "huber": huber_loss}

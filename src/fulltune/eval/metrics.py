@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fulltune.data.tokens import IGNORE
+from fulltune.eval.losses import summed_regression_loss
 from fulltune.runtime.device import Precision, to_device
 
 
@@ -69,9 +70,11 @@ def classification_metrics(
 
 
 @torch.no_grad()
-def regression_metrics(model: nn.Module, loader: Any, device: torch.device, precision: Precision) -> dict[str, Any]:
-    """A regression's metrics (`summarize_regression`) over the loader, with each example's gold and predicted
-    number ("targets", "predictions"); its one output is the prediction."""
+def regression_metrics(
+    model: nn.Module, loader: Any, device: torch.device, precision: Precision, loss: str = "mse"
+) -> dict[str, Any]:
+    """A regression's metrics (`summarize_regression`, "loss" the run's training.loss `loss`) over the loader, with
+    each example's gold and predicted number ("targets", "predictions"); its one output is the prediction."""
     model.eval()
     targets, predictions = [], []
     for batch in loader:
@@ -83,13 +86,14 @@ def regression_metrics(model: nn.Module, loader: Any, device: torch.device, prec
         predictions.append(out)
     truth = torch.cat(targets).double().cpu() if targets else torch.zeros(0, dtype=torch.float64)
     pred = torch.cat(predictions).double().cpu() if predictions else torch.zeros(0, dtype=torch.float64)
-    return summarize_regression(pred.tolist(), truth.tolist())
+    return summarize_regression(pred.tolist(), truth.tolist(), loss)
 
 
-def summarize_regression(predictions: list[float], targets: list[float]) -> dict[str, Any]:
-    """MSE (also "loss", the MSE training minimises), MAE, and Pearson's and Spearman's correlations as
-    scipy.stats computes them. A correlation is 0.0 where the predictions or the targets do not vary (scipy gives
-    NaN there: no correlation to measure, and a NaN would stop best/ from ever improving)."""
+def summarize_regression(predictions: list[float], targets: list[float], loss: str = "mse") -> dict[str, Any]:
+    """MSE, MAE, "loss" (the mean of training.loss `loss`, MSE or Huber: what training minimises, from losses.py
+    `summed_regression_loss`), and Pearson's and Spearman's correlations as scipy.stats computes them. A correlation
+    is 0.0 where the predictions or the targets do not vary (scipy gives NaN there: no correlation to measure, and a
+    NaN would stop best/ from ever improving)."""
     from scipy import stats  # scipy only where a regression is scored
 
     pred, truth = torch.tensor(predictions, dtype=torch.float64), torch.tensor(targets, dtype=torch.float64)
@@ -104,7 +108,7 @@ def summarize_regression(predictions: list[float], targets: list[float]) -> dict
         "mae": float(error.abs().mean()) if n else 0.0,
         "pearson": pearson if math.isfinite(pearson) else 0.0,
         "spearman": spearman if math.isfinite(spearman) else 0.0,
-        "loss": mse,
+        "loss": float(summed_regression_loss(loss, pred, truth)) / n if n else 0.0,
         "examples": n,
         "targets": list(targets),
         "predictions": list(predictions),

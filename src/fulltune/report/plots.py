@@ -388,7 +388,7 @@ def curve_series(
                 groups.setdefault(str(name), []).append((r["step"], lr))
     grad = {"gradient norm (before clipping)": [(r["step"], r.get("grad_norm")) for r in train]}
     only = next(iter(val)).removeprefix("val ") if len(val) == 1 else ""
-    regression = any("pearson" in r for r in evals)  # training.loss (MSE or Huber); val loss is the MSE
+    regression = any("pearson" in r for r in evals)  # train and val loss: training.loss (MSE or Huber)
     return [
         Panel("loss", loss, False, "cross-entropy per token" if lm else "loss" if regression else "cross-entropy"),
         Panel(f"validation {only}" if only else "validation metric", val, only == "perplexity", only),

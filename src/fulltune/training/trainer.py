@@ -469,7 +469,7 @@ class Trainer:
         elif self.task_name == "token_classification":
             metrics = token_metrics(model, loader, self.data.labels, self.device, self.precision)
         elif self.task_name == "text_regression":
-            metrics = regression_metrics(model, loader, self.device, self.precision)
+            metrics = regression_metrics(model, loader, self.device, self.precision, self.cfg.training.loss)
         else:
             metrics = classification_metrics(model, loader, len(self.data.labels), self.device, self.precision)
         self.model.train()
