@@ -192,3 +192,35 @@ def test_the_log_line_says_which_moments_and_where_the_step_runs() -> None:
     assert "torchao's 4-bit AdamW moments" in line and "fused into backward" in line
     paged = describe_lean_mode(TrainingConfig(memory="lean", lean_optimizer="paged_adamw8bit"), cpu, fused=False)
     assert "paged 8-bit" in paged and "no public per-tensor step" in paged
+
+
+@pytest.mark.parametrize(("bits", "signed"), [(8, True), (8, False), (4, True), (4, False)])
+def test_table_quantizer_gives_torchao_binary_search_codes(bits: int, signed: bool) -> None:
+    """The CPU quantizer (a table on the value's float bits, training/lowbit_update.py) against torchao's search,
+    on values of every magnitude, the code book's own values, the midpoints between codes and the ends."""
+    from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap
+    from torchao.optim.subclass_4bit import OptimState4bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from fulltune.training.lowbit import without_zero_code
+    from fulltune.training.lowbit_update import code_table, quantize
+
+    state = (OptimState8bit if bits == 8 else OptimState4bit).zeros((4096,), signed, 256 if bits == 8 else 128)
+    books = [state.qmap.clone()]
+    if bits == 8 and not signed:
+        without_zero_code(state)
+        books.append(state.qmap)
+    g = torch.Generator().manual_seed(0)
+    for qmap in books:
+        x = torch.rand(1 << 16, generator=g) * torch.exp(-25 * torch.rand(1 << 16, generator=g))
+        if signed:
+            x = x * torch.where(torch.rand(1 << 16, generator=g) < 0.5, -1.0, 1.0)
+        mids = (qmap[1:] + qmap[:-1]) / 2
+        edges = torch.tensor([0.0, -0.0, 1.0, -1.0 if signed else 1e-30, 1e-38])
+        x = torch.cat(
+            [x, qmap, mids, torch.nextafter(mids, torch.zeros(())), torch.nextafter(mids, torch.ones(())), edges]
+        )
+        table = code_table(qmap)
+        assert table is not None
+        reference = (quantize_8bit_with_qmap if bits == 8 else quantize_4bit_with_qmap)(x, qmap)
+        assert torch.equal(quantize(x, qmap, table.table, table.lo), reference)

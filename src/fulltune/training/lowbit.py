@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fulltune.config import TrainingConfig
 from fulltune.errors import ConfigError
+from fulltune.training import lowbit_update
 from fulltune.training.lean import LOWBIT_STATES, BF16AdamW, PerTensorOptimizer, wants_compiled_step
 
 __all__ = ["LowBitAdamW", "build_lowbit_optimizer", "moment_block", "without_zero_code"]
@@ -76,8 +77,8 @@ def without_zero_code(moment: Any) -> None:
 
 class LowBitAdamW(PerTensorOptimizer):
     """AdamW whose moments are block-quantized to 8 or 4 bits (torchao's `OptimState8bit` / `OptimState4bit`, the
-    states of `torchao.optim.AdamW8bit` / `AdamW4bit`), updated by torchao's `single_param_adam`, one tensor at a
-    time: `step_param(p, group)` is what lean mode's fused step calls in backward, `step()` loops over it.
+    states of `torchao.optim.AdamW8bit` / `AdamW4bit`), updated by torchao's `single_param_adam` (on a CPU by
+    lowbit_update.py's copy of it, bit-identical, whose code search is a table lookup), one tensor at a time: `step_param(p, group)` is what lean mode's fused step calls in backward, `step()` loops over it.
 
     Unlike torchao's own classes, the learning rate stays a float in each group (the trainer's schedule writes it;
     it goes to the update as a 0-d tensor so a compiled update is not rebuilt when it changes); each tensor is
@@ -172,28 +173,33 @@ class LowBitAdamW(PerTensorOptimizer):
         flat_p, flat_g, n = p.detach().view(-1), grad.reshape(-1), p.numel()
         m, v = state["exp_avg"], state["exp_avg_sq"]
         first, end = start, start + flat_g.numel()
+        tables = self._code_tables(p, m, v)
         with torch._dynamo.utils.disable_cache_limit():  # a fixed, small set of shapes per model (as torchao does)
             while start < end:
                 chunk_end = min(n, (start // self.chunk_size + 1) * self.chunk_size)  # p's next chunk boundary
                 stop = min(end, chunk_end)
                 whole = start % self.chunk_size == 0 and stop == chunk_end
-                update = _compiled_update() if self.compiled and whole else self._update
-                update(
-                    flat_p[start:stop],
-                    flat_g[start - first : stop - first],
-                    state["step"],
-                    self._part(m, start, stop),
-                    self._part(v, start, stop),
-                    None,
-                    self._lr,
-                    beta1,
-                    beta2,
-                    group["weight_decay"],
-                    group["eps"],
-                    True,
-                    stochastic,
-                )
+                p_part, g_part = flat_p[start:stop], flat_g[start - first : stop - first]
+                m_part, v_part = self._part(m, start, stop), self._part(v, start, stop)
+                hyper = (beta1, beta2, group["weight_decay"], group["eps"])
+                if tables is not None:
+                    update = lowbit_update.compiled_update() if self.compiled and whole else lowbit_update.update
+                    m_args = (m_part.codes, m_part.scale, m_part.qmap, tables[0].table)
+                    v_args = (v_part.codes, v_part.scale, v_part.qmap, tables[1].table)
+                    lo = tables[0].lo
+                    update(p_part, g_part, state["step"], m_args, v_args, lo, self._lr, *hyper, stochastic, self.bits)
+                else:
+                    update = _compiled_update() if self.compiled and whole else self._update
+                    update(p_part, g_part, state["step"], m_part, v_part, None, self._lr, *hyper, True, stochastic)
                 start = stop
+
+    def _code_tables(self, p: Tensor, m: Tensor, v: Tensor) -> tuple[Any, Any] | None:
+        """On a CPU, the code tables of `p`'s quantized moments for lowbit_update's quantizer (None: torchao's own
+        update, as on CUDA and for fp32 moments)."""
+        if p.device.type != "cpu" or type(m) is torch.Tensor or type(v) is torch.Tensor:
+            return None
+        tables = lowbit_update.code_table(m.qmap), lowbit_update.code_table(v.qmap)
+        return None if None in tables else tables
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
