@@ -14,6 +14,7 @@ SIGTERM, as a run's "stop" signal (it saves a checkpoint).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import json
@@ -181,6 +182,21 @@ class _Server:
         if pid not in self.ended and self.proc.poll() is None:
             self._lines(block=False)
         return self.ended.get(pid)
+
+    def close(self) -> None:
+        """End the server as this process's exit would (its stdin closed: it returns), and reap it."""
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+
+@atexit.register
+def _close_servers() -> None:
+    for server in _servers.values():
+        if server is not None:
+            server.close()
 
 
 def _server(env: dict[str, str]) -> _Server | None:
