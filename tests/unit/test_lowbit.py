@@ -223,4 +223,4 @@ def test_table_quantizer_gives_torchao_binary_search_codes(bits: int, signed: bo
         table = code_table(qmap)
         assert table is not None
         reference = (quantize_8bit_with_qmap if bits == 8 else quantize_4bit_with_qmap)(x, qmap)
-        assert torch.equal(quantize(x, qmap, table.table, table.lo), reference)
+        assert torch.equal(quantize(x, table.base, table.thresholds, table.lo), reference)

@@ -184,8 +184,8 @@ class LowBitAdamW(PerTensorOptimizer):
                 hyper = (beta1, beta2, group["weight_decay"], group["eps"])
                 if tables is not None:
                     update = lowbit_update.compiled_update() if self.compiled and whole else lowbit_update.update
-                    m_args = (m_part.codes, m_part.scale, m_part.qmap, tables[0].table)
-                    v_args = (v_part.codes, v_part.scale, v_part.qmap, tables[1].table)
+                    m_args = (m_part.codes, m_part.scale, m_part.qmap, tables[0].base, tables[0].thresholds)
+                    v_args = (v_part.codes, v_part.scale, v_part.qmap, tables[1].base, tables[1].thresholds)
                     lo = tables[0].lo
                     update(p_part, g_part, state["step"], m_args, v_args, lo, self._lr, *hyper, stochastic, self.bits)
                 else:

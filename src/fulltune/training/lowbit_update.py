@@ -2,12 +2,14 @@
 
 torchao's update (`single_param_adam` on `OptimState8bit` / `OptimState4bit`) finds each moment element's code by a
 branchless binary search over the code book: 8 (8-bit) or 4 (4-bit) dependent table lookups, then 2 more to round.
-A CPU does each lookup as a scalar load, so that search was most of the update's time. Here the code comes from a
-table indexed by the value's float32 bits: its sign, exponent and top 7 mantissa bits select a bucket holding at
-most one code-book boundary (checked when the table is built), the table gives the code below the bucket, and one
-comparison with the next boundary settles it; rounding to the nearer code is torchao's, op for op. The codes are
-the binary search's exactly, and the rest of the update is `single_param_adam`'s arithmetic in its order, so the
-eager update is bit-identical to torchao's (tests/unit/test_lowbit.py).
+A CPU does each lookup as a scalar load, so that search was most of the update's time. Search and rounding together
+map a value to its code by a step function that only goes up, so they are fixed by the code book's thresholds: the
+smallest float32 that torchao codes as 1, as 2, ... (found once per code book by bisecting float32 bit patterns with
+torchao's own quantizer). Here a table indexed by the value's float32 bits (its sign, exponent and top 7 mantissa
+bits: a bucket holding at most one threshold, checked when the table is built) gives the code of the bucket's
+smallest value, and one comparison with the next threshold settles it: two lookups instead of ten or six. The codes
+are torchao's exactly, and the rest of the update is `single_param_adam`'s arithmetic in its order, so the eager
+update is bit-identical to torchao's (tests/unit/test_lowbit.py).
 """
 
 from __future__ import annotations
@@ -35,19 +37,52 @@ def _ordered(x: Tensor) -> Tensor:
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
 
 
+def _value(keys: Tensor) -> Tensor:
+    """The float32 values of int64 keys of `_ordered`."""
+    magnitude = keys.abs().to(torch.int32).view(torch.float32)
+    return torch.where(keys < 0, -magnitude, magnitude)
+
+
+def _reference(book: Tensor) -> Callable[[Tensor], Tensor]:
+    from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap
+
+    search = {256: quantize_8bit_with_qmap, 16: quantize_4bit_with_qmap}.get(book.numel())
+    if search is None:
+        raise ValueError(f"a code book of {book.numel()} entries (torchao's have 256 or 16)")
+    return lambda x: search(x, book).to(torch.int64)
+
+
 class CodeTable:
-    """For a code book (ascending, values in [-1, 1]): `table[bucket - lo]` is the number of its entries after the
-    first that are <= the bucket's smallest value, the code of that value in torchao's binary search."""
+    """A code book's thresholds and bucket table: `thresholds[c]` is the smallest float32 that torchao's search and
+    rounding code as c + 1 or more (+inf after the last code), `base[bucket - lo]` the code of a bucket's smallest
+    value, so a value's code is `base[b] + (x >= thresholds[base[b]])`."""
 
     def __init__(self, qmap: Tensor) -> None:
-        book = qmap.detach().float().cpu()
-        keys = _ordered(book[1:].contiguous()).to(torch.int64)
-        if not bool((book[1:] > book[:-1]).all()) or len(set((keys >> SHIFT).tolist())) < keys.numel():
-            raise ValueError("the code book is not ascending with at most one entry per table bucket")
+        book = qmap.detach().float().cpu().contiguous()
+        if not bool((book[1:] > book[:-1]).all()):
+            raise ValueError("the code book is not ascending")
+        reference, top = _reference(book), book.numel() - 1
         self.lo = int(_ordered(torch.tensor([-1.0]))) >> SHIFT
         hi = int(_ordered(torch.tensor([1.0]))) >> SHIFT
+        # bisect, for every code k = 1..top at once, the smallest key in [-1, 1] that torchao codes as k or more
+        wanted = torch.arange(1, top + 1)
+        left = torch.full((top,), int(_ordered(torch.tensor([-1.0]))), dtype=torch.int64)
+        right = torch.full((top,), int(_ordered(torch.tensor([1.0]))), dtype=torch.int64)
+        if bool((reference(_value(left)) >= wanted).any()) or not bool((reference(_value(right)) >= wanted).all()):
+            raise ValueError("the code book does not code -1 as 0 and 1 as its last code")
+        while bool((right - left > 1).any()):
+            mid = (left + right) // 2
+            up = reference(_value(mid)) >= wanted
+            left, right = torch.where(up, left, mid), torch.where(up, mid, right)
         starts = torch.arange(self.lo, hi + 1, dtype=torch.int64) << SHIFT
-        self.table = torch.searchsorted(keys, starts, right=True).to(torch.int32).to(qmap.device)
+        base = torch.searchsorted(right, starts, right=True)
+        inside = torch.searchsorted(right, starts + (1 << SHIFT) - 1, right=True) - base
+        if bool((inside > 1).any()):
+            raise ValueError("a table bucket holds more than one threshold of the code book")
+        if not torch.equal(base, reference(_value(starts).clamp(-1.0, 1.0))):
+            raise ValueError("torchao's search does not code the code book's values in order")
+        self.base = base.to(torch.int32).to(qmap.device)
+        self.thresholds = torch.cat([_value(right), torch.tensor([float("inf")])]).to(qmap.device)
 
 
 @functools.cache
@@ -63,15 +98,11 @@ def code_table(qmap: Tensor) -> CodeTable | None:
     return _tables(tuple(qmap.tolist()), str(qmap.device))
 
 
-def quantize(x: Tensor, qmap: Tensor, table: Tensor, lo: int) -> Tensor:
-    """uint8 codes of `x` (scaled into [-1, 1]): torchao's `quantize_8bit_with_qmap` / `quantize_4bit_with_qmap`."""
-    top = qmap.numel() - 1
-    code = table[((_ordered(x) >> SHIFT) - lo).clamp(0, table.numel() - 1)]
-    following = (code + 1).clamp(max=top)
-    code = torch.where((x >= qmap[following]) & (code < top), following, code)
-    up = (code + 1).clamp(max=top)
-    down_value, up_value = qmap[code], qmap[up]
-    return torch.where(x - down_value >= (up_value - down_value) * 0.5, up, code).to(torch.uint8)
+def quantize(x: Tensor, base: Tensor, thresholds: Tensor, lo: int) -> Tensor:
+    """uint8 codes of `x` (scaled into [-1, 1]): torchao's `quantize_8bit_with_qmap` / `quantize_4bit_with_qmap`,
+    from a code table's `base`, `thresholds` and `lo`."""
+    code = base[((_ordered(x) >> SHIFT) - lo).clamp(0, base.numel() - 1)]
+    return (code + (x >= thresholds[code]).to(torch.int32)).to(torch.uint8)
 
 
 def _dequantize(codes: Tensor, qmap: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -80,11 +111,11 @@ def _dequantize(codes: Tensor, qmap: Tensor, scale: Tensor, bits: int) -> Tensor
     return (qmap[codes.int()].view(scale.shape[0], -1) * scale.view(-1, 1)).view(-1)
 
 
-def _requantize_(x: Tensor, codes: Tensor, scale: Tensor, qmap: Tensor, table: Tensor, lo: int, bits: int) -> None:
+def _requantize_(x: Tensor, codes: Tensor, scale: Tensor, base: Tensor, thresholds: Tensor, lo: int, bits: int) -> None:
     block = x.numel() // scale.numel()
     blocks = x.view(-1, block)
     new_scale = blocks.abs().amax(-1).clip(1e-12)  # torchao's scale_tensor
-    new = quantize((blocks / new_scale.view(-1, 1)).view(-1), qmap, table, lo)
+    new = quantize((blocks / new_scale.view(-1, 1)).view(-1), base, thresholds, lo)
     codes.copy_((new[::2] << 4) | new[1::2] if bits == 4 else new)
     scale.copy_(new_scale)
 
@@ -93,8 +124,8 @@ def update(
     p: Tensor,
     grad: Tensor,
     step: Tensor,
-    m: tuple[Tensor, Tensor, Tensor, Tensor],
-    v: tuple[Tensor, Tensor, Tensor, Tensor],
+    m: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    v: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
     lo: int,
     lr: Tensor,
     beta1: float,
@@ -104,7 +135,7 @@ def update(
     stochastic: bool,
     bits: int,
 ) -> None:
-    """One AdamW update of flat `p` in place; `m` and `v` are each moment's (codes, scales, code book, code table),
+    """One AdamW update of flat `p` in place; `m` and `v` are each moment's (codes, scales, code book, and its code table's base and thresholds),
     updated in place. torchao's `single_param_adam` (AdamW, no amsgrad), with `quantize` for its code search."""
     p_f32 = p.float()
     grad_f32 = grad.float()
@@ -113,8 +144,8 @@ def update(
     bias_correction2 = 1 - beta2**step
     exp_avg = _dequantize(m[0], m[2], m[1], bits).lerp(grad_f32, 1 - beta1)
     exp_avg_sq = _dequantize(v[0], v[2], v[1], bits).lerp(grad_f32.square(), 1 - beta2)
-    _requantize_(exp_avg, m[0], m[1], m[2], m[3], lo, bits)
-    _requantize_(exp_avg_sq, v[0], v[1], v[2], v[3], lo, bits)
+    _requantize_(exp_avg, m[0], m[1], m[3], m[4], lo, bits)
+    _requantize_(exp_avg_sq, v[0], v[1], v[3], v[4], lo, bits)
     denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()) + eps
     p_f32 = p_f32 - lr * (exp_avg / bias_correction1) / denom
     p.copy_(_fp32_to_bf16_sr(p_f32) if stochastic else p_f32)
@@ -123,5 +154,5 @@ def update(
 @functools.cache
 def compiled_update() -> Callable[..., None]:
     """`update` through torch.compile: one graph per chunk shape and width. Every lookup's index is in range by
-    construction (a clamped bucket, a clamped code, a uint8 or 4-bit code), so inductor's bounds checks are off."""
+    construction (a clamped bucket, a code <= the last threshold's index, a uint8 or 4-bit code), so inductor's bounds checks are off."""
     return torch.compile(update, fullgraph=True, dynamic=False, options={"assert_indirect_indexing": False})
