@@ -61,9 +61,9 @@ def test_stochastic_rounding_is_unbiased():
     x = torch.full((1 << 16,), 1.0 + 2**-10)  # a quarter of the way from 1 to the next bf16 value (1 + 2**-7)
     p, grad, m, v, _, hp = chunk(1 << 16, 0)
     bits = random_bits(x.numel(), torch.tensor(0, dtype=torch.int32), torch.tensor(3, dtype=torch.int32), "cpu")
-    from fulltune.training.lean_kernel import _round
+    from fulltune.training.lean_kernel import round_bf16
 
-    rounded = _round(x, bits, 15).float()
+    rounded = round_bf16(x, bits, 15).float()
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert abs(rounded.mean().item() - x[0].item()) < 2**-7 * 0.01
 

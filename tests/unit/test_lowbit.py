@@ -72,12 +72,9 @@ def test_chunked_step_equals_torchao(bits, dtype, monkeypatch) -> None:
         for model in (ours, ref):
             model[0].bias.requires_grad_(False)
             model[2].bias.requires_grad_(False)
-    # bf16: stochastic rounding on both sides; one chunk per tensor draws the same random bits as torchao's
-    chunk = 4096 if dtype == torch.float32 else 1 << 20
-    opt = LowBitAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, bits=bits, chunk_size=chunk)
-    ref_opt = (AdamW8bit if bits == 8 else AdamW4bit)(
-        ref.parameters(), lr=1e-2, weight_decay=0.1, bf16_stochastic_round=dtype == torch.bfloat16
-    )
+    # bf16: rounded to nearest on both sides (stochastic rounding draws other bits: the next test)
+    opt = LowBitAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, bits=bits, chunk_size=4096, stochastic_round=False)
+    ref_opt = (AdamW8bit if bits == 8 else AdamW4bit)(ref.parameters(), lr=1e-2, weight_decay=0.1)
     lrs = [1e-2, 5e-3, 2e-3, 1e-3]
     torch.manual_seed(3)
     train_with_lr_changes(ours, opt, lrs)
@@ -88,6 +85,34 @@ def test_chunked_step_equals_torchao(bits, dtype, monkeypatch) -> None:
     w = ours[0].weight
     assert type(opt.state[w]["exp_avg"]).__name__ == f"OptimState{bits}bit"
     assert opt.state[w]["exp_avg"].codes.numel() == w.numel() * bits // 8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stochastic_rounding_of_bf16_weights_is_lean_modes(bits: int) -> None:
+    """A bf16 weight rounds up or down from the update rounded to nearest, with the bits BF16AdamW uses (a hash of
+    (group seed, parameter index, step) and the element's index): the same whatever the chunking, different per
+    seed, no generator state read."""
+    results = {}
+    for name, chunk, seed, stochastic in [
+        ("nearest", 4096, 0, False),
+        ("whole", 1 << 20, 0, True),
+        ("chunks", 4096, 0, True),
+        ("other seed", 4096, 1, True),
+    ]:
+        model = mlp(torch.bfloat16)
+        opt = LowBitAdamW(
+            model.parameters(), lr=1e-2, bits=bits, chunk_size=chunk, seed=seed, stochastic_round=stochastic
+        )
+        torch.manual_seed(0)
+        train_steps(model, opt, range(1))
+        torch.manual_seed(123)  # the generator's state does not matter
+        results[name] = model[0].weight.detach().float()
+    assert torch.equal(results["whole"], results["chunks"])
+    assert not torch.equal(results["whole"], results["other seed"])
+    moved = results["whole"] != results["nearest"]
+    assert 0.05 < moved.float().mean() < 0.95  # some round the other way, not all
+    ulp = torch.finfo(torch.bfloat16).eps * results["nearest"].abs()
+    assert ((results["whole"] - results["nearest"]).abs() <= ulp * 1.01).all()  # at most one bf16 step away
 
 
 def test_8bit_moments_track_torch_adamw_on_gradients_of_wide_range() -> None:
@@ -223,4 +248,4 @@ def test_table_quantizer_gives_torchao_binary_search_codes(bits: int, signed: bo
         table = code_table(qmap)
         assert table is not None
         reference = (quantize_8bit_with_qmap if bits == 8 else quantize_4bit_with_qmap)(x, qmap)
-        assert torch.equal(quantize(x, table.base, table.thresholds, table.lo), reference)
+        assert torch.equal(quantize(x, table.packed, table.lo), reference)

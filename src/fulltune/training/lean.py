@@ -109,6 +109,18 @@ class PerTensorOptimizer(torch.optim.Optimizer):
     cover it, each with its gradient; every element gets the same update as from `step_param` (lean mode's tied
     embedding steps its rows as backward produces their gradients, `training/lean_tied.py`)."""
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        index = self.__dict__.setdefault("_param_index", {})
+        for p in self.param_groups[-1]["params"]:
+            index[id(p)] = len(index)  # stable (the index state_dict uses), whatever order updates come in
+
+    def rounding_seed(self, p: Tensor, group: dict[str, Any], step: int) -> int:
+        """The int32 seed of `p`'s stochastic-rounding bits at `step`, from (the group's `seed`, the parameter's
+        index, step): element i of `p` rounds with `lean_kernel.random_bits(.., i, seed)`, so no RNG state is saved
+        for a bit-identical resume, and neither the update order nor the chunking changes the bits."""
+        return lean_kernel.seed32(_mix_seed(group.get("seed", 0), self._param_index[id(p)], step))
+
     def begin_update(self, p: Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
@@ -231,7 +243,6 @@ class BF16AdamW(PerTensorOptimizer):
         self.chunk_size = chunk_size
         # bf16 parameters updated by one torch.compile'd kernel (training/lean_kernel.py): same math and random bits
         self.compiled = compiled
-        self._param_index: dict[int, int] = {}
         self._scratch = _Scratch()
         defaults = dict(
             lr=lr,
@@ -254,8 +265,6 @@ class BF16AdamW(PerTensorOptimizer):
         for p in group["params"]:
             if p.dtype not in (torch.bfloat16, torch.float32):
                 raise TypeError(f"BF16AdamW handles bf16 and fp32 parameters, got {p.dtype}")
-            # stable index (the one state_dict uses) seeds stochastic rounding independently of update order
-            self._param_index[id(p)] = len(self._param_index)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -302,7 +311,7 @@ class BF16AdamW(PerTensorOptimizer):
             return
         seed = None
         if low_precision and rounding != "nearest":
-            seed = lean_kernel.seed32(_mix_seed(group["seed"], self._param_index[id(p)], step))
+            seed = self.rounding_seed(p, group, step)
 
         hp = dict(lr=lr, wd=wd, eps=eps, beta1=beta1, beta2=beta2, step_size=step_size, bc2_sqrt=bc2_sqrt)
         size = self.chunk_size or (1 << 18 if p.device.type == "cpu" else 1 << 24)
@@ -341,8 +350,7 @@ class BF16AdamW(PerTensorOptimizer):
             dtype=torch.float32,
             device=p.device,
         )
-        mixed = lean_kernel.seed32(_mix_seed(group["seed"], self._param_index[id(p)], step))
-        seed = torch.tensor(mixed, dtype=torch.int32, device=p.device)
+        seed = torch.tensor(self.rounding_seed(p, group, step), dtype=torch.int32, device=p.device)
         if not all(t.is_contiguous() for t in tensors):
             return False
         # the kernel updates in place and holds no temporaries, so a whole tensor is one call; chunks only keep the

@@ -53,7 +53,7 @@ def seed32(mixed: int) -> int:
     return low - (1 << 32) if low >= 1 << 31 else low
 
 
-def _round(x: Tensor, bits: Tensor | None, shift: int) -> Tensor:
+def round_bf16(x: Tensor, bits: Tensor | None, shift: int) -> Tensor:
     """fp32 -> bf16: unbiased stochastic rounding with a 16-bit window of `bits`, or to nearest when bits is None."""
     if bits is None:
         return x.to(torch.bfloat16)
@@ -90,15 +90,15 @@ def update_lowp(
     target = p32 - step_size * (m32 / (v32.sqrt() / bc2_sqrt + eps)) - lr_wd * p32
     if comp is not None:
         target = target + comp.float()  # re-apply what rounding dropped from the previous update
-    m_new = _round(m32, bits, 0) if m.dtype == torch.bfloat16 else m32
-    v_new = _round(v32, bits, 7) if v.dtype == torch.bfloat16 else v32
+    m_new = round_bf16(m32, bits, 0) if m.dtype == torch.bfloat16 else m32
+    v_new = round_bf16(v32, bits, 7) if v.dtype == torch.bfloat16 else v32
     if rounding == "kahan":
         # Kahan rounds the weight to nearest and the compensation keeps the rest. The rounding is done on the bits:
         # inductor computes `target.to(bf16).float()` as target itself (it keeps bf16 values in fp32 registers),
         # which left the compensation at 0 and lost every update below half an ulp
         p_near = _round_nearest(target)
-        return p_near.to(torch.bfloat16), m_new, v_new, _round(target - p_near, bits, 15)
-    return _round(target, bits, 15), m_new, v_new, None
+        return p_near.to(torch.bfloat16), m_new, v_new, round_bf16(target - p_near, bits, 15)
+    return round_bf16(target, bits, 15), m_new, v_new, None
 
 
 def update_lowp_(

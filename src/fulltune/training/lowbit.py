@@ -78,7 +78,8 @@ def without_zero_code(moment: Any) -> None:
 class LowBitAdamW(PerTensorOptimizer):
     """AdamW whose moments are block-quantized to 8 or 4 bits (torchao's `OptimState8bit` / `OptimState4bit`, the
     states of `torchao.optim.AdamW8bit` / `AdamW4bit`), updated by torchao's `single_param_adam` (on a CPU by
-    lowbit_update.py's copy of it, bit-identical, whose code search is a table lookup), one tensor at a time: `step_param(p, group)` is what lean mode's fused step calls in backward, `step()` loops over it.
+    lowbit_update.py's copy of it, bit-identical, whose code search is a table lookup), one tensor at a time:
+    `step_param(p, group)` is what lean mode's fused step calls in backward, `step()` loops over it.
 
     Unlike torchao's own classes, the learning rate stays a float in each group (the trainer's schedule writes it;
     it goes to the update as a 0-d tensor so a compiled update is not rebuilt when it changes); each tensor is
@@ -86,7 +87,9 @@ class LowBitAdamW(PerTensorOptimizer):
     temporaries (~4 bytes x a few per chunk element) even for a 260M-element embedding, and gives every full chunk
     one shape (one compiled graph); moments of tensors under 4096 elements, or not a multiple of the block size, are
     fp32 (torchao keeps them in the weight's dtype). `stochastic_round`: bf16 weights take the update rounded up or
-    down at random (torchao's `bf16_stochastic_round`, drawn from torch's global generator, which checkpoints save).
+    down at random, unbiased; on a CPU with the bits BF16AdamW uses (a hash of the element's index and of the
+    group's `seed`, the parameter's index and the step: `PerTensorOptimizer.rounding_seed`); on CUDA, and for a
+    tensor whose moments stay fp32, torchao's `bf16_stochastic_round` (torch's generator, which checkpoints save).
     `compiled`: the update through `torch.compile` (a one-off build of ~10-150 s per shape on a CPU), else eager.
 
     `state_dict()` holds plain tensors only: a quantized moment is {"bits", "codes" (uint8), "scale" (fp32 per
@@ -106,6 +109,7 @@ class LowBitAdamW(PerTensorOptimizer):
         stochastic_round: bool = True,
         compiled: bool = False,
         chunk_size: int = 1 << 20,
+        seed: int = 0,
     ) -> None:
         if bits not in BLOCK_SIZE:
             raise ValueError(f"bits must be one of {tuple(BLOCK_SIZE)}, got {bits}")
@@ -119,7 +123,7 @@ class LowBitAdamW(PerTensorOptimizer):
         self.bits, self.block_size, self.chunk_size = bits, BLOCK_SIZE[bits], chunk_size
         self.stochastic_round, self.compiled = stochastic_round, compiled
         self._lr = torch.zeros((), dtype=torch.float32)  # the group's lr, as torchao's update takes it
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -174,6 +178,9 @@ class LowBitAdamW(PerTensorOptimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         first, end = start, start + flat_g.numel()
         tables = self._code_tables(p, m, v)
+        seed = None
+        if stochastic and tables is not None:
+            seed = torch.tensor(self.rounding_seed(p, group, int(state["step"])), dtype=torch.int32)
         with torch._dynamo.utils.disable_cache_limit():  # a fixed, small set of shapes per model (as torchao does)
             while start < end:
                 chunk_end = min(n, (start // self.chunk_size + 1) * self.chunk_size)  # p's next chunk boundary
@@ -184,10 +191,11 @@ class LowBitAdamW(PerTensorOptimizer):
                 hyper = (beta1, beta2, group["weight_decay"], group["eps"])
                 if tables is not None:
                     update = lowbit_update.compiled_update() if self.compiled and whole else lowbit_update.update
-                    m_args = (m_part.codes, m_part.scale, m_part.qmap, tables[0].base, tables[0].thresholds)
-                    v_args = (v_part.codes, v_part.scale, v_part.qmap, tables[1].base, tables[1].thresholds)
-                    lo = tables[0].lo
-                    update(p_part, g_part, state["step"], m_args, v_args, lo, self._lr, *hyper, stochastic, self.bits)
+                    m_args = (m_part.codes, m_part.scale, m_part.qmap, tables[0].packed)
+                    v_args = (v_part.codes, v_part.scale, v_part.qmap, tables[1].packed)
+                    offset = torch.tensor(start, dtype=torch.int32)
+                    args = (m_args, v_args, tables[0].lo, self._lr, *hyper, seed, offset, self.bits)
+                    update(p_part, g_part, state["step"], *args)
                 else:
                     update = _compiled_update() if self.compiled and whole else self._update
                     update(p_part, g_part, state["step"], m_part, v_part, None, self._lr, *hyper, True, stochastic)
@@ -281,6 +289,7 @@ def build_lowbit_optimizer(groups: list[dict[str, Any]], t: TrainingConfig, devi
             bits=BITS[t.lean_optimizer],
             stochastic_round=t.lean_rounding == "stochastic",
             compiled=wants_compiled_step(t.lean_compiled_step, n_params),
+            seed=t.seed,
         )
     else:
         make = functools.partial(

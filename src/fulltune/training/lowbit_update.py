@@ -6,10 +6,16 @@ A CPU does each lookup as a scalar load, so that search was most of the update's
 map a value to its code by a step function that only goes up, so they are fixed by the code book's thresholds: the
 smallest float32 that torchao codes as 1, as 2, ... (found once per code book by bisecting float32 bit patterns with
 torchao's own quantizer). Here a table indexed by the value's float32 bits (its sign, exponent and top 7 mantissa
-bits: a bucket holding at most one threshold, checked when the table is built) gives the code of the bucket's
-smallest value, and one comparison with the next threshold settles it: two lookups instead of ten or six. The codes
+bits: a bucket holding at most one threshold, checked when the table is built) gives, in one int64 lookup, the code
+of the bucket's smallest value and the next threshold above it, and one comparison settles the code: one lookup
+instead of ten (8-bit) or six (4-bit). The codes
 are torchao's exactly, and the rest of the update is `single_param_adam`'s arithmetic in its order, so the eager
-update is bit-identical to torchao's (tests/unit/test_lowbit.py).
+update is bit-identical to torchao's (tests/unit/test_lowbit.py) where weights are fp32 or rounded to nearest.
+
+A bf16 weight is rounded stochastically as lean mode's BF16AdamW rounds it (`lean_kernel.round_bf16` with the bits
+of `lean_kernel.random_bits`: a hash of the element's index and a per-(parameter, step) seed), not from torch's
+generator as torchao draws them: drawing a random tensor was 40% of the compiled update's time on a CPU, the hash is
+a few integer ops in the same loop, and a resume needs no generator state.
 """
 
 from __future__ import annotations
@@ -20,10 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-try:
-    from torchao.optim.quant_utils import _fp32_to_bf16_sr
-except ImportError:  # torchao is an extra (fulltune[lowbit]); lowbit.py says how to install it before any update
-    _fp32_to_bf16_sr = None
+from fulltune.training.lean_kernel import random_bits, round_bf16
 
 __all__ = ["CodeTable", "code_table", "quantize", "update"]
 
@@ -55,7 +58,8 @@ def _reference(book: Tensor) -> Callable[[Tensor], Tensor]:
 class CodeTable:
     """A code book's thresholds and bucket table: `thresholds[c]` is the smallest float32 that torchao's search and
     rounding code as c + 1 or more (+inf after the last code), `base[bucket - lo]` the code of a bucket's smallest
-    value, so a value's code is `base[b] + (x >= thresholds[base[b]])`."""
+    value, so a value's code is `base[b] + (x >= thresholds[base[b]])`; `packed[b]` holds both (the base code in
+    the low bits, the float32 bits of that threshold in the high 32) for `quantize`'s one lookup."""
 
     def __init__(self, qmap: Tensor) -> None:
         book = qmap.detach().float().cpu().contiguous()
@@ -83,6 +87,9 @@ class CodeTable:
             raise ValueError("torchao's search does not code the code book's values in order")
         self.base = base.to(torch.int32).to(qmap.device)
         self.thresholds = torch.cat([_value(right), torch.tensor([float("inf")])]).to(qmap.device)
+        # one lookup per value: a bucket's base code in the low bits, the float32 bits of its next threshold above
+        following = self.thresholds.cpu()[base].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        self.packed = ((following << 32) | base).to(qmap.device)
 
 
 @functools.cache
@@ -98,11 +105,12 @@ def code_table(qmap: Tensor) -> CodeTable | None:
     return _tables(tuple(qmap.tolist()), str(qmap.device))
 
 
-def quantize(x: Tensor, base: Tensor, thresholds: Tensor, lo: int) -> Tensor:
+def quantize(x: Tensor, packed: Tensor, lo: int) -> Tensor:
     """uint8 codes of `x` (scaled into [-1, 1]): torchao's `quantize_8bit_with_qmap` / `quantize_4bit_with_qmap`,
-    from a code table's `base`, `thresholds` and `lo`."""
-    code = base[((_ordered(x) >> SHIFT) - lo).clamp(0, base.numel() - 1)]
-    return (code + (x >= thresholds[code]).to(torch.int32)).to(torch.uint8)
+    from a code table's `packed` and `lo`."""
+    entry = packed[((_ordered(x) >> SHIFT) - lo).clamp(0, packed.numel() - 1)]
+    following = (entry >> 32).to(torch.int32).view(torch.float32)
+    return ((entry & 0xFF) + (x >= following).to(torch.int64)).to(torch.uint8)
 
 
 def _dequantize(codes: Tensor, qmap: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -111,11 +119,11 @@ def _dequantize(codes: Tensor, qmap: Tensor, scale: Tensor, bits: int) -> Tensor
     return (qmap[codes.int()].view(scale.shape[0], -1) * scale.view(-1, 1)).view(-1)
 
 
-def _requantize_(x: Tensor, codes: Tensor, scale: Tensor, base: Tensor, thresholds: Tensor, lo: int, bits: int) -> None:
+def _requantize_(x: Tensor, codes: Tensor, scale: Tensor, packed: Tensor, lo: int, bits: int) -> None:
     block = x.numel() // scale.numel()
     blocks = x.view(-1, block)
     new_scale = blocks.abs().amax(-1).clip(1e-12)  # torchao's scale_tensor
-    new = quantize((blocks / new_scale.view(-1, 1)).view(-1), base, thresholds, lo)
+    new = quantize((blocks / new_scale.view(-1, 1)).view(-1), packed, lo)
     codes.copy_((new[::2] << 4) | new[1::2] if bits == 4 else new)
     scale.copy_(new_scale)
 
@@ -124,19 +132,22 @@ def update(
     p: Tensor,
     grad: Tensor,
     step: Tensor,
-    m: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
-    v: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    m: tuple[Tensor, Tensor, Tensor, Tensor],
+    v: tuple[Tensor, Tensor, Tensor, Tensor],
     lo: int,
     lr: Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
     eps: float,
-    stochastic: bool,
+    seed: Tensor | None,
+    offset: Tensor,
     bits: int,
 ) -> None:
-    """One AdamW update of flat `p` in place; `m` and `v` are each moment's (codes, scales, code book, and its code table's base and thresholds),
-    updated in place. torchao's `single_param_adam` (AdamW, no amsgrad), with `quantize` for its code search."""
+    """One AdamW update of flat `p` in place; `m` and `v` are each moment's (codes, scales, code book, and its code
+    table's `packed`), updated in place. torchao's `single_param_adam` (AdamW, no amsgrad), with
+    `quantize` for its code search. `seed` (int32, 0-d): round a bf16 `p` stochastically with the bits of
+    elements `offset` .. of the parameter (None: to nearest)."""
     p_f32 = p.float()
     grad_f32 = grad.float()
     p_f32 = p_f32 - lr * weight_decay * p_f32
@@ -144,15 +155,16 @@ def update(
     bias_correction2 = 1 - beta2**step
     exp_avg = _dequantize(m[0], m[2], m[1], bits).lerp(grad_f32, 1 - beta1)
     exp_avg_sq = _dequantize(v[0], v[2], v[1], bits).lerp(grad_f32.square(), 1 - beta2)
-    _requantize_(exp_avg, m[0], m[1], m[3], m[4], lo, bits)
-    _requantize_(exp_avg_sq, v[0], v[1], v[3], v[4], lo, bits)
+    _requantize_(exp_avg, m[0], m[1], m[3], lo, bits)
+    _requantize_(exp_avg_sq, v[0], v[1], v[3], lo, bits)
     denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()) + eps
     p_f32 = p_f32 - lr * (exp_avg / bias_correction1) / denom
-    p.copy_(_fp32_to_bf16_sr(p_f32) if stochastic else p_f32)
+    p.copy_(p_f32 if seed is None else round_bf16(p_f32, random_bits(p_f32.numel(), offset, seed, p.device), 15))
 
 
 @functools.cache
 def compiled_update() -> Callable[..., None]:
     """`update` through torch.compile: one graph per chunk shape and width. Every lookup's index is in range by
-    construction (a clamped bucket, a code <= the last threshold's index, a uint8 or 4-bit code), so inductor's bounds checks are off."""
+    construction (a clamped bucket, a code <= the last threshold's index, a uint8 or 4-bit code), so inductor's
+    bounds checks are off."""
     return torch.compile(update, fullgraph=True, dynamic=False, options={"assert_indirect_indexing": False})
