@@ -191,8 +191,8 @@ class LowBitAdamW(PerTensorOptimizer):
                 hyper = (beta1, beta2, group["weight_decay"], group["eps"])
                 if tables is not None:
                     update = lowbit_update.compiled_update() if self.compiled and whole else lowbit_update.update
-                    m_args = (m_part.codes, m_part.scale, m_part.qmap, tables[0].packed)
-                    v_args = (v_part.codes, v_part.scale, v_part.qmap, tables[1].packed)
+                    m_args = (m_part.codes, m_part.scale, m_part.qmap, tables[0].lookup)
+                    v_args = (v_part.codes, v_part.scale, v_part.qmap, tables[1].lookup)
                     offset = torch.tensor(start, dtype=torch.int32)
                     args = (m_args, v_args, tables[0].lo, self._lr, *hyper, seed, offset, self.bits)
                     update(p_part, g_part, state["step"], *args)

@@ -91,6 +91,8 @@ class CodeTable:
         # one lookup per value: a bucket's base code in the low bits, the float32 bits of its next threshold above
         following = self.thresholds.cpu()[base].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         self.packed = ((following << 32) | base).to(qmap.device)
+        # what the update looks codes up in: the packed table, or a 4-bit book's 15 thresholds (see `_codes`)
+        self.lookup = self.packed if book.numel() == 256 else self.thresholds[:-1].contiguous()
 
 
 @functools.cache
@@ -120,11 +122,22 @@ def _dequantize(codes: Tensor, qmap: Tensor, scale: Tensor, bits: int) -> Tensor
     return (qmap[codes.int()].view(scale.shape[0], -1) * scale.view(-1, 1)).view(-1)
 
 
-def _requantize_(x: Tensor, codes: Tensor, scale: Tensor, packed: Tensor, lo: int, bits: int) -> None:
+def _codes(x: Tensor, table: Tensor, lo: int) -> Tensor:
+    """`quantize` with a code table's `packed` (a 256-entry book), or the count of the thresholds `x` reaches (a
+    16-entry book, `table` its 15 thresholds: compares inductor vectorizes instead of a lookup)."""
+    if table.numel() != 15:
+        return quantize(x, table, lo)
+    count = (x >= table[0]).to(torch.int32)
+    for k in range(1, 15):
+        count = count + (x >= table[k]).to(torch.int32)
+    return count.to(torch.uint8)
+
+
+def _requantize_(x: Tensor, codes: Tensor, scale: Tensor, table: Tensor, lo: int, bits: int) -> None:
     block = x.numel() // scale.numel()
     blocks = x.view(-1, block)
     new_scale = blocks.abs().amax(-1).clip(1e-12)  # torchao's scale_tensor
-    new = quantize((blocks / new_scale.view(-1, 1)).view(-1), packed, lo)
+    new = _codes((blocks / new_scale.view(-1, 1)).view(-1), table, lo)
     codes.copy_((new[::2] << 4) | new[1::2] if bits == 4 else new)
     scale.copy_(new_scale)
 
