@@ -228,7 +228,7 @@ def test_table_quantizer_gives_torchao_binary_search_codes(bits: int, signed: bo
     from torchao.optim.subclass_8bit import OptimState8bit
 
     from fulltune.training.lowbit import without_zero_code
-    from fulltune.training.lowbit_update import code_table, quantize
+    from fulltune.training.lowbit_update import code_table, encode, quantize
 
     state = (OptimState8bit if bits == 8 else OptimState4bit).zeros((4096,), signed, 256 if bits == 8 else 128)
     books = [state.qmap.clone()]
@@ -249,3 +249,4 @@ def test_table_quantizer_gives_torchao_binary_search_codes(bits: int, signed: bo
         assert table is not None
         reference = (quantize_8bit_with_qmap if bits == 8 else quantize_4bit_with_qmap)(x, qmap)
         assert torch.equal(quantize(x, table.packed, table.lo), reference)
+        assert torch.equal(encode(x, table.lookup, table.lo), reference)  # what the update calls (4-bit: compares)

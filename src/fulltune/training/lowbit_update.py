@@ -8,9 +8,10 @@ smallest float32 that torchao codes as 1, as 2, ... (found once per code book by
 torchao's own quantizer). Here a table indexed by the value's float32 bits (its sign, exponent and top 7 mantissa
 bits: a bucket holding at most one threshold, checked when the table is built) gives, in one int64 lookup, the code
 of the bucket's smallest value and the next threshold above it, and one comparison settles the code: one lookup
-instead of ten (8-bit) or six (4-bit). The codes
-are torchao's exactly, and the rest of the update is `single_param_adam`'s arithmetic in its order, so the eager
-update is bit-identical to torchao's (tests/unit/test_lowbit.py) where weights are fp32 or rounded to nearest.
+instead of ten (8-bit); a 4-bit value's code is the count of the 15 thresholds it reaches, compares that vectorize
+where six lookups did not. The codes are torchao's exactly, and the rest of the update is `single_param_adam`'s
+arithmetic in its order, so the eager update is bit-identical to torchao's (tests/unit/test_lowbit.py) where weights
+are fp32 or rounded to nearest.
 
 A bf16 weight is rounded stochastically as lean mode's BF16AdamW rounds it (`lean_kernel.round_bf16` with the bits
 of `lean_kernel.random_bits`: a hash of the element's index and a per-(parameter, step) seed), not from torch's
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from fulltune.training.lean_kernel import random_bits, round_bf16
 
-__all__ = ["CodeTable", "code_table", "quantize", "update"]
+__all__ = ["CodeTable", "code_table", "encode", "quantize", "update"]
 
 # float32 bit patterns per bucket: 2**16 keeps the sign, the exponent and 7 mantissa bits (bf16's resolution)
 SHIFT = 16
@@ -91,7 +92,7 @@ class CodeTable:
         # one lookup per value: a bucket's base code in the low bits, the float32 bits of its next threshold above
         following = self.thresholds.cpu()[base].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         self.packed = ((following << 32) | base).to(qmap.device)
-        # what the update looks codes up in: the packed table, or a 4-bit book's 15 thresholds (see `_codes`)
+        # what the update looks codes up in: the packed table, or a 4-bit book's 15 thresholds (see `encode`)
         self.lookup = self.packed if book.numel() == 256 else self.thresholds[:-1].contiguous()
 
 
@@ -122,7 +123,7 @@ def _dequantize(codes: Tensor, qmap: Tensor, scale: Tensor, bits: int) -> Tensor
     return (qmap[codes.int()].view(scale.shape[0], -1) * scale.view(-1, 1)).view(-1)
 
 
-def _codes(x: Tensor, table: Tensor, lo: int) -> Tensor:
+def encode(x: Tensor, table: Tensor, lo: int) -> Tensor:
     """`quantize` with a code table's `packed` (a 256-entry book), or the count of the thresholds `x` reaches (a
     16-entry book, `table` its 15 thresholds: compares inductor vectorizes instead of a lookup)."""
     if table.numel() != 15:
@@ -137,7 +138,7 @@ def _requantize_(x: Tensor, codes: Tensor, scale: Tensor, table: Tensor, lo: int
     block = x.numel() // scale.numel()
     blocks = x.view(-1, block)
     new_scale = blocks.abs().amax(-1).clip(1e-12)  # torchao's scale_tensor
-    new = _codes((blocks / new_scale.view(-1, 1)).view(-1), table, lo)
+    new = encode((blocks / new_scale.view(-1, 1)).view(-1), table, lo)
     codes.copy_((new[::2] << 4) | new[1::2] if bits == 4 else new)
     scale.copy_(new_scale)
 
