@@ -52,7 +52,7 @@ MODES = {
         "auto",
         "lean with torchao's 8-bit moments (training.lean_optimizer: adamw8bit; 4.03 bytes/param held)",
     ),
-    "lean-4bit": ("adamw4bit", "stochastic", "auto", "lean with 4-bit moments (adamw4bit; 3.06 bytes/param held)"),
+    "lean-4bit": ("adamw4bit", "stochastic", "auto", "lean with 4-bit moments (adamw4bit; 3.13 bytes/param held)"),
 }
 # the modes whose first field names a low-bit lean optimizer (LowBitAdamW) instead of a BF16AdamW state dtype
 LOWBIT_BITS = {"adamw8bit": 8, "adamw4bit": 4}

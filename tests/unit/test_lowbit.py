@@ -15,7 +15,7 @@ pytest.importorskip("torchao")
 from fulltune.files.safestate import load_state, save_state  # noqa: E402
 from fulltune.training.lean import lean_bytes_per_param  # noqa: E402
 from fulltune.training.lean_fused import attach_fused_step  # noqa: E402
-from fulltune.training.lowbit import LowBitAdamW  # noqa: E402
+from fulltune.training.lowbit import BLOCK_SIZE, LowBitAdamW  # noqa: E402
 
 
 def mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -74,7 +74,9 @@ def test_chunked_step_equals_torchao(bits, dtype, monkeypatch) -> None:
             model[2].bias.requires_grad_(False)
     # bf16: rounded to nearest on both sides (stochastic rounding draws other bits: the next test)
     opt = LowBitAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, bits=bits, chunk_size=4096, stochastic_round=False)
-    ref_opt = (AdamW8bit if bits == 8 else AdamW4bit)(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    ref_opt = (AdamW8bit if bits == 8 else AdamW4bit)(
+        ref.parameters(), lr=1e-2, weight_decay=0.1, block_size=BLOCK_SIZE[bits]
+    )
     lrs = [1e-2, 5e-3, 2e-3, 1e-3]
     torch.manual_seed(3)
     train_with_lr_changes(ours, opt, lrs)
@@ -191,7 +193,7 @@ def test_state_of_another_width_is_refused() -> None:
 
 def test_bytes_per_param() -> None:
     assert lean_bytes_per_param(optimizer="adamw8bit") == pytest.approx(4.03125)
-    assert lean_bytes_per_param(optimizer="adamw4bit") == pytest.approx(3.0625)
+    assert lean_bytes_per_param(optimizer="adamw4bit") == pytest.approx(3.125)
     assert lean_bytes_per_param("bf16", "stochastic") == 6
 
 

@@ -172,7 +172,7 @@ class LowBitState:
 
 
 # lean mode's torchao 8- and 4-bit moments (`training.lowbit.LowBitAdamW`: 2 x (1 + 4/256) = 2.03 and
-# 2 x (0.5 + 4/128) = 1.06 bytes a parameter, stepped per tensor in backward) and bitsandbytes' PagedAdamW8bit
+# 2 x (0.5 + 4/64) = 1.13 bytes a parameter, stepped per tensor in backward) and bitsandbytes' PagedAdamW8bit
 # (2.03 bytes, stepped after backward: every bf16 gradient held until then).
 LOW_BIT = {
     "adamw8bit": LowBitState("torchao 8-bit AdamW", "adamw8bit", fused=True),

@@ -21,7 +21,7 @@ from fulltune.training.lean import LOWBIT_STATES, BF16AdamW, PerTensorOptimizer,
 
 __all__ = ["LowBitAdamW", "build_lowbit_optimizer", "moment_block", "without_zero_code"]
 
-# bits -> torchao's block size (elements per fp32 scale) for that width: AdamW8bit's and AdamW4bit's defaults
+# bits -> torchao's block size (elements per fp32 scale) for that width (training/lean.py LOWBIT_STATES)
 BLOCK_SIZE = {LOWBIT_STATES[k][0]: LOWBIT_STATES[k][1] for k in ("adamw8bit", "adamw4bit")}
 BITS = {"adamw8bit": 8, "adamw4bit": 4}
 # torchao quantizes a moment only from this many elements (as bitsandbytes); smaller tensors keep fp32 moments
