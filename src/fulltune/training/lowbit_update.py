@@ -68,12 +68,12 @@ class CodeTable:
         if not bool((book[1:] > book[:-1]).all()):
             raise ValueError("the code book is not ascending")
         reference, top = _reference(book), book.numel() - 1
-        self.lo = int(_ordered(torch.tensor([-1.0]))) >> SHIFT
-        hi = int(_ordered(torch.tensor([1.0]))) >> SHIFT
+        low_key, high_key = (int(k) for k in _ordered(torch.tensor([-1.0, 1.0])))
+        self.lo, hi = low_key >> SHIFT, high_key >> SHIFT
         # bisect, for every code k = 1..top at once, the smallest key in [-1, 1] that torchao codes as k or more
         wanted = torch.arange(1, top + 1)
-        left = torch.full((top,), int(_ordered(torch.tensor([-1.0]))), dtype=torch.int64)
-        right = torch.full((top,), int(_ordered(torch.tensor([1.0]))), dtype=torch.int64)
+        left = torch.full((top,), low_key, dtype=torch.int64)
+        right = torch.full((top,), high_key, dtype=torch.int64)
         if bool((reference(_value(left)) >= wanted).any()) or not bool((reference(_value(right)) >= wanted).all()):
             raise ValueError("the code book does not code -1 as 0 and 1 as its last code")
         while bool((right - left > 1).any()):
