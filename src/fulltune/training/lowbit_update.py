@@ -149,16 +149,11 @@ def _step_weight(
     step: Tensor,
     m: tuple[Tensor, Tensor, Tensor, Tensor],
     v: tuple[Tensor, Tensor, Tensor, Tensor],
-    lr: Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-    seed: Tensor | None,
-    offset: Tensor,
+    hyper: tuple[Tensor, float, float, float, float, Tensor | None, Tensor],
     bits: int,
 ) -> tuple[Tensor, Tensor]:
-    """The weight's part of the update, in place; returns the new moments in fp32 for `_store_moments`."""
+    """The weight's part of `update` (`hyper`: its lr .. offset), in place; returns the new moments in fp32."""
+    lr, beta1, beta2, weight_decay, eps, seed, offset = hyper
     p_f32 = p.float()
     grad_f32 = grad.float()
     p_f32 = p_f32 - lr * weight_decay * p_f32
@@ -199,13 +194,16 @@ def update(
     seed: Tensor | None,
     offset: Tensor,
     bits: int,
+    parts: tuple[Callable[..., Any], Callable[..., Any]] = (_step_weight, _store_moments),
 ) -> None:
     """One AdamW update of flat `p` in place; `m` and `v` are each moment's (codes, scales, code book, and its code
-    table's `packed`), updated in place. torchao's `single_param_adam` (AdamW, no amsgrad), with
-    `quantize` for its code search. `seed` (int32, 0-d): round a bf16 `p` stochastically with the bits of
-    elements `offset` .. of the parameter (None: to nearest)."""
-    new = _step_weight(p, grad, step, m, v, lr, beta1, beta2, weight_decay, eps, seed, offset, bits)
-    _store_moments(*new, m, v, lo, bits)
+    table's `lookup`), updated in place. torchao's `single_param_adam` (AdamW, no amsgrad), with `encode` for its
+    code search. `seed` (int32, 0-d): round a bf16 `p` stochastically with the bits of elements `offset` .. of the
+    parameter (None: to nearest). `parts`: the weight's step and the moments' requantization (compiled ones from
+    `compiled_update`)."""
+    step_weight, store_moments = parts
+    new = step_weight(p, grad, step, m, v, (lr, beta1, beta2, weight_decay, eps, seed, offset), bits)
+    store_moments(*new, m, v, lo, bits)
 
 
 @functools.cache
@@ -217,11 +215,7 @@ def compiled_update() -> Callable[..., None]:
     temporaries per chunk element. Every lookup's index is in range by construction (a clamped bucket, a code <=
     the last threshold's index, a uint8 or 4-bit code), so inductor's bounds checks are off."""
     options = {"assert_indirect_indexing": False}
-    weight = torch.compile(_step_weight, fullgraph=True, dynamic=False, options=options)
-    moments = torch.compile(_store_moments, fullgraph=True, dynamic=False, options=options)
-
-    def compiled(p: Tensor, grad: Tensor, step: Tensor, m: tuple, v: tuple, lo: int, *rest: Any) -> None:
-        *hyper, bits = rest
-        moments(*weight(p, grad, step, m, v, *hyper, bits), m, v, lo, bits)
-
-    return compiled
+    parts = tuple(
+        torch.compile(f, fullgraph=True, dynamic=False, options=options) for f in (_step_weight, _store_moments)
+    )
+    return functools.partial(update, parts=parts)
