@@ -188,8 +188,37 @@ def test_each_validation_row_goes_to_the_pruner_once():
     reporter = Reporter(trial, "accuracy", reported={2})  # step 2 came from an earlier process of this trial
     assert not reporter.should_stop({"split": "train", "step": 2, "accuracy": 0.1})  # training rows are not reported
     assert not reporter.should_stop({"split": "val", "step": 2, "loss": 0.7})  # nor rows without the metric
-    assert reporter.should_stop({"split": "val", "step": 4, "accuracy": 0.5})  # trails the first trial: pruned
+    assert not reporter.should_stop({"split": "val", "step": 4, "accuracy": 0.5}, total_steps=4)  # its last step
+    assert reporter.should_stop({"split": "val", "step": 4, "accuracy": 0.5}, total_steps=6)  # trails: pruned
     assert study.trials[1].intermediate_values == {4: 0.5}
+    last = Reporter(study.ask(), "accuracy", reported=set(), must_finish=lambda: True)
+    assert not last.should_stop({"split": "val", "step": 4, "accuracy": 0.1}, total_steps=6)  # runs whole
+
+
+def test_halving_lets_the_first_trial_set_the_bar_and_the_last_one_finish(tmp_path):
+    """The first trial at the rung stops there (its value is the bar); a later one that beats it goes on; the
+    study's last trial runs whole while none has completed."""
+    from fulltune.tune.trial import Reporter
+
+    study_module.require_optuna()
+    study = optuna.create_study(direction="maximize", pruner=study_module.make_pruner("halving", 30))
+    assert study.pruner._min_resource == 10
+    search = study_module.Search.__new__(study_module.Search)
+    search.study, search.trials = study, 3
+
+    def look(value: float) -> bool:
+        trial = study.ask()
+        reporter = Reporter(trial, "accuracy", set(), lambda: search._must_finish(trial.number))
+        stop = reporter.should_stop({"split": "val", "step": 10, "accuracy": value}, total_steps=30)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED) if stop else study.tell(trial, value)
+        return stop
+
+    assert look(0.8)  # the first at step 10: stopped, the bar is 0.8
+    assert look(0.7)  # trails the bar
+    assert not look(0.6)  # the last trial, nothing completed: it finishes
+    study = optuna.create_study(direction="maximize", pruner=study_module.make_pruner("halving", 30))
+    search.study = study
+    assert look(0.8) and not look(0.9)  # beats the bar: goes on
 
 
 @pytest.mark.slow

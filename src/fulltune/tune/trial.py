@@ -128,22 +128,42 @@ def error_line(log: Path) -> str:
 
 
 class Reporter:
-    """Hands each validation value of the followed run to the Optuna trial (once per step) and asks the pruner."""
+    """Hands each validation value of the followed run to the Optuna trial (once per step) and asks the pruner, except
+    at the run's last step (stopping it there saves nothing, and a finished run is a result) and, for `must_finish`
+    trials (the study's last, while no trial has completed), at all: a study always ends with a result."""
 
-    def __init__(self, trial: Any, metric: str, reported: set[int]) -> None:
+    def __init__(self, trial: Any, metric: str, reported: set[int], must_finish: Callable[[], bool] | None = None):
         self.trial, self.metric = trial, metric
         self.reported = set(reported)
         """Steps already reported (by an earlier process of a resumed trial)."""
+        self.must_finish = must_finish
 
-    def should_stop(self, row: dict[str, Any]) -> bool:
-        """Report `row` (a metrics.jsonl row); True when the pruner stops the trial here."""
+    def should_stop(self, row: dict[str, Any], total_steps: int | None = None) -> bool:
+        """Report `row` (a metrics.jsonl row of a run of `total_steps` optimizer steps); True when the pruner stops
+        the trial here."""
         if row.get("split") != "val" or self.metric not in row:
             return False
         step = int(row["step"])
         if step not in self.reported:
             self.trial.report(float(row[self.metric]), step)
             self.reported.add(step)
+        if total_steps is not None and step >= total_steps:
+            return False
+        if self.must_finish is not None and self.must_finish():
+            return False
         return bool(self.trial.should_prune())
+
+
+def total_steps(run_dir: Path) -> int | None:
+    """The optimizer steps of the run in `run_dir`, as its latest start (or resume) wrote them in run_history.jsonl."""
+    steps = None
+    with contextlib.suppress(OSError):
+        for line in (run_dir / "run_history.jsonl").read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "start" and isinstance(event.get("total_steps"), int):
+                    steps = event["total_steps"]
+    return steps
 
 
 def train_child(cfg: Config, run_dir: Path, log_file: Path, reporter: Reporter | None, resume: bool) -> TrialRun:
@@ -153,14 +173,16 @@ def train_child(cfg: Config, run_dir: Path, log_file: Path, reporter: Reporter |
     if not resume:
         save_config(cfg, run_dir / "config.yaml")
     argv = ["train", "--config", str(run_dir / "config.yaml")] + (["--resume", "auto"] if resume else [])
-    start, pos, pruned_at = time.perf_counter(), 0, None
+    start, pos, pruned_at, steps = time.perf_counter(), 0, None, None
     child = Child(argv, log_file, die_with_parent=True)
     try:
         while True:
             ended = child.poll() is not None
             rows, pos = _new_rows(run_dir / "metrics.jsonl", pos)
             for row in rows:
-                if pruned_at is None and reporter is not None and reporter.should_stop(row):
+                if row.get("split") == "val" and steps is None:
+                    steps = total_steps(run_dir)  # written before the run's first row
+                if pruned_at is None and reporter is not None and reporter.should_stop(row, steps):
                     pruned_at = int(row["step"])
                     child.signal(signal.SIGTERM)  # it saves a checkpoint and exits 143
             if ended:
