@@ -123,6 +123,8 @@ class LowBitAdamW(PerTensorOptimizer):
         self.bits, self.block_size, self.chunk_size = bits, BLOCK_SIZE[bits], chunk_size
         self.stochastic_round, self.compiled = stochastic_round, compiled
         self._lr = torch.zeros((), dtype=torch.float32)  # the group's lr, as torchao's update takes it
+        # the CPU update's new fp32 moments between its two parts (`_scratch_for`)
+        self._scratch: dict[torch.device, tuple[Tensor, ...]] = {}
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -178,7 +180,9 @@ class LowBitAdamW(PerTensorOptimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         first, end = start, start + flat_g.numel()
         tables = self._code_tables(p, m, v)
-        seed = None
+        seed, corrections = None, None
+        if tables is not None:
+            corrections = lowbit_update.bias_corrections(state["step"], beta1, beta2)
         if stochastic and tables is not None:
             seed = torch.tensor(self.rounding_seed(p, group, int(state["step"])), dtype=torch.int32)
         with torch._dynamo.utils.disable_cache_limit():  # a fixed, small set of shapes per model (as torchao does)
@@ -195,11 +199,20 @@ class LowBitAdamW(PerTensorOptimizer):
                     v_args = (v_part.codes, v_part.scale, v_part.qmap, tables[1].lookup)
                     offset = torch.tensor(start, dtype=torch.int32)
                     args = (m_args, v_args, tables[0].lo, self._lr, *hyper, seed, offset, self.bits)
-                    update(p_part, g_part, state["step"], *args)
+                    update(p_part, g_part, corrections, *args, scratch=self._scratch_for(p, stop - start))
                 else:
                     update = _compiled_update() if self.compiled and whole else self._update
                     update(p_part, g_part, state["step"], m_part, v_part, None, self._lr, *hyper, True, stochastic)
                 start = stop
+
+    def _scratch_for(self, p: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Two fp32 buffers of n elements for the update's new moments, the front of two buffers kept per device
+        (the size of the largest chunk seen: at most 2 x 4 bytes x `chunk_size`). Two, not halves of one: a
+        compiled graph that writes two views of one storage takes AOTAutograd's slower aliased-input path."""
+        bufs = self._scratch.get(p.device)
+        if bufs is None or bufs[0].numel() < n:
+            bufs = self._scratch[p.device] = tuple(torch.empty(n, dtype=torch.float32, device=p.device) for _ in "mv")
+        return bufs[0][:n], bufs[1][:n]
 
     def _code_tables(self, p: Tensor, m: Tensor, v: Tensor) -> tuple[Any, Any] | None:
         """On a CPU, the code tables of `p`'s quantized moments for lowbit_update's quantizer (None: torchao's own
