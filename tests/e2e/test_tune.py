@@ -221,30 +221,6 @@ def test_halving_lets_the_first_trial_set_the_bar_and_the_last_one_finish(tmp_pa
     assert look(0.8) and not look(0.9)  # beats the bar: goes on
 
 
-def test_a_lead_within_the_noise_of_an_accuracy_is_a_tie():
-    """With accuracy, a trial that leads the rung by less than a quarter of its standard error (872 examples at
-    0.8: 0.34 points) stops; a clear lead goes on; other metrics keep plain successive halving."""
-    from fulltune.tune.pruning import TiesStop
-    from fulltune.tune.trial import Reporter
-
-    study_module.require_optuna()
-    pruner = study_module.make_pruner("halving", 30, "accuracy")
-    assert isinstance(pruner, TiesStop) and not isinstance(study_module.make_pruner("halving", 30, "f1"), TiesStop)
-    study = optuna.create_study(direction="maximize", pruner=pruner)
-
-    def look(value: float) -> bool:
-        trial = study.ask()
-        row = {"split": "val", "step": 10, "accuracy": value, "examples": 872}
-        stop = Reporter(trial, "accuracy", set()).should_stop(row, total_steps=30)
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED) if stop else study.tell(trial, value)
-        return stop
-
-    assert look(0.800)  # the bar
-    assert look(0.8023)  # leads by 2 examples: a tie
-    assert not look(0.8069)  # leads by 6 examples (0.46 points): goes on
-    assert look(0.8080)  # one example over the best so far: a tie
-
-
 @pytest.mark.slow
 def test_final_trains_the_best_settings_over_seeds_and_scores_the_test_split(tmp_path, text_data, capsys):
     out = tmp_path / "tune"

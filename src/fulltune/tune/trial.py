@@ -145,8 +145,6 @@ class Reporter:
             return False
         step = int(row["step"])
         if step not in self.reported:
-            if not self.reported and row.get("examples"):  # for the pruner's noise margin (pruning.TiesStop)
-                self.trial.set_user_attr("val_examples", int(row["examples"]))
             self.trial.report(float(row[self.metric]), step)
             self.reported.add(step)
         if total_steps is not None and step >= total_steps:
