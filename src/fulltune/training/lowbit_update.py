@@ -118,16 +118,21 @@ def quantize(x: Tensor, packed: Tensor, lo: int) -> Tensor:
 
 
 def _dequantize(codes: Tensor, qmap: Tensor, scale: Tensor, bits: int) -> Tensor:
-    if bits == 4:
-        codes = torch.stack([codes >> 4, codes & 0b1111], dim=-1)  # two codes per byte, high nibble first
-        # 15 selects on the codes as floats, which inductor vectorizes, instead of a lookup (a scalar load per
-        # element, its index widened to int64 by a scalar loop): the same values, 10.3 -> 8.3 ns/element
-        as_float, values = codes.float(), qmap[0].expand(codes.shape)
-        for k in range(1, 16):
-            values = torch.where(as_float >= k, qmap[k], values)
-    else:
-        values = qmap[codes.int()]
-    return (values.view(scale.shape[0], -1) * scale.view(-1, 1)).view(-1)
+    if bits == 8 or not torch.compiler.is_compiling():
+        if bits == 4:
+            codes = torch.stack([codes >> 4, codes & 0b1111], dim=-1)  # two codes per byte, high nibble first
+        return (qmap[codes.int()].view(scale.shape[0], -1) * scale.view(-1, 1)).view(-1)
+    # Compiled 4-bit, in one loop over the elements inductor fuses with the update (as the 8-bit lookup is): each
+    # element's nibble by a shift of its byte, its value by 15 selects on the code as a float (which vectorize,
+    # where a lookup is a scalar load, its index widened to int64 by a scalar loop), its block's scale by index.
+    # As above, the nibbles' stack became a separate concatenation and the (blocks, 64) view a second loop, each
+    # with a buffer per chunk: 14 -> 8.5 ns/element on a 64M-element tensor.
+    odd = torch.arange(codes.numel() * 2, dtype=torch.int32, device=codes.device) & 1
+    as_float = ((codes.repeat_interleave(2).int() >> ((1 - odd) * 4)) & 0b1111).float()
+    values = qmap[0].expand(as_float.shape)
+    for k in range(1, 16):
+        values = torch.where(as_float >= k, qmap[k], values)
+    return values * scale.repeat_interleave(values.numel() // scale.numel())
 
 
 def bias_corrections(step: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
@@ -141,6 +146,8 @@ def encode(x: Tensor, table: Tensor, lo: int) -> Tensor:
     16-entry book, `table` its 15 thresholds: compares inductor vectorizes instead of a lookup)."""
     if table.numel() != 15:
         return quantize(x, table, lo)
+    if not torch.compiler.is_compiling():  # eager, each compare would be a whole temporary: one search instead
+        return torch.searchsorted(table, x, right=True).to(torch.uint8)
     count = (x >= table[0]).to(torch.int32)
     for k in range(1, 15):
         count = count + (x >= table[k]).to(torch.int32)
